@@ -1,0 +1,16 @@
+"""Layer 2: apply quantization rules to unmodified Flax models."""
+
+from fracq.interception.facts import LayerFacts
+from fracq.interception.facts import count_macs
+from fracq.interception.facts import format_facts_table
+from fracq.interception.interceptor import Provider
+from fracq.interception.interceptor import QuantizedModule
+from fracq.interception.interceptor import Site
+from fracq.interception.interceptor import layer_type_of
+from fracq.interception.rules import Rule
+from fracq.interception.rules import SUPPORTED_LAYER_TYPES
+from fracq.interception.rules import TensorSpec
+from fracq.interception.rules import fixed_bits
+from fracq.interception.rules import keep_float
+from fracq.interception.rules import match_rule
+from fracq.interception.rules import validate_rules
