@@ -1,0 +1,264 @@
+"""Resource cost of a quantized model, differentiable in its bit-widths.
+
+Two costs, both bilinear in the bits (FracBits, Yang & Jin, AAAI 2021,
+arXiv 2007.02017, section 3.2):
+
+* model size: ``sum_l numel_l * b_w,l`` bits. Kernel weights only: biases and
+  BatchNorm parameters stay float (32-bit) and are not part of the budget;
+  the exporter reports them separately. Kernel-wise bits split a layer's
+  weights evenly over its output channels.
+* BitOPs: ``sum_l MACs_l * b_w,l * b_a,l``. A layer whose input is not
+  quantized counts its activations at 32 bits.
+
+Only layers with quantized kernels enter the cost. Bit-widths are read from
+the ``quant`` collection (``kernel_bits`` / ``input_bits``) for learned
+tensors and from the rule for fixed ones; learned bits are clamped to their
+bounds exactly as the quantizer clamps them, so the cost describes the model
+that actually runs.
+
+Budgets can be stated three ways (:class:`Budget`): an absolute cost, a
+compression rate over the INT8 model, or the cost of an equivalent uniform
+k-bit model in which the fixed layers (first conv, classifier) keep their
+fixed bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FLOAT_BITS = 32
+KINDS = ('size', 'bitops')
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorBits:
+  """The bit-width of one tensor: a fixed number or a learned variable."""
+
+  fixed: float | None = None          # fixed bits; None when learned
+  bounds: tuple[float, float] = (2.0, 8.0)
+  per_channel: bool = False
+
+  @property
+  def learned(self) -> bool:
+    return self.fixed is None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+  """The cost-relevant facts of one layer with a quantized kernel."""
+
+  path: str
+  numel: int
+  macs: int
+  out_channels: int
+  weight: TensorBits
+  act: TensorBits
+
+
+def _lookup(tree: Mapping[str, Any], path: str, name: str):
+  node = tree
+  for part in path.split('/'):
+    node = node[part]
+  return node[name]
+
+
+def _bits_value(tb: TensorBits, quant, path, name, hard: bool):
+  if not tb.learned:
+    return jnp.asarray(tb.fixed, jnp.float32)
+  b = _lookup(quant, path, name).astype(jnp.float32)
+  lo, hi = tb.bounds
+  b = jnp.clip(b, lo, hi)
+  return jnp.round(b) if hard else b
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """A resource budget, in one of three forms (exactly one must be set).
+
+  Attributes:
+    kind: ``'size'`` (bits of kernel weights) or ``'bitops'``.
+    absolute: the cost itself (bits, or BitOPs).
+    compression: a compression rate over the INT8 model (``cost_int8 /
+      rate``), as NNCF states it.
+    uniform_bits: the cost of a uniform k-bit model (weights, and for BitOPs
+      activations, at k bits) with the fixed layers at their fixed bits, as the
+      FracBits authors state it.
+  """
+
+  kind: str = 'size'
+  absolute: float | None = None
+  compression: float | None = None
+  uniform_bits: float | None = None
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f'Budget kind must be one of {KINDS}, got '
+                       f'{self.kind!r}.')
+    given = [n for n in ('absolute', 'compression', 'uniform_bits')
+             if getattr(self, n) is not None]
+    if len(given) != 1:
+      raise ValueError('State a budget in exactly one form: absolute=, '
+                       f'compression= or uniform_bits= (got {given or "none"}).')
+    v = getattr(self, given[0])
+    if not v > 0:
+      raise ValueError(f'Budget {given[0]}={v} must be positive.')
+
+
+class CostModel:
+  """Size or BitOPs of a model as a function of its bit-widths."""
+
+  def __init__(self, layers: list[LayerCost], kind: str = 'size'):
+    if kind not in KINDS:
+      raise ValueError(f'cost kind must be one of {KINDS}, got {kind!r}.')
+    if not layers:
+      raise ValueError('No layer with a quantized kernel: nothing to cost. '
+                       'Check the rules (weight=TensorSpec(...)).')
+    self.layers = tuple(layers)
+    self.kind = kind
+
+  # -- differentiable cost -------------------------------------------------
+  def layer_costs(self, quant, *, hard: bool = False) -> dict[str, jax.Array]:
+    out = {}
+    for l in self.layers:
+      bw = _bits_value(l.weight, quant, l.path, 'kernel_bits', hard)
+      ba = _bits_value(l.act, quant, l.path, 'input_bits', hard)
+      if self.kind == 'size':
+        w_mean = jnp.mean(bw) if bw.ndim else bw
+        out[l.path] = l.numel * w_mean
+      else:
+        w_mean = jnp.mean(bw) if bw.ndim else bw
+        out[l.path] = l.macs * w_mean * ba
+    return out
+
+  def cost(self, quant, *, hard: bool = False) -> jax.Array:
+    """Total cost (bits or BitOPs); ``hard`` rounds learned bits."""
+    return sum(self.layer_costs(quant, hard=hard).values())
+
+  # -- reference costs -------------------------------------------------------
+  def _const_cost(self, w_bits_fn, a_bits_fn) -> float:
+    total = 0.0
+    for l in self.layers:
+      bw, ba = w_bits_fn(l), a_bits_fn(l)
+      total += l.numel * bw if self.kind == 'size' else l.macs * bw * ba
+    return float(total)
+
+  def uniform_cost(self, k: float) -> float:
+    """Cost with every learned tensor at ``k`` bits, fixed ones as fixed."""
+    w = lambda l: k if l.weight.learned else l.weight.fixed
+    a = lambda l: k if l.act.learned else l.act.fixed
+    return self._const_cost(w, a)
+
+  def int8_cost(self) -> float:
+    """Cost of the INT8 model: every quantized tensor at 8 bits (float
+    activations stay at 32)."""
+    a = lambda l: 8.0 if (l.act.learned or l.act.fixed != FLOAT_BITS) else \
+        float(FLOAT_BITS)
+    return self._const_cost(lambda l: 8.0, a)
+
+  def bound_cost(self, which: str) -> float:
+    """Cost with every learned tensor at its lower or upper bound."""
+    i = 0 if which == 'min' else 1
+    w = lambda l: l.weight.bounds[i] if l.weight.learned else l.weight.fixed
+    a = lambda l: l.act.bounds[i] if l.act.learned else l.act.fixed
+    return self._const_cost(w, a)
+
+  def resolve(self, budget: Budget) -> float:
+    """The absolute target of ``budget`` for this model.
+
+    Raises:
+      ValueError: if the target cannot be met even with every learned
+        bit-width at its lower bound, or the budget's kind differs.
+    """
+    if budget.kind != self.kind:
+      raise ValueError(f'Budget kind {budget.kind!r} does not match the '
+                       f'cost model kind {self.kind!r}.')
+    if budget.absolute is not None:
+      target = float(budget.absolute)
+    elif budget.compression is not None:
+      target = self.int8_cost() / budget.compression
+    else:
+      target = self.uniform_cost(budget.uniform_bits)
+    lo, hi = self.bound_cost('min'), self.bound_cost('max')
+    unit = 'bits' if self.kind == 'size' else 'BitOPs'
+    if target < lo * (1 - 1e-9):
+      raise ValueError(
+          f'Impossible budget: target {target:,.0f} {unit} is below the '
+          f'minimum reachable {lo:,.0f} {unit} (every learned bit-width at '
+          'its lower bound, fixed layers as fixed). Lower the bit bounds '
+          '(TensorSpec.bit_bounds), quantize more layers, or ask for less '
+          f'compression (at most {self.int8_cost() / lo:.2f}x over INT8).')
+    if target > hi:
+      # Not an error: the penalty simply never binds from above.
+      pass
+    return target
+
+  def describe(self, quant, *, hard: bool = False) -> dict[str, float]:
+    """Host-side scalars for logs: cost, INT8 cost, compression over INT8."""
+    c = float(self.cost(quant, hard=hard))
+    i8 = self.int8_cost()
+    return {'cost': c, 'cost_int8': i8, 'compression_over_int8': i8 / c}
+
+
+def bits_table(model: CostModel, quant, *, hard: bool = False) -> list[dict]:
+  """Per-layer learned/fixed bits and costs, for reports."""
+  rows = []
+  costs = model.layer_costs(quant, hard=hard)
+  for l in model.layers:
+    bw = np.asarray(_bits_value(l.weight, quant, l.path, 'kernel_bits', hard))
+    ba = np.asarray(_bits_value(l.act, quant, l.path, 'input_bits', hard))
+    rows.append({
+        'layer': l.path, 'params': l.numel, 'macs': l.macs,
+        'w_bits': float(bw.mean()), 'w_bits_min': float(bw.min()),
+        'w_bits_max': float(bw.max()), 'w_learned': l.weight.learned,
+        'a_bits': float(ba), 'a_learned': l.act.learned,
+        'cost': float(costs[l.path]),
+    })
+  return rows
+
+
+def format_bits_table(rows: list[dict], kind: str) -> str:
+  """A per-layer bit-width table a person reads."""
+  unit = 'size(bits)' if kind == 'size' else 'BitOPs'
+  head = f'{"layer":<34} {"params":>10} {"MACs":>12} {"w_bits":>8} ' \
+         f'{"a_bits":>7} {unit:>14}'
+  lines = [head, '-' * len(head)]
+  for r in rows:
+    wb = f'{r["w_bits"]:.2f}' + ('' if r['w_learned'] else '*')
+    if r['w_bits_min'] != r['w_bits_max']:
+      wb = f'{r["w_bits_min"]:.0f}-{r["w_bits_max"]:.0f}'
+    ab = f'{r["a_bits"]:.2f}' + ('' if r['a_learned'] else '*')
+    lines.append(f'{r["layer"]:<34} {r["params"]:>10,} {r["macs"]:>12,} '
+                 f'{wb:>8} {ab:>7} {r["cost"]:>14,.0f}')
+  lines.append('(* fixed by rule)')
+  return '\n'.join(lines)
+
+
+def layer_costs_from_facts(facts, rules) -> list[LayerCost]:
+  """Builds cost records from interceptor facts and the rules that matched."""
+  out = []
+  for f in facts.values():
+    if not f.weight_quantized:
+      continue
+    rule = rules[f.rule_index]
+    w, a = rule.weight, rule.act
+
+    def tb(spec):
+      if spec is None:
+        return TensorBits(fixed=float(FLOAT_BITS), bounds=(32.0, 32.0))
+      if spec.learn_bits:
+        return TensorBits(fixed=None, bounds=tuple(map(float,
+                                                       spec.bit_bounds)),
+                          per_channel=spec.bits_per_channel)
+      return TensorBits(fixed=float(spec.bits),
+                        bounds=(float(spec.bits),) * 2)
+
+    out.append(LayerCost(path=f.path, numel=f.numel, macs=f.macs,
+                         out_channels=f.out_channels, weight=tb(w),
+                         act=tb(a)))
+  return out
+

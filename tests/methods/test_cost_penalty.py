@@ -1,0 +1,164 @@
+"""Cost models, budgets, penalties and hard assignment, against hand counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fracq.methods import cost as C
+from fracq.methods import penalty as P
+
+LEARN = C.TensorBits(fixed=None, bounds=(2.0, 8.0))
+LEARN_PC = C.TensorBits(fixed=None, bounds=(2.0, 8.0), per_channel=True)
+FIX8 = C.TensorBits(fixed=8.0, bounds=(8.0, 8.0))
+FLOAT = C.TensorBits(fixed=32.0, bounds=(32.0, 32.0))
+
+# A 3-layer model: first conv fixed 8/8, a searched conv, a classifier whose
+# weights are fixed at 8 bits but whose input activation is searched.
+LAYERS = [
+    C.LayerCost('first', numel=216, macs=216 * 64, out_channels=8,
+                weight=FIX8, act=FIX8),
+    C.LayerCost('mid', numel=1152, macs=1152 * 16, out_channels=16,
+                weight=LEARN_PC, act=LEARN),
+    C.LayerCost('fc', numel=160, macs=160, out_channels=10, weight=FIX8,
+                act=LEARN),
+]
+QUANT = {
+    'mid': {'kernel_bits': jnp.array([3.0] * 8 + [5.0] * 8),
+            'input_bits': jnp.array(4.5)},
+    'fc': {'input_bits': jnp.array(6.0)},
+}
+
+
+def test_size_cost_hand_count():
+  m = C.CostModel(LAYERS, 'size')
+  # 216*8 + 1152*mean(3,5)=4 + 160*8
+  assert float(m.cost(QUANT)) == 216 * 8 + 1152 * 4 + 160 * 8
+  assert m.int8_cost() == (216 + 1152 + 160) * 8
+  assert m.uniform_cost(4) == 216 * 8 + 1152 * 4 + 160 * 8
+  assert m.bound_cost('min') == 216 * 8 + 1152 * 2 + 160 * 8
+
+
+def test_bitops_cost_hand_count():
+  m = C.CostModel(LAYERS, 'bitops')
+  expect = 216 * 64 * 8 * 8 + 1152 * 16 * 4 * 4.5 + 160 * 8 * 6
+  np.testing.assert_allclose(float(m.cost(QUANT)), expect, rtol=1e-6)
+  # Hard: bits rounded (4.5 rounds to 4 with round-half-even).
+  expect_h = 216 * 64 * 64 + 1152 * 16 * 4 * 4 + 160 * 8 * 6
+  np.testing.assert_allclose(float(m.cost(QUANT, hard=True)), expect_h,
+                             rtol=1e-6)
+  assert m.uniform_cost(3) == 216 * 64 * 64 + 1152 * 16 * 9 + 160 * 8 * 3
+
+
+def test_bits_are_clamped_like_the_quantizer():
+  m = C.CostModel(LAYERS[1:2], 'size')
+  q = {'mid': {'kernel_bits': jnp.full((16,), 11.0),
+               'input_bits': jnp.array(1.0)}}
+  assert float(m.cost(q)) == 1152 * 8
+
+
+def test_budget_forms_and_impossible_budget():
+  m = C.CostModel(LAYERS, 'size')
+  i8 = (216 + 1152 + 160) * 8
+  assert m.resolve(C.Budget(kind='size', absolute=6000)) == 6000
+  assert m.resolve(C.Budget(kind='size', compression=2.0)) == i8 / 2
+  assert m.resolve(C.Budget(kind='size', uniform_bits=3)) == (
+      216 * 8 + 1152 * 3 + 160 * 8)
+  with pytest.raises(ValueError, match='Impossible budget'):
+    m.resolve(C.Budget(kind='size', absolute=100))
+  with pytest.raises(ValueError, match='exactly one form'):
+    C.Budget(kind='size', absolute=1, compression=2)
+  with pytest.raises(ValueError, match='does not match'):
+    m.resolve(C.Budget(kind='bitops', compression=2))
+
+
+def test_penalty_gradient_matches_finite_differences():
+  m = C.CostModel(LAYERS, 'bitops')
+  target = m.uniform_cost(4)
+  i8 = m.int8_cost()
+  for form in P.FORMS:
+    pen = P.Penalty(form=form, weight=2.0, power=2 if form == 'nncf' else 1)
+
+    def f(q):
+      return pen(m.cost(q), target, int8_cost=i8)
+
+    g = jax.grad(f)(QUANT)
+    eps = 0.05  # float32 costs ~1e6: a larger step, exact on bilinear parts
+    for path, name, idx in [('mid', 'kernel_bits', 3), ('mid', 'input_bits',
+                                                         None),
+                            ('fc', 'input_bits', None)]:
+      def bump(d):
+        q = jax.tree_util.tree_map(lambda x: x, QUANT)
+        v = q[path][name]
+        q[path][name] = v.at[idx].add(d) if idx is not None else v + d
+        return float(f(q))
+      fd = (bump(eps) - bump(-eps)) / (2 * eps)
+      an = g[path][name][idx] if idx is not None else g[path][name]
+      np.testing.assert_allclose(float(an), fd, rtol=5e-3,
+                                 err_msg=f'{form} {path}/{name}')
+
+
+def test_penalty_values_by_hand():
+  assert float(P.Penalty(form='abs', weight=1.0)(110.0, 100.0)) == \
+      pytest.approx(0.1)
+  assert float(P.Penalty(form='abs', weight=1.0, unit=8e6)(16e6, 8e6)) == \
+      pytest.approx(1.0)
+  assert float(P.Penalty(form='hinge')(90.0, 100.0)) == 0.0
+  assert float(P.Penalty(form='l2', weight=3.0)(120.0, 100.0)) == \
+      pytest.approx(0.12)
+  # NNCF: 40 * |800/400 - 800/500| = 40 * 0.4
+  assert float(P.Penalty(form='nncf', weight=40.0)(
+      400.0, 500.0, int8_cost=800.0)) == pytest.approx(16.0)
+  # Warm-up halves the weight at half the ramp; the schedule moves the
+  # target from the start cost.
+  pen = P.Penalty(form='abs', weight=1.0, warmup_steps=10, schedule_steps=10)
+  v = pen(150.0, 100.0, step=5, start_cost=200.0)  # target 150 -> 0
+  assert float(v) == pytest.approx(0.0)
+  v = pen(100.0, 100.0, step=5, start_cost=200.0)  # |100-150|/150 * 0.5
+  assert float(v) == pytest.approx(0.5 * 50 / 150)
+  with pytest.raises(ValueError, match='form'):
+    P.Penalty(form='l3')
+
+
+def _layers_known_sizes():
+  sizes = [1000, 2000, 3000, 4000, 500, 700]
+  return [C.LayerCost(f'l{i}', numel=n, macs=n * 10, out_channels=4,
+                      weight=LEARN, act=FIX8) for i, n in enumerate(sizes)]
+
+
+def test_hard_assignment_meets_target_within_1pct():
+  layers = _layers_known_sizes()
+  m = C.CostModel(layers, 'size')
+  rng = np.random.RandomState(0)
+  for trial in range(5):
+    quant = {l.path: {'kernel_bits': jnp.array(rng.uniform(2.2, 7.8))}
+             for l in layers}
+    target = m.resolve(C.Budget(kind='size', uniform_bits=4.0 + 0.3 * trial))
+    res = P.hard_assign(quant, m, target)
+    bits = [float(res.quant[l.path]['kernel_bits']) for l in layers]
+    assert all(b == int(b) and 2 <= b <= 8 for b in bits)
+    cost = sum(l.numel * b for l, b in zip(layers, bits))
+    assert cost == res.cost
+    if res.within_tolerance:
+      assert abs(cost / target - 1) <= 0.01
+    else:
+      assert cost <= target * 1.01
+      assert 'could not land' in res.message
+  # Idempotent: assigning again changes nothing.
+  again = P.hard_assign(res.quant, m, target)
+  assert again.cost == res.cost
+
+
+def test_hard_assignment_exact_case():
+  # Two equal layers at 3.6 and 4.4 bits: a uniform-4 target is met exactly
+  # by plain rounding (delta 0).
+  layers = [C.LayerCost(f'l{i}', numel=100, macs=100, out_channels=1,
+                        weight=LEARN, act=FIX8) for i in range(2)]
+  m = C.CostModel(layers, 'size')
+  q = {'l0': {'kernel_bits': jnp.array(3.6)},
+       'l1': {'kernel_bits': jnp.array(4.4)}}
+  res = P.hard_assign(q, m, 800.0)
+  assert res.delta == 0.0 and res.cost == 800.0 and res.within_tolerance
+  # A lower target needs a negative offset: 600 = 3 + 3 bits.
+  res = P.hard_assign(q, m, 600.0)
+  assert res.cost == 600.0 and res.delta < 0
