@@ -1,0 +1,27 @@
+"""Layer 1: pure-JAX quantization math (no Flax)."""
+
+from fracq.core.fracbits import clamp_bits
+from fracq.core.fracbits import dorefa_branch
+from fracq.core.fracbits import fractional_quantize
+from fracq.core.fracbits import hard_quantize
+from fracq.core.fracbits import round_bits_with_offset
+from fracq.core.fracbits import symmetric_range_branch
+from fracq.core.fracbits import unsigned_range_branch
+from fracq.core.learned import dorefa_normalize
+from fracq.core.learned import dorefa_quantize_weight
+from fracq.core.learned import lsq_grad_scale
+from fracq.core.learned import lsq_init_step
+from fracq.core.learned import lsq_plus_quantize
+from fracq.core.learned import lsq_quantize
+from fracq.core.learned import pact_quantize
+from fracq.core.learned import round_ste
+from fracq.core.observers import MinMaxState
+from fracq.core.observers import minmax_update
+from fracq.core.observers import moving_average_update
+from fracq.core.observers import observer_init
+from fracq.core.observers import percentile_range
+from fracq.core.uniform import fake_quant
+from fracq.core.uniform import fake_quant_grouped
+from fracq.core.uniform import int_range
+from fracq.core.uniform import minmax_to_qparams
+from fracq.core.uniform import quantize_to_int

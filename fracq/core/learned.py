@@ -1,0 +1,129 @@
+"""Learned quantization ranges: LSQ, LSQ+, PACT, DoReFa.
+
+References:
+  Esser et al., "Learned Step Size Quantization", ICLR 2020, arXiv 1902.08153.
+  Bhalgat et al., "LSQ+", CVPR-W 2020, arXiv 2004.09576.
+  Choi et al., "PACT", arXiv 1805.06085.
+  Zhou et al., "DoReFa-Net", arXiv 1606.06160.
+
+All functions take the integer range as ``qmin``/``qmax`` (numbers or arrays,
+so they also serve fractional-bit branches whose range is traced), compute in
+float32 and return the input dtype. Gradients are those of the papers; see
+each docstring.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fracq.core import uniform
+
+
+def round_ste(v):
+  """Round half to even forward, identity backward."""
+  return v + jax.lax.stop_gradient(jnp.round(v) - v)
+
+
+def scale_grad(v, g):
+  """Identity forward; multiplies the gradient by ``g`` (LSQ's grad scale)."""
+  return jax.lax.stop_gradient(v - v * g) + v * g
+
+
+def _reduce(x, axis):
+  if axis is None:
+    return tuple(range(x.ndim))
+  axis = axis % x.ndim
+  return tuple(a for a in range(x.ndim) if a != axis)
+
+
+def lsq_init_step(x, qp, *, axis: int | None = None):
+  """LSQ initial step ``2 mean|x| / sqrt(Qp)`` (per channel along ``axis``)."""
+  qp = max(float(qp), 1.0)
+  m = jnp.mean(jnp.abs(x.astype(jnp.float32)), axis=_reduce(x, axis))
+  return jnp.maximum(2.0 * m / math.sqrt(qp), 1e-8)
+
+
+def lsq_grad_scale(x, qp, *, axis: int | None = None) -> float:
+  """LSQ's gradient scale ``1 / sqrt(N * Qp)``, N elements per step."""
+  n = x.size if axis is None else x.size // x.shape[axis]
+  return 1.0 / math.sqrt(max(n, 1) * max(float(qp), 1.0))
+
+
+def lsq_quantize(x, step, qmin, qmax, *, grad_scale: float = 1.0):
+  """LSQ: ``x_hat = s * round(clip(x / s, qmin, qmax))``.
+
+  Gradients (the paper's): to ``x`` 1 inside the range and 0 outside; to
+  ``s``, ``round(x/s) - x/s`` inside, ``qmin`` below and ``qmax`` above,
+  multiplied by ``grad_scale``.
+  """
+  uniform.check_qparams(step, qmin, qmax)
+  dtype = x.dtype
+  s = scale_grad(jnp.asarray(step, jnp.float32), grad_scale)
+  v = jnp.clip(x.astype(jnp.float32) / s, qmin, qmax)
+  return (round_ste(v) * s).astype(dtype)
+
+
+def lsq_plus_quantize(x, step, offset, qmin, qmax, *,
+                      grad_scale: float = 1.0):
+  """LSQ+: ``x_hat = s * round(clip((x - beta) / s, qmin, qmax)) + beta``.
+
+  The offset ``beta`` is learned too; its gradient is ``1 - (1 inside the
+  range)``, i.e. 1 where ``x`` is clipped and 0 inside, as in the paper.
+  """
+  uniform.check_qparams(step, qmin, qmax)
+  dtype = x.dtype
+  s = scale_grad(jnp.asarray(step, jnp.float32), grad_scale)
+  b = scale_grad(jnp.asarray(offset, jnp.float32), grad_scale)
+  v = jnp.clip((x.astype(jnp.float32) - b) / s, qmin, qmax)
+  return (round_ste(v) * s + b).astype(dtype)
+
+
+def _clip_pact(x, lo, hi):
+  # min/max (not jnp.clip) so that the clip's gradient is exactly 1 where
+  # x >= hi, as PACT defines it.
+  return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def pact_quantize(x, alpha, bits: int, *, signed: bool = False):
+  """PACT: clip to ``[0, alpha]`` (``[-alpha, alpha]`` if signed), quantize.
+
+  ``x_hat = round(clip(x) / d) * d`` with ``d = alpha / (2^k - 1)`` (signed:
+  ``alpha / (2^(k-1) - 1)``). Straight-through over the rounding, so the
+  gradient to ``alpha`` is 1 where ``x >= alpha`` (and -1 where ``x <=
+  -alpha`` when signed) and 0 inside, the paper's estimator.
+  """
+  if isinstance(bits, (int, float)) and not 1 <= bits <= 16:
+    raise ValueError(f'bits={bits} is out of range [1, 16].')
+  uniform.check_qparams(alpha, 0, 1)
+  dtype = x.dtype
+  a = jnp.abs(jnp.asarray(alpha, jnp.float32))
+  xf = x.astype(jnp.float32)
+  if signed:
+    levels = 2.0 ** (bits - 1) - 1
+    y = _clip_pact(xf, -a, a)
+  else:
+    levels = 2.0 ** bits - 1
+    y = _clip_pact(xf, 0.0, a)
+  d = jax.lax.stop_gradient(a / levels)
+  q = jnp.round(y / d) * d
+  return (y + jax.lax.stop_gradient(q - y)).astype(dtype)
+
+
+def dorefa_normalize(w):
+  """DoReFa's weight map to [0, 1]: ``tanh(w) / (2 max|tanh w|) + 1/2``."""
+  t = jnp.tanh(w.astype(jnp.float32))
+  return t / (2.0 * jnp.maximum(jnp.max(jnp.abs(t)), 1e-12)) + 0.5
+
+
+def dorefa_quantize_weight(w, bits):
+  """DoReFa weights: ``2 Q_k(w01) - 1`` with ``Q_k(v) = round(v n) / n``,
+  ``n = 2^k - 1``; straight-through over the rounding (gradients flow through
+  the tanh normalisation). ``bits`` may be an array (fractional branches).
+  """
+  dtype = w.dtype
+  n = 2.0 ** jnp.asarray(bits, jnp.float32) - 1.0
+  v = dorefa_normalize(w)
+  return (2.0 * round_ste(v * n) / n - 1.0).astype(dtype)

@@ -1,0 +1,73 @@
+"""Range observers as pure state updates (state in, state out).
+
+``MinMaxState`` holds a running minimum and maximum, per tensor or per
+channel. Updates never mutate: each returns a new state, so they compose with
+``jit``/``vmap`` and live in a Flax variable collection.
+
+* :func:`minmax_update` — running min/max (PyTorch ``MinMaxObserver``).
+* :func:`moving_average_update` — ``m <- (1 - c) m + c min(X)`` (and the same
+  for the max), ``c = 0.01`` by default; the first update takes the batch
+  values (PyTorch ``MovingAverageMinMaxObserver``).
+* :func:`percentile_range` — a robust range from percentiles of one batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+
+class MinMaxState(NamedTuple):
+  min: jnp.ndarray
+  max: jnp.ndarray
+  count: jnp.ndarray  # number of updates seen
+
+
+def _axes(x, axis):
+  if axis is None:
+    return tuple(range(x.ndim))
+  if not -x.ndim <= axis < x.ndim:
+    raise ValueError(f'axis={axis} does not exist for a {x.ndim}-d tensor.')
+  axis = axis % x.ndim
+  return tuple(a for a in range(x.ndim) if a != axis)
+
+
+def observer_init(shape=()) -> MinMaxState:
+  """An empty observer (``+inf`` / ``-inf``), per tensor or per channel."""
+  return MinMaxState(jnp.full(shape, jnp.inf, jnp.float32),
+                     jnp.full(shape, -jnp.inf, jnp.float32),
+                     jnp.zeros((), jnp.int32))
+
+
+def minmax_update(state: MinMaxState, x, *, axis=None) -> MinMaxState:
+  """Running min/max over everything seen so far."""
+  red = _axes(x, axis)
+  xf = x.astype(jnp.float32)
+  return MinMaxState(jnp.minimum(state.min, jnp.min(xf, axis=red)),
+                     jnp.maximum(state.max, jnp.max(xf, axis=red)),
+                     state.count + 1)
+
+
+def moving_average_update(state: MinMaxState, x, *, c: float = 0.01,
+                          axis=None) -> MinMaxState:
+  """Moving-average min/max; the first update copies the batch range."""
+  if not 0 < c <= 1:
+    raise ValueError(f'averaging constant c={c} must be in (0, 1].')
+  red = _axes(x, axis)
+  xf = x.astype(jnp.float32)
+  bmin, bmax = jnp.min(xf, axis=red), jnp.max(xf, axis=red)
+  first = state.count == 0
+  new_min = jnp.where(first, bmin, (1 - c) * state.min + c * bmin)
+  new_max = jnp.where(first, bmax, (1 - c) * state.max + c * bmax)
+  return MinMaxState(new_min, new_max, state.count + 1)
+
+
+def percentile_range(x, percentile: float = 99.99, *, axis=None):
+  """``(lo, hi)`` at the ``100 - p`` and ``p`` percentiles of one batch."""
+  if not 50 < percentile <= 100:
+    raise ValueError(f'percentile={percentile} must be in (50, 100].')
+  red = _axes(x, axis)
+  xf = x.astype(jnp.float32)
+  return (jnp.percentile(xf, 100 - percentile, axis=red),
+          jnp.percentile(xf, percentile, axis=red))

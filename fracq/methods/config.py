@@ -1,0 +1,175 @@
+"""From an ``ml_collections`` config to a quantized model wrapper.
+
+``config.quant`` describes quantization with plain fields a person can
+override from the command line (``--config.quant.weight_bits=3``); this
+module turns them into rules, a budget and a penalty, and builds the
+:class:`~fracq.methods.qat.QATModel` the training loop drives.
+
+Methods:
+
+* ``'none'``: the float model (handled by the training loop).
+* ``'uniform'``: every tensor at fixed integer bits.
+* ``'fracbits'``: learned fractional bits under a budget, hard assignment at
+  ``hard_assign_fraction`` of training, then fine-tuning at integer bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+from fracq.interception import Rule
+from fracq.interception import TensorSpec
+from fracq.methods import cost as cost_lib
+from fracq.methods import penalty as penalty_lib
+
+METHODS = ('none', 'uniform', 'fracbits')
+
+
+def default_quant_config(method: str = 'none') -> ml_collections.ConfigDict:
+  """The ``config.quant`` block, with every field and its default."""
+  c = ml_collections.ConfigDict()
+  c.method = method
+  # Bits: fixed integer bits (uniform) or initial bits (FracBits).
+  c.weight_bits = 8.0
+  c.act_bits = 8.0
+  c.quantize_acts = True
+  # Range methods: 'lsq', 'lsq_plus', 'minmax', 'ema_minmax', 'percentile',
+  # 'dorefa' (weights), 'pact' (activations).
+  c.weight_range = 'lsq'
+  c.act_range = 'lsq'
+  c.weight_granularity = 'channel'
+  c.act_granularity = 'tensor'
+  # FracBits: which bit-widths are learned, and their bounds.
+  c.learn_weight_bits = True
+  c.learn_act_bits = False
+  c.weight_bit_bounds = (2.0, 8.0)
+  c.act_bit_bounds = (2.0, 8.0)
+  c.bits_per_channel = False
+  # Layers kept at fixed bits (first conv and classifier); regex, '' = none.
+  c.fixed_layers = ''
+  c.fixed_bits = 8
+  c.fixed_act_bits = 8
+  # Layers left float; regex, '' = none.
+  c.keep_float = ''
+  # Budget: kind 'size' or 'bitops', stated in exactly one form.
+  c.budget_kind = 'size'
+  c.budget_uniform_bits = config_dict.placeholder(float)
+  c.budget_compression = config_dict.placeholder(float)
+  c.budget_absolute = config_dict.placeholder(float)
+  # Penalty: 'abs' (authors), 'nncf', 'hinge', 'l2'.
+  c.penalty = 'abs'
+  c.penalty_weight = 1.0
+  c.penalty_unit = config_dict.placeholder(float)
+  c.penalty_power = 1
+  c.penalty_warmup_steps = 0
+  c.penalty_schedule_steps = 0
+  # Hard assignment: at this fraction of the run (or an explicit step >= 0).
+  c.hard_assign_fraction = 0.8
+  c.hard_assign_step = -1
+  c.hard_assign_tolerance = 0.01
+  c.on_unused = 'error'
+  return c
+
+
+def rules_from_config(c) -> list[Rule]:
+  """Rules from the flat fields of ``config.quant``."""
+  if c.method not in METHODS:
+    raise ValueError(f'config.quant.method={c.method!r} is unknown; choose '
+                     f'one of {METHODS}.')
+  learn = c.method == 'fracbits'
+  rules = []
+  if c.keep_float:
+    rules.append(Rule(module_path=c.keep_float, keep_float=True,
+                      name='keep_float'))
+  if c.fixed_layers:
+    rules.append(Rule(
+        module_path=c.fixed_layers, name='fixed',
+        weight=TensorSpec(bits=int(c.fixed_bits),
+                          range_method=_fixed_range(c.weight_range),
+                          granularity=c.weight_granularity),
+        act=(TensorSpec(bits=int(c.fixed_act_bits),
+                        range_method=c.act_range,
+                        granularity=c.act_granularity)
+             if c.quantize_acts else None)))
+  w_learn = learn and c.learn_weight_bits
+  a_learn = learn and c.learn_act_bits
+  weight = TensorSpec(
+      bits=c.weight_bits if w_learn else _int_bits(c.weight_bits, 'weight'),
+      learn_bits=w_learn, bit_bounds=tuple(c.weight_bit_bounds),
+      bits_per_channel=bool(c.bits_per_channel) and w_learn,
+      range_method=c.weight_range, granularity=c.weight_granularity)
+  act = None
+  if c.quantize_acts:
+    act = TensorSpec(
+        bits=c.act_bits if a_learn else _int_bits(c.act_bits, 'act'),
+        learn_bits=a_learn, bit_bounds=tuple(c.act_bit_bounds),
+        range_method=c.act_range, granularity=c.act_granularity)
+  rules.append(Rule(module_path='.*', weight=weight, act=act, name='default'))
+  return rules
+
+
+def _fixed_range(weight_range: str) -> str:
+  return weight_range
+
+
+def _int_bits(b, what) -> int:
+  if float(b) != int(b):
+    raise ValueError(f'config.quant.{what}_bits={b} must be an integer for '
+                     "method='uniform' (fractional bits need "
+                     "method='fracbits').")
+  return int(b)
+
+
+def budget_from_config(c) -> cost_lib.Budget | None:
+  if c.method != 'fracbits':
+    return None
+  forms = {'uniform_bits': c.budget_uniform_bits,
+           'compression': c.budget_compression,
+           'absolute': c.budget_absolute}
+  given = {k: v for k, v in forms.items() if v is not None}
+  if len(given) != 1:
+    raise ValueError(
+        'config.quant needs exactly one of budget_uniform_bits, '
+        f'budget_compression, budget_absolute for FracBits (got {given}).')
+  return cost_lib.Budget(kind=c.budget_kind, **given)
+
+
+def penalty_from_config(c) -> penalty_lib.Penalty:
+  return penalty_lib.Penalty(
+      form=c.penalty, weight=c.penalty_weight, unit=c.penalty_unit,
+      power=c.penalty_power, warmup_steps=c.penalty_warmup_steps,
+      schedule_steps=c.penalty_schedule_steps)
+
+
+def hard_assign_step_from_config(c, total_steps: int | None) -> int | None:
+  if c.method != 'fracbits':
+    return None
+  if c.hard_assign_step >= 0:
+    return int(c.hard_assign_step)
+  if total_steps is None:
+    raise ValueError('Cannot place hard assignment: total steps unknown; set '
+                     'config.quant.hard_assign_step.')
+  if not 0 < c.hard_assign_fraction <= 1:
+    raise ValueError('config.quant.hard_assign_fraction must be in (0, 1], '
+                     f'got {c.hard_assign_fraction}.')
+  return int(math.floor(c.hard_assign_fraction * total_steps))
+
+
+def build(quant_cfg, module, sample_x, config=None, total_steps=None):
+  """The ``ModelWrapper`` for ``config.quant`` (uniform QAT or FracBits)."""
+  from fracq.methods.qat import QATModel
+  if quant_cfg.method == 'none':
+    raise ValueError("build() is for quantized methods; method='none' is the "
+                     'plain float model.')
+  rules = rules_from_config(quant_cfg)
+  return QATModel(
+      module, rules, sample_x,
+      budget=budget_from_config(quant_cfg),
+      cost_kind=quant_cfg.budget_kind,
+      penalty=penalty_from_config(quant_cfg),
+      hard_assign_step=hard_assign_step_from_config(quant_cfg, total_steps),
+      hard_assign_tolerance=quant_cfg.hard_assign_tolerance,
+      call_kwargs={'train': False}, on_unused=quant_cfg.on_unused)

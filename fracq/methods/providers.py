@@ -1,0 +1,275 @@
+"""The QAT provider: turns a rule's TensorSpec into quantizer variables + math.
+
+Called by the interceptor (``fracq.interception``) for every matched kernel
+and input. Variables it creates on the layer's scope:
+
+``quant`` (trainable)
+  ``{t}_step`` (LSQ/LSQ+ step), ``{t}_offset`` (LSQ+), ``{t}_clip`` (PACT),
+  ``{t}_range`` (shared range of a learned-bits tensor), ``{t}_bits``
+  (learned fractional bit-width), with ``t`` = ``kernel`` or ``input``.
+``quant_stats`` (state)
+  ``{t}_min`` / ``{t}_max`` (observers), ``{t}_hard_bits`` (integer bits
+  frozen by hard assignment; ``-1`` until then).
+
+Initialisation is data-dependent (LSQ's ``2 mean|x| / sqrt(Qp)``, PACT clip
+at the observed maximum, ...): at ``init`` it uses whatever the layer sees, and
+:meth:`fracq.methods.qat.QATModel.calibrate` re-runs it on real data and real
+(e.g. pretrained) weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fracq import core
+from fracq.interception import Site
+
+TRAINABLE = 'quant'
+STATE = 'quant_stats'
+
+
+def _reduce_axes(ndim: int, keep: int | None) -> tuple[int, ...]:
+  if keep is None:
+    return tuple(range(ndim))
+  keep = keep % ndim
+  return tuple(a for a in range(ndim) if a != keep)
+
+
+def _keepdims_shape(x, axis: int | None):
+  """Shape of a per-channel parameter broadcastable against ``x``."""
+  if axis is None:
+    return ()
+  return (x.shape[axis],)
+
+
+def _bcast(p, x, axis: int | None):
+  """Reshape a per-channel vector ``p`` to broadcast along ``axis`` of x."""
+  if axis is None or p.ndim == 0:
+    return p
+  shape = [1] * x.ndim
+  shape[axis % x.ndim] = p.shape[0]
+  return p.reshape(shape)
+
+
+class QATProvider:
+  """Uniform QAT and FracBits quantizers for the interceptor.
+
+  Args:
+    hard: run learned-bit tensors at their frozen integer bits (after hard
+      assignment) instead of fractional bits.
+    calibrate: overwrite the data-dependent initial values of the quantizer
+      variables from the current weights and inputs (used by
+      ``QATModel.calibrate``; needs ``quant`` and ``quant_stats`` mutable).
+  """
+
+  def __init__(self, hard: bool = False, calibrate: bool = False,
+               signs: dict[str, bool] | None = None):
+    self.hard = hard
+    self.calibrate = calibrate
+    self.signs = dict(signs or {})
+
+  # -- interceptor entry points ------------------------------------------
+  def quantize_kernel(self, site: Site, kernel):
+    spec = site.rule.weight
+    axis = site.kernel_channel_axis if spec.granularity == 'channel' else None
+    return self._quantize(site, 'kernel', spec, kernel, axis, True)
+
+  def quantize_input(self, site: Site, x):
+    spec = site.rule.act
+    axis = -1 if spec.granularity == 'channel' else None
+    return self._quantize(site, 'input', spec, x, axis, False)
+
+  # -- variables ------------------------------------------------------------
+  def _var(self, site, col, name, init_fn, calibratable=True):
+    v = site.variable(col, name, init_fn)
+    if (calibratable and self.calibrate and site.is_mutable(col) and
+        not site.is_initializing):
+      v.value = init_fn()
+    return v
+
+  # -- dispatch ----------------------------------------------------------
+  def _quantize(self, site, t, spec, x, axis, is_kernel):
+    dtype = x.dtype
+    xf = x.astype(jnp.float32)
+    signed = self._sign_flag(site, t, spec, xf, is_kernel)
+    if spec.learn_bits:
+      y = self._fractional(site, t, spec, xf, axis, signed, is_kernel)
+    else:
+      y = self._uniform(site, t, spec, xf, axis, signed, int(spec.bits))
+    return y.astype(dtype)
+
+  def _sign_flag(self, site, t, spec, x, is_kernel):
+    """Kernels are signed; an input is unsigned when it was non-negative on
+    the sample input (e.g. after a ReLU) unless the spec says otherwise."""
+    if spec.signed is not None:
+      return spec.signed
+    if is_kernel:
+      return True
+    return self.signs.get(site.path, True)
+
+  # -- uniform (fixed integer bits) ----------------------------------------
+  def _uniform(self, site, t, spec, x, axis, signed, bits):
+    qmin, qmax = core.int_range(bits, signed=signed,
+                                narrow_range=spec.narrow_range)
+    m = spec.range_method
+    red = _reduce_axes(x.ndim, axis)
+    pshape = _keepdims_shape(x, axis)
+    if m == 'lsq':
+      step = self._var(site, TRAINABLE, f'{t}_step', lambda: _reshape(
+          core.lsq_init_step(x, qmax, axis=axis), pshape))
+      return core.lsq_quantize(x, _bcast(step.value, x, axis), qmin, qmax,
+                               grad_scale=core.lsq_grad_scale(x, qmax, axis=axis))
+    if m == 'lsq_plus':
+      step = self._var(site, TRAINABLE, f'{t}_step', lambda: _reshape(
+          core.lsq_init_step(x, qmax - qmin, axis=axis), pshape))
+      offset = self._var(site, TRAINABLE, f'{t}_offset', lambda: _reshape(
+          jnp.min(x, axis=red), pshape))
+      return core.lsq_plus_quantize(
+          x, _bcast(step.value, x, axis), _bcast(offset.value, x, axis),
+          qmin, qmax, grad_scale=core.lsq_grad_scale(x, qmax - qmin, axis=axis))
+    if m == 'pact':
+      clip = self._var(site, TRAINABLE, f'{t}_clip', lambda: _reshape(
+          jnp.maximum(jnp.max(jnp.abs(x), axis=red), 1e-3), pshape))
+      return core.pact_quantize(x, _bcast(clip.value, x, axis), bits,
+                                signed=signed)
+    if m == 'dorefa':
+      return core.dorefa_quantize_weight(x, bits)
+    return self._observed(site, t, spec, x, axis, qmin, qmax)
+
+  def _observed(self, site, t, spec, x, axis, qmin, qmax):
+    """min/max, moving-average min/max, percentile observers."""
+    m = spec.range_method
+    red = _reduce_axes(x.ndim, axis)
+    pshape = _keepdims_shape(x, axis)
+    if m == 'percentile':
+      lo_fn = lambda: _reshape(jnp.percentile(x, 100 - spec.percentile,
+                                              axis=red), pshape)
+      hi_fn = lambda: _reshape(jnp.percentile(x, spec.percentile, axis=red),
+                               pshape)
+    else:
+      lo_fn = lambda: _reshape(jnp.min(x, axis=red), pshape)
+      hi_fn = lambda: _reshape(jnp.max(x, axis=red), pshape)
+    lo = self._var(site, STATE, f'{t}_min', lo_fn)
+    hi = self._var(site, STATE, f'{t}_max', hi_fn)
+    if site.is_mutable(STATE) and not site.is_initializing:
+      if m == 'ema_minmax':
+        c = spec.ema_decay
+        lo.value = (1 - c) * lo.value + c * lo_fn()
+        hi.value = (1 - c) * hi.value + c * hi_fn()
+      elif m == 'minmax':
+        lo.value = jnp.minimum(lo.value, lo_fn())
+        hi.value = jnp.maximum(hi.value, hi_fn())
+      else:
+        lo.value, hi.value = lo_fn(), hi_fn()
+    scale, zp = core.minmax_to_qparams(
+        jax.lax.stop_gradient(lo.value), jax.lax.stop_gradient(hi.value),
+        qmin, qmax, symmetric=spec.symmetric)
+    return core.fake_quant(x, _bcast(scale, x, axis), _bcast(zp, x, axis),
+                           qmin, qmax)
+
+  # -- FracBits (learned fractional bits) ----------------------------------
+  def _fractional(self, site, t, spec, x, axis, signed, is_kernel):
+    lo_b, hi_b = spec.bit_bounds
+    red = _reduce_axes(x.ndim, axis)
+    pshape = _keepdims_shape(x, axis)
+    bshape = pshape if (is_kernel and spec.bits_per_channel) else ()
+    if is_kernel and spec.bits_per_channel and axis is None:
+      bshape = (x.shape[site.kernel_channel_axis],)
+    bits = self._var(site, TRAINABLE, f'{t}_bits',
+                     lambda: jnp.full(bshape, float(spec.bits), jnp.float32),
+                     calibratable=False)
+    hard = self._var(site, STATE, f'{t}_hard_bits',
+                     lambda: jnp.full(bshape, -1.0, jnp.float32),
+                     calibratable=False)
+    baxis = axis if axis is not None else (
+        site.kernel_channel_axis if bshape else None)
+    b = bits.value
+    if self.hard:
+      b = jax.lax.stop_gradient(hard.value)
+    b = _bcast(b, x, baxis)
+    m = spec.range_method
+    init_bits = float(spec.bits)
+    if m == 'dorefa':
+      branch = lambda xx, k: core.dorefa_branch(xx, k)
+      ref = None
+    else:
+      # One shared range for both branches: LSQ's step at the initial bits,
+      # times its level count, so the initial quantizer is LSQ's.
+      qmax0 = _levels(init_bits, signed)
+
+      def range_init():
+        if m == 'pact' or (not signed and m != 'lsq'):
+          r = jnp.max(jnp.abs(x), axis=red)
+        else:
+          r = core.lsq_init_step(x, qmax0, axis=axis) * qmax0
+          r = jnp.minimum(r, jnp.max(jnp.abs(x), axis=red))
+        return _reshape(jnp.maximum(r, 1e-4), pshape)
+      ref = self._var(site, TRAINABLE, f'{t}_range', range_init)
+      r = _bcast(ref.value, x, axis)
+      if signed:
+        branch = lambda xx, k: core.symmetric_range_branch(xx, r, k)
+      else:
+        branch = lambda xx, k: core.unsigned_range_branch(xx, r, k)
+    if self.hard:
+      return core.hard_quantize(x, b, branch)
+    return core.fractional_quantize(x, b, branch, b_min=lo_b, b_max=hi_b,
+                                    allow_zero_bit=lo_b < 1)
+
+
+def _levels(bits: float, signed: bool) -> float:
+  k = int(math.floor(bits))
+  return float(2 ** (k - 1) - 1) if signed else float(2 ** k - 1)
+
+
+def _reshape(v, shape):
+  return jnp.reshape(v, shape)
+
+
+# -- hard-assignment bookkeeping (used by QATModel) --------------------------
+def _walk(tree, fn, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      _walk(v, fn, prefix + (k,))
+    else:
+      fn(prefix, k, v)
+
+
+def needs_hard_assignment(stats) -> bool:
+  """True while any ``*_hard_bits`` is still unassigned (negative)."""
+  found = []
+  _walk(stats, lambda p, k, v: found.append(bool(jnp.any(v < 0)))
+        if k.endswith('_hard_bits') else None)
+  return any(found)
+
+
+def write_hard_bits(stats, rounded_quant):
+  """Copies rounded ``*_bits`` from ``quant`` into ``quant_stats``."""
+  out = jax.tree_util.tree_map(lambda v: v, stats)
+
+  def put(prefix, k, v):
+    if not k.endswith('_bits'):
+      return
+    node = out
+    for p in prefix:
+      node = node[p]
+    node[k.replace('_bits', '_hard_bits')] = v.astype(jnp.float32)
+  _walk(rounded_quant, put)
+  return out
+
+
+def hard_bits_view(quant, stats):
+  """``quant`` with every ``*_bits`` replaced by its frozen integer value."""
+  out = jax.tree_util.tree_map(lambda v: v, quant)
+
+  def put(prefix, k, v):
+    if not k.endswith('_hard_bits'):
+      return
+    node = out
+    for p in prefix:
+      node = node[p]
+    node[k.replace('_hard_bits', '_bits')] = v
+  _walk(stats, put)
+  return out

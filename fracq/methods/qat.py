@@ -1,0 +1,317 @@
+"""Quantization-aware training of an unmodified Flax model: uniform or FracBits.
+
+:func:`quantize` wraps any ``flax.linen`` module with rules (see
+:class:`fracq.Rule`) and returns a :class:`QATModel`. The same object serves
+uniform QAT (every tensor at fixed integer bits, learned or observed ranges)
+and FracBits mixed precision (Yang & Jin, AAAI 2021, arXiv 2007.02017): any
+tensor whose spec has ``learn_bits=True`` gets a fractional bit-width trained
+under a resource budget, with a hard assignment to integer bits at a chosen
+step followed by fine-tuning.
+
+Variable collections:
+
+* ``params`` — the model's own parameters, exactly the plain model's tree.
+* ``quant`` — trainable quantizer parameters (steps, clips, offsets, bits).
+* ``quant_stats`` — non-trainable quantizer state (observer min/max, the
+  frozen integer bits after hard assignment).
+
+``QATModel`` implements the training loop's ``ModelWrapper`` protocol
+(``fracq.train``): ``init``, ``apply``, ``penalty``, ``metrics``,
+``for_step``, ``prepare``, ``report``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fracq.interception import QuantizedModule
+from fracq.interception import Rule
+from fracq.methods import cost as cost_lib
+from fracq.methods import penalty as penalty_lib
+from fracq.methods import providers
+
+
+class QATModel:
+  """A Flax module quantized by rules, with FracBits budget handling.
+
+  Args:
+    module: any ``flax.linen`` module.
+    rules: quantization rules, first match wins.
+    sample_input: an example input (array or ``ShapeDtypeStruct``) on which
+      per-layer facts (weights, MACs) are recorded.
+    budget: resource budget for learned bits (required when any rule learns
+      bits, ignored otherwise).
+    cost_kind: ``'size'`` or ``'bitops'`` (defaults to the budget's kind).
+    penalty: the penalty form; defaults to the authors' ``|cost - target|``.
+    hard_assign_step: step at which learned bits are rounded and frozen
+      (``None``: never).
+    hard_assign_tolerance: the relative tolerance of hard assignment.
+    call_kwargs: extra keywords for the module call when recording facts
+      (e.g. ``{'train': False}``).
+    on_unused: ``'error'`` or ``'warn'`` for rules matching no layer.
+  """
+
+  trainable_collections = ('params', 'quant')
+
+  def __init__(self, module: nn.Module, rules: Sequence[Rule], sample_input,
+               *, budget: cost_lib.Budget | None = None,
+               cost_kind: str | None = None,
+               penalty: penalty_lib.Penalty | None = None,
+               hard_assign_step: int | None = None,
+               hard_assign_tolerance: float = 0.01,
+               call_kwargs: dict | None = None, on_unused: str = 'error',
+               _hard: bool = False, _shared=None):
+    self.module = module
+    self.hard = _hard
+    self.rules = tuple(rules)
+    self.on_unused = on_unused
+    self.call_kwargs = dict(call_kwargs or {})
+    self.signs = (_shared[-1] if _shared is not None else
+                  _probe_signs(module, self.rules, sample_input,
+                               self.call_kwargs))
+    self.provider = providers.QATProvider(hard=_hard, signs=self.signs)
+    self.qmodule = QuantizedModule(module, rules, self.provider,
+                                   on_unused=on_unused)
+    self.rules = self.qmodule.rules
+    self.hard_assign_step = hard_assign_step
+    self.hard_assign_tolerance = hard_assign_tolerance
+    self.penalty_fn = penalty or penalty_lib.Penalty()
+    if _shared is not None:  # the hard-mode twin reuses the analysis
+      (self.facts, self.cost_model, self.target, self.budget, _) = _shared
+      self._twin = None
+      return
+    self.facts = self.qmodule.layer_facts(sample_input, **self.call_kwargs)
+    self.qmodule.check_unused(self.facts)
+    self.budget = budget
+    kind = cost_kind or (budget.kind if budget is not None else 'size')
+    layers = cost_lib.layer_costs_from_facts(self.facts, self.rules)
+    self.cost_model = cost_lib.CostModel(layers, kind) if layers else None
+    learns = self.learns_bits
+    if learns and budget is None:
+      raise ValueError(
+          'Rules learn bit-widths (learn_bits=True) but no budget was given: '
+          'pass budget=fracq.Budget(kind="size", uniform_bits=4) (or '
+          'compression=, absolute=).')
+    if learns and self.penalty_fn.form == 'nncf' and kind != 'size':
+      logging.info('NNCF ratio penalty on a BitOPs cost.')
+    self.target = (self.cost_model.resolve(budget)
+                   if (learns and budget is not None) else None)
+    self._twin = None
+
+  # -- protocol ------------------------------------------------------------
+  @property
+  def learns_bits(self) -> bool:
+    return self.cost_model is not None and any(
+        l.weight.learned or l.act.learned for l in self.cost_model.layers)
+
+  def init(self, rngs, x, *, train: bool = False, **kwargs):
+    return self.qmodule.init(rngs, x, train=train, **kwargs)
+
+  def apply(self, variables, x, *, train: bool = False, mutable=False,
+            rngs=None, **kwargs):
+    return self.qmodule.apply(variables, x, train=train, mutable=mutable,
+                              rngs=rngs, **kwargs)
+
+  def calibrate(self, variables, x, **kwargs):
+    """Re-initialises data-dependent quantizer ranges on real data.
+
+    Run after loading pretrained weights (or on the first real batch): LSQ
+    steps, PACT clips, shared FracBits ranges and observer statistics are
+    recomputed from the current weights and the activations ``x`` produces.
+    Learned and frozen bit-widths are left alone.
+    """
+    provider = providers.QATProvider(hard=self.hard, calibrate=True,
+                                     signs=self.signs)
+    qm = QuantizedModule(self.module, self.rules, provider,
+                         on_unused='warn')
+    kwargs = {**self.call_kwargs, **kwargs}
+    _, upd = qm.apply(variables, x, mutable=['quant', 'quant_stats'],
+                      **kwargs)
+    return {**variables, **upd}
+
+  def penalty(self, variables, step):
+    """The resource penalty (zero in hard mode or without learned bits)."""
+    if not self.learns_bits:
+      return jnp.zeros((), jnp.float32), {}
+    quant = self.bits_view(variables)
+    c = self.cost_model.cost(quant, hard=self.hard)
+    i8 = self.cost_model.int8_cost()
+    metrics = {'cost': c, 'compression_over_int8': i8 / c}
+    if self.hard:
+      return jnp.zeros((), jnp.float32), metrics
+    start = self.cost_model.uniform_cost(self._init_bits())
+    p = self.penalty_fn(c, self.target, step=step, start_cost=start,
+                        int8_cost=i8)
+    metrics['penalty'] = p
+    return p, metrics
+
+  def metrics(self, variables) -> dict[str, float]:
+    if self.cost_model is None:
+      return {}
+    quant = self.bits_view(variables)
+    out = {}
+    frac = self.cost_model.describe(quant, hard=False)
+    hard = self.cost_model.describe(quant, hard=True)
+    out['cost_fractional'] = frac['cost']
+    out['cost_integer'] = hard['cost']
+    out['cost_int8'] = hard['cost_int8']
+    out['compression_over_int8'] = hard['compression_over_int8']
+    out['compression_over_int8_fractional'] = frac['compression_over_int8']
+    if self.target is not None:
+      out['cost_target'] = self.target
+    return out
+
+  def for_step(self, step: int) -> 'QATModel':
+    if (self.hard or self.hard_assign_step is None or
+        step < self.hard_assign_step or not self.learns_bits):
+      return self
+    if self._twin is None:
+      twin = QATModel(self.module, self.rules, None,
+                      penalty=self.penalty_fn,
+                      hard_assign_step=self.hard_assign_step,
+                      hard_assign_tolerance=self.hard_assign_tolerance,
+                      call_kwargs=self.call_kwargs,
+                      on_unused=self.on_unused, _hard=True,
+                      _shared=(self.facts, self.cost_model, self.target,
+                               self.budget, self.signs))
+      self._twin = twin
+    return self._twin
+
+  def prepare(self, variables):
+    """Hard assignment: round learned bits into ``quant_stats`` (idempotent).
+
+    The frozen integer bits live in ``quant_stats/.../*_hard_bits``; they are
+    written once (a negative value marks "not assigned yet"), so resuming a
+    run after hard assignment never re-rounds drifted bits.
+    """
+    if not (self.hard and self.learns_bits):
+      return variables
+    stats = variables.get('quant_stats', {})
+    if not providers.needs_hard_assignment(stats):
+      return variables
+    res = penalty_lib.hard_assign(variables['quant'], self.cost_model,
+                                  self.target,
+                                  tolerance=self.hard_assign_tolerance)
+    logging.info(res.message)
+    new_stats = providers.write_hard_bits(stats, res.quant)
+    self.last_assignment = res
+    return {**variables, 'quant_stats': new_stats}
+
+  def report(self, variables, workdir: str | None, step: int,
+             writer=None) -> str:
+    """Per-layer bit table (logged and returned), PNG chart, TB scalars."""
+    if self.cost_model is None:
+      return ''
+    quant = self.bits_view(variables)
+    rows = cost_lib.bits_table(self.cost_model, quant, hard=self.hard)
+    table = cost_lib.format_bits_table(rows, self.cost_model.kind)
+    m = self.metrics(variables)
+    lines = [table] + [f'{k}: {v:,.4g}' for k, v in m.items()]
+    text = '\n'.join(lines)
+    logging.info('Bit-widths at step %d:\n%s', step, text)
+    if writer is not None:
+      scal = {f'bits/weight/{r["layer"]}': r['w_bits'] for r in rows}
+      scal.update({f'bits/act/{r["layer"]}': r['a_bits'] for r in rows})
+      scal.update({f'cost/{k}': v for k, v in m.items()})
+      writer.write_scalars(step, scal)
+    if workdir:
+      os.makedirs(workdir, exist_ok=True)
+      plot_bits(rows, os.path.join(workdir, f'bits_step{step}.png'),
+                title=f'bit-widths at step {step} '
+                f'({m["compression_over_int8"]:.2f}x over INT8)')
+      with open(os.path.join(workdir, f'bits_step{step}.txt'), 'w') as f:
+        f.write(text + '\n')
+    return text
+
+  # -- helpers -------------------------------------------------------------
+  def bits_view(self, variables):
+    """The bits the model runs with: learned ones, or frozen ones if hard."""
+    quant = variables.get('quant', {})
+    if self.hard:
+      return providers.hard_bits_view(quant, variables.get('quant_stats', {}))
+    return quant
+
+  def _init_bits(self) -> float:
+    bits = [r.weight.bits for r in self.rules
+            if r.weight is not None and r.weight.learn_bits]
+    return float(np.mean(bits)) if bits else 8.0
+
+  def layer_table(self) -> str:
+    """What was quantized and how (per-layer facts and rules)."""
+    from fracq.interception import format_facts_table
+    return format_facts_table(self.facts)
+
+
+class _SignProbe:
+  """Records, per layer, whether its input went negative on the sample."""
+
+  def __init__(self):
+    self.signs = {}
+
+  def quantize_kernel(self, site, kernel):
+    return kernel
+
+  def quantize_input(self, site, x):
+    if not isinstance(x, jax.core.Tracer):
+      neg = bool(jnp.min(x) < 0)
+      self.signs[site.path] = self.signs.get(site.path, False) or neg
+    return x
+
+
+def _probe_signs(module, rules, sample_input, call_kwargs) -> dict[str, bool]:
+  """Input signs per layer from one eager forward pass on one example.
+
+  A ReLU makes a layer's input non-negative whatever the weights are, so a
+  randomly initialised model tells the signs apart. Without a concrete
+  sample (a ``ShapeDtypeStruct``), every input is treated as signed.
+  """
+  if sample_input is None or not hasattr(sample_input, '__array__'):
+    if sample_input is not None:
+      logging.info('No concrete sample input: activations treated as '
+                   'signed (set TensorSpec(signed=False) to override).')
+    return {}
+  probe = _SignProbe()
+  qm = QuantizedModule(module, rules, probe, on_unused='warn')
+  x = jnp.asarray(sample_input)[:1]
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    qm.init(jax.random.key(0), x, **call_kwargs)
+  return probe.signs
+
+
+def quantize(module: nn.Module, rules: Sequence[Rule], sample_input,
+             **kwargs) -> QATModel:
+  """Quantizes an unmodified Flax module by rules. See :class:`QATModel`."""
+  return QATModel(module, rules, sample_input, **kwargs)
+
+
+def plot_bits(rows: list[dict], path: str, title: str = '') -> None:
+  """A PNG bar chart of per-layer weight and activation bits."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  names = [r['layer'] for r in rows]
+  x = np.arange(len(rows))
+  fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows) + 2), 4))
+  ax.bar(x - 0.2, [r['w_bits'] for r in rows], 0.4, label='weight bits')
+  ax.bar(x + 0.2, [min(r['a_bits'], 16) for r in rows], 0.4,
+         label='activation bits')
+  ax.set_xticks(x)
+  ax.set_xticklabels(names, rotation=70, ha='right', fontsize=7)
+  ax.set_ylabel('bits')
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
