@@ -1,0 +1,102 @@
+"""Shared config pieces: the base schema and ``arg`` parsing.
+
+Every config is ``get_config(arg=None)``; ``arg`` is a comma-separated list
+of ``key`` or ``key=value`` items (``'smoke,seed=3'``) parsed with typed
+defaults, big_vision style. ``smoke`` shrinks any config to a seconds-long
+run (few steps, small batches, tiny model where one exists).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from fracq.methods.config import default_quant_config
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """``'smoke,seed=3'`` -> ConfigDict(smoke=True, seed=3) over defaults."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'Unknown config arg {key!r}; valid args: '
+                       f'{sorted(defaults)}.')
+    kind = type(defaults[key])
+    if not value:
+      if kind is not bool:
+        raise ValueError(f'Config arg {key!r} needs a value ({key}=...).')
+      out[key] = True
+    elif kind is bool:
+      out[key] = value.lower() in ('1', 'true', 'yes')
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a training run reads, with its default."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Data: 'digits' (embedded), 'cifar10', 'cifar100', 'imagenet2012'.
+  c.dataset = 'digits'
+  c.data_dir = config_dict.placeholder(str)
+  c.image_size = 224
+  c.num_classes = 10
+  # Model: a name from fracq.models.list_models() and its own kwargs.
+  c.model = 'digits_cnn'
+  c.model_kwargs = ml_collections.ConfigDict()
+  c.half_precision = False
+  # Schedule: global batch sizes; epochs, or steps when > 0.
+  c.batch_size = 128
+  c.eval_batch_size = 512
+  c.num_epochs = 30.0
+  c.num_train_steps = -1
+  # Optimizer: 'sgd' (momentum/nesterov) or 'adamw'.
+  c.optimizer = 'sgd'
+  c.learning_rate = 0.1
+  c.lr_schedule = 'cosine'
+  c.warmup_epochs = 0.0
+  c.momentum = 0.9
+  c.nesterov = True
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.weight_decay = 5e-4
+  # Weight decay applies to paths matching this (kernels only by default:
+  # not BatchNorm, not biases, not quantizer parameters).
+  c.decay_pattern = r'^params/.*kernel$'
+  # [(regex, lr multiplier)], first match wins; e.g. (('^quant/', 1.0),).
+  c.lr_multipliers = ()
+  c.grad_clip_norm = 0.0
+  c.label_smoothing = 0.0
+  # Logging, evaluation, checkpoints.
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  # Start from another run's variables (e.g. a float model for FracBits).
+  c.init_from = ''
+  c.init_collections = 'params,batch_stats'
+  c.overwrite = False
+  c.export = False
+  c.quant = default_quant_config('none')
+  return c
+
+
+def apply_smoke(c: ml_collections.ConfigDict, *, tiny_model: str | None = None,
+                image_size: int | None = None) -> ml_collections.ConfigDict:
+  """Shrinks ``c`` to a seconds-long run."""
+  c.num_train_steps = 6
+  c.batch_size = 16
+  c.eval_batch_size = 16
+  c.log_every_steps = 2
+  c.eval_every_steps = 6
+  c.checkpoint_every_steps = 3
+  c.warmup_epochs = 0.0
+  if tiny_model:
+    c.model = tiny_model
+  if image_size:
+    c.image_size = image_size
+  if c.quant.method == 'fracbits':
+    c.quant.hard_assign_step = 4
+  return c

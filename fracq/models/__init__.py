@@ -1,0 +1,41 @@
+"""Plain Flax models (they know nothing of quantization).
+
+``get_model(name, **kwargs)`` builds a model by name; ``list_models()`` lists
+the names; ``default_fixed_layers(name)`` gives the regex of the layers the
+default quantization rules keep at 8 bits (first conv and classifier).
+"""
+
+from __future__ import annotations
+
+from fracq.models import digits_cnn
+from fracq.models import resnet
+
+_REGISTRY = {
+    'digits_cnn': (digits_cnn.DigitsCNN, digits_cnn),
+    'resnet18': (resnet.ResNet18, resnet),
+    'resnet34': (resnet.ResNet34, resnet),
+    'resnet50': (resnet.ResNet50, resnet),
+    'resnet20': (resnet.ResNet20, resnet),
+    'resnet56': (resnet.ResNet56, resnet),
+    'resnet_tiny': (resnet.ResNetTiny, resnet),
+    'resnet_tiny_bottleneck': (resnet.ResNetTinyBottleneck, resnet),
+}
+
+
+def list_models() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def get_model(name: str, **kwargs):
+  """Builds the model ``name`` with its own hyperparameters ``kwargs``."""
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown model {name!r}; valid names: {list_models()}.')
+  return _REGISTRY[name][0](**kwargs)
+
+
+def default_fixed_layers(name: str) -> str:
+  """Regex of the first conv and the classifier of model ``name``."""
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown model {name!r}; valid names: {list_models()}.')
+  mod = _REGISTRY[name][1]
+  return f'{mod.FIRST_LAYER_PATTERN}|{mod.CLASSIFIER_PATTERN}'

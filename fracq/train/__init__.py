@@ -1,0 +1,13 @@
+"""Layer 5: input pipelines feed a data-parallel train loop with checkpoints."""
+
+from fracq.train.model_wrapper import ModelWrapper
+from fracq.train.model_wrapper import PlainModel
+from fracq.train.model_wrapper import build_model_wrapper
+from fracq.train.train import NonFiniteError
+from fracq.train.train import TrainState
+from fracq.train.train import create_train_state
+from fracq.train.train import evaluate
+from fracq.train.train import make_eval_step
+from fracq.train.train import make_mesh
+from fracq.train.train import make_train_step
+from fracq.train.train import train_and_evaluate

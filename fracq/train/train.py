@@ -1,0 +1,303 @@
+"""Training and evaluation: small importable functions, one readable loop.
+
+``train_and_evaluate(config, workdir)`` runs a whole experiment; the pieces
+(``create_train_state``, ``make_train_step``, ``make_eval_step``,
+``evaluate``) are usable from a notebook.
+
+Data parallelism: the step is written per device with named-axis collectives
+(``lax.pmean(grads, 'batch')``, cross-replica BatchNorm through the model's
+``bn_axis_name='batch'``) and run as ``jax.jit(jax.shard_map(...))`` over a
+one-axis mesh of every device (of every process when several hosts joined
+with ``jax.distributed.initialize``): the pmap programming model, current API.
+``check_vma=False`` keeps pmap's semantics, where gradients of replicated
+parameters are per-device values that the step averages itself.
+
+Guard rails: a step whose loss or gradient norm is not finite is not applied
+(the state keeps its last good values) and the loop stops with an error
+naming the step; checkpoints are never written from a bad state.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fracq import data as data_lib
+from fracq import models
+from fracq.train import checkpoint as ckpt_lib
+from fracq.train import model_wrapper as mw
+from fracq.train import optim
+
+AXIS = 'batch'
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a non-finite loss or gradient norm."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  trainable: Any      # {collection: tree} that receives gradients
+  state: Any          # other mutable collections (batch_stats, quant_stats)
+  opt_state: Any
+  bad_step: jax.Array  # first step with a non-finite loss/grad, or -1
+
+  def variables(self):
+    return {**self.trainable, **self.state}
+
+
+def make_mesh() -> Mesh:
+  return Mesh(np.array(jax.devices()), (AXIS,))
+
+
+def build_module(config, *, axis_name: str | None = AXIS):
+  kwargs = dict(config.model_kwargs)
+  kwargs.setdefault('num_classes', config.num_classes)
+  if config.half_precision:
+    kwargs['dtype'] = jnp.bfloat16
+  return models.get_model(config.model, bn_axis_name=axis_name, **kwargs)
+
+
+def sample_input(config, batch_size: int = 1):
+  shape = data_lib.input_shape(config.dataset, config.get('image_size', 224))
+  return jnp.zeros((batch_size,) + shape, jnp.float32)
+
+
+def total_steps(config) -> int:
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return int(math.ceil(config.num_epochs * data_lib.steps_per_epoch(config)))
+
+
+def create_train_state(config, wrapper, first_batch, rng, *, total: int):
+  """Initial state: variables (calibrated on ``first_batch``) + optimizer."""
+  x = jnp.asarray(first_batch['image'])
+  variables = jax.jit(functools.partial(wrapper.init, train=False))(rng, x)
+  variables = jax.tree_util.tree_map(lambda v: v, dict(variables))
+  variables = jax.jit(wrapper.calibrate)(variables, x)
+  return state_from_variables(config, wrapper, variables, total=total)
+
+
+def state_from_variables(config, wrapper, variables, *, total: int):
+  trainable = {c: variables[c] for c in wrapper.trainable_collections
+               if c in variables}
+  state = {c: v for c, v in variables.items() if c not in trainable}
+  tx, _ = optim.make_optimizer(config, trainable, total,
+                               data_lib.steps_per_epoch(config))
+  return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                    state=state, opt_state=tx.init(trainable),
+                    bad_step=jnp.full((), -1, jnp.int32)), tx
+
+
+def cross_entropy(logits, labels, mask):
+  onehot = jax.nn.one_hot(labels, logits.shape[-1])
+  per = optax.softmax_cross_entropy(logits, onehot)
+  return jnp.sum(per * mask), jnp.sum(mask)
+
+
+def make_train_step(config, wrapper, tx, mesh: Mesh):
+  """The jitted data-parallel step ``(state, batch) -> (state, metrics)``."""
+  smoothing = config.label_smoothing
+
+  def step_fn(state: TrainState, batch):
+    x, y = batch['image'], batch['label']
+    mask = jnp.ones(y.shape, jnp.float32)
+    mutable = list(state.state.keys())
+
+    def loss_fn(trainable):
+      out, new_state = wrapper.apply({**trainable, **state.state}, x,
+                                     train=True, mutable=mutable)
+      logits = out[0] if isinstance(out, tuple) else out
+      labels = jax.nn.one_hot(y, logits.shape[-1])
+      if smoothing:
+        labels = labels * (1 - smoothing) + smoothing / logits.shape[-1]
+      task = jnp.mean(optax.softmax_cross_entropy(logits, labels))
+      pen, pen_metrics = wrapper.penalty({**trainable, **state.state},
+                                         state.step)
+      return task + pen, (task, logits, new_state, pen_metrics)
+
+    (loss, (task, logits, new_state, pen_metrics)), grads = (
+        jax.value_and_grad(loss_fn, has_aux=True)(state.trainable))
+    grads = jax.lax.pmean(grads, AXIS)
+    new_state = jax.tree_util.tree_map(
+        lambda v: jax.lax.pmean(v, AXIS)
+        if jnp.issubdtype(v.dtype, jnp.floating) else v, dict(new_state))
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    gnorm = optim.global_norm(grads)
+    loss = jax.lax.pmean(loss, AXIS)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    keep = lambda new, old: jax.tree_util.tree_map(
+        lambda n, o: jnp.where(ok, n, o), new, old)
+    correct = jax.lax.psum(jnp.sum(jnp.argmax(logits, -1) == y), AXIS)
+    count = jax.lax.psum(jnp.sum(mask), AXIS)
+    new = TrainState(
+        step=state.step + 1, trainable=keep(trainable, state.trainable),
+        state=keep(new_state, state.state),
+        opt_state=keep(opt_state, state.opt_state),
+        bad_step=jnp.where((state.bad_step < 0) & ~ok, state.step,
+                           state.bad_step))
+    metrics = {'loss': loss, 'task_loss': jax.lax.pmean(task, AXIS),
+               'accuracy': correct / count, 'grad_norm': gnorm}
+    metrics.update({k: jax.lax.pmean(v, AXIS) for k, v in
+                    pen_metrics.items()})
+    return new, metrics
+
+  sharded = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS)),
+                          out_specs=(P(), P()), check_vma=False)
+  return jax.jit(sharded, donate_argnums=(0,))
+
+
+def make_eval_step(wrapper, mesh: Mesh):
+  def step_fn(variables, batch):
+    out = wrapper.apply(variables, batch['image'], train=False)
+    logits = out[0] if isinstance(out, tuple) else out
+    mask = batch['mask'].astype(jnp.float32)
+    loss, n = cross_entropy(logits, batch['label'], mask)
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask)
+    return jax.lax.psum(jnp.stack([loss, correct, n]), AXIS)
+
+  return jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS)),
+                               out_specs=P(), check_vma=False))
+
+
+def to_global(batch, mesh: Mesh):
+  """This host's part of a batch -> a global array sharded over the mesh."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def evaluate(config, wrapper, variables, mesh, eval_step=None):
+  """Loss and accuracy over the whole eval split."""
+  eval_step = eval_step or make_eval_step(wrapper, mesh)
+  tot = np.zeros(3)
+  for batch in data_lib.eval_batches(config):
+    tot += np.asarray(eval_step(variables, to_global(batch, mesh)))
+  return {'eval_loss': tot[0] / tot[2], 'eval_accuracy': tot[1] / tot[2],
+          'eval_examples': int(tot[2])}
+
+
+def _check_finite(state: TrainState):
+  bad = int(jax.device_get(state.bad_step))
+  if bad >= 0:
+    raise NonFiniteError(
+        f'Non-finite loss or gradient norm at step {bad}; that update was '
+        'not applied and no checkpoint was written from it (the last good '
+        'checkpoint is kept). Lower config.learning_rate, enable '
+        'config.grad_clip_norm, or check the input data.')
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains and evaluates ``config``, writing everything to ``workdir``.
+
+  Returns the final evaluation metrics (plus the wrapper's metrics).
+  """
+  from clu import metric_writers
+  from clu import periodic_actions
+
+  ckpt_lib.check_workdir(config, workdir)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  writer.write_hparams({k: v for k, v in config.to_dict().items()
+                        if isinstance(v, (int, float, str, bool))})
+  mesh = make_mesh()
+  n_dev = mesh.devices.size
+  if config.batch_size % n_dev or config.eval_batch_size % n_dev:
+    raise ValueError(f'config.batch_size={config.batch_size} and '
+                     f'eval_batch_size={config.eval_batch_size} must divide '
+                     f'by the {n_dev} devices.')
+  total = total_steps(config)
+  module = build_module(config)
+  first = next(data_lib.train_iterator(config, 0))
+  wrapper = mw.build_model_wrapper(config, module, first['image'][:1],
+                                   total_steps=total)
+  rng = jax.random.key(config.seed)
+  state, tx = create_train_state(config, wrapper, first, rng, total=total)
+  mngr = ckpt_lib.manager(workdir, config)
+  restored = ckpt_lib.restore_latest(mngr, state)
+  if restored is not None:
+    state = restored
+    logging.info('Resumed from step %d.', int(state.step))
+  elif config.init_from:
+    variables = ckpt_lib.load_variables(config.init_from,
+                                        config.init_collections)
+    merged = ckpt_lib.merge_variables(state.variables(), variables)
+    merged = jax.jit(wrapper.calibrate)(merged, jnp.asarray(first['image']))
+    state, tx = state_from_variables(config, wrapper, merged, total=total)
+    logging.info('Initialised %s from %s.', config.init_collections,
+                 config.init_from)
+  start = int(state.step)
+
+  def switch(wrapper, state, step):
+    w = wrapper.for_step(step)
+    if w is not wrapper:
+      v = w.prepare(state.variables())
+      trainable = {c: v[c] for c in state.trainable}
+      state = state.replace(trainable=trainable,
+                            state={c: v[c] for c in state.state})
+      logging.info('Step %d: switched to %s.', step, type(w).__name__ +
+                   (' (hard bits)' if getattr(w, 'hard', False) else ''))
+    return w, state
+
+  wrapper, state = switch(wrapper, state, start)
+  train_step = make_train_step(config, wrapper, tx, mesh)
+  eval_step = make_eval_step(wrapper, mesh)
+  report = periodic_actions.ReportProgress(num_train_steps=total,
+                                           writer=writer)
+  it = data_lib.train_iterator(config, start)
+  t0, logged = time.time(), []
+  eval_metrics = {}
+  for step in range(start, total):
+    new_wrapper, state = switch(wrapper, state, step)
+    if new_wrapper is not wrapper:
+      wrapper = new_wrapper
+      train_step = make_train_step(config, wrapper, tx, mesh)
+      eval_step = make_eval_step(wrapper, mesh)
+    batch = to_global(next(it), mesh)
+    state, metrics = train_step(state, batch)
+    logged.append(metrics)
+    report(step + 1)
+    last = step + 1 == total
+    if (step + 1) % config.log_every_steps == 0 or last:
+      _check_finite(state)
+      m = {k: float(np.mean([jax.device_get(x[k]) for x in logged]))
+           for k in logged[-1]}
+      logged = []
+      writer.write_scalars(step + 1, m)
+      logging.info('step %d/%d  loss %.4f  acc %.4f  %.1f steps/s', step + 1,
+                   total, m['loss'], m['accuracy'],
+                   config.log_every_steps / max(time.time() - t0, 1e-9))
+      t0 = time.time()
+    if (step + 1) % config.eval_every_steps == 0 or last:
+      eval_metrics = evaluate(config, wrapper, state.variables(), mesh,
+                              eval_step)
+      eval_metrics.update(wrapper.metrics(state.variables()))
+      writer.write_scalars(step + 1, eval_metrics)
+      logging.info('eval at step %d: %s', step + 1, eval_metrics)
+    if (step + 1) % config.checkpoint_every_steps == 0 or last:
+      _check_finite(state)
+      ckpt_lib.save(mngr, step + 1, state)
+  if start >= total:
+    eval_metrics = evaluate(config, wrapper, state.variables(), mesh,
+                            eval_step)
+    eval_metrics.update(wrapper.metrics(state.variables()))
+  mngr.wait_until_finished()
+  if jax.process_index() == 0:
+    wrapper.report(state.variables(), workdir, total, writer)
+  writer.flush()
+  if config.export:
+    from fracq import export
+    export.export_workdir(workdir, config)
+  return eval_metrics
