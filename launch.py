@@ -46,9 +46,9 @@ def main(argv):
   import jax
   coord = _COORD.value or os.environ.get('JAX_COORDINATOR_ADDRESS')
   if coord:
-    if jax.default_backend() == 'cpu' or os.environ.get(
-        'JAX_PLATFORMS') == 'cpu':
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    # CPU collectives across processes (only affects the CPU backend; must
+    # be set before the backend starts).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     nproc = _NPROC.value or int(os.environ['JAX_NUM_PROCESSES'])
     pid = _PID.value if _PID.value is not None else int(
         os.environ['JAX_PROCESS_ID'])

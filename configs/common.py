@@ -79,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_collections = 'params,batch_stats'
   c.overwrite = False
   c.export = False
+  # Fault injection for tests: the loss of this step becomes NaN (-1: off).
+  c.debug_nan_at_step = -1
   c.quant = default_quant_config('none')
   return c
 

@@ -1,0 +1,21 @@
+"""fracq: quantization-aware training for JAX/Flax, centred on FracBits.
+
+The public API is this short list; everything else is private to its
+subpackage (``core`` math, ``interception`` mechanism, ``methods``,
+``models``, ``data``, ``train``).
+"""
+
+from fracq.interception import LayerFacts
+from fracq.interception import QuantizedModule
+from fracq.interception import Rule
+from fracq.interception import TensorSpec
+from fracq.interception import fixed_bits
+from fracq.interception import keep_float
+from fracq.methods.cost import Budget
+from fracq.methods.cost import CostModel
+from fracq.methods.penalty import Penalty
+from fracq.methods.penalty import hard_assign
+from fracq.methods.qat import QATModel
+from fracq.methods.qat import quantize
+
+__version__ = '0.1.0'

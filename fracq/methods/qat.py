@@ -100,8 +100,13 @@ class QATModel:
           'Rules learn bit-widths (learn_bits=True) but no budget was given: '
           'pass budget=fracq.Budget(kind="size", uniform_bits=4) (or '
           'compression=, absolute=).')
-    if learns and self.penalty_fn.form == 'nncf' and kind != 'size':
-      logging.info('NNCF ratio penalty on a BitOPs cost.')
+    if learns and kind == 'size' and any(
+        l.act.learned for l in self.cost_model.layers):
+      # NNCF's port let activation bits drift upward with no cost at all.
+      raise ValueError(
+          'Activation bits are learned but a model-size budget does not '
+          'count them, so nothing would hold them down. Use a BitOPs budget '
+          "(budget kind='bitops') or fix the activation bits.")
     self.target = (self.cost_model.resolve(budget)
                    if (learns and budget is not None) else None)
     self._twin = None

@@ -84,17 +84,28 @@ def restore_latest(mngr: ocp.CheckpointManager, template):
         '--config.overwrite=True.') from e
 
 
-def load_variables(workdir: str, collections: str) -> dict:
-  """Model variables (``params``, ``batch_stats``, ...) of another run."""
+def restore_raw(workdir: str, step: int | None = None) -> dict:
+  """A run's latest (or ``step``) checkpoint as a plain pytree on this host,
+  whatever topology (devices, processes) wrote it."""
   path = os.path.abspath(os.path.join(workdir, 'checkpoints'))
   if not os.path.isdir(path):
-    raise ValueError(f'config.init_from={workdir!r} has no checkpoints/ '
-                     'directory; point it at a fracq workdir.')
-  mngr = ocp.CheckpointManager(path)
-  step = mngr.latest_step()
+    raise ValueError(f'{workdir!r} has no checkpoints/ directory; point it '
+                     'at a fracq workdir.')
+  mngr = ocp.CheckpointManager(
+      path, item_handlers=ocp.StandardCheckpointHandler())
+  step = mngr.latest_step() if step is None else step
   if step is None:
     raise ValueError(f'No checkpoint found in {path}.')
-  raw = mngr.restore(step, args=ocp.args.StandardRestore())
+  meta = mngr.item_metadata(step)
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  template = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
+  return mngr.restore(step, args=ocp.args.StandardRestore(template))
+
+
+def load_variables(workdir: str, collections: str) -> dict:
+  """Model variables (``params``, ``batch_stats``, ...) of another run."""
+  raw = restore_raw(workdir)
   wanted = [c.strip() for c in collections.split(',') if c.strip()]
   out = {}
   for col in wanted:

@@ -109,6 +109,7 @@ def cross_entropy(logits, labels, mask):
 def make_train_step(config, wrapper, tx, mesh: Mesh):
   """The jitted data-parallel step ``(state, batch) -> (state, metrics)``."""
   smoothing = config.label_smoothing
+  nan_step = config.get('debug_nan_at_step', -1)
 
   def step_fn(state: TrainState, batch):
     x, y = batch['image'], batch['label']
@@ -123,6 +124,8 @@ def make_train_step(config, wrapper, tx, mesh: Mesh):
       if smoothing:
         labels = labels * (1 - smoothing) + smoothing / logits.shape[-1]
       task = jnp.mean(optax.softmax_cross_entropy(logits, labels))
+      if nan_step >= 0:  # fault injection, to test the guard rails
+        task = jnp.where(state.step == nan_step, jnp.nan, task)
       pen, pen_metrics = wrapper.penalty({**trainable, **state.state},
                                          state.step)
       return task + pen, (task, logits, new_state, pen_metrics)
@@ -170,6 +173,19 @@ def make_eval_step(wrapper, mesh: Mesh):
 
   return jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS)),
                                out_specs=P(), check_vma=False))
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree on every device of the mesh (all processes)."""
+  sharding = NamedSharding(mesh, P())
+
+  def put(x):
+    if not isinstance(x, (jax.Array, np.ndarray)):
+      return x
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding,
+                                        lambda idx: host[idx])
+  return jax.tree_util.tree_map(put, tree)
 
 
 def to_global(batch, mesh: Mesh):
@@ -252,48 +268,54 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return w, state
 
   wrapper, state = switch(wrapper, state, start)
+  state = replicate(state, mesh)
   train_step = make_train_step(config, wrapper, tx, mesh)
   eval_step = make_eval_step(wrapper, mesh)
   report = periodic_actions.ReportProgress(num_train_steps=total,
                                            writer=writer)
-  it = data_lib.train_iterator(config, start)
-  t0, logged = time.time(), []
-  eval_metrics = {}
-  for step in range(start, total):
-    new_wrapper, state = switch(wrapper, state, step)
-    if new_wrapper is not wrapper:
-      wrapper = new_wrapper
-      train_step = make_train_step(config, wrapper, tx, mesh)
-      eval_step = make_eval_step(wrapper, mesh)
-    batch = to_global(next(it), mesh)
-    state, metrics = train_step(state, batch)
-    logged.append(metrics)
-    report(step + 1)
-    last = step + 1 == total
-    if (step + 1) % config.log_every_steps == 0 or last:
-      _check_finite(state)
-      m = {k: float(np.mean([jax.device_get(x[k]) for x in logged]))
-           for k in logged[-1]}
-      logged = []
-      writer.write_scalars(step + 1, m)
-      logging.info('step %d/%d  loss %.4f  acc %.4f  %.1f steps/s', step + 1,
-                   total, m['loss'], m['accuracy'],
-                   config.log_every_steps / max(time.time() - t0, 1e-9))
-      t0 = time.time()
-    if (step + 1) % config.eval_every_steps == 0 or last:
-      eval_metrics = evaluate(config, wrapper, state.variables(), mesh,
-                              eval_step)
-      eval_metrics.update(wrapper.metrics(state.variables()))
-      writer.write_scalars(step + 1, eval_metrics)
-      logging.info('eval at step %d: %s', step + 1, eval_metrics)
-    if (step + 1) % config.checkpoint_every_steps == 0 or last:
-      _check_finite(state)
-      ckpt_lib.save(mngr, step + 1, state)
+  try:
+    it = data_lib.train_iterator(config, start)
+    t0, logged = time.time(), []
+    eval_metrics = {}
+    for step in range(start, total):
+      new_wrapper, state = switch(wrapper, state, step)
+      if new_wrapper is not wrapper:
+        wrapper = new_wrapper
+        state = replicate(state, mesh)
+        train_step = make_train_step(config, wrapper, tx, mesh)
+        eval_step = make_eval_step(wrapper, mesh)
+      batch = to_global(next(it), mesh)
+      state, metrics = train_step(state, batch)
+      logged.append(metrics)
+      report(step + 1)
+      last = step + 1 == total
+      if (step + 1) % config.log_every_steps == 0 or last:
+        _check_finite(state)
+        m = {k: float(np.mean([jax.device_get(x[k]) for x in logged]))
+             for k in logged[-1]}
+        logged = []
+        writer.write_scalars(step + 1, m)
+        logging.info('step %d/%d  loss %.4f  acc %.4f  %.1f steps/s', step + 1,
+                     total, m['loss'], m['accuracy'],
+                     config.log_every_steps / max(time.time() - t0, 1e-9))
+        t0 = time.time()
+      if (step + 1) % config.eval_every_steps == 0 or last:
+        eval_metrics = evaluate(config, wrapper, state.variables(), mesh,
+                                eval_step)
+        eval_metrics.update(wrapper.metrics(state.variables()))
+        writer.write_scalars(step + 1, eval_metrics)
+        logging.info('eval at step %d: %s', step + 1, eval_metrics)
+      if (step + 1) % config.checkpoint_every_steps == 0 or last:
+        _check_finite(state)
+        ckpt_lib.save(mngr, step + 1, state)
+  finally:
+    # Let in-flight (good) checkpoint writes finish even when a guard rail
+    # stops the run.
+    mngr.wait_until_finished()
   if start >= total:
     eval_metrics = evaluate(config, wrapper, state.variables(), mesh,
                             eval_step)
     eval_metrics.update(wrapper.metrics(state.variables()))
-  mngr.wait_until_finished()
   if jax.process_index() == 0:
     wrapper.report(state.variables(), workdir, total, writer)
   writer.flush()

@@ -1,0 +1,56 @@
+"""FracBits mixed precision on the embedded digits: the README's quickstart.
+
+Every conv learns a fractional weight bit-width under a model-size budget
+equal to a uniform 3-bit model whose first conv and classifier stay at 8
+bits (about 2.4x smaller than INT8); activations are 8-bit. At 80% of
+training the bits are rounded (hard assignment, global offset bisected to
+meet the budget within 1%) and frozen; the rest fine-tunes at integer bits.
+
+Run:
+  python launch.py --config=configs/digits_fracbits.py --workdir=/tmp/digits_fb
+
+Expected: test accuracy within 1 point of the float model (~98-100%),
+integer compression over INT8 >= 2.0; a per-layer bit table in the log and
+bits_step*.png in the workdir. About a minute on 2 CPU cores.
+
+Variants (arg): seed=N, bits=K (the uniform-equivalent budget), bitops (a
+BitOPs budget, activations searched too), smoke.
+Starting from a trained float model (the paper's recipe):
+  --config.init_from=/tmp/digits_float
+"""
+
+from configs import common
+from fracq.models import default_fixed_layers
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, smoke=False, seed=0, bits=3.0, bitops=False)
+  c = common.base_config()
+  c.seed = a.seed
+  c.dataset = 'digits'
+  c.num_classes = 10
+  c.model = 'digits_cnn'
+  c.batch_size = 128
+  c.num_epochs = 40.0
+  c.learning_rate = 0.1
+  c.weight_decay = 5e-4
+  c.log_every_steps = 55
+  c.eval_every_steps = 220
+  c.checkpoint_every_steps = 220
+  q = c.quant
+  q.method = 'fracbits'
+  q.fixed_layers = default_fixed_layers('digits_cnn')
+  q.weight_range = 'lsq'
+  q.act_range = 'lsq'
+  q.weight_bits = a.bits + 0.5     # authors: target-equivalent bits + 0.5
+  q.weight_bit_bounds = (2.0, 8.0)
+  q.learn_weight_bits = True
+  q.budget_uniform_bits = a.bits
+  if a.bitops:
+    q.budget_kind = 'bitops'
+    q.learn_act_bits = True
+    q.act_bits = a.bits + 0.5
+  q.hard_assign_fraction = 0.8
+  if a.smoke:
+    common.apply_smoke(c)
+  return c

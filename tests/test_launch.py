@@ -1,0 +1,123 @@
+"""launch.py end to end: flags, bad keys, SIGKILL + resume, two processes."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fracq.train import checkpoint as ckpt_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(devices=1):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['PYTHONPATH'] = ROOT
+  return env
+
+
+def _launch(args, devices=1, **kw):
+  return subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'launch.py')] + args, cwd=ROOT,
+      env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True, **kw)
+
+
+def _params(workdir):
+  raw = ckpt_lib.restore_raw(str(workdir))
+  return raw['trainable'], raw['state']
+
+
+def test_unknown_config_key_names_the_key(tmp_path):
+  p = _launch(['--config=configs/digits_float.py:smoke',
+               f'--workdir={tmp_path}', '--config.lerning_rate=0.1'])
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode != 0
+  assert 'lerning_rate' in out
+  p = _launch(['--config=configs/digits_float.py:smoke',
+               f'--workdir={tmp_path}', '--config.quant.weigth_bits=3'])
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode != 0 and 'weigth_bits' in out
+  p = _launch(['--config=configs/digits_float.py:smoke',
+               f'--workdir={tmp_path}', '--config.batch_size=abc'])
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode != 0 and 'batch_size' in out
+  p = _launch(['--config=configs/digits_float.py:smok',
+               f'--workdir={tmp_path}'])
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode != 0 and "Unknown config arg 'smok'" in out
+
+
+ARGS = ['--config=configs/digits_float.py:smoke',
+        '--config.num_train_steps=40', '--config.checkpoint_every_steps=5',
+        '--config.log_every_steps=5', '--config.eval_every_steps=40']
+
+
+def test_sigkill_and_restart_resumes_exactly(tmp_path):
+  ref = tmp_path / 'ref'
+  p = _launch(ARGS + [f'--workdir={ref}'])
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == 0, out[-3000:]
+  crash = tmp_path / 'crash'
+  p = _launch(ARGS + [f'--workdir={crash}'], start_new_session=True)
+  deadline = time.time() + 240
+  ckpts = crash / 'checkpoints'
+  while time.time() < deadline:
+    if (ckpts / '15').is_dir():
+      break
+    time.sleep(0.05)
+  else:
+    p.kill()
+    pytest.fail('no checkpoint appeared')
+  os.killpg(p.pid, signal.SIGKILL)
+  p.wait()
+  assert not (ckpts / '40').exists(), 'killed too late to test anything'
+  p = _launch(ARGS + [f'--workdir={crash}'])
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == 0, out[-3000:]
+  assert 'Resumed from step' in out
+  a, sa = _params(ref)
+  b, sb = _params(crash)
+  for x, y in zip(jax.tree_util.tree_leaves((a, sa)),
+                  jax.tree_util.tree_leaves((b, sb))):
+    np.testing.assert_array_equal(x, y)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+  args = ['--config=configs/digits_float.py:smoke',
+          '--config.num_train_steps=4', '--config.checkpoint_every_steps=4',
+          '--config.eval_every_steps=4']
+  one = _launch(args + [f'--workdir={tmp_path / "one"}'], devices=2)
+  out1, _ = one.communicate(timeout=300)
+  assert one.returncode == 0, out1[-3000:]
+  port = _free_port()
+  procs = [_launch(args + [f'--workdir={tmp_path / "two"}',
+                           f'--coordinator_address=127.0.0.1:{port}',
+                           '--num_processes=2', f'--process_id={i}'])
+           for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, o in zip(procs, outs):
+    assert p.returncode == 0, o[-3000:]
+  assert 'JAX processes 2, devices 2' in outs[0]
+  a, sa = _params(tmp_path / 'one')
+  b, sb = _params(tmp_path / 'two')
+  for x, y in zip(jax.tree_util.tree_leaves((a, sa)),
+                  jax.tree_util.tree_leaves((b, sb))):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  # Both reached the same accuracy on the whole test set.
+  final = lambda o: [l for l in o.splitlines() if l.startswith('final')][-1]
+  assert final(out1) == final(outs[0])
