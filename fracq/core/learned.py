@@ -82,9 +82,11 @@ def lsq_plus_quantize(x, step, offset, qmin, qmax, *,
 
 
 def _clip_pact(x, lo, hi):
-  # min/max (not jnp.clip) so that the clip's gradient is exactly 1 where
-  # x >= hi, as PACT defines it.
-  return jnp.minimum(jnp.maximum(x, lo), hi)
+  # Explicit selects (not min/max, whose gradient splits 0.5/0.5 at ties):
+  # the input's gradient is 1 on [lo, hi) and alpha's is 1 where x >= hi,
+  # exactly PACT's estimator.
+  y = jnp.where(x < lo, lo, x)
+  return jnp.where(y >= hi, hi, y)
 
 
 def pact_quantize(x, alpha, bits: int, *, signed: bool = False):
