@@ -3,6 +3,7 @@
 from fracq.core.fracbits import clamp_bits
 from fracq.core.fracbits import dorefa_branch
 from fracq.core.fracbits import fractional_quantize
+from fracq.core.fracbits import fractional_range_quantize
 from fracq.core.fracbits import hard_quantize
 from fracq.core.fracbits import round_bits_with_offset
 from fracq.core.fracbits import symmetric_range_branch

@@ -152,3 +152,110 @@ def unsigned_range_branch(x, r, k):
 def dorefa_branch(w, k):
   """The authors' DoReFa weight branch (tanh normalisation, range [-1, 1])."""
   return learned.dorefa_quantize_weight(w, k)
+
+
+# -- fused range quantizer ---------------------------------------------------
+
+
+def _sum_to(g, shape):
+  """Sums a broadcast gradient back to ``shape``."""
+  if g.shape == tuple(shape):
+    return g
+  lead = g.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(
+      i + lead for i, n in enumerate(shape) if n == 1 and g.shape[i + lead] != 1)
+  return jnp.sum(g, axis=axes, keepdims=False).reshape(shape)
+
+
+def _levels(k, signed):
+  return 2.0 ** (k - 1.0) - 1.0 if signed else 2.0 ** k - 1.0
+
+
+def _fused_parts(x, r, b, signed, zero_branch):
+  ra = jnp.abs(r)
+  u = x / ra
+  lo_k = jnp.floor(b)
+  f = b - lo_k
+  if signed:
+    uc = jnp.clip(u, -1.0, 1.0)
+    inside = jnp.abs(u) <= 1.0
+  else:
+    uc = jnp.clip(u, 0.0, 1.0)
+    inside = (u >= 0.0) & (u <= 1.0)
+  q_lo = _levels(jnp.maximum(lo_k, 1.0), signed)
+  q_hi = _levels(lo_k + 1.0, signed)
+  c_hi = jnp.round(uc * q_hi) / q_hi
+  c_lo = jnp.round(uc * q_lo) / q_lo
+  if zero_branch:
+    c_lo = jnp.where(lo_k >= 1.0, c_lo, 0.0)
+  return ra, u, f, inside, c_lo, c_hi
+
+
+def _make_fused(signed: bool, zero_branch: bool):
+  @jax.custom_vjp
+  def fused(x, r, b):
+    ra, _, f, _, c_lo, c_hi = _fused_parts(x, r, b, signed, zero_branch)
+    return ra * (c_lo + f * (c_hi - c_lo))
+
+  def fwd(x, r, b):
+    ra, u, f, inside, c_lo, c_hi = _fused_parts(x, r, b, signed, zero_branch)
+    out = ra * (c_lo + f * (c_hi - c_lo))
+    return out, (r, b, u, f, inside, c_lo, c_hi, ra)
+
+  def bwd(res, g):
+    r, b, u, f, inside, c_lo, c_hi, ra = res
+    gx = jnp.where(inside, g, 0.0)
+    if signed:
+      out_val = jnp.sign(u)
+    else:
+      out_val = jnp.where(u > 1.0, 1.0, 0.0)
+    # d y_k / d r: c_k - u inside (straight-through rounding), the clipped
+    # value outside; mixed with the interpolation weights.
+    g_lo = jnp.where(inside, c_lo - u, out_val)
+    g_hi = jnp.where(inside, c_hi - u, out_val)
+    if zero_branch:
+      g_lo = jnp.where(jnp.floor(b) >= 1.0, g_lo, 0.0)
+    gr = g * ((1.0 - f) * g_lo + f * g_hi) * jnp.sign(r)
+    gb = g * ra * (c_hi - c_lo)
+    return gx, _sum_to(gr, jnp.shape(r)), _sum_to(gb, jnp.shape(b))
+
+  fused.defvjp(fwd, bwd)
+  return fused
+
+
+_FUSED = {(s, z): _make_fused(s, z) for s in (True, False)
+          for z in (True, False)}
+
+
+def fractional_range_quantize(x, r, bits, *, signed: bool, b_min: float = 2.0,
+                              b_max: float = 8.0,
+                              allow_zero_bit: bool = False):
+  """FracBits with the shared-range branches of this module, fused.
+
+  Same values and gradients as ``fractional_quantize(x, bits,
+  symmetric_range_branch / unsigned_range_branch)`` but both branches share
+  one normalisation ``x / r`` and one clipping mask (their clipping ranges
+  coincide: ``[-r, r]`` or ``[0, r]``), with a hand-written backward pass.
+
+  Args:
+    x: the tensor.
+    r: the shared range (clip value), broadcastable to ``x``.
+    bits: real bit-width, broadcastable to ``x``.
+    signed: symmetric signed branches (weights) or unsigned (activations).
+    b_min: lower bound of the bits (``< 1`` needs ``allow_zero_bit``).
+    b_max: upper bound.
+    allow_zero_bit: enable the pruned 0-bit branch.
+  """
+  _check_bounds(b_min, b_max)
+  if b_min < 1 and not allow_zero_bit:
+    raise ValueError(f'b_min={b_min} < 1 reaches the 0-bit branch; pass '
+                     'allow_zero_bit=True to allow pruning, or raise b_min.')
+  if signed and b_min < 2 and not allow_zero_bit:
+    raise ValueError(f'b_min={b_min}: a signed symmetric grid needs at least '
+                     '2 bits.')
+  dtype = x.dtype
+  b = clamp_bits(jnp.asarray(bits, jnp.float32), jnp.float32(b_min),
+                 jnp.float32(b_max))
+  fn = _FUSED[(signed, b_min < 1)]
+  return fn(x.astype(jnp.float32), jnp.asarray(r, jnp.float32),
+            b).astype(dtype)

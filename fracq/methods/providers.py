@@ -193,8 +193,7 @@ class QATProvider:
     m = spec.range_method
     init_bits = float(spec.bits)
     if m == 'dorefa':
-      branch = lambda xx, k: core.dorefa_branch(xx, k)
-      ref = None
+      branch = core.dorefa_branch
     else:
       # One shared range for both branches: LSQ's step at the initial bits,
       # times its level count, so the initial quantizer is LSQ's.
@@ -209,10 +208,13 @@ class QATProvider:
         return _reshape(jnp.maximum(r, 1e-4), pshape)
       ref = self._var(site, TRAINABLE, f'{t}_range', range_init)
       r = _bcast(ref.value, x, axis)
-      if signed:
-        branch = lambda xx, k: core.symmetric_range_branch(xx, r, k)
-      else:
-        branch = lambda xx, k: core.unsigned_range_branch(xx, r, k)
+      if self.hard:
+        branch = (core.symmetric_range_branch if signed else
+                  core.unsigned_range_branch)
+        return core.hard_quantize(x, b, lambda xx, k: branch(xx, r, k))
+      return core.fractional_range_quantize(
+          x, r, b, signed=signed, b_min=lo_b, b_max=hi_b,
+          allow_zero_bit=lo_b < 1)
     if self.hard:
       return core.hard_quantize(x, b, branch)
     return core.fractional_quantize(x, b, branch, b_min=lo_b, b_max=hi_b,

@@ -195,3 +195,32 @@ def test_fracbits_under_jit_vmap_bf16():
                                         _branch(2.0)), rtol=1e-6)
   out = core.fractional_quantize(w.astype(jnp.bfloat16), 3.3, _branch(2.0))
   assert out.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize('signed,b_min,bits', [
+    (True, 2.0, 3.4), (True, 2.0, jnp.array([2.0, 3.5, 7.99, 9.0])),
+    (False, 1.0, 2.7), (False, 0.0, jnp.array([0.3, 1.0, 4.2, 8.0])),
+])
+def test_fused_range_quantizer_equals_generic(signed, b_min, bits):
+  x = jax.random.normal(jax.random.key(7), (5, 4)) * 2
+  r = (jnp.array([[0.5, 1.0, 2.0, 3.0]]) if jnp.ndim(bits) else
+       jnp.float32(1.5))
+  bits = jnp.reshape(bits, (1, 4)) if jnp.ndim(bits) else bits
+  branch = core.symmetric_range_branch if signed else \
+      core.unsigned_range_branch
+  kw = dict(b_min=b_min, b_max=8.0, allow_zero_bit=b_min < 1)
+  t = jax.random.normal(jax.random.key(8), x.shape)
+
+  def generic(x, r, b):
+    return jnp.sum(t * core.fractional_quantize(
+        x, b, lambda v, k: branch(v, r, k), **kw))
+
+  def fused(x, r, b):
+    return jnp.sum(t * core.fractional_range_quantize(x, r, b, signed=signed,
+                                                      **kw))
+  np.testing.assert_allclose(fused(x, r, bits), generic(x, r, bits),
+                             rtol=1e-5)
+  gg = jax.grad(generic, argnums=(0, 1, 2))(x, r, jnp.asarray(bits))
+  gf = jax.grad(fused, argnums=(0, 1, 2))(x, r, jnp.asarray(bits))
+  for a, b in zip(gf, gg):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,184 @@
+"""Uniform QAT and FracBits on Flax models through the interceptors."""
+
+import importlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fracq
+from fracq import core
+from fracq import models
+from fracq.methods import config as mcfg
+from fracq.train import train as tr
+
+
+class MLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(nn.Dense(16, name='fc1')(x))
+    return nn.Dense(4, name='fc2')(x)
+
+
+X = jax.random.normal(jax.random.key(0), (8, 6))
+
+
+def test_uniform_lsq_matches_hand_computation():
+  rules = [fracq.Rule(weight=fracq.TensorSpec(bits=4, granularity='channel'),
+                      act=fracq.TensorSpec(bits=8))]
+  qm = fracq.quantize(MLP(), rules, X)
+  v = qm.init(jax.random.key(1), X)
+  p, q = v['params'], v['quant']
+  # Hand: LSQ init steps, fake-quantized input and kernel, plain matmul.
+  k1 = p['fc1']['kernel']
+  s_k1 = core.lsq_init_step(k1, 7, axis=1)
+  np.testing.assert_allclose(q['fc1']['kernel_step'], s_k1, rtol=1e-6)
+  s_x = core.lsq_init_step(X, 127)      # signed input (normal data)
+  xq = core.lsq_quantize(X, s_x, -128, 127)
+  k1q = core.lsq_quantize(k1, s_k1[None, :], -8, 7)
+  h = nn.relu(xq @ k1q + p['fc1']['bias'][None])
+  # fc2's input is a ReLU output: unsigned 8-bit.
+  assert qm.signs == {'fc1': True, 'fc2': False}
+  s_h = q['fc2']['input_step']
+  hq = core.lsq_quantize(h, s_h, 0, 255)
+  k2 = p['fc2']['kernel']
+  k2q = core.lsq_quantize(k2, q['fc2']['kernel_step'][None, :], -8, 7)
+  ref = hq @ k2q + p['fc2']['bias'][None]
+  np.testing.assert_allclose(qm.apply(v, X), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('method', ['minmax', 'ema_minmax', 'percentile',
+                                    'lsq_plus', 'dorefa'])
+def test_range_methods_run_and_stay_close(method):
+  w = fracq.TensorSpec(bits=8, range_method=method,
+                       symmetric=method not in ('lsq_plus',),
+                       granularity='channel')
+  a = fracq.TensorSpec(bits=8, range_method='pact' if method == 'dorefa'
+                       else method, symmetric=method != 'lsq_plus')
+  qm = fracq.quantize(MLP(), [fracq.Rule(weight=w, act=a)], X)
+  v = qm.init(jax.random.key(1), X)
+  out, upd = qm.apply(v, X, mutable=['quant_stats'])
+  ref = MLP().apply({'params': v['params']}, X)
+  if method != 'dorefa':  # DoReFa rescales weights to [-1, 1]
+    np.testing.assert_allclose(out, ref, atol=0.05 * float(jnp.abs(ref).max()))
+  assert np.all(np.isfinite(out))
+
+
+def _fracbits_model(budget_bits=3.0, init_bits=None, **kw):
+  init_bits = budget_bits + 0.5 if init_bits is None else init_bits
+  rules = [fracq.fixed_bits('fc2'),
+           fracq.Rule(weight=fracq.TensorSpec(bits=init_bits,
+                                              learn_bits=True,
+                                              granularity='channel'),
+                      act=fracq.TensorSpec(bits=8))]
+  return fracq.quantize(MLP(), rules, X, budget=fracq.Budget(
+      kind='size', uniform_bits=budget_bits), hard_assign_step=10, **kw)
+
+
+def test_fracbits_penalty_and_task_gradients_reach_bits():
+  qm = _fracbits_model()
+  v = qm.init(jax.random.key(1), X)
+  assert float(v['quant']['fc1']['kernel_bits']) == 3.5
+
+  def loss(q):
+    out = qm.apply({**v, 'quant': q}, X)
+    return jnp.mean(out ** 2), qm.penalty({**v, 'quant': q}, 0)[0]
+
+  g_task = jax.grad(lambda q: loss(q)[0])(v['quant'])
+  g_pen = jax.grad(lambda q: loss(q)[1])(v['quant'])
+  assert float(g_task['fc1']['kernel_bits']) != 0
+  # Cost 6*16*3.5 + 16*4*8 above the target 6*16*3 + 16*4*8: the penalty
+  # pushes bits down with slope numel / target.
+  target = 6 * 16 * 3 + 16 * 4 * 8
+  assert float(g_pen['fc1']['kernel_bits']) == pytest.approx(96 / target)
+  assert 'fc2' not in g_pen or 'kernel_bits' not in g_pen['fc2']
+
+
+def test_hard_assignment_switch_is_idempotent_and_freezes_bits():
+  qm = _fracbits_model()
+  v = qm.init(jax.random.key(1), X)
+  v['quant']['fc1']['kernel_bits'] = jnp.float32(3.3)
+  assert qm.for_step(9) is qm
+  hard = qm.for_step(10)
+  assert hard is not qm and hard.hard and qm.for_step(11) is hard
+  v2 = hard.prepare(v)
+  assert float(v2['quant_stats']['fc1']['kernel_hard_bits']) == 3.0
+  # Later drift of the float bits changes nothing; prepare again is a no-op.
+  v2['quant']['fc1']['kernel_bits'] = jnp.float32(5.9)
+  v3 = hard.prepare(v2)
+  assert float(v3['quant_stats']['fc1']['kernel_hard_bits']) == 3.0
+  out = hard.apply(v3, X)
+  # Hard mode = the 3-bit quantizer, no gradient to the bits.
+  g = jax.grad(lambda q: jnp.sum(hard.apply({**v3, 'quant': q}, X)))(
+      v3['quant'])
+  assert float(g['fc1']['kernel_bits']) == 0.0
+  assert hard.penalty(v3, 20)[0] == 0.0
+  m = hard.metrics(v3)
+  assert m['cost_integer'] == 6 * 16 * 3 + 16 * 4 * 8
+  assert np.all(np.isfinite(out))
+
+
+def test_impossible_budget_fails_before_training():
+  with pytest.raises(ValueError, match='Impossible budget'):
+    _fracbits_model(budget_bits=1.0, init_bits=3.0)
+  c = importlib.import_module('configs.digits_fracbits').get_config('smoke')
+  c.quant.budget_uniform_bits = None
+  c.quant.budget_compression = 40.0
+  with pytest.raises(ValueError, match='Impossible budget'):
+    mcfg.build(c.quant, tr.build_module(c), tr.sample_input(c), total_steps=10)
+
+
+def test_learned_act_bits_need_a_bitops_budget():
+  rules = [fracq.Rule(weight=fracq.TensorSpec(bits=4, learn_bits=True),
+                      act=fracq.TensorSpec(bits=4, learn_bits=True))]
+  with pytest.raises(ValueError, match='BitOPs budget'):
+    fracq.quantize(MLP(), rules, X, budget=fracq.Budget(kind='size',
+                                                        uniform_bits=3))
+  qm = fracq.quantize(MLP(), rules, X, budget=fracq.Budget(
+      kind='bitops', uniform_bits=3))
+  assert qm.cost_model.kind == 'bitops'
+
+
+def test_calibrate_reinitialises_ranges_from_new_weights():
+  qm = _fracbits_model()
+  v = qm.init(jax.random.key(1), X)
+  v2 = dict(v)
+  v2['params'] = jax.tree_util.tree_map(lambda p: 3 * p, v['params'])
+  v2 = qm.calibrate(v2, X)
+  np.testing.assert_allclose(v2['quant']['fc1']['kernel_range'],
+                             3 * v['quant']['fc1']['kernel_range'], rtol=1e-5)
+  assert float(v2['quant']['fc1']['kernel_bits']) == 3.5  # bits untouched
+
+
+ZOO = [('digits_cnn', (1, 8, 8, 1)), ('resnet_tiny', (1, 16, 16, 3)),
+       ('resnet_tiny_bottleneck', (1, 32, 32, 3))]
+
+
+@pytest.mark.parametrize('name,shape', ZOO)
+@pytest.mark.parametrize('method', ['uniform', 'fracbits'])
+def test_zoo_models_through_default_rules(name, shape, method):
+  q = mcfg.default_quant_config(method)
+  q.fixed_layers = models.default_fixed_layers(name)
+  q.weight_bits = 4.0 if method == 'uniform' else 4.5
+  if method == 'fracbits':
+    q.budget_uniform_bits = 4.0
+  module = models.get_model(name, num_classes=10)
+  x = jax.random.normal(jax.random.key(0), shape)
+  qm = mcfg.build(q, module, x, total_steps=10)
+  fixed = [p for p, f in qm.facts.items() if f.rule == 'fixed']
+  assert len(fixed) == 2, fixed            # first conv and classifier
+  v = qm.init(jax.random.key(1), x)
+  out, _ = qm.apply(v, jnp.concatenate([x, x]), train=True,
+                    mutable=['batch_stats', 'quant_stats'])
+  assert out.shape == (2, 10) and np.all(np.isfinite(out))
+
+
+def test_digits_fracbits_smoke_end_to_end(tmp_path):
+  c = importlib.import_module('configs.digits_fracbits').get_config('smoke')
+  m = tr.train_and_evaluate(c, str(tmp_path))
+  assert m['cost_integer'] <= m['cost_target'] * 1.01
+  assert (tmp_path / 'bits_step6.png').exists()
+  assert 'conv1' in (tmp_path / 'bits_step6.txt').read_text()
