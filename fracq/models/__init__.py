@@ -8,6 +8,8 @@ default quantization rules keep at 8 bits (first conv and classifier).
 from __future__ import annotations
 
 from fracq.models import digits_cnn
+from fracq.models import inception
+from fracq.models import mobilenet
 from fracq.models import resnet
 
 _REGISTRY = {
@@ -19,6 +21,12 @@ _REGISTRY = {
     'resnet56': (resnet.ResNet56, resnet),
     'resnet_tiny': (resnet.ResNetTiny, resnet),
     'resnet_tiny_bottleneck': (resnet.ResNetTinyBottleneck, resnet),
+    'mobilenet_v1': (mobilenet.MobileNetV1, mobilenet),
+    'mobilenet_v1_tiny': (mobilenet.MobileNetV1Tiny, mobilenet),
+    'mobilenet_v2': (mobilenet.MobileNetV2, mobilenet),
+    'mobilenet_v2_cifar': (mobilenet.MobileNetV2Cifar, mobilenet),
+    'mobilenet_v2_tiny': (mobilenet.MobileNetV2Tiny, mobilenet),
+    'inception_v3': (inception.InceptionV3, inception),
 }
 
 
