@@ -1,0 +1,194 @@
+"""Benchmark: train-step time and peak memory of QAT variants vs float.
+
+On one model and batch (ResNet-20, CIFAR shape, batch 128 by default),
+measures a full jitted training step (forward, backward, SGD update) for:
+float; fracq uniform QAT w8a8 and w4a4 (LSQ, per-channel weights); FracBits
+weights-only and weights+activations; and qwix's QAT (QtProvider) at w8a8
+and w4a4 on the same model. Every time is printed as a ratio to the float
+step measured in the same process, plus the ratios the issues ask for.
+Peak memory is XLA's compiled estimate (arguments + outputs + temporaries
+of the step), which is deterministic.
+
+  python experiments/bench_train_step.py [--model resnet20] [--batch 128]
+      [--json experiments/results/bench_train_step.json]
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import fracq  # noqa: E402
+from fracq import models  # noqa: E402
+from fracq.train.model_wrapper import PlainModel  # noqa: E402
+
+
+def _rules(model_name, w_bits, a_bits, learn_w=False, learn_a=False):
+  fixed = models.default_fixed_layers(model_name)
+  w = fracq.TensorSpec(bits=w_bits + (0.5 if learn_w else 0),
+                       learn_bits=learn_w, granularity='channel')
+  a = fracq.TensorSpec(bits=a_bits + (0.5 if learn_a else 0),
+                       learn_bits=learn_a)
+  return [fracq.fixed_bits(fixed), fracq.Rule(weight=w, act=a)]
+
+
+class _Qwix:
+  trainable_collections = ('params',)
+
+  def __init__(self, module, bits):
+    import qwix
+    qt = {8: jnp.int8, 4: jnp.int4}[bits]
+    self.module = qwix.quantize_model(module, qwix.QtProvider([
+        qwix.QtRule(module_path='.*', weight_qtype=qt, act_qtype=qt)]))
+
+  def init(self, rng, x, train=False):
+    return self.module.init(rng, x, train=train)
+
+  def apply(self, v, x, train=False, mutable=False):
+    return self.module.apply(v, x, train=train, mutable=mutable)
+
+  def penalty(self, v, step):
+    return jnp.zeros(()), {}
+
+
+def make_step(wrapper, x, y):
+  variables = wrapper.init(jax.random.key(0), x, train=False)
+  trainable = {c: variables[c] for c in wrapper.trainable_collections
+               if c in variables}
+  state = {c: v for c, v in variables.items() if c not in trainable}
+  tx = optax.sgd(0.01, momentum=0.9)
+  opt = tx.init(trainable)
+
+  def step(trainable, state, opt, x, y):
+    def loss_fn(tr):
+      out, new_state = wrapper.apply({**tr, **state}, x, train=True,
+                                     mutable=list(state))
+      ce = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+      return ce + wrapper.penalty({**tr, **state}, 0)[0], new_state
+    (l, new_state), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    upd, opt = tx.update(g, opt, trainable)
+    return optax.apply_updates(trainable, upd), new_state, opt, l
+
+  jitted = jax.jit(step)
+  args = (trainable, state, opt, x, y)
+  compiled = jitted.lower(*args).compile()
+  mem = compiled.memory_analysis()
+  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
+          mem.temp_size_in_bytes) if mem is not None else float('nan')
+  return compiled, args, peak
+
+
+def time_step(compiled, args, reps):
+  out = compiled(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument('--model', default='resnet20')
+  p.add_argument('--batch', type=int, default=128)
+  p.add_argument('--size', type=int, default=32)
+  p.add_argument('--reps', type=int, default=10)
+  p.add_argument('--json', default='')
+  p.add_argument('--skip_qwix', action='store_true')
+  a = p.parse_args()
+  module = models.get_model(a.model)
+  x = jax.random.normal(jax.random.key(1), (a.batch, a.size, a.size, 3))
+  y = jax.random.randint(jax.random.key(2), (a.batch,), 0, 10)
+  sample = x[:1]
+  variants = {
+      'float': lambda: PlainModel(module),
+      'fracq uniform w8a8': lambda: fracq.quantize(
+          module, _rules(a.model, 8, 8), sample,
+          call_kwargs={'train': False}),
+      'fracq uniform w4a4': lambda: fracq.quantize(
+          module, _rules(a.model, 4, 4), sample,
+          call_kwargs={'train': False}),
+      'FracBits weights': lambda: fracq.quantize(
+          module, _rules(a.model, 4, 8, learn_w=True), sample,
+          budget=fracq.Budget(kind='size', uniform_bits=4),
+          call_kwargs={'train': False}),
+      'FracBits weights+acts': lambda: fracq.quantize(
+          module, _rules(a.model, 4, 4, learn_w=True, learn_a=True), sample,
+          budget=fracq.Budget(kind='bitops', uniform_bits=4),
+          call_kwargs={'train': False}),
+  }
+  if not a.skip_qwix:
+    variants['qwix QAT w8a8'] = lambda: _Qwix(module, 8)
+    variants['qwix QAT w4a4'] = lambda: _Qwix(module, 4)
+  results, failed = {}, {}
+  for name, build in variants.items():
+    try:
+      compiled, args, peak = make_step(build(), x, y)
+    except Exception as e:  # pylint: disable=broad-except
+      # e.g. qwix's int4 convolution does not compile on the XLA CPU backend.
+      failed[name] = f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'
+      continue
+    results[name] = {'step_s': time_step(compiled, args, a.reps),
+                     'peak_bytes': peak}
+  # Re-time float last too and keep the faster: the baseline must not be
+  # flattered by warm-up order.
+  compiled, args, _ = make_step(PlainModel(module), x, y)
+  results['float']['step_s'] = min(results['float']['step_s'],
+                                   time_step(compiled, args, a.reps))
+  f = results['float']
+  device = jax.devices()[0]
+  lines = [f'model {a.model}, batch {a.batch}x{a.size}x{a.size}x3, device '
+           f'{device.platform} ({device.device_kind}), {platform.machine()}, '
+           f'jax {jax.__version__}',
+           f'| variant | step ms | vs float | peak MB | peak vs float |',
+           '|---|---|---|---|---|']
+  for name, r in results.items():
+    lines.append(f'| {name} | {1e3 * r["step_s"]:.1f} | '
+                 f'{r["step_s"] / f["step_s"]:.2f}x | '
+                 f'{r["peak_bytes"] / 2**20:.1f} | '
+                 f'{r["peak_bytes"] / f["peak_bytes"]:.2f}x |')
+  for name, why in failed.items():
+    lines.append(f'| {name} | failed | - | - | - |')
+  ratio = lambda a_, b_: results[a_]['step_s'] / results[b_]['step_s']
+  lines.append('')
+  lines.append(f'fracq uniform-QAT w8a8 / float: '
+               f'{ratio("fracq uniform w8a8", "float"):.2f}x')
+  lines.append(f'FracBits (weights) / float: '
+               f'{ratio("FracBits weights", "float"):.2f}x')
+  lines.append(f'FracBits (weights) / uniform QAT w4a8-equivalent '
+               f'(w8a8 rules): {ratio("FracBits weights", "fracq uniform w8a8"):.2f}x')
+  lines.append(f'FracBits (weights+acts) / uniform QAT w4a4: '
+               f'{ratio("FracBits weights+acts", "fracq uniform w4a4"):.2f}x')
+  for bits in ('w8a8', 'w4a4'):
+    if f'qwix QAT {bits}' in results:
+      lines.append(f'fracq / qwix, {bits}: '
+                   f'{ratio(f"fracq uniform {bits}", f"qwix QAT {bits}"):.2f}x')
+  for name, why in failed.items():
+    lines.append(f'{name} failed: {why}')
+  text = '\n'.join(lines)
+  print(text)
+  if a.json:
+    os.makedirs(os.path.dirname(a.json), exist_ok=True)
+    with open(a.json, 'w') as fh:
+      json.dump({'args': vars(a), 'device': str(device), 'results': results,
+                 'failed': failed},
+                fh, indent=1)
+    with open(a.json.replace('.json', '.md'), 'w') as fh:
+      fh.write(f'Generated by `python experiments/bench_train_step.py '
+               f'--model {a.model} --batch {a.batch} --size {a.size} '
+               f'--json {a.json}`.\n\n{text}\n')
+
+
+if __name__ == '__main__':
+  main()
