@@ -110,20 +110,31 @@ def make_train_step(config, wrapper, tx, mesh: Mesh):
   """The jitted data-parallel step ``(state, batch) -> (state, metrics)``."""
   smoothing = config.label_smoothing
   nan_step = config.get('debug_nan_at_step', -1)
+  aux_weight = config.get('aux_loss_weight', 0.4)
+  seed = config.seed
 
   def step_fn(state: TrainState, batch):
     x, y = batch['image'], batch['label']
     mask = jnp.ones(y.shape, jnp.float32)
     mutable = list(state.state.keys())
 
+    # Dropout keys: a pure function of (seed, step, device), so a resumed
+    # run draws exactly the masks an uninterrupted one would.
+    key = jax.random.fold_in(jax.random.fold_in(
+        jax.random.PRNGKey(seed), state.step), jax.lax.axis_index(AXIS))
+
     def loss_fn(trainable):
       out, new_state = wrapper.apply({**trainable, **state.state}, x,
-                                     train=True, mutable=mutable)
-      logits = out[0] if isinstance(out, tuple) else out
+                                     train=True, mutable=mutable,
+                                     rngs={'dropout': key})
+      logits, aux = out if isinstance(out, tuple) else (out, None)
       labels = jax.nn.one_hot(y, logits.shape[-1])
       if smoothing:
         labels = labels * (1 - smoothing) + smoothing / logits.shape[-1]
       task = jnp.mean(optax.softmax_cross_entropy(logits, labels))
+      if aux is not None:  # e.g. Inception-V3's auxiliary classifier
+        task += aux_weight * jnp.mean(
+            optax.softmax_cross_entropy(aux, labels))
       if nan_step >= 0:  # fault injection, to test the guard rails
         task = jnp.where(state.step == nan_step, jnp.nan, task)
       pen, pen_metrics = wrapper.penalty({**trainable, **state.state},

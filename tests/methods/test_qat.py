@@ -182,3 +182,37 @@ def test_digits_fracbits_smoke_end_to_end(tmp_path):
   assert m['cost_integer'] <= m['cost_target'] * 1.01
   assert (tmp_path / 'bits_step6.png').exists()
   assert 'conv1' in (tmp_path / 'bits_step6.txt').read_text()
+
+
+@pytest.mark.parametrize('name,arg', [
+    ('resnet50_fracbits', 'smoke'), ('resnet18_fracbits', 'smoke'),
+    ('mobilenet_v2_fracbits', 'smoke'),
+    ('mobilenet_v2_fracbits', 'smoke,dataset=cifar100'),
+    ('inception_v3_fracbits', 'smoke'),
+])
+def test_fracbits_configs_on_mock_data(name, arg, tmp_path):
+  import tensorflow_datasets as tfds
+  c = importlib.import_module(f'configs.{name}').get_config(arg)
+  c.num_train_steps = 5
+  c.quant.hard_assign_step = 3
+  with tfds.testing.mock_data(num_examples=16):
+    m = tr.train_and_evaluate(c, str(tmp_path))
+  assert m['eval_examples'] == 16
+  assert m['cost_integer'] <= m['cost_target'] * 1.01 + 1
+  assert (tmp_path / 'bits_step5.png').exists()
+
+
+def test_full_size_budget_matches_paper_bitops():
+  """ResNet-18's uniform 4-bit BitOPs with first conv 8w/8a and classifier
+  weights at 8 bits (the paper's 34.70 G) from our recorded MACs."""
+  c = importlib.import_module('configs.resnet18_fracbits').get_config('')
+  module = tr.build_module(c, axis_name=None)
+  x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  c.quant.fixed_act_bits = 8
+  qm = mcfg.build(c.quant, module, x, total_steps=100)
+  # The classifier's input activation is fixed at 8 bits by our default
+  # rule (the paper searches it): account for that difference exactly.
+  fc = qm.facts['fc']
+  target = qm.target
+  paper_like = target - fc.macs * 8 * 8 + fc.macs * 8 * 4
+  assert paper_like / 1e9 == pytest.approx(34.70, rel=0.01)
