@@ -53,10 +53,11 @@ class TensorSpec:
       ReLU), then unsigned.
     symmetric: zero point fixed at 0 (otherwise affine with a zero point).
     narrow_range: drop the most negative code (e.g. ``[-7, 7]`` at 4 bits).
-    granularity: ``'tensor'``, ``'channel'`` (kernels: per output channel;
-      activations: per last-axis channel) or ``'group'``.
-    group_size: group length along the channel axis when
-      ``granularity='group'``.
+    granularity: ``'tensor'`` or ``'channel'`` (kernels: per output channel;
+      activations: per last-axis channel). ``'group'`` is reserved: the core
+      has per-group math (``fracq.core.fake_quant_grouped``) but the QAT
+      provider does not use it yet, so rules asking for it are rejected.
+    group_size: reserved for ``granularity='group'``.
     percentile: the percentile used by ``range_method='percentile'``.
     ema_decay: ``c`` in ``m <- (1 - c) m + c min(X)`` for ``'ema_minmax'``.
   """
@@ -99,9 +100,12 @@ class TensorSpec:
       raise ValueError(
           f'{where}: unknown granularity={self.granularity!r}; choose one of '
           f'{_GRANULARITIES}.')
-    if self.granularity == 'group' and not self.group_size:
-      raise ValueError(f'{where}: granularity="group" needs group_size > 0.')
-    if self.granularity != 'group' and self.group_size is not None:
+    if self.granularity == 'group':
+      raise ValueError(
+          f"{where}: granularity='group' is not supported by the QAT "
+          "provider yet (per-group math is available as "
+          "fracq.core.fake_quant_grouped); use 'tensor' or 'channel'.")
+    if self.group_size is not None:
       raise ValueError(
           f'{where}: group_size is only used with granularity="group".')
     if self.range_method == 'lsq_plus' and self.symmetric:

@@ -185,7 +185,9 @@ def test_unused_rule_error_and_warning():
     (fi.Rule(act=fi.TensorSpec(range_method='lsq_pluss')),
      "unknown range_method='lsq_pluss'"),
     (fi.Rule(act=fi.TensorSpec(bits_per_channel=True)), 'only supported for'),
-    (fi.Rule(weight=fi.TensorSpec(granularity='group')), 'group_size'),
+    (fi.Rule(weight=fi.TensorSpec(granularity='group', group_size=4)),
+     'not supported by the QAT'),
+    (fi.Rule(weight=fi.TensorSpec(granularity='grp')), 'unknown granularity'),
     (fi.Rule(keep_float=True, weight=fi.TensorSpec()), 'contradictory'),
 ])
 def test_invalid_rules(rule, msg):
@@ -291,3 +293,47 @@ def test_nesting_with_foreign_interceptor():
   # Outside the transform's scope nothing is intercepted.
   plain = ExamplesCNN().apply({'params': v['params']}, X)
   assert not np.array_equal(plain, out)
+
+
+def test_threads_each_see_only_their_own_transform():
+  """Interception is thread-local: two threads quantizing the same model
+  with different providers concurrently get their own results."""
+  import threading
+
+  class Scale:
+    def __init__(self, f):
+      self.f = f
+
+    def quantize_kernel(self, site, k):
+      return k * self.f
+
+    def quantize_input(self, site, x):
+      return x
+
+  model = ExamplesCNN()
+  v = model.init(jax.random.key(0), X)
+  qa = fi.QuantizedModule(model, [fi.Rule(weight=fi.TensorSpec())], Scale(2.))
+  qb = fi.QuantizedModule(model, [fi.Rule(weight=fi.TensorSpec())], Scale(0.))
+  want_a, want_b = qa.apply(v, X), qb.apply(v, X)
+  got, errors = {}, []
+  barrier = threading.Barrier(2)
+
+  def run(name, qm):
+    try:
+      barrier.wait()
+      for _ in range(5):
+        got.setdefault(name, []).append(np.asarray(qm.apply(v, X)))
+    except Exception as e:  # pragma: no cover
+      errors.append(e)
+
+  ts = [threading.Thread(target=run, args=(n, q))
+        for n, q in (('a', qa), ('b', qb))]
+  for t in ts:
+    t.start()
+  for t in ts:
+    t.join()
+  assert not errors
+  for out in got['a']:
+    np.testing.assert_array_equal(out, want_a)
+  for out in got['b']:
+    np.testing.assert_array_equal(out, want_b)

@@ -1,6 +1,7 @@
 """Uniform QAT and FracBits on Flax models through the interceptors."""
 
 import importlib
+import re
 
 import flax.linen as nn
 import jax
@@ -154,7 +155,28 @@ def test_calibrate_reinitialises_ranges_from_new_weights():
 
 
 ZOO = [('digits_cnn', (1, 8, 8, 1)), ('resnet_tiny', (1, 16, 16, 3)),
-       ('resnet_tiny_bottleneck', (1, 32, 32, 3))]
+       ('resnet_tiny_bottleneck', (1, 32, 32, 3)),
+       ('mobilenet_v2_tiny', (1, 16, 16, 3)),
+       ('mobilenet_v1_tiny', (1, 16, 16, 3))]
+
+
+@pytest.mark.parametrize('name,size', [
+    ('resnet18', 224), ('resnet50', 224), ('mobilenet_v2', 224),
+    ('mobilenet_v1', 224), ('inception_v3', 299), ('resnet20', 32),
+    ('mobilenet_v2_cifar', 32)])
+def test_full_size_models_default_rules_match_first_and_last(name, size):
+  q = mcfg.default_quant_config('fracbits')
+  q.fixed_layers = models.default_fixed_layers(name)
+  q.weight_bits = 4.5
+  q.budget_uniform_bits = 4.0
+  module = models.get_model(name, num_classes=10)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  qm = mcfg.build(q, module, x, total_steps=10)
+  fixed = sorted(p for p, f in qm.facts.items() if f.rule == 'fixed')
+  first, last = models.default_fixed_layers(name).split('|', 1)
+  assert len(fixed) == 2 and any(re.search(first, p) for p in fixed) and \
+      any(re.search(last, p) for p in fixed), fixed
+  assert all(f.weight_quantized for f in qm.facts.values())
 
 
 @pytest.mark.parametrize('name,shape', ZOO)
@@ -172,7 +194,8 @@ def test_zoo_models_through_default_rules(name, shape, method):
   assert len(fixed) == 2, fixed            # first conv and classifier
   v = qm.init(jax.random.key(1), x)
   out, _ = qm.apply(v, jnp.concatenate([x, x]), train=True,
-                    mutable=['batch_stats', 'quant_stats'])
+                    mutable=['batch_stats', 'quant_stats'],
+                    rngs={'dropout': jax.random.key(2)})
   assert out.shape == (2, 10) and np.all(np.isfinite(out))
 
 
@@ -216,3 +239,43 @@ def test_full_size_budget_matches_paper_bitops():
   target = qm.target
   paper_like = target - fc.macs * 8 * 8 + fc.macs * 8 * 4
   assert paper_like / 1e9 == pytest.approx(34.70, rel=0.01)
+
+
+def test_kernel_wise_bits_and_hard_assignment():
+  rules = [fracq.fixed_bits('fc2'),
+           fracq.Rule(weight=fracq.TensorSpec(bits=4.5, learn_bits=True,
+                                              bits_per_channel=True,
+                                              granularity='channel'),
+                      act=fracq.TensorSpec(bits=8))]
+  qm = fracq.quantize(MLP(), rules, X, budget=fracq.Budget(
+      kind='size', uniform_bits=4), hard_assign_step=1)
+  v = qm.init(jax.random.key(1), X)
+  assert v['quant']['fc1']['kernel_bits'].shape == (16,)
+  v['quant']['fc1']['kernel_bits'] = jnp.linspace(2.2, 6.1, 16)
+  g = jax.grad(lambda q: jnp.sum(qm.apply({**v, 'quant': q}, X) ** 2))(
+      v['quant'])
+  assert np.count_nonzero(g['fc1']['kernel_bits']) > 8  # per channel
+  hard = qm.for_step(1)
+  v2 = hard.prepare(v)
+  hb = np.asarray(v2['quant_stats']['fc1']['kernel_hard_bits'])
+  assert np.all(hb == np.round(hb)) and len(set(hb.tolist())) > 2
+  cost = 6 * hb.sum() + 16 * 4 * 8       # 6 weights per output channel
+  target = 6 * 16 * 4 + 16 * 4 * 8
+  assert abs(cost / target - 1) <= 0.01
+  assert hard.metrics(v2)['cost_integer'] == cost
+
+
+def test_dorefa_pact_fracbits_like_the_authors():
+  rules = [fracq.Rule(weight=fracq.TensorSpec(bits=4.5, learn_bits=True,
+                                              range_method='dorefa'),
+                      act=fracq.TensorSpec(bits=4.5, learn_bits=True,
+                                           range_method='pact'))]
+  qm = fracq.quantize(MLP(), rules, X, budget=fracq.Budget(
+      kind='bitops', uniform_bits=4))
+  v = qm.init(jax.random.key(1), X)
+  g = jax.grad(lambda q: jnp.sum(qm.apply({**v, 'quant': q}, X) ** 2))(
+      v['quant'])
+  assert float(g['fc2']['kernel_bits']) != 0
+  assert float(g['fc2']['input_bits']) != 0
+  # fc2's input (after ReLU) is quantized unsigned on [0, clip].
+  assert 'input_range' in v['quant']['fc2']
