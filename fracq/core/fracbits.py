@@ -198,12 +198,14 @@ def _make_fused(signed: bool, zero_branch: bool):
     return ra * (c_lo + f * (c_hi - c_lo))
 
   def fwd(x, r, b):
-    ra, u, f, inside, c_lo, c_hi = _fused_parts(x, r, b, signed, zero_branch)
-    out = ra * (c_lo + f * (c_hi - c_lo))
-    return out, (r, b, u, f, inside, c_lo, c_hi, ra)
+    ra, _, f, _, c_lo, c_hi = _fused_parts(x, r, b, signed, zero_branch)
+    # Only the inputs are kept: the backward pass recomputes the cheap
+    # elementwise parts instead of holding four tensors per quantizer.
+    return ra * (c_lo + f * (c_hi - c_lo)), (x, r, b)
 
   def bwd(res, g):
-    r, b, u, f, inside, c_lo, c_hi, ra = res
+    x, r, b = res
+    ra, u, f, inside, c_lo, c_hi = _fused_parts(x, r, b, signed, zero_branch)
     gx = jnp.where(inside, g, 0.0)
     if signed:
       out_val = jnp.sign(u)

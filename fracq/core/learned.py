@@ -14,6 +14,7 @@ each docstring.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -61,9 +62,44 @@ def lsq_quantize(x, step, qmin, qmax, *, grad_scale: float = 1.0):
   """
   uniform.check_qparams(step, qmin, qmax)
   dtype = x.dtype
-  s = scale_grad(jnp.asarray(step, jnp.float32), grad_scale)
-  v = jnp.clip(x.astype(jnp.float32) / s, qmin, qmax)
-  return (round_ste(v) * s).astype(dtype)
+  f = lambda a: jnp.asarray(a, jnp.float32)
+  return _lsq(x.astype(jnp.float32), f(step), f(qmin), f(qmax),
+              float(grad_scale)).astype(dtype)
+
+
+def _sum_to(g, shape):
+  """Sums a broadcast gradient back to ``shape`` (numpy broadcasting)."""
+  shape = tuple(shape)
+  if g.shape == shape:
+    return g
+  lead = g.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(
+      i + lead for i, n in enumerate(shape) if n == 1 and g.shape[i + lead] != 1)
+  return jnp.sum(g, axis=axes).reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lsq(x, s, qmin, qmax, grad_scale):
+  return jnp.round(jnp.clip(x / s, qmin, qmax)) * s
+
+
+def _lsq_fwd(x, s, qmin, qmax, grad_scale):
+  # Keep only the inputs; the backward pass recomputes x / s (cheaper in
+  # memory than autodiff's residuals, same values).
+  return _lsq(x, s, qmin, qmax, grad_scale), (x, s, qmin, qmax)
+
+
+def _lsq_bwd(grad_scale, res, g):
+  x, s, qmin, qmax = res
+  v = x / s
+  inside = (v >= qmin) & (v <= qmax)
+  gx = jnp.where(inside, g, 0.0)
+  per = jnp.where(inside, jnp.round(v) - v, jnp.clip(v, qmin, qmax))
+  gs = _sum_to(g * per * grad_scale, s.shape)
+  return gx, gs, jnp.zeros_like(qmin), jnp.zeros_like(qmax)
+
+
+_lsq.defvjp(_lsq_fwd, _lsq_bwd)
 
 
 def lsq_plus_quantize(x, step, offset, qmin, qmax, *,

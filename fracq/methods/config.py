@@ -11,6 +11,9 @@ Methods:
 * ``'uniform'``: every tensor at fixed integer bits.
 * ``'fracbits'``: learned fractional bits under a budget, hard assignment at
   ``hard_assign_fraction`` of training, then fine-tuning at integer bits.
+* ``'hawq'``: integer bits per layer from Hessian sensitivity and an ILP
+  under the same budget (from the float model in ``config.init_from``), then
+  uniform QAT at those bits.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from fracq.interception import TensorSpec
 from fracq.methods import cost as cost_lib
 from fracq.methods import penalty as penalty_lib
 
-METHODS = ('none', 'uniform', 'fracbits')
+METHODS = ('none', 'uniform', 'fracbits', 'hawq')
 
 
 def default_quant_config(method: str = 'none') -> ml_collections.ConfigDict:
@@ -71,6 +74,10 @@ def default_quant_config(method: str = 'none') -> ml_collections.ConfigDict:
   c.hard_assign_step = -1
   c.hard_assign_tolerance = 0.01
   c.on_unused = 'error'
+  # HAWQ baseline: candidate bits, Hutchinson probes per batch, batches.
+  c.hawq_candidates = '2,3,4,5,6,8'
+  c.hawq_probes = 32
+  c.hawq_batches = 2
   return c
 
 
@@ -79,7 +86,7 @@ def rules_from_config(c) -> list[Rule]:
   if c.method not in METHODS:
     raise ValueError(f'config.quant.method={c.method!r} is unknown; choose '
                      f'one of {METHODS}.')
-  learn = c.method == 'fracbits'
+  learn = c.method in ('fracbits', 'hawq')
   rules = []
   if c.keep_float:
     rules.append(Rule(module_path=c.keep_float, keep_float=True,
@@ -124,7 +131,7 @@ def _int_bits(b, what) -> int:
 
 
 def budget_from_config(c) -> cost_lib.Budget | None:
-  if c.method != 'fracbits':
+  if c.method not in ('fracbits', 'hawq'):
     return None
   forms = {'uniform_bits': c.budget_uniform_bits,
            'compression': c.budget_compression,
@@ -158,12 +165,36 @@ def hard_assign_step_from_config(c, total_steps: int | None) -> int | None:
   return int(math.floor(c.hard_assign_fraction * total_steps))
 
 
+def build_hawq(quant_cfg, module, sample_x, float_variables, batches):
+  """HAWQ: search integer bits on the float model, return a uniform-QAT
+  wrapper with those bits (``search_seconds`` in its ``info``)."""
+  from fracq.methods import hawq
+  from fracq.methods.qat import QATModel
+  rules = rules_from_config(quant_cfg)
+  budget = budget_from_config(quant_cfg)
+  probe = QATModel(module, rules, sample_x, budget=budget,
+                   cost_kind=quant_cfg.budget_kind,
+                   call_kwargs={'train': False},
+                   on_unused=quant_cfg.on_unused)
+  cands = [int(b) for b in str(quant_cfg.hawq_candidates).split(',')]
+  choice, info = hawq.search(
+      module, float_variables, probe.facts, probe.rules, probe.target,
+      quant_cfg.budget_kind, batches, candidates=cands,
+      num_probes=quant_cfg.hawq_probes)
+  qm = QATModel(module, hawq.rules_for_bits(probe.rules, choice), sample_x,
+                cost_kind=quant_cfg.budget_kind,
+                call_kwargs={'train': False}, on_unused='error')
+  qm.target = probe.target
+  qm.search_info = info
+  return qm
+
+
 def build(quant_cfg, module, sample_x, config=None, total_steps=None):
   """The ``ModelWrapper`` for ``config.quant`` (uniform QAT or FracBits)."""
   from fracq.methods.qat import QATModel
-  if quant_cfg.method == 'none':
-    raise ValueError("build() is for quantized methods; method='none' is the "
-                     'plain float model.')
+  if quant_cfg.method in ('none', 'hawq'):
+    raise ValueError("build() is for uniform/FracBits; method='none' is the "
+                     "plain float model and 'hawq' needs build_hawq().")
   rules = rules_from_config(quant_cfg)
   return QATModel(
       module, rules, sample_x,

@@ -22,7 +22,7 @@ Variable collections:
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import os
 from typing import Any, Sequence
@@ -172,6 +172,9 @@ class QATModel:
     out['compression_over_int8_fractional'] = frac['compression_over_int8']
     if self.target is not None:
       out['cost_target'] = self.target
+    info = getattr(self, 'search_info', None)
+    if info:
+      out['search_seconds'] = info['search_seconds']
     return out
 
   def for_step(self, step: int) -> 'QATModel':
@@ -234,6 +237,8 @@ class QATModel:
                 f'({m["compression_over_int8"]:.2f}x over INT8)')
       with open(os.path.join(workdir, f'bits_step{step}.txt'), 'w') as f:
         f.write(text + '\n')
+      with open(os.path.join(workdir, f'bits_step{step}.json'), 'w') as f:
+        json.dump({'rows': rows, 'metrics': m}, f, indent=1)
     return text
 
   # -- helpers -------------------------------------------------------------

@@ -65,14 +65,18 @@ def test_tiny_variants_train_and_eval(name, shape, dtype):
   assert v['params'][list(v['params'])[0]]['kernel'].dtype == jnp.float32
 
 
-def test_inception_forward_with_aux():
+def test_inception_outputs_with_and_without_aux():
+  # Shape-level trace of the full model (compiling it is slow on CPU): the
+  # aux head answers only in training mode.
   m = models.get_model('inception_v3', num_classes=7)
   x = jnp.ones((2, 75, 75, 3))
-  v = m.init(jax.random.key(0), x, train=False)
-  out, aux = m.apply(v, x, train=True, mutable=['batch_stats'],
-                     rngs={'dropout': jax.random.key(1)})[0]
+  v = jax.eval_shape(lambda: m.init(jax.random.key(0), x, train=False))
+  out, aux = jax.eval_shape(lambda v: m.apply(
+      v, x, train=True, mutable=['batch_stats'],
+      rngs={'dropout': jax.random.key(1)})[0], v)
   assert out.shape == aux.shape == (2, 7)
-  assert m.apply(v, x, train=False).shape == (2, 7)
+  assert jax.eval_shape(lambda v: m.apply(v, x, train=False), v).shape == \
+      (2, 7)
 
 
 # -- torchvision-format import, checked against PyTorch -----------------------
