@@ -232,6 +232,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns the final evaluation metrics (plus the wrapper's metrics).
   """
   from clu import metric_writers
+  from clu import metrics as clu_metrics
   from clu import periodic_actions
 
   ckpt_lib.check_workdir(config, workdir)
@@ -284,9 +285,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   eval_step = make_eval_step(wrapper, mesh)
   report = periodic_actions.ReportProgress(num_train_steps=total,
                                            writer=writer)
+  schedule = optim.make_schedule(config, total,
+                                 data_lib.steps_per_epoch(config))
   try:
     it = data_lib.train_iterator(config, start)
-    t0, logged = time.time(), []
+    t0, logged, collection = time.time(), None, None
     eval_metrics = {}
     for step in range(start, total):
       new_wrapper, state = switch(wrapper, state, step)
@@ -297,18 +300,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
         eval_step = make_eval_step(wrapper, mesh)
       batch = to_global(next(it), mesh)
       state, metrics = train_step(state, batch)
-      logged.append(metrics)
+      if collection is None or set(metrics) != set(
+          collection.__annotations__):
+        collection = clu_metrics.Collection.create(
+            **{k: clu_metrics.Average.from_output(k) for k in metrics})
+        logged = None
+      upd = collection.single_from_model_output(**metrics)
+      logged = upd if logged is None else logged.merge(upd)
       report(step + 1)
       last = step + 1 == total
       if (step + 1) % config.log_every_steps == 0 or last:
         _check_finite(state)
-        m = {k: float(np.mean([jax.device_get(x[k]) for x in logged]))
-             for k in logged[-1]}
-        logged = []
+        m = {k: float(v) for k, v in logged.compute().items()}
+        logged = None
+        m['learning_rate'] = float(schedule(step))
         writer.write_scalars(step + 1, m)
-        logging.info('step %d/%d  loss %.4f  acc %.4f  %.1f steps/s', step + 1,
-                     total, m['loss'], m['accuracy'],
-                     config.log_every_steps / max(time.time() - t0, 1e-9))
+        rate = config.log_every_steps / max(time.time() - t0, 1e-9)
+        logging.info('step %d/%d  loss %.4f  acc %.4f  lr %.4g  %.1f steps/s'
+                     '  ETA %s', step + 1, total, m['loss'], m['accuracy'],
+                     m['learning_rate'], rate,
+                     time.strftime('%H:%M:%S', time.gmtime(
+                         (total - step - 1) / max(rate, 1e-9))))
         t0 = time.time()
       if (step + 1) % config.eval_every_steps == 0 or last:
         eval_metrics = evaluate(config, wrapper, state.variables(), mesh,
