@@ -87,6 +87,39 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def digits_config(seed: int = 0) -> ml_collections.ConfigDict:
+  """The embedded-digits recipe every digits config starts from: the digits
+  CNN, batch 128, SGD 0.1 nesterov + cosine, wd 5e-4, 40 epochs (440
+  steps), evaluation and checkpoints every 220 steps."""
+  c = base_config()
+  c.seed = seed
+  c.dataset = 'digits'
+  c.num_classes = 10
+  c.model = 'digits_cnn'
+  c.batch_size = 128
+  c.num_epochs = 40.0
+  c.learning_rate = 0.1
+  c.weight_decay = 5e-4
+  c.log_every_steps = 55
+  c.eval_every_steps = 220
+  c.checkpoint_every_steps = 220
+  return c
+
+
+def digits_quant(c, method: str, **fields) -> ml_collections.ConfigDict:
+  """Quantization on top of :func:`digits_config`: LSQ ranges for weights and
+  activations, first conv and classifier fixed at 8 bits, plus ``fields``."""
+  from fracq.models import default_fixed_layers
+  q = c.quant
+  q.method = method
+  q.fixed_layers = default_fixed_layers('digits_cnn')
+  q.weight_range = 'lsq'
+  q.act_range = 'lsq'
+  for k, v in fields.items():
+    q[k] = v
+  return c
+
+
 def fracbits_imagenet(c, *, model: str, budget_kind: str = 'size',
                       uniform_bits: float | None = None,
                       compression: float | None = None,

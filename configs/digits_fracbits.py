@@ -20,37 +20,19 @@ Starting from a trained float model (the paper's recipe):
 """
 
 from configs import common
-from fracq.models import default_fixed_layers
 
 
 def get_config(arg=None):
   a = common.parse_arg(arg, smoke=False, seed=0, bits=3.0, bitops=False)
-  c = common.base_config()
-  c.seed = a.seed
-  c.dataset = 'digits'
-  c.num_classes = 10
-  c.model = 'digits_cnn'
-  c.batch_size = 128
-  c.num_epochs = 40.0
-  c.learning_rate = 0.1
-  c.weight_decay = 5e-4
-  c.log_every_steps = 55
-  c.eval_every_steps = 220
-  c.checkpoint_every_steps = 220
-  q = c.quant
-  q.method = 'fracbits'
-  q.fixed_layers = default_fixed_layers('digits_cnn')
-  q.weight_range = 'lsq'
-  q.act_range = 'lsq'
-  q.weight_bits = a.bits + 0.5     # authors: target-equivalent bits + 0.5
-  q.weight_bit_bounds = (2.0, 8.0)
-  q.learn_weight_bits = True
-  q.budget_uniform_bits = a.bits
+  c = common.digits_config(a.seed)
+  # Authors: initial bits = target-equivalent bits + 0.5.
+  common.digits_quant(c, 'fracbits', weight_bits=a.bits + 0.5,
+                      weight_bit_bounds=(2.0, 8.0), learn_weight_bits=True,
+                      budget_uniform_bits=a.bits, hard_assign_fraction=0.8)
   if a.bitops:
-    q.budget_kind = 'bitops'
-    q.learn_act_bits = True
-    q.act_bits = a.bits + 0.5
-  q.hard_assign_fraction = 0.8
+    c.quant.budget_kind = 'bitops'
+    c.quant.learn_act_bits = True
+    c.quant.act_bits = a.bits + 0.5
   if a.smoke:
     common.apply_smoke(c)
   return c

@@ -16,32 +16,15 @@ table is in the log. Variants: bits=K, seed=N, smoke.
 """
 
 from configs import common
-from fracq.models import default_fixed_layers
 
 
 def get_config(arg=None):
   a = common.parse_arg(arg, smoke=False, seed=0, bits=3.0)
-  c = common.base_config()
-  c.seed = a.seed
-  c.dataset = 'digits'
-  c.num_classes = 10
-  c.model = 'digits_cnn'
-  c.batch_size = 128
-  c.num_epochs = 40.0
-  c.learning_rate = 0.1
-  c.weight_decay = 5e-4
-  c.log_every_steps = 55
-  c.eval_every_steps = 220
-  c.checkpoint_every_steps = 220
-  q = c.quant
-  q.method = 'hawq'
-  q.fixed_layers = default_fixed_layers('digits_cnn')
-  q.weight_range = 'lsq'
-  q.act_range = 'lsq'
-  q.weight_bits = a.bits + 0.5
-  q.budget_uniform_bits = a.bits
+  c = common.digits_config(a.seed)
+  common.digits_quant(c, 'hawq', weight_bits=a.bits + 0.5,
+                      budget_uniform_bits=a.bits)
   if a.smoke:
     common.apply_smoke(c)
-    q.hawq_probes = 4
-    q.hawq_batches = 1
+    c.quant.hawq_probes = 4
+    c.quant.hawq_batches = 1
   return c

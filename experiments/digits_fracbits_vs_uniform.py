@@ -9,29 +9,25 @@ the float model. Writes experiments/results/digits_fracbits_vs_uniform.{md,json}
 """
 
 import argparse
-import importlib
 import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import logging  # noqa: E402
 
-from fracq.train import train_and_evaluate  # noqa: E402
+from experiments._runner import run  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
 
-def run(config_name, arg):
-  c = importlib.import_module(f'configs.{config_name}').get_config(arg)
+def _run(config_name, arg):
   with tempfile.TemporaryDirectory() as wd:
-    t = time.time()
-    m = train_and_evaluate(c, wd)
-    m['wall_s'] = time.time() - t
-  return {k: float(v) for k, v in m.items()}
+    m = run(config_name, arg, wd)
+  m.pop('bits', None)
+  return m
 
 
 def main():
@@ -45,12 +41,12 @@ def main():
   rows = []
   for s in seeds:
     rows.append(dict(method='float', bits=32, seed=s,
-                     **run('digits_float', f'seed={s}')))
+                     **_run('digits_float', f'seed={s}')))
     for b in bits:
       rows.append(dict(method='uniform', bits=b, seed=s,
-                       **run('digits_uniform', f'bits={b},seed={s}')))
+                       **_run('digits_uniform', f'bits={b},seed={s}')))
       rows.append(dict(method='fracbits', bits=b, seed=s,
-                       **run('digits_fracbits', f'bits={b},seed={s}')))
+                       **_run('digits_fracbits', f'bits={b},seed={s}')))
       print(rows[-2]['method'], b, s, rows[-2]['eval_accuracy'],
             rows[-1]['method'], rows[-1]['eval_accuracy'],
             rows[-1]['compression_over_int8'], flush=True)

@@ -12,37 +12,19 @@ Writes experiments/results/hawq_vs_fracbits.{md,json,png}.
 """
 
 import argparse
-import importlib
 import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-from fracq.train import train_and_evaluate  # noqa: E402
+from experiments._runner import run  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
-
-
-def run(config_name, arg, workdir, **overrides):
-  c = importlib.import_module(f'configs.{config_name}').get_config(arg)
-  for k, v in overrides.items():
-    c[k] = v
-  t = time.time()
-  m = train_and_evaluate(c, workdir)
-  m = {k: float(v) for k, v in m.items()}
-  m['wall_s'] = time.time() - t
-  bits = sorted(f for f in os.listdir(workdir) if f.endswith('.json') and
-                f.startswith('bits_step'))
-  if bits:
-    with open(os.path.join(workdir, bits[-1])) as f:
-      m['bits'] = {r['layer']: r['w_bits'] for r in json.load(f)['rows']}
-  return m
 
 
 def main():

@@ -157,16 +157,6 @@ def dorefa_branch(w, k):
 # -- fused range quantizer ---------------------------------------------------
 
 
-def _sum_to(g, shape):
-  """Sums a broadcast gradient back to ``shape``."""
-  if g.shape == tuple(shape):
-    return g
-  lead = g.ndim - len(shape)
-  axes = tuple(range(lead)) + tuple(
-      i + lead for i, n in enumerate(shape) if n == 1 and g.shape[i + lead] != 1)
-  return jnp.sum(g, axis=axes, keepdims=False).reshape(shape)
-
-
 def _levels(k, signed):
   return 2.0 ** (k - 1.0) - 1.0 if signed else 2.0 ** k - 1.0
 
@@ -219,7 +209,7 @@ def _make_fused(signed: bool, zero_branch: bool):
       g_lo = jnp.where(jnp.floor(b) >= 1.0, g_lo, 0.0)
     gr = g * ((1.0 - f) * g_lo + f * g_hi) * jnp.sign(r)
     gb = g * ra * (c_hi - c_lo)
-    return gx, _sum_to(gr, jnp.shape(r)), _sum_to(gb, jnp.shape(b))
+    return gx, learned.sum_to(gr, jnp.shape(r)), learned.sum_to(gb, jnp.shape(b))
 
   fused.defvjp(fwd, bwd)
   return fused

@@ -67,7 +67,7 @@ def lsq_quantize(x, step, qmin, qmax, *, grad_scale: float = 1.0):
               float(grad_scale)).astype(dtype)
 
 
-def _sum_to(g, shape):
+def sum_to(g, shape):
   """Sums a broadcast gradient back to ``shape`` (numpy broadcasting)."""
   shape = tuple(shape)
   if g.shape == shape:
@@ -95,7 +95,7 @@ def _lsq_bwd(grad_scale, res, g):
   inside = (v >= qmin) & (v <= qmax)
   gx = jnp.where(inside, g, 0.0)
   per = jnp.where(inside, jnp.round(v) - v, jnp.clip(v, qmin, qmax))
-  gs = _sum_to(g * per * grad_scale, s.shape)
+  gs = sum_to(g * per * grad_scale, s.shape)
   return gx, gs, jnp.zeros_like(qmin), jnp.zeros_like(qmax)
 
 

@@ -247,31 +247,27 @@ def needs_hard_assignment(stats) -> bool:
   return any(found)
 
 
-def write_hard_bits(stats, rounded_quant):
-  """Copies rounded ``*_bits`` from ``quant`` into ``quant_stats``."""
-  out = jax.tree_util.tree_map(lambda v: v, stats)
+def _copy_renamed(target, source, old: str, new: str):
+  """``target`` (copied) with every ``*{old}`` leaf of ``source`` written
+  under the name ``*{new}`` at the same module path."""
+  out = jax.tree_util.tree_map(lambda v: v, target)
 
   def put(prefix, k, v):
-    if not k.endswith('_bits'):
+    if not k.endswith(old):
       return
     node = out
     for p in prefix:
       node = node[p]
-    node[k.replace('_bits', '_hard_bits')] = v.astype(jnp.float32)
-  _walk(rounded_quant, put)
+    node[k[:-len(old)] + new] = v.astype(jnp.float32)
+  _walk(source, put)
   return out
+
+
+def write_hard_bits(stats, rounded_quant):
+  """Copies rounded ``*_bits`` from ``quant`` into ``quant_stats``."""
+  return _copy_renamed(stats, rounded_quant, '_bits', '_hard_bits')
 
 
 def hard_bits_view(quant, stats):
   """``quant`` with every ``*_bits`` replaced by its frozen integer value."""
-  out = jax.tree_util.tree_map(lambda v: v, quant)
-
-  def put(prefix, k, v):
-    if not k.endswith('_hard_bits'):
-      return
-    node = out
-    for p in prefix:
-      node = node[p]
-    node[k.replace('_hard_bits', '_bits')] = v
-  _walk(stats, put)
-  return out
+  return _copy_renamed(quant, stats, '_hard_bits', '_bits')

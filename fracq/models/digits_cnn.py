@@ -22,6 +22,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fracq.models._common import batch_norm
+
 FIRST_LAYER_PATTERN = r'^conv_init$'
 CLASSIFIER_PATTERN = r'^head$'
 
@@ -38,11 +40,8 @@ class DigitsCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    def bn(name):
-      return nn.BatchNorm(use_running_average=not train,
-                          momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                          axis_name=self.bn_axis_name, dtype=self.dtype,
-                          name=name)
+    norm = batch_norm(train, self.bn_axis_name, self.bn_momentum,
+                      self.bn_epsilon, self.dtype)
 
     w = self.widths
     specs = [('conv_init', 'bn_init', w[0], (3, 3), 1),
@@ -54,7 +53,7 @@ class DigitsCNN(nn.Module):
     for conv_name, bn_name, feats, ksize, stride in specs:
       x = nn.Conv(feats, ksize, strides=stride, padding='SAME',
                   use_bias=False, dtype=self.dtype, name=conv_name)(x)
-      x = nn.relu(bn(bn_name)(x))
+      x = nn.relu(norm(name=bn_name)(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return x.astype(jnp.float32)

@@ -18,6 +18,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fracq.models._common import batch_norm
+
 FIRST_LAYER_PATTERN = r'^Conv2d_1a_3x3/conv$'
 CLASSIFIER_PATTERN = r'^fc$'
 
@@ -163,10 +165,8 @@ class InceptionV3(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum,
-                             epsilon=self.bn_epsilon,
-                             axis_name=self.bn_axis_name, dtype=self.dtype)
+    norm = batch_norm(train, self.bn_axis_name, self.bn_momentum,
+                      self.bn_epsilon, self.dtype)
     c = functools.partial(BasicConv, norm=norm, dtype=self.dtype)
     x = x.astype(self.dtype)
     x = c(32, (3, 3), strides=2, name='Conv2d_1a_3x3')(x)

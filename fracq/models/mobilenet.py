@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fracq.models._common import batch_norm
+
 FIRST_LAYER_PATTERN = r'^stem_conv$'
 CLASSIFIER_PATTERN = r'^(classifier|fc)$'
 
@@ -36,12 +38,6 @@ def make_divisible(v: float, divisor: int = 8) -> int:
   if new < 0.9 * v:
     new += divisor
   return new
-
-
-def _norm(train, axis_name, momentum, eps, dtype):
-  return functools.partial(nn.BatchNorm, use_running_average=not train,
-                           momentum=momentum, epsilon=eps,
-                           axis_name=axis_name, dtype=dtype)
 
 
 class _InvertedResidual(nn.Module):
@@ -85,8 +81,8 @@ class MobileNetV2(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = _norm(train, self.bn_axis_name, self.bn_momentum, self.bn_epsilon,
-                 self.dtype)
+    norm = batch_norm(train, self.bn_axis_name, self.bn_momentum,
+                      self.bn_epsilon, self.dtype)
     x = x.astype(self.dtype)
     ch = make_divisible(32 * self.width_mult)
     last = make_divisible(1280 * max(1.0, self.width_mult))
@@ -128,8 +124,8 @@ class MobileNetV1(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = _norm(train, self.bn_axis_name, self.bn_momentum, self.bn_epsilon,
-                 self.dtype)
+    norm = batch_norm(train, self.bn_axis_name, self.bn_momentum,
+                      self.bn_epsilon, self.dtype)
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
     x = x.astype(self.dtype)
     ch = int(32 * self.width_mult)

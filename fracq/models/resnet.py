@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fracq.models._common import batch_norm
+
 FIRST_LAYER_PATTERN = r'^conv_init$'
 CLASSIFIER_PATTERN = r'^fc$'
 
@@ -78,10 +80,8 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train,
-        momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-        axis_name=self.bn_axis_name, dtype=self.dtype)
+    norm = batch_norm(train, self.bn_axis_name, self.bn_momentum,
+                      self.bn_epsilon, self.dtype)
     x = x.astype(self.dtype)
     if self.cifar_stem:
       x = nn.Conv(self.widths[0], (3, 3), padding=((1, 1), (1, 1)),
