@@ -342,7 +342,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     wrapper.report(state.variables(), workdir, total, writer)
   writer.flush()
-  if config.export:
-    from fracq import export
-    export.export_workdir(workdir, config)
+  if config.export and jax.process_index() == 0:
+    eval_metrics.update(_export(config, wrapper, state, workdir))
   return eval_metrics
+
+
+def _export(config, wrapper, state, workdir) -> dict:
+  """Writes the packed artifact and its size report into ``workdir``."""
+  import os
+  from fracq import export
+  if not hasattr(wrapper, 'facts'):
+    raise ValueError('config.export=True needs a quantized model '
+                     "(config.quant.method != 'none').")
+  path = os.path.join(workdir, 'model.fracq.safetensors')
+  rep = export.export_model(wrapper, jax.device_get(state.variables()), path,
+                            overwrite=config.overwrite,
+                            metadata={'model': config.model,
+                                      'method': config.quant.method})
+  text = rep.format()
+  with open(os.path.join(workdir, 'size_report.txt'), 'w') as f:
+    f.write(text + '\n')
+  logging.info('Exported %s:\n%s', path, text)
+  return {'artifact_bytes': rep.artifact_bytes,
+          'artifact_over_theoretical': 1 + rep.overhead,
+          'artifact_compression_over_int8':
+              rep.int8_artifact_bytes / rep.artifact_bytes}
