@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +138,3 @@ def format_facts_table(facts: dict[str, LayerFacts],
              f'{total_m:,} MACs per example')
   return '\n'.join(out)
 
-
-def path_matches(pattern: str, facts: dict[str, LayerFacts]) -> list[str]:
-  """Paths of the recorded layers matched by ``pattern`` (re.search)."""
-  return [p for p in facts if re.search(pattern, p)]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import warnings
 from typing import Any, Callable, Protocol, Sequence
 
@@ -320,6 +319,3 @@ class QuantizedModule:
     return facts_lib.format_facts_table(self.layer_facts(*args, **kwargs),
                                         extra=extra)
 
-
-def total_numel(facts: dict[str, facts_lib.LayerFacts]) -> int:
-  return sum(math.prod(f.kernel_shape) for f in facts.values())

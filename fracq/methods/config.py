@@ -95,7 +95,7 @@ def rules_from_config(c) -> list[Rule]:
     rules.append(Rule(
         module_path=c.fixed_layers, name='fixed',
         weight=TensorSpec(bits=int(c.fixed_bits),
-                          range_method=_fixed_range(c.weight_range),
+                          range_method=c.weight_range,
                           granularity=c.weight_granularity),
         act=(TensorSpec(bits=int(c.fixed_act_bits),
                         range_method=c.act_range,
@@ -116,10 +116,6 @@ def rules_from_config(c) -> list[Rule]:
         range_method=c.act_range, granularity=c.act_granularity)
   rules.append(Rule(module_path='.*', weight=weight, act=act, name='default'))
   return rules
-
-
-def _fixed_range(weight_range: str) -> str:
-  return weight_range
 
 
 def _int_bits(b, what) -> int:
