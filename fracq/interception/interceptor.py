@@ -130,9 +130,15 @@ class _PromoteHook:
     rule = site.rule
     if rule.act is not None:
       inputs = self.owner.provider.quantize_input(site, inputs)
-    if rule.weight is not None:
+    if rule.weight is not None or _transforms_kernels(self.owner.provider):
       kernel = self.owner.provider.quantize_kernel(site, kernel)
     return (inputs, kernel, *rest)
+
+
+def _transforms_kernels(provider) -> bool:
+  """Providers with a kernel transform (pruning, clustering) see every
+  matched kernel, even one whose rule keeps it float (``weight=None``)."""
+  return getattr(provider, 'kernel_transform', None) is not None
 
 
 def _n_features(module) -> int:
@@ -167,7 +173,8 @@ class _Interceptor:
     found = rules_lib.match_rule(self.rules, path, layer_type)
     rule_index, rule = found if found else (None, None)
     quantize = rule is not None and not rule.keep_float and (
-        rule.weight is not None or rule.act is not None)
+        rule.weight is not None or rule.act is not None or
+        _transforms_kernels(self.provider))
     if not quantize:
       # Bit-for-bit the original layer; record its facts when asked.
       out = next_fun(*args, **kwargs)

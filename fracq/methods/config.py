@@ -28,7 +28,7 @@ from fracq.interception import TensorSpec
 from fracq.methods import cost as cost_lib
 from fracq.methods import penalty as penalty_lib
 
-METHODS = ('none', 'uniform', 'fracbits', 'hawq')
+METHODS = ('none', 'uniform', 'fracbits', 'hawq', 'f8net')
 
 
 def default_quant_config(method: str = 'none') -> ml_collections.ConfigDict:
@@ -78,6 +78,15 @@ def default_quant_config(method: str = 'none') -> ml_collections.ConfigDict:
   c.hawq_candidates = '2,3,4,5,6,8'
   c.hawq_probes = 32
   c.hawq_batches = 2
+  # F8Net (method 'f8net'): FL rule for weights / activations ('std' =
+  # floor(log2(C/std)), 'grid' = RMS search), weight FL per 'layer' or
+  # 'channel', activation-FL EMA momentum, weight FL range, BN folding.
+  c.f8_weight_format = 'std'
+  c.f8_act_format = 'std'
+  c.f8_weight_granularity = 'layer'
+  c.f8_momentum = 0.1
+  c.f8_weight_fl_range = (0, 15)
+  c.f8_fold_bn = True
   return c
 
 

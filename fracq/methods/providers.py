@@ -66,14 +66,22 @@ class QATProvider:
   """
 
   def __init__(self, hard: bool = False, calibrate: bool = False,
-               signs: dict[str, bool] | None = None):
+               signs: dict[str, bool] | None = None,
+               kernel_transform=None):
     self.hard = hard
     self.calibrate = calibrate
     self.signs = dict(signs or {})
+    # Optional ``transform(site, kernel, calibrate) -> kernel`` applied before
+    # the kernel quantizer (pruning masks, weight clustering, ...).
+    self.kernel_transform = kernel_transform
 
   # -- interceptor entry points ------------------------------------------
   def quantize_kernel(self, site: Site, kernel):
+    if self.kernel_transform is not None:
+      kernel = self.kernel_transform(site, kernel, self.calibrate)
     spec = site.rule.weight
+    if spec is None:  # the transform alone (e.g. pruning of a float layer)
+      return kernel
     axis = site.kernel_channel_axis if spec.granularity == 'channel' else None
     return self._quantize(site, 'kernel', spec, kernel, axis, True)
 

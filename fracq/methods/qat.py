@@ -68,8 +68,10 @@ class QATModel:
                hard_assign_step: int | None = None,
                hard_assign_tolerance: float = 0.01,
                call_kwargs: dict | None = None, on_unused: str = 'error',
+               kernel_transform=None,
                _hard: bool = False, _shared=None):
     self.module = module
+    self.kernel_transform = kernel_transform
     self.hard = _hard
     self.rules = tuple(rules)
     self.on_unused = on_unused
@@ -77,7 +79,8 @@ class QATModel:
     self.signs = (_shared[-1] if _shared is not None else
                   _probe_signs(module, self.rules, sample_input,
                                self.call_kwargs))
-    self.provider = providers.QATProvider(hard=_hard, signs=self.signs)
+    self.provider = providers.QATProvider(hard=_hard, signs=self.signs,
+                                          kernel_transform=kernel_transform)
     self.qmodule = QuantizedModule(module, rules, self.provider,
                                    on_unused=on_unused)
     self.rules = self.qmodule.rules
@@ -134,7 +137,8 @@ class QATModel:
     Learned and frozen bit-widths are left alone.
     """
     provider = providers.QATProvider(hard=self.hard, calibrate=True,
-                                     signs=self.signs)
+                                     signs=self.signs,
+                                     kernel_transform=self.kernel_transform)
     qm = QuantizedModule(self.module, self.rules, provider,
                          on_unused='warn')
     kwargs = {**self.call_kwargs, **kwargs}
@@ -187,7 +191,8 @@ class QATModel:
                       hard_assign_step=self.hard_assign_step,
                       hard_assign_tolerance=self.hard_assign_tolerance,
                       call_kwargs=self.call_kwargs,
-                      on_unused=self.on_unused, _hard=True,
+                      on_unused=self.on_unused,
+                      kernel_transform=self.kernel_transform, _hard=True,
                       _shared=(self.facts, self.cost_model, self.target,
                                self.budget, self.signs))
       self._twin = twin

@@ -76,6 +76,9 @@ def build_model_wrapper(config, module, sample_x, total_steps=None):
   if config.quant.method == 'none':
     return PlainModel(module)
   from fracq.methods import config as methods_config
+  if config.quant.method == 'f8net':
+    from fracq.methods import f8net
+    return f8net.build(config.quant, module, sample_x)
   if config.quant.method == 'hawq':
     # The search runs on the trained float model, on training batches.
     from fracq import data as data_lib

@@ -1,0 +1,30 @@
+"""F8Net on the embedded digits: every conv and the classifier in 8-bit
+fixed point (power-of-two scales), BatchNorm folded, formats from statistics.
+
+Trained from scratch with the digits recipe (the fixed-point quantizers are
+on from step 0). The exported integer-only model (fracq.export.integer_model)
+reproduces this model's eval predictions exactly.
+
+Run:
+  python launch.py --config=configs/digits_f8net.py --workdir=/tmp/df8
+
+Expected: within 0.5 points of the float model (~99.4-100%). Variants:
+seed=N; weights=grid|std (weight FL rule); acts=grid|std; channel=True (one
+weight FL per output channel); smoke.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, smoke=False, seed=0, weights='std', acts='std',
+                       channel=False)
+  c = common.digits_config(a.seed)
+  q = c.quant
+  q.method = 'f8net'
+  q.f8_weight_format = a.weights
+  q.f8_act_format = a.acts
+  q.f8_weight_granularity = 'channel' if a.channel else 'layer'
+  if a.smoke:
+    common.apply_smoke(c)
+  return c

@@ -1,0 +1,506 @@
+"""F8Net: fixed-point 8-bit-only quantization of unmodified Flax models.
+
+Reference: Jin et al., "F8Net: Fixed-Point 8-bit Only Multiplication for
+Network Quantization", ICLR 2022 (arXiv 2202.05239). The quantizer math lives
+in :mod:`fracq.core.fixed_point`; this module is the transform:
+
+* every ``nn.Conv`` / ``nn.Dense`` input is quantized to 8-bit fixed point
+  (unsigned ``[0, 255]`` when the sign probe saw it non-negative, e.g. after
+  a ReLU; signed ``[-127, 127]`` otherwise) with a power-of-two scale
+  ``2^-FL``; the activation FL follows an EMA (momentum 0.1) of the batch
+  statistics in training and is frozen (rounded) at eval;
+* a Conv/Dense whose output feeds a ``nn.BatchNorm`` directly is *folded*:
+  in training the layer runs once in float for the batch statistics (which
+  also update the BN running averages, as the unfolded model would), the BN
+  is folded into the kernel and bias (``fracq.core.fixed_point.fold_bn``),
+  the folded kernel is quantized with an FL from its own statistics, and the
+  layer runs again with it; at eval the running statistics fold instead.
+  The BN call then returns the folded layer's output. Pairs are found by
+  tracing the model once and matching the *same array object* leaving the
+  conv and entering the BN, so any model code works unmodified; a BN fed by
+  anything else stays a float BN and is listed in ``unfolded`` (with the
+  reason) so users can see which layers are not integer-only;
+* the bias is quantized to int32 at ``FL_in + FL_w`` (the accumulator's
+  format), so the simulated model equals the integer-only one bit for bit
+  (:mod:`fracq.export.integer_model`).
+
+Formats. ``format='std'`` picks ``FL = floor(log2(C / std))`` (``C`` = 40
+signed, 70 unsigned, F8Net's fit); for an unsigned input (seen after its
+ReLU) the pre-ReLU std is estimated as ``std / 0.5838`` (the std of
+``relu(N(0, s^2))`` is ``0.5838 s``). ``format='grid'`` picks the FL that
+minimizes the RMS quantization error. Weight FL ranges are wider than the
+paper's ``0..7`` by default (``weight_fl_range=(0, 15)``): BN-folded kernels
+of wide layers have std well below ``40 / 2^7``, and an FL is only a shift in
+the integer model, so nothing but precision changes.
+
+Variables (on each quantized layer's scope):
+  ``quant_stats/input_fl_ema``: the EMA of the per-batch activation FL
+  (float; -inf-free: initialised from the ``init`` batch); eval uses
+  ``round(input_fl_ema)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fracq.core import fixed_point as fxp
+from fracq.interception.interceptor import layer_type_of
+
+STATS = 'quant_stats'
+_RELU_STD = math.sqrt(0.5 * (1.0 - 1.0 / math.pi))  # std of relu(N(0, 1))
+_SUPPORTED = ('Conv', 'Dense')
+
+
+@dataclasses.dataclass(frozen=True)
+class F8NetOptions:
+  """How F8Net quantizes.
+
+  Attributes:
+    weight_format: ``'std'`` (FL from the folded kernel's std) or ``'grid'``
+      (RMS-optimal FL).
+    act_format: same choice for activations (per batch, then EMA).
+    weight_granularity: ``'layer'`` (one FL per kernel, as the paper) or
+      ``'channel'`` (one FL per output channel).
+    momentum: EMA momentum of the activation FL (PyTorch convention).
+    weight_fl_range: allowed weight FLs.
+    act_fl_range: allowed activation FLs (``None``: 0..7 signed, 0..8
+      unsigned, as the paper).
+    keep_float: regex of layer paths left float (their inputs too).
+    fold_bn: fold Conv/Dense -> BatchNorm pairs (else BNs stay float).
+  """
+
+  weight_format: str = 'std'
+  act_format: str = 'std'
+  weight_granularity: str = 'layer'
+  momentum: float = 0.1
+  weight_fl_range: tuple[int, int] = (0, 15)
+  act_fl_range: tuple[int, int] | None = None
+  keep_float: str = ''
+  fold_bn: bool = True
+
+  def __post_init__(self):
+    for name in ('weight_format', 'act_format'):
+      if getattr(self, name) not in ('std', 'grid'):
+        raise ValueError(f"{name}={getattr(self, name)!r}: use 'std' "
+                         "(F8Net's floor(log2(C/std))) or 'grid' (RMS search).")
+    if self.weight_granularity not in ('layer', 'channel'):
+      raise ValueError(f'weight_granularity={self.weight_granularity!r}: use '
+                       "'layer' or 'channel'.")
+    if not 0 < self.momentum <= 1:
+      raise ValueError(f'momentum={self.momentum} must be in (0, 1].')
+    if self.keep_float:
+      re.compile(self.keep_float)
+
+
+def _fl_of(x, signed, fmt, fl_range, axis=None):
+  """Integer FL of ``x`` (no gradient)."""
+  x = jax.lax.stop_gradient(x.astype(jnp.float32))
+  lo, hi = fl_range
+  if fmt == 'grid':
+    return fxp.fl_grid_search(x, signed, range(lo, hi + 1), axis=axis)
+  red = tuple(a for a in range(x.ndim) if axis is None or a != axis % x.ndim)
+  std = jnp.std(x, axis=red)
+  if not signed:
+    std = std / _RELU_STD
+  std = jnp.maximum(std, 1e-12)
+  return fxp.fl_from_std(std, signed, fl_range=fl_range)
+
+
+def _act_range(signed, opts):
+  return opts.act_fl_range or fxp.default_fl_range(signed)
+
+
+def quantize_bias(b, fl):
+  """``b`` on the int32 grid ``2^-fl``, straight-through gradient."""
+  q = fxp.fixed_point_to_int(jax.lax.stop_gradient(b), fl, signed=True,
+                             bits=32, axis=0 if jnp.ndim(fl) else None)
+  q = q.astype(jnp.float32) * fxp.pow2(-fl)
+  return b + jax.lax.stop_gradient(q - b)
+
+
+class _Hook:
+  """A ``promote_dtype`` replacement: promote, then ``fn(inputs, kernel,
+  bias)`` returns the arrays the layer computes with."""
+
+  def __init__(self, orig, fn):
+    self.orig = orig
+    self.fn = fn
+
+  def __call__(self, *arrays, dtype=None, **kwargs):
+    inputs, kernel, *rest = self.orig(*arrays, dtype=dtype, **kwargs)
+    bias = rest[0] if rest else None
+    inputs, kernel, bias = self.fn(inputs, kernel, bias)
+    return (inputs, kernel, bias, *rest[1:]) if rest else (inputs, kernel)
+
+
+def _run_with(module, fn, args, kwargs):
+  clone = module.clone(parent=module.scope)
+  object.__setattr__(clone, 'promote_dtype', _Hook(module.promote_dtype, fn))
+  object.__setattr__(clone, '_f8net_clone', True)
+  return clone(*args, **kwargs), clone
+
+
+@dataclasses.dataclass
+class LayerRecord:
+  """What one quantized layer did (filled in eager ``capture`` runs)."""
+  path: str
+  layer_type: str
+  signed_input: bool
+  folded_bn: str | None = None
+  input_fl: Any = None
+  weight_fl: Any = None
+  kernel_codes: Any = None
+  bias_codes: Any = None
+  strides: Any = None
+  padding: Any = None
+  feature_group_count: int = 1
+  in_shape: tuple = ()
+  out_shape: tuple = ()
+
+
+class _Interceptor:
+  """The F8Net transform as a flax method interceptor.
+
+  mode: ``'probe'`` (float model; records signs, Conv->BN pairs, order),
+  ``'run'`` (the quantized model), ``'capture'`` (``'run'`` + records of
+  integer codes, eager only).
+  """
+
+  def __init__(self, model: 'F8NetModel', mode: str, train: bool = False):
+    self.model = model
+    self.mode = mode
+    self.train = train
+    self.pending: dict[int, tuple] = {}
+    self.records: list[LayerRecord] = []
+    self.signs: dict[str, bool] = {}
+    self.pairs: dict[str, str] = {}
+    self.unfolded: dict[str, str] = {}
+    self.order: list[str] = []
+    self._probe_out: dict[int, tuple] = {}
+
+  def __call__(self, next_fun, args, kwargs, context):
+    m = context.module
+    if context.method_name != '__call__' or getattr(m, '_f8net_clone', False):
+      return next_fun(*args, **kwargs)
+    if isinstance(m, nn.BatchNorm):
+      return self._bn(m, next_fun, args, kwargs)
+    lt = layer_type_of(m)
+    if lt is None:
+      return next_fun(*args, **kwargs)
+    path = '/'.join(m.path)
+    opts = self.model.options
+    if lt not in _SUPPORTED or (opts.keep_float and
+                                re.search(opts.keep_float, path)):
+      return next_fun(*args, **kwargs)
+    if self.mode == 'probe':
+      return self._probe_layer(m, path, lt, next_fun, args, kwargs)
+    return self._layer(m, path, lt, args, kwargs)
+
+  # -- probe -------------------------------------------------------------
+  def _probe_layer(self, m, path, lt, next_fun, args, kwargs):
+    x = args[0] if args else kwargs['inputs']
+    self.signs[path] = not bool(jnp.all(x >= 0))
+    self.order.append(path)
+    y = next_fun(*args, **kwargs)
+    self._probe_out[id(y)] = (y, path)
+    return y
+
+  def _bn_probe(self, m, x):
+    bn = '/'.join(m.path)
+    hit = self._probe_out.get(id(x))
+    if hit is not None and hit[0] is x:
+      if hit[1] in self.pairs:
+        self.unfolded[bn] = f'{hit[1]} already feeds another BatchNorm'
+      elif not self.model.options.fold_bn:
+        self.unfolded[bn] = 'fold_bn=False'
+      else:
+        self.pairs[hit[1]] = bn
+    else:
+      self.unfolded[bn] = ('its input is not the direct output of a Conv/Dense'
+                           ' (e.g. a pre-activation block)')
+
+  # -- quantized layers ----------------------------------------------------
+  def _input_fl(self, clone, path, x, signed):
+    opts = self.model.options
+    rng = _act_range(signed, opts)
+    init = lambda: _fl_of(x, signed, opts.act_format, rng).astype(jnp.float32)
+    v = clone.variable(STATS, 'input_fl_ema', init)
+    if self.train and not clone.is_initializing():
+      batch = _fl_of(x, signed, opts.act_format, rng)
+      if clone.is_mutable_collection(STATS):
+        v.value = fxp.ema_fl_update(v.value, batch, opts.momentum)
+      return batch
+    return fxp.freeze_fl(v.value, signed=signed, fl_range=rng)
+
+  def _weight_fl(self, k):
+    opts = self.model.options
+    axis = -1 if opts.weight_granularity == 'channel' else None
+    return _fl_of(k, True, opts.weight_format, opts.weight_fl_range, axis)
+
+  def _layer(self, m, path, lt, args, kwargs):
+    signed = self.model.signs.get(path, True)
+    bn = self.model.pairs.get(path)
+    state = {}
+    opts = self.model.options
+
+    def quant_inputs(clone, x):
+      fl = self._input_fl(clone, path, x, signed)
+      state['fl_in'] = fl
+      xq = fxp.fixed_point_quantize(x, fl, signed=signed,
+                                    fl_range=_act_range(signed, opts))
+      state['xq'] = xq
+      return xq
+
+    if bn is None:  # quantize the kernel as is
+      def fn(x, k, b):
+        xq = quant_inputs(state['clone'], x)
+        flw = self._weight_fl(k)
+        kq = fxp.fixed_point_quantize(k, flw, signed=True,
+                                      axis=-1 if jnp.ndim(flw) else None,
+                                      fl_range=opts.weight_fl_range)
+        bq = None if b is None else quantize_bias(b, state['fl_in'] + flw)
+        self._capture(m, path, lt, signed, None, state['fl_in'], flw, kq, bq,
+                      x)
+        return xq, kq, bq
+      clone = m.clone(parent=m.scope)
+      state['clone'] = clone
+      object.__setattr__(clone, 'promote_dtype', _Hook(m.promote_dtype, fn))
+      object.__setattr__(clone, '_f8net_clone', True)
+      return clone(*args, **kwargs)
+
+    # Folded: float pass for the batch statistics, finished at the BN.
+    def first(x, k, b):
+      xq = quant_inputs(state['clone'], x)
+      state['k'], state['b'] = k, b
+      return xq, k, b
+    clone = m.clone(parent=m.scope)
+    state['clone'] = clone
+    object.__setattr__(clone, 'promote_dtype', _Hook(m.promote_dtype, first))
+    object.__setattr__(clone, '_f8net_clone', True)
+    y = clone(*args, **kwargs)
+
+    def finish(gamma, beta, mean, var, eps):
+      kf, bf = fxp.fold_bn(state['k'], state['b'], gamma, beta, mean, var, eps)
+      flw = self._weight_fl(kf)
+      kq = fxp.fixed_point_quantize(kf, flw, signed=True,
+                                    axis=-1 if jnp.ndim(flw) else None,
+                                    fl_range=opts.weight_fl_range)
+      bq = quantize_bias(bf, state['fl_in'] + flw)
+      xq = state['xq']
+
+      def second(x, k, b):
+        del x, k, b
+        return xq, kq, None
+      out, _ = _run_with(m, second, args, kwargs)
+      self._capture(m, path, lt, signed, bn, state['fl_in'], flw, kq, bq,
+                    args[0] if args else kwargs['inputs'])
+      return out + bq.astype(out.dtype)
+
+    self.pending[id(y)] = (y, finish)
+    return y
+
+  def _bn(self, m, next_fun, args, kwargs):
+    x = args[0] if args else kwargs['x']
+    if self.mode == 'probe':
+      self._bn_probe(m, x)
+      return next_fun(*args, **kwargs)
+    hit = self.pending.pop(id(x), None)
+    if hit is None or hit[0] is not x:
+      return next_fun(*args, **kwargs)  # an unfolded BN: float
+    _, finish = hit
+    # The float BN call: creates BN variables at init and updates the
+    # running averages in training exactly as the unfolded model would.
+    next_fun(*args, **kwargs)
+    use_ra = nn.merge_param('use_running_average', m.use_running_average,
+                            kwargs.get('use_running_average'))
+    gamma = m.get_variable('params', 'scale') if m.use_scale else None
+    beta = m.get_variable('params', 'bias') if m.use_bias else None
+    if use_ra or m.is_initializing():
+      mean = m.get_variable('batch_stats', 'mean')
+      var = m.get_variable('batch_stats', 'var')
+      if m.is_initializing():  # as the BN does at init: batch statistics
+        mean, var = fxp.bn_batch_stats(x.astype(jnp.float32))
+    else:
+      xf = x.astype(jnp.float32)
+      red = tuple(range(xf.ndim - 1))
+      mean = jnp.mean(xf, axis=red)
+      mean2 = jnp.mean(jnp.square(xf), axis=red)
+      if m.axis_name is not None:
+        mean, mean2 = jax.lax.pmean((mean, mean2), m.axis_name)
+      var = jnp.maximum(mean2 - jnp.square(mean), 0.0)
+    return finish(gamma, beta, mean, var, m.epsilon)
+
+  # -- capture -------------------------------------------------------------
+  def _capture(self, m, path, lt, signed, bn, fl_in, flw, kq, bq, x):
+    if self.mode != 'capture':
+      return
+    S = np.asarray(fl_in) + np.asarray(flw)
+    codes = np.asarray(fxp.fixed_point_to_int(
+        kq, flw, signed=True, axis=-1 if np.ndim(flw) else None))
+    bcodes = None
+    if bq is not None:
+      bcodes = np.asarray(fxp.fixed_point_to_int(
+          bq, jnp.asarray(S), signed=True, bits=32,
+          axis=0 if np.ndim(S) else None))
+    rec = LayerRecord(
+        path=path, layer_type=lt, signed_input=signed, folded_bn=bn,
+        input_fl=int(np.asarray(fl_in)), weight_fl=np.asarray(flw),
+        kernel_codes=codes.astype(np.int8), bias_codes=bcodes,
+        in_shape=tuple(x.shape))
+    if lt == 'Conv':
+      nsp = codes.ndim - 2
+      rec.strides = m.strides if m.strides is not None else (1,) * nsp
+      if isinstance(rec.strides, int):
+        rec.strides = (rec.strides,) * nsp
+      rec.padding = m.padding
+      rec.feature_group_count = m.feature_group_count
+    self.records.append(rec)
+
+
+class F8NetModel:
+  """An unmodified Flax module under F8Net (a ``ModelWrapper``).
+
+  Args:
+    module: any ``flax.linen`` module whose quantizable layers are
+      ``nn.Conv`` / ``nn.Dense``.
+    sample_input: an example batch; one example is run eagerly to find input
+      signs and Conv->BatchNorm pairs.
+    options: :class:`F8NetOptions`.
+    call_kwargs: keywords of the module call for the probe (e.g.
+      ``{'train': False}``).
+  """
+
+  trainable_collections = ('params',)
+
+  def __init__(self, module: nn.Module, sample_input, *,
+               options: F8NetOptions | None = None,
+               call_kwargs: dict | None = None):
+    self.module = module
+    self.options = options or F8NetOptions()
+    self.call_kwargs = dict(call_kwargs or {'train': False})
+    x = jnp.asarray(sample_input)[:1]
+    probe = _Interceptor(self, 'probe')
+    with nn.intercept_methods(probe):
+      module.init(jax.random.PRNGKey(0), x, **self.call_kwargs)
+    if not probe.order:
+      raise ValueError('F8Net found no nn.Conv / nn.Dense layer to quantize '
+                       f'in {type(module).__name__} (keep_float='
+                       f'{self.options.keep_float!r} may exclude them all).')
+    self.signs, self.pairs = probe.signs, probe.pairs
+    self.unfolded, self.order = probe.unfolded, probe.order
+    if self.unfolded:
+      logging.warning('F8Net: BatchNorm layers left float (not folded): %s',
+                      '; '.join(f'{k}: {v}' for k, v in self.unfolded.items()))
+
+  # -- ModelWrapper protocol ---------------------------------------------
+  def init(self, rngs, x, *, train: bool = False, **kwargs):
+    with nn.intercept_methods(_Interceptor(self, 'run', train)):
+      return self.module.init(rngs, x, train=train, **kwargs)
+
+  def apply(self, variables, x, *, train: bool = False, mutable=False,
+            rngs=None, **kwargs):
+    with nn.intercept_methods(_Interceptor(self, 'run', train)):
+      return self.module.apply(variables, x, train=train, mutable=mutable,
+                               rngs=rngs, **kwargs)
+
+  def calibrate(self, variables, x, **kwargs):
+    """Sets each activation FL from ``x`` (e.g. after loading weights)."""
+    del kwargs
+    with nn.intercept_methods(_Calibrator(self)):
+      _, upd = self.module.apply(variables, x, train=False,
+                                 mutable=[STATS])
+    return {**variables, **upd}
+
+  def penalty(self, variables, step):
+    del variables, step
+    return jnp.zeros((), jnp.float32), {}
+
+  def metrics(self, variables):
+    del variables
+    return {}
+
+  def for_step(self, step: int):
+    del step
+    return self
+
+  def prepare(self, variables):
+    return variables
+
+  def capture(self, variables, x) -> list[LayerRecord]:
+    """Integer codes and formats of every quantized layer, in call order
+    (eval mode, eager)."""
+    inter = _Interceptor(self, 'capture', train=False)
+    with jax.disable_jit(), nn.intercept_methods(inter):
+      self.module.apply(variables, x, train=False)
+    return inter.records
+
+  def report(self, variables, workdir: str | None, step: int, writer=None):
+    """Per-layer formats (logged, returned, written as JSON)."""
+    del writer
+    stats = variables.get(STATS, {})
+    rows = []
+    for path in self.order:
+      node = stats
+      for p in path.split('/'):
+        node = node.get(p, {}) if isinstance(node, dict) else {}
+      ema = node.get('input_fl_ema') if isinstance(node, dict) else None
+      rows.append({'layer': path, 'input': 'int8' if self.signs.get(path, True)
+                   else 'uint8',
+                   'input_fl': None if ema is None else float(np.round(ema)),
+                   'folded_bn': self.pairs.get(path)})
+    lines = [f'{"layer":<24} {"input":<6} {"FL_in":>6}  folded BN']
+    for r in rows:
+      fl = '-' if r['input_fl'] is None else f'{r["input_fl"]:.0f}'
+      lines.append(f'{r["layer"]:<24} {r["input"]:<6} {fl:>6}  '
+                   f'{r["folded_bn"] or "-"}')
+    for bn, why in self.unfolded.items():
+      lines.append(f'unfolded {bn}: {why}')
+    text = '\n'.join(lines)
+    logging.info('F8Net formats at step %d:\n%s', step, text)
+    if workdir:
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, f'f8net_step{step}.json'), 'w') as f:
+        json.dump({'rows': rows, 'unfolded': self.unfolded}, f, indent=1)
+    return text
+
+
+class _Calibrator(_Interceptor):
+  """Eval-mode run that overwrites ``input_fl_ema`` from the current batch."""
+
+  def __init__(self, model):
+    super().__init__(model, 'run', train=False)
+
+  def _input_fl(self, clone, path, x, signed):
+    opts = self.model.options
+    rng = _act_range(signed, opts)
+    batch = _fl_of(x, signed, opts.act_format, rng)
+    v = clone.variable(STATS, 'input_fl_ema',
+                       lambda: batch.astype(jnp.float32))
+    if clone.is_mutable_collection(STATS):
+      v.value = batch.astype(jnp.float32)
+    return batch
+
+
+def build(quant_cfg, module, sample_x) -> F8NetModel:
+  """``F8NetModel`` from ``config.quant`` (method ``'f8net'``)."""
+  opts = F8NetOptions(
+      weight_format=quant_cfg.f8_weight_format,
+      act_format=quant_cfg.f8_act_format,
+      weight_granularity=quant_cfg.f8_weight_granularity,
+      momentum=quant_cfg.f8_momentum,
+      weight_fl_range=tuple(int(v) for v in quant_cfg.f8_weight_fl_range),
+      keep_float=quant_cfg.keep_float,
+      fold_bn=quant_cfg.f8_fold_bn)
+  return F8NetModel(module, sample_x, options=opts,
+                    call_kwargs={'train': False})
