@@ -65,6 +65,10 @@ class IntLayer:
     out_range: ``(qmin, qmax)`` of the next layer's input codes.
     out_scale: real value of one accumulator unit of the last layer (per
       channel), for dequantizing the output.
+    acc_shift: the accumulator is shifted left by this many bits before the
+      bias is added, so the bias (and everything after) keeps ``acc_shift``
+      more fractional bits (real-multiplier programs: a bias rounded to
+      whole accumulator units would shift every output by up to half a unit).
   """
 
   path: str
@@ -79,6 +83,7 @@ class IntLayer:
   requant: tuple | None = None
   out_range: tuple[int, int] | None = None
   out_scale: np.ndarray | None = None
+  acc_shift: int = 0
 
 
 @dataclasses.dataclass
@@ -149,10 +154,14 @@ def integer_forward(program: IntegerProgram, codes) -> jax.Array:
                           l.feature_group_count)
     else:
       acc = ints.int_dense(x, jnp.asarray(l.kernel))
+    if l.acc_shift:
+      acc = acc << l.acc_shift
     if l.bias is not None:
       acc = acc + _along_last(jnp.asarray(l.bias, jnp.int32), acc.ndim)
     if l.requant is None:
       return acc
+    if l.requant[0] == 'mult':  # negative BN scales flip a channel
+      acc = acc * _along_last(jnp.asarray(l.requant[1], jnp.int32), acc.ndim)
     if l.relu:
       acc = jnp.maximum(acc, 0)
     if l.pool > 1:
@@ -162,11 +171,10 @@ def integer_forward(program: IntegerProgram, codes) -> jax.Array:
       y = ints.shift_fraclen(acc, jnp.asarray(l.requant[1], jnp.int32))
       y = jnp.clip(y, lo, hi)
     else:
-      _, sign, m0, sh = l.requant
-      acc = acc * _along_last(jnp.asarray(sign, jnp.int32), acc.ndim)
+      _, _, m0, sh = l.requant
       y = ints.requantize(acc, jnp.asarray(m0), jnp.asarray(sh), 0, lo, hi)
     x = y.astype(_code_dtype(lo, hi))
-  raise ValueError('The program has no output layer.')
+  return x  # a truncated program (e.g. for debugging) ends in codes
 
 
 # -- structure --------------------------------------------------------------
@@ -178,6 +186,8 @@ class Structure:
   unfolded: dict[str, str]       # BatchNorm -> why it is not folded
   out_shapes: dict[str, tuple]
   in_shapes: dict[str, tuple]
+  bn_eps: dict[str, float] = dataclasses.field(default_factory=dict)
+  conv_attrs: dict[str, tuple] = dataclasses.field(default_factory=dict)
 
 
 def probe_structure(module: nn.Module, variables, x, **call_kwargs
@@ -186,7 +196,7 @@ def probe_structure(module: nn.Module, variables, x, **call_kwargs
   of the float model (``variables`` may be None: fresh init)."""
   from fracq.interception.interceptor import layer_type_of
   order, signs, pairs, unfolded = [], {}, {}, {}
-  outs, ins, outputs = {}, {}, {}
+  outs, ins, outputs, eps, attrs = {}, {}, {}, {}, {}
 
   def icpt(next_fun, args, kwargs, context):
     m = context.module
@@ -195,6 +205,7 @@ def probe_structure(module: nn.Module, variables, x, **call_kwargs
     if isinstance(m, nn.BatchNorm):
       a = args[0] if args else kwargs['x']
       bn = '/'.join(m.path)
+      eps[bn] = float(m.epsilon)
       hit = outputs.get(id(a))
       if hit is not None and hit[0] is a and hit[1] not in pairs:
         pairs[hit[1]] = bn
@@ -208,6 +219,11 @@ def probe_structure(module: nn.Module, variables, x, **call_kwargs
     order.append(path)
     signs[path] = not bool(jnp.all(a >= 0))
     ins[path] = tuple(a.shape)
+    if layer_type_of(m) == 'Conv':
+      nsp = len(m.kernel_size)
+      sd = m.strides if m.strides is not None else 1
+      sd = (sd,) * nsp if isinstance(sd, int) else tuple(sd)
+      attrs[path] = (sd, _padding(m.padding), int(m.feature_group_count))
     y = next_fun(*args, **kwargs)
     outputs[id(y)] = (y, path)
     outs[path] = tuple(y.shape)
@@ -219,7 +235,7 @@ def probe_structure(module: nn.Module, variables, x, **call_kwargs
       module.init(jax.random.PRNGKey(0), x, **call_kwargs)
     else:
       module.apply(variables, x, **call_kwargs)
-  return Structure(order, signs, pairs, unfolded, outs, ins)
+  return Structure(order, signs, pairs, unfolded, outs, ins, eps, attrs)
 
 
 def _link(st: Structure, i: int) -> tuple[bool, int]:
@@ -310,6 +326,111 @@ def lower_f8net(f8model, variables, sample_x, *, verify: bool = True
   return program
 
 
+def _tree_node(tree, path):
+  for p in path.split('/'):
+    tree = tree[p]
+  return tree
+
+
+def lower_qat(qmodel, variables, sample_x, *, verify: bool = True,
+              tolerance: float = 0.05) -> IntegerProgram:
+  """The integer-only program of a uniform-QAT or (hard-assigned) FracBits
+  :class:`~fracq.methods.qat.QATModel`.
+
+  Needs every Conv/Dense quantized with LSQ kernel steps (or FracBits shared
+  ranges) and fixed-bit LSQ per-tensor input steps. BatchNorm (running
+  statistics) and the layer bias fold into a per-channel real multiplier and
+  an int32 bias; ``verify`` checks the dequantized logits on ``sample_x``
+  against the fake-quantized model within ``tolerance`` of the logit range
+  (a structural check; tests hold it to 1e-3).
+  """
+  from fracq.export.freeze import freeze as freeze_fn
+  from fracq.core import uniform
+  x = jnp.asarray(sample_x)
+  params = variables['params']
+  quant = variables.get('quant', {})
+  stats = variables.get('batch_stats', {})
+  st = probe_structure(qmodel.module, variables, x, **qmodel.call_kwargs)
+  frozen = freeze_fn(qmodel, variables)
+  missing = [p for p in st.order if p not in frozen]
+  if missing:
+    raise ValueError(f'Integer-only inference needs every Conv/Dense kernel '
+                     f'quantized; float: {missing}.')
+  in_q = {}
+  for p in st.order:
+    spec = qmodel.rules[qmodel.facts[p].rule_index].act
+    if spec is None or spec.range_method != 'lsq' or spec.learn_bits or (
+        spec.granularity != 'tensor'):
+      raise ValueError(
+          f'{p}: integer-only inference needs the input quantized with a '
+          'per-tensor LSQ step at fixed bits (act_range=lsq, '
+          'act_granularity=tensor, learn_act_bits=False).')
+    lo, hi = uniform.int_range(int(spec.bits), signed=st.signs[p],
+                               narrow_range=spec.narrow_range)
+    step = float(np.abs(np.asarray(_tree_node(quant, p)['input_step'])))
+    in_q[p] = (step, (lo, hi))
+  layers = []
+  for i, p in enumerate(st.order):
+    fz = frozen[p]
+    s_in = in_q[p][0]
+    s_w = np.broadcast_to(np.asarray(fz.scale, np.float64).reshape(-1),
+                          (fz.codes.shape[-1],))
+    node = _tree_node(params, p)
+    cout = fz.codes.shape[-1]
+    b = np.asarray(node.get('bias', np.zeros(cout)), np.float64)
+    g = np.ones(cout)
+    beta = b
+    bn = st.pairs.get(p)
+    if bn is not None:
+      bnp, bns = _tree_node(params, bn), _tree_node(stats, bn)
+      gamma = np.asarray(bnp.get('scale', np.ones(cout)), np.float64)
+      g = gamma / np.sqrt(np.asarray(bns['var'], np.float64) + st.bn_eps[bn])
+      beta = (np.asarray(bnp.get('bias', np.zeros(cout)), np.float64) +
+              (b - np.asarray(bns['mean'], np.float64)) * g)
+    unit = s_in * s_w * g  # real value of one accumulator unit
+    if np.any(unit == 0):
+      raise ValueError(f'{p}: a zero scale (BN gamma or step) makes the '
+                       'integer requantization degenerate.')
+    # Headroom: |acc| <= sum |w| * max |x| per channel; keep 2 spare bits.
+    qlo, qhi = in_q[p][1]
+    red = tuple(range(fz.codes.ndim - 1))
+    bound = float(np.max(np.sum(np.abs(fz.codes.astype(np.int64)), axis=red))
+                  ) * max(abs(qlo), abs(qhi))
+    bound = max(bound + float(np.max(np.abs(beta / unit))), 1.0)
+    acc_shift = int(np.clip(28 - math.ceil(math.log2(bound)), 0, 16))
+    unit = unit / 2.0 ** acc_shift
+    bias = np.round(beta / unit)
+    if np.any(np.abs(bias) >= 2 ** 31):
+      raise ValueError(f'{p}: the folded bias overflows int32.')
+    l = IntLayer(path=p, layer_type=qmodel.facts[p].layer_type,
+                 kernel=fz.codes.astype(
+                     np.int8 if fz.codes.min(initial=0) >= -128 and
+                     fz.codes.max(initial=0) <= 127 else np.int16),
+                 bias=bias.astype(np.int32), acc_shift=acc_shift)
+    if l.layer_type not in ('Conv', 'Dense'):
+      raise ValueError(f'{p}: {l.layer_type} layers are not lowered.')
+    if l.layer_type == 'Conv':
+      l.strides, l.padding, l.feature_group_count = st.conv_attrs[p]
+    if i + 1 < len(st.order):
+      nxt = st.order[i + 1]
+      l.relu, l.pool = _link(st, i)
+      sign = np.where(unit < 0, -1, 1).astype(np.int32)
+      m0, ex = ints.quantize_multiplier(
+          np.abs(unit) / (l.pool * in_q[nxt][0]))
+      l.requant = ('mult', sign, np.atleast_1d(m0), np.atleast_1d(ex))
+      l.out_range = in_q[nxt][1]
+    else:
+      l.out_scale = unit.astype(np.float32)
+    layers.append(l)
+  first = st.order[0]
+  program = IntegerProgram(layers=layers, input_scale=in_q[first][0],
+                           input_range=in_q[first][1], kind='qat')
+  if verify:
+    ref = qmodel.apply(variables, x, **qmodel.call_kwargs)
+    _verify(program, ref, x, exact=False, atol=tolerance)
+  return program
+
+
 def _padding(p):
   if p is None or isinstance(p, str):
     if isinstance(p, str) and p.upper() not in ('SAME', 'VALID'):
@@ -320,3 +441,168 @@ def _padding(p):
     return ('INT', p)
   return tuple(tuple(q) if isinstance(q, (tuple, list)) else (q, q)
                for q in p)
+
+
+# -- on disk ------------------------------------------------------------------
+PROGRAM_FORMAT = 'fracq-integer-program-1'
+
+
+def _i32_as_f32(a):
+  """int32 tensors ride in the artifact's float32 blob bit-cast (exact)."""
+  return np.ascontiguousarray(np.asarray(a, np.int32)).view(np.float32)
+
+
+def _f32_as_i32(a):
+  return np.ascontiguousarray(np.asarray(a, np.float32)).view(np.int32)
+
+
+def _kernel_bits(k: np.ndarray) -> tuple[int, bool]:
+  """Smallest two's-complement (or unsigned) width holding every code."""
+  lo, hi = int(k.min(initial=0)), int(k.max(initial=0))
+  if lo >= 0:
+    return max(1, hi.bit_length()), False
+  return max(2, max((-lo - 1).bit_length(), hi.bit_length()) + 1), True
+
+
+def save_program(program: IntegerProgram, path: str, *,
+                 overwrite: bool = False, metadata: dict | None = None,
+                 kernel_bits: dict | None = None) -> int:
+  """Writes ``program`` as a packed artifact (:mod:`fracq.export.artifact`).
+
+  Kernels are bit-packed at ``kernel_bits[path]`` (default: the narrowest
+  width holding their codes, 8 for F8Net); int32 biases, requantization
+  multipliers and shifts are stored exactly (int32 bit-cast into the float
+  blob, names ending ``.i32``); the layer list is in the manifest. Returns
+  the file size in bytes.
+  """
+  from fracq.export import artifact
+  packed, floats, layers = {}, {}, []
+  kernel_bits = dict(kernel_bits or {})
+  for l in program.layers:
+    k = np.asarray(l.kernel)
+    bits, signed = _kernel_bits(k)
+    b = kernel_bits.get(l.path, bits)
+    packed[f'{l.path}/kernel'] = artifact.PackedTensor(
+        codes=k.astype(np.int32), bits=b, signed=signed)
+    if l.bias is not None:
+      floats[f'{l.path}/bias.i32'] = _i32_as_f32(l.bias)
+    entry = {'path': l.path, 'type': l.layer_type, 'relu': bool(l.relu),
+             'acc_shift': int(l.acc_shift),
+             'pool': int(l.pool), 'groups': int(l.feature_group_count),
+             'strides': None if l.strides is None else list(l.strides),
+             'padding': l.padding if not isinstance(l.padding, tuple)
+             else [list(p) if isinstance(p, tuple) else p
+                   for p in l.padding],
+             'out_range': None if l.out_range is None else list(l.out_range),
+             'requant': None if l.requant is None else l.requant[0],
+             'kernel_dtype': str(k.dtype)}
+    if l.requant is not None and l.requant[0] == 'shift':
+      floats[f'{l.path}/shift.i32'] = _i32_as_f32(np.atleast_1d(l.requant[1]))
+    elif l.requant is not None:
+      _, sign, m0, sh = l.requant
+      for n, v in (('sign', sign), ('m0', m0), ('exp', sh)):
+        floats[f'{l.path}/{n}.i32'] = _i32_as_f32(np.atleast_1d(v))
+    if l.out_scale is not None:
+      floats[f'{l.path}/out_scale'] = np.atleast_1d(
+          np.asarray(l.out_scale, np.float32))
+    layers.append(entry)
+  meta = dict(metadata or {})
+  meta['program'] = {'format': PROGRAM_FORMAT, 'kind': program.kind,
+                     'input_scale': float(program.input_scale),
+                     'input_range': list(program.input_range),
+                     'layers': layers}
+  return artifact.write_artifact(path, packed, floats, meta,
+                                 overwrite=overwrite)
+
+
+def load_program(path: str) -> IntegerProgram:
+  """Reads :func:`save_program`'s artifact (checksums verified)."""
+  from fracq.export import artifact
+  codes, floats, man = artifact.read_artifact(path)
+  prog = man['metadata'].get('program')
+  if not prog or prog.get('format') != PROGRAM_FORMAT:
+    raise artifact.ArtifactError(
+        f'{path} holds no integer program (it is a packed-weights artifact; '
+        'integer programs are written by save_program / export with an '
+        'integer-capable method).')
+  layers = []
+  for e in prog['layers']:
+    p = e['path']
+    sq = lambda a: a.reshape(()) if a.size == 1 else a
+    if e['requant'] == 'shift':
+      rq = ('shift', sq(_f32_as_i32(floats[f'{p}/shift.i32'])))
+    elif e['requant'] == 'mult':
+      rq = ('mult',) + tuple(sq(_f32_as_i32(floats[f'{p}/{n}.i32']))
+                             for n in ('sign', 'm0', 'exp'))
+    else:
+      rq = None
+    pad = e['padding']
+    if isinstance(pad, list):
+      pad = tuple(tuple(q) if isinstance(q, list) else q for q in pad)
+    layers.append(IntLayer(
+        path=p, layer_type=e['type'],
+        kernel=codes[f'{p}/kernel'].astype(e['kernel_dtype']),
+        bias=(_f32_as_i32(floats[f'{p}/bias.i32'])
+              if f'{p}/bias.i32' in floats else None),
+        strides=None if e['strides'] is None else tuple(e['strides']),
+        padding=pad, feature_group_count=e['groups'], relu=e['relu'],
+        pool=e['pool'], requant=rq, acc_shift=int(e.get('acc_shift', 0)),
+        out_range=None if e['out_range'] is None else tuple(e['out_range']),
+        out_scale=floats.get(f'{p}/out_scale')))
+  return IntegerProgram(layers=layers, input_scale=prog['input_scale'],
+                        input_range=tuple(prog['input_range']),
+                        kind=prog['kind'])
+
+
+def lower(wrapper, variables, sample_x, **kwargs) -> IntegerProgram:
+  """:func:`lower_f8net` or :func:`lower_qat`, by the wrapper's method."""
+  from fracq.methods.f8net import F8NetModel
+  if isinstance(wrapper, F8NetModel):
+    return lower_f8net(wrapper, variables, sample_x, **kwargs)
+  if hasattr(wrapper, 'facts') and hasattr(wrapper, 'rules'):
+    return lower_qat(wrapper, variables, sample_x, **kwargs)
+  raise ValueError(f'{type(wrapper).__name__} has no integer lowering; use '
+                   'a quantized model (uniform QAT, FracBits or F8Net).')
+
+
+def export_integer(wrapper, variables, sample_x, path: str, *,
+                   overwrite: bool = False, metadata: dict | None = None
+                   ) -> dict:
+  """Lowers, writes the integer program to ``path`` and measures it.
+
+  Returns the program's bytes on disk, the theoretical size (kernel codes
+  at their bits + int32 biases and requantization parameters) and the
+  agreement with the fake-quantized model on ``sample_x`` (prediction
+  match rate and max logit difference relative to the logit range).
+  """
+  x = jnp.asarray(sample_x)
+  program = lower(wrapper, variables, x)
+  kernel_bits = None
+  if program.kind == 'qat':
+    from fracq.export.freeze import freeze as freeze_fn
+    frozen = freeze_fn(wrapper, variables)
+    kernel_bits = {p: (f.bits.tolist() if f.bits.ndim else int(f.bits))
+                   for p, f in frozen.items()}
+    # Per-channel bits are packed per channel by the weights artifact; the
+    # program packs each kernel at its widest channel.
+    kernel_bits = {p: (max(b) if isinstance(b, list) else b)
+                   for p, b in kernel_bits.items()}
+  size = save_program(program, path, overwrite=overwrite, metadata=metadata,
+                      kernel_bits=kernel_bits)
+  theo = 0.0
+  for l in program.layers:
+    b = (kernel_bits or {}).get(l.path) or _kernel_bits(np.asarray(l.kernel))[0]
+    theo += l.kernel.size * b / 8
+    theo += 0 if l.bias is None else 4 * l.bias.size
+    if l.requant is not None:
+      theo += 4 * sum(np.size(v) for v in l.requant[1:])
+    if l.out_scale is not None:
+      theo += 4 * np.size(l.out_scale)
+  ref = np.asarray(wrapper.apply(variables, x, train=False))
+  got = np.asarray(program.logits(x))
+  return {'program_bytes': size, 'program_theoretical_bytes': theo,
+          'integer_prediction_match': float(np.mean(
+              got.argmax(-1) == ref.argmax(-1))),
+          'integer_max_logit_diff_rel': float(
+              np.max(np.abs(got - ref)) / (np.ptp(ref) or 1.0)),
+          'summary': program.summary()}

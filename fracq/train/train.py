@@ -348,22 +348,52 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _export(config, wrapper, state, workdir) -> dict:
-  """Writes the packed artifact and its size report into ``workdir``."""
+  """Writes the export artifacts and the size report into ``workdir``.
+
+  ``model.fracq.safetensors``: the packed weights (uniform QAT / FracBits);
+  ``model.int.safetensors``: the integer-only program (F8Net always; QAT
+  models whose structure lowers, see ``fracq.export.integer_model``).
+  """
   import os
   from fracq import export
-  if not hasattr(wrapper, 'facts'):
+  from fracq.export import integer_model
+  from fracq.methods.f8net import F8NetModel
+  if not (hasattr(wrapper, 'facts') or isinstance(wrapper, F8NetModel)):
     raise ValueError('config.export=True needs a quantized model '
                      "(config.quant.method != 'none').")
-  path = os.path.join(workdir, 'model.fracq.safetensors')
-  rep = export.export_model(wrapper, jax.device_get(state.variables()), path,
-                            overwrite=config.overwrite,
-                            metadata={'model': config.model,
-                                      'method': config.quant.method})
-  text = rep.format()
+  variables = jax.device_get(state.variables())
+  meta = {'model': config.model, 'method': config.quant.method}
+  out, texts = {}, []
+  if hasattr(wrapper, 'facts'):
+    path = os.path.join(workdir, 'model.fracq.safetensors')
+    rep = export.export_model(wrapper, variables, path,
+                              overwrite=config.overwrite, metadata=meta)
+    texts.append(f'{path}\n{rep.format()}')
+    out.update({'artifact_bytes': rep.artifact_bytes,
+                'artifact_over_theoretical': 1 + rep.overhead,
+                'artifact_compression_over_int8':
+                    rep.int8_artifact_bytes / rep.artifact_bytes})
+  sample = next(iter(data_lib.eval_batches(config)))['image']
+  ipath = os.path.join(workdir, 'model.int.safetensors')
+  try:
+    irep = integer_model.export_integer(wrapper, variables, sample, ipath,
+                                        overwrite=config.overwrite,
+                                        metadata=meta)
+  except ValueError as e:
+    if isinstance(wrapper, F8NetModel):
+      raise
+    texts.append(f'integer-only program: not written ({e})')
+  else:
+    texts.append(
+        f'{ipath} (integer-only program)\n{irep["summary"]}\n'
+        f'program bytes {irep["program_bytes"]:,} (theoretical '
+        f'{irep["program_theoretical_bytes"]:,.0f}); predictions equal to the '
+        f'fake-quantized model on one eval batch: '
+        f'{100 * irep["integer_prediction_match"]:.2f}%; max |logit diff| / '
+        f'logit range {irep["integer_max_logit_diff_rel"]:.2e}')
+    out.update({k: v for k, v in irep.items() if k != 'summary'})
+  text = '\n\n'.join(texts)
   with open(os.path.join(workdir, 'size_report.txt'), 'w') as f:
     f.write(text + '\n')
-  logging.info('Exported %s:\n%s', path, text)
-  return {'artifact_bytes': rep.artifact_bytes,
-          'artifact_over_theoretical': 1 + rep.overhead,
-          'artifact_compression_over_int8':
-              rep.int8_artifact_bytes / rep.artifact_bytes}
+  logging.info('Exported:\n%s', text)
+  return out
