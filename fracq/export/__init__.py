@@ -1,4 +1,4 @@
-"""Layer 4: freeze, bit-pack, measure the real size (integer runtime: to come)."""
+"""Layer 4: freeze, bit-pack, measure the real size, run integer-only."""
 
 from fracq.export.artifact import ArtifactError
 from fracq.export.artifact import read_artifact
@@ -8,3 +8,10 @@ from fracq.export.freeze import dequantized_kernels
 from fracq.export.freeze import export_model
 from fracq.export.freeze import fake_quant_kernels
 from fracq.export.freeze import freeze
+from fracq.export.integer_model import IntegerProgram
+from fracq.export.integer_model import export_integer
+from fracq.export.integer_model import load_program
+from fracq.export.integer_model import lower
+from fracq.export.integer_model import lower_f8net
+from fracq.export.integer_model import lower_qat
+from fracq.export.integer_model import save_program

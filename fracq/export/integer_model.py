@@ -109,8 +109,10 @@ class IntegerProgram:
   def logits(self, x) -> jax.Array:
     """Float images -> dequantized logits."""
     acc = integer_forward(self, self.quantize_input(x))
-    return acc.astype(jnp.float32) * jnp.asarray(self.layers[-1].out_scale,
-                                                 jnp.float32)
+    scale = np.asarray(self.layers[-1].out_scale, np.float32)
+    if scale.size == 1:
+      scale = scale.reshape(())
+    return acc.astype(jnp.float32) * _along_last(scale, acc.ndim)
 
   def summary(self) -> str:
     lines = [f'{"layer":<20} {"type":<6} {"kernel":<18} {"bias":<5} '

@@ -78,6 +78,9 @@ class F8NetOptions:
       unsigned, as the paper).
     keep_float: regex of layer paths left float (their inputs too).
     fold_bn: fold Conv/Dense -> BatchNorm pairs (else BNs stay float).
+    simulate: quantize (default). False runs the transform with identity
+      quantizers: the BN-folded float model, which equals the original one
+      (a check of the folding itself).
   """
 
   weight_format: str = 'std'
@@ -88,6 +91,7 @@ class F8NetOptions:
   act_fl_range: tuple[int, int] | None = None
   keep_float: str = ''
   fold_bn: bool = True
+  simulate: bool = True
 
   def __post_init__(self):
     for name in ('weight_format', 'act_format'):
@@ -231,6 +235,14 @@ class _Interceptor:
                            ' (e.g. a pre-activation block)')
 
   # -- quantized layers ----------------------------------------------------
+  def _q(self, x, fl, **kwargs):
+    if not self.model.options.simulate:
+      return x
+    return fxp.fixed_point_quantize(x, fl, **kwargs)
+
+  def _qb(self, b, fl):
+    return quantize_bias(b, fl) if self.model.options.simulate else b
+
   def _input_fl(self, clone, path, x, signed):
     opts = self.model.options
     rng = _act_range(signed, opts)
@@ -257,7 +269,7 @@ class _Interceptor:
     def quant_inputs(clone, x):
       fl = self._input_fl(clone, path, x, signed)
       state['fl_in'] = fl
-      xq = fxp.fixed_point_quantize(x, fl, signed=signed,
+      xq = self._q(x, fl, signed=signed,
                                     fl_range=_act_range(signed, opts))
       state['xq'] = xq
       return xq
@@ -266,10 +278,10 @@ class _Interceptor:
       def fn(x, k, b):
         xq = quant_inputs(state['clone'], x)
         flw = self._weight_fl(k)
-        kq = fxp.fixed_point_quantize(k, flw, signed=True,
+        kq = self._q(k, flw, signed=True,
                                       axis=-1 if jnp.ndim(flw) else None,
                                       fl_range=opts.weight_fl_range)
-        bq = None if b is None else quantize_bias(b, state['fl_in'] + flw)
+        bq = None if b is None else self._qb(b, state['fl_in'] + flw)
         self._capture(m, path, lt, signed, None, state['fl_in'], flw, kq, bq,
                       x)
         return xq, kq, bq
@@ -293,10 +305,10 @@ class _Interceptor:
     def finish(gamma, beta, mean, var, eps):
       kf, bf = fxp.fold_bn(state['k'], state['b'], gamma, beta, mean, var, eps)
       flw = self._weight_fl(kf)
-      kq = fxp.fixed_point_quantize(kf, flw, signed=True,
+      kq = self._q(kf, flw, signed=True,
                                     axis=-1 if jnp.ndim(flw) else None,
                                     fl_range=opts.weight_fl_range)
-      bq = quantize_bias(bf, state['fl_in'] + flw)
+      bq = self._qb(bf, state['fl_in'] + flw)
       xq = state['xq']
 
       def second(x, k, b):
@@ -305,7 +317,7 @@ class _Interceptor:
       out, _ = _run_with(m, second, args, kwargs)
       self._capture(m, path, lt, signed, bn, state['fl_in'], flw, kq, bq,
                     args[0] if args else kwargs['inputs'])
-      return out + bq.astype(out.dtype)
+      return out + bq.astype(out.dtype).reshape((1,) * (out.ndim - 1) + (-1,))
 
     self.pending[id(y)] = (y, finish)
     return y

@@ -1,0 +1,136 @@
+"""Integer-only programs: equal to the fake-quantized models on digits."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits_f8net
+from configs import digits_fracbits
+from fracq import export
+from fracq import models
+from fracq.core import integer as ints
+from fracq.data import digits
+from fracq.export import integer_model as im
+from fracq.methods.f8net import F8NetModel
+from fracq.train import checkpoint as ckpt_lib
+from fracq.train import model_wrapper
+from fracq.train import train_and_evaluate
+
+
+def _train(get_config, arg, workdir, steps, **quant):
+  c = get_config(arg)
+  c.num_train_steps = steps
+  c.batch_size = 64
+  c.eval_every_steps = steps
+  c.checkpoint_every_steps = steps
+  c.log_every_steps = steps
+  c.export = True
+  for k, v in quant.items():
+    c.quant[k] = v
+  metrics = train_and_evaluate(c, workdir)
+  raw = ckpt_lib.restore_raw(workdir)
+  variables = {**raw['trainable'], **raw['state']}
+  xtr = digits.load_digits_split()[0]
+  wrapper = model_wrapper.build_model_wrapper(
+      c, models.get_model(c.model, num_classes=10), jnp.asarray(xtr[:8]),
+      total_steps=steps).for_step(steps)
+  return wrapper, variables, metrics
+
+
+@pytest.fixture(scope='module')
+def test_set():
+  _, _, xte, yte = digits.load_digits_split()
+  return jnp.asarray(xte), yte
+
+
+@pytest.fixture(scope='module')
+def f8(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp('f8'))
+  return (*_train(digits_f8net.get_config, None, wd, 80), wd)
+
+
+@pytest.fixture(scope='module')
+def fracbits(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp('fb'))
+  return (*_train(digits_fracbits.get_config, None, wd, 80,
+                  hard_assign_step=60), wd)
+
+
+def test_f8net_integer_program_is_bit_exact_on_digits(f8, test_set):
+  wrapper, v, metrics, wd = f8
+  x, y = test_set
+  assert isinstance(wrapper, F8NetModel)
+  prog = im.lower_f8net(wrapper, v, x)
+  sim = np.asarray(wrapper.apply(v, x, train=False))
+  codes = prog.quantize_input(x)
+  acc = prog(codes)
+  assert codes.dtype == jnp.int8 and acc.dtype == jnp.int32
+  got = np.asarray(prog.logits(x))
+  # Every one of the 360 test images: identical predictions and logits.
+  np.testing.assert_array_equal(got.argmax(1), sim.argmax(1))
+  np.testing.assert_array_equal(got, sim)
+  assert np.mean(got.argmax(1) == y) > 0.9
+  # Integer dtypes end to end: no float multiply, dot or conv anywhere.
+  jaxpr = ints.assert_integer_only(prog, codes)
+  prims = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+  assert 'conv_general_dilated' in prims and 'dot_general' in prims
+  # ... while dequantizing the output is caught as a float multiply.
+  with pytest.raises(AssertionError, match='float multiply'):
+    ints.assert_integer_only(prog.logits, x)
+  # The exported program (launch --config.export=True) runs the same.
+  path = os.path.join(wd, 'model.int.safetensors')
+  loaded = export.load_program(path)
+  np.testing.assert_array_equal(np.asarray(loaded.logits(x)), got)
+  assert 'integer-only program' in open(os.path.join(wd, 'size_report.txt')
+                                        ).read()
+  assert metrics['integer_prediction_match'] == 1.0
+
+
+def test_fracbits_integer_program_matches_fake_quant(fracbits, test_set):
+  wrapper, v, _, wd = fracbits
+  x, _ = test_set
+  prog = im.lower_qat(wrapper, v, x)
+  sim = np.asarray(wrapper.apply(v, x, train=False))
+  got = np.asarray(prog.logits(x))
+  np.testing.assert_array_equal(got.argmax(1), sim.argmax(1))
+  rel = np.max(np.abs(got - sim)) / np.ptp(sim)
+  assert rel < 1e-3, rel
+  ints.assert_integer_only(prog, prog.quantize_input(x))
+  # Kernel codes are stored at the learned bits: the program's size on disk
+  # is within 2% of its theoretical size.
+  rep = im.export_integer(wrapper, v, x[:64], os.path.join(wd, 'again'))
+  assert rep['program_bytes'] <= 1.02 * rep['program_theoretical_bytes']
+  frozen = export.freeze(wrapper, v)
+  bits = {p: int(np.max(f.bits)) for p, f in frozen.items()}
+  assert min(bits.values()) < 8  # mixed precision really was packed
+
+
+def test_program_artifact_errors(f8, fracbits, tmp_path):
+  wd = f8[-1]
+  path = os.path.join(wd, 'model.int.safetensors')
+  blob = bytearray(open(path, 'rb').read())
+  blob[len(blob) // 2] ^= 0x5A
+  bad = str(tmp_path / 'bad.safetensors')
+  open(bad, 'wb').write(bytes(blob))
+  with pytest.raises(export.ArtifactError, match='checksum|corrupt'):
+    export.load_program(bad)
+  # A packed-weights artifact is not a program.
+  with pytest.raises(export.ArtifactError, match='no integer program'):
+    export.load_program(os.path.join(fracbits[-1], 'model.fracq.safetensors'))
+  # Never overwrites an earlier export.
+  with pytest.raises(FileExistsError):
+    im.save_program(export.load_program(path), path)
+
+
+def test_unsupported_structure_is_refused(test_set):
+  """A residual network is not a chain: lowering refuses it clearly."""
+  x = test_set[0][:8]
+  m = models.get_model('resnet_tiny', num_classes=10)
+  x = jnp.tile(x, (1, 4, 4, 3))
+  f8w = F8NetModel(m, x)
+  v = f8w.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match='chain|folded|disagrees'):
+    im.lower_f8net(f8w, v, x)
