@@ -78,6 +78,8 @@ class F8NetOptions:
       unsigned, as the paper).
     keep_float: regex of layer paths left float (their inputs too).
     fold_bn: fold Conv/Dense -> BatchNorm pairs (else BNs stay float).
+    axis_name: the data-parallel mesh axis (the module's BN axis): training
+      activation statistics are averaged over it.
     simulate: quantize (default). False runs the transform with identity
       quantizers: the BN-folded float model, which equals the original one
       (a check of the folding itself).
@@ -92,6 +94,7 @@ class F8NetOptions:
   keep_float: str = ''
   fold_bn: bool = True
   simulate: bool = True
+  axis_name: str | None = None
 
   def __post_init__(self):
     for name in ('weight_format', 'act_format'):
@@ -107,14 +110,29 @@ class F8NetOptions:
       re.compile(self.keep_float)
 
 
-def _fl_of(x, signed, fmt, fl_range, axis=None):
-  """Integer FL of ``x`` (no gradient)."""
+def _fl_of(x, signed, fmt, fl_range, axis=None, axis_name=None):
+  """Integer FL of ``x`` (no gradient).
+
+  ``axis_name``: a data-parallel mesh axis; the statistics (std, or each
+  candidate's mean square error) are then averaged over it, so every
+  replica picks the FL of the global batch.
+  """
   x = jax.lax.stop_gradient(x.astype(jnp.float32))
   lo, hi = fl_range
-  if fmt == 'grid':
-    return fxp.fl_grid_search(x, signed, range(lo, hi + 1), axis=axis)
   red = tuple(a for a in range(x.ndim) if axis is None or a != axis % x.ndim)
-  std = jnp.std(x, axis=red)
+  pmean = ((lambda v: jax.lax.pmean(v, axis_name)) if axis_name is not None
+           else (lambda v: v))
+  if fmt == 'grid':
+    if axis_name is None:
+      return fxp.fl_grid_search(x, signed, range(lo, hi + 1), axis=axis)
+    cands = jnp.arange(lo, hi + 1, dtype=jnp.int32)
+    errs = jnp.stack([pmean(jnp.mean(jnp.square(x - fxp.fixed_point_quantize(
+        x, int(f), signed=signed, fl_range=fl_range)), axis=red))
+                      for f in range(lo, hi + 1)])
+    return cands[jnp.argmin(errs, axis=0)]
+  m1 = pmean(jnp.mean(x, axis=red))
+  m2 = pmean(jnp.mean(jnp.square(x), axis=red))
+  std = jnp.sqrt(jnp.maximum(m2 - jnp.square(m1), 0.0))
   if not signed:
     std = std / _RELU_STD
   std = jnp.maximum(std, 1e-12)
@@ -249,7 +267,8 @@ class _Interceptor:
     init = lambda: _fl_of(x, signed, opts.act_format, rng).astype(jnp.float32)
     v = clone.variable(STATS, 'input_fl_ema', init)
     if self.train and not clone.is_initializing():
-      batch = _fl_of(x, signed, opts.act_format, rng)
+      batch = _fl_of(x, signed, opts.act_format, rng,
+                     axis_name=opts.axis_name)
       if clone.is_mutable_collection(STATS):
         v.value = fxp.ema_fl_update(v.value, batch, opts.momentum)
       return batch
@@ -513,6 +532,7 @@ def build(quant_cfg, module, sample_x) -> F8NetModel:
       momentum=quant_cfg.f8_momentum,
       weight_fl_range=tuple(int(v) for v in quant_cfg.f8_weight_fl_range),
       keep_float=quant_cfg.keep_float,
-      fold_bn=quant_cfg.f8_fold_bn)
+      fold_bn=quant_cfg.f8_fold_bn,
+      axis_name=getattr(module, 'bn_axis_name', None))
   return F8NetModel(module, sample_x, options=opts,
                     call_kwargs={'train': False})

@@ -131,3 +131,25 @@ def test_bad_options_are_clear():
   with pytest.raises(ValueError, match='no nn.Conv'):
     F8NetModel(models.get_model('digits_cnn'), jnp.zeros((1, 8, 8, 1)),
                options=F8NetOptions(keep_float='.*'))
+
+
+@pytest.mark.parametrize('fmt', ['std', 'grid'])
+def test_activation_format_uses_the_global_batch(fmt):
+  """Under data parallelism every replica picks the global batch's FL."""
+  from jax.sharding import Mesh, PartitionSpec as P
+  from fracq.methods import f8net
+  n = jax.device_count()
+  rng = np.random.RandomState(0)
+  # Shard i has scale 2^i: local FLs all differ, the global one is unique.
+  x = np.concatenate([rng.randn(4, 16) * 2.0 ** i for i in range(n)])
+  x = jnp.asarray(x, jnp.float32)
+  want = f8net._fl_of(x, True, fmt, (0, 7))
+  mesh = Mesh(np.array(jax.devices()), ('batch',))
+  fn = jax.jit(jax.shard_map(
+      lambda a: f8net._fl_of(a, True, fmt, (0, 7), axis_name='batch')[None],
+      mesh=mesh, in_specs=P('batch'), out_specs=P('batch'), check_vma=False))
+  got = np.asarray(fn(x))
+  local = [int(f8net._fl_of(x[4 * i:4 * i + 4], True, fmt, (0, 7)))
+           for i in range(n)]
+  assert len(set(local)) > 1  # the test would catch per-replica formats
+  np.testing.assert_array_equal(got, np.full(n, int(want)))
