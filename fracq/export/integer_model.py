@@ -44,6 +44,9 @@ import numpy as np
 
 from fracq.core import fixed_point as fxp
 from fracq.core import integer as ints
+from fracq.interception.structure import Structure
+from fracq.interception.structure import conv_padding
+from fracq.interception.structure import probe_structure
 
 
 @dataclasses.dataclass
@@ -179,67 +182,7 @@ def integer_forward(program: IntegerProgram, codes) -> jax.Array:
   return x  # a truncated program (e.g. for debugging) ends in codes
 
 
-# -- structure --------------------------------------------------------------
-@dataclasses.dataclass
-class Structure:
-  order: list[str]               # quantizable layers in call order
-  signs: dict[str, bool]         # input may be negative
-  pairs: dict[str, str]          # layer -> the BatchNorm it feeds
-  unfolded: dict[str, str]       # BatchNorm -> why it is not folded
-  out_shapes: dict[str, tuple]
-  in_shapes: dict[str, tuple]
-  bn_eps: dict[str, float] = dataclasses.field(default_factory=dict)
-  conv_attrs: dict[str, tuple] = dataclasses.field(default_factory=dict)
-
-
-def probe_structure(module: nn.Module, variables, x, **call_kwargs
-                    ) -> Structure:
-  """Layer order, input signs, Conv->BN pairs and shapes from one eager run
-  of the float model (``variables`` may be None: fresh init)."""
-  from fracq.interception.interceptor import layer_type_of
-  order, signs, pairs, unfolded = [], {}, {}, {}
-  outs, ins, outputs, eps, attrs = {}, {}, {}, {}, {}
-
-  def icpt(next_fun, args, kwargs, context):
-    m = context.module
-    if context.method_name != '__call__':
-      return next_fun(*args, **kwargs)
-    if isinstance(m, nn.BatchNorm):
-      a = args[0] if args else kwargs['x']
-      bn = '/'.join(m.path)
-      eps[bn] = float(m.epsilon)
-      hit = outputs.get(id(a))
-      if hit is not None and hit[0] is a and hit[1] not in pairs:
-        pairs[hit[1]] = bn
-      else:
-        unfolded[bn] = 'its input is not the direct output of a Conv/Dense'
-      return next_fun(*args, **kwargs)
-    if layer_type_of(m) not in ('Conv', 'Dense'):
-      return next_fun(*args, **kwargs)
-    path = '/'.join(m.path)
-    a = args[0] if args else kwargs['inputs']
-    order.append(path)
-    signs[path] = not bool(jnp.all(a >= 0))
-    ins[path] = tuple(a.shape)
-    if layer_type_of(m) == 'Conv':
-      nsp = len(m.kernel_size)
-      sd = m.strides if m.strides is not None else 1
-      sd = (sd,) * nsp if isinstance(sd, int) else tuple(sd)
-      attrs[path] = (sd, _padding(m.padding), int(m.feature_group_count))
-    y = next_fun(*args, **kwargs)
-    outputs[id(y)] = (y, path)
-    outs[path] = tuple(y.shape)
-    return y
-
-  x = jnp.asarray(x)[:1]
-  with jax.disable_jit(), nn.intercept_methods(icpt):
-    if variables is None:
-      module.init(jax.random.PRNGKey(0), x, **call_kwargs)
-    else:
-      module.apply(variables, x, **call_kwargs)
-  return Structure(order, signs, pairs, unfolded, outs, ins, eps, attrs)
-
-
+# -- structure ----------------------------------------------------------------
 def _link(st: Structure, i: int) -> tuple[bool, int]:
   """(relu, pool) between layer i and layer i+1 of a chain, or an error."""
   a, b = st.order[i], st.order[i + 1]
@@ -300,7 +243,7 @@ def lower_f8net(f8model, variables, sample_x, *, verify: bool = True
                  bias=None if r.bias_codes is None else
                  np.asarray(r.bias_codes, np.int32).reshape(-1),
                  strides=None if r.strides is None else tuple(r.strides),
-                 padding=_padding(r.padding),
+                 padding=conv_padding(r.padding),
                  feature_group_count=int(r.feature_group_count))
     if i + 1 < len(recs):
       nxt = recs[i + 1]
@@ -431,18 +374,6 @@ def lower_qat(qmodel, variables, sample_x, *, verify: bool = True,
     ref = qmodel.apply(variables, x, **qmodel.call_kwargs)
     _verify(program, ref, x, exact=False, atol=tolerance)
   return program
-
-
-def _padding(p):
-  if p is None or isinstance(p, str):
-    if isinstance(p, str) and p.upper() not in ('SAME', 'VALID'):
-      raise ValueError(f'padding={p!r} is not supported by the integer '
-                       "runtime; use 'SAME', 'VALID' or explicit pairs.")
-    return p
-  if isinstance(p, int):
-    return ('INT', p)
-  return tuple(tuple(q) if isinstance(q, (tuple, list)) else (q, q)
-               for q in p)
 
 
 # -- on disk ------------------------------------------------------------------

@@ -56,6 +56,7 @@ import numpy as np
 
 from fracq.core import fixed_point as fxp
 from fracq.interception.interceptor import layer_type_of
+from fracq.interception.structure import probe_structure
 
 STATS = 'quant_stats'
 _RELU_STD = math.sqrt(0.5 * (1.0 - 1.0 / math.pi))  # std of relu(N(0, 1))
@@ -194,9 +195,8 @@ class LayerRecord:
 class _Interceptor:
   """The F8Net transform as a flax method interceptor.
 
-  mode: ``'probe'`` (float model; records signs, Conv->BN pairs, order),
-  ``'run'`` (the quantized model), ``'capture'`` (``'run'`` + records of
-  integer codes, eager only).
+  mode: ``'run'`` (the quantized model) or ``'capture'`` (``'run'`` +
+  records of integer codes, eager only).
   """
 
   def __init__(self, model: 'F8NetModel', mode: str, train: bool = False):
@@ -205,11 +205,6 @@ class _Interceptor:
     self.train = train
     self.pending: dict[int, tuple] = {}
     self.records: list[LayerRecord] = []
-    self.signs: dict[str, bool] = {}
-    self.pairs: dict[str, str] = {}
-    self.unfolded: dict[str, str] = {}
-    self.order: list[str] = []
-    self._probe_out: dict[int, tuple] = {}
 
   def __call__(self, next_fun, args, kwargs, context):
     m = context.module
@@ -225,32 +220,7 @@ class _Interceptor:
     if lt not in _SUPPORTED or (opts.keep_float and
                                 re.search(opts.keep_float, path)):
       return next_fun(*args, **kwargs)
-    if self.mode == 'probe':
-      return self._probe_layer(m, path, lt, next_fun, args, kwargs)
     return self._layer(m, path, lt, args, kwargs)
-
-  # -- probe -------------------------------------------------------------
-  def _probe_layer(self, m, path, lt, next_fun, args, kwargs):
-    x = args[0] if args else kwargs['inputs']
-    self.signs[path] = not bool(jnp.all(x >= 0))
-    self.order.append(path)
-    y = next_fun(*args, **kwargs)
-    self._probe_out[id(y)] = (y, path)
-    return y
-
-  def _bn_probe(self, m, x):
-    bn = '/'.join(m.path)
-    hit = self._probe_out.get(id(x))
-    if hit is not None and hit[0] is x:
-      if hit[1] in self.pairs:
-        self.unfolded[bn] = f'{hit[1]} already feeds another BatchNorm'
-      elif not self.model.options.fold_bn:
-        self.unfolded[bn] = 'fold_bn=False'
-      else:
-        self.pairs[hit[1]] = bn
-    else:
-      self.unfolded[bn] = ('its input is not the direct output of a Conv/Dense'
-                           ' (e.g. a pre-activation block)')
 
   # -- quantized layers ----------------------------------------------------
   def _q(self, x, fl, **kwargs):
@@ -343,9 +313,6 @@ class _Interceptor:
 
   def _bn(self, m, next_fun, args, kwargs):
     x = args[0] if args else kwargs['x']
-    if self.mode == 'probe':
-      self._bn_probe(m, x)
-      return next_fun(*args, **kwargs)
     hit = self.pending.pop(id(x), None)
     if hit is None or hit[0] is not x:
       return next_fun(*args, **kwargs)  # an unfolded BN: float
@@ -420,16 +387,19 @@ class F8NetModel:
     self.module = module
     self.options = options or F8NetOptions()
     self.call_kwargs = dict(call_kwargs or {'train': False})
-    x = jnp.asarray(sample_input)[:1]
-    probe = _Interceptor(self, 'probe')
-    with nn.intercept_methods(probe):
-      module.init(jax.random.PRNGKey(0), x, **self.call_kwargs)
-    if not probe.order:
+    self.structure = probe_structure(module, None, sample_input,
+                                     skip=self.options.keep_float,
+                                     **self.call_kwargs)
+    st = self.structure
+    if not st.order:
       raise ValueError('F8Net found no nn.Conv / nn.Dense layer to quantize '
                        f'in {type(module).__name__} (keep_float='
                        f'{self.options.keep_float!r} may exclude them all).')
-    self.signs, self.pairs = probe.signs, probe.pairs
-    self.unfolded, self.order = probe.unfolded, probe.order
+    self.signs, self.order = st.signs, st.order
+    self.pairs, self.unfolded = dict(st.pairs), dict(st.unfolded)
+    if not self.options.fold_bn:
+      self.unfolded.update({bn: 'fold_bn=False' for bn in self.pairs.values()})
+      self.pairs = {}
     if self.unfolded:
       logging.warning('F8Net: BatchNorm layers left float (not folded): %s',
                       '; '.join(f'{k}: {v}' for k, v in self.unfolded.items()))

@@ -9,9 +9,8 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
-from fracq import data as data_lib
-from fracq.train import model_wrapper as mw
 from fracq.train import train as tr
+from tests.train.test_train import _state_after_steps
 
 
 def get_config(name, arg='smoke'):
@@ -40,19 +39,8 @@ def test_bad_f8net_config_values_are_clear():
     get_config('f8net_imagenet', 'model=vgg')
 
 
-def _f8_state_after_steps(mesh, steps=2):
-  c = get_config('digits_f8net')
-  c.batch_size = 16
-  module = tr.build_module(c)
-  first = data_lib.digits.train_batch(0, 16, 0)
-  wrapper = mw.build_model_wrapper(c, module, first['image'], total_steps=10)
-  state, tx = tr.create_train_state(c, wrapper, first, jax.random.key(0),
-                                    total=10)
-  step = tr.make_train_step(c, wrapper, tx, mesh)
-  for t in range(steps):
-    b = data_lib.digits.train_batch(t, 16, 0)
-    state, metrics = step(state, tr.to_global(b, mesh))
-  return jax.device_get(state), jax.device_get(metrics)
+def _f8_state_after_steps(mesh, steps):
+  return _state_after_steps(mesh, steps, name='digits_f8net')
 
 
 def test_f8net_data_parallel_step_equals_single_device():

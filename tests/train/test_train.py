@@ -46,12 +46,14 @@ def test_one_train_step_on_mock_tfds(name, arg, tmp_path):
   assert np.isfinite(m['eval_loss'])
 
 
-def _state_after_steps(mesh, steps=2):
-  c = get_config('digits_float')
+def _state_after_steps(mesh, steps=2, name='digits_float'):
+  """The train state after ``steps`` data-parallel steps of config ``name``
+  (batch 16) on ``mesh``."""
+  c = get_config(name)
   c.batch_size = 16
   module = tr.build_module(c)
-  wrapper = mw.PlainModel(module)
   first = data_lib.digits.train_batch(0, 16, 0)
+  wrapper = mw.build_model_wrapper(c, module, first['image'], total_steps=10)
   state, tx = tr.create_train_state(c, wrapper, first, jax.random.key(0),
                                     total=10)
   step = tr.make_train_step(c, wrapper, tx, mesh)
