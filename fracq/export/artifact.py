@@ -9,14 +9,26 @@ Layout of ``<name>.safetensors`` (little-endian throughout):
 * ``manifest`` (uint8): zlib-compressed compact JSON ``{"v": version,
   "meta": {...}, "t": {name: entry}}`` where a packed entry is ``["p",
   shape, bits (int or per-channel list), signed, axis, offset, nbytes,
-  crc32]`` and a float entry ``["f", shape, offset, count, crc32]``
-  (offsets in bytes into ``packed``, in elements into ``floats``);
+  crc32]`` (dense bit packing), an encoded packed entry ``["e", shape,
+  bits, signed, axis, encoding, tables, {part: [offset, nbytes, crc32]}]``
+  (``encoding`` one of ``codebook``, ``sparse``, ``sparse_codebook``; its
+  parts and ``tables`` as in :func:`fracq.core.packing.encode`) and a float
+  entry ``["f", shape, offset, count, crc32]`` (offsets in bytes into
+  ``packed``, in elements into ``floats``);
 * safetensors metadata ``{"fracq_format": version}``.
+
+Structure-aware encodings (``encode_structure=True``, the default): a
+kernel whose codes are mostly zeros (pruned) and/or take few distinct values
+(clustered) is stored as a nonzero bitmask and/or a small codebook plus
+narrow indices, whichever is smallest, only when strictly smaller than dense
+packing; reading gives back exactly the same codes. Version 2 files may hold
+``"e"`` entries; a file without any is written as version 1 (readable by
+older fracq); both versions are read.
 
 Three tensors keep the container's own header tiny and the compressed
 manifest costs a few bytes per tensor, so the file's size is the
 theoretical ``params x bits / 8`` plus scales and float parts, plus well
-under a kilobyte. Reading verifies the version and every tensor's CRC-32,
+under a kilobyte (minus what the structure-aware encodings save). Reading verifies the version and every tensor's CRC-32,
 so a truncated or corrupt file raises :class:`ArtifactError` naming what is
 wrong instead of yielding wrong weights. Writing is atomic and never
 replaces an existing artifact unless asked to.
@@ -34,7 +46,8 @@ import numpy as np
 
 from fracq.core import packing
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # written when a tensor uses an "e" encoding
+READABLE_VERSIONS = (1, 2)  # version 1: dense "p" entries only
 
 
 class ArtifactError(ValueError):
@@ -57,32 +70,54 @@ def _crc(b: bytes) -> int:
 
 def write_artifact(path: str, packed: dict[str, PackedTensor],
                    floats: dict[str, np.ndarray], metadata: dict, *,
-                   overwrite: bool = False) -> int:
-  """Writes the artifact atomically; returns its size in bytes."""
+                   overwrite: bool = False, encode_structure: bool = True,
+                   encodings: dict | None = None) -> int:
+  """Writes the artifact atomically; returns its size in bytes.
+
+  Args:
+    encode_structure: store a packed tensor as ``codebook`` / ``sparse`` /
+      ``sparse_codebook`` when that is strictly smaller than dense packing
+      (``False``: every tensor dense, as version 1 wrote them).
+    encodings: if given, filled with ``name -> (encoding, nbytes,
+      dense_nbytes)`` for every packed tensor.
+  """
   from safetensors.numpy import save_file
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path} exists; pass overwrite=True (or '
                           '--config.overwrite=True) to replace it.')
   entries, pbufs, fbufs, poff, foff = {}, [], [], 0, 0
+  version = 1
   for name, t in packed.items():
     if np.ndim(t.bits) > 0:
-      buf, _ = packing.pack_per_channel(t.codes, t.bits, t.axis,
-                                        signed=t.signed)
       bits = [int(b) for b in np.asarray(t.bits).reshape(-1)]
     else:
-      buf = packing.pack_codes(t.codes, int(t.bits), signed=t.signed)
       bits = int(t.bits)
-    entries[name] = ['p', list(np.shape(t.codes)), bits, int(t.signed),
-                     int(t.axis), poff, int(buf.size), _crc(buf.tobytes())]
-    pbufs.append(buf)
-    poff += buf.size
+    enc = packing.encode(t.codes, bits, signed=t.signed, axis=t.axis,
+                         structure=encode_structure)
+    if encodings is not None:
+      encodings[name] = (enc.kind, enc.nbytes, enc.dense_nbytes)
+    head = [list(np.shape(t.codes)), bits, int(t.signed), int(t.axis)]
+    if enc.kind == 'dense':
+      buf = enc.parts['d']
+      entries[name] = ['p'] + head + [poff, int(buf.size),
+                                      _crc(buf.tobytes())]
+      pbufs.append(buf)
+      poff += buf.size
+      continue
+    version = FORMAT_VERSION
+    parts = {}
+    for part, buf in enc.parts.items():
+      parts[part] = [poff, int(buf.size), _crc(buf.tobytes())]
+      pbufs.append(buf)
+      poff += buf.size
+    entries[name] = ['e'] + head + [enc.kind, enc.tables, parts]
   for name, a in floats.items():
     a = np.ascontiguousarray(np.asarray(a, np.float32)).reshape(-1)
     entries[name] = ['f', list(np.shape(floats[name])), foff, int(a.size),
                      _crc(a.tobytes())]
     fbufs.append(a)
     foff += a.size
-  manifest = json.dumps({'v': FORMAT_VERSION, 'meta': metadata,
+  manifest = json.dumps({'v': version, 'meta': metadata,
                          't': entries}, separators=(',', ':'))
   tensors = {
       'packed': np.concatenate(pbufs) if pbufs else np.zeros(0, np.uint8),
@@ -91,7 +126,7 @@ def write_artifact(path: str, packed: dict[str, PackedTensor],
                                 np.uint8).copy(),
   }
   tmp = path + '.tmp'
-  save_file(tensors, tmp, metadata={'fracq_format': str(FORMAT_VERSION)})
+  save_file(tensors, tmp, metadata={'fracq_format': str(version)})
   os.replace(tmp, path)
   return os.path.getsize(path)
 
@@ -112,9 +147,10 @@ def read_artifact(path: str):
   except Exception as e:  # pylint: disable=broad-except
     raise ArtifactError(f'{path} is not a readable safetensors file (truncated '
                         f'or corrupt?): {e}') from e
-  if meta.get('fracq_format') != str(FORMAT_VERSION):
+  if meta.get('fracq_format') not in [str(v) for v in READABLE_VERSIONS]:
     raise ArtifactError(f'{path}: format {meta.get("fracq_format")!r}, this '
-                        f'fracq reads {FORMAT_VERSION} (or it is not a fracq '
+                        f'fracq reads versions {list(READABLE_VERSIONS)} (a '
+                        'newer fracq wrote it, or it is not a fracq '
                         'artifact).')
   missing = {'packed', 'floats', 'manifest'} - set(stored)
   if missing:
@@ -123,10 +159,32 @@ def read_artifact(path: str):
     man = json.loads(zlib.decompress(stored['manifest'].tobytes()))
   except (zlib.error, ValueError) as e:
     raise ArtifactError(f'{path}: the manifest is corrupt ({e}).') from e
+  if not isinstance(man, dict) or str(man.get('v')) != meta['fracq_format']:
+    raise ArtifactError(f'{path}: the manifest\'s version does not match the '
+                        'file\'s (corrupt file).')
   pblob, fblob = stored['packed'], stored['floats']
   codes, floats, tensors = {}, {}, {}
   for name, e in man['t'].items():
-    if e[0] == 'p':
+    if e[0] == 'e' and man['v'] >= 2:
+      _, shape, bits, signed, axis, kind, tables, parts = e
+      bufs = {}
+      for part, (off, n, crc) in parts.items():
+        buf = pblob[off:off + n]
+        if buf.size != n or _crc(buf.tobytes()) != crc:
+          raise ArtifactError(f'{path}: part {part!r} of packed tensor '
+                              f'{name!r} ({kind}) fails its checksum '
+                              '(corrupt or truncated file).')
+        bufs[part] = buf
+      try:
+        codes[name] = packing.decode(kind, bufs, shape, bits,
+                                     signed=bool(signed), axis=axis,
+                                     tables=tables)
+      except ValueError as err:
+        raise ArtifactError(f'{path}: tensor {name!r} does not match its '
+                            f'manifest entry ({kind}): {err}') from err
+      tensors[name] = {'shape': shape, 'bits': bits, 'signed': bool(signed),
+                       'axis': axis, 'encoding': kind}
+    elif e[0] == 'p':
       _, shape, bits, signed, axis, off, n, crc = e
       buf = pblob[off:off + n]
       if buf.size != n or _crc(buf.tobytes()) != crc:
@@ -144,8 +202,8 @@ def read_artifact(path: str):
         raise ArtifactError(f'{path}: tensor {name!r} does not match its '
                             f'manifest entry: {err}') from err
       tensors[name] = {'shape': shape, 'bits': bits, 'signed': bool(signed),
-                       'axis': axis}
-    else:
+                       'axis': axis, 'encoding': 'dense'}
+    elif e[0] == 'f':
       _, shape, off, n, crc = e
       a = fblob[off:off + n]
       if a.size != n or _crc(a.tobytes()) != crc:
@@ -156,5 +214,8 @@ def read_artifact(path: str):
                             f'shape {shape}.')
       floats[name] = a.reshape(shape)
       tensors[name] = {'shape': shape}
+    else:
+      raise ArtifactError(f'{path}: tensor {name!r} has an unknown entry '
+                          f'kind {e[0]!r} for format {man["v"]}.')
   return codes, floats, {'version': man['v'], 'metadata': man['meta'],
                          'tensors': tensors}

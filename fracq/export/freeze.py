@@ -9,7 +9,14 @@ range after hard assignment; others raise a clear error.
 :func:`export_model` writes the packed artifact and reports four sizes: the
 artifact's bytes on disk, the theoretical size (kernel params x bits / 8 plus
 scales and float parts), the same model as an INT8 artifact, and the float32
-checkpoint, with their ratios.
+checkpoint, with their ratios. Pruned and clustered kernels (sparsity- and
+cluster-preserving QAT) are stored with the artifact's structure-aware
+encodings (nonzero bitmask, codebook + narrow indices); the report says what
+they saved relative to the dense theoretical size.
+
+A model with a ``kernel_transform`` (pruning masks, clusters) is frozen from
+the transformed kernels (the transform's ``strip``), i.e. the kernels the
+fake-quantizer actually sees.
 """
 
 from __future__ import annotations
@@ -49,8 +56,23 @@ def _bcast(v, ndim, axis):
   return v.reshape(shape)
 
 
+def _transformed(qmodel, variables):
+  """``variables`` with the model's kernel transform (pruning masks,
+  clusters) written into ``params``, so codes are taken from the kernels the
+  model computes with."""
+  tr = getattr(qmodel, 'kernel_transform', None)
+  if tr is None:
+    return variables
+  if not hasattr(tr, 'strip'):
+    raise ValueError(f'{type(tr).__name__}: a kernel transform needs a '
+                     'strip(variables, qmodel, keep_quant) method to be '
+                     'frozen.')
+  return tr.strip(variables, qmodel=qmodel, keep_quant=True)
+
+
 def freeze(qmodel, variables) -> dict[str, FrozenLayer]:
   """Integer codes and scales of every quantized kernel of ``qmodel``."""
+  variables = _transformed(qmodel, variables)
   quant = variables.get('quant', {})
   stats = variables.get('quant_stats', {})
   out = {}
@@ -117,26 +139,69 @@ def fake_quant_kernels(qmodel, variables, x, **kwargs) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class SizeReport:
+  """Sizes of an exported model.
+
+  ``theoretical_bytes`` is always the *dense* size at the learned bits
+  (kernel params x bits / 8 + scales + float parts). ``structure_saved_bytes``
+  is what the structure-aware encodings saved on the kernels (their dense
+  packed bytes minus their stored bytes); ``encodings`` counts the packed
+  kernels per encoding (``dense``, ``codebook``, ``sparse``,
+  ``sparse_codebook``); ``encode_structure`` says whether those encodings were
+  allowed.
+  """
+
   artifact_bytes: int
   theoretical_bytes: float
   int8_artifact_bytes: int
   float32_bytes: int
   kernel_params: int
   mean_kernel_bits: float
+  structure_saved_bytes: int = 0
+  encodings: tuple = ()            # ((encoding, count), ...)
+  encode_structure: bool = True
 
   @property
   def overhead(self) -> float:
-    return self.artifact_bytes / self.theoretical_bytes - 1
+    """Container overhead: the file over what its encodings should take,
+    ``artifact / (theoretical - structure saved) - 1`` (without structure
+    encodings simply ``artifact / theoretical - 1``)."""
+    return self.artifact_bytes / (self.theoretical_bytes -
+                                  self.structure_saved_bytes) - 1
+
+  @property
+  def actual_over_theoretical(self) -> float:
+    """The file over the dense theoretical size (< 1 when the structure
+    encodings saved more than the container costs)."""
+    return self.artifact_bytes / self.theoretical_bytes
+
+  def encoding_counts(self) -> dict:
+    return dict(self.encodings)
 
   def format(self) -> str:
     rows = [('packed artifact (on disk)', self.artifact_bytes),
             ('theoretical (params x bits / 8 + scales + float parts)',
              self.theoretical_bytes),
+            ('structure (sparsity/clusters) saved',
+             self.structure_saved_bytes),
             ('INT8 artifact (on disk)', self.int8_artifact_bytes),
             ('float32 checkpoint', self.float32_bytes)]
     lines = [f'{n:<58} {v / 1024:>10.1f} KiB' for n, v in rows]
-    lines.append(f'actual / theoretical: {1 + self.overhead:.4f} '
-                 f'({100 * self.overhead:+.2f}%)')
+    counts = self.encoding_counts()
+    if self.encode_structure:
+      lines[2] += (f': {counts.get("codebook", 0)} tensors codebook, '
+                   f'{counts.get("sparse", 0)} sparse, '
+                   f'{counts.get("sparse_codebook", 0)} sparse+codebook, '
+                   f'{counts.get("dense", 0)} dense')
+    else:
+      lines[2] += ' (structure encodings disabled)'
+    ratio = self.actual_over_theoretical
+    if self.structure_saved_bytes:
+      lines.append(f'actual / theoretical: {ratio:.4f} '
+                   f'({100 * (ratio - 1):+.2f}%); container overhead over '
+                   f'theoretical - structure saved: {100 * self.overhead:+.2f}%')
+    else:
+      lines.append(f'actual / theoretical: {ratio:.4f} '
+                   f'({100 * (ratio - 1):+.2f}%)')
     lines.append(f'compression over INT8 (actual bytes): '
                  f'{self.int8_artifact_bytes / self.artifact_bytes:.2f}x; '
                  f'over float32: {self.float32_bytes / self.artifact_bytes:.2f}x'
@@ -157,8 +222,14 @@ def _float_parts(variables, frozen):
 
 
 def export_model(qmodel, variables, path: str, *, overwrite: bool = False,
-                 metadata: dict | None = None) -> SizeReport:
-  """Writes the packed artifact to ``path`` and measures the four sizes."""
+                 metadata: dict | None = None,
+                 encode_structure: bool = True) -> SizeReport:
+  """Writes the packed artifact to ``path`` and measures the four sizes.
+
+  ``encode_structure=False`` stores every kernel dense (to measure the size
+  without the sparsity/cluster encodings). The INT8 comparison artifact is
+  always dense INT8.
+  """
   frozen = freeze(qmodel, variables)
   floats = _float_parts(variables, frozen)
   packed, scales = {}, {}
@@ -169,8 +240,15 @@ def export_model(qmodel, variables, path: str, *, overwrite: bool = False,
     scales[f'{p}/kernel.scale'] = np.atleast_1d(fl.scale)
   meta = dict(metadata or {})
   meta['bits'] = {p: fl.bits.tolist() for p, fl in frozen.items()}
+  encodings = {}
   size = artifact.write_artifact(path, packed, {**floats, **scales}, meta,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite,
+                                 encode_structure=encode_structure,
+                                 encodings=encodings)
+  saved = sum(dense - n for _, n, dense in encodings.values())
+  counts = {}
+  for kind, _, _ in encodings.values():
+    counts[kind] = counts.get(kind, 0) + 1
   kernel_params = sum(fl.codes.size for fl in frozen.values())
   kernel_bits = sum(
       float(np.sum(fl.bits) * fl.codes.size / max(np.size(fl.bits), 1))
@@ -181,7 +259,8 @@ def export_model(qmodel, variables, path: str, *, overwrite: bool = False,
   with tempfile.TemporaryDirectory() as tmp:
     int8 = {k: dataclasses.replace(v, bits=8) for k, v in packed.items()}
     int8_size = artifact.write_artifact(os.path.join(tmp, 'int8'), int8,
-                                        {**floats, **scales}, meta)
+                                        {**floats, **scales}, meta,
+                                        encode_structure=False)
     f32 = {f'params/{p}/kernel': np.asarray(
         _node(variables['params'], p)['kernel'], np.float32) for p in frozen}
     f32_size = artifact.write_artifact(os.path.join(tmp, 'f32'), {},
@@ -189,7 +268,10 @@ def export_model(qmodel, variables, path: str, *, overwrite: bool = False,
   return SizeReport(artifact_bytes=size, theoretical_bytes=theoretical,
                     int8_artifact_bytes=int8_size, float32_bytes=f32_size,
                     kernel_params=kernel_params,
-                    mean_kernel_bits=kernel_bits / max(kernel_params, 1))
+                    mean_kernel_bits=kernel_bits / max(kernel_params, 1),
+                    structure_saved_bytes=int(saved),
+                    encodings=tuple(sorted(counts.items())),
+                    encode_structure=bool(encode_structure))
 
 
 def dequantized_kernels(codes: dict, floats: dict, manifest: dict) -> dict:
