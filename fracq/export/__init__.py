@@ -15,3 +15,6 @@ from fracq.export.integer_model import lower
 from fracq.export.integer_model import lower_f8net
 from fracq.export.integer_model import lower_qat
 from fracq.export.integer_model import save_program
+from fracq.export.onnx_export import export_onnx
+from fracq.export.onnx_export import program_to_onnx
+from fracq.export.onnx_export import run_onnx
