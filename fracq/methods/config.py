@@ -87,6 +87,31 @@ def default_quant_config(method: str = 'none') -> ml_collections.ConfigDict:
   c.f8_momentum = 0.1
   c.f8_weight_fl_range = (0, 15)
   c.f8_fold_bn = True
+  # Sparsity/cluster preservation (any method, 'none' included): '' (off),
+  # 'prune' (PQAT: fixed mask), 'cluster' (CQAT: trainable centroids) or
+  # 'prune_cluster' (PCQAT: both, the zero centroid pinned). sparsity >= 0
+  # prunes the kernels one-shot by magnitude at calibration (init_from);
+  # -1 keeps the starting model's zeros. clusters counts the zero for PCQAT.
+  # preserve_layers: regex of the layers (others untouched); '' = all.
+  # cluster_min_bits: learned (FracBits) bits never below log2(clusters).
+  # prune_schedule 'polynomial' (preserve='prune' only): gradual magnitude
+  # pruning from prune_initial_sparsity to sparsity between prune_begin_step
+  # and prune_end_step (-1: 2/3 of training), mask updated every
+  # prune_frequency steps; 'oneshot' prunes once at calibration.
+  c.preserve = ''
+  c.preserve_layers = ''
+  c.sparsity = -1.0
+  c.prune_structure = 'unstructured'
+  c.prune_schedule = 'oneshot'
+  c.prune_initial_sparsity = 0.0
+  c.prune_begin_step = 0
+  c.prune_end_step = -1
+  c.prune_frequency = 10
+  c.clusters = 16
+  c.cluster_grad = 'sum'
+  c.cluster_init = 'kmeans++'
+  c.cluster_per_channel = False
+  c.cluster_min_bits = True
   return c
 
 
@@ -96,10 +121,16 @@ def rules_from_config(c) -> list[Rule]:
     raise ValueError(f'config.quant.method={c.method!r} is unknown; choose '
                      f'one of {METHODS}.')
   learn = c.method in ('fracbits', 'hawq')
+  from fracq.methods import preserve as preserve_lib
+  preserve_lib.check_config(c)
   rules = []
   if c.keep_float:
     rules.append(Rule(module_path=c.keep_float, keep_float=True,
                       name='keep_float'))
+  if c.method == 'none':
+    # Float pruning/clustering only: every layer seen, nothing quantized.
+    rules.append(Rule(module_path='.*', name='preserve'))
+    return rules
   if c.fixed_layers:
     rules.append(Rule(
         module_path=c.fixed_layers, name='fixed',
@@ -112,9 +143,19 @@ def rules_from_config(c) -> list[Rule]:
              if c.quantize_acts else None)))
   w_learn = learn and c.learn_weight_bits
   a_learn = learn and c.learn_act_bits
+  w_bounds = tuple(c.weight_bit_bounds)
+  if w_learn and 'cluster' in c.preserve and c.cluster_min_bits:
+    w_bounds = (max(w_bounds[0], preserve_lib.min_bits_for(c.clusters)),
+                w_bounds[1])
+    if w_bounds[0] > w_bounds[1]:
+      raise ValueError(
+          f'config.quant.clusters={c.clusters} needs at least '
+          f'{w_bounds[0]:g} bits but weight_bit_bounds={c.weight_bit_bounds};'
+          ' lower clusters, raise the upper bound or set '
+          'cluster_min_bits=False.')
   weight = TensorSpec(
       bits=c.weight_bits if w_learn else _int_bits(c.weight_bits, 'weight'),
-      learn_bits=w_learn, bit_bounds=tuple(c.weight_bit_bounds),
+      learn_bits=w_learn, bit_bounds=w_bounds,
       bits_per_channel=bool(c.bits_per_channel) and w_learn,
       range_method=c.weight_range, granularity=c.weight_granularity)
   act = None
@@ -196,10 +237,13 @@ def build_hawq(quant_cfg, module, sample_x, float_variables, batches):
 
 def build(quant_cfg, module, sample_x, config=None, total_steps=None):
   """The ``ModelWrapper`` for ``config.quant`` (uniform QAT or FracBits)."""
+  from fracq.methods import preserve as preserve_lib
   from fracq.methods.qat import QATModel
-  if quant_cfg.method in ('none', 'hawq'):
-    raise ValueError("build() is for uniform/FracBits; method='none' is the "
-                     "plain float model and 'hawq' needs build_hawq().")
+  if quant_cfg.method == 'hawq' or (quant_cfg.method == 'none' and
+                                    not quant_cfg.preserve):
+    raise ValueError("build() is for uniform/FracBits (and float pruning or "
+                     "clustering); method='none' is the plain float model and "
+                     "'hawq' needs build_hawq().")
   rules = rules_from_config(quant_cfg)
   return QATModel(
       module, rules, sample_x,
@@ -208,4 +252,6 @@ def build(quant_cfg, module, sample_x, config=None, total_steps=None):
       penalty=penalty_from_config(quant_cfg),
       hard_assign_step=hard_assign_step_from_config(quant_cfg, total_steps),
       hard_assign_tolerance=quant_cfg.hard_assign_tolerance,
-      call_kwargs={'train': False}, on_unused=quant_cfg.on_unused)
+      call_kwargs={'train': False}, on_unused=quant_cfg.on_unused,
+      kernel_transform=preserve_lib.transform_from_config(quant_cfg,
+                                                          total_steps))

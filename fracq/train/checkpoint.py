@@ -104,14 +104,23 @@ def restore_raw(workdir: str, step: int | None = None) -> dict:
 
 
 def load_variables(workdir: str, collections: str) -> dict:
-  """Model variables (``params``, ``batch_stats``, ...) of another run."""
+  """Model variables (``params``, ``batch_stats``, ...) of another run
+  (pruned / clustered kernels as that run computed them)."""
   raw = restore_raw(workdir)
   wanted = [c.strip() for c in collections.split(',') if c.strip()]
+  flat = {}
+  for group in ('trainable', 'state'):
+    flat.update(raw.get(group, {}))
+  if 'params' in flat:
+    # A pruned / clustered run keeps masks and centroids beside the raw
+    # kernels: hand on the kernels it computed with (exact zeros, centroid
+    # values), so the next stage starts from the pruned/clustered model.
+    from fracq.methods import preserve  # pylint: disable=g-import-not-at-top
+    flat = preserve.strip(flat, keep_quant=True)
   out = {}
   for col in wanted:
-    for group in ('trainable', 'state'):
-      if col in raw.get(group, {}):
-        out[col] = raw[group][col]
+    if col in flat:
+      out[col] = flat[col]
     if col not in out:
       raise ValueError(f'init_from checkpoint has no collection {col!r}.')
   return out

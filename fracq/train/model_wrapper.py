@@ -73,7 +73,7 @@ class PlainModel:
 def build_model_wrapper(config, module, sample_x, total_steps=None):
   """``PlainModel`` for ``config.quant.method == 'none'``, else the method's
   wrapper (uniform QAT, FracBits, HAWQ)."""
-  if config.quant.method == 'none':
+  if config.quant.method == 'none' and not config.quant.get('preserve', ''):
     return PlainModel(module)
   from fracq.methods import config as methods_config
   if config.quant.method == 'f8net':

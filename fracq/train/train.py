@@ -358,19 +358,39 @@ def _export(config, wrapper, state, workdir) -> dict:
   from fracq import export
   from fracq.export import integer_model
   from fracq.methods.f8net import F8NetModel
+  from fracq.export import sizes
   if not (hasattr(wrapper, 'facts') or isinstance(wrapper, F8NetModel)):
-    raise ValueError('config.export=True needs a quantized model '
-                     "(config.quant.method != 'none').")
+    raise ValueError('config.export=True needs a quantized, pruned or '
+                     "clustered model (config.quant.method != 'none' or "
+                     'config.quant.preserve set).')
   variables = jax.device_get(state.variables())
   meta = {'model': config.model, 'method': config.quant.method}
   out, texts = {}, []
+  if config.quant.method == 'none':
+    # Float pruning / clustering: the stripped float32 model (exact zeros
+    # and centroid values in params), and its gzip size.
+    from fracq.methods import preserve
+    path = os.path.join(workdir, 'model.float.safetensors')
+    n = sizes.save_float_variables(preserve.strip(variables, qmodel=wrapper),
+                                   path, overwrite=config.overwrite)
+    gz = sizes.gzip_bytes(path)
+    out.update({'float32_bytes': n, 'float32_gzip_bytes': gz})
+    text = (f'{path}\nfloat32 (stripped) {n:,} bytes; gzip -9 {gz:,} '
+            'bytes')
+    with open(os.path.join(workdir, 'size_report.txt'), 'w') as f:
+      f.write(text + '\n')
+    logging.info('Exported:\n%s', text)
+    return out
   if hasattr(wrapper, 'facts'):
     path = os.path.join(workdir, 'model.fracq.safetensors')
     rep = export.export_model(wrapper, variables, path,
                               overwrite=config.overwrite, metadata=meta)
     texts.append(f'{path}\n{rep.format()}')
+    out['artifact_gzip_bytes'] = sizes.gzip_bytes(path)
     out.update({'artifact_bytes': rep.artifact_bytes,
-                'artifact_over_theoretical': 1 + rep.overhead,
+                'artifact_over_theoretical': rep.actual_over_theoretical,
+                'artifact_theoretical_bytes': rep.theoretical_bytes,
+                'artifact_structure_saved_bytes': rep.structure_saved_bytes,
                 'artifact_compression_over_int8':
                     rep.int8_artifact_bytes / rep.artifact_bytes})
   sample = next(iter(data_lib.eval_batches(config)))['image']
@@ -392,6 +412,20 @@ def _export(config, wrapper, state, workdir) -> dict:
         f'{100 * irep["integer_prediction_match"]:.2f}%; max |logit diff| / '
         f'logit range {irep["integer_max_logit_diff_rel"]:.2e}')
     out.update({k: v for k, v in irep.items() if k != 'summary'})
+    opath = os.path.join(workdir, 'model.onnx')
+    try:
+      orep = export.export_onnx(wrapper, variables, sample, opath,
+                                overwrite=config.overwrite)
+    except ValueError as e:
+      texts.append(f'ONNX export: not written ({e})')
+    else:
+      out.update(orep)
+      texts.append(
+          f'{opath} (ONNX QDQ, opset {orep["onnx_opset"]}): '
+          f'{orep["onnx_bytes"]:,} bytes, {orep["onnx_int4_initializers"]} '
+          'INT4 kernels; onnxruntime predictions equal to the integer '
+          f'program on one eval batch: '
+          f'{100 * orep["onnx_prediction_match"]:.2f}%')
   text = '\n\n'.join(texts)
   with open(os.path.join(workdir, 'size_report.txt'), 'w') as f:
     f.write(text + '\n')
