@@ -9,8 +9,21 @@ step measured in the same process, plus the ratios the issues ask for.
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries
 of the step), which is deterministic.
 
+Export: the uniform QAT (w8a8, w4a4) and FracBits (weights) models are
+frozen to integer codes, bit-packed and written (``fracq.export.export_model``)
+at their initial quantizer state (FracBits hard-assigned under its budget);
+the table gives the time of freeze + pack + write (warm: a second export of
+the same model; the first, cold one includes JAX's eager compilation), the
+bytes on disk against the theoretical ``params x bits / 8 + scales + float
+parts``, and the INT8 and float32 sizes. ``export_model`` also writes the
+INT8 and float32 comparison files into a temporary directory; their time is
+included in "export s" and excluded from "freeze s". The models are
+untrained, so the structure encodings (codebook / sparse kernels, see
+``fracq/export/artifact.py``) can save more than on a trained model: "on
+disk / theoretical" below 1 means they did; the bytes they saved are listed.
+
   python experiments/bench_train_step.py [--model resnet20] [--batch 128]
-      [--json experiments/results/bench_train_step.json]
+      [--json experiments/results/bench_train_step.json] [--skip_export]
 """
 
 import argparse
@@ -18,6 +31,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,6 +42,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import fracq  # noqa: E402
+from fracq import export  # noqa: E402
 from fracq import models  # noqa: E402
 from fracq.train.model_wrapper import PlainModel  # noqa: E402
 
@@ -98,6 +113,40 @@ def time_step(compiled, args, reps):
   return float(np.median(times))
 
 
+def export_sizes(qmodel, sample, hard_step=None):
+  """Times freeze + pack + write of ``qmodel`` and measures the artifact.
+
+  A model that learns bits is hard-assigned first (``for_step`` +
+  ``prepare``): the artifact stores integer bits.
+  """
+  variables = qmodel.init(jax.random.key(0), sample, train=False)
+  if hard_step is not None:
+    qmodel = qmodel.for_step(hard_step)
+    variables = qmodel.prepare(variables)
+  variables = jax.device_get(variables)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, 'model.fracq.safetensors')
+    t = time.perf_counter()
+    rep = export.export_model(qmodel, variables, path)
+    cold = time.perf_counter() - t
+    t = time.perf_counter()
+    rep = export.export_model(qmodel, variables, path, overwrite=True)
+    warm = time.perf_counter() - t
+    on_disk = os.path.getsize(path)
+    t = time.perf_counter()
+    export.freeze(qmodel, variables)
+    freeze_s = time.perf_counter() - t
+  return {'export_s': warm, 'export_cold_s': cold, 'freeze_s': freeze_s,
+          'artifact_bytes': int(on_disk),
+          'theoretical_bytes': float(rep.theoretical_bytes),
+          'artifact_over_theoretical': on_disk / rep.theoretical_bytes,
+          'int8_artifact_bytes': int(rep.int8_artifact_bytes),
+          'float32_bytes': int(rep.float32_bytes),
+          'structure_saved_bytes': int(rep.structure_saved_bytes),
+          'compression_over_int8': rep.int8_artifact_bytes / on_disk,
+          'mean_kernel_bits': float(rep.mean_kernel_bits)}
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument('--model', default='resnet20')
@@ -106,6 +155,8 @@ def main():
   p.add_argument('--reps', type=int, default=10)
   p.add_argument('--json', default='')
   p.add_argument('--skip_qwix', action='store_true')
+  p.add_argument('--skip_export', action='store_true',
+                 help='do not time the export or measure artifact sizes')
   a = p.parse_args()
   module = models.get_model(a.model)
   x = jax.random.normal(jax.random.key(1), (a.batch, a.size, a.size, 3))
@@ -176,18 +227,54 @@ def main():
                    f'{ratio(f"fracq uniform {bits}", f"qwix QAT {bits}"):.2f}x')
   for name, why in failed.items():
     lines.append(f'{name} failed: {why}')
+  exports = {}
+  if not a.skip_export:
+    to_export = {
+        'fracq uniform w8a8': (variants['fracq uniform w8a8'], None),
+        'fracq uniform w4a4': (variants['fracq uniform w4a4'], None),
+        'FracBits weights': (lambda: fracq.quantize(
+            module, _rules(a.model, 4, 8, learn_w=True), sample,
+            budget=fracq.Budget(kind='size', uniform_bits=4),
+            hard_assign_step=1, call_kwargs={'train': False}), 1),
+    }
+    for name, (build, hard_step) in to_export.items():
+      try:
+        exports[name] = export_sizes(build(), sample, hard_step)
+      except Exception as e:  # pylint: disable=broad-except
+        failed[f'export {name}'] = (f'{type(e).__name__}: '
+                                    f'{str(e).splitlines()[0][:160]}')
+    lines += ['', 'Export (freeze + bit-pack + write of the packed artifact):',
+              '| model | export s | cold s | freeze s | bytes on disk | '
+              'theoretical bytes | on disk / theoretical | structure saved | '
+              'INT8 bytes | '
+              'float32 bytes | vs INT8 | mean kernel bits |',
+              '|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for name, e in exports.items():
+      lines.append(
+          f'| {name} | {e["export_s"]:.2f} | {e["export_cold_s"]:.2f} | '
+          f'{e["freeze_s"]:.3f} | {e["artifact_bytes"]:,} | '
+          f'{e["theoretical_bytes"]:,.0f} | '
+          f'{e["artifact_over_theoretical"]:.4f} | '
+          f'{e["structure_saved_bytes"]:,} | '
+          f'{e["int8_artifact_bytes"]:,} | {e["float32_bytes"]:,} | '
+          f'{e["compression_over_int8"]:.2f}x | '
+          f'{e["mean_kernel_bits"]:.2f} |')
+    for name, why in failed.items():
+      if name.startswith('export '):
+        lines.append(f'{name} failed: {why}')
   text = '\n'.join(lines)
   print(text)
   if a.json:
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     with open(a.json, 'w') as fh:
       json.dump({'args': vars(a), 'device': str(device), 'results': results,
-                 'failed': failed},
+                 'export': exports, 'failed': failed},
                 fh, indent=1)
     with open(a.json.replace('.json', '.md'), 'w') as fh:
       fh.write(f'Generated by `python experiments/bench_train_step.py '
                f'--model {a.model} --batch {a.batch} --size {a.size} '
-               f'--reps {a.reps}{" --skip_qwix" if a.skip_qwix else ""} '
+               f'--reps {a.reps}{" --skip_qwix" if a.skip_qwix else ""}'
+               f'{" --skip_export" if a.skip_export else ""} '
                f'--json {a.json}`.\n\n{text}\n')
 
 

@@ -9,7 +9,10 @@ the artifact a user would ship:
   (``model.fracq.safetensors``: kernels at their bits, float BN) and the
   integer-only program (``model.int.safetensors``);
 * F8Net: the integer-only program (8-bit kernels, int32 biases, shifts);
-* PQAT / CQAT / PCQAT (when available): the packed artifact.
+* PCQAT (uniform and FracBits): read from experiments/results/
+  digits_pcqat.json (``experiments/digits_pcqat.py`` fine-tunes a float
+  model, so it runs there), the packed artifact with its sparse/codebook
+  encodings.
 
 Writes experiments/results/digits_tradeoff.{md,json,png}; the PNG plots
 accuracy against size with the Pareto front. Results are cached per point
@@ -48,10 +51,24 @@ POINTS = {
     'fracbits_bitops4': ('digits_fracbits', 'bits=4,bitops=True',
                          'FracBits, 4-bit BitOPs budget (w+a)'),
     'f8net': ('digits_f8net', '', 'F8Net (8-bit fixed point)'),
-    'pqat': ('digits_pcqat', 'mode=pqat', 'PQAT (50% sparse) w4a8'),
-    'cqat': ('digits_pcqat', 'mode=cqat', 'CQAT (16 clusters) w4a8'),
-    'pcqat': ('digits_pcqat', 'mode=pcqat', 'PCQAT (50% + 16 clusters) w4a8'),
 }
+# Rows of experiments/digits_pcqat.py shown here: name -> (config, arg, label).
+PCQAT_JSON = os.path.join(OUT, 'digits_pcqat.json')
+PCQAT_ROWS = {
+    'pcqat': ('digits_pcqat', 'mode=pcqat',
+              'PCQAT w8a8, 50% sparse + 16 clusters (digits_pcqat.py)'),
+    'pcqat_fb': ('digits_pcqat', 'mode=pcqat,quant=fracbits,bits=6',
+                 'PCQAT FracBits 6-bit budget, 50% + 16 clusters '
+                 '(digits_pcqat.py)'),
+}
+
+
+def _pcqat_rows():
+  if not os.path.exists(PCQAT_JSON):
+    return []
+  with open(PCQAT_JSON) as f:
+    return [dict(r, point=r['row']) for r in json.load(f)
+            if r['row'] in PCQAT_ROWS]
 
 
 def _float_bytes(workdir):
@@ -101,14 +118,16 @@ def _pareto(points):
   return front
 
 
-def write(rows, seeds, cmd):
-  names = [n for n in POINTS if any(r['point'] == n for r in rows)]
+def write(rows, cmd):
+  rows = list(rows) + _pcqat_rows()
+  table = {**POINTS, **PCQAT_ROWS}
+  names = [n for n in table if any(r['point'] == n for r in rows)]
   lines = ['| point | config | test acc. % (mean) | min-max | seeds | '
            'artifact KiB | integer program KiB | integer = fake-quant |',
            '|---|---|---|---|---|---|---|---|']
   summary = []
   for n in names:
-    rs = [r for r in rows if r['point'] == n and r['seed'] in seeds]
+    rs = [r for r in rows if r['point'] == n]
     if not rs:
       continue
     acc = np.array([r['eval_accuracy'] for r in rs]) * 100
@@ -116,7 +135,7 @@ def write(rows, seeds, cmd):
     prog = [r['program_bytes'] for r in rs if 'program_bytes' in r]
     match = [r['integer_prediction_match'] for r in rs
              if 'integer_prediction_match' in r]
-    config, arg, label = POINTS[n]
+    config, arg, label = table[n]
     cfg = f'`{config}.py{":" + arg if arg else ""}`'
     prog_kib = f'{np.mean(prog) / 1024:.1f}' if prog else '-'
     lines.append(f'| {label} | {cfg} | {acc.mean():.2f} | '
@@ -130,7 +149,8 @@ def write(rows, seeds, cmd):
             'safetensors for float; packed weights for QAT methods; the '
             'integer-only program for F8Net). "integer = fake-quant": share '
             'of one eval batch where the integer-only program predicts what '
-            'the fake-quantized model predicts.\n\n' + text + '\n')
+            'the fake-quantized model predicts. Points with fewer seeds were '
+            'run with `--only NAME --seeds 0` for time.\n\n' + text + '\n')
   if summary:
     import matplotlib
     matplotlib.use('Agg')
@@ -186,8 +206,8 @@ def main():
       print(n, s, f'{100 * m["eval_accuracy"]:.2f}%', _size(m), flush=True)
       with open(JSON, 'w') as f:
         json.dump(rows, f, indent=1)
-  cmd = f'python experiments/digits_tradeoff.py --seeds {args.seeds}'
-  print(write(rows, seeds, cmd))
+  cmd = 'python experiments/digits_tradeoff.py'
+  print(write(rows, cmd))
 
 
 if __name__ == '__main__':

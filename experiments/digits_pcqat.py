@@ -1,0 +1,187 @@
+"""Digits: pruning, clustering and QAT that keeps them — accuracy and size.
+
+For each seed: trains the float digits model (``configs/digits_float.py``),
+then fine-tunes it with ``configs/digits_pcqat.py`` (same schedule for every
+row, 10 epochs at lr 0.02) into
+
+  pruned    float, one-shot 50% magnitude pruning, mask kept (quant=none)
+  clustered float, 16 clusters (k-means++), centroids trained (quant=none)
+  qat       uniform QAT w8a8 (per-tensor LSQ), no structure
+  pqat      QAT w8a8 keeping the 50% sparsity
+  cqat      QAT w8a8 keeping the 16 clusters
+  pcqat     QAT w8a8 keeping both (the zero is one of the 16 values)
+  pcqat_fb  PCQAT under FracBits (learned bits, 6-bit size budget, never
+            below log2(16) = 4 bits; with the codebook encoding the stored
+            indices take 4 bits whatever the learned bits)
+
+and records test accuracy and the bytes of what a user ships: float rows the
+float32 safetensors (and its ``gzip -9`` size, where pruning/clustering
+show up); QAT rows the packed artifact (``model.fracq.safetensors``, sparse
+and codebook encodings where they are smaller) beside the dense size at the
+same bits (the theoretical size) and its gzip size, plus whether the
+integer-only program and the ONNX export predict what the fake-quantized
+model predicts. Also checks every exported kernel's sparsity and number of
+distinct values.
+
+Writes experiments/results/digits_pcqat.{md,json}. Results are cached per
+(row, seed) in the JSON; ``--only`` refreshes rows.
+
+  python experiments/digits_pcqat.py [--seeds 0,1,2] [--only pcqat,qat]
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from absl import logging  # noqa: E402
+
+from experiments._runner import run  # noqa: E402
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+JSON = os.path.join(OUT, 'digits_pcqat.json')
+
+# name -> (digits_pcqat arg, label); 'float' is configs/digits_float.py.
+ROWS = {
+    'float': (None, 'float32'),
+    'pruned': ('mode=pqat,quant=none', 'pruned 50% (float)'),
+    'clustered': ('mode=cqat,quant=none', 'clustered 16 (float)'),
+    'qat': ('mode=qat', 'QAT w8a8'),
+    'pqat': ('mode=pqat', 'PQAT w8a8, 50% sparse'),
+    'cqat': ('mode=cqat', 'CQAT w8a8, 16 clusters'),
+    'pcqat': ('mode=pcqat', 'PCQAT w8a8, 50% sparse + 16 clusters'),
+    'pcqat_fb': ('mode=pcqat,quant=fracbits,bits=6',
+                 'PCQAT FracBits (6-bit size budget), 50% + 16 clusters'),
+}
+
+
+def _structure(workdir):
+  """Max sparsity deviation from 50% and max distinct values per kernel."""
+  from fracq.export import artifact
+  from safetensors.numpy import load_file
+  q = os.path.join(workdir, 'model.fracq.safetensors')
+  if os.path.exists(q):
+    kernels = artifact.read_artifact(q)[0]
+  else:
+    f = load_file(os.path.join(workdir, 'model.float.safetensors'))
+    kernels = {k: v for k, v in f.items() if k.endswith('/kernel')}
+  sp = [float(np.mean(np.asarray(v) == 0)) for v in kernels.values()]
+  dv = [int(np.unique(np.asarray(v)).size) for v in kernels.values()]
+  return {'min_sparsity': min(sp), 'max_sparsity': max(sp),
+          'max_distinct': max(dv), 'kernels': len(kernels)}
+
+
+def _float_file(workdir):
+  from fracq.export import sizes
+  from fracq.train import checkpoint as ckpt_lib
+  v = ckpt_lib.load_variables(workdir, 'params,batch_stats')
+  path = os.path.join(workdir, 'model.float.safetensors')
+  n = sizes.save_float_variables(v, path, overwrite=True)
+  return {'float32_bytes': n, 'float32_gzip_bytes': sizes.gzip_bytes(path)}
+
+
+def _seed(names, seed):
+  with tempfile.TemporaryDirectory() as root:
+    fdir = os.path.join(root, 'float')
+    m = run('digits_float', f'seed={seed}', fdir)
+    m.update(_float_file(fdir))
+    m.update(_structure(fdir))
+    yield 'float', m
+    for name in names:
+      if name == 'float':
+        continue
+      arg, _ = ROWS[name]
+      wd = os.path.join(root, name)
+      m = run('digits_pcqat', f'{arg},seed={seed}', wd, init_from=fdir,
+              export=True)
+      m.pop('bits', None)
+      m.update(_structure(wd))
+      yield name, m
+
+
+def _size_cols(r):
+  if 'artifact_bytes' in r:
+    return (r['artifact_bytes'], r['artifact_theoretical_bytes'],
+            r['artifact_gzip_bytes'])
+  return r['float32_bytes'], r['float32_bytes'], r['float32_gzip_bytes']
+
+
+def write(rows, cmd):
+  lines = ['| row | config | test acc. % (mean) | min-max | seeds | '
+           'artifact KiB | dense at same bits KiB | gzip -9 KiB | '
+           'kernel sparsity | max distinct values | integer / ONNX = '
+           'fake-quant |', '|---|---|---|---|---|---|---|---|---|---|---|']
+  means = {}
+  for n, (arg, label) in ROWS.items():
+    rs = [r for r in rows if r['row'] == n]
+    if not rs:
+      continue
+    acc = np.array([r['eval_accuracy'] for r in rs]) * 100
+    means[n] = acc.mean()
+    art, dense, gz = (np.mean(x) / 1024 for x in zip(*map(_size_cols, rs)))
+    sp = (f'{min(r["min_sparsity"] for r in rs):.3f}-'
+          f'{max(r["max_sparsity"] for r in rs):.3f}')
+    dv = max(r['max_distinct'] for r in rs)
+    im = [r['integer_prediction_match'] for r in rs
+          if 'integer_prediction_match' in r]
+    om = [r['onnx_prediction_match'] for r in rs
+          if 'onnx_prediction_match' in r]
+    match = (f'{100 * np.mean(im):.1f}% / {100 * np.mean(om):.1f}%'
+             if im and om else '-')
+    cfg = ('`digits_float.py`' if arg is None else
+           f'`digits_pcqat.py:{arg}`')
+    lines.append(f'| {label} | {cfg} | {acc.mean():.2f} | {acc.min():.2f}-'
+                 f'{acc.max():.2f} | {len(rs)} | {art:.1f} | {dense:.1f} | '
+                 f'{gz:.1f} | {sp} | {dv} | {match} |')
+  text = '\n'.join(lines)
+  notes = []
+  if 'qat' in means and 'pcqat' in means:
+    gap = means['qat'] - means['pcqat']
+    notes.append(f'PCQAT - QAT: {-gap:+.2f} points (issue #8 asks for a '
+                 f'drop of at most 1.5: {"met" if gap <= 1.5 else "NOT met"}).')
+  with open(os.path.join(OUT, 'digits_pcqat.md'), 'w') as f:
+    f.write(
+        f'Generated by `{cmd}`. Every non-float row fine-tunes the float '
+        'model of the same seed for 10 epochs (lr 0.02). "artifact": the '
+        'file a user ships (float32 safetensors for the float rows; the '
+        'packed artifact for QAT rows, sparse/codebook encodings where '
+        'smaller). "dense at same bits": the theoretical size with every '
+        'kernel stored densely at its bits. "integer / ONNX = fake-quant": '
+        'share of one eval batch where the integer-only program / '
+        'onnxruntime on the ONNX export predict what the fake-quantized '
+        'model predicts. Sparsity and distinct values are measured on the '
+        'exported kernels (integer codes for QAT rows).\n\n' + text + '\n\n'
+        + '\n'.join(notes) + '\n')
+  return text + '\n' + '\n'.join(notes)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--only', default='', help='comma-separated row names '
+                 '(the float model is always trained, and recorded)')
+  args = p.parse_args()
+  logging.set_verbosity(logging.WARNING)
+  names = [n for n in args.only.split(',') if n] or list(ROWS)
+  bad = [n for n in names if n not in ROWS]
+  if bad:
+    raise SystemExit(f'unknown rows {bad}; choose from {list(ROWS)}.')
+  os.makedirs(OUT, exist_ok=True)
+  rows = json.load(open(JSON)) if os.path.exists(JSON) else []
+  for s in (int(x) for x in args.seeds.split(',')):
+    for name, m in _seed(names, s):
+      rows = [r for r in rows if not (r['row'] == name and r['seed'] == s)]
+      rows.append(dict(row=name, seed=s, **m))
+      print(name, s, f'{100 * m["eval_accuracy"]:.2f}%',
+            _size_cols(rows[-1])[0], flush=True)
+      with open(JSON, 'w') as f:
+        json.dump(rows, f, indent=1)
+  print(write(rows, 'python experiments/digits_pcqat.py'))
+
+
+if __name__ == '__main__':
+  main()
