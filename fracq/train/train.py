@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -352,9 +353,10 @@ def _export(config, wrapper, state, workdir) -> dict:
 
   ``model.fracq.safetensors``: the packed weights (uniform QAT / FracBits);
   ``model.int.safetensors``: the integer-only program (F8Net always; QAT
-  models whose structure lowers, see ``fracq.export.integer_model``).
+  models whose structure lowers, see ``fracq.export.integer_model``);
+  ``model.onnx``: the same program as an ONNX QDQ graph;
+  ``model.float.safetensors``: float pruned / clustered models, stripped.
   """
-  import os
   from fracq import export
   from fracq.export import integer_model
   from fracq.methods.f8net import F8NetModel
@@ -375,12 +377,9 @@ def _export(config, wrapper, state, workdir) -> dict:
                                    path, overwrite=config.overwrite)
     gz = sizes.gzip_bytes(path)
     out.update({'float32_bytes': n, 'float32_gzip_bytes': gz})
-    text = (f'{path}\nfloat32 (stripped) {n:,} bytes; gzip -9 {gz:,} '
-            'bytes')
-    with open(os.path.join(workdir, 'size_report.txt'), 'w') as f:
-      f.write(text + '\n')
-    logging.info('Exported:\n%s', text)
-    return out
+    texts.append(f'{path}\nfloat32 (stripped) {n:,} bytes; gzip -9 '
+                 f'{gz:,} bytes')
+    return _write_size_report(workdir, texts, out)
   if hasattr(wrapper, 'facts'):
     path = os.path.join(workdir, 'model.fracq.safetensors')
     rep = export.export_model(wrapper, variables, path,
@@ -426,6 +425,10 @@ def _export(config, wrapper, state, workdir) -> dict:
           'INT4 kernels; onnxruntime predictions equal to the integer '
           f'program on one eval batch: '
           f'{100 * orep["onnx_prediction_match"]:.2f}%')
+  return _write_size_report(workdir, texts, out)
+
+
+def _write_size_report(workdir, texts, out) -> dict:
   text = '\n\n'.join(texts)
   with open(os.path.join(workdir, 'size_report.txt'), 'w') as f:
     f.write(text + '\n')
