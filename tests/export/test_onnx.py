@@ -20,9 +20,12 @@ from fracq.export import onnx_export as ox  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from test_integer_model import _train  # noqa: E402  pylint: disable=g-bad-import-order
 
-# A short run: the export is checked, not the accuracy (test_integer_model
-# trains longer); FracBits hard-assigns its bits at step 30.
-FB_STEPS, FB_HARD = 40, 30
+# The run of test_integer_model (FracBits hard-assigns its bits at step 60).
+# Much shorter runs leave the model where the float32 simulation's rounding
+# flips single activation codes at the last hidden layer, each worth ~7e-4 of
+# the logit range, so the 1e-3 bound against the fake-quantized model would
+# measure float32 noise rather than the export.
+FB_STEPS, FB_HARD = 80, 60
 
 
 @pytest.fixture(scope='module')
