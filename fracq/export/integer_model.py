@@ -23,7 +23,16 @@ requantizes the accumulator to the next layer's codes:
 Which models lower: chains of ``nn.Conv`` / ``nn.Dense`` layers, each
 optionally followed by its BatchNorm, then ReLU when the next layer's input
 is non-negative, with an optional global average pool before a final
-``nn.Dense`` (the digits CNN, VGG-style nets). The structure is read from one
+``nn.Dense`` (the digits CNN, VGG-style nets). F8Net models with residual
+adds (ResNet basic blocks with identity or 1x1-conv/BN projection shortcuts;
+tested on ResNet-20 and ``resnet_tiny``) lower to *graph* programs: each
+layer names its input, and an :class:`IntAdd` shifts its int32 operands left
+to the finest operand's FL (exact), adds, applies ReLU and requantizes with a
+rounding right shift. The data flow comes from the probe
+(:func:`probe_structure`: a module whose output is ``[relu](its dangling
+branch outputs [+ its input])``), and the F8Net simulation quantizes such a
+module's input once, so the shortcut reads the same 8-bit tensor as the
+convs and the program stays bit-exact. The structure is read from one
 probe of the model (:func:`probe_structure`) and then *verified*: lowering
 runs the program next to the fake-quantized model on the sample batch and
 raises if they disagree (e.g. a residual add, a max pool or a pool window
@@ -87,11 +96,47 @@ class IntLayer:
   out_range: tuple[int, int] | None = None
   out_scale: np.ndarray | None = None
   acc_shift: int = 0
+  src: str | None = None
+
+
+@dataclasses.dataclass
+class IntAdd:
+  """A residual add of a graph program (F8Net).
+
+  Each input (a previous op's output, by path: int32 accumulators of
+  layers without ``requant``, or 8-bit codes) is shifted left by its
+  ``shifts`` entry (FL alignment to the finest operand, exact; saturated to
+  int32) and the int32 sum goes through the same tail as a layer: optional
+  ReLU, global-pool sum, rounding right shift ``requant`` and clamp to
+  ``out_range``.
+  """
+
+  path: str
+  inputs: list[str]
+  shifts: list[np.ndarray]
+  relu: bool = False
+  pool: int = 1
+  requant: tuple | None = None
+  out_range: tuple[int, int] | None = None
+  out_scale: np.ndarray | None = None
+  layer_type: str = 'Add'
+
+  @property
+  def kernel(self):
+    raise ValueError(f'{self.path}: a residual add has no kernel; graph '
+                     'programs are run by integer_forward (no ONNX export '
+                     'of residual programs yet).')
 
 
 @dataclasses.dataclass
 class IntegerProgram:
-  """An integer-only model: input quantization, layers, output scale."""
+  """An integer-only model: input quantization, layers, output scale.
+
+  A *chain* program's layers each read the previous layer's output. A
+  *graph* program (residual nets) names each layer's input (``IntLayer.src``:
+  an earlier op's path, or ``'input'``) and has :class:`IntAdd` ops; every
+  op's output is kept under its path.
+  """
 
   layers: list[IntLayer]
   input_scale: float          # real value of one input code
@@ -121,6 +166,12 @@ class IntegerProgram:
     lines = [f'{"layer":<20} {"type":<6} {"kernel":<18} {"bias":<5} '
              f'{"relu":<5} {"pool":>4}  requant']
     for l in self.layers:
+      if isinstance(l, IntAdd):
+        lines.append(f'{l.path:<20} {"Add":<6} '
+                     f'{"+".join(l.inputs):<18} {"-":<5} {str(l.relu):<5} '
+                     f'{l.pool:>4}  '
+                     f'{"-" if l.requant is None else l.requant[0]}')
+        continue
       rq = '-' if l.requant is None else l.requant[0]
       if l.requant is not None and l.requant[0] == 'shift':
         s = np.unique(np.asarray(l.requant[1]))
@@ -147,8 +198,67 @@ def _along_last(v, ndim):
   return v.reshape((1,) * (ndim - 1) + (v.shape[0],))
 
 
+def _tail(l, acc):
+  """ReLU, pool sum, requantization and clamp of an int32 accumulator."""
+  if l.requant is None:
+    return acc
+  if l.requant[0] == 'mult':  # negative BN scales flip a channel
+    acc = acc * _along_last(jnp.asarray(l.requant[1], jnp.int32), acc.ndim)
+  if l.relu:
+    acc = jnp.maximum(acc, 0)
+  if l.pool > 1:
+    acc = jnp.sum(acc, axis=tuple(range(1, acc.ndim - 1)), dtype=jnp.int32)
+  lo, hi = l.out_range
+  if l.requant[0] == 'shift':
+    y = ints.shift_fraclen(acc, jnp.asarray(l.requant[1], jnp.int32))
+    y = jnp.clip(y, lo, hi)
+  else:
+    _, _, m0, sh = l.requant
+    y = ints.requantize(acc, jnp.asarray(m0), jnp.asarray(sh), 0, lo, hi)
+  return y.astype(_code_dtype(lo, hi))
+
+
+def _graph_forward(program: IntegerProgram, codes) -> jax.Array:
+  env = {'input': codes}
+  y = codes
+  for l in program.layers:
+    if isinstance(l, IntAdd):
+      acc = None
+      for name, sh in zip(l.inputs, l.shifts):
+        v = ints.shift_fraclen(env[name], -jnp.asarray(sh, jnp.int32))
+        acc = v if acc is None else acc + v
+    else:
+      acc = _layer_acc(l, env[l.src if l.src is not None else 'input'])
+    y = _tail(l, acc)
+    env[l.path] = y
+  return y
+
+
+def _layer_acc(l, x):
+  if l.layer_type == 'Conv':
+    pad = l.padding
+    if isinstance(pad, tuple) and pad and pad[0] == 'INT':
+      pad = ((pad[1], pad[1]),) * (x.ndim - 2)
+    acc = ints.int_conv(x, jnp.asarray(l.kernel), l.strides, pad,
+                        l.feature_group_count)
+  else:
+    acc = ints.int_dense(x, jnp.asarray(l.kernel))
+  if l.acc_shift:
+    acc = acc << l.acc_shift
+  if l.bias is not None:
+    acc = acc + _along_last(jnp.asarray(l.bias, jnp.int32), acc.ndim)
+  return acc
+
+
+def is_graph(program: IntegerProgram) -> bool:
+  return any(isinstance(l, IntAdd) or l.src is not None
+             for l in program.layers)
+
+
 def integer_forward(program: IntegerProgram, codes) -> jax.Array:
   """Runs ``program`` on integer input codes; returns the int32 output."""
+  if is_graph(program):
+    return _graph_forward(program, codes)
   x = codes
   for l in program.layers:
     if l.layer_type == 'Conv':
@@ -235,6 +345,8 @@ def lower_f8net(f8model, variables, sample_x, *, verify: bool = True
     raise ValueError('Every Conv/Dense must be quantized for integer-only '
                      f'inference; quantized {[r.path for r in recs]}, model '
                      f'has {st.order} (check keep_float).')
+  if st.adds:
+    return _lower_f8net_graph(f8model, variables, recs, st, x, verify)
   layers = []
   for i, r in enumerate(recs):
     S = np.asarray(r.input_fl) + np.asarray(r.weight_fl)
@@ -265,6 +377,100 @@ def lower_f8net(f8model, variables, sample_x, *, verify: bool = True
   program = IntegerProgram(
       layers=layers, input_scale=2.0 ** -first.input_fl,
       input_range=fxp.fixed_point_range(first.signed_input), kind='f8net')
+  if verify:
+    ref = f8model.apply(variables, x, train=False)
+    _verify(program, ref, x, exact=True, atol=0.0)
+  return program
+
+
+def _lower_f8net_graph(f8model, variables, recs, st, x, verify):
+  """Graph program of an F8Net model with residual adds (see
+  :class:`IntAdd`): the data flow comes from the probe (``st.srcs``,
+  ``st.adds``); every tensor has one FL shared by its readers, so each op
+  requantizes once, to that FL."""
+  rec = {r.path: r for r in recs}
+  acc_fl = {p: np.asarray(r.input_fl) + np.asarray(r.weight_fl)
+            for p, r in rec.items()}
+  codes_fl, links = {}, {}
+  for kind, p in st.ops:
+    if kind != 'layer':
+      continue
+    src = st.srcs.get(p)
+    if src is None:
+      raise ValueError(f'{p}: its input is not an earlier layer, add or the '
+                       'model input (possibly after ReLU / global average '
+                       'pool); the model is neither a chain nor a residual '
+                       'graph the integer lowering supports (max pooling, '
+                       'concatenation, ...).')
+    name, relu, pool = src
+    link = (int(rec[p].input_fl), bool(relu), int(pool),
+            bool(rec[p].signed_input))
+    if links.setdefault(name, link) != link:
+      raise ValueError(f'{name} is read as {links[name]} and as {link} '
+                       '(FL, relu, pool, signed): its readers do not share '
+                       'one quantized tensor.')
+    codes_fl[name] = link[0]
+  operands = {l for a in st.adds.values() for l in a['operands']}
+  both = operands & set(links)
+  if both:
+    raise ValueError(f'{sorted(both)} feed both an add and a layer; not '
+                     'supported by the integer lowering.')
+  ops, seq = {}, []
+  for kind, p in st.ops:
+    if kind == 'layer':
+      r = rec[p]
+      l = IntLayer(path=p, layer_type=r.layer_type,
+                   kernel=np.asarray(r.kernel_codes, np.int8),
+                   bias=None if r.bias_codes is None else
+                   np.asarray(r.bias_codes, np.int32).reshape(-1),
+                   strides=None if r.strides is None else tuple(r.strides),
+                   padding=conv_padding(r.padding),
+                   feature_group_count=int(r.feature_group_count),
+                   src=st.srcs[p][0])
+    else:
+      a = st.adds[p]
+      names = list(a['operands'])
+      fls = [acc_fl[n] for n in names]
+      if a['identity'] is not None:
+        ident = a['identity'][0]
+        if ident not in codes_fl or a['identity'][2] != 1:
+          raise ValueError(f'{p}: its shortcut {ident} is not a quantized '
+                           'tensor read by a layer.')
+        names.append(ident)
+        fls.append(np.asarray(codes_fl[ident]))
+      top = fls[0]
+      for f in fls[1:]:
+        top = np.maximum(top, f)
+      acc_fl[p] = top
+      l = IntAdd(path=p, inputs=names,
+                 shifts=[np.asarray(top - f, np.int32) for f in fls],
+                 relu=bool(a['relu']))
+    ops[p] = l
+    seq.append(l)
+  for name, (fl, relu, pool, signed) in links.items():
+    if name == 'input':
+      continue
+    l = ops[name]
+    pool_shift = int(round(math.log2(pool)))
+    if 2 ** pool_shift != pool:
+      raise ValueError(f'{name}: a {pool}-element average pool is not a '
+                       'power-of-two shift.')
+    l.relu = l.relu or relu
+    l.pool = pool
+    l.requant = ('shift', np.asarray(acc_fl[name] + pool_shift - fl,
+                                     np.int32))
+    l.out_range = fxp.fixed_point_range(signed)
+  last = seq[-1]
+  if last.path in links or not isinstance(last, IntLayer):
+    raise ValueError('The program must end in a Conv/Dense layer.')
+  last.out_scale = (2.0 ** (-acc_fl[last.path].astype(np.float64))
+                    ).astype(np.float32)
+  if 'input' not in links:
+    raise ValueError('No layer reads the model input directly.')
+  fl_in, _, _, signed = links['input']
+  program = IntegerProgram(layers=seq, input_scale=2.0 ** -fl_in,
+                           input_range=fxp.fixed_point_range(signed),
+                           kind='f8net')
   if verify:
     ref = f8model.apply(variables, x, train=False)
     _verify(program, ref, x, exact=True, atol=0.0)
@@ -377,7 +583,8 @@ def lower_qat(qmodel, variables, sample_x, *, verify: bool = True,
 
 
 # -- on disk ------------------------------------------------------------------
-PROGRAM_FORMAT = 'fracq-integer-program-1'
+PROGRAM_FORMAT = 'fracq-integer-program-1'  # chains
+GRAPH_FORMAT = 'fracq-integer-program-2'    # graphs (named inputs, adds)
 
 
 def _i32_as_f32(a):
@@ -412,6 +619,21 @@ def save_program(program: IntegerProgram, path: str, *,
   packed, floats, layers = {}, {}, []
   kernel_bits = dict(kernel_bits or {})
   for l in program.layers:
+    if isinstance(l, IntAdd):
+      for i, sh in enumerate(l.shifts):
+        floats[f'{l.path}/add_shift{i}.i32'] = _i32_as_f32(np.atleast_1d(sh))
+      if l.requant is not None:
+        floats[f'{l.path}/shift.i32'] = _i32_as_f32(
+            np.atleast_1d(l.requant[1]))
+      if l.out_scale is not None:
+        floats[f'{l.path}/out_scale'] = np.atleast_1d(
+            np.asarray(l.out_scale, np.float32))
+      layers.append({'path': l.path, 'type': 'Add', 'inputs': l.inputs,
+                     'relu': bool(l.relu), 'pool': int(l.pool),
+                     'out_range': None if l.out_range is None
+                     else list(l.out_range),
+                     'requant': None if l.requant is None else l.requant[0]})
+      continue
     k = np.asarray(l.kernel)
     bits, signed = _kernel_bits(k)
     b = kernel_bits.get(l.path, bits)
@@ -429,6 +651,8 @@ def save_program(program: IntegerProgram, path: str, *,
              'out_range': None if l.out_range is None else list(l.out_range),
              'requant': None if l.requant is None else l.requant[0],
              'kernel_dtype': str(k.dtype)}
+    if l.src is not None:
+      entry['src'] = l.src
     if l.requant is not None and l.requant[0] == 'shift':
       floats[f'{l.path}/shift.i32'] = _i32_as_f32(np.atleast_1d(l.requant[1]))
     elif l.requant is not None:
@@ -440,7 +664,8 @@ def save_program(program: IntegerProgram, path: str, *,
           np.asarray(l.out_scale, np.float32))
     layers.append(entry)
   meta = dict(metadata or {})
-  meta['program'] = {'format': PROGRAM_FORMAT, 'kind': program.kind,
+  meta['program'] = {'format': GRAPH_FORMAT if is_graph(program)
+                     else PROGRAM_FORMAT, 'kind': program.kind,
                      'input_scale': float(program.input_scale),
                      'input_range': list(program.input_range),
                      'layers': layers}
@@ -453,7 +678,7 @@ def load_program(path: str) -> IntegerProgram:
   from fracq.export import artifact
   codes, floats, man = artifact.read_artifact(path)
   prog = man['metadata'].get('program')
-  if not prog or prog.get('format') != PROGRAM_FORMAT:
+  if not prog or prog.get('format') not in (PROGRAM_FORMAT, GRAPH_FORMAT):
     raise artifact.ArtifactError(
         f'{path} holds no integer program (it is a packed-weights artifact; '
         'integer programs are written by save_program / export with an '
@@ -462,6 +687,18 @@ def load_program(path: str) -> IntegerProgram:
   for e in prog['layers']:
     p = e['path']
     sq = lambda a: a.reshape(()) if a.size == 1 else a
+    if e['type'] == 'Add':
+      layers.append(IntAdd(
+          path=p, inputs=list(e['inputs']),
+          shifts=[sq(_f32_as_i32(floats[f'{p}/add_shift{i}.i32']))
+                  for i in range(len(e['inputs']))],
+          relu=e['relu'], pool=e['pool'],
+          requant=(('shift', sq(_f32_as_i32(floats[f'{p}/shift.i32'])))
+                   if e['requant'] == 'shift' else None),
+          out_range=None if e['out_range'] is None
+          else tuple(e['out_range']),
+          out_scale=floats.get(f'{p}/out_scale')))
+      continue
     if e['requant'] == 'shift':
       rq = ('shift', sq(_f32_as_i32(floats[f'{p}/shift.i32'])))
     elif e['requant'] == 'mult':
@@ -481,7 +718,7 @@ def load_program(path: str) -> IntegerProgram:
         padding=pad, feature_group_count=e['groups'], relu=e['relu'],
         pool=e['pool'], requant=rq, acc_shift=int(e.get('acc_shift', 0)),
         out_range=None if e['out_range'] is None else tuple(e['out_range']),
-        out_scale=floats.get(f'{p}/out_scale')))
+        out_scale=floats.get(f'{p}/out_scale'), src=e.get('src')))
   return IntegerProgram(layers=layers, input_scale=prog['input_scale'],
                         input_range=tuple(prog['input_range']),
                         kind=prog['kind'])
@@ -524,6 +761,10 @@ def export_integer(wrapper, variables, sample_x, path: str, *,
                       kernel_bits=kernel_bits)
   theo = 0.0
   for l in program.layers:
+    if isinstance(l, IntAdd):
+      theo += 4 * sum(np.size(v) for v in l.shifts)
+      theo += 0 if l.requant is None else 4 * np.size(l.requant[1])
+      continue
     b = (kernel_bits or {}).get(l.path) or _kernel_bits(np.asarray(l.kernel))[0]
     theo += l.kernel.size * b / 8
     theo += 0 if l.bias is None else 4 * l.bias.size

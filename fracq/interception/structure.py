@@ -7,16 +7,27 @@ shapes and convolution attributes, and which ``nn.BatchNorm`` reads the
 *same array object* the layer returned (a Conv->BN pair that can be folded).
 A BN fed by anything else (an add, an activation) is listed with the reason.
 F8Net folds with it; the integer lowering builds its chains from it.
+
+The same probe recovers the data flow of residual nets without reading the
+model code: every layer's input is matched (numerically, most recent first)
+to the model input, an earlier layer's post-BN output or a residual module's
+output, possibly after ReLU and a global average pool; a submodule whose
+output equals ``[relu](sum of its dangling layer outputs [+ its input])``
+(a layer is dangling when nothing inside the module reads it) is a residual
+add. Such modules' inputs are then quantized once by F8Net and the add is
+lowered to an integer op.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fracq.interception.interceptor import layer_type_of
 
@@ -44,6 +55,49 @@ class Structure:
   in_shapes: dict[str, tuple]
   bn_eps: dict[str, float] = dataclasses.field(default_factory=dict)
   conv_attrs: dict[str, tuple] = dataclasses.field(default_factory=dict)
+  # The data flow, matched numerically in the probe (see probe_structure):
+  # layer -> (source tensor, relu, pool) with the source 'input', a layer
+  # (its post-BN output) or a residual add (a module returning
+  # ``[relu](branch outputs [+ its input])``).
+  srcs: dict[str, tuple] = dataclasses.field(default_factory=dict)
+  # residual module -> {'operands': [layers], 'identity': (src, relu, pool)
+  # or None, 'relu': bool}
+  adds: dict[str, dict] = dataclasses.field(default_factory=dict)
+  # execution order of ('layer', path) / ('add', path)
+  ops: list[tuple] = dataclasses.field(default_factory=list)
+  # residual module -> (indices of positional array arguments read by its
+  # quantized layers, signed): one quantized tensor shared by all readers
+  shared: dict[str, tuple] = dataclasses.field(default_factory=dict)
+
+
+def _same(a, b):
+  return (tuple(a.shape) == tuple(b.shape) and
+          np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                      rtol=1e-6, atol=1e-6))
+
+
+def _relu(v):
+  return np.maximum(np.asarray(v), 0)
+
+
+def _match(known, a):
+  """(name, relu, pool) of the known tensor ``a`` is (possibly after ReLU
+  and a global average pool), most recent first; None if none."""
+  for name, v in reversed(known):
+    if v.shape == a.shape:
+      if _same(a, v):
+        return name, False, 1
+      if _same(a, _relu(v)):
+        return name, True, 1
+    elif (v.ndim > 2 and a.ndim == 2 and v.shape[0] == a.shape[0] and
+          v.shape[-1] == a.shape[-1]):
+      red = tuple(range(1, v.ndim - 1))
+      pool = int(math.prod(v.shape[1:-1]))
+      if _same(a, np.mean(np.asarray(v, np.float64), axis=red)):
+        return name, False, pool
+      if _same(a, np.mean(_relu(np.asarray(v, np.float64)), axis=red)):
+        return name, True, pool
+  return None
 
 
 def probe_structure(module: nn.Module, variables, x, *, skip: str = '',
@@ -55,6 +109,51 @@ def probe_structure(module: nn.Module, variables, x, *, skip: str = '',
   """
   order, signs, pairs, unfolded = [], {}, {}, {}
   outs, ins, outputs, eps, attrs = {}, {}, {}, {}, {}
+  srcs, adds, ops, shared = {}, {}, [], {}
+  known, consumed, frames = [], set(), []
+  values = {}
+
+  def container(m, next_fun, args, kwargs):
+    path = '/'.join(m.path)
+    arr = [(i, a) for i, a in enumerate(args) if isinstance(a, jax.Array)]
+    fr = {'path': path, 'args': arr, 'inner': [], 'read': set(),
+          'arg_src': _match(known, arr[0][1]) if len(arr) == 1 else None}
+    frames.append(fr)
+    try:
+      y = next_fun(*args, **kwargs)
+    finally:
+      frames.pop()
+    if not isinstance(y, jax.Array) or not fr['read']:
+      return y
+    dangling = [l for l in fr['inner'] if l not in consumed]
+    if not 1 <= len(dangling) <= 2 or any(
+        tuple(values[l].shape) != tuple(y.shape) for l in dangling):
+      return y
+    total = sum(np.asarray(values[l], np.float64) for l in dangling)
+    # An add: two branch outputs, or one plus the module's input.
+    if len(dangling) == 2:
+      cands = [None]
+    elif fr['arg_src'] is not None:
+      cands = [fr['arg_src']]
+    else:
+      return y
+    for ident in cands:
+      if ident is not None and tuple(arr[0][1].shape) != tuple(y.shape):
+        continue
+      t = total + np.asarray(arr[0][1]) if ident is not None else total
+      for relu in (True, False):
+        if _same(y, _relu(t) if relu else t):
+          adds[path] = {'operands': dangling, 'identity': ident,
+                        'relu': relu}
+          ops.append(('add', path))
+          consumed.update(dangling)
+          if ident is not None:
+            consumed.add(ident[0])
+          known.append((path, y))
+          a0 = arr[0][1]
+          shared[path] = (sorted(fr['read']), not bool(jnp.all(a0 >= 0)))
+          return y
+    return y
 
   def icpt(next_fun, args, kwargs, context):
     m = context.module
@@ -71,12 +170,28 @@ def probe_structure(module: nn.Module, variables, x, *, skip: str = '',
         unfolded[bn] = f'{hit[1]} already feeds {pairs[hit[1]]}'
       else:
         pairs[hit[1]] = bn
-      return next_fun(*args, **kwargs)
+      out = next_fun(*args, **kwargs)
+      if hit is not None and hit[0] is a and pairs.get(hit[1]) == bn:
+        values[hit[1]] = out
+        known[:] = [(n, out if n == hit[1] else v) for n, v in known]
+      return out
     path = '/'.join(m.path)
+    if layer_type_of(m) is None and m.path:
+      return container(m, next_fun, args, kwargs)
     if layer_type_of(m) not in ('Conv', 'Dense') or (
         skip and re.search(skip, path)):
       return next_fun(*args, **kwargs)
     a = args[0] if args else kwargs['inputs']
+    if not known:
+      known.append(('input', jnp.asarray(x)))
+    src = _match(known, a)
+    srcs[path] = src
+    if src is not None:
+      consumed.add(src[0])
+    for fr in frames:
+      fr['inner'].append(path)
+      fr['read'].update(i for i, b in fr['args'] if b is a)
+    ops.append(('layer', path))
     order.append(path)
     signs[path] = not bool(jnp.all(a >= 0))
     ins[path] = tuple(a.shape)
@@ -88,6 +203,8 @@ def probe_structure(module: nn.Module, variables, x, *, skip: str = '',
     y = next_fun(*args, **kwargs)
     outputs[id(y)] = (y, path)
     outs[path] = tuple(y.shape)
+    values[path] = y
+    known.append((path, y))
     return y
 
   x = jnp.asarray(x)[:1]
@@ -96,4 +213,5 @@ def probe_structure(module: nn.Module, variables, x, *, skip: str = '',
       module.init(jax.random.PRNGKey(0), x, **call_kwargs)
     else:
       module.apply(variables, x, **call_kwargs)
-  return Structure(order, signs, pairs, unfolded, outs, ins, eps, attrs)
+  return Structure(order, signs, pairs, unfolded, outs, ins, eps, attrs,
+                   srcs, adds, ops, shared)

@@ -22,7 +22,14 @@ in :mod:`fracq.core.fixed_point`; this module is the transform:
   reason) so users can see which layers are not integer-only;
 * the bias is quantized to int32 at ``FL_in + FL_w`` (the accumulator's
   format), so the simulated model equals the integer-only one bit for bit
-  (:mod:`fracq.export.integer_model`).
+  (:mod:`fracq.export.integer_model`);
+* residual modules (found by the structure probe: a submodule returning
+  ``[relu](its branch outputs [+ its input])``, e.g. a ResNet block) get
+  their input quantized once, at the module's entry, with one FL on the
+  module's scope (``<block>/quant_stats/input_fl_ema``): the convs reading
+  it and the identity shortcut then all read the same 8-bit fixed-point
+  tensor (one FL per tensor, shared by its readers), so the add can be done
+  in int32 by the integer model (FL alignment by left shifts).
 
 Formats. ``format='std'`` picks ``FL = floor(log2(C / std))`` (``C`` = 40
 signed, 70 unsigned, F8Net's fit); for an unsigned input (seen after its
@@ -205,6 +212,9 @@ class _Interceptor:
     self.train = train
     self.pending: dict[int, tuple] = {}
     self.records: list[LayerRecord] = []
+    # id -> (quantized tensor, FL): tensors quantized once at a residual
+    # module's entry and shared by all their readers (convs and the add).
+    self.prequant: dict[int, tuple] = {}
 
   def __call__(self, next_fun, args, kwargs, context):
     m = context.module
@@ -214,6 +224,9 @@ class _Interceptor:
       return self._bn(m, next_fun, args, kwargs)
     lt = layer_type_of(m)
     if lt is None:
+      path = '/'.join(m.path)
+      if path in self.model.shared and self.model.options.simulate:
+        args = self._share_inputs(m, path, args)
       return next_fun(*args, **kwargs)
     path = '/'.join(m.path)
     opts = self.model.options
@@ -221,6 +234,26 @@ class _Interceptor:
                                 re.search(opts.keep_float, path)):
       return next_fun(*args, **kwargs)
     return self._layer(m, path, lt, args, kwargs)
+
+  # -- shared tensors ------------------------------------------------------
+  def _share_inputs(self, m, path, args):
+    """Quantizes a residual module's input once, at its entry: its convs
+    and its identity shortcut then read the same 8-bit tensor (one FL per
+    tensor, on the module's ``quant_stats/input_fl_ema``)."""
+    idxs, signed = self.model.shared[path]
+    args = list(args)
+    opts = self.model.options
+    for i in idxs:
+      a = args[i]
+      hit = self.prequant.get(id(a))
+      if hit is not None and hit[0] is a:
+        continue
+      fl = self._input_fl(m, path, a, signed)
+      aq = fxp.fixed_point_quantize(a, fl, signed=signed,
+                                    fl_range=_act_range(signed, opts))
+      self.prequant[id(aq)] = (aq, fl)
+      args[i] = aq
+    return tuple(args)
 
   # -- quantized layers ----------------------------------------------------
   def _q(self, x, fl, **kwargs):
@@ -254,9 +287,13 @@ class _Interceptor:
     bn = self.model.pairs.get(path)
     state = {}
     opts = self.model.options
+    a0 = args[0] if args else kwargs['inputs']
+    pre = self.prequant.get(id(a0))
+    pre = pre if pre is not None and pre[0] is a0 else None
 
     def quant_inputs(clone, x):
-      fl = self._input_fl(clone, path, x, signed)
+      fl = (pre[1] if pre is not None else
+            self._input_fl(clone, path, x, signed))
       state['fl_in'] = fl
       xq = self._q(x, fl, signed=signed,
                                     fl_range=_act_range(signed, opts))
@@ -397,6 +434,9 @@ class F8NetModel:
                        f'{self.options.keep_float!r} may exclude them all).')
     self.signs, self.order = st.signs, st.order
     self.pairs, self.unfolded = dict(st.pairs), dict(st.unfolded)
+    # residual modules whose input is quantized once at entry (see
+    # _Interceptor._share_inputs)
+    self.shared = dict(st.shared)
     if not self.options.fold_bn:
       self.unfolded.update({bn: 'fold_bn=False' for bn in self.pairs.values()})
       self.pairs = {}
@@ -456,6 +496,15 @@ class F8NetModel:
       for p in path.split('/'):
         node = node.get(p, {}) if isinstance(node, dict) else {}
       ema = node.get('input_fl_ema') if isinstance(node, dict) else None
+      parts = path.split('/')
+      for k in range(len(parts) - 1, 0, -1):  # a shared (block) input
+        if ema is not None:
+          break
+        if '/'.join(parts[:k]) in self.shared:
+          blk = stats
+          for p in parts[:k]:
+            blk = blk.get(p, {}) if isinstance(blk, dict) else {}
+          ema = blk.get('input_fl_ema') if isinstance(blk, dict) else None
       rows.append({'layer': path, 'input': 'int8' if self.signs.get(path, True)
                    else 'uint8',
                    'input_fl': None if ema is None else float(np.round(ema)),
