@@ -261,34 +261,9 @@ def integer_forward(program: IntegerProgram, codes) -> jax.Array:
     return _graph_forward(program, codes)
   x = codes
   for l in program.layers:
-    if l.layer_type == 'Conv':
-      pad = l.padding
-      if isinstance(pad, tuple) and pad and pad[0] == 'INT':
-        pad = ((pad[1], pad[1]),) * (x.ndim - 2)
-      acc = ints.int_conv(x, jnp.asarray(l.kernel), l.strides, pad,
-                          l.feature_group_count)
-    else:
-      acc = ints.int_dense(x, jnp.asarray(l.kernel))
-    if l.acc_shift:
-      acc = acc << l.acc_shift
-    if l.bias is not None:
-      acc = acc + _along_last(jnp.asarray(l.bias, jnp.int32), acc.ndim)
-    if l.requant is None:
-      return acc
-    if l.requant[0] == 'mult':  # negative BN scales flip a channel
-      acc = acc * _along_last(jnp.asarray(l.requant[1], jnp.int32), acc.ndim)
-    if l.relu:
-      acc = jnp.maximum(acc, 0)
-    if l.pool > 1:
-      acc = jnp.sum(acc, axis=tuple(range(1, acc.ndim - 1)), dtype=jnp.int32)
-    lo, hi = l.out_range
-    if l.requant[0] == 'shift':
-      y = ints.shift_fraclen(acc, jnp.asarray(l.requant[1], jnp.int32))
-      y = jnp.clip(y, lo, hi)
-    else:
-      _, _, m0, sh = l.requant
-      y = ints.requantize(acc, jnp.asarray(m0), jnp.asarray(sh), 0, lo, hi)
-    x = y.astype(_code_dtype(lo, hi))
+    x = _tail(l, _layer_acc(l, x))
+    if l.requant is None:  # the int32 accumulator of the last layer
+      return x
   return x  # a truncated program (e.g. for debugging) ends in codes
 
 
