@@ -10,7 +10,8 @@ Run:
 
 Expected: within a few tenths of the float model (~91.5-92.5%); not
 measured here (no CIFAR-10 download on this machine). Variants:
-recipe=train, dataset=cifar100, smoke.
+recipe=train, dataset=cifar100, pact=True (fixed-point PACT clips inside the
+blocks, conv1 -> conv2), smoke.
 """
 
 from configs import cifar10_resnet20
@@ -19,7 +20,7 @@ from configs import common
 
 def get_config(arg=None):
   a = common.parse_arg(arg, smoke=False, seed=0, recipe='finetune',
-                       dataset='cifar10')
+                       dataset='cifar10', pact=False)
   if a.recipe not in ('finetune', 'train'):
     raise ValueError(f"recipe={a.recipe!r}: use 'finetune' or 'train'.")
   c = cifar10_resnet20.get_config(
@@ -28,4 +29,5 @@ def get_config(arg=None):
     c.num_epochs = 30.0
     c.learning_rate = 0.01
   c.quant.method = 'f8net'
+  c.quant.f8_pact = a.pact
   return c

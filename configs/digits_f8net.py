@@ -10,7 +10,8 @@ Run:
 
 Expected: within 0.5 points of the float model (~99.4-100%). Variants:
 seed=N; weights=grid|std (weight FL rule); acts=grid|std; channel=True (one
-weight FL per output channel); smoke.
+weight FL per output channel); pact=True (fixed-point PACT: learned clips
+folded into the producing conv); smoke.
 """
 
 from configs import common
@@ -18,13 +19,14 @@ from configs import common
 
 def get_config(arg=None):
   a = common.parse_arg(arg, smoke=False, seed=0, weights='std', acts='std',
-                       channel=False)
+                       channel=False, pact=False)
   c = common.digits_config(a.seed)
   q = c.quant
   q.method = 'f8net'
   q.f8_weight_format = a.weights
   q.f8_act_format = a.acts
   q.f8_weight_granularity = 'channel' if a.channel else 'layer'
+  q.f8_pact = a.pact
   if a.smoke:
     common.apply_smoke(c)
   return c

@@ -21,7 +21,9 @@ Run:
 Published (F8Net, ImageNet top-1, float / 8-bit fixed point): ResNet-18
 70.3 / 71.0, ResNet-50b 77.6 / 77.6, MobileNet-V2b 72.7 / 72.6.
 Variants: model=resnet18|resnet50|mobilenet_v2, recipe=finetune|train,
-epochs=N, batch_size=N, smoke.
+epochs=N, batch_size=N, pact=True (fixed-point PACT clips on the ReLU
+links inside the ResNet blocks; MobileNet-V2 uses ReLU6, which has no such
+link, and F8Net refuses pact=True there), smoke.
 """
 
 from configs import common
@@ -32,7 +34,8 @@ _SMOKE_MODEL = {'resnet18': 'resnet_tiny', 'resnet50': 'resnet_tiny_bottleneck',
 
 def get_config(arg=None):
   a = common.parse_arg(arg, smoke=False, seed=0, model='resnet18',
-                       recipe='finetune', epochs=0.0, batch_size=256)
+                       recipe='finetune', epochs=0.0, batch_size=256,
+                       pact=False)
   if a.model not in _SMOKE_MODEL:
     raise ValueError(f'model={a.model!r}: choose one of {list(_SMOKE_MODEL)}.')
   if a.recipe not in ('finetune', 'train'):
@@ -61,6 +64,7 @@ def get_config(arg=None):
     c.weight_decay = 4e-5 if a.model == 'mobilenet_v2' else 1e-4
     c.label_smoothing = 0.1
   c.quant.method = 'f8net'
+  c.quant.f8_pact = a.pact
   if a.smoke:
     common.apply_smoke(c, tiny_model=_SMOKE_MODEL[a.model], image_size=32)
     c.half_precision = False

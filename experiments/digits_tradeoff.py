@@ -51,6 +51,8 @@ POINTS = {
     'fracbits_bitops4': ('digits_fracbits', 'bits=4,bitops=True',
                          'FracBits, 4-bit BitOPs budget (w+a)'),
     'f8net': ('digits_f8net', '', 'F8Net (8-bit fixed point)'),
+    'f8net_pact': ('digits_f8net', 'pact=True',
+                   'F8Net + fixed-point PACT (clips folded)'),
 }
 # Rows of experiments/digits_pcqat.py shown here: name -> (config, arg, label).
 PCQAT_JSON = os.path.join(OUT, 'digits_pcqat.json')

@@ -302,6 +302,14 @@ def _verify(program, simulated_logits, x, exact: bool, atol: float):
 
 
 # -- F8Net ------------------------------------------------------------------
+def _input_range(signed: bool, code_max: int | None) -> tuple[int, int]:
+  """Code range of a layer's 8-bit fixed-point input; a PACT clip (folded
+  into the producer, see fracq.methods.f8net) lowers the top code to
+  ``code_max = min(255, 2^FL)``."""
+  lo, hi = fxp.fixed_point_range(signed)
+  return (lo, hi if code_max is None else min(hi, int(code_max)))
+
+
 def lower_f8net(f8model, variables, sample_x, *, verify: bool = True
                 ) -> IntegerProgram:
   """The integer-only program of a trained :class:`F8NetModel`.
@@ -344,7 +352,7 @@ def lower_f8net(f8model, variables, sample_x, *, verify: bool = True
               'two shift; F8Net folds its correction into the next layer, '
               'which the simulated model does not do yet.')
       l.requant = ('shift', (S + pool_shift - nxt.input_fl).astype(np.int32))
-      l.out_range = fxp.fixed_point_range(nxt.signed_input)
+      l.out_range = _input_range(nxt.signed_input, nxt.input_code_max)
     else:
       l.out_scale = (2.0 ** (-S.astype(np.float64))).astype(np.float32)
     layers.append(l)
@@ -379,10 +387,10 @@ def _lower_f8net_graph(f8model, variables, recs, st, x, verify):
                        'concatenation, ...).')
     name, relu, pool = src
     link = (int(rec[p].input_fl), bool(relu), int(pool),
-            bool(rec[p].signed_input))
+            bool(rec[p].signed_input), rec[p].input_code_max)
     if links.setdefault(name, link) != link:
       raise ValueError(f'{name} is read as {links[name]} and as {link} '
-                       '(FL, relu, pool, signed): its readers do not share '
+                       '(FL, relu, pool, signed, clip): its readers do not share '
                        'one quantized tensor.')
     codes_fl[name] = link[0]
   operands = {l for a in st.adds.values() for l in a['operands']}
@@ -422,7 +430,7 @@ def _lower_f8net_graph(f8model, variables, recs, st, x, verify):
                  relu=bool(a['relu']))
     ops[p] = l
     seq.append(l)
-  for name, (fl, relu, pool, signed) in links.items():
+  for name, (fl, relu, pool, signed, code_max) in links.items():
     if name == 'input':
       continue
     l = ops[name]
@@ -434,7 +442,7 @@ def _lower_f8net_graph(f8model, variables, recs, st, x, verify):
     l.pool = pool
     l.requant = ('shift', np.asarray(acc_fl[name] + pool_shift - fl,
                                      np.int32))
-    l.out_range = fxp.fixed_point_range(signed)
+    l.out_range = _input_range(signed, code_max)
   last = seq[-1]
   if last.path in links or not isinstance(last, IntLayer):
     raise ValueError('The program must end in a Conv/Dense layer.')
@@ -442,7 +450,7 @@ def _lower_f8net_graph(f8model, variables, recs, st, x, verify):
                     ).astype(np.float32)
   if 'input' not in links:
     raise ValueError('No layer reads the model input directly.')
-  fl_in, _, _, signed = links['input']
+  fl_in, _, _, signed, _ = links['input']
   program = IntegerProgram(layers=seq, input_scale=2.0 ** -fl_in,
                            input_range=fxp.fixed_point_range(signed),
                            kind='f8net')

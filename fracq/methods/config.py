@@ -87,6 +87,10 @@ def default_quant_config(method: str = 'none') -> ml_collections.ConfigDict:
   c.f8_momentum = 0.1
   c.f8_weight_fl_range = (0, 15)
   c.f8_fold_bn = True
+  # Fixed-point PACT: learned clips folded into the producing layer (conv ->
+  # [BN] -> ReLU -> conv links), initial clip f8_pact_init.
+  c.f8_pact = False
+  c.f8_pact_init = 4.0
   # Sparsity/cluster preservation (any method, 'none' included): '' (off),
   # 'prune' (PQAT: fixed mask), 'cluster' (CQAT: trainable centroids) or
   # 'prune_cluster' (PCQAT: both, the zero centroid pinned). sparsity >= 0

@@ -29,7 +29,20 @@ in :mod:`fracq.core.fixed_point`; this module is the transform:
   module's scope (``<block>/quant_stats/input_fl_ema``): the convs reading
   it and the identity shortcut then all read the same 8-bit fixed-point
   tensor (one FL per tensor, shared by its readers), so the add can be done
-  in int32 by the integer model (FL alignment by left shifts).
+  in int32 by the integer model (FL alignment by left shifts);
+* fixed-point PACT (``pact=True``): a layer ``P`` whose output reaches
+  exactly one quantized layer ``L`` through a ReLU (a conv -> [BN] -> ReLU
+  -> [pool] -> conv link, e.g. inside a ResNet block) learns a clip
+  ``alpha`` (``quant/P/pact_alpha``, trainable). It is folded, never applied: ``P``'s
+  (BN-folded) kernel and bias are divided by ``alpha`` before they are
+  quantized, so ``P`` produces ``x / alpha``; ``L`` clips its input to
+  ``[0, 1]`` (PACT's ``clip(x, 0, alpha)`` in those units) before the
+  fixed-point quantizer, and its kernel is multiplied by ``alpha``. The
+  model's function is PACT's, the integer model needs nothing beyond shifts
+  (the clip is the requantization clamp ``min(255, 2^FL)``), and ``alpha``
+  gets PACT's gradient (from the clipped entries, through ``L``'s kernel).
+  Layers whose output is also a shortcut or an add operand keep
+  statistics-only formats (their scale cannot be folded into one layer).
 
 Formats. ``format='std'`` picks ``FL = floor(log2(C / std))`` (``C`` = 40
 signed, 70 unsigned, F8Net's fit); for an unsigned input (seen after its
@@ -44,6 +57,9 @@ Variables (on each quantized layer's scope):
   ``quant_stats/input_fl_ema``: the EMA of the per-batch activation FL
   (float; -inf-free: initialised from the ``init`` batch); eval uses
   ``round(input_fl_ema)``.
+  ``quant/pact_alpha`` (``pact=True``, on the clip's producer): the clip,
+  trained with the parameters; a separate collection, so a float checkpoint
+  (``params``, ``batch_stats``) initialises the rest of the model.
 """
 
 from __future__ import annotations
@@ -66,8 +82,10 @@ from fracq.interception.interceptor import layer_type_of
 from fracq.interception.structure import probe_structure
 
 STATS = 'quant_stats'
+PACT = 'quant'  # trainable collection of the PACT clips
 _RELU_STD = math.sqrt(0.5 * (1.0 - 1.0 / math.pi))  # std of relu(N(0, 1))
 _SUPPORTED = ('Conv', 'Dense')
+_ALPHA_MIN = 1e-3  # a PACT clip never reaches 0 (the producer divides by it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +109,11 @@ class F8NetOptions:
     simulate: quantize (default). False runs the transform with identity
       quantizers: the BN-folded float model, which equals the original one
       (a check of the folding itself).
+    pact: fixed-point PACT clips folded into the producing layer (see the
+      module docstring).
+    pact_init: initial clip, in the producer's output units. 4 suits
+      BN-normalized ReLU outputs: its grid ``4 / 256`` is the ``2^-6`` the
+      statistics rule picks for unit std; training then moves it.
   """
 
   weight_format: str = 'std'
@@ -103,6 +126,8 @@ class F8NetOptions:
   fold_bn: bool = True
   simulate: bool = True
   axis_name: str | None = None
+  pact: bool = False
+  pact_init: float = 4.0
 
   def __post_init__(self):
     for name in ('weight_format', 'act_format'):
@@ -116,6 +141,9 @@ class F8NetOptions:
       raise ValueError(f'momentum={self.momentum} must be in (0, 1].')
     if self.keep_float:
       re.compile(self.keep_float)
+    if not self.pact_init > 0:
+      raise ValueError(f'pact_init={self.pact_init} must be > 0 (the initial '
+                       'clip of a ReLU output).')
 
 
 def _fl_of(x, signed, fmt, fl_range, axis=None, axis_name=None):
@@ -197,6 +225,8 @@ class LayerRecord:
   feature_group_count: int = 1
   in_shape: tuple = ()
   out_shape: tuple = ()
+  # PACT: the largest input code (the clip at 1 = 2^input_fl), else None
+  input_code_max: int | None = None
 
 
 class _Interceptor:
@@ -215,6 +245,8 @@ class _Interceptor:
     # id -> (quantized tensor, FL): tensors quantized once at a residual
     # module's entry and shared by all their readers (convs and the add).
     self.prequant: dict[int, tuple] = {}
+    # producer path -> its PACT clip (read by the consumer, called later)
+    self.alphas: dict[str, Any] = {}
 
   def __call__(self, next_fun, args, kwargs, context):
     m = context.module
@@ -277,6 +309,11 @@ class _Interceptor:
       return batch
     return fxp.freeze_fl(v.value, signed=signed, fl_range=rng)
 
+  def _alpha(self, clone):
+    raw = clone.variable(PACT, 'pact_alpha', lambda: jnp.asarray(
+        self.model.options.pact_init, jnp.float32)).value
+    return jnp.maximum(raw, _ALPHA_MIN)
+
   def _weight_fl(self, k):
     opts = self.model.options
     axis = -1 if opts.weight_granularity == 'channel' else None
@@ -291,7 +328,13 @@ class _Interceptor:
     pre = self.prequant.get(id(a0))
     pre = pre if pre is not None and pre[0] is a0 else None
 
+    src = self.model.pact_src.get(path)  # PACT: the producer of our input
+
     def quant_inputs(clone, x):
+      if path in self.model.pact_of:
+        self.alphas[path] = self._alpha(clone)
+      if src is not None:  # PACT's clip(x, 0, alpha), in units of alpha
+        x = jnp.minimum(x, 1.0)
       fl = (pre[1] if pre is not None else
             self._input_fl(clone, path, x, signed))
       state['fl_in'] = fl
@@ -300,9 +343,19 @@ class _Interceptor:
       state['xq'] = xq
       return xq
 
+    def pact_in(k):  # the input is x / alpha: the kernel takes alpha
+      return k if src is None else k * self.alphas[src].astype(k.dtype)
+
+    def pact_out(k, b):  # our output becomes x / alpha (the reader clips)
+      if path not in self.model.pact_of:
+        return k, b
+      a = self.alphas[path].astype(k.dtype)
+      return k / a, (None if b is None else b / a)
+
     if bn is None:  # quantize the kernel as is
       def fn(x, k, b):
         xq = quant_inputs(state['clone'], x)
+        k, b = pact_out(pact_in(k), b)
         flw = self._weight_fl(k)
         kq = self._q(k, flw, signed=True,
                                       axis=-1 if jnp.ndim(flw) else None,
@@ -320,6 +373,7 @@ class _Interceptor:
     # Folded: float pass for the batch statistics, finished at the BN.
     def first(x, k, b):
       xq = quant_inputs(state['clone'], x)
+      k = pact_in(k)  # the float pass computes the original conv output
       state['k'], state['b'] = k, b
       return xq, k, b
     clone = m.clone(parent=m.scope)
@@ -330,6 +384,7 @@ class _Interceptor:
 
     def finish(gamma, beta, mean, var, eps):
       kf, bf = fxp.fold_bn(state['k'], state['b'], gamma, beta, mean, var, eps)
+      kf, bf = pact_out(kf, bf)
       flw = self._weight_fl(kf)
       kq = self._q(kf, flw, signed=True,
                                     axis=-1 if jnp.ndim(flw) else None,
@@ -393,6 +448,9 @@ class _Interceptor:
         input_fl=int(np.asarray(fl_in)), weight_fl=np.asarray(flw),
         kernel_codes=codes.astype(np.int8), bias_codes=bcodes,
         in_shape=tuple(x.shape))
+    if path in self.model.pact_src:
+      rec.input_code_max = int(min(fxp.fixed_point_range(False)[1],
+                                   2 ** rec.input_fl))
     if lt == 'Conv':
       nsp = codes.ndim - 2
       rec.strides = m.strides if m.strides is not None else (1,) * nsp
@@ -401,6 +459,34 @@ class _Interceptor:
       rec.padding = m.padding
       rec.feature_group_count = m.feature_group_count
     self.records.append(rec)
+
+
+def pact_links(st, folded_pairs) -> dict[str, str]:
+  """``{reader: producer}`` of the tensors a fixed-point PACT clip can be
+  folded into: the producer's (post-BN) output reaches exactly one quantized
+  layer, through a ReLU (and possibly a global average pool), and nothing
+  else (no shortcut, no add); a BN between them must be folded (a float BN
+  would undo the producer's scaling)."""
+  readers: dict[str, list] = {}
+  for layer, src in st.srcs.items():
+    if src is not None:
+      readers.setdefault(src[0], []).append((layer, src))
+  taken = set()
+  for a in st.adds.values():
+    taken.update(a['operands'])
+    if a['identity'] is not None:
+      taken.add(a['identity'][0])
+  links = {}
+  for p in st.order:
+    rs = readers.get(p, [])
+    if len(rs) != 1 or p in taken:
+      continue
+    layer, (_, relu, _) = rs[0]
+    if (not relu or st.signs.get(layer, True) or layer not in st.order or
+        (p in st.pairs and p not in folded_pairs)):
+      continue
+    links[layer] = p
+  return links
 
 
 class F8NetModel:
@@ -440,6 +526,15 @@ class F8NetModel:
     if not self.options.fold_bn:
       self.unfolded.update({bn: 'fold_bn=False' for bn in self.pairs.values()})
       self.pairs = {}
+    # PACT: reader -> producer of the clipped tensor (and back)
+    self.pact_src = pact_links(st, self.pairs) if self.options.pact else {}
+    self.pact_of = {p: l for l, p in self.pact_src.items()}
+    if self.pact_src:
+      self.trainable_collections = ('params', PACT)
+    if self.options.pact and not self.pact_src:
+      raise ValueError('pact=True but no layer feeds exactly one quantized '
+                       'layer through a ReLU (conv -> [BN] -> ReLU -> conv); '
+                       'nothing to clip. Set pact=False.')
     if self.unfolded:
       logging.warning('F8Net: BatchNorm layers left float (not folded): %s',
                       '; '.join(f'{k}: {v}' for k, v in self.unfolded.items()))
@@ -505,14 +600,22 @@ class F8NetModel:
           for p in parts[:k]:
             blk = blk.get(p, {}) if isinstance(blk, dict) else {}
           ema = blk.get('input_fl_ema') if isinstance(blk, dict) else None
+      clip = None
+      if path in self.pact_src:  # the producer's learned clip
+        node = variables.get(PACT, {})
+        for p in self.pact_src[path].split('/'):
+          node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and 'pact_alpha' in node:
+          clip = float(max(float(np.asarray(node['pact_alpha'])), _ALPHA_MIN))
       rows.append({'layer': path, 'input': 'int8' if self.signs.get(path, True)
                    else 'uint8',
                    'input_fl': None if ema is None else float(np.round(ema)),
-                   'folded_bn': self.pairs.get(path)})
-    lines = [f'{"layer":<24} {"input":<6} {"FL_in":>6}  folded BN']
+                   'folded_bn': self.pairs.get(path), 'pact_clip': clip})
+    lines = [f'{"layer":<24} {"input":<6} {"FL_in":>6} {"clip":>7}  folded BN']
     for r in rows:
       fl = '-' if r['input_fl'] is None else f'{r["input_fl"]:.0f}'
-      lines.append(f'{r["layer"]:<24} {r["input"]:<6} {fl:>6}  '
+      clip = '-' if r['pact_clip'] is None else f'{r["pact_clip"]:.3g}'
+      lines.append(f'{r["layer"]:<24} {r["input"]:<6} {fl:>6} {clip:>7}  '
                    f'{r["folded_bn"] or "-"}')
     for bn, why in self.unfolded.items():
       lines.append(f'unfolded {bn}: {why}')
@@ -552,6 +655,8 @@ def build(quant_cfg, module, sample_x) -> F8NetModel:
       weight_fl_range=tuple(int(v) for v in quant_cfg.f8_weight_fl_range),
       keep_float=quant_cfg.keep_float,
       fold_bn=quant_cfg.f8_fold_bn,
+      pact=bool(quant_cfg.f8_pact),
+      pact_init=float(quant_cfg.f8_pact_init),
       axis_name=getattr(module, 'bn_axis_name', None))
   return F8NetModel(module, sample_x, options=opts,
                     call_kwargs={'train': False})

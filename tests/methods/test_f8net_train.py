@@ -18,7 +18,7 @@ def get_config(name, arg='smoke'):
 
 
 @pytest.mark.parametrize('name,arg', [
-    ('cifar10_resnet20_f8net', 'smoke'),
+    ('cifar10_resnet20_f8net', 'smoke,pact=True'),  # PACT in the blocks
     ('f8net_imagenet', 'smoke,model=mobilenet_v2'),  # depthwise convs
 ])
 def test_f8net_configs_train_on_mock_tfds(name, arg, tmp_path):

@@ -1,0 +1,223 @@
+"""Fixed-point PACT in F8Net: clips folded into the producing layer.
+
+The reference is a second implementation of PACT's semantics on the plain
+model: an interceptor that clips each reader layer's input at its producer's
+alpha, ``min(x, alpha)`` (the input is a ReLU output, so this is
+``clip(x, 0, alpha)``). F8Net never applies alpha; it divides the producer's
+kernel and bias by it and multiplies the reader's kernel by it.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fracq import models
+from fracq.data import digits
+from fracq.export import integer_model as im
+from fracq.methods.f8net import F8NetModel, F8NetOptions
+
+DIGITS_LINKS = {'conv1': 'conv_init', 'conv2': 'conv1', 'conv3': 'conv2',
+                'conv4': 'conv3', 'head': 'conv4'}
+
+
+@pytest.fixture(scope='module')
+def data():
+  xtr, ytr, xte, yte = digits.load_digits_split()
+  return (jnp.asarray(xtr[:128]), jnp.asarray(ytr[:128]), jnp.asarray(xte),
+          np.asarray(yte))
+
+
+def _warm(module, x, steps=3):
+  v = module.init(jax.random.key(0), x, train=False)
+  for _ in range(steps):
+    _, upd = module.apply(v, x, train=True, mutable=['batch_stats'])
+    v = {**v, **upd}
+  return v
+
+
+def _reference(module, v, x, alphas, links, train=False):
+  """The plain model with every reader's input clipped at its producer's
+  alpha."""
+  def icpt(next_fun, args, kwargs, context):
+    path = '/'.join(context.module.path)
+    if context.method_name == '__call__' and path in links:
+      args = (jnp.minimum(args[0], alphas[links[path]]),) + tuple(args[1:])
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(icpt):
+    if train:
+      return module.apply(v, x, train=True, mutable=['batch_stats'])[0]
+    return module.apply(v, x, train=False)
+
+
+def test_links_and_unclipped_model_equals_the_original(data):
+  x, _, xe, _ = data
+  m = models.get_model('digits_cnn')
+  v = _warm(m, x)
+  f8 = F8NetModel(m, x, options=F8NetOptions(simulate=False, pact=True,
+                                             pact_init=1e4))
+  assert f8.pact_src == DIGITS_LINKS
+  init = f8.init(jax.random.key(1), x)
+  # The clips are trainable, outside 'params' (a float checkpoint's params
+  # and BN statistics initialise the rest).
+  assert f8.trainable_collections == ('params', 'quant')
+  assert sorted(init['quant']) == sorted(DIGITS_LINKS.values())
+  assert set(init['params']) == set(v['params'])
+  vf = {**init, 'params': v['params'], 'batch_stats': v['batch_stats']}
+  # A clip far above every activation: the folded model is the float one.
+  f8_eval = jax.jit(lambda v_, x_: f8.apply(v_, x_, train=False))
+  np.testing.assert_allclose(f8_eval(vf, xe), m.apply(v, xe, train=False),
+                             rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_clipped_model_and_alpha_gradient_equal_pact(data, train):
+  x, y, _, _ = data
+  m = models.get_model('digits_cnn')
+  v = _warm(m, x)
+  f8 = F8NetModel(m, x, options=F8NetOptions(simulate=False, pact=True))
+  init = f8.init(jax.random.key(1), x)
+  # Clips at half of each reader's largest input: many entries clipped.
+  seen = {}
+
+  def icpt(next_fun, args, kwargs, context):
+    path = '/'.join(context.module.path)
+    if context.method_name == '__call__' and path in DIGITS_LINKS:
+      seen[DIGITS_LINKS[path]] = float(jnp.max(args[0]))
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(icpt):
+    m.apply(v, x, train=False)
+  alphas = {p: 0.5 * mx for p, mx in seen.items()}
+  assert len(alphas) == 5 and min(alphas.values()) > 0
+  quant = {p: {'pact_alpha': jnp.float32(a)} for p, a in alphas.items()}
+  rest = {k: val for k, val in init.items() if k not in ('params', 'quant')}
+  rest['batch_stats'] = v['batch_stats']
+
+  def f8_loss(q):
+    out = f8.apply({'params': v['params'], 'quant': q, **rest}, x, train=train,
+                   mutable=['batch_stats', 'quant_stats'] if train else False)
+    out = out[0] if train else out
+    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+
+  def ref_loss(al):
+    out = _reference(m, v, x, al, DIGITS_LINKS, train=train)
+    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+
+  al = {p: jnp.float32(a) for p, a in alphas.items()}
+  f8_vg, ref_vg = (jax.jit(jax.value_and_grad(f)) for f in (f8_loss, ref_loss))
+  (l8, g), (lr, g_ref) = f8_vg(quant), ref_vg(al)
+  np.testing.assert_allclose(l8, lr, rtol=1e-4)
+  for p in alphas:
+    assert abs(float(g_ref[p])) > 1e-5, p  # the clips are active
+    np.testing.assert_allclose(g[p]['pact_alpha'], g_ref[p], rtol=2e-3,
+                               atol=1e-6)
+  # The reference is really clipping: without the clips the loss differs.
+  plain = optax.softmax_cross_entropy_with_integer_labels(
+      m.apply(v, x, train=False), y).mean()
+  assert abs(float(lr) - float(plain)) > 1e-4
+
+
+def _train_f8(module, x, y, options, steps=8):
+  w = F8NetModel(module, x[:16], options=options)
+  v = w.init(jax.random.key(0), x[:16])
+  params = {c: v[c] for c in w.trainable_collections}
+  state = {k: val for k, val in v.items() if k not in params}
+  tx = optax.sgd(0.05, momentum=0.9)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, state, opt, xb, yb):
+    def loss(p):
+      logits, upd = w.apply({**p, **state}, xb, train=True,
+                            mutable=['batch_stats', 'quant_stats'])
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, yb).mean(), upd
+    (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
+    u, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, u), {**state, **upd}, opt, g
+
+  for i in range(steps):
+    sl = slice((i % 2) * 64, (i % 2 + 1) * 64)
+    params, state, opt, g = step(params, state, opt, x[sl], y[sl])
+  return w, {**params, **state}, g
+
+
+def test_pact_integer_program_is_bit_exact_on_digits(data, tmp_path):
+  x, y, xe, _ = data
+  opts = F8NetOptions(pact=True, pact_init=1.5)
+  w, v, g = _train_f8(models.get_model('digits_cnn'), x, y, opts)
+  # alpha trains (PACT's gradient from the clipped entries).
+  assert any(abs(float(g['quant'][p]['pact_alpha'])) > 0
+             for p in DIGITS_LINKS.values())
+  assert any(float(v['quant'][p]['pact_alpha']) != 1.5
+             for p in DIGITS_LINKS.values())
+  prog = im.lower_f8net(w, v, xe)  # verify=True: raises unless bit-exact
+  np.testing.assert_array_equal(np.asarray(prog.logits(xe)),
+                                np.asarray(w.apply(v, xe, train=False)))
+  # The clip is the requantization clamp min(255, 2^FL) of the producer.
+  recs = {r.path: r for r in w.capture(v, xe[:1])}
+  for l in prog.layers[:-1]:
+    reader = [r for r, p in DIGITS_LINKS.items() if p == l.path][0]
+    assert l.out_range == (0, min(255, 2 ** recs[reader].input_fl))
+  assert any(l.out_range[1] < 255 for l in prog.layers[:-1])
+  # ... and the program round-trips through its artifact.
+  path = str(tmp_path / 'pact.int.safetensors')
+  im.save_program(prog, path)
+  np.testing.assert_array_equal(np.asarray(im.load_program(path).logits(xe)),
+                                np.asarray(prog.logits(xe)))
+  assert 'clip' in w.report(v, None, 0).splitlines()[0]
+
+
+def test_pact_in_residual_blocks_is_bit_exact(data):
+  """resnet_tiny: only the conv1 -> conv2 links inside the blocks take a
+  clip; block inputs (shortcuts) and add operands keep statistics-only
+  formats."""
+  x, y, xe, _ = data
+  opts = F8NetOptions(pact=True, pact_init=2.0)
+  w, v, _ = _train_f8(models.get_model('resnet_tiny', num_classes=10), x, y,
+                      opts, steps=4)
+  assert w.pact_src == {'stage1_block0/conv2': 'stage1_block0/conv1',
+                        'stage2_block0/conv2': 'stage2_block0/conv1'}
+  prog = im.lower_f8net(w, v, xe)
+  assert im.is_graph(prog)
+  np.testing.assert_array_equal(np.asarray(prog.logits(xe)),
+                                np.asarray(w.apply(v, xe, train=False)))
+
+
+def test_pact_errors_are_clear(data):
+  x = data[0]
+  with pytest.raises(ValueError, match='pact_init'):
+    F8NetOptions(pact=True, pact_init=0.0)
+
+  class OneDense(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      del train
+      return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+  with pytest.raises(ValueError, match='nothing to clip'):
+    F8NetModel(OneDense(), x, options=F8NetOptions(pact=True))
+
+
+def test_pact_finetunes_from_a_float_checkpoint(tmp_path):
+  """The clips live in the trainable ``quant`` collection: a float run's
+  ``params`` and ``batch_stats`` initialise the model (init_from), the clips
+  start at pact_init and train."""
+  import importlib
+  from fracq.train import checkpoint as ckpt_lib
+  from fracq.train import train as tr
+  get = lambda n, a: importlib.import_module(f'configs.{n}').get_config(a)
+  fl = get('digits_float', 'smoke')
+  tr.train_and_evaluate(fl, str(tmp_path / 'float'))
+  c = get('digits_f8net', 'smoke,pact=True')
+  c.init_from = str(tmp_path / 'float')
+  m = tr.train_and_evaluate(c, str(tmp_path / 'f8'))
+  assert np.isfinite(m['eval_loss'])
+  raw = ckpt_lib.restore_raw(str(tmp_path / 'f8'))
+  clips = {p: float(n['pact_alpha'])
+           for p, n in raw['trainable']['quant'].items()}
+  assert sorted(clips) == sorted(DIGITS_LINKS.values())
+  assert any(a != c.quant.f8_pact_init for a in clips.values())
