@@ -30,19 +30,22 @@ in :mod:`fracq.core.fixed_point`; this module is the transform:
   it and the identity shortcut then all read the same 8-bit fixed-point
   tensor (one FL per tensor, shared by its readers), so the add can be done
   in int32 by the integer model (FL alignment by left shifts);
-* fixed-point PACT (``pact=True``): a layer ``P`` whose output reaches
-  exactly one quantized layer ``L`` through a ReLU (a conv -> [BN] -> ReLU
-  -> [pool] -> conv link, e.g. inside a ResNet block) learns a clip
-  ``alpha`` (``quant/P/pact_alpha``, trainable). It is folded, never applied: ``P``'s
-  (BN-folded) kernel and bias are divided by ``alpha`` before they are
-  quantized, so ``P`` produces ``x / alpha``; ``L`` clips its input to
-  ``[0, 1]`` (PACT's ``clip(x, 0, alpha)`` in those units) before the
-  fixed-point quantizer, and its kernel is multiplied by ``alpha``. The
-  model's function is PACT's, the integer model needs nothing beyond shifts
-  (the clip is the requantization clamp ``min(255, 2^FL)``), and ``alpha``
-  gets PACT's gradient (from the clipped entries, through ``L``'s kernel).
-  Layers whose output is also a shortcut or an add operand keep
-  statistics-only formats (their scale cannot be folded into one layer).
+* fixed-point PACT (``pact=True``): every tensor read after a ReLU by
+  quantized layers (and identity shortcuts) gets a learned clip ``alpha``
+  (``quant/<owner>/pact_alpha``, trainable). It is folded, never applied:
+  the layers producing the tensor divide their (BN-folded) kernel and bias
+  by ``alpha`` before quantization, so the tensor is ``x / alpha``; its
+  readers clip it to ``[0, 1]`` (PACT's ``clip(x, 0, alpha)`` in those
+  units) before the fixed-point quantizer and multiply their kernels by
+  ``alpha``. Layers that read the same tensor share its clip (the convs and
+  the shortcut of a residual block, which is clipped once at the block
+  entry), and a residual add's output shares the clip of the tensor its
+  identity shortcut carries, so the add stays a sum of shifted integers: one
+  clip per identity-connected trunk, produced by the stem / projection block
+  and the branch convs (:func:`pact_groups`). The model's function is
+  PACT's, the integer model needs nothing beyond shifts (the clip is the
+  requantization clamp ``min(255, 2^FL)``), and ``alpha`` gets PACT's
+  gradient (from the clipped entries, through the readers' kernels).
 
 Formats. ``format='std'`` picks ``FL = floor(log2(C / std))`` (``C`` = 40
 signed, 70 unsigned, F8Net's fit); for an unsigned input (seen after its
@@ -245,7 +248,8 @@ class _Interceptor:
     # id -> (quantized tensor, FL): tensors quantized once at a residual
     # module's entry and shared by all their readers (convs and the add).
     self.prequant: dict[int, tuple] = {}
-    # producer path -> its PACT clip (read by the consumer, called later)
+    # PACT group (its owner's path) -> its clip, set when the owner (the
+    # group's first producer) runs, read by later producers and readers
     self.alphas: dict[str, Any] = {}
 
   def __call__(self, next_fun, args, kwargs, context):
@@ -257,7 +261,7 @@ class _Interceptor:
     lt = layer_type_of(m)
     if lt is None:
       path = '/'.join(m.path)
-      if path in self.model.shared and self.model.options.simulate:
+      if path in self.model.shared:
         args = self._share_inputs(m, path, args)
       return next_fun(*args, **kwargs)
     path = '/'.join(m.path)
@@ -275,10 +279,16 @@ class _Interceptor:
     idxs, signed = self.model.shared[path]
     args = list(args)
     opts = self.model.options
+    clip = path in self.model.pact_entry
     for i in idxs:
       a = args[i]
       hit = self.prequant.get(id(a))
       if hit is not None and hit[0] is a:
+        continue
+      if clip:  # PACT: the block input (convs and shortcut) is clipped once
+        a = jnp.minimum(a, 1.0)
+      if not opts.simulate:
+        args[i] = a
         continue
       fl = self._input_fl(m, path, a, signed)
       aq = fxp.fixed_point_quantize(a, fl, signed=signed,
@@ -328,10 +338,11 @@ class _Interceptor:
     pre = self.prequant.get(id(a0))
     pre = pre if pre is not None and pre[0] is a0 else None
 
-    src = self.model.pact_src.get(path)  # PACT: the producer of our input
+    src = self.model.pact_src.get(path)  # PACT: the clip of our input
+    out = self.model.pact_out.get(path)  # ... and of our output
 
     def quant_inputs(clone, x):
-      if path in self.model.pact_of:
+      if out == path:  # the group's first producer owns its clip
         self.alphas[path] = self._alpha(clone)
       if src is not None:  # PACT's clip(x, 0, alpha), in units of alpha
         x = jnp.minimum(x, 1.0)
@@ -347,9 +358,9 @@ class _Interceptor:
       return k if src is None else k * self.alphas[src].astype(k.dtype)
 
     def pact_out(k, b):  # our output becomes x / alpha (the reader clips)
-      if path not in self.model.pact_of:
+      if out is None:
         return k, b
-      a = self.alphas[path].astype(k.dtype)
+      a = self.alphas[out].astype(k.dtype)
       return k / a, (None if b is None else b / a)
 
     if bn is None:  # quantize the kernel as is
@@ -461,32 +472,86 @@ class _Interceptor:
     self.records.append(rec)
 
 
-def pact_links(st, folded_pairs) -> dict[str, str]:
-  """``{reader: producer}`` of the tensors a fixed-point PACT clip can be
-  folded into: the producer's (post-BN) output reaches exactly one quantized
-  layer, through a ReLU (and possibly a global average pool), and nothing
-  else (no shortcut, no add); a BN between them must be folded (a float BN
-  would undo the producer's scaling)."""
-  readers: dict[str, list] = {}
+def pact_groups(st, folded_pairs) -> tuple[dict, dict, dict]:
+  """Where fixed-point PACT clips can be folded: ``(readers, producers,
+  entries)``, each mapping a layer (reader: its input is clipped; producer:
+  its output is divided by the clip) or a residual module (entry: its input
+  is clipped once, for its convs and its shortcut) to a clip *group*, named
+  by the group's first producer (which owns ``quant/<it>/pact_alpha``).
+
+  A group is a set of tensors sharing one clip: a layer's (post-BN) output,
+  or a residual add's output together with the tensor its identity shortcut
+  carries (the add sums them in one unit, so their scales must agree). A
+  group is used only if every tensor in it is non-negative where read (after
+  a ReLU) and read only by quantized layers and identity shortcuts, and if
+  its producers are layers (the tensor's layer, or the add's branch layers)
+  with any BatchNorm folded (a float BN would undo the scaling).
+  """
+  parent = {}
+
+  def find(t):
+    while parent.setdefault(t, t) != t:
+      t = parent[t]
+    return t
+
+  reads = {}  # tensor -> [(reader, relu)]; reader: a layer or ('id', add)
   for layer, src in st.srcs.items():
     if src is not None:
-      readers.setdefault(src[0], []).append((layer, src))
-  taken = set()
-  for a in st.adds.values():
-    taken.update(a['operands'])
+      reads.setdefault(src[0], []).append((layer, src[1]))
+  operand_of = {}
+  for add, a in st.adds.items():
+    for l in a['operands']:
+      operand_of[l] = add
     if a['identity'] is not None:
-      taken.add(a['identity'][0])
-  links = {}
-  for p in st.order:
-    rs = readers.get(p, [])
-    if len(rs) != 1 or p in taken:
-      continue
-    layer, (_, relu, _) = rs[0]
-    if (not relu or st.signs.get(layer, True) or layer not in st.order or
-        (p in st.pairs and p not in folded_pairs)):
-      continue
-    links[layer] = p
-  return links
+      ident, relu, pool = a['identity']
+      reads.setdefault(ident, []).append((('id', add), relu and pool == 1))
+      parent[find(ident)] = find(add)
+  tensors = [t for t in st.order if t in reads and t not in operand_of]
+  tensors += list(st.adds)
+
+  def producers_of(t):
+    return list(st.adds[t]['operands']) if t in st.adds else [t]
+
+  def foldable(t):
+    if t not in reads:  # the model's output: its scale cannot change
+      return False
+    non_negative = t in st.adds and st.adds[t]['relu']
+    readers_ok = all(
+        (relu or non_negative) and
+        (isinstance(r, tuple) or (r in st.order and not st.signs.get(r, True)))
+        for r, relu in reads[t])
+    producers_ok = all(
+        p in st.order and (p not in st.pairs or p in folded_pairs) and
+        (p == t or not reads.get(p))  # a branch output feeds its add only
+        for p in producers_of(t))
+    return readers_ok and producers_ok
+
+  ok = {}
+  for t in set(tensors) | set(parent):  # e.g. the model input: not foldable
+    ok[find(t)] = ok.get(find(t), True) and t in tensors and foldable(t)
+  rank = {p: i for i, p in enumerate(st.order)}
+  readers, producers, entries = {}, {}, {}
+  for g in [g for g, good in ok.items() if good]:
+    ts = [t for t in tensors if find(t) == g]
+    prods = [p for t in ts for p in producers_of(t)]
+    owner = min(prods, key=rank.__getitem__)
+    for p in prods:
+      producers[p] = owner
+    for t in ts:
+      for r, _ in reads[t]:
+        if isinstance(r, tuple):  # an identity shortcut: its block's input
+          entries[r[1]] = owner
+        else:
+          readers[r] = owner
+  # A projection block (no identity) quantizes its input once at entry too:
+  # clip it there when its convs read a clipped tensor.
+  for mod in st.shared:
+    ins = {readers[l] for l, src in st.srcs.items()
+           if l.startswith(mod + '/') and l in readers and src is not None
+           and not src[0].startswith(mod + '/')}
+    if mod not in entries and len(ins) == 1:
+      entries[mod] = ins.pop()
+  return readers, producers, entries
 
 
 class F8NetModel:
@@ -526,9 +591,10 @@ class F8NetModel:
     if not self.options.fold_bn:
       self.unfolded.update({bn: 'fold_bn=False' for bn in self.pairs.values()})
       self.pairs = {}
-    # PACT: reader -> producer of the clipped tensor (and back)
-    self.pact_src = pact_links(st, self.pairs) if self.options.pact else {}
-    self.pact_of = {p: l for l, p in self.pact_src.items()}
+    # PACT clip groups (see pact_groups): reader layer / producer layer /
+    # residual module (its input) -> the group's owner
+    self.pact_src, self.pact_out, self.pact_entry = (
+        pact_groups(st, self.pairs) if self.options.pact else ({}, {}, {}))
     if self.pact_src:
       self.trainable_collections = ('params', PACT)
     if self.options.pact and not self.pact_src:

@@ -21,6 +21,25 @@ from fracq.methods.f8net import F8NetModel, F8NetOptions
 
 DIGITS_LINKS = {'conv1': 'conv_init', 'conv2': 'conv1', 'conv3': 'conv2',
                 'conv4': 'conv3', 'head': 'conv4'}
+# resnet_tiny: stem -> identity block -> projection block -> pool -> fc. The
+# stem's output, the identity block's input and its add's output share one
+# clip (owned by the stem); the projection block's add output has its own
+# (owned by its first branch conv); each block's inner conv1 -> conv2 link
+# has one.
+TINY_READERS = {
+    'stage1_block0/conv1': 'conv_init',
+    'stage1_block0/conv2': 'stage1_block0/conv1',
+    'stage2_block0/conv1': 'conv_init',
+    'stage2_block0/downsample_conv': 'conv_init',
+    'stage2_block0/conv2': 'stage2_block0/conv1',
+    'fc': 'stage2_block0/conv2'}
+TINY_PRODUCERS = {
+    'conv_init': 'conv_init', 'stage1_block0/conv2': 'conv_init',
+    'stage1_block0/conv1': 'stage1_block0/conv1',
+    'stage2_block0/conv1': 'stage2_block0/conv1',
+    'stage2_block0/conv2': 'stage2_block0/conv2',
+    'stage2_block0/downsample_conv': 'stage2_block0/conv2'}
+TINY_ENTRIES = {'stage1_block0': 'conv_init', 'stage2_block0': 'conv_init'}
 
 
 @pytest.fixture(scope='module')
@@ -28,6 +47,24 @@ def data():
   xtr, ytr, xte, yte = digits.load_digits_split()
   return (jnp.asarray(xtr[:128]), jnp.asarray(ytr[:128]), jnp.asarray(xte),
           np.asarray(yte))
+
+
+def _clips(quant):
+  """{owner path: alpha} of a ``quant`` collection."""
+  flat = jax.tree_util.tree_leaves_with_path(quant)
+  return {'/'.join(k.key for k in kp[:-1]): a for kp, a in flat
+          if kp[-1].key == 'pact_alpha'}
+
+
+def _nest(clips):
+  """The ``quant`` collection holding ``clips`` ({owner path: alpha})."""
+  out = {}
+  for path, a in clips.items():
+    node = out
+    for p in path.split('/'):
+      node = node.setdefault(p, {})
+    node['pact_alpha'] = jnp.float32(a)
+  return out
 
 
 def _warm(module, x, steps=3):
@@ -39,8 +76,8 @@ def _warm(module, x, steps=3):
 
 
 def _reference(module, v, x, alphas, links, train=False):
-  """The plain model with every reader's input clipped at its producer's
-  alpha."""
+  """The plain model with the input of every module in ``links`` (reader
+  layers, residual blocks) clipped at its group's alpha."""
   def icpt(next_fun, args, kwargs, context):
     path = '/'.join(context.module.path)
     if context.method_name == '__call__' and path in links:
@@ -72,26 +109,37 @@ def test_links_and_unclipped_model_equals_the_original(data):
                              rtol=2e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize('train', [False, True])
-def test_clipped_model_and_alpha_gradient_equal_pact(data, train):
+@pytest.mark.parametrize('name,train', [('digits_cnn', False),
+                                        ('digits_cnn', True),
+                                        ('resnet_tiny', False),
+                                        ('resnet_tiny', True)])
+def test_clipped_model_and_alpha_gradient_equal_pact(data, name, train):
   x, y, _, _ = data
-  m = models.get_model('digits_cnn')
+  m = models.get_model(name, num_classes=10)
   v = _warm(m, x)
   f8 = F8NetModel(m, x, options=F8NetOptions(simulate=False, pact=True))
+  if name == 'digits_cnn':
+    assert f8.pact_src == DIGITS_LINKS and not f8.pact_entry
+  else:
+    assert f8.pact_src == TINY_READERS and f8.pact_out == TINY_PRODUCERS
+    assert f8.pact_entry == TINY_ENTRIES
+  links = {**f8.pact_src, **f8.pact_entry}
   init = f8.init(jax.random.key(1), x)
-  # Clips at half of each reader's largest input: many entries clipped.
+  # Clips at half of each group's largest input: many entries clipped.
   seen = {}
 
   def icpt(next_fun, args, kwargs, context):
     path = '/'.join(context.module.path)
-    if context.method_name == '__call__' and path in DIGITS_LINKS:
-      seen[DIGITS_LINKS[path]] = float(jnp.max(args[0]))
+    if context.method_name == '__call__' and path in links:
+      g = links[path]
+      seen[g] = max(seen.get(g, 0.0), float(jnp.max(args[0])))
     return next_fun(*args, **kwargs)
   with nn.intercept_methods(icpt):
     m.apply(v, x, train=False)
   alphas = {p: 0.5 * mx for p, mx in seen.items()}
-  assert len(alphas) == 5 and min(alphas.values()) > 0
-  quant = {p: {'pact_alpha': jnp.float32(a)} for p, a in alphas.items()}
+  assert sorted(alphas) == sorted(_clips(init['quant']))
+  assert min(alphas.values()) > 0
+  quant = _nest(alphas)
   rest = {k: val for k, val in init.items() if k not in ('params', 'quant')}
   rest['batch_stats'] = v['batch_stats']
 
@@ -102,17 +150,17 @@ def test_clipped_model_and_alpha_gradient_equal_pact(data, train):
     return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
 
   def ref_loss(al):
-    out = _reference(m, v, x, al, DIGITS_LINKS, train=train)
+    out = _reference(m, v, x, al, links, train=train)
     return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
 
   al = {p: jnp.float32(a) for p, a in alphas.items()}
   f8_vg, ref_vg = (jax.jit(jax.value_and_grad(f)) for f in (f8_loss, ref_loss))
   (l8, g), (lr, g_ref) = f8_vg(quant), ref_vg(al)
   np.testing.assert_allclose(l8, lr, rtol=1e-4)
+  g = _clips(g)
   for p in alphas:
     assert abs(float(g_ref[p])) > 1e-5, p  # the clips are active
-    np.testing.assert_allclose(g[p]['pact_alpha'], g_ref[p], rtol=2e-3,
-                               atol=1e-6)
+    np.testing.assert_allclose(g[p], g_ref[p], rtol=2e-3, atol=1e-6)
   # The reference is really clipping: without the clips the loss differs.
   plain = optax.softmax_cross_entropy_with_integer_labels(
       m.apply(v, x, train=False), y).mean()
@@ -171,19 +219,20 @@ def test_pact_integer_program_is_bit_exact_on_digits(data, tmp_path):
 
 
 def test_pact_in_residual_blocks_is_bit_exact(data):
-  """resnet_tiny: only the conv1 -> conv2 links inside the blocks take a
-  clip; block inputs (shortcuts) and add operands keep statistics-only
-  formats."""
+  """resnet_tiny: clips on the block links and on the residual trunk (block
+  inputs, shortcuts and adds) lower to shifts and clamps, bit for bit."""
   x, y, xe, _ = data
   opts = F8NetOptions(pact=True, pact_init=2.0)
   w, v, _ = _train_f8(models.get_model('resnet_tiny', num_classes=10), x, y,
                       opts, steps=4)
-  assert w.pact_src == {'stage1_block0/conv2': 'stage1_block0/conv1',
-                        'stage2_block0/conv2': 'stage2_block0/conv1'}
+  assert w.pact_src == TINY_READERS and w.pact_entry == TINY_ENTRIES
   prog = im.lower_f8net(w, v, xe)
   assert im.is_graph(prog)
   np.testing.assert_array_equal(np.asarray(prog.logits(xe)),
                                 np.asarray(w.apply(v, xe, train=False)))
+  # The adds requantize to the trunk's clipped range too.
+  adds = [l for l in prog.layers if isinstance(l, im.IntAdd)]
+  assert any(l.out_range[1] < 255 for l in adds + prog.layers[:1])
 
 
 def test_pact_errors_are_clear(data):
