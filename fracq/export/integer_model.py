@@ -121,11 +121,6 @@ class IntAdd:
   out_scale: np.ndarray | None = None
   layer_type: str = 'Add'
 
-  @property
-  def kernel(self):
-    raise ValueError(f'{self.path}: a residual add has no kernel; graph '
-                     'programs are run by integer_forward (no ONNX export '
-                     'of residual programs yet).')
 
 
 @dataclasses.dataclass

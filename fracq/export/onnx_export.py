@@ -18,6 +18,10 @@ form onnxruntime (and TensorRT, OpenVINO) turns into integer kernels:
   ``QuantizeLinear`` carries the layer's per-channel multiplier (``axis=1``).
   The last layer's accumulator is dequantized by a per-channel ``Mul`` into
   the float logits ``(N, classes)``.
+* Graph programs (F8Net residual nets): each layer reads its ``src``; a
+  residual add's operands (accumulators of layers without requantization,
+  or codes) are multiplied by ``2^shift`` (exact) and summed by ``Sum``,
+  then follow the same ReLU / pool / requantizing ``QuantizeLinear``.
 
 Formulation (chosen so onnxruntime computes the integer program's numbers):
 activation codes are dequantized with scale 1 and kernel codes with scale 1
@@ -50,7 +54,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fracq.export.integer_model import IntegerProgram
+from fracq.export.integer_model import IntAdd, IntegerProgram
 
 EXACT_FLOAT_INT = 2 ** 24  # float32 holds every integer below this exactly
 
@@ -153,15 +157,15 @@ def _pads(padding, kernel_hw):
   return {'pads': [p[0] for p in pairs] + [p[1] for p in pairs]}
 
 
-def _multiplier(layer) -> np.ndarray:
-  """The real requantization multiplier of ``layer`` (per channel, f64)."""
-  cout = layer.kernel.shape[-1]
+def _multiplier(layer, cout) -> np.ndarray:
+  """The real requantization multiplier of ``layer`` (f64; per channel
+  (``cout``), or a scalar for an add with one shift)."""
   if layer.requant[0] == 'shift':
     m = 2.0 ** -np.asarray(layer.requant[1], np.float64)
   else:
     _, _, m0, ex = layer.requant
     m = np.asarray(m0, np.float64) * 2.0 ** (np.asarray(ex, np.float64) - 31)
-  return np.broadcast_to(m, (cout,))
+  return m if cout is None else np.broadcast_to(m, (cout,))
 
 
 def program_to_onnx(program: IntegerProgram, path: str | None = None, *,
@@ -211,64 +215,91 @@ def program_to_onnx(program: IntegerProgram, path: str | None = None, *,
     x = input_name
   lo, hi = program.input_range
   x = _qdq(g, x, np.float32(program.input_scale), lo, hi, tag='input')
-  x_bound = max(abs(lo), abs(hi))
   rank = 4 if first.layer_type == 'Conv' else 2
+  # op path -> (float tensor holding its integers, rank, max |value|)
+  env = {'input': (x, rank, max(abs(lo), abs(hi)))}
+  prev = 'input'
   int4, exact = 0, True
+  last = len(program.layers) - 1
   for i, l in enumerate(program.layers):
     tag = l.path.replace('/', '.')
-    k = np.asarray(l.kernel)
-    klo, khi = int(k.min(initial=0)), int(k.max(initial=0))
-    ktype, kdt, _ = _code_type(klo, khi, onnx, allow_int4=opset >= 21)
-    int4 += ktype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
-    red = tuple(range(k.ndim - 1))
-    acc_bound = float(np.max(np.sum(np.abs(k.astype(np.int64)), axis=red))
-                      ) * x_bound
-    exact &= acc_bound < EXACT_FLOAT_INT
-    a = int(l.acc_shift)
-    if l.layer_type == 'Conv':
-      if k.ndim != 4 or rank != 4:
-        raise ValueError(f'{l.path}: only 2-D convolutions on NCHW inputs '
-                         f'are exported (kernel {k.shape}).')
-      codes = np.transpose(k, (3, 2, 0, 1))  # HWIO -> OIHW
-    elif l.layer_type == 'Dense':
-      if k.ndim != 2:
-        raise ValueError(f'{l.path}: Dense kernel {k.shape} is not 2-D.')
-      codes = k
-      if rank == 4:  # after a global pool the spatial size is 1 x 1
-        x = g.node('Flatten', [x], f'{tag}_flat', axis=1)
-        rank = 2
+    if isinstance(l, IntAdd):
+      # int32 operands aligned by left shifts: exact float products by 2^s
+      terms, bound = [], 0.0
+      for name, sh in zip(l.inputs, l.shifts):
+        t, rank, b = env[name]
+        sh = np.asarray(sh, np.float64)
+        if np.any(sh != 0):
+          f = (2.0 ** sh).astype(np.float32)
+          t = g.node('Mul', [t, g.const(f'{tag}_align', f.reshape(
+              (1, -1, 1, 1) if f.ndim and rank == 4 else f.shape))],
+                     f'{tag}_aligned')
+        terms.append(t)
+        bound += b * float(np.max(2.0 ** sh))
+      exact &= bound < EXACT_FLOAT_INT
+      y, width, a = g.node('Sum', terms, f'{tag}_sum'), None, 0
     else:
-      raise ValueError(f'{l.path}: {l.layer_type} layers are not exported.')
-    w = g.node('DequantizeLinear', [
-        g.const(f'{tag}_kernel', codes.astype(kdt), ktype),
-        g.const(f'{tag}_kernel_scale', np.float32(1)),
-        g.const(f'{tag}_kernel_zp', np.zeros((), kdt), ktype)],
-               f'{tag}_kernel_dq')
-    inputs = [x, w]
-    if l.bias is not None:
-      inputs.append(g.node('DequantizeLinear', [
-          g.const(f'{tag}_bias', np.asarray(l.bias, np.int32).reshape(-1)),
-          g.const(f'{tag}_bias_scale', np.float32(2.0 ** -a)),
-          g.const(f'{tag}_bias_zp', np.int32(0))], f'{tag}_bias_dq'))
-    if l.layer_type == 'Conv':
-      attrs = _pads(l.padding, k.shape[:2])
-      attrs.update(strides=list(l.strides or (1, 1)),
-                   group=int(l.feature_group_count),
-                   kernel_shape=[int(k.shape[0]), int(k.shape[1])])
-      y = g.node('Conv', inputs, f'{tag}_acc', **attrs)
-    else:
-      y = g.node('Gemm', inputs, f'{tag}_acc')
+      x, rank, x_bound = env[l.src if l.src is not None else prev]
+      k = np.asarray(l.kernel)
+      klo, khi = int(k.min(initial=0)), int(k.max(initial=0))
+      ktype, kdt, _ = _code_type(klo, khi, onnx, allow_int4=opset >= 21)
+      int4 += ktype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+      red = tuple(range(k.ndim - 1))
+      acc_bound = float(np.max(np.sum(np.abs(k.astype(np.int64)), axis=red))
+                        ) * x_bound
+      exact &= acc_bound < EXACT_FLOAT_INT
+      a = int(l.acc_shift)
+      if l.layer_type == 'Conv':
+        if k.ndim != 4 or rank != 4:
+          raise ValueError(f'{l.path}: only 2-D convolutions on NCHW inputs '
+                           f'are exported (kernel {k.shape}).')
+        codes = np.transpose(k, (3, 2, 0, 1))  # HWIO -> OIHW
+      elif l.layer_type == 'Dense':
+        if k.ndim != 2:
+          raise ValueError(f'{l.path}: Dense kernel {k.shape} is not 2-D.')
+        codes = k
+        if rank == 4:  # after a global pool the spatial size is 1 x 1
+          x = g.node('Flatten', [x], f'{tag}_flat', axis=1)
+          rank = 2
+      else:
+        raise ValueError(f'{l.path}: {l.layer_type} layers are not exported.')
+      w = g.node('DequantizeLinear', [
+          g.const(f'{tag}_kernel', codes.astype(kdt), ktype),
+          g.const(f'{tag}_kernel_scale', np.float32(1)),
+          g.const(f'{tag}_kernel_zp', np.zeros((), kdt), ktype)],
+                 f'{tag}_kernel_dq')
+      inputs = [x, w]
+      if l.bias is not None:
+        inputs.append(g.node('DequantizeLinear', [
+            g.const(f'{tag}_bias', np.asarray(l.bias, np.int32).reshape(-1)),
+            g.const(f'{tag}_bias_scale', np.float32(2.0 ** -a)),
+            g.const(f'{tag}_bias_zp', np.int32(0))], f'{tag}_bias_dq'))
+      if l.layer_type == 'Conv':
+        attrs = _pads(l.padding, k.shape[:2])
+        attrs.update(strides=list(l.strides or (1, 1)),
+                     group=int(l.feature_group_count),
+                     kernel_shape=[int(k.shape[0]), int(k.shape[1])])
+        y = g.node('Conv', inputs, f'{tag}_acc', **attrs)
+      else:
+        y = g.node('Gemm', inputs, f'{tag}_acc')
+      width = k.shape[-1]
+      if l.requant is None and i < last:  # an add operand: the accumulator
+        if a:
+          raise ValueError(f'{l.path}: an add operand with acc_shift={a} '
+                           'is not exported.')
+        env[l.path] = (y, rank, acc_bound)
+        prev = l.path
+        continue
     cshape = (1, -1, 1, 1) if rank == 4 else (1, -1)
     if l.requant is None:  # the last layer: dequantize the accumulator
       scale = np.broadcast_to(np.asarray(l.out_scale, np.float64).reshape(-1),
-                              (k.shape[-1],)) * 2.0 ** a
+                              (width,)) * 2.0 ** a
       x = g.node('Mul', [y, g.const(f'{tag}_out_scale',
                                     scale.astype(np.float32).reshape(cshape))],
                  f'{tag}_out')
       break
     if l.requant[0] == 'mult' and np.any(np.asarray(l.requant[1]) < 0):
-      sign = np.broadcast_to(np.asarray(l.requant[1], np.float32),
-                             (k.shape[-1],))
+      sign = np.broadcast_to(np.asarray(l.requant[1], np.float32), (width,))
       y = g.node('Mul', [y, g.const(f'{tag}_sign', sign.reshape(cshape))],
                  f'{tag}_signed')
     if l.relu:
@@ -277,10 +308,15 @@ def program_to_onnx(program: IntegerProgram, path: str | None = None, *,
       if rank != 4:
         raise ValueError(f'{l.path}: a global pool after a Dense layer.')
       y = g.node('GlobalAveragePool', [y], f'{tag}_pool')
-    y_scale = 1.0 / (_multiplier(l) * l.pool * 2.0 ** a)
+    y_scale = 1.0 / (_multiplier(l, width) * l.pool * 2.0 ** a)
     olo, ohi = l.out_range
-    x = _qdq(g, y, y_scale.astype(np.float32), olo, ohi, axis=1, tag=tag)
-    x_bound = max(abs(olo), abs(ohi))
+    x = _qdq(g, y, y_scale.astype(np.float32), olo, ohi,
+             axis=1 if y_scale.ndim else None, tag=tag)
+    if l.pool > 1:  # (N, C, 1, 1) -> (N, C): what a Dense reader takes
+      x = g.node('Flatten', [x], f'{tag}_pooled', axis=1)
+      rank = 2
+    env[l.path] = (x, rank, max(abs(olo), abs(ohi)))
+    prev = l.path
   if rank == 4:  # a Conv-final program: back to channel-last
     x = g.node('Transpose', [x], 'nhwc', perm=[0, 2, 3, 1])
   g.nodes[-1].output[0] = output_name

@@ -1,5 +1,6 @@
 """Integer-only F8Net residual networks, bit-exact against the simulation."""
 
+import importlib.util
 import time
 
 import jax
@@ -113,6 +114,18 @@ def test_integer_residual_program_is_bit_exact(trained, tmp_path):
   assert im.is_graph(loaded)
   np.testing.assert_array_equal(np.asarray(loaded.logits(xte)), got)
   assert '\nstage2_block0' in loaded.summary()
+  # ONNX: the adds become exact float products by 2^shift and a Sum of
+  # integers; onnxruntime reproduces the program's logits bit for bit.
+  onnx = pytest.importorskip('onnx')
+  pytest.importorskip('onnxruntime')
+  from fracq.export import onnx_export as ox
+  info = {}
+  opath = str(tmp_path / 'res.onnx')
+  ox.program_to_onnx(prog, opath, report=info)
+  assert info['exact_accumulation']
+  ops = [n.op_type for n in onnx.load(opath).graph.node]
+  assert ops.count('Sum') == 2 and 'GlobalAveragePool' in ops
+  np.testing.assert_array_equal(ox.run_onnx(opath, np.asarray(xte)), got)
 
 
 def test_add_alignment_by_hand():
@@ -183,8 +196,12 @@ def test_resnet20_identity_chains_are_bit_exact():
   adds = [l for l in prog.layers if isinstance(l, im.IntAdd)]
   assert len(adds) == 9
   assert adds[1].inputs == ['stage1_block1/conv2', 'stage1_block0']
-  np.testing.assert_array_equal(np.asarray(prog.logits(x)),
-                                np.asarray(w.apply(v, x, train=False)))
+  got = np.asarray(prog.logits(x))
+  np.testing.assert_array_equal(got, np.asarray(w.apply(v, x, train=False)))
+  if importlib.util.find_spec('onnxruntime') is not None:
+    from fracq.export import onnx_export as ox
+    np.testing.assert_array_equal(
+        ox.run_onnx(ox.program_to_onnx(prog), np.asarray(x)), got)
   # The report shows the shared (block-level) FL for the block's readers.
   line = [l for l in w.report(v, None, 0).splitlines()
           if l.startswith('stage1_block1/conv1 ')][0]
