@@ -54,6 +54,9 @@ JOBS = {
         ['experiments/hawq_vs_fracbits.py', '--seeds', '0,1,2', '--bits',
          '4,3'], False, 'hawq_vs_fracbits.{md,json,png}',
         '~20 min on 2 CPU cores'),
+    'f8net_integer_imagenet': (
+        ['experiments/f8net_integer_imagenet.py'], False,
+        'f8net_integer_imagenet.{md,json}', '~3 min on 2 CPU cores'),
     'bench_train_step': (
         _bench('resnet20', 128, 32, 5, 'bench_train_step'), False,
         'bench_train_step.{md,json}', '~5 min on 2 CPU cores'),

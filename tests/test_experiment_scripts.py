@@ -19,6 +19,7 @@ def test_run_all_lists_every_experiment_script():
   for script in ('digits_tradeoff.py', 'digits_pcqat.py',
                  'digits_fracbits_vs_uniform.py',
                  'hawq_vs_fracbits.py', 'bench_train_step.py',
+                 'f8net_integer_imagenet.py',
                  'published_imagenet.py'):
     assert f'experiments/{script}' in r.stdout
     assert os.path.exists(os.path.join(ROOT, 'experiments', script))

@@ -54,7 +54,10 @@ import numpy as np
 from fracq.core import fixed_point as fxp
 from fracq.core import integer as ints
 from fracq.interception.structure import Structure
+from fracq.interception.structure import clipping_ops
 from fracq.interception.structure import conv_padding
+from fracq.interception.structure import is_max_pool
+from fracq.interception.structure import max_pool
 from fracq.interception.structure import probe_structure
 
 
@@ -71,6 +74,10 @@ class IntLayer:
     relu: apply ReLU to the accumulator (the next input is non-negative).
     pool: number of positions summed by a global average pool after this
       layer (1: none).
+    maxpool: a max pool of the output codes (graph programs: e.g. the 3x3
+      /2 stem pool of ImageNet ResNets), ``('max', window, strides,
+      padding)``; max commutes with the monotone requantization, so pooling
+      codes equals quantizing the pooled values.
     requant: ``('shift', shift)`` (power-of-two scales) or
       ``('mult', sign, m0, exponent)`` (real multipliers); None for the last
       layer, whose int32 accumulator is the output.
@@ -97,6 +104,7 @@ class IntLayer:
   out_scale: np.ndarray | None = None
   acc_shift: int = 0
   src: str | None = None
+  maxpool: tuple | None = None
 
 
 @dataclasses.dataclass
@@ -120,6 +128,7 @@ class IntAdd:
   out_range: tuple[int, int] | None = None
   out_scale: np.ndarray | None = None
   layer_type: str = 'Add'
+  maxpool: tuple | None = None
 
 
 
@@ -174,7 +183,10 @@ class IntegerProgram:
       lines.append(f'{l.path:<20} {l.layer_type:<6} '
                    f'{str(l.kernel.dtype) + str(list(l.kernel.shape)):<18} '
                    f'{"int32" if l.bias is not None else "-":<5} '
-                   f'{str(l.relu):<5} {l.pool:>4}  {rq}')
+                   f'{str(l.relu):<5} {l.pool:>4}  {rq}' +
+                   ('' if l.maxpool is None else
+                    f', max pool {"x".join(map(str, l.maxpool[1]))} '
+                    f'/{l.maxpool[2][0]}'))
     return '\n'.join(lines)
 
 
@@ -210,7 +222,8 @@ def _tail(l, acc):
   else:
     _, _, m0, sh = l.requant
     y = ints.requantize(acc, jnp.asarray(m0), jnp.asarray(sh), 0, lo, hi)
-  return y.astype(_code_dtype(lo, hi))
+  y = y.astype(_code_dtype(lo, hi))
+  return y if l.maxpool is None else max_pool(y, l.maxpool)
 
 
 def _graph_forward(program: IntegerProgram, codes) -> jax.Array:
@@ -297,6 +310,16 @@ def _verify(program, simulated_logits, x, exact: bool, atol: float):
 
 
 # -- F8Net ------------------------------------------------------------------
+def _refuse_clips(module, variables, x, call_kwargs):
+  ops = clipping_ops(module, variables, x, **call_kwargs)
+  if ops:
+    raise ValueError(
+        f'{type(module).__name__} clips activations ({len(ops)} `min`/'
+        '`clamp` operations, e.g. ReLU6); the integer lowering represents '
+        'ReLU only, and a ReLU6 link would be exact only while activations '
+        'stay below 6. Use ReLU, or export the packed artifact instead.')
+
+
 def _input_range(signed: bool, code_max: int | None) -> tuple[int, int]:
   """Code range of a layer's 8-bit fixed-point input; a PACT clip (folded
   into the producer, see fracq.methods.f8net) lowers the top code to
@@ -319,11 +342,13 @@ def lower_f8net(f8model, variables, sample_x, *, verify: bool = True
   x = jnp.asarray(sample_x)
   recs = f8model.capture(variables, x[:1])
   st = probe_structure(f8model.module, variables, x, train=False)
+  _refuse_clips(f8model.module, variables, x, {'train': False})
   if [r.path for r in recs] != st.order:
     raise ValueError('Every Conv/Dense must be quantized for integer-only '
                      f'inference; quantized {[r.path for r in recs]}, model '
                      f'has {st.order} (check keep_float).')
-  if st.adds:
+  if st.adds or any(s is not None and is_max_pool(s[2])
+                    for s in st.srcs.values()):
     return _lower_f8net_graph(f8model, variables, recs, st, x, verify)
   layers = []
   for i, r in enumerate(recs):
@@ -381,7 +406,7 @@ def _lower_f8net_graph(f8model, variables, recs, st, x, verify):
                        'graph the integer lowering supports (max pooling, '
                        'concatenation, ...).')
     name, relu, pool = src
-    link = (int(rec[p].input_fl), bool(relu), int(pool),
+    link = (int(rec[p].input_fl), bool(relu), pool,
             bool(rec[p].signed_input), rec[p].input_code_max)
     if links.setdefault(name, link) != link:
       raise ValueError(f'{name} is read as {links[name]} and as {link} '
@@ -411,7 +436,7 @@ def _lower_f8net_graph(f8model, variables, recs, st, x, verify):
       fls = [acc_fl[n] for n in names]
       if a['identity'] is not None:
         ident = a['identity'][0]
-        if ident not in codes_fl or a['identity'][2] != 1:
+        if ident not in codes_fl or a['identity'][2] != links[ident][2]:
           raise ValueError(f'{p}: its shortcut {ident} is not a quantized '
                            'tensor read by a layer.')
         names.append(ident)
@@ -429,6 +454,8 @@ def _lower_f8net_graph(f8model, variables, recs, st, x, verify):
     if name == 'input':
       continue
     l = ops[name]
+    if is_max_pool(pool):
+      l.maxpool, pool = pool, 1
     pool_shift = int(round(math.log2(pool)))
     if 2 ** pool_shift != pool:
       raise ValueError(f'{name}: a {pool}-element average pool is not a '
@@ -480,6 +507,7 @@ def lower_qat(qmodel, variables, sample_x, *, verify: bool = True,
   quant = variables.get('quant', {})
   stats = variables.get('batch_stats', {})
   st = probe_structure(qmodel.module, variables, x, **qmodel.call_kwargs)
+  _refuse_clips(qmodel.module, variables, x, qmodel.call_kwargs)
   frozen = freeze_fn(qmodel, variables)
   missing = [p for p in st.order if p not in frozen]
   if missing:
@@ -565,6 +593,21 @@ PROGRAM_FORMAT = 'fracq-integer-program-1'  # chains
 GRAPH_FORMAT = 'fracq-integer-program-2'    # graphs (named inputs, adds)
 
 
+def _maxpool_json(spec):
+  if spec is None:
+    return None
+  _, window, strides, pads = spec
+  return {'window': list(window), 'strides': list(strides),
+          'padding': [list(p) for p in pads]}
+
+
+def _maxpool_spec(e):
+  if e is None:
+    return None
+  return ('max', tuple(e['window']), tuple(e['strides']),
+          tuple(tuple(p) for p in e['padding']))
+
+
 def _i32_as_f32(a):
   """int32 tensors ride in the artifact's float32 blob bit-cast (exact)."""
   return np.ascontiguousarray(np.asarray(a, np.int32)).view(np.float32)
@@ -608,6 +651,7 @@ def save_program(program: IntegerProgram, path: str, *,
             np.asarray(l.out_scale, np.float32))
       layers.append({'path': l.path, 'type': 'Add', 'inputs': l.inputs,
                      'relu': bool(l.relu), 'pool': int(l.pool),
+                     'maxpool': _maxpool_json(l.maxpool),
                      'out_range': None if l.out_range is None
                      else list(l.out_range),
                      'requant': None if l.requant is None else l.requant[0]})
@@ -631,6 +675,8 @@ def save_program(program: IntegerProgram, path: str, *,
              'kernel_dtype': str(k.dtype)}
     if l.src is not None:
       entry['src'] = l.src
+    if l.maxpool is not None:
+      entry['maxpool'] = _maxpool_json(l.maxpool)
     if l.requant is not None and l.requant[0] == 'shift':
       floats[f'{l.path}/shift.i32'] = _i32_as_f32(np.atleast_1d(l.requant[1]))
     elif l.requant is not None:
@@ -675,7 +721,8 @@ def load_program(path: str) -> IntegerProgram:
                    if e['requant'] == 'shift' else None),
           out_range=None if e['out_range'] is None
           else tuple(e['out_range']),
-          out_scale=floats.get(f'{p}/out_scale')))
+          out_scale=floats.get(f'{p}/out_scale'),
+          maxpool=_maxpool_spec(e.get('maxpool'))))
       continue
     if e['requant'] == 'shift':
       rq = ('shift', sq(_f32_as_i32(floats[f'{p}/shift.i32'])))
@@ -696,7 +743,8 @@ def load_program(path: str) -> IntegerProgram:
         padding=pad, feature_group_count=e['groups'], relu=e['relu'],
         pool=e['pool'], requant=rq, acc_shift=int(e.get('acc_shift', 0)),
         out_range=None if e['out_range'] is None else tuple(e['out_range']),
-        out_scale=floats.get(f'{p}/out_scale'), src=e.get('src')))
+        out_scale=floats.get(f'{p}/out_scale'), src=e.get('src'),
+        maxpool=_maxpool_spec(e.get('maxpool'))))
   return IntegerProgram(layers=layers, input_scale=prog['input_scale'],
                         input_range=tuple(prog['input_range']),
                         kind=prog['kind'])

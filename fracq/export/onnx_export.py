@@ -315,6 +315,11 @@ def program_to_onnx(program: IntegerProgram, path: str | None = None, *,
     if l.pool > 1:  # (N, C, 1, 1) -> (N, C): what a Dense reader takes
       x = g.node('Flatten', [x], f'{tag}_pooled', axis=1)
       rank = 2
+    if l.maxpool is not None:  # on the codes (max commutes with requant)
+      _, window, strides, pads = l.maxpool
+      x = g.node('MaxPool', [x], f'{tag}_maxpool',
+                 kernel_shape=list(window), strides=list(strides),
+                 pads=[p[0] for p in pads] + [p[1] for p in pads])
     env[l.path] = (x, rank, max(abs(olo), abs(ohi)))
     prev = l.path
   if rank == 4:  # a Conv-final program: back to channel-last

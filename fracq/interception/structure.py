@@ -26,6 +26,7 @@ import re
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -80,10 +81,43 @@ def _relu(v):
   return np.maximum(np.asarray(v), 0)
 
 
+# Max pools the probe recognises (window, strides, padding), e.g. the 3x3 /2
+# stem pool of ImageNet ResNets.
+MAX_POOLS = tuple(('max', w, (2, 2), p) for w in ((3, 3), (2, 2))
+                  for p in (((1, 1), (1, 1)), ((0, 0), (0, 0)),
+                            ((0, 1), (0, 1))))
+
+
+def is_max_pool(pool) -> bool:
+  return isinstance(pool, tuple) and bool(pool) and pool[0] == 'max'
+
+
+def max_pool(v, spec):
+  """``spec`` = ('max', window, strides, ((lo, hi), (lo, hi))) on NHWC
+  ``v`` (numpy or jax; padding never wins: -inf, or the dtype's minimum)."""
+  _, window, strides, pads = spec
+  v = jnp.asarray(v)
+  init = (-jnp.inf if jnp.issubdtype(v.dtype, jnp.floating)
+          else jnp.iinfo(v.dtype).min)
+  return jax.lax.reduce_window(
+      v, jnp.asarray(init, v.dtype), jax.lax.max, (1, *window, 1),
+      (1, *strides, 1), ((0, 0), *pads, (0, 0)))
+
+
 def _match(known, a):
-  """(name, relu, pool) of the known tensor ``a`` is (possibly after ReLU
-  and a global average pool), most recent first; None if none."""
+  """(name, relu, pool) of the known tensor ``a`` is (possibly after ReLU,
+  then a global average pool (``pool``: the number of positions) or a max
+  pool (``pool``: a :data:`MAX_POOLS` spec)), most recent first; None if
+  none."""
   for name, v in reversed(known):
+    if (v.ndim == 4 and a.ndim == 4 and v.shape[0] == a.shape[0] and
+        v.shape[-1] == a.shape[-1] and v.shape[1:3] != a.shape[1:3]):
+      for spec in MAX_POOLS:
+        # ReLU first: where both match, ``a >= 0`` and relu is harmless
+        for relu in (True, False):
+          mp = np.asarray(max_pool(_relu(v) if relu else v, spec))
+          if mp.shape == a.shape and _same(a, mp):
+            return name, relu, spec
     if v.shape == a.shape:
       if _same(a, v):
         return name, False, 1
@@ -98,6 +132,34 @@ def _match(known, a):
       if _same(a, np.mean(_relu(np.asarray(v, np.float64)), axis=red)):
         return name, True, pool
   return None
+
+
+def clipping_ops(module: nn.Module, variables, x, **call_kwargs
+                 ) -> list[str]:
+  """Names of the clipping primitives (``min``, ``clamp``) in the float
+  model's computation, e.g. from ReLU6. The numeric probe cannot tell
+  ``relu6`` from ``relu`` where activations stay below 6, so lowerings that
+  do not model clips consult this instead of trusting values."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ('min', 'clamp'):
+        found.append(eqn.primitive.name)
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            walk(sub)
+
+  x = jnp.asarray(x)[:1]
+  if variables is None:  # shapes only (initializers clip: not traced)
+    variables = jax.eval_shape(
+        lambda a: module.init(jax.random.PRNGKey(0), a, **call_kwargs), x)
+  walk(jax.make_jaxpr(lambda v, a: module.apply(v, a, **call_kwargs))(
+      variables, x).jaxpr)
+  return found
 
 
 def probe_structure(module: nn.Module, variables, x, *, skip: str = '',

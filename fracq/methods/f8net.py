@@ -82,6 +82,7 @@ import numpy as np
 
 from fracq.core import fixed_point as fxp
 from fracq.interception.interceptor import layer_type_of
+from fracq.interception.structure import clipping_ops
 from fracq.interception.structure import probe_structure
 
 STATS = 'quant_stats'
@@ -597,6 +598,13 @@ class F8NetModel:
         pact_groups(st, self.pairs) if self.options.pact else ({}, {}, {}))
     if self.pact_src:
       self.trainable_collections = ('params', PACT)
+    if self.options.pact and clipping_ops(module, None, sample_input,
+                                          **self.call_kwargs):
+      raise ValueError(
+          f'pact=True: {type(module).__name__} clips activations (ReLU6 or '
+          'another min/clamp), and a PACT clip folds into the producing '
+          'layer only through ReLU (relu6(x / alpha) != relu6(x) / alpha). '
+          'Set pact=False for this model.')
     if self.options.pact and not self.pact_src:
       raise ValueError('pact=True but no layer feeds exactly one quantized '
                        'layer through a ReLU (conv -> [BN] -> ReLU -> conv); '

@@ -2,6 +2,7 @@
 
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,13 +127,28 @@ def test_program_artifact_errors(f8, fracbits, tmp_path):
 
 
 def test_unsupported_structure_is_refused(test_set):
-  """Structures the lowering does not represent are refused clearly: a max
-  pool stem (F8Net; residual basic blocks do lower, see
-  test_integer_residual.py)."""
+  """Structures the lowering does not represent are refused clearly: a
+  concatenation (its reader's input is no earlier tensor) and ReLU6 (found
+  in the computation, not from values: below 6 it looks like ReLU)."""
   x = test_set[0][:8]
-  m = models.get_model('resnet_tiny_bottleneck', num_classes=10)
-  x = jnp.tile(x, (1, 4, 4, 3))
-  f8w = F8NetModel(m, x)
+
+  class Concat(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      del train
+      a = nn.relu(nn.Conv(4, (3, 3), name='a')(x))
+      b = nn.relu(nn.Conv(4, (3, 3), name='b')(x))
+      y = nn.Conv(4, (3, 3), name='c')(jnp.concatenate([a, b], -1))
+      return nn.Dense(10, name='head')(jnp.mean(nn.relu(y), axis=(1, 2)))
+
+  f8w = F8NetModel(Concat(), x)
   v = f8w.init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match='chain|folded|disagrees'):
+  with pytest.raises(ValueError, match='not such a chain'):
     im.lower_f8net(f8w, v, x)
+  m = models.get_model('mobilenet_v2_tiny', num_classes=10)
+  x3 = jnp.tile(x, (1, 4, 4, 3))
+  f8w = F8NetModel(m, x3)
+  v = f8w.init(jax.random.key(0), x3)
+  with pytest.raises(ValueError, match='ReLU6'):
+    im.lower_f8net(f8w, v, x3)

@@ -13,7 +13,7 @@ from fracq import models
 from fracq.core import integer as ints
 from fracq.data import digits
 from fracq.export import integer_model as im
-from fracq.methods.f8net import F8NetModel
+from fracq.methods.f8net import F8NetModel, F8NetOptions
 
 STEPS = 6
 
@@ -206,3 +206,33 @@ def test_resnet20_identity_chains_are_bit_exact():
   line = [l for l in w.report(v, None, 0).splitlines()
           if l.startswith('stage1_block1/conv1 ')][0]
   assert line.split()[2] != '-', line
+
+
+def test_bottleneck_with_max_pool_stem_is_bit_exact(tmp_path):
+  """ImageNet-style ResNet: 7x7/2 stem, 3x3/2 max pool, bottleneck blocks
+  with projection shortcuts, fixed-point PACT on (the stem's clip reaches
+  the first block through the max pool). The max pool runs on the codes."""
+  x = jax.random.uniform(jax.random.key(3), (16, 32, 32, 3), minval=-1,
+                         maxval=1)
+  w = F8NetModel(models.get_model('resnet_tiny_bottleneck', num_classes=10),
+                 x[:8], options=F8NetOptions(pact=True, pact_init=2.0))
+  assert w.structure.srcs['stage1_block0/conv1'] == (
+      'conv_init', True, ('max', (3, 3), (2, 2), ((1, 1), (1, 1))))
+  assert w.pact_entry['stage1_block0'] == 'conv_init'
+  v = w.init(jax.random.key(0), x[:8])
+  for _ in range(3):
+    _, upd = w.apply(v, x, train=True, mutable=['batch_stats', 'quant_stats'])
+    v = {**v, **upd}
+  prog = im.lower_f8net(w, v, x)  # verify=True: raises unless bit-exact
+  assert prog.layers[0].maxpool is not None
+  assert 'max pool 3x3 /2' in prog.summary()
+  got = np.asarray(prog.logits(x))
+  np.testing.assert_array_equal(got, np.asarray(w.apply(v, x, train=False)))
+  path = str(tmp_path / 'bottleneck.int.safetensors')
+  im.save_program(prog, path)
+  np.testing.assert_array_equal(np.asarray(im.load_program(path).logits(x)),
+                                got)
+  if importlib.util.find_spec('onnxruntime') is not None:
+    from fracq.export import onnx_export as ox
+    np.testing.assert_array_equal(
+        ox.run_onnx(ox.program_to_onnx(prog), np.asarray(x)), got)

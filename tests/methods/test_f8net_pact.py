@@ -249,6 +249,11 @@ def test_pact_errors_are_clear(data):
 
   with pytest.raises(ValueError, match='nothing to clip'):
     F8NetModel(OneDense(), x, options=F8NetOptions(pact=True))
+  # ReLU6 links cannot take a folded clip: refused, not silently wrong.
+  x3 = jnp.tile(x[:4], (1, 4, 4, 3))
+  with pytest.raises(ValueError, match='ReLU6'):
+    F8NetModel(models.get_model('mobilenet_v2_tiny', num_classes=10), x3,
+               options=F8NetOptions(pact=True))
 
 
 def test_pact_finetunes_from_a_float_checkpoint(tmp_path):
