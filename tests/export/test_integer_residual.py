@@ -6,7 +6,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from fracq import models
@@ -14,6 +13,7 @@ from fracq.core import integer as ints
 from fracq.data import digits
 from fracq.export import integer_model as im
 from fracq.methods.f8net import F8NetModel, F8NetOptions
+from tests.methods.test_f8net_pact import train_f8
 
 STEPS = 6
 
@@ -24,29 +24,8 @@ def trained():
   few F8Net training steps: BN statistics and FLs moved off their init."""
   xtr, ytr, xte, yte = digits.load_digits_split()
   x, y = jnp.asarray(xtr[:128]), jnp.asarray(ytr[:128])
-  m = models.get_model('resnet_tiny', num_classes=10)
-  w = F8NetModel(m, x[:16])
-  v = w.init(jax.random.key(0), x[:16])
-  params = v['params']
-  state = {k: val for k, val in v.items() if k != 'params'}
-  tx = optax.sgd(0.05, momentum=0.9)
-  opt = tx.init(params)
-
-  @jax.jit
-  def step(params, state, opt, xb, yb):
-    def loss(p):
-      logits, upd = w.apply({'params': p, **state}, xb, train=True,
-                            mutable=['batch_stats', 'quant_stats'])
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits, yb).mean(), upd
-    (l, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
-    u, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, u), {**state, **upd}, opt, l
-
-  for i in range(STEPS):
-    xb, yb = x[(i % 2) * 64:(i % 2 + 1) * 64], y[(i % 2) * 64:(i % 2 + 1) * 64]
-    params, state, opt, _ = step(params, state, opt, xb, yb)
-  v = {'params': params, **state}
+  w, v, _ = train_f8(models.get_model('resnet_tiny', num_classes=10), x, y,
+                     F8NetOptions(), steps=STEPS)
   return w, v, None, jnp.asarray(xte), np.asarray(yte)
 
 

@@ -18,6 +18,7 @@ from fracq import models
 from fracq.data import digits
 from fracq.export import integer_model as im
 from fracq.methods.f8net import F8NetModel, F8NetOptions
+from tests.methods.test_f8net import _warm
 
 DIGITS_LINKS = {'conv1': 'conv_init', 'conv2': 'conv1', 'conv3': 'conv2',
                 'conv4': 'conv3', 'head': 'conv4'}
@@ -65,14 +66,6 @@ def _nest(clips):
       node = node.setdefault(p, {})
     node['pact_alpha'] = jnp.float32(a)
   return out
-
-
-def _warm(module, x, steps=3):
-  v = module.init(jax.random.key(0), x, train=False)
-  for _ in range(steps):
-    _, upd = module.apply(v, x, train=True, mutable=['batch_stats'])
-    v = {**v, **upd}
-  return v
 
 
 def _reference(module, v, x, alphas, links, train=False):
@@ -167,7 +160,9 @@ def test_clipped_model_and_alpha_gradient_equal_pact(data, name, train):
   assert abs(float(lr) - float(plain)) > 1e-4
 
 
-def _train_f8(module, x, y, options, steps=8):
+def train_f8(module, x, y, options, steps=8):
+  """An F8Net wrapper of ``module`` and its variables after ``steps`` SGD
+  steps on two alternating batches of 64 (and the last gradients)."""
   w = F8NetModel(module, x[:16], options=options)
   v = w.init(jax.random.key(0), x[:16])
   params = {c: v[c] for c in w.trainable_collections}
@@ -195,7 +190,7 @@ def _train_f8(module, x, y, options, steps=8):
 def test_pact_integer_program_is_bit_exact_on_digits(data, tmp_path):
   x, y, xe, _ = data
   opts = F8NetOptions(pact=True, pact_init=1.5)
-  w, v, g = _train_f8(models.get_model('digits_cnn'), x, y, opts)
+  w, v, g = train_f8(models.get_model('digits_cnn'), x, y, opts)
   # alpha trains (PACT's gradient from the clipped entries).
   assert any(abs(float(g['quant'][p]['pact_alpha'])) > 0
              for p in DIGITS_LINKS.values())
@@ -223,7 +218,7 @@ def test_pact_in_residual_blocks_is_bit_exact(data):
   inputs, shortcuts and adds) lower to shifts and clamps, bit for bit."""
   x, y, xe, _ = data
   opts = F8NetOptions(pact=True, pact_init=2.0)
-  w, v, _ = _train_f8(models.get_model('resnet_tiny', num_classes=10), x, y,
+  w, v, _ = train_f8(models.get_model('resnet_tiny', num_classes=10), x, y,
                       opts, steps=4)
   assert w.pact_src == TINY_READERS and w.pact_entry == TINY_ENTRIES
   prog = im.lower_f8net(w, v, xe)
