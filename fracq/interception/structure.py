@@ -111,7 +111,9 @@ def _match(known, a):
   none."""
   for name, v in reversed(known):
     if (v.ndim == 4 and a.ndim == 4 and v.shape[0] == a.shape[0] and
-        v.shape[-1] == a.shape[-1] and v.shape[1:3] != a.shape[1:3]):
+        v.shape[-1] == a.shape[-1] and all(  # stride 2
+            a.shape[i] in (v.shape[i] // 2, (v.shape[i] + 1) // 2)
+            for i in (1, 2))):
       for spec in MAX_POOLS:
         # ReLU first: where both match, ``a >= 0`` and relu is harmless
         for relu in (True, False):

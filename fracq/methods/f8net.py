@@ -83,6 +83,7 @@ import numpy as np
 from fracq.core import fixed_point as fxp
 from fracq.interception.interceptor import layer_type_of
 from fracq.interception.structure import clipping_ops
+from fracq.interception.structure import is_max_pool
 from fracq.interception.structure import probe_structure
 
 STATS = 'quant_stats'
@@ -505,7 +506,9 @@ def pact_groups(st, folded_pairs) -> tuple[dict, dict, dict]:
       operand_of[l] = add
     if a['identity'] is not None:
       ident, relu, pool = a['identity']
-      reads.setdefault(ident, []).append((('id', add), relu and pool == 1))
+      # a max pool on the way commutes with the scaling and the clip
+      reads.setdefault(ident, []).append(
+          (('id', add), relu and (pool == 1 or is_max_pool(pool))))
       parent[find(ident)] = find(add)
   tensors = [t for t in st.order if t in reads and t not in operand_of]
   tensors += list(st.adds)
