@@ -24,8 +24,10 @@ Which models lower: chains of ``nn.Conv`` / ``nn.Dense`` layers, each
 optionally followed by its BatchNorm, then ReLU when the next layer's input
 is non-negative, with an optional global average pool before a final
 ``nn.Dense`` (the digits CNN, VGG-style nets). F8Net models with residual
-adds (ResNet basic blocks with identity or 1x1-conv/BN projection shortcuts;
-tested on ResNet-20 and ``resnet_tiny``) lower to *graph* programs: each
+adds (ResNet basic and bottleneck blocks with identity or 1x1-conv/BN
+projection shortcuts, and max pools such as the ImageNet stem's, which run
+on the codes; tested on ResNet-20, ``resnet_tiny`` and
+``resnet_tiny_bottleneck``) lower to *graph* programs: each
 layer names its input, and an :class:`IntAdd` shifts its int32 operands left
 to the finest operand's FL (exact), adds, applies ReLU and requantizes with a
 rounding right shift. The data flow comes from the probe
