@@ -75,6 +75,15 @@ class TensorSpec:
   percentile: float = 99.99
   ema_decay: float = 0.01
 
+  def int_grid(self, *, signed: bool, bits: int | None = None
+               ) -> tuple[int, int]:
+    """``(qmin, qmax)`` of this tensor's integer grid at ``bits`` (default
+    ``self.bits``). The one place the provider (training) and the exporter
+    (freeze, lowering) read the grid convention from."""
+    from fracq.core import uniform  # core is the layer below; no cycle
+    return uniform.int_range(int(self.bits if bits is None else bits),
+                             signed=signed, narrow_range=self.narrow_range)
+
   def validate(self, where: str) -> None:
     """Raises ValueError, naming ``where``, if the settings are inconsistent."""
     lo, hi = self.bit_bounds

@@ -120,8 +120,7 @@ class QATProvider:
 
   # -- uniform (fixed integer bits) ----------------------------------------
   def _uniform(self, site, t, spec, x, axis, signed, bits):
-    qmin, qmax = core.int_range(bits, signed=signed,
-                                narrow_range=spec.narrow_range)
+    qmin, qmax = spec.int_grid(signed=signed, bits=bits)
     m = spec.range_method
     red = _reduce_axes(x.ndim, axis)
     pshape = _keepdims_shape(x, axis)
