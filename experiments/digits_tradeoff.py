@@ -1,8 +1,9 @@
 """Digits: accuracy vs actual model size on disk, every method, one table.
 
-Trains each point with its config (same digits recipe, same seeds), exports
-it (``--config.export=True``) and records the test accuracy and the bytes of
-the artifact a user would ship:
+Fine-tunes each quantized point with its config from the same trained float
+model of each seed (``_runner.float_start``; same digits schedule, same
+seeds), exports it (``--config.export=True``) and records the test accuracy
+and the bytes of the artifact a user would ship:
 
 * float: the float32 parameters and BN statistics (safetensors);
 * uniform QAT / FracBits: the packed-weights artifact
@@ -14,29 +15,25 @@ the artifact a user would ship:
   model, so it runs there), the packed artifact with its sparse/codebook
   encodings.
 
-Writes experiments/results/digits_tradeoff.{md,json,png}; the PNG plots
-accuracy against size with the Pareto front. Results are cached per point
-in the JSON, so ``--only`` adds or refreshes points without rerunning the
-others.
+Writes digits_tradeoff.{md,json,png} under ``--out``; the PNG plots
+accuracy against size (seed min-max as error bars) with the Pareto front.
+Runs come from the run cache (``_runner.run``), shared with
+digits_fracbits_vs_uniform.py and hawq_vs_fracbits.py; ``--only`` refreshes
+some points and keeps the others already in the JSON.
 
   python experiments/digits_tradeoff.py [--seeds 0,1,2] [--only f8net,float]
 """
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-from experiments._runner import run  # noqa: E402
-
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
-JSON = os.path.join(OUT, 'digits_tradeoff.json')
+from experiments import _runner  # noqa: E402
 
 # name -> (config, arg, label)
 POINTS = {
@@ -55,7 +52,6 @@ POINTS = {
                    'F8Net + fixed-point PACT (clips folded)'),
 }
 # Rows of experiments/digits_pcqat.py shown here: name -> (config, arg, label).
-PCQAT_JSON = os.path.join(OUT, 'digits_pcqat.json')
 PCQAT_ROWS = {
     'pcqat': ('digits_pcqat', 'mode=pcqat',
               'PCQAT w8a8, 50% sparse + 16 clusters (digits_pcqat.py)'),
@@ -65,15 +61,16 @@ PCQAT_ROWS = {
 }
 
 
-def _pcqat_rows():
-  if not os.path.exists(PCQAT_JSON):
+def _pcqat_rows(out):
+  path = os.path.join(out, 'digits_pcqat.json')
+  if not os.path.exists(path):
     return []
-  with open(PCQAT_JSON) as f:
-    return [dict(r, point=r['row']) for r in json.load(f)
-            if r['row'] in PCQAT_ROWS]
+  return [dict(r, point=r['row']) for r in _runner.load_rows(path)
+          if r['row'] in PCQAT_ROWS]
 
 
 def _float_bytes(workdir):
+  import tempfile
   from safetensors.numpy import save_file
   from fracq.train import checkpoint as ckpt_lib
   import jax
@@ -83,20 +80,21 @@ def _float_bytes(workdir):
     for kp, v in jax.tree_util.tree_leaves_with_path(raw.get(group, {})):
       flat['/'.join(str(getattr(k, 'key', k)) for k in kp)] = np.asarray(
           v, np.float32)
-  path = os.path.join(workdir, 'float.safetensors')
-  save_file(flat, path)
-  return os.path.getsize(path)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, 'float.safetensors')
+    save_file(flat, path)
+    return os.path.getsize(path)
 
 
-def _point(name, seed):
+def _point(name, seed, overrides):
   config, arg, _ = POINTS[name]
-  arg = ','.join(a for a in (arg, f'seed={seed}') if a)
-  with tempfile.TemporaryDirectory() as wd:
-    m = run(config, arg, wd, export=(name != 'float'))
-    if name == 'float':
-      m['float32_bytes'] = _float_bytes(wd)
+  if name == 'float':
+    m = _runner.float_start(seed, **overrides)
+    m['float32_bytes'] = _float_bytes(m['workdir'])
+  else:
+    m = _runner.from_float(config, arg, seed, **overrides)
   m.pop('bits', None)
-  return m
+  return _runner.public(m)
 
 
 def _size(r):
@@ -120,96 +118,114 @@ def _pareto(points):
   return front
 
 
-def write(rows, cmd):
-  rows = list(rows) + _pcqat_rows()
+def write(rows, out):
+  """Writes the table (md) and the plot (png) under ``out``; returns the
+  table."""
+  rows = list(rows) + _pcqat_rows(out)
   table = {**POINTS, **PCQAT_ROWS}
   names = [n for n in table if any(r['point'] == n for r in rows)]
   lines = ['| point | config | test acc. % (mean) | min-max | seeds | '
-           'artifact KiB | integer program KiB | integer = fake-quant |',
-           '|---|---|---|---|---|---|---|---|']
+           'artifact KiB | integer program KiB | cost / target | '
+           'integer = fake-quant |',
+           '|---|---|---|---|---|---|---|---|---|']
   summary = []
   for n in names:
     rs = [r for r in rows if r['point'] == n]
-    if not rs:
-      continue
     acc = np.array([r['eval_accuracy'] for r in rs]) * 100
     size = np.mean([_size(r) for r in rs]) / 1024
     prog = [r['program_bytes'] for r in rs if 'program_bytes' in r]
     match = [r['integer_prediction_match'] for r in rs
              if 'integer_prediction_match' in r]
+    ratio = [r['cost_integer'] / r['cost_target'] for r in rs
+             if 'cost_target' in r and 'cost_integer' in r]
     config, arg, label = table[n]
     cfg = f'`{config}.py{":" + arg if arg else ""}`'
     prog_kib = f'{np.mean(prog) / 1024:.1f}' if prog else '-'
     lines.append(f'| {label} | {cfg} | {acc.mean():.2f} | '
                  f'{acc.min():.2f}-{acc.max():.2f} | {len(rs)} | {size:.1f} | '
-                 f'{prog_kib} ')
+                 f'{prog_kib} | {f"{max(ratio):.3f}" if ratio else "-"} ')
     lines[-1] += (f'| {100 * np.mean(match):.1f}% |' if match else '| - |')
-    summary.append((n, label, size, acc.mean()))
-  text = '\n'.join(lines)
-  with open(os.path.join(OUT, 'digits_tradeoff.md'), 'w') as f:
-    f.write(f'Generated by `{cmd}`. Artifact: the file a user ships (float32 '
-            'safetensors for float; packed weights for QAT methods; the '
-            'integer-only program for F8Net). "integer = fake-quant": share '
-            'of one eval batch where the integer-only program predicts what '
-            'the fake-quantized model predicts. Points with fewer seeds were '
-            'run with `--only NAME --seeds 0` for time.\n\n' + text + '\n')
+    summary.append((n, label, size, acc))
+  text = ('Shared by every point: the digits schedule (440 steps, SGD 0.1 '
+          'cosine) and seeds; every quantized point (PCQAT rows: see '
+          'digits_pcqat.md) fine-tunes the trained float model of the same '
+          'seed (`init_from`). Artifact: the file a user ships (float32 '
+          'safetensors for float; packed weights for QAT methods; the '
+          'integer-only program for F8Net). "cost / target": integer weight '
+          'bits over the size budget, largest across seeds (budgeted points '
+          'only; above 1.000 is over budget). "integer = fake-quant": share '
+          'of one eval batch where the integer-only program predicts what '
+          'the fake-quantized model predicts.\n\n' + '\n'.join(lines))
+  _runner.write_md(os.path.join(out, 'digits_tradeoff.md'), text)
   if summary:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    pts = [(s, a) for _, _, s, a in summary]
-    front = _pareto(pts)
-    for i, (n, label, s, a) in enumerate(summary):
-      ax.scatter(s, a, color='C3' if i in front else 'C0', zorder=3)
-      ax.annotate(n, (s, a), fontsize=7, xytext=(3, 3),
-                  textcoords='offset points')
-    fx = [pts[i] for i in front]
-    ax.plot([p[0] for p in fx], [p[1] for p in fx], 'C3--', lw=1,
-            label='Pareto front')
-    ax.set_xscale('log')
-    ax.set_xlabel('artifact size on disk (KiB, log)')
-    ax.set_ylabel('digits test accuracy (%)')
-    ax.set_title('digits: accuracy vs actual size')
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(OUT, 'digits_tradeoff.png'), dpi=120)
+    _plot(summary, os.path.join(out, 'digits_tradeoff.png'))
   return text
 
 
-def main():
+def _plot(summary, path):
+  """Accuracy (mean, seed min-max as error bars) against artifact size; each
+  point is named in the legend by a number (no labels on the plot, so none
+  overlap), Pareto-front points in red."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(9, 4.8))
+  pts = [(s, a.mean()) for _, _, s, a in summary]
+  front = _pareto(pts)
+  markers = 'osD^v<>phX*P'
+  for i, (_, label, size, acc) in enumerate(summary):
+    mean = acc.mean()
+    ax.errorbar(size, mean, yerr=[[mean - acc.min()], [acc.max() - mean]],
+                fmt=markers[i % len(markers)], capsize=3, zorder=3,
+                color='C3' if i in front else f'C{i % 10}',
+                label=f'{label} ({len(acc)} seeds)')
+  fx = sorted(pts[i] for i in front)
+  ax.plot([p[0] for p in fx], [p[1] for p in fx], 'C3--', lw=1,
+          label='Pareto front (red points)')
+  ax.set_xscale('log')
+  ax.set_xlabel('artifact size on disk (KiB, log scale)')
+  ax.set_ylabel('digits test accuracy (%)')
+  ax.set_title('digits: accuracy vs actual size (mean, bars = seed min-max)')
+  ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument('--seeds', default='0,1,2')
   p.add_argument('--only', default='', help='comma-separated point names')
   p.add_argument('--list', action='store_true')
-  args = p.parse_args()
+  _runner.add_flags(p)
+  args = p.parse_args(argv)
   if args.list:
     for n, (c, a, label) in POINTS.items():
       print(f'{n:<18} configs/{c}.py{":" + a if a else ""}  ({label})')
     return
   logging.set_verbosity(logging.WARNING)
+  overrides = _runner.parse_overrides(args.set)
   seeds = [int(s) for s in args.seeds.split(',')]
   only = [n for n in args.only.split(',') if n] or list(POINTS)
   bad = [n for n in only if n not in POINTS]
   if bad:
     raise SystemExit(f'unknown points {bad}; --list shows them.')
-  os.makedirs(OUT, exist_ok=True)
-  rows = json.load(open(JSON)) if os.path.exists(JSON) else []
+  path = os.path.join(args.out, 'digits_tradeoff.json')
+  # --only refreshes some points and keeps the others.
+  rows = (_runner.load_rows(path) if args.only and os.path.exists(path)
+          else [])
   for n in only:
-    if not os.path.exists(os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        'configs', POINTS[n][0] + '.py')):
+    if not os.path.exists(os.path.join(_runner.ROOT, 'configs',
+                                       POINTS[n][0] + '.py')):
       print(f'skipping {n}: configs/{POINTS[n][0]}.py does not exist')
       continue
     for s in seeds:
-      m = _point(n, s)
+      m = _point(n, s, overrides)
       rows = [r for r in rows if not (r['point'] == n and r['seed'] == s)]
       rows.append(dict(point=n, seed=s, **m))
       print(n, s, f'{100 * m["eval_accuracy"]:.2f}%', _size(m), flush=True)
-      with open(JSON, 'w') as f:
-        json.dump(rows, f, indent=1)
-  cmd = 'python experiments/digits_tradeoff.py'
-  print(write(rows, cmd))
+  _runner.write_json(path, rows)
+  print(write(rows, args.out))
 
 
 if __name__ == '__main__':

@@ -18,9 +18,7 @@ refusal is recorded.
 """
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -32,6 +30,7 @@ import numpy as np  # noqa: E402
 from fracq import models  # noqa: E402
 from fracq.export import integer_model as im  # noqa: E402
 from fracq.methods.f8net import F8NetModel, F8NetOptions  # noqa: E402
+from experiments import _runner  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
@@ -85,13 +84,10 @@ def main():
   a = ap.parse_args()
   rows = [check(m, a.size, a.batch) for m in a.models.split(',') if m]
   os.makedirs(a.out, exist_ok=True)
-  meta = {'command': 'python experiments/f8net_integer_imagenet.py '
-                     f'--models {a.models} --size {a.size} --batch {a.batch}',
-          'machine': f'{platform.machine()} {jax.default_backend()}'}
-  with open(os.path.join(a.out, 'f8net_integer_imagenet.json'), 'w') as f:
-    json.dump({**meta, 'rows': rows}, f, indent=1)
-  lines = [f'`{meta["command"]}` ({meta["machine"]}); random images, F8Net '
-           '+ fixed-point PACT after train-mode passes.', '',
+  _runner.write_json(os.path.join(a.out, 'f8net_integer_imagenet.json'),
+                     rows)
+  lines = ['Random images, F8Net + fixed-point PACT after train-mode '
+           'passes.', '',
            '| model | input | PACT clips | status | ops | adds | max pools '
            '| program = simulation | ONNX = program |',
            '|---|---|---|---|---|---|---|---|---|']
@@ -104,8 +100,7 @@ def main():
       lines.append(f'| {r["model"]} | {r["size"]}x{r["size"]} | {r["clips"]} '
                    f'| refused: {r["reason"]} | | | | | |')
   text = '\n'.join(lines) + '\n'
-  with open(os.path.join(a.out, 'f8net_integer_imagenet.md'), 'w') as f:
-    f.write(text)
+  _runner.write_md(os.path.join(a.out, 'f8net_integer_imagenet.md'), text)
   print(text)
 
 

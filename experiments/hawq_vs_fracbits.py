@@ -1,121 +1,146 @@
 """Digits: float vs uniform QAT vs HAWQ-style + QAT vs FracBits, same budget.
 
-Answers the NNCF reviewers' question (time / accuracy / compression / ease
-of use vs HAWQ) on embedded data. Per seed, a float model is trained first;
-uniform QAT, HAWQ (Hessian traces + ILP, then uniform QAT at the chosen
-bits) and FracBits all start from it, with the same epochs and optimizer.
-Budgets: the size of a uniform K-bit model (first conv and classifier at 8).
+Compares time / accuracy / compression against HAWQ on embedded data. Per
+seed, every quantized method fine-tunes the same trained float model
+(``_runner.float_start``): uniform QAT, HAWQ (Hessian traces + ILP, then
+uniform QAT at the chosen bits) and FracBits, with the same schedule and
+optimizer. Budgets: the size of a uniform K-bit model (first conv and
+classifier at 8). Runs are shared with digits_fracbits_vs_uniform.py and
+digits_tradeoff.py through the run cache (``_runner.run``).
 
-Writes experiments/results/hawq_vs_fracbits.{md,json,png}.
+Writes hawq_vs_fracbits.{md,json,png} under ``--out``.
 
   python experiments/hawq_vs_fracbits.py [--seeds 0,1,2] [--bits 4,3]
 """
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-from experiments._runner import run  # noqa: E402
+from experiments import _runner  # noqa: E402
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+METHODS = (('uniform QAT', 'digits_uniform'), ('HAWQ + QAT', 'digits_hawq'),
+           ('FracBits', 'digits_fracbits'))
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument('--seeds', default='0,1,2')
   p.add_argument('--bits', default='4,3')
-  args = p.parse_args()
+  _runner.add_flags(p)
+  args = p.parse_args(argv)
   logging.set_verbosity(logging.WARNING)
+  overrides = _runner.parse_overrides(args.set)
   seeds = [int(s) for s in args.seeds.split(',')]
   budgets = [int(b) for b in args.bits.split(',')]
   rows = []
-  with tempfile.TemporaryDirectory() as tmp:
-    for s in seeds:
-      fdir = os.path.join(tmp, f'float{s}')
-      rows.append(dict(method='float', budget=32, seed=s,
-                       **run('digits_float', f'seed={s}', fdir)))
-      for b in budgets:
-        for method, cfg, arg in (
-            ('uniform QAT', 'digits_uniform', f'bits={b},seed={s}'),
-            ('HAWQ + QAT', 'digits_hawq', f'bits={b},seed={s}'),
-            ('FracBits', 'digits_fracbits', f'bits={b},seed={s}')):
-          wd = os.path.join(tmp, f'{cfg}{b}_{s}')
-          r = run(cfg, arg, wd, init_from=fdir)
-          rows.append(dict(method=method, budget=b, seed=s, **r))
-          print(method, b, s, r['eval_accuracy'],
-                r.get('compression_over_int8'), flush=True)
-  os.makedirs(OUT, exist_ok=True)
-  with open(os.path.join(OUT, 'hawq_vs_fracbits.json'), 'w') as f:
-    json.dump(rows, f, indent=1)
-  lines = [f'| budget | method | test acc. % (mean of {len(seeds)}) | '
-           'min-max | integer size (bits) | vs INT8 | search s | run s |',
-           '|---|---|---|---|---|---|---|---|']
-  groups = [('float', 32)] + [(m, b) for b in budgets for m in
-                              ('uniform QAT', 'HAWQ + QAT', 'FracBits')]
-  for method, b in groups:
-    rs = [r for r in rows if r['method'] == method and r['budget'] == b]
-    acc = np.array([r['eval_accuracy'] for r in rs]) * 100
-    size = [r.get('cost_integer') for r in rs]
-    comp = [r.get('compression_over_int8') for r in rs]
-    search = [r.get('search_seconds', np.nan) for r in rs]
-    if method == 'FracBits':
-      # The search is the fractional phase: 80% of the steps.
-      search = [0.8 * r['wall_s'] for r in rs]
-    lines.append(
-        f'| {"float" if b == 32 else f"uniform {b}-bit size"} | {method} | '
-        f'{acc.mean():.2f} | {acc.min():.2f}-{acc.max():.2f} | '
-        f'{"-" if size[0] is None else f"{np.mean(size):,.0f}"} | '
-        f'{"-" if comp[0] is None else f"{np.mean(comp):.2f}x"} | '
-        f'{"-" if np.isnan(np.mean(search)) else f"{np.mean(search):.1f}"} | '
-        f'{np.mean([r["wall_s"] for r in rs]):.0f} |')
-  bitmaps = ['', '| budget | layer | ' + ' | '.join(
-      f'{m} (seed {seeds[0]})' for m in ('uniform QAT', 'HAWQ + QAT',
-                                         'FracBits')) + ' |',
-             '|---|---|---|---|---|']
-  for b in budgets:
-    sel = {m: next(r for r in rows if r['method'] == m and r['budget'] == b
-                   and r['seed'] == seeds[0])
-           for m in ('uniform QAT', 'HAWQ + QAT', 'FracBits')}
-    for layer in sel['FracBits']['bits']:
-      bitmaps.append(f'| {b} | {layer} | ' + ' | '.join(
-          f'{sel[m]["bits"][layer]:.0f}' for m in sel) + ' |')
-  text = '\n'.join(lines + bitmaps)
-  cmd = (f'python experiments/hawq_vs_fracbits.py --seeds {args.seeds} '
-         f'--bits {args.bits}')
-  with open(os.path.join(OUT, 'hawq_vs_fracbits.md'), 'w') as f:
-    f.write(f'Generated by `{cmd}`.\n\n{text}\n')
-  _plot(rows, budgets, seeds[0])
+  for s in seeds:
+    m = _runner.float_start(s, **overrides)
+    rows.append(dict(method='float', budget=32, seed=s, **_runner.public(m)))
+    for b in budgets:
+      for method, config in METHODS:
+        r = _runner.from_float(config, f'bits={b}', s, **overrides)
+        rows.append(dict(method=method, budget=b, seed=s, **_runner.public(r)))
+        print(method, b, s, r['eval_accuracy'],
+              r.get('compression_over_int8'), flush=True)
+  _runner.write_json(os.path.join(args.out, 'hawq_vs_fracbits.json'), rows)
+  text = table(rows, budgets, seeds)
+  _runner.write_md(os.path.join(args.out, 'hawq_vs_fracbits.md'), text)
+  plot(rows, budgets, os.path.join(args.out, 'hawq_vs_fracbits.png'))
   print(text)
 
 
-def _plot(rows, budgets, seed):
+def table(rows, budgets, seeds):
+  """The markdown tables (results, then the seed-0 bit maps) and notes."""
+  lines = [
+      f'Shared by every quantized row: the trained float model of the same '
+      f'seed as start (`init_from`), the digits schedule (440 steps, SGD '
+      f'0.1 cosine), LSQ ranges, 8-bit activations, first conv and '
+      f'classifier at 8 bits, seeds {",".join(map(str, seeds))}. '
+      '"cost / target": the largest integer weight bits over the budget '
+      'across seeds (above 1.000 is over budget). "search s": HAWQ\'s '
+      'Hessian traces + ILP (a phase before its QAT run); for FracBits the '
+      'fractional 80% of its single run (0.8 x its wall time). "run s": '
+      'the whole run, search included.', '',
+      f'| budget | method | test acc. % (mean of {len(seeds)}) | min-max | '
+      'integer size (bits) | vs INT8 | cost / target | search s | run s |',
+      '|---|---|---|---|---|---|---|---|---|']
+  notes = []
+  for b in [32] + budgets:
+    group = {}
+    target = next((r['cost_target'] for r in rows
+                   if r['budget'] == b and 'cost_target' in r), None)
+    for method in (('float',) if b == 32 else [m for m, _ in METHODS]):
+      rs = [r for r in rows if r['method'] == method and r['budget'] == b]
+      acc = np.array([r['eval_accuracy'] for r in rs]) * 100
+      group[method] = acc
+      size = [r.get('cost_integer') for r in rs]
+      comp = [r.get('compression_over_int8') for r in rs]
+      search = [r.get('search_seconds', np.nan) for r in rs]
+      if method == 'FracBits':
+        search = [0.8 * r['wall_s'] for r in rs]
+      ratio = (f'{max(size) / target:.3f}' if target and size[0] is not None
+               else '-')
+      lines.append(
+          f'| {"float" if b == 32 else f"uniform {b}-bit size"} | {method} | '
+          f'{acc.mean():.2f} | {acc.min():.2f}-{acc.max():.2f} | '
+          f'{"-" if size[0] is None else f"{np.mean(size):,.0f}"} | '
+          f'{"-" if comp[0] is None else f"{np.mean(comp):.2f}x"} | {ratio} | '
+          f'{"-" if np.isnan(np.mean(search)) else f"{np.mean(search):.1f}"} '
+          f'| {np.mean([r["wall_s"] for r in rs]):.0f} |')
+    if b != 32:
+      notes.append(_runner.separation_note(f'uniform {b}-bit size', group))
+  names = [m for m, _ in METHODS]
+  bitmaps = ['', '| budget | layer | ' + ' | '.join(
+      f'{m} (seed {seeds[0]})' for m in names) + ' |',
+             '|---|---|' + '---|' * len(names)]
+  for b in budgets:
+    sel = {m: next(r for r in rows if r['method'] == m and r['budget'] == b
+                   and r['seed'] == seeds[0]) for m in names}
+    for layer in sel['FracBits']['bits']:
+      bitmaps.append(f'| {b} | {layer} | ' + ' | '.join(
+          f'{sel[m]["bits"][layer]:.0f}' for m in names) + ' |')
+  return '\n'.join(lines + [''] + notes + bitmaps)
+
+
+def plot(rows, budgets, path):
+  """Per-layer weight bits of each method, mean over seeds, with the seeds'
+  min-max as error bars (one panel per budget)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 3.5))
-  axes = np.atleast_1d(axes)
-  for ax, b in zip(axes, budgets):
-    sel = [r for r in rows if r['budget'] == b and r['seed'] == seed and
-           'bits' in r]
-    layers = list(sel[0]['bits'])
-    x = np.arange(len(layers))
-    for i, r in enumerate(sel):
-      ax.bar(x + (i - 1) * 0.27, [r['bits'][l] for l in layers], 0.27,
-             label=r['method'])
-    ax.set_xticks(x)
-    ax.set_xticklabels(layers, rotation=45, ha='right', fontsize=8)
-    ax.set_title(f'weight bits, uniform {b}-bit size budget (seed {seed})',
-                 fontsize=9)
+  names = [m for m, _ in METHODS]
+  fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4),
+                           squeeze=False)
+  width = 0.8 / len(names)
+  for ax, b in zip(axes[0], budgets):
+    layers = None
+    for i, method in enumerate(names):
+      rs = [r for r in rows if r['budget'] == b and r['method'] == method
+            and 'bits' in r]
+      if not rs:
+        continue
+      layers = layers or list(rs[0]['bits'])
+      bits = np.array([[r['bits'][layer] for layer in layers] for r in rs])
+      mean = bits.mean(0)
+      x = np.arange(len(layers)) + (i - (len(names) - 1) / 2) * width
+      ax.bar(x, mean, width, label=f'{method} ({len(rs)} seeds)',
+             yerr=[mean - bits.min(0), bits.max(0) - mean], capsize=2)
+    if layers:
+      ax.set_xticks(np.arange(len(layers)))
+      ax.set_xticklabels(layers, rotation=45, ha='right', fontsize=8)
+    ax.set_ylabel('weight bit-width (bits)')
+    ax.set_title(f'uniform {b}-bit size budget: mean bits, bars = seed '
+                 'min-max', fontsize=9)
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(OUT, 'hawq_vs_fracbits.png'), dpi=110)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 if __name__ == '__main__':

@@ -87,9 +87,30 @@ def test_notebooks_are_found_and_stored_without_outputs():
       if cell.cell_type == 'code':
         assert not cell.outputs and cell.execution_count is None, (
             f'{os.path.basename(p)} is stored with outputs; clear them.')
-    # The first code cell installs from git only inside Colab.
+    # The first code cell uses the checkout the notebook sits in, and
+    # installs its requirements only when fracq cannot be imported.
     first = next(c for c in nb.cells if c.cell_type == 'code').source
-    assert 'google.colab' in first and 'pip' in first and 'sys.path' in first
+    assert 'sys.path' in first and 'requirements.txt' in first, first
+    assert 'except ImportError' in first, first
+    assert '<owner>' not in first and 'git+' not in first, first
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
+def test_install_cell_needs_no_network_when_fracq_imports(path, monkeypatch):
+  """With fracq importable (as here), the install cell never reaches pip:
+  ``get_ipython`` (the only way the cell can run pip) must not be called."""
+  nb = nbformat.read(path, as_version=4)
+  first = next(c for c in nb.cells if c.cell_type == 'code').source
+
+  def no_ipython():
+    raise AssertionError('the install cell ran pip although fracq imports')
+
+  monkeypatch.chdir(EXPERIMENTS)
+  monkeypatch.setattr(sys, 'path', list(sys.path))
+  env = {'get_ipython': no_ipython}
+  exec(compile(first, os.path.basename(path), 'exec'), env)  # pylint: disable=exec-used
+  assert os.path.samefile(os.path.dirname(env['fracq'].__file__),
+                          os.path.join(ROOT, 'fracq'))
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
