@@ -66,17 +66,23 @@ def table(rows, budgets, seeds):
       'across seeds (above 1.000 is over budget). "search s": HAWQ\'s '
       'Hessian traces + ILP (a phase before its QAT run); for FracBits the '
       'fractional 80% of its single run (0.8 x its wall time). "run s": '
-      'the whole run, search included.', '',
+      'the whole run, search included; "run / uniform": its ratio to uniform '
+      'QAT\'s run at the same budget.', '',
       f'| budget | method | test acc. % (mean of {len(seeds)}) | min-max | '
-      'integer size (bits) | vs INT8 | cost / target | search s | run s |',
-      '|---|---|---|---|---|---|---|---|---|']
+      'integer size (bits) | vs INT8 | cost / target | search s | run s | '
+      'run / uniform |',
+      '|---|---|---|---|---|---|---|---|---|---|']
   notes = []
   for b in [32] + budgets:
     group = {}
     target = next((r['cost_target'] for r in rows
                    if r['budget'] == b and 'cost_target' in r), None)
+    uniform_s = np.mean([r['wall_s'] for r in rows
+                         if r['method'] == 'uniform QAT' and r['budget'] == b]
+                        or [np.nan])
     for method in (('float',) if b == 32 else [m for m, _ in METHODS]):
       rs = [r for r in rows if r['method'] == method and r['budget'] == b]
+      run_s = np.mean([r['wall_s'] for r in rs])
       acc = np.array([r['eval_accuracy'] for r in rs]) * 100
       group[method] = acc
       size = [r.get('cost_integer') for r in rs]
@@ -92,7 +98,8 @@ def table(rows, budgets, seeds):
           f'{"-" if size[0] is None else f"{np.mean(size):,.0f}"} | '
           f'{"-" if comp[0] is None else f"{np.mean(comp):.2f}x"} | {ratio} | '
           f'{"-" if np.isnan(np.mean(search)) else f"{np.mean(search):.1f}"} '
-          f'| {np.mean([r["wall_s"] for r in rs]):.0f} |')
+          f'| {run_s:.0f} | '
+          f'{"-" if np.isnan(uniform_s) else f"{run_s / uniform_s:.2f}x"} |')
     if b != 32:
       notes.append(_runner.separation_note(f'uniform {b}-bit size', group))
   names = [m for m, _ in METHODS]

@@ -2,24 +2,35 @@
 
 Runs each experiment script with the settings its checked-in result was made
 with (the scripts' full defaults), one after the other, each in its own
-process from the repository root:
+process from the repository root, and prints each one's time:
 
   python experiments/run_all.py            # everything this machine can run
   python experiments/run_all.py --list     # what would run, and what is skipped
   python experiments/run_all.py --only digits_tradeoff,published_imagenet
+  python experiments/run_all.py --fresh    # reuse no run from earlier calls
 
-The digits experiments train every point for 3 seeds on the embedded data
-(about 1.5 hours together on 2 CPU cores). The ResNet-18/50 ImageNet-shape
-benchmarks need a GPU: where JAX's backend is the CPU they are skipped and
-listed as such (also when named with ``--only``: their CPU timings would
-mean nothing and take hours). ``bench_core.py`` only prints (no results
-file) and is not run. Times in ``--list`` are rough.
+The digits scripts train through one run cache (``experiments/_runner.py``,
+keyed on config, arguments, seed, overrides, float start and commit): a
+setting two tables share is trained once, by the first script that needs
+it, and the later script reuses it. The times in ``--list`` are estimates
+from the training wall times recorded in the result files (3 seeds, 2 CPU
+cores shared with other work, so they vary by about 2x): digits_pcqat
+trains the float starts and its 7 rows (~20 min), digits_tradeoff the 10
+other quantized points (~35 min), digits_fracbits_vs_uniform then reuses
+every run (~1 min), hawq_vs_fracbits trains only HAWQ (~8 min); about 75
+min in all with the F8Net check and the CPU benchmark. A second call at the
+same commit reuses every cached run (minutes in all) unless ``--fresh``.
+The ResNet-18/50 ImageNet-shape benchmarks need a GPU: where JAX's backend
+is the CPU they are skipped and listed as such (also when named with
+``--only``: their CPU timings would mean nothing and take hours).
+``bench_core.py`` only prints (no results file) and is not run.
 """
 
 import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,19 +52,21 @@ JOBS = {
         'published_imagenet.{md,json}', 'seconds'),
     'digits_pcqat': (
         ['experiments/digits_pcqat.py', '--seeds', '0,1,2'], False,
-        'digits_pcqat.{md,json}', '~30 min on 2 CPU cores'),
+        'digits_pcqat.{md,json}', '~20 min on 2 CPU cores (trains the float '
+        'starts)'),
     # After digits_pcqat: the trade-off plot reads its PCQAT rows.
     'digits_tradeoff': (
         ['experiments/digits_tradeoff.py', '--seeds', '0,1,2'], False,
-        'digits_tradeoff.{md,json,png}', '~25 min on 2 CPU cores'),
+        'digits_tradeoff.{md,json,png}', '~35 min on 2 CPU cores'),
     'digits_fracbits_vs_uniform': (
         ['experiments/digits_fracbits_vs_uniform.py', '--seeds', '0,1,2',
          '--bits', '3,2'], False,
-        'digits_fracbits_vs_uniform.{md,json}', '~10 min on 2 CPU cores'),
+        'digits_fracbits_vs_uniform.{md,json}',
+        '~1 min after digits_tradeoff (every run cached); ~12 min alone'),
     'hawq_vs_fracbits': (
         ['experiments/hawq_vs_fracbits.py', '--seeds', '0,1,2', '--bits',
          '4,3'], False, 'hawq_vs_fracbits.{md,json,png}',
-        '~20 min on 2 CPU cores'),
+        '~8 min after digits_tradeoff (only HAWQ trains); ~20 min alone'),
     'f8net_integer_imagenet': (
         ['experiments/f8net_integer_imagenet.py'], False,
         'f8net_integer_imagenet.{md,json}', '~3 min on 2 CPU cores'),
@@ -105,6 +118,9 @@ def main(argv=None):
                  help=f'comma-separated subset of: {", ".join(JOBS)}')
   p.add_argument('--keep_going', action='store_true',
                  help='run the remaining experiments after one fails')
+  p.add_argument('--fresh', action='store_true',
+                 help='train every run again: a new, empty run cache for this '
+                 'call (runs are still shared between its scripts)')
   a = p.parse_args(argv)
   only = [n for n in a.only.split(',') if n]
   be = backend()
@@ -117,20 +133,27 @@ def main(argv=None):
       print(f'{n:<28} {status}\n    python {" ".join(args)}\n'
             f'    -> {RESULTS}/{writes}')
     return 0
-  failed, done = [], []
+  env = dict(os.environ)
+  if a.fresh:
+    env['FRACQ_RUN_CACHE'] = tempfile.mkdtemp(prefix='fracq_runs_')
+  failed, done, times = [], [], []
   for n, args, why in jobs:
     if why:
       print(f'== {n}: skipped, {why}', flush=True)
       continue
     print(f'== {n}: python {" ".join(args)}', flush=True)
     t = time.time()
-    rc = subprocess.call([sys.executable] + args, cwd=ROOT)
+    rc = subprocess.call([sys.executable] + args, cwd=ROOT, env=env)
     dt = time.time() - t
+    times.append((n, dt))
     print(f'== {n}: {"ok" if rc == 0 else f"FAILED (exit {rc})"} in '
           f'{dt:.0f} s', flush=True)
     (done if rc == 0 else failed).append(n)
     if rc and not a.keep_going:
       break
+  for n, dt in times:
+    print(f'{n:<28} {dt / 60:6.1f} min')
+  print(f'{"total":<28} {sum(dt for _, dt in times) / 60:6.1f} min')
   print(f'done: {", ".join(done) or "-"}; failed: {", ".join(failed) or "-"}')
   return 1 if failed else 0
 
