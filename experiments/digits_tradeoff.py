@@ -162,30 +162,64 @@ def write(rows, out):
   return text
 
 
+def _dodge(sizes, rel=0.035):
+  """Horizontal factors that spread points of (nearly) equal size apart, so
+  their markers and error bars do not hide each other: within a group of
+  sizes closer than ``rel``, factors 1 +- rel / 2, 1 +- 1.5 rel, ..."""
+  factors = [1.0] * len(sizes)
+  order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+  groups, current = [], [order[0]] if order else []
+  for i in order[1:]:
+    if sizes[i] <= sizes[current[0]] * (1 + rel):
+      current.append(i)
+    else:
+      groups.append(current)
+      current = [i]
+  if current:
+    groups.append(current)
+  for group in groups:
+    for k, i in enumerate(group):
+      factors[i] = 1 + rel * (k - (len(group) - 1) / 2)
+  return factors
+
+
 def _plot(summary, path):
-  """Accuracy (mean, seed min-max as error bars) against artifact size; each
-  point is named in the legend by a number (no labels on the plot, so none
-  overlap), Pareto-front points in red."""
+  """Accuracy (mean, seed min-max as error bars) against artifact size. Each
+  point is named in the legend (text labels next to close points would
+  overlap) and points of equal size are spread sideways; Pareto-front
+  points are ringed in red."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(9, 4.8))
+  from matplotlib import ticker
+  fig, ax = plt.subplots(figsize=(11, 5))
   pts = [(s, a.mean()) for _, _, s, a in summary]
   front = _pareto(pts)
-  markers = 'osD^v<>phX*P'
+  dodge = _dodge([s for s, _ in pts])
+  colors = plt.get_cmap('tab20').colors
+  markers = 'osD^v<>phX*Pd8H'
   for i, (_, label, size, acc) in enumerate(summary):
     mean = acc.mean()
-    ax.errorbar(size, mean, yerr=[[mean - acc.min()], [acc.max() - mean]],
-                fmt=markers[i % len(markers)], capsize=3, zorder=3,
-                color='C3' if i in front else f'C{i % 10}',
+    ax.errorbar(size * dodge[i], mean,
+                yerr=[[mean - acc.min()], [acc.max() - mean]],
+                fmt=markers[i % len(markers)], color=colors[i % len(colors)],
+                mec='C3' if i in front else colors[i % len(colors)],
+                mew=2 if i in front else 1, ms=7, capsize=3, zorder=3,
                 label=f'{label} ({len(acc)} seeds)')
-  fx = sorted(pts[i] for i in front)
+  fx = sorted((pts[i][0] * dodge[i], pts[i][1]) for i in front)
   ax.plot([p[0] for p in fx], [p[1] for p in fx], 'C3--', lw=1,
-          label='Pareto front (red points)')
+          label='Pareto front (red rings)')
   ax.set_xscale('log')
+  # Plain tick labels at powers of two (log-axis defaults overlap here).
+  ax.xaxis.set_major_locator(ticker.FixedLocator(
+      [2.0 ** k for k in range(4, 12)]))
+  ax.xaxis.set_major_formatter(ticker.FormatStrFormatter('%g'))
+  ax.xaxis.set_minor_locator(ticker.NullLocator())
+  sizes = [s for s, _ in pts]
+  ax.set_xlim(min(sizes) / 1.25, max(sizes) * 1.25)
   ax.set_xlabel('artifact size on disk (KiB, log scale)')
   ax.set_ylabel('digits test accuracy (%)')
-  ax.set_title('digits: accuracy vs actual size (mean, bars = seed min-max)')
+  ax.set_title('digits: accuracy vs actual size (mean; bars: seed min-max)')
   ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
   fig.savefig(path, dpi=120)

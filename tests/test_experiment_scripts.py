@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import _runner
@@ -241,3 +242,36 @@ def test_run_rejects_a_path_as_init_from(tmp_path, monkeypatch):
   monkeypatch.setenv('FRACQ_RUN_CACHE', str(tmp_path))
   with pytest.raises(ValueError, match='run_key'):
     _runner.run('digits_uniform', 'bits=3', init_from={'workdir': '/x'})
+
+
+def test_tradeoff_plot_spreads_equal_sizes_and_draws_seed_ranges(
+    tmp_path, monkeypatch):
+  from experiments import digits_tradeoff as dt
+  # Pairs within 3.5% of each other are moved 1.75% either side; three equal
+  # sizes to 0.965, 1, 1.035; isolated points stay.
+  np.testing.assert_allclose(
+      dt._dodge([63.3, 63.8, 146.1, 146.1, 582.8, 38.4]),
+      [0.9825, 1.0175, 0.9825, 1.0175, 1.0, 1.0])
+  np.testing.assert_allclose(dt._dodge([81.5, 81.5, 81.5]),
+                             [0.965, 1.0, 1.035])
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  summary = [('a', 'A', 63.3, np.array([99.0, 99.5, 100.0])),
+             ('b', 'B', 63.8, np.array([98.0, 99.0, 99.2]))]
+  shown = []
+  with monkeypatch.context() as patch:  # keep the figure to inspect it
+    patch.setattr(plt, 'close', lambda fig=None: shown.append(fig))
+    dt._plot(summary, str(tmp_path / 'p.png'))
+  ax = shown[0].axes[0]
+  assert os.path.getsize(tmp_path / 'p.png') > 0
+  assert not ax.texts  # points are named in the legend, not on the plot
+  labels = [t.get_text() for t in ax.get_legend().get_texts()]
+  assert 'A (3 seeds)' in labels and 'B (3 seeds)' in labels
+  # One error bar per point, spanning the seeds' min-max.
+  segments = [c for c in ax.collections if len(c.get_segments()) == 1]
+  spans = sorted(tuple(np.round(s.get_segments()[0][:, 1], 6))
+                 for s in segments)
+  assert spans == [(98.0, 99.2), (99.0, 100.0)], spans
+  assert 'KiB' in ax.get_xlabel() and '%' in ax.get_ylabel()
+  plt.close(shown[0])
