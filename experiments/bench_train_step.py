@@ -5,7 +5,7 @@ measures a full jitted training step (forward, backward, SGD update) for:
 float; fracq uniform QAT w8a8 and w4a4 (LSQ, per-channel weights); FracBits
 weights-only and weights+activations; and qwix's QAT (QtProvider) at w8a8
 and w4a4 on the same model. Every time is printed as a ratio to the float
-step measured in the same process, plus the ratios the issues ask for.
+step measured in the same process, plus the ratios the README reports.
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries
 of the step), which is deterministic.
 
