@@ -108,7 +108,8 @@ def test_readme_numbers_match_their_result_files():
   named = {name for names, _ in blocks for name in names}
   # Every results passage of the README is marked.
   for name in ('digits_fracbits_vs_uniform', 'hawq_vs_fracbits',
-               'digits_tradeoff', 'digits_pcqat', 'bench_train_step'):
+               'digits_tradeoff', 'digits_pcqat', 'bench_train_step',
+               'published_imagenet'):
     assert f'experiments/results/{name}.json' in named, name
   assert text.count('<!-- from:') == text.count('<!-- /from -->') == len(
       blocks), 'unbalanced <!-- from: --> / <!-- /from --> markers'
