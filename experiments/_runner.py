@@ -71,14 +71,25 @@ def _code_state() -> str:
   return f'{c}-{h.hexdigest()[:16]}'
 
 
+def _portable(arg: str) -> str:
+  """``arg`` without machine paths: an absolute path (or ``--flag=/path``)
+  inside the repository becomes relative to its root, one outside it keeps
+  only its last component."""
+  flag, eq, value = arg.rpartition('=') if arg.startswith('-') else ('', '',
+                                                                      arg)
+  if not os.path.isabs(value):
+    return arg
+  rel = os.path.relpath(value, ROOT)
+  value = (rel if not rel.startswith('..') else
+           '<outside the repository>/' + os.path.basename(value))
+  return flag + eq + value
+
+
 def _command(argv) -> str:
-  """The command line as typed from the repository root, with the script's
-  path made relative (no machine paths in results)."""
+  """The command line as typed from the repository root, with no machine
+  paths (see :func:`_portable`)."""
   argv = list(sys.argv if argv is None else argv)
-  script = argv[0]
-  if os.path.isabs(script):
-    script = os.path.relpath(script, ROOT)
-  return ' '.join(['python', script] + argv[1:])
+  return ' '.join(['python'] + [_portable(a) for a in argv])
 
 
 def _versions() -> dict:
@@ -319,3 +330,12 @@ def separation_note(setting: str, accuracies: dict) -> str:
   order = sorted(means, key=means.get, reverse=True)
   return (f'{setting}: {" > ".join(order)} (means {spread:.2f} points apart, '
           f'more than the widest seed range {seed_range:.2f}).')
+
+
+def schedule_text(overrides: dict) -> str:
+  """The shared digits schedule, as a table header states it."""
+  text = 'the digits schedule (440 steps, SGD 0.1 cosine)'
+  if overrides:
+    text += ' with ' + ', '.join(f'{k}={v}' for k, v in sorted(
+        overrides.items()))
+  return text

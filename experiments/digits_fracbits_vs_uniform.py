@@ -48,18 +48,18 @@ def main(argv=None):
               flush=True)
   _runner.write_json(os.path.join(args.out,
                                   'digits_fracbits_vs_uniform.json'), rows)
-  text = table(rows, bits, seeds)
+  text = table(rows, bits, seeds, overrides)
   _runner.write_md(os.path.join(args.out, 'digits_fracbits_vs_uniform.md'),
                    text)
   print(text)
 
 
-def table(rows, bits, seeds):
+def table(rows, bits, seeds, overrides=None):
   """The markdown table and its notes."""
   lines = [
       f'Shared by every quantized row: the trained float model of the same '
-      f'seed as start (`init_from`), the digits schedule (440 steps, SGD '
-      f'0.1 cosine), LSQ ranges, 8-bit activations, first conv and '
+      f'seed as start (`init_from`), {_runner.schedule_text(overrides)}, '
+      f'LSQ ranges, 8-bit activations, first conv and '
       f'classifier at 8 bits, seeds {",".join(map(str, seeds))}. '
       '"cost / target": integer weight bits over the budget (a uniform '
       'K-bit model\'s size); above 1.000 is over budget.', '',

@@ -118,7 +118,7 @@ def _pareto(points):
   return front
 
 
-def write(rows, out):
+def write(rows, out, overrides=None):
   """Writes the table (md) and the plot (png) under ``out``; returns the
   table."""
   rows = list(rows) + _pcqat_rows(out)
@@ -146,8 +146,8 @@ def write(rows, out):
                  f'{prog_kib} | {f"{max(ratio):.3f}" if ratio else "-"} ')
     lines[-1] += (f'| {100 * np.mean(match):.1f}% |' if match else '| - |')
     summary.append((n, label, size, acc))
-  text = ('Shared by every point: the digits schedule (440 steps, SGD 0.1 '
-          'cosine) and seeds; every quantized point (PCQAT rows: see '
+  text = (f'Shared by every point: {_runner.schedule_text(overrides)} and '
+          'seeds; every quantized point (PCQAT rows: see '
           'digits_pcqat.md) fine-tunes the trained float model of the same '
           'seed (`init_from`). Artifact: the file a user ships (float32 '
           'safetensors for float; packed weights for QAT methods; the '
@@ -259,7 +259,7 @@ def main(argv=None):
       rows.append(dict(point=n, seed=s, **m))
       print(n, s, f'{100 * m["eval_accuracy"]:.2f}%', _size(m), flush=True)
   _runner.write_json(path, rows)
-  print(write(rows, args.out))
+  print(write(rows, args.out, overrides))
 
 
 if __name__ == '__main__':

@@ -49,18 +49,18 @@ def main(argv=None):
         print(method, b, s, r['eval_accuracy'],
               r.get('compression_over_int8'), flush=True)
   _runner.write_json(os.path.join(args.out, 'hawq_vs_fracbits.json'), rows)
-  text = table(rows, budgets, seeds)
+  text = table(rows, budgets, seeds, overrides)
   _runner.write_md(os.path.join(args.out, 'hawq_vs_fracbits.md'), text)
   plot(rows, budgets, os.path.join(args.out, 'hawq_vs_fracbits.png'))
   print(text)
 
 
-def table(rows, budgets, seeds):
+def table(rows, budgets, seeds, overrides=None):
   """The markdown tables (results, then the seed-0 bit maps) and notes."""
   lines = [
       f'Shared by every quantized row: the trained float model of the same '
-      f'seed as start (`init_from`), the digits schedule (440 steps, SGD '
-      f'0.1 cosine), LSQ ranges, 8-bit activations, first conv and '
+      f'seed as start (`init_from`), {_runner.schedule_text(overrides)}, '
+      f'LSQ ranges, 8-bit activations, first conv and '
       f'classifier at 8 bits, seeds {",".join(map(str, seeds))}. '
       '"cost / target": the largest integer weight bits over the budget '
       'across seeds (above 1.000 is over budget). "search s": HAWQ\'s '

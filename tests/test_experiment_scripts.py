@@ -103,6 +103,11 @@ def test_provenance_helper_writes_every_field(tmp_path):
                         capture_output=True).stdout.strip()
   assert data['provenance']['commit'].split('-')[0] == head
   assert _runner.load_rows(str(rows_path)) == [{'a': 1}]
+  # Absolute paths typed on the command line are not recorded either.
+  assert _runner._command([script, '--json', os.path.join(
+      ROOT, 'experiments', 'results', 'x.json'), '--out=/somewhere/out']) == (
+          'python experiments/digits_tradeoff.py --json '
+          'experiments/results/x.json --out=<outside the repository>/out')
   dict_path = tmp_path / 'dict.json'
   _runner.write_json(str(dict_path), {'results': {'x': 2}}, argv)
   data = json.load(open(dict_path))
@@ -236,6 +241,8 @@ def test_scripts_share_one_run_per_setting_from_one_float_start(
             'num_train_steps=5'])
   assert len(fake.calls) == 3
   assert all(c[2]['num_train_steps'] == 5 for c in fake.calls)
+  md = open(os.path.join(out, 'digits_fracbits_vs_uniform.md')).read()
+  assert '(440 steps, SGD 0.1 cosine) with num_train_steps=5' in md
 
 
 def test_run_rejects_a_path_as_init_from(tmp_path, monkeypatch):
