@@ -67,6 +67,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.decay_pattern = r'^params/.*kernel$'
   # [(regex, lr multiplier)], first match wins; e.g. (('^quant/', 1.0),).
   c.lr_multipliers = ()
+  # Learned bit-widths (quant/**/*_bits) have their own optimizer, never
+  # weight-decayed: 'sgd' (as the FracBits authors; nesterov as above) or
+  # 'adamw' (b1/b2 as above). Adam-like optimizers move every bit-width at
+  # the same speed whatever its layer's cost, losing the size penalty's
+  # per-layer weighting. Unset learning rate / momentum: the weights'
+  # (learning_rate on the same schedule, momentum); set bits_learning_rate
+  # when the weights use a small AdamW learning rate.
+  c.bits_optimizer = 'sgd'
+  c.bits_learning_rate = config_dict.placeholder(float)
+  c.bits_momentum = config_dict.placeholder(float)
   c.grad_clip_norm = 0.0
   c.label_smoothing = 0.0
   # Weight of an auxiliary classifier's loss (Inception-V3), when present.
