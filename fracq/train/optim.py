@@ -33,7 +33,6 @@ def _label_tree(tree, fn):
 
 # Learned bit-widths (``quant/<layer>/kernel_bits``, ``.../input_bits``).
 BITS_PATTERN = r'^quant/.*_bits$'
-OPTIMIZERS = ('sgd', 'adamw')
 
 
 def make_schedule(config, total_steps: int, steps_per_epoch: int,

@@ -172,3 +172,24 @@ def test_bits_learning_rate_momentum_and_clipping():
   c.bits_optimizer = 'lion'
   with pytest.raises(ValueError, match="bits_optimizer='lion'"):
     optim.make_optimizer(c, tree, 100, 10)
+
+
+def test_default_bits_optimizer_under_sgd_matches_the_weights_optimizer():
+  # With optimizer='sgd' and the bits keys unset, bit-widths follow exactly
+  # the weights' SGD (Nesterov 0.9, cosine lr), as when they shared it.
+  c = common.digits_config()
+  tree = _two_layer_tree()
+  tx, schedule = optim.make_optimizer(c, tree, total_steps=20,
+                                      steps_per_epoch=10)
+  ref = optax.chain(optax.trace(decay=0.9, nesterov=True),
+                    optax.scale_by_schedule(lambda s: -schedule(s)))
+  bits = tree['quant']
+  state, ref_state = tx.init(tree), ref.init(bits)
+  for step in range(3):
+    grads = jax.tree_util.tree_map(
+        lambda x: jax.random.normal(jax.random.key(step), x.shape), tree)
+    upd, state = tx.update(grads, state, tree)
+    ref_upd, ref_state = ref.update(grads['quant'], ref_state, bits)
+    for name in ('small', 'big'):
+      assert float(upd['quant'][name]['kernel_bits']) == pytest.approx(
+          float(ref_upd[name]['kernel_bits']), rel=1e-6)
