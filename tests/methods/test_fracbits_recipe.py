@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
 from configs import digits_fracbits
 from configs import inception_v3_fracbits
 from configs import mobilenet_v2_fracbits
@@ -64,10 +63,17 @@ def test_bitops_config_starts_weights_and_acts_at_k_plus_half():
   assert act_starts == {start}
 
 
-@pytest.mark.parametrize('arg', ['', 'bits=4', 'bitops'])
-def test_digits_variables_start_at_budget_equivalent_plus_half(arg):
-  cfg = digits_fracbits.get_config(arg)
-  bits = 4.0 if arg == 'bits=4' else 3.0
+@pytest.mark.parametrize('arg,bits', [('', 3.0), ('bits=4', 4.0),
+                                      ('bitops', 3.0)])
+def test_digits_configs_start_at_budget_equivalent_plus_half(arg, bits):
+  qm = _wrap(digits_fracbits.get_config(arg), 8, channels=1)
+  assert _learned_weight_bits(qm) == {bits + 0.5}
+  assert qm.init_bits_info['uniform_equivalent_bits'] == pytest.approx(
+      bits, abs=1e-9)
+
+
+def test_digits_bitops_variables_start_at_budget_equivalent_plus_half():
+  cfg = digits_fracbits.get_config('bitops')
   module = models.get_model(cfg.model, num_classes=cfg.num_classes)
   x = jnp.zeros((1, 8, 8, 1), jnp.float32)
   qm = methods_config.build(cfg.quant, module, x, total_steps=100)
@@ -76,11 +82,10 @@ def test_digits_variables_start_at_budget_equivalent_plus_half(arg):
   learned = {'/'.join(k.key for k in path): float(v) for path, v in leaves
              if path[-1].key in ('kernel_bits', 'input_bits')}
   n_learned = sum(l.weight.learned for l in qm.cost_model.layers)
-  kernel_bits = [v for k, v in learned.items() if k.endswith('kernel_bits')]
-  assert len(kernel_bits) == n_learned > 0
-  np.testing.assert_allclose(list(learned.values()), bits + 0.5, atol=1e-6)
-  if arg == 'bitops':
-    assert any(k.endswith('input_bits') for k in learned)
+  kernel_bits = [k for k in learned if k.endswith('kernel_bits')]
+  input_bits = [k for k in learned if k.endswith('input_bits')]
+  assert len(kernel_bits) == n_learned > 0 and input_bits
+  np.testing.assert_allclose(list(learned.values()), 3.5, atol=1e-6)
 
 
 def test_init_bits_clipped_to_bounds_and_bad_spec_rejected():
