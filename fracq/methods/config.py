@@ -319,6 +319,8 @@ def build(quant_cfg, module, sample_x, config=None, total_steps=None):
                      "clustering); method='none' is the plain float model and "
                      "'hawq' needs build_hawq().")
   offset = init_bits_offset(quant_cfg)
+  if quant_cfg.method != 'fracbits':
+    offset = None
   kwargs = dict(
       cost_kind=quant_cfg.budget_kind,
       penalty=penalty_from_config(quant_cfg),
@@ -327,9 +329,12 @@ def build(quant_cfg, module, sample_x, config=None, total_steps=None):
       call_kwargs={'train': False}, on_unused=quant_cfg.on_unused,
       kernel_transform=preserve_lib.transform_from_config(quant_cfg,
                                                           total_steps))
-  qm = QATModel(module, rules_from_config(quant_cfg), sample_x,
-                budget=budget_from_config(quant_cfg), **kwargs)
-  if offset is None or quant_cfg.method != 'fracbits' or not qm.learns_bits:
+  # Where the bits start does not matter for the first wrap; clipping them
+  # to the bounds keeps an unused weight_bits from failing validation.
+  probe_bits = None if offset is None else float(quant_cfg.weight_bits)
+  qm = QATModel(module, rules_from_config(quant_cfg, init_bits=probe_bits),
+                sample_x, budget=budget_from_config(quant_cfg), **kwargs)
+  if offset is None or not qm.learns_bits:
     return qm
   equivalent = _uniform_equivalent_bits(qm.cost_model, qm.target)
   start = equivalent + offset

@@ -95,6 +95,12 @@ def test_init_bits_clipped_to_bounds_and_bad_spec_rejected():
   qm = methods_config.build(cfg.quant, module, x, total_steps=100)
   assert _learned_weight_bits(qm) == {8.0}
   assert qm.init_bits_info['uniform_equivalent_bits'] == pytest.approx(7.8)
+  # weight_bits is unused with init_bits='budget+D', even outside bounds.
+  cfg = digits_fracbits.get_config()
+  cfg.quant.weight_bits = 8.0
+  cfg.quant.weight_bit_bounds = (2.0, 6.0)
+  qm = methods_config.build(cfg.quant, module, x, total_steps=100)
+  assert _learned_weight_bits(qm) == {3.5}
   cfg.quant.init_bits = 'target+0.5'
   with pytest.raises(ValueError, match="'budget\\+D'"):
     methods_config.build(cfg.quant, module, x, total_steps=100)
