@@ -78,7 +78,7 @@ def get_config(arg=None):
     q.weight_granularity = 'tensor'
     q.act_bits = 8.0
     if a.quant == 'fracbits':
-      q.weight_bits = float(a.bits) + 0.5
+      q.init_bits = 'budget+0.5'
       q.budget_kind = 'size'
       q.budget_uniform_bits = float(a.bits)
     else:

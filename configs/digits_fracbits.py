@@ -5,6 +5,9 @@ equal to a uniform 3-bit model whose first conv and classifier stay at 8
 bits (about 2.4x smaller than INT8); activations are 8-bit. At 80% of
 training the bits are rounded (hard assignment, global offset bisected to
 meet the budget within 1%) and frozen; the rest fine-tunes at integer bits.
+Learned bits start at the budget's uniform-equivalent bits + 0.5 and are
+trained by SGD with the weights' schedule (``bits_optimizer``), as the
+authors do; the penalty is relative to the target (``penalty_unit`` unset).
 
 Run:
   python launch.py --config=configs/digits_fracbits.py --workdir=/tmp/digits_fb
@@ -25,14 +28,14 @@ from configs import common
 def get_config(arg=None):
   a = common.parse_arg(arg, smoke=False, seed=0, bits=3.0, bitops=False)
   c = common.digits_config(a.seed)
-  # Authors: initial bits = target-equivalent bits + 0.5.
-  common.digits_quant(c, 'fracbits', weight_bits=a.bits + 0.5,
+  # Authors: initial bits = the budget's uniform-equivalent bits + 0.5,
+  # resolved from the cost model when the model is wrapped.
+  common.digits_quant(c, 'fracbits', init_bits='budget+0.5',
                       weight_bit_bounds=(2.0, 8.0), learn_weight_bits=True,
                       budget_uniform_bits=a.bits, hard_assign_fraction=0.8)
   if a.bitops:
     c.quant.budget_kind = 'bitops'
     c.quant.learn_act_bits = True
-    c.quant.act_bits = a.bits + 0.5
   if a.smoke:
     common.apply_smoke(c)
   return c

@@ -42,7 +42,7 @@ def get_config(arg=None):
   if a.quant == 'none':
     c.quant.method = 'none'
   elif a.quant == 'fracbits':
-    common.digits_quant(c, 'fracbits', weight_bits=float(a.bits) + 0.5,
+    common.digits_quant(c, 'fracbits', init_bits='budget+0.5',
                         act_bits=float(a.act_bits),
                         budget_uniform_bits=float(a.bits))
   else:

@@ -3,6 +3,9 @@
 NNCF's FracBits port: MobileNet-V2 ImageNet 71.19% (drop 0.68) at 1.53x
 over INT8; CIFAR-100 67.26% (drop 0.45) at 1.5x. Same budget form here
 (compression over the INT8 model), weights searched, activations 8-bit.
+Bits start at the budget's uniform-equivalent + 0.5 (about 3.77 + 0.5 at
+1.5x over INT8, resolved from the cost model and logged); the penalty is
+the paper's kappa = 1 per MB of weights (quant.penalty_unit=8e6).
 
 Run:
   python launch.py --config=configs/mobilenet_v2_fracbits.py \

@@ -5,6 +5,9 @@ model-size compression over INT8 (8x V100, mean of 5). This config states
 the same kind of budget (compression over the INT8 model) and the authors'
 recipe (configs/common.py: fracbits_imagenet): weights learn fractional
 bits, activations 8-bit PACT, first conv and classifier fixed at 8 bits.
+Bits start at the budget's uniform-equivalent + 0.5 (about 5.1 + 0.5 at
+1.5x over INT8, resolved from the cost model and logged) and the penalty is
+the paper's kappa = 1 per MB of weights (quant.penalty_unit=8e6).
 
 Run (start from a float ResNet-50 trained with configs/imagenet_resnet50.py
 or imported from torchvision weights):

@@ -121,3 +121,18 @@ def test_two_processes_match_one(tmp_path):
   # Both reached the same accuracy on the whole test set.
   final = lambda o: [l for l in o.splitlines() if l.startswith('final')][-1]
   assert final(out1) == final(outs[0])
+
+
+def test_fracbits_log_states_start_bits_and_bits_optimizer(tmp_path):
+  p = _launch(['--config=configs/digits_fracbits.py:smoke',
+               f'--workdir={tmp_path}', '--config.num_train_steps=1',
+               '--config.eval_every_steps=1', '--config.optimizer=adamw',
+               '--config.learning_rate=0.001',
+               '--config.bits_learning_rate=0.05'])
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == 0, out[-3000:]
+  # The smoke budget is a uniform 4-bit model: start at 4 + 0.5.
+  assert ('uniform-equivalent 4.0000 bits; learned bits start at 4.5000'
+          in out), out[-3000:]
+  assert ('Bit-widths (4 tensors): sgd, lr 0.05, momentum 0.9, no weight '
+          'decay; other parameters: adamw, lr 0.001.' in out), out[-3000:]

@@ -18,7 +18,9 @@ Methods:
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 
 import ml_collections
 from ml_collections import config_dict
@@ -35,9 +37,15 @@ def default_quant_config(method: str = 'none') -> ml_collections.ConfigDict:
   """The ``config.quant`` block, with every field and its default."""
   c = ml_collections.ConfigDict()
   c.method = method
-  # Bits: fixed integer bits (uniform) or initial bits (FracBits).
+  # Bits: fixed integer bits (uniform) or initial bits (FracBits, when
+  # init_bits is '').
   c.weight_bits = 8.0
   c.act_bits = 8.0
+  # FracBits initial bits of every learned tensor: '' takes weight_bits /
+  # act_bits as given; 'budget+D' starts at the budget's uniform-equivalent
+  # bits plus D (the authors' recipe is 'budget+0.5'), found from the cost
+  # model once the model is wrapped and clipped to the bit bounds.
+  c.init_bits = ''
   c.quantize_acts = True
   # Range methods: 'lsq', 'lsq_plus', 'minmax', 'ema_minmax', 'percentile',
   # 'dorefa' (weights), 'pact' (activations).
@@ -119,8 +127,14 @@ def default_quant_config(method: str = 'none') -> ml_collections.ConfigDict:
   return c
 
 
-def rules_from_config(c) -> list[Rule]:
-  """Rules from the flat fields of ``config.quant``."""
+def rules_from_config(c, init_bits: float | None = None) -> list[Rule]:
+  """Rules from the flat fields of ``config.quant``.
+
+  Args:
+    c: the ``config.quant`` block.
+    init_bits: when given, the initial bits of every learned tensor (clipped
+      to its bounds) instead of ``weight_bits`` / ``act_bits``.
+  """
   if c.method not in METHODS:
     raise ValueError(f'config.quant.method={c.method!r} is unknown; choose '
                      f'one of {METHODS}.')
@@ -157,16 +171,21 @@ def rules_from_config(c) -> list[Rule]:
           f'{w_bounds[0]:g} bits but weight_bit_bounds={c.weight_bit_bounds};'
           ' lower clusters, raise the upper bound or set '
           'cluster_min_bits=False.')
+  w_start = (c.weight_bits if init_bits is None else
+             min(max(init_bits, w_bounds[0]), w_bounds[1]))
   weight = TensorSpec(
-      bits=c.weight_bits if w_learn else _int_bits(c.weight_bits, 'weight'),
+      bits=w_start if w_learn else _int_bits(c.weight_bits, 'weight'),
       learn_bits=w_learn, bit_bounds=w_bounds,
       bits_per_channel=bool(c.bits_per_channel) and w_learn,
       range_method=c.weight_range, granularity=c.weight_granularity)
   act = None
   if c.quantize_acts:
+    a_bounds = tuple(c.act_bit_bounds)
+    a_start = (c.act_bits if init_bits is None else
+               min(max(init_bits, a_bounds[0]), a_bounds[1]))
     act = TensorSpec(
-        bits=c.act_bits if a_learn else _int_bits(c.act_bits, 'act'),
-        learn_bits=a_learn, bit_bounds=tuple(c.act_bit_bounds),
+        bits=a_start if a_learn else _int_bits(c.act_bits, 'act'),
+        learn_bits=a_learn, bit_bounds=a_bounds,
         range_method=c.act_range, granularity=c.act_granularity)
   rules.append(Rule(module_path='.*', weight=weight, act=act, name='default'))
   return rules
@@ -239,8 +258,59 @@ def build_hawq(quant_cfg, module, sample_x, float_variables, batches):
   return qm
 
 
+def init_bits_offset(c) -> float | None:
+  """The offset of ``config.quant.init_bits = 'budget+D'`` (``None`` for '').
+
+  Raises:
+    ValueError: if ``init_bits`` is neither '' nor ``'budget'`` plus an
+      optional signed number.
+  """
+  text = str(c.init_bits or '').replace(' ', '')
+  if not text:
+    return None
+  match = re.fullmatch(r'budget(?:([+-](?:\d+\.?\d*|\.\d+)))?', text)
+  if match is None:
+    raise ValueError(
+        f'config.quant.init_bits={c.init_bits!r} is not understood; use '
+        "'' (start at weight_bits/act_bits) or 'budget+D' (the budget's "
+        "uniform-equivalent bits plus D, e.g. 'budget+0.5').")
+  return float(match.group(1) or 0.0)
+
+
+def _uniform_equivalent_bits(cost_model: cost_lib.CostModel,
+                             target: float) -> float:
+  """The bits ``k`` at which every learned tensor costs ``target`` in total
+  (``cost_model.uniform_cost(k) == target``, fixed layers as fixed)."""
+  lo, hi = 0.0, 16.0
+  # uniform_cost grows with k (linearly for size, quadratically for BitOPs
+  # with learned activations), so bracket the target, then bisect.
+  while cost_model.uniform_cost(hi) < target:
+    hi *= 2
+    if hi > 1024:
+      raise ValueError(
+          f'The budget target {target:,.0f} is above the cost of every '
+          'learned tensor at 1024 bits; state a smaller budget.')
+  if cost_model.uniform_cost(lo) > target:
+    raise ValueError(
+        f'The budget target {target:,.0f} is below the cost of the fixed '
+        'layers alone; ask for less compression or fix fewer layers.')
+  for _ in range(60):
+    mid = 0.5 * (lo + hi)
+    if cost_model.uniform_cost(mid) < target:
+      lo = mid
+    else:
+      hi = mid
+  return 0.5 * (lo + hi)
+
+
 def build(quant_cfg, module, sample_x, config=None, total_steps=None):
-  """The ``ModelWrapper`` for ``config.quant`` (uniform QAT or FracBits)."""
+  """The ``ModelWrapper`` for ``config.quant`` (uniform QAT or FracBits).
+
+  With ``quant_cfg.init_bits = 'budget+D'`` (FracBits) the model is wrapped
+  once to measure its cost model, then the learned tensors start at the
+  budget's uniform-equivalent bits plus ``D``; the wrapper records both in
+  ``init_bits_info``.
+  """
   from fracq.methods import preserve as preserve_lib
   from fracq.methods.qat import QATModel
   if quant_cfg.method == 'hawq' or (quant_cfg.method == 'none' and
@@ -248,10 +318,10 @@ def build(quant_cfg, module, sample_x, config=None, total_steps=None):
     raise ValueError("build() is for uniform/FracBits (and float pruning or "
                      "clustering); method='none' is the plain float model and "
                      "'hawq' needs build_hawq().")
-  rules = rules_from_config(quant_cfg)
-  return QATModel(
-      module, rules, sample_x,
-      budget=budget_from_config(quant_cfg),
+  offset = init_bits_offset(quant_cfg)
+  if quant_cfg.method != 'fracbits':
+    offset = None
+  kwargs = dict(
       cost_kind=quant_cfg.budget_kind,
       penalty=penalty_from_config(quant_cfg),
       hard_assign_step=hard_assign_step_from_config(quant_cfg, total_steps),
@@ -259,3 +329,24 @@ def build(quant_cfg, module, sample_x, config=None, total_steps=None):
       call_kwargs={'train': False}, on_unused=quant_cfg.on_unused,
       kernel_transform=preserve_lib.transform_from_config(quant_cfg,
                                                           total_steps))
+  # Where the bits start does not matter for the first wrap; clipping them
+  # to the bounds keeps an unused weight_bits from failing validation.
+  probe_bits = None if offset is None else float(quant_cfg.weight_bits)
+  qm = QATModel(module, rules_from_config(quant_cfg, init_bits=probe_bits),
+                sample_x, budget=budget_from_config(quant_cfg), **kwargs)
+  if offset is None or not qm.learns_bits:
+    return qm
+  equivalent = _uniform_equivalent_bits(qm.cost_model, qm.target)
+  start = equivalent + offset
+  # The cost model depends on which tensors learn bits and on their bounds,
+  # not on where they start, so the re-wrapped model reuses its analysis.
+  qm = QATModel(module, rules_from_config(quant_cfg, init_bits=start), None,
+                _shared=(qm.facts, qm.cost_model, qm.target, qm.budget,
+                         qm.signs), **kwargs)
+  qm.init_bits_info = {'uniform_equivalent_bits': equivalent,
+                       'init_bits': start}
+  logging.info('FracBits budget: %s target %.6g = uniform-equivalent %.4f '
+               'bits; learned bits start at %.4f (init_bits=%r).',
+               quant_cfg.budget_kind, qm.target, equivalent, start,
+               quant_cfg.init_bits)
+  return qm
