@@ -312,3 +312,18 @@ def test_uniform_equivalent_bits_inverts_uniform_cost(kind):
   fixed_only = C.CostModel(LAYERS[:1], kind)
   with pytest.raises(ValueError, match='No learned bit-width'):
     fixed_only.uniform_equivalent_bits(1e6)
+
+
+def test_hard_assignment_does_not_take_the_cost_just_above():
+  # Plain rounding (4 + 4 bits = 800) is 0.1% above a 799 target: within the
+  # old +-1% but over the budget. One offset drops the 3.6 layer to 3 bits.
+  layers = [C.LayerCost(f'l{i}', numel=100, macs=100, out_channels=1,
+                        weight=LEARN, act=FIX8) for i in range(2)]
+  m = C.CostModel(layers, 'size')
+  q = {'l0': {'kernel_bits': jnp.array(3.6)},
+       'l1': {'kernel_bits': jnp.array(4.4)}}
+  res = P.hard_assign(q, m, 799.0)
+  assert res.cost == 700.0 and res.delta < 0
+  assert float(res.quant['l0']['kernel_bits']) == 3.0
+  assert float(res.quant['l1']['kernel_bits']) == 4.0
+  assert not res.within_tolerance and 'could not land' in res.message
