@@ -4,7 +4,7 @@ Every conv learns a fractional weight bit-width under a model-size budget
 equal to a uniform 3-bit model whose first conv and classifier stay at 8
 bits (about 2.4x smaller than INT8); activations are 8-bit. At 80% of
 training the bits are rounded (hard assignment, global offset bisected to
-meet the budget within 1%) and frozen; the rest fine-tunes at integer bits.
+come as close to the budget as possible without exceeding it) and frozen; the rest fine-tunes at integer bits.
 Learned bits start at the budget's uniform-equivalent bits + 0.5 and are
 trained by SGD with the weights' schedule (``bits_optimizer``), as the
 authors do; the penalty is relative to the target (``penalty_unit`` unset).

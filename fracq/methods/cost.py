@@ -13,8 +13,14 @@ arXiv 2007.02017, section 3.2):
 Only layers with quantized kernels enter the cost. Bit-widths are read from
 the ``quant`` collection (``kernel_bits`` / ``input_bits``) for learned
 tensors and from the rule for fixed ones; learned bits are clamped to their
-bounds exactly as the quantizer clamps them, so the cost describes the model
-that actually runs.
+bounds by the quantizer's own :func:`fracq.core.fracbits.clamp_bits` (a
+bit-width past a bound costs the bound, and the penalty gradient still leads
+back inside), so the cost describes the model that actually runs. Below the
+smallest non-zero grid (2 bits signed, 1 unsigned) the quantizer mixes the
+pruned branch with weight ``b / m``, which the cost, linear in ``b``, counts
+exactly. The integer (``hard``) cost rounds with the quantizer's rule
+(:func:`fracq.core.fracbits.round_bits`): a signed bit-width never rounds to
+1.
 
 Budgets can be stated three ways (:class:`Budget`): an absolute cost, a
 compression rate over the INT8 model, or the cost of an equivalent uniform
@@ -31,17 +37,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fracq.core import fracbits
+
 FLOAT_BITS = 32
 KINDS = ('size', 'bitops')
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorBits:
-  """The bit-width of one tensor: a fixed number or a learned variable."""
+  """The bit-width of one tensor: a fixed number or a learned variable.
+
+  ``min_nonzero_bits`` tells how learned bits round to integers, as the
+  quantizer does: 2 for a signed symmetric grid (no 1-bit width: its integer
+  bit-widths are ``{0, 2, 3, ...}``), 1 for unsigned and DoReFa grids.
+  """
 
   fixed: float | None = None          # fixed bits; None when learned
   bounds: tuple[float, float] = (2.0, 8.0)
   per_channel: bool = False
+  min_nonzero_bits: int = 1
 
   @property
   def learned(self) -> bool:
@@ -72,8 +86,11 @@ def _bits_value(tb: TensorBits, quant, path, name, hard: bool):
     return jnp.asarray(tb.fixed, jnp.float32)
   b = _lookup(quant, path, name).astype(jnp.float32)
   lo, hi = tb.bounds
-  b = jnp.clip(b, lo, hi)
-  return jnp.round(b) if hard else b
+  if hard:
+    return fracbits.round_bits_with_offset(
+        b, 0.0, lo, hi, min_nonzero_bits=tb.min_nonzero_bits)
+  # The quantizer's clamp: past a bound the gradient still points back in.
+  return fracbits.clamp_bits(b, jnp.float32(lo), jnp.float32(hi))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,13 +144,29 @@ class CostModel:
     for l in self.layers:
       bw = _bits_value(l.weight, quant, l.path, 'kernel_bits', hard)
       ba = _bits_value(l.act, quant, l.path, 'input_bits', hard)
+      w_mean = jnp.mean(bw) if bw.ndim else bw
       if self.kind == 'size':
-        w_mean = jnp.mean(bw) if bw.ndim else bw
         out[l.path] = l.numel * w_mean
       else:
-        w_mean = jnp.mean(bw) if bw.ndim else bw
         out[l.path] = l.macs * w_mean * ba
     return out
+
+  def integer_cost(self, quant) -> float:
+    """The ``hard`` cost on the host in float64 (exact for integer bits).
+
+    Hard assignment compares it with the budget: float32 sums of costs in
+    the millions round by several units, enough to pass a budget they
+    exceed.
+    """
+    total = 0.0
+    for l in self.layers:
+      bw = np.asarray(_bits_value(l.weight, quant, l.path, 'kernel_bits',
+                                  True), np.float64)
+      ba = float(_bits_value(l.act, quant, l.path, 'input_bits', True))
+      w_mean = float(bw.mean())
+      total += (l.numel * w_mean if self.kind == 'size' else
+                l.macs * w_mean * ba)
+    return total
 
   def cost(self, quant, *, hard: bool = False) -> jax.Array:
     """Total cost (bits or BitOPs); ``hard`` rounds learned bits."""
@@ -152,6 +185,37 @@ class CostModel:
     w = lambda l: k if l.weight.learned else l.weight.fixed
     a = lambda l: k if l.act.learned else l.act.fixed
     return self._const_cost(w, a)
+
+  def uniform_equivalent_bits(self, target: float) -> float:
+    """The uniform bit-width whose :meth:`uniform_cost` equals ``target``.
+
+    The real ``k`` with every learned tensor at ``k`` bits and fixed ones as
+    fixed (the inverse of :meth:`uniform_cost`; not clipped to the bit
+    bounds). The cost is ``c0 + c1 k + c2 k^2`` with non-negative
+    coefficients (``c2`` from BitOPs layers whose weights and activations are
+    both learned), increasing for ``k >= 0``: the non-negative root is
+    unique.
+
+    Raises:
+      ValueError: if no tensor is learned, or ``target`` is below the cost
+        of the fixed tensors alone (``k = 0``).
+    """
+    c0 = self.uniform_cost(0.0)
+    c1_plus_c2 = self.uniform_cost(1.0) - c0
+    c2 = 0.5 * (self.uniform_cost(2.0) - 2 * self.uniform_cost(1.0) + c0)
+    c1 = c1_plus_c2 - c2
+    unit = 'bits' if self.kind == 'size' else 'BitOPs'
+    if c1 <= 0 and c2 <= 0:
+      raise ValueError('No learned bit-width in the cost model: every '
+                       'uniform bit-width costs the same.')
+    rest = float(target) - c0
+    if rest < 0:
+      raise ValueError(
+          f'target {target:,.0f} {unit} is below the cost of the fixed '
+          f'tensors alone ({c0:,.0f} {unit}, learned ones at 0 bits): no '
+          'uniform bit-width reaches it.')
+    # Root of c2 k^2 + c1 k - rest in the form that stays exact when c2 = 0.
+    return float(2.0 * rest / (c1 + np.sqrt(c1 * c1 + 4.0 * c2 * rest)))
 
   def int8_cost(self) -> float:
     """Cost of the INT8 model: every quantized tensor at 8 bits (float
@@ -172,7 +236,10 @@ class CostModel:
 
     Raises:
       ValueError: if the target cannot be met even with every learned
-        bit-width at its lower bound, or the budget's kind differs.
+        bit-width at its lower bound, cannot be reached even with every
+        learned bit-width at its upper bound (the penalty would push the
+        bits up against their bounds and never hold them at the target), or
+        the budget's kind differs.
     """
     if budget.kind != self.kind:
       raise ValueError(f'Budget kind {budget.kind!r} does not match the '
@@ -192,9 +259,17 @@ class CostModel:
           'its lower bound, fixed layers as fixed). Lower the bit bounds '
           '(TensorSpec.bit_bounds), quantize more layers, or ask for less '
           f'compression (at most {self.int8_cost() / lo:.2f}x over INT8).')
-    if target > hi:
-      # Not an error: the penalty simply never binds from above.
-      pass
+    if target > hi * (1 + 1e-9):
+      uniform = (f'{self.uniform_equivalent_bits(hi):.2f} uniform bits, '
+                 if hi > lo else '')
+      raise ValueError(
+          f'Unreachable budget: target {target:,.0f} {unit} is above the '
+          f'maximum reachable {hi:,.0f} {unit} (every learned bit-width at '
+          'its upper bound, fixed layers as fixed): the bits would pile up '
+          'at their upper bounds. Raise the upper bit bound (b_max in '
+          'TensorSpec.bit_bounds), or lower the budget (at most '
+          f'{hi:,.0f} {unit}, {uniform}or at least '
+          f'{self.int8_cost() / hi:.2f}x compression over INT8).')
     return target
 
   def describe(self, quant, *, hard: bool = False) -> dict[str, float]:
@@ -238,8 +313,21 @@ def format_bits_table(rows: list[dict], kind: str) -> str:
   return '\n'.join(lines)
 
 
-def layer_costs_from_facts(facts, rules) -> list[LayerCost]:
-  """Builds cost records from interceptor facts and the rules that matched."""
+def layer_costs_from_facts(facts, rules,
+                           signs: Mapping[str, bool] | None = None
+                           ) -> list[LayerCost]:
+  """Builds cost records from interceptor facts and the rules that matched.
+
+  Args:
+    facts: interceptor facts keyed by layer path.
+    rules: the rules the facts' ``rule_index`` refer to.
+    signs: whether each layer's input is signed (as the QAT provider decides
+      it); missing layers count as signed. Kernels are signed unless their
+      TensorSpec says ``signed=False``. Signed grids round learned bits
+      without the 1-bit width, except DoReFa's, whose 1-bit grid is
+      ``{-1, 1}``.
+  """
+  signs = {} if signs is None else signs
   out = []
   for f in facts.values():
     if not f.weight_quantized:
@@ -247,18 +335,20 @@ def layer_costs_from_facts(facts, rules) -> list[LayerCost]:
     rule = rules[f.rule_index]
     w, a = rule.weight, rule.act
 
-    def tb(spec):
+    def tb(spec, default_signed):
       if spec is None:
         return TensorBits(fixed=float(FLOAT_BITS), bounds=(32.0, 32.0))
-      if spec.learn_bits:
-        return TensorBits(fixed=None, bounds=tuple(map(float,
-                                                       spec.bit_bounds)),
-                          per_channel=spec.bits_per_channel)
-      return TensorBits(fixed=float(spec.bits),
-                        bounds=(float(spec.bits),) * 2)
+      signed = default_signed if spec.signed is None else bool(spec.signed)
+      if not spec.learn_bits:
+        return TensorBits(fixed=float(spec.bits),
+                          bounds=(float(spec.bits),) * 2)
+      symmetric_grid = signed and spec.range_method != 'dorefa'
+      return TensorBits(fixed=None, bounds=tuple(map(float, spec.bit_bounds)),
+                        per_channel=spec.bits_per_channel,
+                        min_nonzero_bits=2 if symmetric_grid else 1)
 
     out.append(LayerCost(path=f.path, numel=f.numel, macs=f.macs,
-                         out_channels=f.out_channels, weight=tb(w),
-                         act=tb(a)))
+                         out_channels=f.out_channels, weight=tb(w, True),
+                         act=tb(a, bool(signs.get(f.path, True)))))
   return out
 

@@ -18,8 +18,12 @@ schedule (the target moves from the initial cost to the final target over
 ``schedule_steps``), both functions of the traced step.
 
 Hard assignment (FracBits section 3.3): find a global offset ``delta`` by
-bisection such that the cost of ``round(b + delta)`` is within 1% of the
-target, then freeze the integer bits.
+bisection such that the cost of ``round(b + delta)`` does not exceed the
+target and is as close below it as one offset can get (the authors accept
++-1%; here the budget is a hard limit, as in the HAWQ ILP), then freeze the
+integer bits. Rounding follows the quantizer
+(:func:`fracq.core.fracbits.round_bits_with_offset`): signed bit-widths
+never round to 1.
 """
 
 from __future__ import annotations
@@ -30,8 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
+from fracq.core import fracbits
 from fracq.methods import cost as cost_lib
 
 FORMS = ('abs', 'nncf', 'hinge', 'l2')
@@ -113,9 +116,9 @@ def _rounded_bits(quant, model: cost_lib.CostModel, delta: float):
       for part in l.path.split('/'):
         node = node[part]
       lo, hi = tb.bounds
-      b = jnp.clip(node[name], lo, hi)
-      node[name] = jnp.clip(jnp.round(b + delta), np.ceil(lo),
-                            np.floor(hi)).astype(node[name].dtype)
+      node[name] = fracbits.round_bits_with_offset(
+          node[name], delta, lo, hi,
+          min_nonzero_bits=tb.min_nonzero_bits).astype(node[name].dtype)
   return quant
 
 
@@ -136,45 +139,71 @@ def hard_assign(quant, model: cost_lib.CostModel, target: float, *,
                 ) -> HardAssignment:
   """Rounds learned bits with a global offset so the cost meets the target.
 
-  Bisects ``delta`` (cost is non-decreasing in it) for the largest offset
-  whose rounded cost does not exceed ``target * (1 + tolerance)``. Starting
-  at ``delta = 0``: if plain rounding is already within tolerance it is kept
-  (so a second call on rounded bits changes nothing). When no offset lands
-  within tolerance — the rounding steps of the largest layers are coarser than
-  the tolerance — the closest cost not above the target is taken and the
-  message says why.
+  The integer cost never exceeds ``target``. Bisects ``delta`` (the cost is
+  non-decreasing in it) for the largest offset whose rounded cost is
+  ``<= target``, i.e. the closest cost from below that one global offset
+  reaches. Starting at ``delta = 0``: if plain rounding is already within
+  ``[target * (1 - tolerance), target]`` it is kept (so a second call on
+  rounded bits changes nothing). ``tolerance`` is only the "close enough
+  from below" criterion: when the best offset stays further below the
+  target — the rounding steps of the largest layers are coarser than the
+  tolerance — the assignment is still returned, ``within_tolerance`` is
+  False and the message says why.
+
+  Raises:
+    ValueError: if even every learned bit-width at its smallest integer
+      bound costs more than ``target``.
 
   Returns:
     A :class:`HardAssignment` with the rounded ``quant`` collection.
   """
-  def c(delta):
-    return float(model.cost(_rounded_bits(quant, model, delta), hard=True))
+  target = float(target)
 
-  lo_t, hi_t = target * (1 - tolerance), target * (1 + tolerance)
+  def c(delta):
+    return model.integer_cost(_rounded_bits(quant, model, delta))
+
+  lo_t = target * (1 - tolerance)
   c0 = c(0.0)
-  if lo_t <= c0 <= hi_t:
+  if lo_t <= c0 <= target:
     best = 0.0
   else:
     span = max(max(l.weight.bounds[1] - l.weight.bounds[0],
                    l.act.bounds[1] - l.act.bounds[0]) for l in model.layers)
+    # At these offsets every learned bit-width sits at its smallest /
+    # largest integer bound.
     lo, hi = -span - 1.0, span + 1.0
-    # Invariant: c(lo) <= hi_t (or lo is the bottom), c(hi) > hi_t.
-    for _ in range(iterations):
-      mid = 0.5 * (lo + hi)
-      if c(mid) <= hi_t:
-        lo = mid
-      else:
-        hi = mid
+    c_min = c(lo)
+    if c_min > target:
+      unit = 'bits' if model.kind == 'size' else 'BitOPs'
+      raise ValueError(
+          f'Hard assignment cannot meet the target {target:,.0f} {unit}: with '
+          'every learned bit-width at its smallest integer bound the cost is '
+          f'already {c_min:,.0f} {unit}. Lower the bit bounds '
+          '(TensorSpec.bit_bounds; a fractional lower bound rounds up) or '
+          'raise the budget.')
+    if c(hi) <= target:
+      lo = hi
+    else:
+      # Invariant: c(lo) <= target < c(hi).
+      for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if c(mid) <= target:
+          lo = mid
+        else:
+          hi = mid
     best = lo
+    # Plain rounding wins ties (and keeps a repeated call a no-op).
+    if c0 <= target and c0 >= c(best):
+      best = 0.0
   final = _rounded_bits(quant, model, best)
-  cost = float(model.cost(final, hard=True))
-  ok = lo_t <= cost <= hi_t
+  cost = model.integer_cost(final)
+  ok = cost >= lo_t
   if ok:
     msg = (f'hard assignment: delta={best:+.3f}, integer cost {cost:,.0f} '
            f'is {100 * (cost / target - 1):+.2f}% from the target '
            f'{target:,.0f}.')
   else:
-    msg = (f'hard assignment could not land within {tolerance:.0%} of the '
+    msg = (f'hard assignment could not land within {tolerance:.0%} below the '
            f'target {target:,.0f}: the closest integer cost not above it is '
            f'{cost:,.0f} ({100 * (cost / target - 1):+.2f}%), delta='
            f'{best:+.3f}. Rounding changes whole layers at once; a layer '

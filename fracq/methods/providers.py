@@ -204,7 +204,9 @@ class QATProvider:
     else:
       # One shared range for both branches: LSQ's step at the initial bits,
       # times its level count, so the initial quantizer is LSQ's.
-      qmax0 = _levels(init_bits, signed)
+      # (At least one level: below 2 signed / 1 unsigned bits the initial
+      # grid mixes in the pruned branch, whose range is the next grid's.)
+      qmax0 = max(_levels(init_bits, signed), 1.0)
 
       def range_init():
         if m == 'pact' or (not signed and m != 'lsq'):
@@ -218,7 +220,8 @@ class QATProvider:
       if self.hard:
         branch = (core.symmetric_range_branch if signed else
                   core.unsigned_range_branch)
-        return core.hard_quantize(x, b, lambda xx, k: branch(xx, r, k))
+        return core.hard_quantize(x, b, lambda xx, k: branch(xx, r, k),
+                                  min_nonzero_bits=2 if signed else 1)
       return core.fractional_range_quantize(
           x, r, b, signed=signed, b_min=lo_b, b_max=hi_b,
           allow_zero_bit=lo_b < 1)

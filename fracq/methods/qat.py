@@ -95,7 +95,8 @@ class QATModel:
     self.qmodule.check_unused(self.facts)
     self.budget = budget
     kind = cost_kind or (budget.kind if budget is not None else 'size')
-    layers = cost_lib.layer_costs_from_facts(self.facts, self.rules)
+    layers = cost_lib.layer_costs_from_facts(self.facts, self.rules,
+                                             signs=self.signs)
     self.cost_model = cost_lib.CostModel(layers, kind) if layers else None
     learns = self.learns_bits
     if learns and budget is None:

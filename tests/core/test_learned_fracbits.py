@@ -152,11 +152,15 @@ def test_clamp_bits_gradient_at_and_beyond_bounds():
 
 def test_zero_bit_branch_prunes():
   w = jnp.linspace(-1, 1, 9)
+  # Signed symmetric grids: the smallest non-zero one is ternary (2 bits),
+  # so 0.25 bits is 0.25 / 2 of it.
   out = core.fractional_quantize(w, 0.25, _branch(1.0), b_min=0.0,
-                                 allow_zero_bit=True)
-  np.testing.assert_allclose(out, 0.25 * core.symmetric_range_branch(
-      w, 1.0, 1.0), atol=1e-7)
-  np.testing.assert_array_equal(core.hard_quantize(w, 0.0, _branch(1.0)), 0)
+                                 allow_zero_bit=True, min_nonzero_bits=2)
+  np.testing.assert_allclose(out, 0.125 * core.symmetric_range_branch(
+      w, 1.0, 2.0), atol=1e-7)
+  assert float(jnp.max(jnp.abs(out))) == 0.125
+  np.testing.assert_array_equal(
+      core.hard_quantize(w, 0.0, _branch(1.0), min_nonzero_bits=2), 0)
   with pytest.raises(ValueError, match='allow_zero_bit'):
     core.fractional_quantize(w, 0.5, _branch(1.0), b_min=0.0)
 
