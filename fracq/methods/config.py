@@ -277,32 +277,6 @@ def init_bits_offset(c) -> float | None:
   return float(match.group(1) or 0.0)
 
 
-def _uniform_equivalent_bits(cost_model: cost_lib.CostModel,
-                             target: float) -> float:
-  """The bits ``k`` at which every learned tensor costs ``target`` in total
-  (``cost_model.uniform_cost(k) == target``, fixed layers as fixed)."""
-  lo, hi = 0.0, 16.0
-  # uniform_cost grows with k (linearly for size, quadratically for BitOPs
-  # with learned activations), so bracket the target, then bisect.
-  while cost_model.uniform_cost(hi) < target:
-    hi *= 2
-    if hi > 1024:
-      raise ValueError(
-          f'The budget target {target:,.0f} is above the cost of every '
-          'learned tensor at 1024 bits; state a smaller budget.')
-  if cost_model.uniform_cost(lo) > target:
-    raise ValueError(
-        f'The budget target {target:,.0f} is below the cost of the fixed '
-        'layers alone; ask for less compression or fix fewer layers.')
-  for _ in range(60):
-    mid = 0.5 * (lo + hi)
-    if cost_model.uniform_cost(mid) < target:
-      lo = mid
-    else:
-      hi = mid
-  return 0.5 * (lo + hi)
-
-
 def build(quant_cfg, module, sample_x, config=None, total_steps=None):
   """The ``ModelWrapper`` for ``config.quant`` (uniform QAT or FracBits).
 
@@ -336,7 +310,7 @@ def build(quant_cfg, module, sample_x, config=None, total_steps=None):
                 sample_x, budget=budget_from_config(quant_cfg), **kwargs)
   if offset is None or not qm.learns_bits:
     return qm
-  equivalent = _uniform_equivalent_bits(qm.cost_model, qm.target)
+  equivalent = qm.cost_model.uniform_equivalent_bits(qm.target)
   start = equivalent + offset
   # The cost model depends on which tensors learn bits and on their bounds,
   # not on where they start, so the re-wrapped model reuses its analysis.

@@ -116,7 +116,7 @@ def test_uniform_equivalent_of_bitops_with_learned_acts():
             cost_lib.LayerCost('b', 1, 50, 1, learned, learned)]
   model = cost_lib.CostModel(layers, 'bitops')
   target = 6400 + 50 * 3.3 ** 2
-  assert methods_config._uniform_equivalent_bits(model, target) == (
+  assert model.uniform_equivalent_bits(target) == (
       pytest.approx(3.3, abs=1e-9))
 
 
