@@ -50,6 +50,7 @@ class UsageError(Exception):
 
 
 def _fail(message: str, code: int) -> None:
+  sys.stdout.flush()
   sys.stderr.flush()
   print(f'launch.py: error: {message}', file=sys.stderr, flush=True)
   # Skip interpreter teardown: background threads of half-started libraries

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -158,14 +159,48 @@ def manager(workdir: str, config) -> ocp.CheckpointManager:
       os.path.abspath(os.path.join(workdir, 'checkpoints')), options=opts)
 
 
+def _canonical_leaves(tree) -> dict[str, Any]:
+  """``tree``'s leaves by a path that survives a save/restore round trip.
+
+  Attribute, field and dict keys all become names (orbax stores dataclasses
+  and named tuples as dicts), and a sequence index becomes the rank among
+  the siblings that hold arrays: an optimizer chain that gains or loses a
+  stateless link (``grad_clip_norm`` switched on) keeps its paths.
+  """
+  def entry(key):
+    if isinstance(key, jax.tree_util.SequenceKey):
+      return ('i', key.idx)
+    for attr in ('key', 'name'):
+      if hasattr(key, attr):
+        return ('k', str(getattr(key, attr)))
+    return ('k', str(key))
+
+  leaves = [([entry(k) for k in path], leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+  siblings = {}
+  for path, _ in leaves:
+    for j, (kind, value) in enumerate(path):
+      if kind == 'i':
+        siblings.setdefault(tuple(path[:j]), set()).add(value)
+  ranks = {prefix: sorted(idx) for prefix, idx in siblings.items()}
+  out = {}
+  for path, leaf in leaves:
+    parts = []
+    for j, (kind, value) in enumerate(path):
+      parts.append(str(ranks[tuple(path[:j])].index(value)) if kind == 'i'
+                   else value)
+    out['/'.join(parts)] = leaf
+  return out
+
+
 def digests(tree) -> dict[str, str]:
   """SHA-256 of each array of ``tree`` (dtype, shape and bytes), by path."""
   out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+  for path, leaf in _canonical_leaves(tree).items():
     host = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
     h = hashlib.sha256(f'{host.dtype.str}{host.shape}'.encode())
     h.update(host.tobytes())
-    out[jax.tree_util.keystr(path)] = h.hexdigest()
+    out[path] = h.hexdigest()
   return out
 
 
@@ -204,8 +239,7 @@ def restore_latest(mngr: ocp.CheckpointManager, template, workdir=None):
   reasons = []
   for step in steps:
     try:
-      restored = mngr.restore(step, args=ocp.args.StandardRestore(template))
-      _verify(mngr, step, restored)
+      restored = _restore_into(mngr, step, template)
     except Exception as e:  # pylint: disable=broad-except
       reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
       reasons.append((step, reason[:300]))
@@ -224,6 +258,40 @@ def restore_latest(mngr: ocp.CheckpointManager, template, workdir=None):
       'They are corrupt or were written by a different model. Use another '
       '--workdir, or pass --config.overwrite=True to move this run\'s outputs '
       'into <workdir>/previous-<time>/ and start over.')
+
+
+def _restore_into(mngr, step: int, template):
+  """Checkpoint ``step`` restored, checksum-verified, in ``template``'s
+  structure; a saved tree whose structure differs only by stateless links
+  (see ``_canonical_leaves``) is mapped over leaf by leaf."""
+  try:
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(template))
+  except ValueError as e:
+    if 'structures do not match' not in str(e):
+      raise
+  else:
+    _verify(mngr, step, restored)
+    return restored
+  meta = mngr.item_metadata(step)
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  raw = mngr.restore(step, args=ocp.args.StandardRestore(
+      jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
+          meta)))
+  _verify(mngr, step, raw)
+  saved = _canonical_leaves(raw)
+  wanted = _canonical_leaves(template)
+  bad = sorted(k for k in set(saved) | set(wanted)
+               if k not in saved or k not in wanted or
+               saved[k].shape != wanted[k].shape or
+               saved[k].dtype != wanted[k].dtype)
+  if bad:
+    raise CheckpointError(
+        f'the saved state does not fit this configuration\'s model and '
+        f'optimizer (paths {bad[:5]} differ)')
+  leaves = [saved[k] for k in wanted]
+  return jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(template), leaves)
 
 
 def _move_aside(mngr, steps, workdir) -> None:
