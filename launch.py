@@ -93,8 +93,8 @@ def _unknown_key(config, dotted: str) -> str | None:
     if part not in keys:
       where = '.'.join(seen)
       close = difflib.get_close_matches(part, keys, n=3, cutoff=0.6)
-      hint = (f'; did you mean {" or ".join(".".join(seen + [k]) for k in close)}?'
-              if close else
+      names = ' or '.join('.'.join(seen + [k]) for k in close)
+      hint = (f'; did you mean {names}?' if close else
               f'; the fields{" of " + where if where else ""} are: '
               f'{", ".join(sorted(keys))}.')
       return f'unknown config key {dotted}{hint}'
@@ -127,6 +127,11 @@ def _parse_flags(argv):
     _fail(str(e), 2)
   except flags.Error as e:
     _fail(str(e), 2)
+  except (AttributeError, KeyError, TypeError) as e:
+    # A --config.* override that the pre-check could not see (e.g. from a
+    # --flagfile) and ml_collections rejected.
+    _fail(f'bad --config override ({type(e).__name__}: {e}); check the key '
+          'names against the config file.', 2)
 
 
 def distributed_args(coord, nproc, pid, env=None):

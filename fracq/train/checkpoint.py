@@ -147,7 +147,8 @@ def check_workdir(config, workdir: str) -> list[str]:
       json.dump(new, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('fracq_check_workdir')
   return changed
 
@@ -306,7 +307,8 @@ def _move_aside(mngr, steps, workdir) -> None:
       logging.warning('Moved the unusable checkpoint at step %d to %s.',
                       step, target)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('fracq_move_corrupt')
   mngr.reload()
 

@@ -159,5 +159,6 @@ def test_tfds_read_error_reports_the_real_cause(tmp_path, monkeypatch):
   from fracq.data import tfds_data
   with pytest.raises(data_lib.DatasetError,
                      match='PermissionError: cannot read shard 3') as err:
-    tfds_data._load('cifar10', 'train', str(tmp_path))  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    tfds_data._load('cifar10', 'train', str(tmp_path))
   assert 'tfds build' not in str(err.value)
