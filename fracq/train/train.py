@@ -298,6 +298,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ConfigError(f'config.batch_size={config.batch_size} and '
                       f'eval_batch_size={config.eval_batch_size} must divide '
                       f'by the {n_dev} devices.')
+  # Reading the first batch before the workdir is touched: a missing or
+  # unreadable dataset leaves no half-made workdir behind.
+  first = next(data_lib.train_iterator(config, 0))
   changed = ckpt_lib.check_workdir(config, workdir)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
@@ -306,7 +309,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if isinstance(v, (int, float, str, bool))})
     mngr = ckpt_lib.manager(workdir, config)
-    return _run(config, workdir, mesh, writer, mngr, changed)
+    return _run(config, workdir, mesh, writer, mngr, changed, first)
   finally:
     # Close orbax's background threads and the event writer whatever
     # happened, so an error is the last thing printed (not interpreter
@@ -318,14 +321,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
 
 
-def _run(config, workdir, mesh, writer, mngr, changed) -> dict:
+def _run(config, workdir, mesh, writer, mngr, changed, first) -> dict:
   """The body of :func:`train_and_evaluate` (writers and manager open)."""
   from clu import metrics as clu_metrics
   from clu import periodic_actions
 
   total = total_steps(config)
   module = build_module(config)
-  first = next(data_lib.train_iterator(config, 0))
   wrapper = mw.build_model_wrapper(config, module, first['image'][:1],
                                    total_steps=total)
   rng = jax.random.key(config.seed)

@@ -124,6 +124,7 @@ def test_missing_dataset_message(tmp_path):
   c.data_dir = str(tmp_path)
   with pytest.raises(ValueError, match='tfds build cifar10'):
     tr.train_and_evaluate(c, str(tmp_path / 'wd'))
+  assert not os.path.exists(tmp_path / 'wd'), 'no half-made workdir'
   c = get_config('imagenet_resnet50')
   c.data_dir = str(tmp_path)
   with pytest.raises(ValueError, match='downloads/manual'):
