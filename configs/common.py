@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.export = False
   # Fault injection for tests: the loss of this step becomes NaN (-1: off).
   c.debug_nan_at_step = -1
+  # Comma-separated optimisation/schedule keys allowed to differ from the
+  # saved configuration when a run resumes (e.g. 'learning_rate').
+  c.resume_changes = ''
   c.quant = default_quant_config('none')
   return c
 

@@ -136,3 +136,64 @@ def test_fracbits_log_states_start_bits_and_bits_optimizer(tmp_path):
           in out), out[-3000:]
   assert ('Bit-widths (4 tensors): sgd, lr 0.05, momentum 0.9, no weight '
           'decay; other parameters: adamw, lr 0.001.' in out), out[-3000:]
+
+
+def _run_launch(args, timeout=120):
+  p = _launch(args)
+  out, _ = p.communicate(timeout=timeout)
+  return p.returncode, out
+
+
+def test_unknown_key_short_message_with_suggestion(tmp_path):
+  rc, out = _run_launch(['--config=configs/digits_float.py:smoke',
+                         f'--workdir={tmp_path / "wd"}',
+                         '--config.lerning_rate=0.1'])
+  assert rc == 2
+  assert 'unknown config key lerning_rate; did you mean learning_rate?' in out
+  assert 'Traceback' not in out and len(out.splitlines()) <= 3, out
+  rc, out = _run_launch(['--config=configs/digits_float.py:smoke',
+                         f'--workdir={tmp_path / "wd"}', '--config.foo=1'])
+  assert rc == 2 and 'unknown config key foo' in out and 'Traceback' not in out
+  assert not os.path.exists(tmp_path / 'wd')
+
+
+def test_missing_config_file_reported_first(tmp_path):
+  rc, out = _run_launch(['--config=configs/no_such_config.py',
+                         f'--workdir={tmp_path / "wd"}'])
+  assert rc == 2
+  assert "config file 'configs/no_such_config.py' does not exist" in out
+  assert 'JAX processes' not in out and 'Traceback' not in out
+  assert not os.path.exists(tmp_path / 'wd')
+
+
+def test_coordinator_without_process_flags(tmp_path):
+  rc, out = _run_launch(['--config=configs/digits_float.py:smoke',
+                         f'--workdir={tmp_path / "wd"}',
+                         '--coordinator_address=127.0.0.1:1234'])
+  assert rc == 2
+  assert 'also needs --num_processes and --process_id' in out
+  assert 'KeyError' not in out and 'Traceback' not in out
+
+
+def test_missing_process_times_out_naming_it(tmp_path):
+  port = _free_port()
+  rc, out = _run_launch(['--config=configs/digits_float.py:smoke',
+                         f'--workdir={tmp_path / "wd"}',
+                         f'--coordinator_address=127.0.0.1:{port}',
+                         '--num_processes=2', '--process_id=0',
+                         '--distributed_timeout=3'], timeout=200)
+  assert rc != 0
+  assert 'process 0 of 2 could not join' in out
+  assert 'process_id in [1]' in out
+
+
+def test_error_is_the_last_thing_printed(tmp_path):
+  rc, out = _run_launch(['--config=configs/digits_float.py:smoke',
+                         f'--workdir={tmp_path / "wd"}',
+                         '--config.num_train_steps=8',
+                         '--config.debug_nan_at_step=3'], timeout=300)
+  assert rc == 1
+  assert 'sys.meta_path is None' not in out
+  last = out.strip().splitlines()[-1]
+  assert last.startswith('launch.py: error: Non-finite loss'), out[-2000:]
+  assert 'resume_changes=learning_rate,grad_clip_norm' in last

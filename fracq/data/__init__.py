@@ -7,6 +7,8 @@ import jax
 from fracq.data import digits
 from fracq.data import tfds_data
 
+DatasetError = tfds_data.DatasetError
+
 DATASETS = ('digits', 'cifar10', 'cifar100', 'imagenet2012')
 
 

@@ -27,7 +27,7 @@ EVAL_SPLIT = {'imagenet2012': 'validation', 'cifar10': 'test',
               'cifar100': 'test'}
 
 
-def _missing_message(name: str, data_dir: str | None, err: Exception) -> str:
+def _missing_message(name: str, data_dir: str | None, err: object) -> str:
   where = data_dir or '~/tensorflow_datasets'
   if name == 'imagenet2012':
     how = ('ImageNet cannot be downloaded automatically. Download '
@@ -45,10 +45,15 @@ def _missing_message(name: str, data_dir: str | None, err: Exception) -> str:
           'data).')
 
 
+class DatasetError(ValueError):
+  """A TFDS dataset is missing or cannot be read."""
+
+
 def _load(name: str, split: str, data_dir: str | None):
   import tensorflow_datasets as tfds
-  builder = tfds.builder(name, data_dir=data_dir)
+  where = data_dir or '~/tensorflow_datasets'
   try:
+    builder = tfds.builder(name, data_dir=data_dir)
     if name == 'imagenet2012' and data_dir:
       import os
       manual = os.path.join(data_dir, 'downloads', 'manual')
@@ -62,7 +67,12 @@ def _load(name: str, split: str, data_dir: str | None):
   except Exception as e:  # pylint: disable=broad-except
     if 'mock' in type(e).__module__:
       raise
-    raise ValueError(_missing_message(name, data_dir, e)) from e
+    if isinstance(e, AssertionError) and 'could not find data' in str(e):
+      # Only a dataset that is genuinely not there gets the download advice.
+      raise DatasetError(_missing_message(name, data_dir, e)) from e
+    # The dataset is there (or being built) but failed: report the cause.
+    raise DatasetError(f'Reading dataset {name!r} from {where} failed: '
+                       f'{type(e).__name__}: {e}') from e
 
 
 def _imagenet_train(image, image_size):

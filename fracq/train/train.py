@@ -46,6 +46,49 @@ class NonFiniteError(FloatingPointError):
   """Training produced a non-finite loss or gradient norm."""
 
 
+class ConfigError(ValueError):
+  """The configuration asks for something that cannot run."""
+
+
+# Errors that are the user's to fix: ``launch.py`` prints their message
+# alone (no traceback).
+USER_ERRORS = (ConfigError, ckpt_lib.CheckpointError,
+               data_lib.DatasetError, NonFiniteError)
+
+
+def check_config(config) -> None:
+  """Refuses settings that cannot run, before any work or file is made."""
+  for key in ('batch_size', 'eval_batch_size'):
+    value = config[key]
+    if not isinstance(value, int) or value < 1:
+      raise ConfigError(f'config.{key}={value!r}; it must be a positive '
+                        'integer (the global batch, split over devices).')
+  steps = config.num_train_steps
+  if steps is None or steps == 0 or steps < -1:
+    raise ConfigError(
+        f'config.num_train_steps={steps!r}; give a positive step count, or '
+        '-1 to train for config.num_epochs (num_epochs=0 with -1 evaluates '
+        'without training).')
+  if config.num_epochs is None or config.num_epochs < 0:
+    raise ConfigError(f'config.num_epochs={config.num_epochs!r} must be >= 0.')
+  if config.dataset not in data_lib.DATASETS:
+    raise ConfigError(f'Unknown dataset {config.dataset!r}; choose one of '
+                      f'{data_lib.DATASETS}.')
+  for key in ('log_every_steps', 'eval_every_steps',
+              'checkpoint_every_steps'):
+    if config[key] < 1:
+      raise ConfigError(f'config.{key}={config[key]!r} must be >= 1.')
+  quant = config.quant
+  if (config.export and quant.method == 'none' and
+      not quant.get('preserve', '')):
+    raise ConfigError(
+        'config.export=True needs a quantized, pruned or clustered model '
+        "(config.quant.method != 'none' or config.quant.preserve set); this "
+        'is a float run, so there is nothing to export. Drop '
+        '--config.export=True or choose a quantization method.')
+  ckpt_lib.resume_changes(config)
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -76,7 +119,7 @@ def sample_input(config, batch_size: int = 1):
 
 
 def total_steps(config) -> int:
-  if config.num_train_steps > 0:
+  if config.num_train_steps > 0:  # -1: from num_epochs
     return int(config.num_train_steps)
   return int(math.ceil(config.num_epochs * data_lib.steps_per_epoch(config)))
 
@@ -223,8 +266,22 @@ def _check_finite(state: TrainState):
     raise NonFiniteError(
         f'Non-finite loss or gradient norm at step {bad}; that update was '
         'not applied and no checkpoint was written from it (the last good '
-        'checkpoint is kept). Lower config.learning_rate, enable '
-        'config.grad_clip_norm, or check the input data.')
+        'checkpoint is kept). To continue from that checkpoint with safer '
+        'settings, rerun the same command with e.g. '
+        '--config.learning_rate=<lower> --config.grad_clip_norm=1.0 '
+        '--config.resume_changes=learning_rate,grad_clip_norm; or check the '
+        'input data.')
+
+
+def _bits_frozen(variables) -> bool:
+  """True when ``quant_stats`` holds hard-assigned (frozen) bit-widths."""
+  found = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+      variables.get('quant_stats', {})):
+    name = str(getattr(path[-1], 'key', path[-1])) if path else ''
+    if name.endswith('_hard_bits'):
+      found.append(bool(np.all(np.asarray(jax.device_get(leaf)) >= 0)))
+  return bool(found) and all(found)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -233,32 +290,67 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns the final evaluation metrics (plus the wrapper's metrics).
   """
   from clu import metric_writers
-  from clu import metrics as clu_metrics
-  from clu import periodic_actions
 
-  ckpt_lib.check_workdir(config, workdir)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
-  writer.write_hparams({k: v for k, v in config.to_dict().items()
-                        if isinstance(v, (int, float, str, bool))})
+  check_config(config)
   mesh = make_mesh()
   n_dev = mesh.devices.size
   if config.batch_size % n_dev or config.eval_batch_size % n_dev:
-    raise ValueError(f'config.batch_size={config.batch_size} and '
-                     f'eval_batch_size={config.eval_batch_size} must divide '
-                     f'by the {n_dev} devices.')
+    raise ConfigError(f'config.batch_size={config.batch_size} and '
+                      f'eval_batch_size={config.eval_batch_size} must divide '
+                      f'by the {n_dev} devices.')
+  # Reading the first batch before the workdir is touched: a missing or
+  # unreadable dataset leaves no half-made workdir behind.
+  first = next(data_lib.train_iterator(config, 0))
+  changed = ckpt_lib.check_workdir(config, workdir)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  mngr = None
+  try:
+    writer.write_hparams({k: v for k, v in config.to_dict().items()
+                          if isinstance(v, (int, float, str, bool))})
+    mngr = ckpt_lib.manager(workdir, config)
+    return _run(config, workdir, mesh, writer, mngr, changed, first)
+  finally:
+    # Close orbax's background threads and the event writer whatever
+    # happened, so an error is the last thing printed (not interpreter
+    # shutdown noise from threads still running).
+    if mngr is not None:
+      mngr.wait_until_finished()
+      mngr.close()
+    writer.flush()
+    writer.close()
+
+
+def _run(config, workdir, mesh, writer, mngr, changed, first) -> dict:
+  """The body of :func:`train_and_evaluate` (writers and manager open)."""
+  from clu import metrics as clu_metrics
+  from clu import periodic_actions
+
   total = total_steps(config)
   module = build_module(config)
-  first = next(data_lib.train_iterator(config, 0))
   wrapper = mw.build_model_wrapper(config, module, first['image'][:1],
                                    total_steps=total)
   rng = jax.random.key(config.seed)
   state, tx = create_train_state(config, wrapper, first, rng, total=total)
-  mngr = ckpt_lib.manager(workdir, config)
-  restored = ckpt_lib.restore_latest(mngr, state)
+  restored = ckpt_lib.restore_latest(mngr, state, workdir)
   if restored is not None:
     state = restored
     logging.info('Resumed from step %d.', int(state.step))
+    if changed:
+      lr = optim.make_schedule(config, total,
+                               data_lib.steps_per_epoch(config))(
+                                   int(state.step))
+      logging.warning('Resumed with changed %s: the schedule now runs to '
+                      'step %d and gives learning rate %.4g at the resumed '
+                      'step %d.', changed, total, float(lr), int(state.step))
+    hard_step = getattr(wrapper, 'hard_assign_step', None)
+    if (hard_step is not None and not getattr(wrapper, 'hard', True) and
+        _bits_frozen(state.state)):
+      # Bits were assigned before the checkpoint: they stay frozen even if
+      # a changed schedule moved the assignment step past the resumed one.
+      wrapper = wrapper.for_step(max(hard_step, int(state.step)))
+      logging.info('Restored bit-widths are hard-assigned: they stay frozen '
+                   '(%s, hard bits).', type(wrapper).__name__)
   elif config.init_from:
     variables = ckpt_lib.load_variables(config.init_from,
                                         config.init_collections)

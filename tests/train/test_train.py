@@ -124,7 +124,42 @@ def test_missing_dataset_message(tmp_path):
   c.data_dir = str(tmp_path)
   with pytest.raises(ValueError, match='tfds build cifar10'):
     tr.train_and_evaluate(c, str(tmp_path / 'wd'))
+  assert not os.path.exists(tmp_path / 'wd'), 'no half-made workdir'
   c = get_config('imagenet_resnet50')
   c.data_dir = str(tmp_path)
   with pytest.raises(ValueError, match='downloads/manual'):
     tr.train_and_evaluate(c, str(tmp_path / 'wd2'))
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('batch_size', 0, 'batch_size=0; it must be a positive integer'),
+    ('num_train_steps', 0, 'num_train_steps=0; give a positive step count, '
+     'or -1'),
+    ('export', True, 'export=True needs a quantized'),
+])
+def test_bad_config_refused_before_any_work(key, value, match, tmp_path,
+                                            monkeypatch):
+  def no_data(*args, **kwargs):
+    raise AssertionError('data was read before the config was checked')
+  monkeypatch.setattr(data_lib, 'train_iterator', no_data)
+  c = get_config('digits_float')
+  c[key] = value
+  with pytest.raises(tr.ConfigError, match=match):
+    tr.train_and_evaluate(c, str(tmp_path / 'wd'))
+  assert not os.path.exists(tmp_path / 'wd')
+
+
+def test_tfds_read_error_reports_the_real_cause(tmp_path, monkeypatch):
+  class Broken:
+    data_dir = str(tmp_path)
+
+    def as_dataset(self, **kwargs):
+      raise PermissionError('cannot read shard 3: permission denied')
+
+  monkeypatch.setattr(tfds, 'builder', lambda name, data_dir: Broken())
+  from fracq.data import tfds_data
+  with pytest.raises(data_lib.DatasetError,
+                     match='PermissionError: cannot read shard 3') as err:
+    # pylint: disable-next=protected-access
+    tfds_data._load('cifar10', 'train', str(tmp_path))
+  assert 'tfds build' not in str(err.value)
