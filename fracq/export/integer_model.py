@@ -515,6 +515,14 @@ def lower_qat(qmodel, variables, sample_x, *, verify: bool = True,
   if missing:
     raise ValueError(f'Integer-only inference needs every Conv/Dense kernel '
                      f'quantized; float: {missing}.')
+  for p in st.order:
+    if frozen[p].affine:
+      raise ValueError(
+          f'{p}: its kernel grid is affine (a zero point or offset: '
+          'asymmetric observer, LSQ+ or DoReFa), which the integer program '
+          'does not lower; quantize kernels symmetrically (lsq, pact, '
+          'symmetric observers, FracBits ranges) or export the packed '
+          'artifact (export_model), which stores any kernel exactly.')
   in_q = {}
   for p in st.order:
     spec = qmodel.rules[qmodel.facts[p].rule_index].act
