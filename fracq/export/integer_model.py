@@ -157,8 +157,19 @@ class IntegerProgram:
     return q.astype(_code_dtype(lo, hi))
 
   def __call__(self, codes) -> jax.Array:
-    """Integer codes -> int32 output accumulator (integer ops only)."""
+    """Integer codes -> int32 output accumulator (integer ops only).
+
+    Each output channel is in its own units (``out_scale`` is per channel
+    for per-channel head scales), so the raw accumulator is not comparable
+    across classes: classify with :meth:`predict`, or dequantize with
+    :meth:`logits`.
+    """
     return integer_forward(self, codes)
+
+  def predict(self, x) -> jax.Array:
+    """Float images -> predicted class: the argmax of :meth:`logits` (the
+    int32 outputs brought to one scale), not of the raw accumulator."""
+    return jnp.argmax(self.logits(x), axis=-1)
 
   def logits(self, x) -> jax.Array:
     """Float images -> dequantized logits."""

@@ -69,3 +69,23 @@ def test_float_entry_steps_are_limited_to_quantization():
   with pytest.raises(AssertionError, match='float exp'):
     ints.assert_integer_only(lambda x: prog(prog.quantize_input(jnp.exp(x))),
                              _X, boundary=True)
+
+
+def test_predict_is_argmax_of_dequantized_logits():
+  # One Dense head whose classes have very different scales: the raw int32
+  # accumulator says class 1 (500 > 10), the real logits class 0
+  # (10 * 1.0 > 500 * 0.01).
+  kernel = np.array([[1, 50], [0, 0]], np.int8)
+  prog = im.IntegerProgram(
+      layers=[im.IntLayer(path='head', layer_type='Dense', kernel=kernel,
+                          bias=np.zeros(2, np.int32),
+                          out_scale=np.array([1.0, 0.01], np.float32))],
+      input_scale=0.5, input_range=(-128, 127), kind='qat')
+  x = jnp.asarray([[5.0, 0.0], [-5.0, 0.0]], jnp.float32)
+  codes = np.round(np.asarray(x) / 0.5)  # 10 and -10
+  # numpy reference: (codes @ kernel) * per-class scale
+  ref = (codes @ kernel.astype(np.float64)) * np.array([1.0, 0.01])
+  np.testing.assert_allclose(np.asarray(prog.logits(x)), ref, rtol=1e-6)
+  raw = np.asarray(prog(prog.quantize_input(x)))
+  assert raw[0].argmax() == 1 and ref[0].argmax() == 0  # the raw trap
+  np.testing.assert_array_equal(np.asarray(prog.predict(x)), ref.argmax(1))
