@@ -262,6 +262,87 @@ def freeze(qmodel, variables) -> dict[str, FrozenLayer]:
   return out
 
 
+def _act_signed(qmodel, path, spec) -> bool:
+  # The provider's rule: the spec's sign, else the sign probed at wrapping.
+  if spec.signed is not None:
+    return bool(spec.signed)
+  return bool(getattr(qmodel, 'signs', {}).get(path, True))
+
+
+def _list(v) -> list:
+  return np.asarray(v, np.float64).reshape(-1).tolist()
+
+
+def freeze_inputs(qmodel, variables) -> dict[str, dict]:
+  """How every quantized layer input is quantized, as plain JSON values.
+
+  Per layer path: ``bits`` (the hard-assigned bits of a learned input),
+  ``signed``, ``range_method``, ``granularity``, the grid ``qmin`` /
+  ``qmax`` and the affine map ``real = (code - zero_point) * scale +
+  offset`` (lists: one entry, or one per channel), plus the trained range
+  parameter it comes from (``step``, ``offset``, ``clip``, ``range`` or
+  ``min`` / ``max``).
+  """
+  quant = variables.get('quant', {})
+  stats = variables.get('quant_stats', {})
+  out = {}
+  for path, f in qmodel.facts.items():
+    spec = qmodel.rules[f.rule_index].act
+    if spec is None or qmodel.rules[f.rule_index].keep_float:
+      continue
+    q, st = _node_or_empty(quant, path), _node_or_empty(stats, path)
+    signed = _act_signed(qmodel, path, spec)
+    m = spec.range_method
+    entry = {'signed': signed, 'range_method': m,
+             'granularity': spec.granularity}
+    zero = np.zeros(1)
+    offset = zero
+    if spec.learn_bits:
+      hard = np.asarray(st.get('input_hard_bits', -1))
+      if not getattr(qmodel, 'hard', False) or np.any(hard < 0):
+        raise ValueError(f'{path}: the input bits are learned but not '
+                         'assigned; freeze after hard assignment '
+                         '(qmodel.for_step(...), prepare(variables)).')
+      bits = int(np.round(hard).reshape(-1)[0])
+      r = np.abs(np.asarray(q['input_range'], np.float32))
+      levels = (max(grid(spec, signed=signed, bits=bits)[1], 1)
+                if bits >= (2 if signed else 1) else 1)
+      qmin, qmax = (-levels, levels) if signed else (0, levels)
+      if bits == 0:
+        qmin = qmax = 0
+      scale, zp = r / np.float32(levels), zero
+      entry['range'] = _list(r)
+    else:
+      bits = int(spec.bits)
+      qmin, qmax = grid(spec, signed=signed, bits=bits)
+      if m in ('lsq', 'lsq_plus'):
+        scale, zp = np.abs(np.asarray(q['input_step'], np.float32)), zero
+        entry['step'] = _list(q['input_step'])
+        if m == 'lsq_plus':
+          offset = np.asarray(q['input_offset'], np.float32)
+          entry['offset'] = _list(offset)
+      elif m == 'pact':
+        clip = np.abs(np.asarray(q['input_clip'], np.float32))
+        # PACT's grid: [-qmax, qmax] signed, [0, qmax] unsigned.
+        qmin = -qmax if signed else 0
+        scale, zp = clip / np.float32(qmax), zero
+        entry['clip'] = _list(clip)
+      elif m in ('minmax', 'ema_minmax', 'percentile'):
+        scale, zp = core.minmax_to_qparams(st['input_min'], st['input_max'],
+                                           qmin, qmax,
+                                           symmetric=spec.symmetric)
+        entry['min'], entry['max'] = _list(st['input_min']), _list(
+            st['input_max'])
+      else:
+        raise ValueError(f'{path}: input range_method={m!r} has no export '
+                         'rule.')
+    entry.update(bits=bits, qmin=int(qmin), qmax=int(qmax),
+                 scale=_list(scale), zero_point=_list(zp),
+                 offset=_list(offset))
+    out[path] = entry
+  return out
+
+
 def fake_quant_kernels(qmodel, variables, x, **kwargs) -> dict:
   """The kernels the fake-quantized model actually computes with."""
   seen = {}
@@ -390,6 +471,9 @@ def export_model(qmodel, variables, path: str, *, overwrite: bool = False,
       scales[f'{p}/kernel.offset'] = np.atleast_1d(fl.offset)
   meta = dict(metadata or {})
   meta['bits'] = {p: fl.bits.tolist() for p, fl in frozen.items()}
+  # The activation side of the quantized model: every quantized input's
+  # bits, sign and scale / range.
+  meta['inputs'] = freeze_inputs(qmodel, variables)
   encodings = {}
   size = artifact.write_artifact(path, packed, {**floats, **scales}, meta,
                                  overwrite=overwrite,
