@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import fracq
 from fracq import export
@@ -60,3 +61,20 @@ def test_program_packs_each_channel_at_its_bits(tmp_path):
   assert not codes['d0/kernel'][:, 2].any()  # the pruned channel
   # The file is the theoretical size plus the container (manifest, header).
   assert rep['program_bytes'] < rep['program_theoretical_bytes'] + 4096
+
+
+def test_lowering_refuses_affine_kernels_by_name():
+  x = jnp.asarray(np.random.RandomState(0).randn(8, 10), jnp.float32)
+  rule = fracq.Rule(weight=fracq.TensorSpec(bits=4, range_method='minmax',
+                                            symmetric=False),
+                    act=fracq.TensorSpec(bits=8))
+  qm = fracq.quantize(_Mlp(), [rule], x[:1], call_kwargs={'train': False})
+  v = qm.calibrate(qm.init(jax.random.key(0), x), x)
+  with pytest.raises(ValueError, match=r'd0: its kernel grid is affine'):
+    im.lower_qat(qm, v, x)
+  # The packed artifact stores the same kernels exactly.
+  frozen = export.freeze(qm, v)
+  fq = export.fake_quant_kernels(qm, v, x)
+  for layer, fl in frozen.items():
+    assert fl.affine
+    np.testing.assert_array_equal(fl.dequantize(), fq[layer])
