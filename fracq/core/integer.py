@@ -401,7 +401,8 @@ INTEGER_PRIMITIVES = frozenset((
     'rem', 'integer_pow', 'square', 'shift_left', 'shift_right_arithmetic',
     'shift_right_logical', 'and', 'or', 'xor', 'not', 'population_count',
     'clz', 'eq', 'ne', 'lt', 'le', 'gt', 'ge', 'select_n',
-    'convert_element_type', 'bitcast_convert_type', 'dot_general', 'conv_general_dilated',
+    'convert_element_type', 'bitcast_convert_type', 'dot_general',
+    'conv_general_dilated',
     'reduce_sum', 'reduce_max', 'reduce_min', 'reduce_and', 'reduce_or',
     'argmax', 'argmin', 'reduce_window_sum', 'reduce_window_max',
     'reduce_window_min', 'reduce_window', 'cumsum', 'reshape',
@@ -504,7 +505,8 @@ def _check_allowed(jaxpr, classes, boundary, path, bad):
       continue
     if not any(outs_float) and set(ins) <= {'const', 'int'}:
       if name not in INTEGER_PRIMITIVES:
-        bad.append(f'{where}: integer {name} is not on the integer allow-list')
+        bad.append(f'{where}: integer {name} is not on the integer '
+                   'allow-list')
       for v in eqn.outvars:
         env[v] = 'int'
       continue
@@ -514,7 +516,8 @@ def _check_allowed(jaxpr, classes, boundary, path, bad):
       bad.append(f'{where}: {_READABLE.get(name, "float " + name)}')
     elif not from_int:  # entry: quantizing the float input
       if name not in _ENTRY_PRIMITIVES:
-        bad.append(f'{where}: float {name} is not an input-quantization step')
+        bad.append(f'{where}: float {name} is not an input-quantization '
+                   'step')
       for v, f in zip(eqn.outvars, outs_float):
         env[v] = 'entry' if f else 'int'
       continue

@@ -23,8 +23,8 @@ def code_range(bits: int, signed: bool) -> tuple[int, int]:
   pruned channel, stored in no bytes)."""
   bits = int(bits)
   if not 0 <= bits <= 16:
-    raise ValueError(f'bits={bits} is out of range: packing supports 0 to 16 '
-                     'bits.')
+    raise ValueError(f'bits={bits} is out of range: packing supports 0 to '
+                     '16 bits.')
   if bits == 0:
     return 0, 0
   if signed:

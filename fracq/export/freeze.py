@@ -174,8 +174,8 @@ def _uniform_kernel(path, spec, w, q, st, axis):
                          _jbcast(zp, x.ndim, ax), qmin, qmax)
     return fq, scale, zp, zeros, bits, signed
   raise ValueError(f'{path}: range_method={m!r} kernels have no export '
-                   'rule; use one of lsq, lsq_plus, dorefa, minmax, ema_minmax, '
-                   'percentile.')
+                   'rule; use one of lsq, lsq_plus, dorefa, minmax, '
+                   'ema_minmax, percentile.')
 
 
 def _fracbits_kernel(path, spec, w, q, st, axis):
@@ -214,12 +214,12 @@ def _fracbits_kernel(path, spec, w, q, st, axis):
                     np.float32)
   levels = levels if bits.ndim else levels[0]
   step = jnp.abs(r) / jnp.maximum(jnp.asarray(levels), 1.0)
-  return fq, step, np.zeros((), np.float32), np.zeros((), np.float32), bits, \
-      signed
+  zero = np.zeros((), np.float32)
+  return fq, step, zero, zero, bits, signed
 
 
 def freeze(qmodel, variables) -> dict[str, FrozenLayer]:
-  """Integer codes and the affine map of every quantized kernel of ``qmodel``.
+  """Integer codes and the affine map of every quantized kernel.
 
   The codes are read off the fake-quantized kernel itself (computed with the
   provider's quantizers from the trained variables), so the artifact holds
@@ -253,10 +253,12 @@ def freeze(qmodel, variables) -> dict[str, FrozenLayer]:
     offset = np.asarray(offset, np.float32)
     s_b = _bcast(scale, w.ndim, axis)
     safe = np.where(s_b == 0, 1, s_b)
-    codes = np.where(s_b == 0, 0, np.round(
-        (fq - _bcast(offset, w.ndim, axis)) / safe) + _bcast(zp, w.ndim, axis))
+    shifted = fq - _bcast(offset, w.ndim, axis)
+    codes = np.where(s_b == 0, 0, np.round(shifted / safe) +
+                     _bcast(zp, w.ndim, axis))
     out[path] = FrozenLayer(path=path, codes=codes.astype(np.int32),
-                            scale=scale, bits=np.asarray(bits).astype(np.int32),
+                            scale=scale,
+                            bits=np.asarray(bits).astype(np.int32),
                             axis=axis, signed=bool(signed), zero_point=zp,
                             offset=offset)
   return out
