@@ -272,7 +272,8 @@ def _act_signed(qmodel, path, spec) -> bool:
 
 
 def _list(v) -> list:
-  return np.asarray(v, np.float64).reshape(-1).tolist()
+  # 9 significant digits: a float32 round-trips exactly, in short JSON.
+  return [float(f'{x:.9g}') for x in np.asarray(v, np.float32).reshape(-1)]
 
 
 def freeze_inputs(qmodel, variables) -> dict[str, dict]:
@@ -281,9 +282,9 @@ def freeze_inputs(qmodel, variables) -> dict[str, dict]:
   Per layer path: ``bits`` (the hard-assigned bits of a learned input),
   ``signed``, ``range_method``, ``granularity``, the grid ``qmin`` /
   ``qmax`` and the affine map ``real = (code - zero_point) * scale +
-  offset`` (lists: one entry, or one per channel), plus the trained range
-  parameter it comes from (``step``, ``offset``, ``clip``, ``range`` or
-  ``min`` / ``max``).
+  offset`` (lists: one entry, or one per channel; ``zero_point`` and
+  ``offset`` only when non-zero), plus the trained range parameter when it
+  is not the scale itself (``clip``, ``range`` or ``min`` / ``max``).
   """
   quant = variables.get('quant', {})
   stats = variables.get('quant_stats', {})
@@ -319,10 +320,8 @@ def freeze_inputs(qmodel, variables) -> dict[str, dict]:
       qmin, qmax = grid(spec, signed=signed, bits=bits)
       if m in ('lsq', 'lsq_plus'):
         scale, zp = np.abs(np.asarray(q['input_step'], np.float32)), zero
-        entry['step'] = _list(q['input_step'])
         if m == 'lsq_plus':
           offset = np.asarray(q['input_offset'], np.float32)
-          entry['offset'] = _list(offset)
       elif m == 'pact':
         clip = np.abs(np.asarray(q['input_clip'], np.float32))
         # PACT's grid: [-qmax, qmax] signed, [0, qmax] unsigned.
@@ -339,8 +338,11 @@ def freeze_inputs(qmodel, variables) -> dict[str, dict]:
         raise ValueError(f'{path}: input range_method={m!r} has no export '
                          'rule.')
     entry.update(bits=bits, qmin=int(qmin), qmax=int(qmax),
-                 scale=_list(scale), zero_point=_list(zp),
-                 offset=_list(offset))
+                 scale=_list(scale))
+    if np.any(np.asarray(zp) != 0):
+      entry['zero_point'] = _list(zp)
+    if np.any(np.asarray(offset) != 0):
+      entry['offset'] = _list(offset)
     out[path] = entry
   return out
 
@@ -490,8 +492,12 @@ def export_model(qmodel, variables, path: str, *, overwrite: bool = False,
       float(np.sum(fl.bits) * fl.codes.size / max(np.size(fl.bits), 1))
       if fl.bits.ndim else float(fl.bits) * fl.codes.size
       for fl in frozen.values())
+  # The inputs' scales (and zero points / offsets) are scales of the model
+  # too, stored as float32 values in the manifest.
+  input_scales = sum(len(e.get(k, ())) for e in meta['inputs'].values()
+                     for k in ('scale', 'zero_point', 'offset'))
   theoretical = (kernel_bits / 8 + sum(s.nbytes for s in scales.values()) +
-                 sum(a.nbytes for a in floats.values()))
+                 4 * input_scales + sum(a.nbytes for a in floats.values()))
   with tempfile.TemporaryDirectory() as tmp:
     int8 = {k: dataclasses.replace(v, bits=8) for k, v in packed.items()}
     int8_size = artifact.write_artifact(os.path.join(tmp, 'int8'), int8,
