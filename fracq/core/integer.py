@@ -19,8 +19,10 @@ Everything runs with ``jax_enable_x64`` off, in int32 / uint32 only:
   ``rounding='half_even'`` rounds once; ``rounding='tflite'`` reproduces
   gemmlowp's two roundings (``SaturatingRoundingDoublingHighMul``, half up,
   then ``RoundingDivideByPOT``, half away from zero) bit for bit.
-* :func:`assert_integer_only` inspects a traced function's jaxpr for float
-  multiplies, dots and convolutions.
+* :func:`assert_integer_only` checks a traced function's jaxpr against an
+  allow-list: integer and boolean values through integer primitives only
+  (optionally plus the two boundary steps, quantizing the float input at
+  entry and dequantizing the output at exit).
 """
 
 from __future__ import annotations
@@ -391,23 +393,176 @@ def _walk(jaxpr, primitives, path):
   return found
 
 
-def assert_integer_only(fn, *args, **kwargs):
-  """Traces ``fn(*args, **kwargs)`` and raises if it multiplies floats.
+# Primitives an integer-only program may apply to integer (and boolean)
+# values: integer arithmetic, shifts and bit logic, comparisons and selects,
+# integer matmul / conv / pooling, and layout ops.
+INTEGER_PRIMITIVES = frozenset((
+    'add', 'sub', 'mul', 'neg', 'abs', 'sign', 'max', 'min', 'clamp', 'div',
+    'rem', 'integer_pow', 'square', 'shift_left', 'shift_right_arithmetic',
+    'shift_right_logical', 'and', 'or', 'xor', 'not', 'population_count',
+    'clz', 'eq', 'ne', 'lt', 'le', 'gt', 'ge', 'select_n',
+    'convert_element_type', 'bitcast_convert_type', 'dot_general',
+    'conv_general_dilated',
+    'reduce_sum', 'reduce_max', 'reduce_min', 'reduce_and', 'reduce_or',
+    'argmax', 'argmin', 'reduce_window_sum', 'reduce_window_max',
+    'reduce_window_min', 'reduce_window', 'cumsum', 'reshape',
+    'broadcast_in_dim', 'transpose', 'squeeze', 'expand_dims', 'slice',
+    'dynamic_slice', 'dynamic_update_slice', 'concatenate', 'pad', 'rev',
+    'gather', 'scatter', 'iota', 'copy', 'copy_p', 'stop_gradient',
+    'pjit', 'jit', 'closed_call', 'core_call', 'custom_jvp_call',
+    'custom_vjp_call', 'custom_vjp_call_jaxpr', 'remat', 'checkpoint', 'cond',
+    'while', 'scan'))
 
-  Float-typed ``mul``, ``dot_general`` and ``conv_general_dilated`` are
-  forbidden anywhere in the jaxpr, including nested sub-jaxprs; float adds,
-  compares, casts and shifts of integers are allowed.
+# Float steps allowed at the boundary (``boundary=True``): quantizing the
+# float input (scale, round, clip, cast to integers) ...
+_ENTRY_PRIMITIVES = frozenset((
+    'div', 'mul', 'add', 'sub', 'neg', 'round', 'floor', 'ceil', 'max', 'min',
+    'clamp', 'convert_element_type', 'reshape', 'broadcast_in_dim',
+    'transpose', 'squeeze', 'expand_dims', 'copy', 'copy_p', 'pjit', 'jit'))
+# ... and dequantizing the integer output (cast to float, times a scale,
+# plus an offset); nothing computed from the integer result may go back
+# into integers.
+_EXIT_PRIMITIVES = frozenset((
+    'convert_element_type', 'mul', 'add', 'sub', 'reshape',
+    'broadcast_in_dim', 'transpose', 'squeeze', 'expand_dims', 'copy',
+    'copy_p', 'pjit', 'jit'))
+
+_READABLE = {'mul': 'float multiply', 'dot_general': 'float dot',
+             'conv_general_dilated': 'float conv', 'div': 'float divide'}
+
+
+def _is_float(aval) -> bool:
+  return hasattr(aval, 'dtype') and jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def _eqn_text(eqn) -> str:
+  avals = [getattr(v, 'aval', None) for v in (*eqn.invars, *eqn.outvars)]
+  return (f'{eqn.primitive.name}(' + ', '.join(
+      f'{a.dtype}{list(a.shape)}' for a in avals if hasattr(a, 'shape')) +
+          ')')
+
+
+def _call_jaxprs(eqn):
+  """``[(sub_jaxpr, operands)]`` of a call-like equation whose sub-jaxpr
+  reads (a suffix of) the equation's operands; ``None`` if it has none."""
+  subs = []
+  for name, value in eqn.params.items():
+    if name in ('jvp_jaxpr_fun', 'jvp_jaxpr_thunk', 'fwd_jaxpr_thunk',
+                'bwd', 'fwd'):
+      continue  # differentiation rules: never run by the forward program
+    for sub in _sub_jaxprs(value):
+      n = len(sub.invars)
+      subs.append((sub, list(eqn.invars)[len(eqn.invars) - n:]
+                   if n <= len(eqn.invars) else None))
+  return subs or None
+
+
+def _check_allowed(jaxpr, classes, boundary, path, bad):
+  """Walks ``jaxpr`` with each value classed ``'const'`` (literals, constants
+  and what is computed from them alone), ``'int'`` (an integer or boolean
+  value of the computation), ``'entry'`` (float, computed from the float
+  inputs) or ``'exit'`` (float, computed from an integer value); appends
+  violations to ``bad`` and returns the classes of the outputs."""
+  env = dict(zip(jaxpr.invars, classes))
+  for v in jaxpr.constvars:
+    env[v] = 'const'
+
+  def cls(v):
+    if hasattr(v, 'val'):  # a literal
+      return 'const'
+    return env.get(v, 'const')
+
+  known = INTEGER_PRIMITIVES | _ENTRY_PRIMITIVES | _EXIT_PRIMITIVES
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    ins = [cls(v) for v in eqn.invars]
+    outs_float = [_is_float(v.aval) for v in eqn.outvars]
+    where = f'{path}{_eqn_text(eqn)}'
+    subs = _call_jaxprs(eqn)
+    if subs is not None:
+      if name not in INTEGER_PRIMITIVES:
+        bad.append(f'{where}: {name} is not on the integer allow-list')
+      sub_out = None
+      for sub, operands in subs:
+        sub_cls = ([cls(v) for v in operands] if operands is not None else
+                   ['exit' if _is_float(v.aval) else 'int'
+                    for v in sub.invars])
+        got = _check_allowed(sub, sub_cls, boundary, f'{path}{name} > ', bad)
+        if len(got) == len(eqn.outvars):
+          sub_out = got
+      for i, v in enumerate(eqn.outvars):
+        env[v] = sub_out[i] if sub_out is not None else (
+            'const' if set(ins) <= {'const'} else
+            'int' if not outs_float[i] else
+            'entry' if set(ins) <= {'const', 'entry'} else 'exit')
+      continue
+    if set(ins) <= {'const'}:
+      # Constant folding (e.g. a scale computed from literals).
+      if name not in known:
+        bad.append(f'{where}: {name} is not on the integer allow-list')
+      for v in eqn.outvars:
+        env[v] = 'const'
+      continue
+    if not any(outs_float) and set(ins) <= {'const', 'int'}:
+      if name not in INTEGER_PRIMITIVES:
+        bad.append(f'{where}: integer {name} is not on the integer '
+                   'allow-list')
+      for v in eqn.outvars:
+        env[v] = 'int'
+      continue
+    # A float value of the computation is involved.
+    from_int = 'int' in ins or 'exit' in ins
+    if not boundary:
+      bad.append(f'{where}: {_READABLE.get(name, "float " + name)}')
+    elif not from_int:  # entry: quantizing the float input
+      if name not in _ENTRY_PRIMITIVES:
+        bad.append(f'{where}: float {name} is not an input-quantization '
+                   'step')
+      for v, f in zip(eqn.outvars, outs_float):
+        env[v] = 'entry' if f else 'int'
+      continue
+    elif not all(outs_float):  # exit: dequantizing an integer result
+      bad.append(f'{where}: a float computed from integer values goes back '
+                 'into integers (a float step inside the program)')
+    elif name not in _EXIT_PRIMITIVES:
+      bad.append(f'{where}: {_READABLE.get(name, "float " + name)} of an '
+                 'integer result is not an output-dequantization step')
+    elif name in ('mul', 'add', 'sub') and ins.count('exit') + ins.count(
+        'int') > 1:
+      bad.append(f'{where}: {_READABLE.get(name, "float " + name)} of two '
+                 'integer-derived values is not a dequantization by a scale')
+    for v, f in zip(eqn.outvars, outs_float):
+      env[v] = ('exit' if from_int else 'entry') if f else 'int'
+  return [cls(v) for v in jaxpr.outvars]
+
+
+def assert_integer_only(fn, *args, boundary: bool = False, **kwargs):
+  """Traces ``fn(*args, **kwargs)`` and raises unless it is integer-only.
+
+  An allow-list, not a deny-list: every equation (nested sub-jaxprs of
+  ``jit``, ``custom_jvp``, ``cond``, ``scan``, ... included) must compute
+  integer or boolean values with a primitive of
+  :data:`INTEGER_PRIMITIVES`. With ``boundary=True`` two float steps are
+  also allowed: quantizing the float inputs (scale, round, clip, cast to
+  integers: e.g. :meth:`IntegerProgram.quantize_input`) and dequantizing the
+  result (cast to float, times a scale, plus an offset), provided nothing
+  derived from an integer value is turned back into integers or goes through
+  any other float op (a divide, ``exp``, ``sqrt``, ...).
 
   Returns:
     The ``ClosedJaxpr`` that was checked.
   Raises:
-    AssertionError: listing each offending equation (its path, primitive and
-    operand/result types).
+    AssertionError: listing each offending equation (its path, primitive,
+    operand/result types and why it is not allowed).
   """
   closed = jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args)
-  bad = float_multiplies(closed)
+  jaxpr = closed.jaxpr
+  classes = ['entry' if _is_float(v.aval) else 'int' for v in jaxpr.invars]
+  bad = []
+  _check_allowed(jaxpr, classes, boundary, '', bad)
   if bad:
     raise AssertionError(
-        f'{len(bad)} float multiply/dot/conv op(s) in an integer-only '
-        'function:\n  ' + '\n  '.join(bad))
+        f'{len(bad)} op(s) outside the integer-only allow-list (float '
+        'multiply, divide, transcendental, or integer values through float '
+        'math):\n  ' + '\n  '.join(bad))
   return closed

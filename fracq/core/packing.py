@@ -1,4 +1,4 @@
-"""Dense bit packing of integer codes at 1-16 bits.
+"""Dense bit packing of integer codes at 0-16 bits (0: all-zero codes).
 
 Layout: codes are stored as unsigned ``bits``-bit fields, little-endian
 within the stream: field ``i`` occupies stream bits ``[i*bits, (i+1)*bits)``,
@@ -19,9 +19,14 @@ import numpy as np
 
 
 def code_range(bits: int, signed: bool) -> tuple[int, int]:
-  if not 1 <= int(bits) <= 16:
-    raise ValueError(f'bits={bits} is out of range: packing supports 1 to 16 '
-                     'bits.')
+  """The codes a ``bits``-bit field holds; 0 bits hold only the code 0 (a
+  pruned channel, stored in no bytes)."""
+  bits = int(bits)
+  if not 0 <= bits <= 16:
+    raise ValueError(f'bits={bits} is out of range: packing supports 0 to '
+                     '16 bits.')
+  if bits == 0:
+    return 0, 0
   if signed:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
   return 0, (1 << bits) - 1

@@ -8,6 +8,7 @@ from fracq.export.freeze import dequantized_kernels
 from fracq.export.freeze import export_model
 from fracq.export.freeze import fake_quant_kernels
 from fracq.export.freeze import freeze
+from fracq.export.freeze import freeze_inputs
 from fracq.export.integer_model import IntegerProgram
 from fracq.export.integer_model import export_integer
 from fracq.export.integer_model import load_program

@@ -68,6 +68,18 @@ def _crc(b: bytes) -> int:
   return zlib.crc32(b) & 0xFFFFFFFF
 
 
+def publish(tmp: str, path: str) -> None:
+  """Moves the finished temporary file ``tmp`` onto ``path`` with the mode
+  ``open(path, 'w')`` would give it (0666 minus the umask): safetensors
+  writes through a private 0600 temporary file, which would otherwise make
+  the artifact unreadable to other users next to a 0644 report."""
+  # The umask can only be read by setting it; restore it at once.
+  umask = os.umask(0o022)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)
+  os.replace(tmp, path)
+
+
 def write_artifact(path: str, packed: dict[str, PackedTensor],
                    floats: dict[str, np.ndarray], metadata: dict, *,
                    overwrite: bool = False, encode_structure: bool = True,
@@ -127,7 +139,7 @@ def write_artifact(path: str, packed: dict[str, PackedTensor],
   }
   tmp = path + '.tmp'
   save_file(tensors, tmp, metadata={'fracq_format': str(version)})
-  os.replace(tmp, path)
+  publish(tmp, path)
   return os.path.getsize(path)
 
 

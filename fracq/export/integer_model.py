@@ -157,8 +157,19 @@ class IntegerProgram:
     return q.astype(_code_dtype(lo, hi))
 
   def __call__(self, codes) -> jax.Array:
-    """Integer codes -> int32 output accumulator (integer ops only)."""
+    """Integer codes -> int32 output accumulator (integer ops only).
+
+    Each output channel is in its own units (``out_scale`` is per channel
+    for per-channel head scales), so the raw accumulator is not comparable
+    across classes: classify with :meth:`predict`, or dequantize with
+    :meth:`logits`.
+    """
     return integer_forward(self, codes)
+
+  def predict(self, x) -> jax.Array:
+    """Float images -> predicted class: the argmax of :meth:`logits` (the
+    int32 outputs brought to one scale), not of the raw accumulator."""
+    return jnp.argmax(self.logits(x), axis=-1)
 
   def logits(self, x) -> jax.Array:
     """Float images -> dequantized logits."""
@@ -515,6 +526,14 @@ def lower_qat(qmodel, variables, sample_x, *, verify: bool = True,
   if missing:
     raise ValueError(f'Integer-only inference needs every Conv/Dense kernel '
                      f'quantized; float: {missing}.')
+  for p in st.order:
+    if frozen[p].affine:
+      raise ValueError(
+          f'{p}: its kernel grid is affine (a zero point or offset: '
+          'asymmetric observer, LSQ+ or DoReFa), which the integer program '
+          'does not lower; quantize kernels symmetrically (lsq, pact, '
+          'symmetric observers, FracBits ranges) or export the packed '
+          'artifact (export_model), which stores any kernel exactly.')
   in_q = {}
   for p in st.order:
     spec = qmodel.rules[qmodel.facts[p].rule_index].act
@@ -632,8 +651,9 @@ def save_program(program: IntegerProgram, path: str, *,
                  kernel_bits: dict | None = None) -> int:
   """Writes ``program`` as a packed artifact (:mod:`fracq.export.artifact`).
 
-  Kernels are bit-packed at ``kernel_bits[path]`` (default: the narrowest
-  width holding their codes, 8 for F8Net); int32 biases, requantization
+  Kernels are bit-packed at ``kernel_bits[path]`` (one width, or a list of
+  per-output-channel widths; default: the narrowest width holding their
+  codes, 8 for F8Net); int32 biases, requantization
   multipliers and shifts are stored exactly (int32 bit-cast into the float
   blob, names ending ``.i32``); the layer list is in the manifest. Returns
   the file size in bytes.
@@ -661,8 +681,12 @@ def save_program(program: IntegerProgram, path: str, *,
     k = np.asarray(l.kernel)
     bits, signed = _kernel_bits(k)
     b = kernel_bits.get(l.path, bits)
+    if np.ndim(b):
+      # Per-channel widths: signed like the kernel's grid (a channel may
+      # hold only non-negative codes).
+      signed = True
     packed[f'{l.path}/kernel'] = artifact.PackedTensor(
-        codes=k.astype(np.int32), bits=b, signed=signed)
+        codes=k.astype(np.int32), bits=b, signed=signed, axis=-1)
     if l.bias is not None:
       floats[f'{l.path}/bias.i32'] = _i32_as_f32(l.bias)
     entry = {'path': l.path, 'type': l.layer_type, 'relu': bool(l.relu),
@@ -779,12 +803,10 @@ def export_integer(wrapper, variables, sample_x, path: str, *,
   if program.kind == 'qat':
     from fracq.export.freeze import freeze as freeze_fn
     frozen = freeze_fn(wrapper, variables)
+    # Kernel-wise FracBits bits: every output channel at its own width, as
+    # in the weights artifact (a pruned channel at 0 bits takes no bytes).
     kernel_bits = {p: (f.bits.tolist() if f.bits.ndim else int(f.bits))
                    for p, f in frozen.items()}
-    # Per-channel bits are packed per channel by the weights artifact; the
-    # program packs each kernel at its widest channel.
-    kernel_bits = {p: (max(b) if isinstance(b, list) else b)
-                   for p, b in kernel_bits.items()}
   size = save_program(program, path, overwrite=overwrite, metadata=metadata,
                       kernel_bits=kernel_bits)
   theo = 0.0
@@ -793,8 +815,12 @@ def export_integer(wrapper, variables, sample_x, path: str, *,
       theo += 4 * sum(np.size(v) for v in l.shifts)
       theo += 0 if l.requant is None else 4 * np.size(l.requant[1])
       continue
-    b = (kernel_bits or {}).get(l.path) or _kernel_bits(np.asarray(l.kernel))[0]
-    theo += l.kernel.size * b / 8
+    b = (kernel_bits or {}).get(l.path)
+    if b is None:
+      b = _kernel_bits(np.asarray(l.kernel))[0]
+    # params x bits / 8, channel by channel (output channels on the last
+    # axis).
+    theo += l.kernel.size / np.size(b) * float(np.sum(b)) / 8
     theo += 0 if l.bias is None else 4 * l.bias.size
     if l.requant is not None:
       theo += 4 * sum(np.size(v) for v in l.requant[1:])

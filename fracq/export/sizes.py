@@ -34,7 +34,8 @@ def save_float_variables(variables: dict, path: str, *,
           for kp, v in jax.tree_util.tree_leaves_with_path(variables)}
   tmp = path + '.tmp'
   save_file(flat, tmp)
-  os.replace(tmp, path)
+  from fracq.export import artifact
+  artifact.publish(tmp, path)
   return os.path.getsize(path)
 
 

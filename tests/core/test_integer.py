@@ -316,7 +316,7 @@ def test_assert_integer_only_passes_integer_pipeline():
   # are not multiplies (a final float cast and add).
   fn = jax.jit(lambda *a: jax.nn.relu(_int_pipeline(*a)).astype(
       jnp.float32) + 1.0)
-  integer.assert_integer_only(fn, *args)
+  integer.assert_integer_only(fn, *args, boundary=True)
 
 
 @pytest.mark.parametrize('where', ['top', 'jit', 'custom_jvp', 'cond', 'dot'])

@@ -81,6 +81,9 @@ def test_f8net_integer_program_is_bit_exact_on_digits(f8, test_set):
   # ... while dequantizing the output is caught as a float multiply.
   with pytest.raises(AssertionError, match='float multiply'):
     ints.assert_integer_only(prog.logits, x)
+  # Quantizing the images and dequantizing the logits are the only float
+  # steps.
+  ints.assert_integer_only(prog.logits, x, boundary=True)
   # The exported program (launch --config.export=True) runs the same.
   path = os.path.join(wd, 'model.int.safetensors')
   loaded = export.load_program(path)

@@ -86,6 +86,7 @@ def test_integer_residual_program_is_bit_exact(trained, tmp_path):
   assert 'conv_general_dilated' in prims and 'dot_general' in prims
   with pytest.raises(AssertionError, match='float multiply'):
     ints.assert_integer_only(prog.logits, xte)
+  ints.assert_integer_only(prog.logits, xte, boundary=True)
   # Residual programs round-trip through the artifact.
   path = str(tmp_path / 'res.int.safetensors')
   im.save_program(prog, path)

@@ -52,7 +52,26 @@ def test_known_layout():
 def test_errors():
   with pytest.raises(ValueError, match=r'outside the 3-bit signed range'):
     packing.pack_codes([4], 3, signed=True)
-  with pytest.raises(ValueError, match='bits=0 is out of range'):
-    packing.pack_codes([0], 0, signed=False)
+  with pytest.raises(ValueError, match='bits=17 is out of range'):
+    packing.pack_codes([0], 17, signed=False)
+  with pytest.raises(ValueError, match=r'outside the 0-bit signed range'):
+    packing.pack_codes([1], 0, signed=True)
+
+
+def test_zero_bit_channels_take_no_bytes():
+  # A pruned (0-bit) channel is all zeros and stores nothing; its neighbours
+  # keep their own widths: 2 codes x 3 bits -> 1 byte, 2 x 0 -> 0, 2 x 5 -> 2.
+  codes = np.array([[3, -4], [0, 0], [15, -16]]).T  # channels on axis 1
+  buf, offsets = packing.pack_per_channel(codes, [3, 0, 5], 1, signed=True)
+  assert offsets.tolist() == [0, 1, 1, 3]
+  np.testing.assert_array_equal(
+      packing.unpack_per_channel(buf, [3, 0, 5], codes.shape, 1, signed=True),
+      codes)
+  enc = packing.encode(codes, [3, 0, 5], signed=True, axis=1,
+                       structure=False)
+  assert enc.nbytes == 3
+  np.testing.assert_array_equal(
+      packing.decode('dense', enc.parts, codes.shape, [3, 0, 5], signed=True,
+                     axis=1), codes)
   with pytest.raises(ValueError, match='expected 2'):
     packing.unpack_codes(np.zeros(3, np.uint8), 3, 4, signed=False)
