@@ -9,12 +9,21 @@ channel. Updates never mutate: each returns a new state, so they compose with
   for the max), ``c = 0.01`` by default; the first update takes the batch
   values (PyTorch ``MovingAverageMinMaxObserver``).
 * :func:`percentile_range` — a robust range from percentiles of one batch.
+
+Data parallelism: inside ``shard_map`` each device sees only its slice of the
+batch. The ``global_*`` helpers turn a per-device statistic into the one of
+the whole (global) batch when the named mesh axis is bound, and are the
+identity otherwise, so one code path serves init, calibration and the
+data-parallel step: extremes through ``pmin``/``pmax`` (the mean of the
+per-device extremes is not an extreme), means through ``pmean`` (exact for
+equal per-device shards), order statistics on the ``all_gather``-ed batch.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 
@@ -31,6 +40,44 @@ def _axes(x, axis):
     raise ValueError(f'axis={axis} does not exist for a {x.ndim}-d tensor.')
   axis = axis % x.ndim
   return tuple(a for a in range(x.ndim) if a != axis)
+
+
+def bound_axis_size(axis_name: str | None) -> int | None:
+  """Devices along ``axis_name`` if it is bound here (inside ``shard_map``
+  / ``pmap`` over it), else ``None`` (plain ``jit``, init, eager)."""
+  if axis_name is None:
+    return None
+  try:
+    return int(jax.lax.axis_size(axis_name))
+  except NameError:  # not inside a map over that axis
+    return None
+
+
+def global_min(v, axis_name: str | None):
+  """Minimum over the devices of ``axis_name`` (identity when unbound).
+
+  A statistic, not differentiated (``pmin`` has no derivative rule, and the
+  observers sit inside the train step's gradient).
+  """
+  if bound_axis_size(axis_name) is None:
+    return v
+  return jax.lax.pmin(jax.lax.stop_gradient(v), axis_name)
+
+
+def global_max(v, axis_name: str | None):
+  """Maximum over the devices of ``axis_name`` (identity when unbound); not
+  differentiated, as :func:`global_min`."""
+  if bound_axis_size(axis_name) is None:
+    return v
+  return jax.lax.pmax(jax.lax.stop_gradient(v), axis_name)
+
+
+def global_batch(x, axis_name: str | None):
+  """The global batch (leading axis concatenated over the devices of
+  ``axis_name``, in device order); ``x`` itself when unbound."""
+  if bound_axis_size(axis_name) is None:
+    return x
+  return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
 
 
 def observer_init(shape=()) -> MinMaxState:

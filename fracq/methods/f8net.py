@@ -81,6 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fracq.core import fixed_point as fxp
+from fracq.core import observers
 from fracq.interception.interceptor import layer_type_of
 from fracq.interception.structure import clipping_ops
 from fracq.interception.structure import is_max_pool
@@ -714,7 +715,11 @@ class _Calibrator(_Interceptor):
   def _input_fl(self, clone, path, x, signed):
     opts = self.model.options
     rng = _act_range(signed, opts)
-    batch = _fl_of(x, signed, opts.act_format, rng)
+    # Inside the calibration shard_map: the global batch's format, as the
+    # train step computes it.
+    bound = observers.bound_axis_size(opts.axis_name) is not None
+    batch = _fl_of(x, signed, opts.act_format, rng,
+                   axis_name=opts.axis_name if bound else None)
     v = clone.variable(STATS, 'input_fl_ema',
                        lambda: batch.astype(jnp.float32))
     if clone.is_mutable_collection(STATS):

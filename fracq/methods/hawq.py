@@ -21,6 +21,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fracq.core import hessian
@@ -32,6 +33,26 @@ from fracq.methods import cost as cost_lib
 
 def _path_of(keypath) -> str:
   return '/'.join(str(getattr(k, 'key', k)) for k in keypath)
+
+
+def mean_over_processes(traces, layers):
+  """``traces`` with each layer's ``avg_trace`` averaged over the processes.
+
+  Each process traces the loss of its own (equal) part of the global
+  batches with the same probes; the trace is linear in the loss, so the mean
+  over processes is the trace of the global-batch loss, and every process
+  then allocates the same bits. A no-op in a single process.
+  """
+  if jax.process_count() == 1:
+    return traces
+  from jax.experimental import multihost_utils
+  local = np.array([traces[l]['avg_trace'] for l in layers], np.float32)
+  every = np.asarray(multihost_utils.process_allgather(local))
+  out = {l: dict(v) for l, v in traces.items()}
+  for l, v in zip(layers, every.mean(axis=0)):
+    out[l]['avg_trace'] = float(v)
+    out[l]['trace'] = float(v) * out[l]['n']
+  return out
 
 
 def search(module, variables, facts, rules, budget_target: float, kind: str,
@@ -84,6 +105,7 @@ def search(module, variables, facts, rules, budget_target: float, kind: str,
   traces = hessian.hutchinson_traces(
       loss_fn, params, jax.random.key(seed), groups=groups,
       num_probes=num_probes, batches=batches)
+  traces = mean_over_processes(traces, searched)
   kernels = {_path_of(kp)[:-len('/kernel')]: x for kp, x in leaves
              if _path_of(kp).endswith('/kernel')}
   choices = []

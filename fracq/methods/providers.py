@@ -15,6 +15,16 @@ Initialisation is data-dependent (LSQ's ``2 mean|x| / sqrt(Qp)``, PACT clip
 at the observed maximum, ...): at ``init`` it uses whatever the layer sees, and
 :meth:`fracq.methods.qat.QATModel.calibrate` re-runs it on real data and real
 (e.g. pretrained) weights.
+
+Data parallelism: with ``axis_name`` set (the model's BatchNorm axis) and that
+axis bound (inside the ``shard_map`` of the train step or of calibration),
+every activation statistic is the one of the global batch, so the quantizer
+evolves identically on any number of devices and hosts: LSQ's gradient scale
+counts the elements of the global batch, min/max observers use
+``pmin``/``pmax`` (EMA observers average those), percentile observers and
+data-dependent initial values (LSQ step, LSQ+ offset, PACT clip, FracBits
+range) are computed on the ``all_gather``-ed batch. Kernels are replicated,
+so their statistics need no collective.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from fracq import core
+from fracq.core import observers
 from fracq.interception import Site
 
 TRAINABLE = 'quant'
@@ -63,13 +74,16 @@ class QATProvider:
     calibrate: overwrite the data-dependent initial values of the quantizer
       variables from the current weights and inputs (used by
       ``QATModel.calibrate``; needs ``quant`` and ``quant_stats`` mutable).
+    axis_name: the data-parallel mesh axis (the model's BatchNorm axis);
+      where it is bound, activation statistics are those of the global batch.
   """
 
   def __init__(self, hard: bool = False, calibrate: bool = False,
                signs: dict[str, bool] | None = None,
-               kernel_transform=None):
+               kernel_transform=None, axis_name: str | None = None):
     self.hard = hard
     self.calibrate = calibrate
+    self.axis_name = axis_name
     self.signs = dict(signs or {})
     # Optional ``transform(site, kernel, calibrate) -> kernel`` applied before
     # the kernel quantizer (pruning masks, weight clustering, ...).
@@ -89,6 +103,24 @@ class QATProvider:
     spec = site.rule.act
     axis = -1 if spec.granularity == 'channel' else None
     return self._quantize(site, 'input', spec, x, axis, False)
+
+  # -- global-batch statistics ---------------------------------------------
+  def _act_axis(self, t):
+    """The mesh axis an ``input`` is split over (kernels: none)."""
+    return self.axis_name if t == 'input' else None
+
+  def _stats_x(self, x, t):
+    """``x`` for data-dependent initial values: the global batch for
+    inputs (only evaluated at init and calibration, never in a step)."""
+    return observers.global_batch(x, self._act_axis(t))
+
+  def lsq_grad_scale(self, x, qp, axis, t) -> float:
+    """LSQ's ``1 / sqrt(N Qp)`` with N the elements per channel of the
+    global batch: per-device count times the devices along the batch axis
+    for inputs; a kernel's own size for kernels."""
+    n = x.size if axis is None else x.size // x.shape[axis]
+    n *= observers.bound_axis_size(self._act_axis(t)) or 1
+    return 1.0 / math.sqrt(max(n, 1) * max(float(qp), 1.0))
 
   # -- variables ------------------------------------------------------------
   def _var(self, site, col, name, init_fn, calibratable=True):
@@ -126,20 +158,22 @@ class QATProvider:
     pshape = _keepdims_shape(x, axis)
     if m == 'lsq':
       step = self._var(site, TRAINABLE, f'{t}_step', lambda: _reshape(
-          core.lsq_init_step(x, qmax, axis=axis), pshape))
+          core.lsq_init_step(self._stats_x(x, t), qmax, axis=axis), pshape))
       return core.lsq_quantize(x, _bcast(step.value, x, axis), qmin, qmax,
-                               grad_scale=core.lsq_grad_scale(x, qmax, axis=axis))
+                               grad_scale=self.lsq_grad_scale(x, qmax, axis, t))
     if m == 'lsq_plus':
       step = self._var(site, TRAINABLE, f'{t}_step', lambda: _reshape(
-          core.lsq_init_step(x, qmax - qmin, axis=axis), pshape))
+          core.lsq_init_step(self._stats_x(x, t), qmax - qmin, axis=axis),
+          pshape))
       offset = self._var(site, TRAINABLE, f'{t}_offset', lambda: _reshape(
-          jnp.min(x, axis=red), pshape))
+          jnp.min(self._stats_x(x, t), axis=red), pshape))
       return core.lsq_plus_quantize(
           x, _bcast(step.value, x, axis), _bcast(offset.value, x, axis),
-          qmin, qmax, grad_scale=core.lsq_grad_scale(x, qmax - qmin, axis=axis))
+          qmin, qmax, grad_scale=self.lsq_grad_scale(x, qmax - qmin, axis, t))
     if m == 'pact':
       clip = self._var(site, TRAINABLE, f'{t}_clip', lambda: _reshape(
-          jnp.maximum(jnp.max(jnp.abs(x), axis=red), 1e-3), pshape))
+          jnp.maximum(jnp.max(jnp.abs(self._stats_x(x, t)), axis=red), 1e-3),
+          pshape))
       return core.pact_quantize(x, _bcast(clip.value, x, axis), bits,
                                 signed=signed)
     if m == 'dorefa':
@@ -147,18 +181,26 @@ class QATProvider:
     return self._observed(site, t, spec, x, axis, qmin, qmax)
 
   def _observed(self, site, t, spec, x, axis, qmin, qmax):
-    """min/max, moving-average min/max, percentile observers."""
+    """min/max, moving-average min/max, percentile observers.
+
+    The batch statistic is the global batch's: extremes through
+    ``pmin``/``pmax``, percentiles of the gathered batch (exactly the
+    one-device value; the gather costs one copy of the layer input).
+    """
     m = spec.range_method
     red = _reduce_axes(x.ndim, axis)
     pshape = _keepdims_shape(x, axis)
+    ax = self._act_axis(t)
     if m == 'percentile':
-      lo_fn = lambda: _reshape(jnp.percentile(x, 100 - spec.percentile,
-                                              axis=red), pshape)
-      hi_fn = lambda: _reshape(jnp.percentile(x, spec.percentile, axis=red),
-                               pshape)
+      lo_fn = lambda: _reshape(jnp.percentile(
+          self._stats_x(x, t), 100 - spec.percentile, axis=red), pshape)
+      hi_fn = lambda: _reshape(jnp.percentile(
+          self._stats_x(x, t), spec.percentile, axis=red), pshape)
     else:
-      lo_fn = lambda: _reshape(jnp.min(x, axis=red), pshape)
-      hi_fn = lambda: _reshape(jnp.max(x, axis=red), pshape)
+      lo_fn = lambda: _reshape(observers.global_min(jnp.min(x, axis=red), ax),
+                               pshape)
+      hi_fn = lambda: _reshape(observers.global_max(jnp.max(x, axis=red), ax),
+                               pshape)
     lo = self._var(site, STATE, f'{t}_min', lo_fn)
     hi = self._var(site, STATE, f'{t}_max', hi_fn)
     if site.is_mutable(STATE) and not site.is_initializing:
@@ -209,11 +251,12 @@ class QATProvider:
       qmax0 = max(_levels(init_bits, signed), 1.0)
 
       def range_init():
+        xs = self._stats_x(x, t)
         if m == 'pact' or (not signed and m != 'lsq'):
-          r = jnp.max(jnp.abs(x), axis=red)
+          r = jnp.max(jnp.abs(xs), axis=red)
         else:
-          r = core.lsq_init_step(x, qmax0, axis=axis) * qmax0
-          r = jnp.minimum(r, jnp.max(jnp.abs(x), axis=red))
+          r = core.lsq_init_step(xs, qmax0, axis=axis) * qmax0
+          r = jnp.minimum(r, jnp.max(jnp.abs(xs), axis=red))
         return _reshape(jnp.maximum(r, 1e-4), pshape)
       ref = self._var(site, TRAINABLE, f'{t}_range', range_init)
       r = _bcast(ref.value, x, axis)

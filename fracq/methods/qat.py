@@ -79,8 +79,9 @@ class QATModel:
     self.signs = (_shared[-1] if _shared is not None else
                   _probe_signs(module, self.rules, sample_input,
                                self.call_kwargs))
-    self.provider = providers.QATProvider(hard=_hard, signs=self.signs,
-                                          kernel_transform=kernel_transform)
+    self.provider = providers.QATProvider(
+        hard=_hard, signs=self.signs, kernel_transform=kernel_transform,
+        axis_name=getattr(module, 'bn_axis_name', None))
     self.qmodule = QuantizedModule(module, rules, self.provider,
                                    on_unused=on_unused)
     self.rules = self.qmodule.rules
@@ -137,9 +138,10 @@ class QATModel:
     recomputed from the current weights and the activations ``x`` produces.
     Learned and frozen bit-widths are left alone.
     """
-    provider = providers.QATProvider(hard=self.hard, calibrate=True,
-                                     signs=self.signs,
-                                     kernel_transform=self.kernel_transform)
+    provider = providers.QATProvider(
+        hard=self.hard, calibrate=True, signs=self.signs,
+        kernel_transform=self.kernel_transform,
+        axis_name=getattr(self.module, 'bn_axis_name', None))
     qm = QuantizedModule(self.module, self.rules, provider,
                          on_unused='warn')
     kwargs = {**self.call_kwargs, **kwargs}
