@@ -105,7 +105,7 @@ def freeze(qmodel, variables) -> dict[str, FrozenLayer]:
       bits = np.asarray(int(spec.bits))
       step = np.asarray(q['kernel_step'], np.float32)
       step_b = _bcast(step, w.ndim, axis)
-      lo, hi = -(2 ** (int(spec.bits) - 1)), 2 ** (int(spec.bits) - 1) - 1
+      lo, hi = spec.int_grid(signed=True, is_kernel=True)
       codes = np.round(np.clip(w / step_b, lo, hi))
     else:
       raise ValueError(f'{path}: range_method={spec.range_method!r} kernels '

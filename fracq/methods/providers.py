@@ -106,7 +106,8 @@ class QATProvider:
     if spec.learn_bits:
       y = self._fractional(site, t, spec, xf, axis, signed, is_kernel)
     else:
-      y = self._uniform(site, t, spec, xf, axis, signed, int(spec.bits))
+      y = self._uniform(site, t, spec, xf, axis, signed, int(spec.bits),
+                        is_kernel)
     return y.astype(dtype)
 
   def _sign_flag(self, site, t, spec, x, is_kernel):
@@ -119,8 +120,14 @@ class QATProvider:
     return self.signs.get(site.path, True)
 
   # -- uniform (fixed integer bits) ----------------------------------------
-  def _uniform(self, site, t, spec, x, axis, signed, bits):
-    qmin, qmax = spec.int_grid(signed=signed, bits=bits)
+  def _uniform(self, site, t, spec, x, axis, signed, bits, is_kernel=False):
+    if signed and spec.symmetric and bits < 2 and spec.range_method != 'dorefa':
+      # Kernels are refused when the rules are validated; an input's sign is
+      # only known from the sample input, so it is checked here.
+      raise ValueError(
+          f'{site.path}: {t} is signed at 1 bit, a grid with no symmetric '
+          'non-zero level; use 2 bits or TensorSpec(signed=False).')
+    qmin, qmax = spec.int_grid(signed=signed, bits=bits, is_kernel=is_kernel)
     m = spec.range_method
     red = _reduce_axes(x.ndim, axis)
     pshape = _keepdims_shape(x, axis)
@@ -196,29 +203,38 @@ class QATProvider:
     b = bits.value
     if self.hard:
       b = jax.lax.stop_gradient(hard.value)
+    bits_now = b
     b = _bcast(b, x, baxis)
     m = spec.range_method
     init_bits = float(spec.bits)
     if m == 'dorefa':
       branch = core.dorefa_branch
     else:
-      # One shared range for both branches: LSQ's step at the initial bits,
-      # times its level count, so the initial quantizer is LSQ's.
-      qmax0 = _levels(init_bits, signed)
+      # One shared range r for both branches, set and trained like uniform
+      # LSQ's step s at the same integer bits through r = s * Qp: initial
+      # value LSQ's at the initial bits, LSQ's gradient scale at the bits in
+      # use. A model frozen at k bits then computes what uniform k-bit QAT
+      # computes from the same weights and data, with dL/dr = dL/ds / Qp.
+      qmax0 = _levels(spec, init_bits, signed, is_kernel)
 
       def range_init():
         if m == 'pact' or (not signed and m != 'lsq'):
-          r = jnp.max(jnp.abs(x), axis=red)
-        else:
-          r = core.lsq_init_step(x, qmax0, axis=axis) * qmax0
-          r = jnp.minimum(r, jnp.max(jnp.abs(x), axis=red))
-        return _reshape(jnp.maximum(r, 1e-4), pshape)
+          return _reshape(jnp.maximum(jnp.max(jnp.abs(x), axis=red), 1e-4),
+                          pshape)
+        # LSQ's 2 mean|x| / sqrt(Qp), not capped at max|x|: uniform LSQ
+        # starts from the paper's estimate, and capping one of the two
+        # would give them different initial grids (and learning starts) at
+        # the same bits. Where the estimate exceeds max|x| nothing is
+        # clipped either way, and the learned range moves off it.
+        return _reshape(core.lsq_init_step(x, qmax0, axis=axis) * qmax0,
+                        pshape)
       ref = self._var(site, TRAINABLE, f'{t}_range', range_init)
-      r = _bcast(ref.value, x, axis)
+      r = core.learned.scale_grad(ref.value, self._range_grad_scale(
+          x, bits_now, lo_b, hi_b, signed, axis, ref.value.shape))
+      r = _bcast(r, x, axis)
       if self.hard:
-        branch = (core.symmetric_range_branch if signed else
-                  core.unsigned_range_branch)
-        return core.hard_quantize(x, b, lambda xx, k: branch(xx, r, k))
+        return core.hard_quantize(
+            x, b, lambda xx, k: _lsq_at_bits(xx, r, k, signed))
       return core.fractional_range_quantize(
           x, r, b, signed=signed, b_min=lo_b, b_max=hi_b,
           allow_zero_bit=lo_b < 1)
@@ -227,10 +243,39 @@ class QATProvider:
     return core.fractional_quantize(x, b, branch, b_min=lo_b, b_max=hi_b,
                                     allow_zero_bit=lo_b < 1)
 
+  def _range_grad_scale(self, x, bits, lo_b, hi_b, signed, axis, rshape):
+    """LSQ's gradient scale for a shared range, at the level count of the
+    integer bits in use (hard mode) or of the lower branch (fractional
+    bits), one per range entry."""
+    # The level counts of fracq.core.fracbits' shared-range branches (the
+    # grid int_grid resolves for learned bits), computed on traced bits.
+    k = jnp.floor(jnp.clip(bits, lo_b, hi_b))
+    qp = jax.lax.stop_gradient(
+        2.0 ** (k - 1.0) - 1.0 if signed else 2.0 ** k - 1.0)
+    if qp.ndim and qp.shape != tuple(rshape):
+      qp = jnp.mean(qp)  # per-channel bits sharing a per-tensor range
+    return core.lsq_grad_scale(x, qp, axis=axis)
 
-def _levels(bits: float, signed: bool) -> float:
+
+def _lsq_at_bits(x, r, k, signed: bool):
+  """``Q_k`` on the shared range ``r`` as LSQ's quantizer with step
+  ``r / Qp`` (``k`` may be traced). Same values as the shared-range branches
+  of ``fracq.core.fracbits``, and LSQ's straight-through mask for ``x``,
+  which passes the gradient at the grid's ends too (e.g. ReLU zeros), so a
+  frozen model trains as uniform LSQ does. LSQ's gradient scale is already
+  on ``r``."""
+  qp = 2.0 ** (k - 1.0) - 1.0 if signed else 2.0 ** k - 1.0
+  qmin = -qp if signed else jnp.zeros_like(qp)
+  return core.lsq_quantize(x, jnp.abs(r) / jnp.maximum(qp, 1.0), qmin, qp)
+
+
+def _levels(spec, bits: float, signed: bool, is_kernel: bool) -> float:
+  """``Qp`` of the integer grid at ``floor(bits)`` (from the spec's grid
+  convention); 1 below the smallest grid of that sign."""
   k = int(math.floor(bits))
-  return float(2 ** (k - 1) - 1) if signed else float(2 ** k - 1)
+  if k < (2 if signed else 1):
+    return 1.0
+  return float(spec.int_grid(signed=signed, bits=k, is_kernel=is_kernel)[1])
 
 
 def _reshape(v, shape):
