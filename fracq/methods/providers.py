@@ -11,7 +11,8 @@ and input. Variables it creates on the layer's scope:
   ``{t}_min`` / ``{t}_max`` (observers), ``{t}_hard_bits`` (integer bits
   frozen by hard assignment; ``-1`` until then).
 
-Initialisation is data-dependent (LSQ's ``2 mean|x| / sqrt(Qp)``, PACT clip
+Initialisation is data-dependent (LSQ's ``2 mean|x| / sqrt(Qp)`` capped at
+``max|x| / Qp``, for uniform steps and FracBits ranges alike, PACT clip
 at the observed maximum, ...): at ``init`` it uses whatever the layer sees, and
 :meth:`fracq.methods.qat.QATModel.calibrate` re-runs it on real data and real
 (e.g. pretrained) weights.
@@ -133,7 +134,7 @@ class QATProvider:
     pshape = _keepdims_shape(x, axis)
     if m == 'lsq':
       step = self._var(site, TRAINABLE, f'{t}_step', lambda: _reshape(
-          core.lsq_init_step(x, qmax, axis=axis), pshape))
+          _lsq_step_init(x, qmax, axis), pshape))
       return core.lsq_quantize(x, _bcast(step.value, x, axis), qmin, qmax,
                                grad_scale=core.lsq_grad_scale(x, qmax, axis=axis))
     if m == 'lsq_plus':
@@ -221,13 +222,7 @@ class QATProvider:
         if m == 'pact' or (not signed and m != 'lsq'):
           return _reshape(jnp.maximum(jnp.max(jnp.abs(x), axis=red), 1e-4),
                           pshape)
-        # LSQ's 2 mean|x| / sqrt(Qp), not capped at max|x|: uniform LSQ
-        # starts from the paper's estimate, and capping one of the two
-        # would give them different initial grids (and learning starts) at
-        # the same bits. Where the estimate exceeds max|x| nothing is
-        # clipped either way, and the learned range moves off it.
-        return _reshape(core.lsq_init_step(x, qmax0, axis=axis) * qmax0,
-                        pshape)
+        return _reshape(_lsq_step_init(x, qmax0, axis) * qmax0, pshape)
       ref = self._var(site, TRAINABLE, f'{t}_range', range_init)
       r = core.learned.scale_grad(ref.value, self._range_grad_scale(
           x, bits_now, lo_b, hi_b, signed, axis, ref.value.shape))
@@ -267,6 +262,22 @@ def _lsq_at_bits(x, r, k, signed: bool):
   qp = 2.0 ** (k - 1.0) - 1.0 if signed else 2.0 ** k - 1.0
   qmin = -qp if signed else jnp.zeros_like(qp)
   return core.lsq_quantize(x, jnp.abs(r) / jnp.maximum(qp, 1.0), qmin, qp)
+
+
+def _lsq_step_init(x, qp, axis):
+  """The initial step of uniform LSQ and (times ``Qp``) of FracBits' shared
+  range: LSQ's ``2 mean|x| / sqrt(Qp)``, capped at ``max|x| / Qp``.
+
+  The cap applies to both, so they start from the same grid at equal bits.
+  It binds where LSQ's estimate would put the top code beyond every value
+  (high bits, or few heavy-tailed elements per channel): the top codes would
+  go unused and the grid would only be coarser, since nothing is clipped
+  under either value. Below that, the estimate is LSQ's unchanged.
+  """
+  qp = max(float(qp), 1.0)
+  amax = jnp.max(jnp.abs(x), axis=_reduce_axes(x.ndim, axis))
+  return jnp.maximum(jnp.minimum(core.lsq_init_step(x, qp, axis=axis),
+                                 amax / qp), 1e-8)
 
 
 def _levels(spec, bits: float, signed: bool, is_kernel: bool) -> float:
