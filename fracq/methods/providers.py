@@ -11,8 +11,9 @@ and input. Variables it creates on the layer's scope:
   ``{t}_min`` / ``{t}_max`` (observers), ``{t}_hard_bits`` (integer bits
   frozen by hard assignment; ``-1`` until then).
 
-Initialisation is data-dependent (LSQ's ``2 mean|x| / sqrt(Qp)`` capped at
-``max|x| / Qp``, for uniform steps and FracBits ranges alike, PACT clip
+Initialisation is data-dependent (LSQ's ``2 mean|x| / sqrt(Qp)``, for
+kernels capped at ``max|x| / Qp``, for uniform steps and FracBits ranges
+alike, PACT clip
 at the observed maximum, ...): at ``init`` it uses whatever the layer sees, and
 :meth:`fracq.methods.qat.QATModel.calibrate` re-runs it on real data and real
 (e.g. pretrained) weights.
@@ -134,7 +135,7 @@ class QATProvider:
     pshape = _keepdims_shape(x, axis)
     if m == 'lsq':
       step = self._var(site, TRAINABLE, f'{t}_step', lambda: _reshape(
-          _lsq_step_init(x, qmax, axis), pshape))
+          _lsq_step_init(x, qmax, axis, is_kernel), pshape))
       return core.lsq_quantize(x, _bcast(step.value, x, axis), qmin, qmax,
                                grad_scale=core.lsq_grad_scale(x, qmax, axis=axis))
     if m == 'lsq_plus':
@@ -222,7 +223,8 @@ class QATProvider:
         if m == 'pact' or (not signed and m != 'lsq'):
           return _reshape(jnp.maximum(jnp.max(jnp.abs(x), axis=red), 1e-4),
                           pshape)
-        return _reshape(_lsq_step_init(x, qmax0, axis) * qmax0, pshape)
+        return _reshape(_lsq_step_init(x, qmax0, axis, is_kernel) * qmax0,
+                        pshape)
       ref = self._var(site, TRAINABLE, f'{t}_range', range_init)
       r = core.learned.scale_grad(ref.value, self._range_grad_scale(
           x, bits_now, lo_b, hi_b, signed, axis, ref.value.shape))
@@ -264,20 +266,25 @@ def _lsq_at_bits(x, r, k, signed: bool):
   return core.lsq_quantize(x, jnp.abs(r) / jnp.maximum(qp, 1.0), qmin, qp)
 
 
-def _lsq_step_init(x, qp, axis):
+def _lsq_step_init(x, qp, axis, is_kernel: bool):
   """The initial step of uniform LSQ and (times ``Qp``) of FracBits' shared
-  range: LSQ's ``2 mean|x| / sqrt(Qp)``, capped at ``max|x| / Qp``.
+  range: LSQ's ``2 mean|x| / sqrt(Qp)``, for kernels capped at
+  ``max|x| / Qp``.
 
-  The cap applies to both, so they start from the same grid at equal bits.
-  It binds where LSQ's estimate would put the top code beyond every value
-  (high bits, or few heavy-tailed elements per channel): the top codes would
-  go unused and the grid would only be coarser, since nothing is clipped
-  under either value. Below that, the estimate is LSQ's unchanged.
+  Uniform QAT and FracBits use the same rule, so they start from the same
+  grid at equal bits. For a kernel the cap binds where LSQ's estimate would
+  put the top code beyond every weight (high bits, or few heavy-tailed
+  weights per channel): the top codes would go unused and the grid would
+  only be coarser, since no weight is clipped under either value. An
+  input's maximum comes from one calibration batch and does not bound later
+  inputs, so activations keep LSQ's estimate unchanged.
   """
   qp = max(float(qp), 1.0)
-  amax = jnp.max(jnp.abs(x), axis=_reduce_axes(x.ndim, axis))
-  return jnp.maximum(jnp.minimum(core.lsq_init_step(x, qp, axis=axis),
-                                 amax / qp), 1e-8)
+  step = core.lsq_init_step(x, qp, axis=axis)
+  if is_kernel:
+    amax = jnp.max(jnp.abs(x), axis=_reduce_axes(x.ndim, axis))
+    step = jnp.maximum(jnp.minimum(step, amax / qp), 1e-8)
+  return step
 
 
 def _levels(spec, bits: float, signed: bool, is_kernel: bool) -> float:
