@@ -133,7 +133,7 @@ class TensorSpec:
           '[-(2^(k-1)-1), 2^(k-1)-1] (signed) or [0, 2^k-1] (unsigned); '
           'leave narrow_range unset (None).')
     if (not self.learn_bits and self.signed and self.symmetric and
-        int(self.bits) == 1):
+        int(self.bits) == 1 and self.range_method != 'dorefa'):
       raise ValueError(
           f'{where}: signed=True at bits=1: a signed symmetric 1-bit grid is '
           '{0}, so the tensor would quantize to zeros; use bits=2 (ternary) '
@@ -276,8 +276,10 @@ def validate_rules(rules: Sequence[Rule]) -> tuple[Rule, ...]:
       if tensor == 'act' and spec.range_method == 'dorefa':
         raise ValueError(f'{where}: DoReFa normalisation is for weights; use '
                          "range_method='pact' for activations.")
+      # DoReFa's 1-bit weights are binary (+-1), a grid of their own.
       if (tensor == 'weight' and not spec.learn_bits and spec.symmetric and
-          int(spec.bits) == 1 and spec.signed is not False):
+          int(spec.bits) == 1 and spec.signed is not False and
+          spec.range_method != 'dorefa'):
         raise ValueError(
             f'{where}: 1-bit signed kernels: a signed symmetric 1-bit grid '
             'is {0}, so every weight would quantize to zero and nothing '

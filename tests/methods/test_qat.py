@@ -335,7 +335,9 @@ def test_signed_one_bit_kernels_are_refused():
   with pytest.raises(ValueError, match='signed=False'):
     interception.validate_rules([fracq.Rule(
         act=fracq.TensorSpec(bits=1, signed=True))])
-  # Unsigned 1-bit tensors stay allowed.
+  # Unsigned 1-bit tensors and DoReFa's binary (+-1) weights stay allowed.
+  interception.validate_rules([fracq.Rule(
+      weight=fracq.TensorSpec(bits=1, range_method='dorefa'))])
   interception.validate_rules([fracq.Rule(
       weight=fracq.TensorSpec(bits=1, signed=False),
       act=fracq.TensorSpec(bits=1, signed=False))])
