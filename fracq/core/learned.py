@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +29,23 @@ def round_ste(v):
   return v + jax.lax.stop_gradient(jnp.round(v) - v)
 
 
+@jax.custom_vjp
 def scale_grad(v, g):
-  """Identity forward; multiplies the gradient by ``g`` (LSQ's grad scale)."""
-  return jax.lax.stop_gradient(v - v * g) + v * g
+  """Identity forward (bit-exact); multiplies the gradient by ``g`` (LSQ's
+  grad scale, a number or an array broadcastable to ``v``; it gets no
+  gradient itself)."""
+  return v
+
+
+def _scale_grad_fwd(v, g):
+  return v, g
+
+
+def _scale_grad_bwd(g, ct):
+  return sum_to(ct * g, jnp.shape(ct)), jnp.zeros_like(g)
+
+
+scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
 
 
 def _reduce(x, axis):
@@ -47,10 +62,21 @@ def lsq_init_step(x, qp, *, axis: int | None = None):
   return jnp.maximum(2.0 * m / math.sqrt(qp), 1e-8)
 
 
-def lsq_grad_scale(x, qp, *, axis: int | None = None) -> float:
-  """LSQ's gradient scale ``1 / sqrt(N * Qp)``, N elements per step."""
+def lsq_grad_scale(x, qp, *, axis: int | None = None, replicas: int = 1):
+  """LSQ's gradient scale ``1 / sqrt(N * Qp)``, N elements per step.
+
+  ``qp`` is a number (a Python float comes back) or an array, e.g. the level
+  count of learned bit-widths, which may be traced (an array comes back, one
+  scale per entry of ``qp``). ``replicas``: how many copies of ``x``'s shape
+  make up one step's batch (the devices along the data-parallel axis, where
+  ``x`` is one device's share of an activation), so that N counts the global
+  batch.
+  """
   n = x.size if axis is None else x.size // x.shape[axis]
-  return 1.0 / math.sqrt(max(n, 1) * max(float(qp), 1.0))
+  n = max(n * int(replicas), 1)
+  if not isinstance(qp, numbers.Number):
+    return jax.lax.rsqrt(n * jnp.maximum(jnp.asarray(qp, jnp.float32), 1.0))
+  return 1.0 / math.sqrt(n * max(float(qp), 1.0))
 
 
 def lsq_quantize(x, step, qmin, qmax, *, grad_scale: float = 1.0):

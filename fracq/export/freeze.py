@@ -114,10 +114,7 @@ def _jbcast(v, ndim, axis):
 def grid(spec, *, signed: bool, bits: int) -> tuple[int, int]:
   """``(qmin, qmax)`` of a kernel's ``bits``-bit grid, read from the rule
   (``TensorSpec.int_grid``, the convention training uses)."""
-  try:
-    return spec.int_grid(signed=signed, bits=int(bits), is_kernel=True)
-  except TypeError:  # a TensorSpec whose int_grid has no is_kernel keyword
-    return spec.int_grid(signed=signed, bits=int(bits))
+  return spec.int_grid(signed=signed, bits=int(bits), is_kernel=True)
 
 
 def _transformed(qmodel, variables):

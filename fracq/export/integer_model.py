@@ -514,7 +514,6 @@ def lower_qat(qmodel, variables, sample_x, *, verify: bool = True,
   (a structural check; tests hold it to 1e-3).
   """
   from fracq.export.freeze import freeze as freeze_fn
-  from fracq.core import uniform
   x = jnp.asarray(sample_x)
   params = variables['params']
   quant = variables.get('quant', {})
@@ -543,8 +542,7 @@ def lower_qat(qmodel, variables, sample_x, *, verify: bool = True,
           f'{p}: integer-only inference needs the input quantized with a '
           'per-tensor LSQ step at fixed bits (act_range=lsq, '
           'act_granularity=tensor, learn_act_bits=False).')
-    lo, hi = uniform.int_range(int(spec.bits), signed=st.signs[p],
-                               narrow_range=spec.narrow_range)
+    lo, hi = spec.int_grid(signed=st.signs[p], is_kernel=False)
     step = float(np.abs(np.asarray(_tree_node(quant, p)['input_step'])))
     in_q[p] = (step, (lo, hi))
   layers = []

@@ -53,6 +53,12 @@ class TensorSpec:
       ReLU), then unsigned.
     symmetric: zero point fixed at 0 (otherwise affine with a zero point).
     narrow_range: drop the most negative code (e.g. ``[-7, 7]`` at 4 bits).
+      ``None`` (the default) resolves per tensor in :meth:`int_grid`: narrow
+      for signed symmetric kernels (the symmetric grid FracBits uses, so
+      2-bit kernels are ternary) and for any signed tensor with learned bits,
+      full otherwise (activations, unsigned or affine tensors). An explicit
+      ``True``/``False`` wins for fixed bits; learned bits use the symmetric
+      shared-range grid and refuse an explicit value.
     granularity: ``'tensor'`` or ``'channel'`` (kernels: per output channel;
       activations: per last-axis channel). ``'group'`` is reserved: the core
       has per-group math (``fracq.core.fake_quant_grouped``) but the QAT
@@ -69,20 +75,39 @@ class TensorSpec:
   range_method: str = 'lsq'
   signed: bool | None = None
   symmetric: bool = True
-  narrow_range: bool = False
+  narrow_range: bool | None = None
   granularity: str = 'tensor'
   group_size: int | None = None
   percentile: float = 99.99
   ema_decay: float = 0.01
 
-  def int_grid(self, *, signed: bool, bits: int | None = None
-               ) -> tuple[int, int]:
+  def int_grid(self, *, signed: bool, is_kernel: bool,
+               bits: int | None = None) -> tuple[int, int]:
     """``(qmin, qmax)`` of this tensor's integer grid at ``bits`` (default
     ``self.bits``). The one place the provider (training) and the exporter
-    (freeze, lowering) read the grid convention from."""
+    (freeze, lowering) read the grid convention from.
+
+    Args:
+      signed: the tensor's resolved sign (kernels: signed unless
+        ``signed=False``; activations: from the sample input).
+      is_kernel: the tensor is a layer's kernel (it decides the default of
+        ``narrow_range``).
+      bits: integer bit-width; defaults to ``self.bits``.
+    """
     from fracq.core import uniform  # core is the layer below; no cycle
     return uniform.int_range(int(self.bits if bits is None else bits),
-                             signed=signed, narrow_range=self.narrow_range)
+                             signed=signed,
+                             narrow_range=self.resolved_narrow_range(
+                                 signed=signed, is_kernel=is_kernel))
+
+  def resolved_narrow_range(self, *, signed: bool, is_kernel: bool) -> bool:
+    """``narrow_range`` with its default (``None``) resolved; see the class
+    docstring."""
+    if self.narrow_range is not None:
+      return bool(self.narrow_range)
+    # Uniform and FracBits kernels share the symmetric grid, so a FracBits
+    # model frozen at k bits computes what uniform k-bit QAT computes.
+    return signed and self.symmetric and (is_kernel or self.learn_bits)
 
   def validate(self, where: str) -> None:
     """Raises ValueError, naming ``where``, if the settings are inconsistent."""
@@ -101,6 +126,18 @@ class TensorSpec:
         raise ValueError(
             f'{where}: bits={self.bits} must be an integer in [1, 16] when '
             'learn_bits=False (set learn_bits=True for fractional bits).')
+    if self.learn_bits and self.narrow_range is not None:
+      raise ValueError(
+          f'{where}: narrow_range={self.narrow_range} with learn_bits=True: '
+          'learned bits quantize on a shared range with the symmetric grid '
+          '[-(2^(k-1)-1), 2^(k-1)-1] (signed) or [0, 2^k-1] (unsigned); '
+          'leave narrow_range unset (None).')
+    if (not self.learn_bits and self.signed and self.symmetric and
+        int(self.bits) == 1 and self.range_method != 'dorefa'):
+      raise ValueError(
+          f'{where}: signed=True at bits=1: a signed symmetric 1-bit grid is '
+          '{0}, so the tensor would quantize to zeros; use bits=2 (ternary) '
+          'or signed=False.')
     if self.range_method not in _RANGE_METHODS:
       raise ValueError(
           f'{where}: unknown range_method={self.range_method!r}; choose one '
@@ -239,9 +276,25 @@ def validate_rules(rules: Sequence[Rule]) -> tuple[Rule, ...]:
       if tensor == 'act' and spec.range_method == 'dorefa':
         raise ValueError(f'{where}: DoReFa normalisation is for weights; use '
                          "range_method='pact' for activations.")
+      # DoReFa's 1-bit weights are binary (+-1), a grid of their own.
+      if (tensor == 'weight' and not spec.learn_bits and spec.symmetric and
+          int(spec.bits) == 1 and spec.signed is not False and
+          spec.range_method != 'dorefa'):
+        raise ValueError(
+            f'{where}: 1-bit signed kernels: a signed symmetric 1-bit grid '
+            'is {0}, so every weight would quantize to zero and nothing '
+            'trains; use bits=2 (ternary) or signed=False.')
       if tensor == 'weight' and spec.range_method == 'pact':
         raise ValueError(f'{where}: PACT clips activations; use '
                          "'lsq', 'minmax' or 'dorefa' for weights.")
+    if (rule.weight is None and rule.act is not None and
+        rule.act.learn_bits and not rule.keep_float):
+      raise ValueError(
+          f'{where}: activation bits are learned (act.learn_bits=True) on '
+          'layers whose weights stay float (weight=None); the resource cost '
+          'only counts layers with quantized kernels, so nothing would hold '
+          'those bits down. Quantize the weights too (weight=TensorSpec(...)) '
+          'or fix the activation bits (act.learn_bits=False).')
   return rules
 
 

@@ -11,7 +11,9 @@ and input. Variables it creates on the layer's scope:
   ``{t}_min`` / ``{t}_max`` (observers), ``{t}_hard_bits`` (integer bits
   frozen by hard assignment; ``-1`` until then).
 
-Initialisation is data-dependent (LSQ's ``2 mean|x| / sqrt(Qp)``, PACT clip
+Initialisation is data-dependent (LSQ's ``2 mean|x| / sqrt(Qp)``, for
+kernels capped at ``max|x| / Qp``, for uniform steps and FracBits ranges
+alike, PACT clip
 at the observed maximum, ...): at ``init`` it uses whatever the layer sees, and
 :meth:`fracq.methods.qat.QATModel.calibrate` re-runs it on real data and real
 (e.g. pretrained) weights.
@@ -114,13 +116,12 @@ class QATProvider:
     inputs (only evaluated at init and calibration, never in a step)."""
     return observers.global_batch(x, self._act_axis(t))
 
-  def lsq_grad_scale(self, x, qp, axis, t) -> float:
+  def lsq_grad_scale(self, x, qp, axis, t):
     """LSQ's ``1 / sqrt(N Qp)`` with N the elements per channel of the
     global batch: per-device count times the devices along the batch axis
-    for inputs; a kernel's own size for kernels."""
-    n = x.size if axis is None else x.size // x.shape[axis]
-    n *= observers.bound_axis_size(self._act_axis(t)) or 1
-    return 1.0 / math.sqrt(max(n, 1) * max(float(qp), 1.0))
+    for inputs; a kernel's own size for kernels. ``qp`` may be traced."""
+    replicas = observers.bound_axis_size(self._act_axis(t)) or 1
+    return core.lsq_grad_scale(x, qp, axis=axis, replicas=replicas)
 
   # -- variables ------------------------------------------------------------
   def _var(self, site, col, name, init_fn, calibratable=True):
@@ -138,7 +139,8 @@ class QATProvider:
     if spec.learn_bits:
       y = self._fractional(site, t, spec, xf, axis, signed, is_kernel)
     else:
-      y = self._uniform(site, t, spec, xf, axis, signed, int(spec.bits))
+      y = self._uniform(site, t, spec, xf, axis, signed, int(spec.bits),
+                        is_kernel)
     return y.astype(dtype)
 
   def _sign_flag(self, site, t, spec, x, is_kernel):
@@ -151,14 +153,21 @@ class QATProvider:
     return self.signs.get(site.path, True)
 
   # -- uniform (fixed integer bits) ----------------------------------------
-  def _uniform(self, site, t, spec, x, axis, signed, bits):
-    qmin, qmax = spec.int_grid(signed=signed, bits=bits)
+  def _uniform(self, site, t, spec, x, axis, signed, bits, is_kernel=False):
+    if signed and spec.symmetric and bits < 2 and spec.range_method != 'dorefa':
+      # Kernels are refused when the rules are validated; an input's sign is
+      # only known from the sample input, so it is checked here.
+      raise ValueError(
+          f'{site.path}: {t} is signed at 1 bit, a grid with no symmetric '
+          'non-zero level; use 2 bits or TensorSpec(signed=False).')
+    qmin, qmax = spec.int_grid(signed=signed, bits=bits, is_kernel=is_kernel)
     m = spec.range_method
     red = _reduce_axes(x.ndim, axis)
     pshape = _keepdims_shape(x, axis)
     if m == 'lsq':
       step = self._var(site, TRAINABLE, f'{t}_step', lambda: _reshape(
-          core.lsq_init_step(self._stats_x(x, t), qmax, axis=axis), pshape))
+          _lsq_step_init(self._stats_x(x, t), qmax, axis, is_kernel),
+          pshape))
       return core.lsq_quantize(x, _bcast(step.value, x, axis), qmin, qmax,
                                grad_scale=self.lsq_grad_scale(x, qmax, axis, t))
     if m == 'lsq_plus':
@@ -238,33 +247,37 @@ class QATProvider:
     b = bits.value
     if self.hard:
       b = jax.lax.stop_gradient(hard.value)
+    bits_now = b
     b = _bcast(b, x, baxis)
     m = spec.range_method
     init_bits = float(spec.bits)
     if m == 'dorefa':
       branch = core.dorefa_branch
     else:
-      # One shared range for both branches: LSQ's step at the initial bits,
-      # times its level count, so the initial quantizer is LSQ's.
-      # (At least one level: below 2 signed / 1 unsigned bits the initial
-      # grid mixes in the pruned branch, whose range is the next grid's.)
-      qmax0 = max(_levels(init_bits, signed), 1.0)
+      # One shared range r for both branches, set and trained like uniform
+      # LSQ's step s at the same integer bits through r = s * Qp: initial
+      # value LSQ's at the initial bits, LSQ's gradient scale at the bits in
+      # use. A model frozen at k bits then computes what uniform k-bit QAT
+      # computes from the same weights and data, with dL/dr = dL/ds / Qp.
+      # (Below 2 signed / 1 unsigned bits the initial grid mixes in the
+      # pruned branch; the range is then the smallest grid's.)
+      qmax0 = _levels(spec, init_bits, signed, is_kernel)
 
       def range_init():
         xs = self._stats_x(x, t)
         if m == 'pact' or (not signed and m != 'lsq'):
-          r = jnp.max(jnp.abs(xs), axis=red)
-        else:
-          r = core.lsq_init_step(xs, qmax0, axis=axis) * qmax0
-          r = jnp.minimum(r, jnp.max(jnp.abs(xs), axis=red))
-        return _reshape(jnp.maximum(r, 1e-4), pshape)
+          return _reshape(jnp.maximum(jnp.max(jnp.abs(xs), axis=red), 1e-4),
+                          pshape)
+        return _reshape(_lsq_step_init(xs, qmax0, axis, is_kernel) * qmax0,
+                        pshape)
       ref = self._var(site, TRAINABLE, f'{t}_range', range_init)
-      r = _bcast(ref.value, x, axis)
+      r = core.learned.scale_grad(ref.value, self._range_grad_scale(
+          x, bits_now, lo_b, hi_b, signed, axis, t, ref.value.shape))
+      r = _bcast(r, x, axis)
       if self.hard:
-        branch = (core.symmetric_range_branch if signed else
-                  core.unsigned_range_branch)
-        return core.hard_quantize(x, b, lambda xx, k: branch(xx, r, k),
-                                  min_nonzero_bits=2 if signed else 1)
+        return core.hard_quantize(
+            x, b, lambda xx, k: _lsq_at_bits(xx, r, k, signed),
+            min_nonzero_bits=2 if signed else 1)
       return core.fractional_range_quantize(
           x, r, b, signed=signed, b_min=lo_b, b_max=hi_b,
           allow_zero_bit=lo_b < 1)
@@ -273,10 +286,61 @@ class QATProvider:
     return core.fractional_quantize(x, b, branch, b_min=lo_b, b_max=hi_b,
                                     allow_zero_bit=lo_b < 1)
 
+  def _range_grad_scale(self, x, bits, lo_b, hi_b, signed, axis, t,
+                        rshape):
+    """LSQ's gradient scale for a shared range, at the level count of the
+    integer bits in use (hard mode) or of the lower branch (fractional
+    bits), one per range entry."""
+    # The level counts of fracq.core.fracbits' shared-range branches (the
+    # grid int_grid resolves for learned bits), computed on traced bits.
+    k = jnp.floor(jnp.clip(bits, lo_b, hi_b))
+    qp = jax.lax.stop_gradient(
+        2.0 ** (k - 1.0) - 1.0 if signed else 2.0 ** k - 1.0)
+    if qp.ndim and qp.shape != tuple(rshape):
+      qp = jnp.mean(qp)  # per-channel bits sharing a per-tensor range
+    return self.lsq_grad_scale(x, qp, axis, t)
 
-def _levels(bits: float, signed: bool) -> float:
+
+def _lsq_at_bits(x, r, k, signed: bool):
+  """``Q_k`` on the shared range ``r`` as LSQ's quantizer with step
+  ``r / Qp`` (``k`` may be traced). Same values as the shared-range branches
+  of ``fracq.core.fracbits``, and LSQ's straight-through mask for ``x``,
+  which passes the gradient at the grid's ends too (e.g. ReLU zeros), so a
+  frozen model trains as uniform LSQ does. LSQ's gradient scale is already
+  on ``r``."""
+  qp = 2.0 ** (k - 1.0) - 1.0 if signed else 2.0 ** k - 1.0
+  qmin = -qp if signed else jnp.zeros_like(qp)
+  return core.lsq_quantize(x, jnp.abs(r) / jnp.maximum(qp, 1.0), qmin, qp)
+
+
+def _lsq_step_init(x, qp, axis, is_kernel: bool):
+  """The initial step of uniform LSQ and (times ``Qp``) of FracBits' shared
+  range: LSQ's ``2 mean|x| / sqrt(Qp)``, for kernels capped at
+  ``max|x| / Qp``.
+
+  Uniform QAT and FracBits use the same rule, so they start from the same
+  grid at equal bits. For a kernel the cap binds where LSQ's estimate would
+  put the top code beyond every weight (high bits, or few heavy-tailed
+  weights per channel): the top codes would go unused and the grid would
+  only be coarser, since no weight is clipped under either value. An
+  input's maximum comes from one calibration batch and does not bound later
+  inputs, so activations keep LSQ's estimate unchanged.
+  """
+  qp = max(float(qp), 1.0)
+  step = core.lsq_init_step(x, qp, axis=axis)
+  if is_kernel:
+    amax = jnp.max(jnp.abs(x), axis=_reduce_axes(x.ndim, axis))
+    step = jnp.maximum(jnp.minimum(step, amax / qp), 1e-8)
+  return step
+
+
+def _levels(spec, bits: float, signed: bool, is_kernel: bool) -> float:
+  """``Qp`` of the integer grid at ``floor(bits)`` (from the spec's grid
+  convention); 1 below the smallest grid of that sign."""
   k = int(math.floor(bits))
-  return float(2 ** (k - 1) - 1) if signed else float(2 ** k - 1)
+  if k < (2 if signed else 1):
+    return 1.0
+  return float(spec.int_grid(signed=signed, bits=k, is_kernel=is_kernel)[1])
 
 
 def _reshape(v, shape):

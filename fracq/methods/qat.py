@@ -127,6 +127,7 @@ class QATModel:
 
   def apply(self, variables, x, *, train: bool = False, mutable=False,
             rngs=None, **kwargs):
+    self._check_assigned(variables, 'apply')
     return self.qmodule.apply(variables, x, train=train, mutable=mutable,
                               rngs=rngs, **kwargs)
 
@@ -254,8 +255,33 @@ class QATModel:
     """The bits the model runs with: learned ones, or frozen ones if hard."""
     quant = variables.get('quant', {})
     if self.hard:
+      self._check_assigned(variables, 'bits_view')
       return providers.hard_bits_view(quant, variables.get('quant_stats', {}))
     return quant
+
+  def _check_assigned(self, variables, what: str) -> None:
+    """Refuses a hard-mode model whose learned bits were never assigned.
+
+    Unassigned frozen bits are -1, which the hard quantizer maps to the
+    pruned (all-zero) branch, so the model would silently output zeros.
+    Checked on concrete values only: under ``jit`` the bits are traced, and
+    the training loop calls :meth:`prepare` on the host before tracing.
+    """
+    if not (self.hard and self.learns_bits):
+      return
+    hard_bits = [
+        v for kp, v in jax.tree_util.tree_leaves_with_path(
+            variables.get('quant_stats', {}))
+        if str(getattr(kp[-1], 'key', kp[-1])).endswith('_hard_bits')]
+    if any(isinstance(v, jax.core.Tracer) for v in hard_bits):
+      return
+    if any(np.any(np.asarray(v) < 0) for v in hard_bits):
+      raise ValueError(
+          f'{what}: this hard-mode model (integer bits after hard assignment) '
+          'got variables whose learned bits were never assigned '
+          '(quant_stats *_hard_bits are still -1, which would quantize every '
+          'such tensor to zeros). Run variables = model.prepare(variables) '
+          'on the hard-mode model (model = qmodel.for_step(step)) first.')
 
   def _init_bits(self) -> float:
     bits = [r.weight.bits for r in self.rules

@@ -11,6 +11,7 @@ import pytest
 
 import fracq
 from fracq import core
+from fracq import interception
 from fracq import models
 from fracq.methods import config as mcfg
 from fracq.train import train as tr
@@ -35,18 +36,23 @@ def test_uniform_lsq_matches_hand_computation():
   p, q = v['params'], v['quant']
   # Hand: LSQ init steps, fake-quantized input and kernel, plain matmul.
   k1 = p['fc1']['kernel']
-  s_k1 = core.lsq_init_step(k1, 7, axis=1)
+  # Kernels: LSQ's init 2 mean|x| / sqrt(Qp), capped at max|x| / Qp.
+  s_k1 = jnp.minimum(core.lsq_init_step(k1, 7, axis=1),
+                     jnp.max(jnp.abs(k1), axis=0) / 7)
   np.testing.assert_allclose(q['fc1']['kernel_step'], s_k1, rtol=1e-6)
+  # Inputs: LSQ's estimate, uncapped (one batch's max bounds no later input).
   s_x = core.lsq_init_step(X, 127)      # signed input (normal data)
+  np.testing.assert_allclose(q['fc1']['input_step'], s_x, rtol=1e-6)
   xq = core.lsq_quantize(X, s_x, -128, 127)
-  k1q = core.lsq_quantize(k1, s_k1[None, :], -8, 7)
+  # Kernels: the symmetric (narrow) grid by default; activations full.
+  k1q = core.lsq_quantize(k1, s_k1[None, :], -7, 7)
   h = nn.relu(xq @ k1q + p['fc1']['bias'][None])
   # fc2's input is a ReLU output: unsigned 8-bit.
   assert qm.signs == {'fc1': True, 'fc2': False}
   s_h = q['fc2']['input_step']
   hq = core.lsq_quantize(h, s_h, 0, 255)
   k2 = p['fc2']['kernel']
-  k2q = core.lsq_quantize(k2, q['fc2']['kernel_step'][None, :], -8, 7)
+  k2q = core.lsq_quantize(k2, q['fc2']['kernel_step'][None, :], -7, 7)
   ref = hq @ k2q + p['fc2']['bias'][None]
   np.testing.assert_allclose(qm.apply(v, X), ref, rtol=1e-5, atol=1e-6)
 
@@ -280,3 +286,102 @@ def test_dorefa_pact_fracbits_like_the_authors():
   assert float(g['fc2']['input_bits']) != 0
   # fc2's input (after ReLU) is quantized unsigned on [0, clip].
   assert 'input_range' in v['quant']['fc2']
+
+
+def test_int_grid_resolves_the_default_per_tensor():
+  spec = fracq.TensorSpec(bits=4)
+  assert spec.int_grid(signed=True, is_kernel=True) == (-7, 7)
+  assert spec.int_grid(signed=True, is_kernel=False) == (-8, 7)
+  assert spec.int_grid(signed=False, is_kernel=False) == (0, 15)
+  assert spec.int_grid(signed=False, is_kernel=True) == (0, 15)
+  assert spec.int_grid(signed=True, is_kernel=True, bits=2) == (-1, 1)
+  # An explicit setting wins; affine kernels keep the full grid.
+  full = fracq.TensorSpec(bits=4, narrow_range=False)
+  assert full.int_grid(signed=True, is_kernel=True) == (-8, 7)
+  narrow = fracq.TensorSpec(bits=4, narrow_range=True)
+  assert narrow.int_grid(signed=True, is_kernel=False) == (-7, 7)
+  affine = fracq.TensorSpec(bits=4, symmetric=False, range_method='minmax')
+  assert affine.int_grid(signed=True, is_kernel=True) == (-8, 7)
+  # Learned bits quantize signed tensors on the symmetric shared range.
+  learned = fracq.TensorSpec(bits=4.5, learn_bits=True)
+  assert learned.int_grid(signed=True, is_kernel=False, bits=4) == (-7, 7)
+  with pytest.raises(ValueError, match='leave narrow_range unset'):
+    interception.validate_rules([fracq.Rule(weight=fracq.TensorSpec(
+        bits=4.5, learn_bits=True, narrow_range=False))])
+
+
+@pytest.mark.parametrize('narrow,lowest', [(None, -7), (False, -8)])
+def test_uniform_kernels_train_and_export_on_the_same_grid(narrow, lowest):
+  from fracq.export.freeze import fake_quant_kernels
+  from fracq.export.freeze import freeze
+  spec = fracq.TensorSpec(bits=4, narrow_range=narrow)
+  qm = fracq.quantize(MLP(), [fracq.Rule(weight=spec)], X)
+  v = qm.init(jax.random.key(1), X)
+  # Step 1 and a weight at -8.2: code -8 on the full grid, -7 on the narrow.
+  quant = jax.tree_util.tree_map(jnp.ones_like, v['quant'])
+  kernel = v['params']['fc1']['kernel'].at[0, 0].set(-8.2)
+  v = {**v, 'quant': quant,
+       'params': {**v['params'], 'fc1': {**v['params']['fc1'],
+                                         'kernel': kernel}}}
+  kq = fake_quant_kernels(qm, v, X)['fc1']
+  assert kq[0, 0] == lowest and kq.min() == lowest
+  codes = freeze(qm, v)['fc1'].codes
+  np.testing.assert_array_equal(codes, kq)   # step 1: codes = values
+
+
+def test_signed_one_bit_kernels_are_refused():
+  with pytest.raises(ValueError, match=r'1-bit signed kernels.*bits=2'):
+    interception.validate_rules([fracq.Rule(weight=fracq.TensorSpec(bits=1))])
+  with pytest.raises(ValueError, match='signed=False'):
+    interception.validate_rules([fracq.Rule(
+        act=fracq.TensorSpec(bits=1, signed=True))])
+  # Unsigned 1-bit tensors and DoReFa's binary (+-1) weights stay allowed.
+  interception.validate_rules([fracq.Rule(
+      weight=fracq.TensorSpec(bits=1, range_method='dorefa'))])
+  interception.validate_rules([fracq.Rule(
+      weight=fracq.TensorSpec(bits=1, signed=False),
+      act=fracq.TensorSpec(bits=1, signed=False))])
+  # From the command line: --config.quant.weight_bits=1 on digits_uniform.
+  c = importlib.import_module('configs.digits_uniform').get_config('smoke')
+  c.quant.weight_bits = 1
+  with pytest.raises(ValueError, match=r'1-bit signed kernels.*bits=2'):
+    mcfg.build(c.quant, tr.build_module(c), tr.sample_input(c),
+               total_steps=10)
+
+
+def test_signed_one_bit_input_is_refused_at_trace_time():
+  # fc1's input (normal data) is signed: a 1-bit signed input grid is empty
+  # of non-zero symmetric levels; fc2's (after a ReLU) is unsigned and fine.
+  ok = fracq.Rule(module_path='fc2', act=fracq.TensorSpec(bits=1))
+  qm = fracq.quantize(MLP(), [ok], X, on_unused='warn')
+  qm.init(jax.random.key(1), X)
+  bad = fracq.Rule(module_path='fc1', act=fracq.TensorSpec(bits=1))
+  with pytest.raises(ValueError, match='fc1: input is signed at 1 bit'):
+    fracq.quantize(MLP(), [bad], X, on_unused='warn')
+
+
+def test_hard_mode_before_prepare_is_an_error():
+  qm = _fracbits_model()
+  v = qm.init(jax.random.key(1), X)
+  hard = qm.for_step(10)
+  for call in (lambda: hard.apply(v, X), lambda: hard.metrics(v),
+               lambda: hard.penalty(v, 10), lambda: hard.bits_view(v),
+               lambda: hard.report(v, None, 10)):
+    with pytest.raises(ValueError, match=r'prepare\(variables\)'):
+      call()
+  # After prepare: eager and jitted (traced bits are not checked) agree.
+  v2 = hard.prepare(v)
+  eager = hard.apply(v2, X)
+  jitted = jax.jit(lambda vv: hard.apply(vv, X))(v2)
+  np.testing.assert_array_equal(jitted, eager)
+  assert np.any(eager != 0)
+  # The soft model is unaffected by unassigned frozen bits.
+  qm.apply(v, X)
+
+
+def test_learned_act_bits_on_float_weights_are_refused():
+  rule = fracq.Rule(act=fracq.TensorSpec(bits=4.5, learn_bits=True))
+  with pytest.raises(ValueError, match=r'weights stay float.*learn_bits=False'):
+    interception.validate_rules([rule])
+  # Fixed activation bits on float weights stay allowed.
+  interception.validate_rules([fracq.Rule(act=fracq.TensorSpec(bits=4))])
