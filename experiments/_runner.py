@@ -33,7 +33,11 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'fracq',
                              'runs')
 # Result files are outputs, not code: writing one must not mark the tree as
 # modified for the scripts that run after it (run_all.py runs several).
-_NOT_CODE = ':(exclude)experiments/results'
+# What a result depends on: the library, the configs, the experiment scripts,
+# the launcher and the pinned requirements (not the README, the tests or the
+# result files themselves).
+_CODE = ('fracq', 'configs', 'experiments/*.py', 'launch.py',
+         'requirements.txt')
 PROVENANCE_FIELDS = ('commit', 'command', 'versions', 'machine')
 _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'onnxruntime', 'torch')
 
@@ -45,10 +49,11 @@ def _git(*args) -> str:
 
 
 def commit() -> str:
-  """``git rev-parse HEAD``, plus ``-dirty`` when code differs from it."""
+  """``git rev-parse HEAD``, plus ``-dirty`` when the code a result depends
+  on (``_CODE``) differs from it."""
   try:
     head = _git('rev-parse', 'HEAD').strip()
-    dirty = _git('status', '--porcelain', '--', '.', _NOT_CODE).strip()
+    dirty = _git('status', '--porcelain', '--', *_CODE).strip()
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
   return head + ('-dirty' if dirty else '')
@@ -56,19 +61,25 @@ def commit() -> str:
 
 @functools.cache
 def _code_state() -> str:
-  """The commit plus a digest of uncommitted changes: a run cache key that
-  changes whenever the code does, also in a dirty tree. Read once per
-  process: the code a process runs is the code it imported at its start."""
-  c = commit()
-  if not c.endswith('-dirty'):
-    return c
-  h = hashlib.sha256(_git('diff', 'HEAD', '--', '.', _NOT_CODE).encode())
-  for path in sorted(_git('ls-files', '--others', '--exclude-standard', '--',
-                          '.', _NOT_CODE).split()):
-    h.update(path.encode())
-    with open(os.path.join(ROOT, path), 'rb') as f:
-      h.update(f.read())
-  return f'{c}-{h.hexdigest()[:16]}'
+  """A digest of the code a result depends on, as it is on disk (committed
+  or not): the run cache key changes whenever that code does, and only
+  then, so editing the README or the tests between experiments keeps the
+  cache. Read once per process: the code a process runs is the code it
+  imported at its start."""
+  try:
+    files = sorted(set(_git('ls-files', '--cached', '--others',
+                            '--exclude-standard', '--', *_CODE).split()))
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+  h = hashlib.sha256()
+  for path in files:
+    full = os.path.join(ROOT, path)
+    if not os.path.isfile(full):  # deleted but not yet committed
+      continue
+    h.update(path.encode() + b'\0')
+    with open(full, 'rb') as f:
+      h.update(hashlib.sha256(f.read()).digest())
+  return h.hexdigest()[:32]
 
 
 def _portable(arg: str) -> str:
