@@ -149,7 +149,7 @@ def test_unknown_key_short_message_with_suggestion(tmp_path):
                          f'--workdir={tmp_path / "wd"}',
                          '--config.lerning_rate=0.1'])
   assert rc == 2
-  assert 'unknown config key lerning_rate; did you mean learning_rate?' in out
+  assert 'unknown config key lerning_rate; did you mean learning_rate' in out
   assert 'Traceback' not in out and len(out.splitlines()) <= 3, out
   rc, out = _run_launch(['--config=configs/digits_float.py:smoke',
                          f'--workdir={tmp_path / "wd"}', '--config.foo=1'])

@@ -149,3 +149,32 @@ def test_fracbits_with_pruned_channel_exports_exactly(per_channel,
       elif b:
         # The FracBits branch is symmetric: [-(2^(b-1) - 1), 2^(b-1) - 1].
         assert np.abs(conv[..., ch]).max() <= 2 ** (b - 1) - 1
+
+
+@pytest.mark.parametrize('narrow', [None, False])
+def test_negative_learned_step_exports_with_a_positive_scale(narrow,
+                                                            tmp_path):
+  # A learned LSQ step can cross zero in training (seen on a pruned and
+  # clustered digits kernel); the model then computes s * c with s < 0.
+  spec = fracq.TensorSpec(bits=3, granularity='channel', narrow_range=narrow)
+  x, _ = _data()
+  qm = fracq.quantize(_TinyNet(), [fracq.Rule(weight=spec)], x[:1],
+                      call_kwargs={'train': False})
+  v = qm.calibrate(qm.init(jax.random.key(0), x), x)
+  v['quant'] = jax.tree_util.tree_map(lambda s: s, v['quant'])
+  # Small steps, so the grid's ends are used; channel 1's step negative.
+  step = 0.3 * np.asarray(v['quant']['conv']['kernel_step'])
+  step[1] = -step[1]
+  v['quant']['conv']['kernel_step'] = jnp.asarray(step)
+  if narrow is False:
+    # Full range [-4, 3]: channel 1's clipped weights at code -4 would
+    # need +4 once mirrored.
+    with pytest.raises(ValueError, match='negative'):
+      export.freeze(qm, v)
+    return
+  frozen = export.freeze(qm, v)['conv']
+  assert np.all(np.asarray(frozen.scale) > 0)
+  np.testing.assert_allclose(np.asarray(frozen.scale), np.abs(step))
+  codes, _ = _check_artifact(qm, v, x, tmp_path, tol_ulps=0)
+  conv = codes['conv/kernel.packed']
+  assert conv.min() >= -3 and conv.max() <= 3

@@ -41,6 +41,24 @@ def _train(get_config, arg, workdir, steps, **quant):
   return wrapper, variables, metrics
 
 
+def assert_equal_up_to_code_flips(got, sim):
+  """The integer program against the float32 fake-quantized model.
+
+  The simulation computes each activation code as ``round(x / s)`` in
+  float32, so an activation within float rounding of a code boundary can
+  land on the neighbouring code: such a flip at the last hidden layer moves
+  a logit by ~5e-4..8e-4 of the logit range (measured on this model), and
+  which images flip depends on float summation order (1 or 8 devices). A
+  systematic error (a wrong scale, shift or rounding rule) moves every
+  image; a flip moves a few. So: equal predictions, almost every image
+  equal to 1e-4 of the range, and no image off by more than a few flips.
+  """
+  np.testing.assert_array_equal(got.argmax(1), sim.argmax(1))
+  rel = np.abs(got - sim).max(axis=1) / np.ptp(sim)
+  assert np.mean(rel < 1e-4) >= 0.95, np.sort(rel)[-20:]
+  assert rel.max() < 3e-3, rel.max()
+
+
 @pytest.fixture(scope='module')
 def test_set():
   _, _, xte, yte = digits.load_digits_split()
@@ -99,9 +117,7 @@ def test_fracbits_integer_program_matches_fake_quant(fracbits, test_set):
   prog = im.lower_qat(wrapper, v, x)
   sim = np.asarray(wrapper.apply(v, x, train=False))
   got = np.asarray(prog.logits(x))
-  np.testing.assert_array_equal(got.argmax(1), sim.argmax(1))
-  rel = np.max(np.abs(got - sim)) / np.ptp(sim)
-  assert rel < 1e-3, rel
+  assert_equal_up_to_code_flips(got, sim)
   ints.assert_integer_only(prog, prog.quantize_input(x))
   # Kernel codes are stored at the learned bits: the program's size on disk
   # is within 2% of its theoretical size.

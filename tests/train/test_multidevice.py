@@ -132,7 +132,11 @@ def test_observers_8_devices_equal_1(act_range):
   c.learning_rate = 0.0
   _, s8 = _train(c, _mesh(8), 1)
   _, s1 = _train(c, _mesh(1), 1)
-  _assert_same(s8, s1)
+  # Float32 summation order (cross-replica BatchNorm means) can still flip a
+  # single activation code, moving a later BatchNorm mean by ~5e-6 (8e-5 of
+  # its largest value) and a small observed minimum by ~4e-8 (4e-5 of it):
+  # 1e-3 keeps 100x below the pmean-of-extremes bug (~10%, BN means 19%).
+  _assert_same(s8, s1, tol=1e-3)
   if act_range == 'minmax':
     # conv_init's input is the image: its running range is that of every
     # batch seen (calibration batch = step 0's batch, then step 0's).
@@ -165,7 +169,10 @@ def test_pcqat_8_devices_equal_1():
   c = _config('digits_pcqat')
   _, s8 = _train(c, _mesh(8), 1)
   _, s1 = _train(c, _mesh(1), 1)
-  _assert_same(s8, s1)
+  # One activation code flipped by float32 summation order moves a
+  # BatchNorm mean by ~2e-6 (3e-5 of its largest value); 1e-4 stays 13x
+  # below the per-device LSQ gradient-scale bug (1.3e-3).
+  _assert_same(s8, s1, tol=1e-4)
 
 
 def test_global_helpers_unbound_are_identity():
