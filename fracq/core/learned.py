@@ -85,8 +85,13 @@ def lsq_quantize(x, step, qmin, qmax, *, grad_scale: float = 1.0):
   Gradients (the paper's): to ``x`` 1 inside the range and 0 outside; to
   ``s``, ``round(x/s) - x/s`` inside, ``qmin`` below and ``qmax`` above,
   multiplied by ``grad_scale``.
+
+  ``s`` is a learned parameter and may cross zero in training (the formula
+  stays defined: ``s * c`` with ``c`` on the grid); the model computes the
+  same whether it runs under ``jit`` or eagerly, and the exporter stores
+  ``|s|`` with mirrored codes.
   """
-  uniform.check_qparams(step, qmin, qmax)
+  uniform.check_qparams(None, qmin, qmax)
   dtype = x.dtype
   f = lambda a: jnp.asarray(a, jnp.float32)
   return _lsq(x.astype(jnp.float32), f(step), f(qmin), f(qmax),
@@ -135,7 +140,7 @@ def lsq_plus_quantize(x, step, offset, qmin, qmax, *,
   The offset ``beta`` is learned too; its gradient is ``1 - (1 inside the
   range)``, i.e. 1 where ``x`` is clipped and 0 inside, as in the paper.
   """
-  uniform.check_qparams(step, qmin, qmax)
+  uniform.check_qparams(None, qmin, qmax)
   dtype = x.dtype
   s = scale_grad(jnp.asarray(step, jnp.float32), grad_scale)
   b = scale_grad(jnp.asarray(offset, jnp.float32), grad_scale)

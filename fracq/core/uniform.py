@@ -73,12 +73,14 @@ def int_range(bits: int, *, signed: bool, narrow_range: bool = False
 
 
 def check_qparams(scale, qmin, qmax) -> None:
-  """Eager validation of static quantization parameters."""
+  """Eager validation of static quantization parameters (``scale=None``:
+  the scale is a learned parameter whose sign is free, not checked)."""
   if _is_static(qmin) and _is_static(qmax):
     if np.any(np.asarray(qmin) > np.asarray(qmax)):
       raise ValueError(f'qmin={qmin} > qmax={qmax}: the integer range is '
                        'empty; swap them.')
-  if _is_static(scale) and np.any(np.asarray(scale) <= 0):
+  if scale is not None and _is_static(scale) and np.any(
+      np.asarray(scale) <= 0):
     raise ValueError(f'scale must be positive, got {scale}.')
 
 
