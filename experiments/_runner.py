@@ -48,9 +48,12 @@ def _git(*args) -> str:
   return out.stdout
 
 
+@functools.cache
 def commit() -> str:
   """``git rev-parse HEAD``, plus ``-dirty`` when the code a result depends
-  on (``_CODE``) differs from it."""
+  on (``_CODE``) differs from it; read once, when the process starts (see
+  the call at the end of this module), so a result names the code its
+  process ran even if commits land while it runs."""
   try:
     head = _git('rev-parse', 'HEAD').strip()
     dirty = _git('status', '--porcelain', '--', *_CODE).strip()
@@ -350,3 +353,7 @@ def schedule_text(overrides: dict) -> str:
     text += ' with ' + ', '.join(f'{k}={v}' for k, v in sorted(
         overrides.items()))
   return text
+
+
+# The code this process runs is the code at its start.
+commit()

@@ -253,25 +253,18 @@ def freeze(qmodel, variables) -> dict[str, FrozenLayer]:
     shifted = fq - _bcast(offset, w.ndim, axis)
     codes = np.where(s_b == 0, 0, np.round(shifted / safe) +
                      _bcast(zp, w.ndim, axis))
-    if np.any(scale < 0):
-      # A learned step (LSQ) or range can cross zero in training; the model's
-      # kernel is then s * c with s < 0, which is |s| * (-c): store the
-      # positive scale and the mirrored codes (exact for zero-point-free
-      # grids; an integer program needs positive scales).
-      if np.any(zp != 0):
-        raise ValueError(f'{path}: negative scale with a zero point; not '
-                         'representable.')
-      codes = np.where(s_b < 0, -codes, codes)
-      scale = np.abs(scale)
-      lo_code, hi_code = int(codes.min()), int(codes.max())
-      if signed:
-        qmin, qmax = grid(spec, signed=True, bits=int(np.max(bits)))
-        if lo_code < qmin or hi_code > qmax:
-          raise ValueError(
-              f'{path}: its learned step is negative, and on the full-range '
-              f'grid [{qmin}, {qmax}] the mirrored codes span [{lo_code}, '
-              f'{hi_code}]; train with the symmetric (narrow) kernel grid, '
-              'the default, or keep the step positive.')
+    if np.any(scale < 0) and not np.any(zp != 0):
+      # A learned step (LSQ) can cross zero in training; the model's kernel
+      # is then s * c with s < 0, which is |s| * (-c): store the positive
+      # scale and the mirrored codes where they stay on the grid (always, on
+      # the symmetric grid kernels use by default), since integer programs
+      # need positive scales. On a full-range grid a mirrored -qmin would
+      # leave it: the negative scale is then kept (the artifact stays
+      # exact; integer lowering refuses it).
+      mirrored = np.where(s_b < 0, -codes, codes)
+      qmin, qmax = grid(spec, signed=bool(signed), bits=int(np.max(bits)))
+      if mirrored.min() >= qmin and mirrored.max() <= qmax:
+        codes, scale = mirrored, np.abs(scale)
     out[path] = FrozenLayer(path=path, codes=codes.astype(np.int32),
                             scale=scale,
                             bits=np.asarray(bits).astype(np.int32),

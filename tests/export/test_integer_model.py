@@ -50,12 +50,14 @@ def assert_equal_up_to_code_flips(got, sim):
   a logit by ~5e-4..8e-4 of the logit range (measured on this model), and
   which images flip depends on float summation order (1 or 8 devices). A
   systematic error (a wrong scale, shift or rounding rule) moves every
-  image; a flip moves a few. So: equal predictions, almost every image
-  equal to 1e-4 of the range, and no image off by more than a few flips.
+  image; flips move some (2-7% of the 360 images here, depending on the
+  run). So: equal predictions, at least 80% of the images equal to float
+  rounding (1e-5 of the range; the rest differ by whole flips), and no
+  image off by more than a few flips.
   """
   np.testing.assert_array_equal(got.argmax(1), sim.argmax(1))
   rel = np.abs(got - sim).max(axis=1) / np.ptp(sim)
-  assert np.mean(rel < 1e-4) >= 0.95, np.sort(rel)[-20:]
+  assert np.mean(rel < 1e-5) >= 0.8, np.sort(rel)[-40:]
   assert rel.max() < 3e-3, rel.max()
 
 
