@@ -31,17 +31,26 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file (configs/NAME.py[:arg]).',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and '
-                               'reports go.')
-_COORD = flags.DEFINE_string('coordinator_address', None,
-                             'Multi-host: address of process 0 (host:port).')
+  'config',
+  None,
+  'Experiment config file (configs/NAME.py[:arg]).',
+  lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Where checkpoints, logs and reports go.'
+)
+_COORD = flags.DEFINE_string(
+  'coordinator_address', None, 'Multi-host: address of process 0 (host:port).'
+)
 _NPROC = flags.DEFINE_integer('num_processes', None, 'Multi-host: count.')
 _PID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process.')
 _DIST_TIMEOUT = flags.DEFINE_integer(
-    'distributed_timeout', 300, 'Multi-host: seconds to wait for every '
-    'process to join the coordinator before giving up.', lower_bound=1)
+  'distributed_timeout',
+  300,
+  'Multi-host: seconds to wait for every '
+  'process to join the coordinator before giving up.',
+  lower_bound=1,
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -72,11 +81,14 @@ def _flag_value(argv, name):
 def _load_config(spec: str):
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
-    raise UsageError(f'config file {path!r} does not exist (from '
-                     f'--config={spec}); pass a file such as '
-                     'configs/digits_float.py.')
-  module_spec = importlib.util.spec_from_file_location('fracq_user_config',
-                                                       path)
+    raise UsageError(
+      f'config file {path!r} does not exist (from '
+      f'--config={spec}); pass a file such as '
+      'configs/digits_float.py.'
+    )
+  module_spec = importlib.util.spec_from_file_location(
+    'fracq_user_config', path
+  )
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
@@ -94,9 +106,12 @@ def _unknown_key(config, dotted: str) -> str | None:
       where = '.'.join(seen)
       close = difflib.get_close_matches(part, keys, n=3, cutoff=0.6)
       names = ' or '.join('.'.join(seen + [k]) for k in close)
-      hint = (f'; did you mean {names}?' if close else
-              f'; the fields{" of " + where if where else ""} are: '
-              f'{", ".join(sorted(keys))}.')
+      hint = (
+        f'; did you mean {names}?'
+        if close
+        else f'; the fields{" of " + where if where else ""} are: '
+        f'{", ".join(sorted(keys))}.'
+      )
       return f'unknown config key {dotted}{hint}'
     node, seen = node[part], seen + [part]
   return None
@@ -130,8 +145,11 @@ def _parse_flags(argv):
   except (AttributeError, KeyError, TypeError) as e:
     # A --config.* override that the pre-check could not see (e.g. from a
     # --flagfile) and ml_collections rejected.
-    _fail(f'bad --config override ({type(e).__name__}: {e}); check the key '
-          'names against the config file.', 2)
+    _fail(
+      f'bad --config override ({type(e).__name__}: {e}); check the key '
+      'names against the config file.',
+      2,
+    )
 
 
 def distributed_args(coord, nproc, pid, env=None):
@@ -142,24 +160,31 @@ def distributed_args(coord, nproc, pid, env=None):
   pid = pid if pid is not None else env.get('JAX_PROCESS_ID')
   if not coord:
     if nproc is not None or pid is not None:
-      raise UsageError('--num_processes / --process_id need '
-                       '--coordinator_address=HOST:PORT (the address of '
-                       'process 0).')
+      raise UsageError(
+        '--num_processes / --process_id need '
+        '--coordinator_address=HOST:PORT (the address of '
+        'process 0).'
+      )
     return None
-  missing = [name for name, v in (('--num_processes', nproc),
-                                  ('--process_id', pid)) if v is None]
+  missing = [
+    name
+    for name, v in (('--num_processes', nproc), ('--process_id', pid))
+    if v is None
+  ]
   if missing:
     raise UsageError(
-        f'--coordinator_address={coord} also needs {" and ".join(missing)} '
-        '(or the JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables): '
-        'every process needs the total count and its own id 0..N-1.')
+      f'--coordinator_address={coord} also needs {" and ".join(missing)} '
+      '(or the JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables): '
+      'every process needs the total count and its own id 0..N-1.'
+    )
   try:
     nproc, pid = int(nproc), int(pid)
   except ValueError as e:
     raise UsageError(f'num_processes / process_id must be integers ({e}).')
   if nproc < 1 or not 0 <= pid < nproc:
-    raise UsageError(f'process_id={pid} must be in 0..{nproc - 1} '
-                     f'(num_processes={nproc}).')
+    raise UsageError(
+      f'process_id={pid} must be in 0..{nproc - 1} (num_processes={nproc}).'
+    )
   return coord, nproc, pid
 
 
@@ -169,7 +194,8 @@ class _QuietLibraries(logging_lib.Filter):
   def filter(self, record):
     noisy = ('/orbax/', '/tensorflow/', '/tensorstore/')
     return record.levelno >= logging_lib.WARNING or not any(
-        n in record.pathname for n in noisy)
+      n in record.pathname for n in noisy
+    )
 
 
 def main(argv):
@@ -181,21 +207,25 @@ def main(argv):
   except UsageError as e:
     _fail(str(e), 2)
   from fracq.train import train as train_lib
+
   try:
     train_lib.check_config(_CONFIG.value)
   except train_lib.USER_ERRORS as e:
     _fail(str(e), 2)
   import jax
+
   if dist:
     coord, nproc, pid = dist
     # CPU collectives across processes (only affects the CPU backend; must
     # be set before the backend starts).
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     others = [i for i in range(nproc) if i != pid]
-    message = (f'process {pid} of {nproc} could not join the others through '
-               f'{coord} within --distributed_timeout={_DIST_TIMEOUT.value}s; '
-               f'start the missing processes (process_id in {others}) with '
-               f'the same --coordinator_address and --num_processes={nproc}.')
+    message = (
+      f'process {pid} of {nproc} could not join the others through '
+      f'{coord} within --distributed_timeout={_DIST_TIMEOUT.value}s; '
+      f'start the missing processes (process_id in {others}) with '
+      f'the same --coordinator_address and --num_processes={nproc}.'
+    )
     # XLA's own timeout aborts the interpreter with a C++ stack trace, so a
     # watchdog that fires first reports the missing processes instead.
     watchdog = threading.Timer(_DIST_TIMEOUT.value, _fail, (message, 1))
@@ -203,14 +233,21 @@ def main(argv):
     watchdog.start()
     try:
       jax.distributed.initialize(
-          coord, num_processes=nproc, process_id=pid,
-          initialization_timeout=_DIST_TIMEOUT.value + 60)
+        coord,
+        num_processes=nproc,
+        process_id=pid,
+        initialization_timeout=_DIST_TIMEOUT.value + 60,
+      )
     except Exception as e:  # pylint: disable=broad-except
       _fail(f'{message} ({type(e).__name__}: {e})', 1)
     finally:
       watchdog.cancel()
-  logging.info('JAX processes %d, devices %d (%s).', jax.process_count(),
-               jax.device_count(), jax.default_backend())
+  logging.info(
+    'JAX processes %d, devices %d (%s).',
+    jax.process_count(),
+    jax.device_count(),
+    jax.default_backend(),
+  )
   try:
     metrics = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train_lib.USER_ERRORS as e:
@@ -218,8 +255,14 @@ def main(argv):
     logging.flush()
     _fail(str(e), 1)
   logging.info('Final metrics: %s', metrics)
-  print('final', ' '.join(f'{k}={v:.6g}' if isinstance(v, float) else
-                          f'{k}={v}' for k, v in metrics.items()), flush=True)
+  print(
+    'final',
+    ' '.join(
+      f'{k}={v:.6g}' if isinstance(v, float) else f'{k}={v}'
+      for k, v in metrics.items()
+    ),
+    flush=True,
+  )
 
 
 if __name__ == '__main__':

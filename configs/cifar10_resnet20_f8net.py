@@ -19,12 +19,14 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, smoke=False, seed=0, recipe='finetune',
-                       dataset='cifar10', pact=False)
+  a = common.parse_arg(
+    arg, smoke=False, seed=0, recipe='finetune', dataset='cifar10', pact=False
+  )
   if a.recipe not in ('finetune', 'train'):
     raise ValueError(f"recipe={a.recipe!r}: use 'finetune' or 'train'.")
   c = cifar10_resnet20.get_config(
-      f'seed={a.seed},dataset={a.dataset}' + (',smoke=True' if a.smoke else ''))
+    f'seed={a.seed},dataset={a.dataset}' + (',smoke=True' if a.smoke else '')
+  )
   if a.recipe == 'finetune' and not a.smoke:
     c.num_epochs = 30.0
     c.learning_rate = 0.01

@@ -43,17 +43,29 @@ STAGES = ('prune', 'cluster', 'pcqat')
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, smoke=False, seed=0, stage='prune',
-                       quant='uniform', bits=8, sparsity=0.5, clusters=16,
-                       structure='unstructured', dataset='cifar10')
+  a = common.parse_arg(
+    arg,
+    smoke=False,
+    seed=0,
+    stage='prune',
+    quant='uniform',
+    bits=8,
+    sparsity=0.5,
+    clusters=16,
+    structure='unstructured',
+    dataset='cifar10',
+  )
   if a.stage not in STAGES:
-    raise ValueError(f'stage={a.stage!r}: choose one of {STAGES} (run them '
-                     'in that order, each with --config.init_from=<the '
-                     'previous workdir>).')
+    raise ValueError(
+      f'stage={a.stage!r}: choose one of {STAGES} (run them '
+      'in that order, each with --config.init_from=<the '
+      'previous workdir>).'
+    )
   if a.quant not in ('uniform', 'fracbits'):
     raise ValueError(f"quant={a.quant!r}: choose 'uniform' or 'fracbits'.")
   c = cifar10_resnet20.get_config(
-      f'seed={a.seed},dataset={a.dataset}' + (',smoke=True' if a.smoke else ''))
+    f'seed={a.seed},dataset={a.dataset}' + (',smoke=True' if a.smoke else '')
+  )
   q = c.quant
   q.prune_structure = a.structure
   q.clusters = int(a.clusters)
@@ -67,12 +79,13 @@ def get_config(arg=None):
   elif a.stage == 'cluster':
     q.method = 'none'
     q.preserve = 'prune_cluster'
-    q.sparsity = -1.0      # keep the pruned model's zeros
+    q.sparsity = -1.0  # keep the pruned model's zeros
     epochs, lr = 10.0, 0.005
   else:
     from fracq.models import default_fixed_layers
+
     q.method = a.quant
-    q.fixed_layers = default_fixed_layers(c.model)   # first conv, classifier
+    q.fixed_layers = default_fixed_layers(c.model)  # first conv, classifier
     q.preserve = 'prune_cluster'
     q.sparsity = -1.0
     q.weight_granularity = 'tensor'

@@ -20,8 +20,9 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   for item in filter(None, (arg or '').split(',')):
     key, _, value = item.partition('=')
     if key not in defaults:
-      raise ValueError(f'Unknown config arg {key!r}; valid args: '
-                       f'{sorted(defaults)}.')
+      raise ValueError(
+        f'Unknown config arg {key!r}; valid args: {sorted(defaults)}.'
+      )
     kind = type(defaults[key])
     if not value:
       if kind is not bool:
@@ -123,6 +124,7 @@ def digits_quant(c, method: str, **fields) -> ml_collections.ConfigDict:
   """Quantization on top of :func:`digits_config`: LSQ ranges for weights and
   activations, first conv and classifier fixed at 8 bits, plus ``fields``."""
   from fracq.models import default_fixed_layers
+
   q = c.quant
   q.method = method
   q.fixed_layers = default_fixed_layers('digits_cnn')
@@ -138,11 +140,17 @@ def digits_quant(c, method: str, **fields) -> ml_collections.ConfigDict:
 PAPER_PENALTY_UNITS = {'size': 8e6, 'bitops': 1e9}
 
 
-def fracbits_imagenet(c, *, model: str, budget_kind: str = 'size',
-                      uniform_bits: float | None = None,
-                      compression: float | None = None,
-                      learn_acts: bool = False, epochs: float = 30.0,
-                      batch_size: int = 256):
+def fracbits_imagenet(
+  c,
+  *,
+  model: str,
+  budget_kind: str = 'size',
+  uniform_bits: float | None = None,
+  compression: float | None = None,
+  learn_acts: bool = False,
+  epochs: float = 30.0,
+  batch_size: int = 256,
+):
   """The authors' ImageNet FracBits recipe on top of ``c``.
 
   From a pretrained float model (``config.init_from``), SGD Nesterov 0.9,
@@ -157,6 +165,7 @@ def fracbits_imagenet(c, *, model: str, budget_kind: str = 'size',
   hard assignment after 80% of the epochs, then integer fine-tuning.
   """
   from fracq.models import default_fixed_layers
+
   c.dataset = 'imagenet2012'
   c.num_classes = 1000
   c.model = model
@@ -192,8 +201,12 @@ def fracbits_imagenet(c, *, model: str, budget_kind: str = 'size',
   return c
 
 
-def apply_smoke(c: ml_collections.ConfigDict, *, tiny_model: str | None = None,
-                image_size: int | None = None) -> ml_collections.ConfigDict:
+def apply_smoke(
+  c: ml_collections.ConfigDict,
+  *,
+  tiny_model: str | None = None,
+  image_size: int | None = None,
+) -> ml_collections.ConfigDict:
   """Shrinks ``c`` to a seconds-long run."""
   c.num_train_steps = 6
   c.batch_size = 16

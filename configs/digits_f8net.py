@@ -18,8 +18,15 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, smoke=False, seed=0, weights='std', acts='std',
-                       channel=False, pact=False)
+  a = common.parse_arg(
+    arg,
+    smoke=False,
+    seed=0,
+    weights='std',
+    acts='std',
+    channel=False,
+    pact=False,
+  )
   c = common.digits_config(a.seed)
   q = c.quant
   q.method = 'f8net'

@@ -30,9 +30,15 @@ def get_config(arg=None):
   c = common.digits_config(a.seed)
   # Authors: initial bits = the budget's uniform-equivalent bits + 0.5,
   # resolved from the cost model when the model is wrapped.
-  common.digits_quant(c, 'fracbits', init_bits='budget+0.5',
-                      weight_bit_bounds=(2.0, 8.0), learn_weight_bits=True,
-                      budget_uniform_bits=a.bits, hard_assign_fraction=0.8)
+  common.digits_quant(
+    c,
+    'fracbits',
+    init_bits='budget+0.5',
+    weight_bit_bounds=(2.0, 8.0),
+    learn_weight_bits=True,
+    budget_uniform_bits=a.bits,
+    hard_assign_fraction=0.8,
+  )
   if a.bitops:
     c.quant.budget_kind = 'bitops'
     c.quant.learn_act_bits = True

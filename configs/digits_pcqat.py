@@ -22,32 +22,54 @@ Args: ``mode=pcqat|pqat|cqat|qat``, ``quant=uniform|fracbits|none``,
 
 from configs import common
 
-MODES = {'qat': '', 'pqat': 'prune', 'cqat': 'cluster',
-         'pcqat': 'prune_cluster'}
+MODES = {
+  'qat': '',
+  'pqat': 'prune',
+  'cqat': 'cluster',
+  'pcqat': 'prune_cluster',
+}
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, smoke=False, seed=0, mode='pcqat',
-                       quant='uniform', bits=8, act_bits=8, sparsity=0.5,
-                       clusters=16, grad='sum', epochs=10)
+  a = common.parse_arg(
+    arg,
+    smoke=False,
+    seed=0,
+    mode='pcqat',
+    quant='uniform',
+    bits=8,
+    act_bits=8,
+    sparsity=0.5,
+    clusters=16,
+    grad='sum',
+    epochs=10,
+  )
   if a.mode not in MODES:
     raise ValueError(f'mode={a.mode!r}: choose one of {tuple(MODES)}.')
   if a.quant not in ('uniform', 'fracbits', 'none'):
-    raise ValueError(f"quant={a.quant!r}: choose 'uniform', 'fracbits' or "
-                     "'none'.")
+    raise ValueError(
+      f"quant={a.quant!r}: choose 'uniform', 'fracbits' or 'none'."
+    )
   if a.quant == 'none' and a.mode == 'qat':
-    raise ValueError('mode=qat with quant=none is the float model; use '
-                     'configs/digits_float.py.')
+    raise ValueError(
+      'mode=qat with quant=none is the float model; use '
+      'configs/digits_float.py.'
+    )
   c = common.digits_config(a.seed)
   if a.quant == 'none':
     c.quant.method = 'none'
   elif a.quant == 'fracbits':
-    common.digits_quant(c, 'fracbits', init_bits='budget+0.5',
-                        act_bits=float(a.act_bits),
-                        budget_uniform_bits=float(a.bits))
+    common.digits_quant(
+      c,
+      'fracbits',
+      init_bits='budget+0.5',
+      act_bits=float(a.act_bits),
+      budget_uniform_bits=float(a.bits),
+    )
   else:
-    common.digits_quant(c, 'uniform', weight_bits=float(a.bits),
-                        act_bits=float(a.act_bits))
+    common.digits_quant(
+      c, 'uniform', weight_bits=float(a.bits), act_bits=float(a.act_bits)
+    )
   q = c.quant
   q.weight_granularity = 'tensor'
   q.preserve = MODES[a.mode]

@@ -18,8 +18,9 @@ from configs import common
 def get_config(arg=None):
   a = common.parse_arg(arg, smoke=False, seed=0, bits=4, act_bits=8)
   c = common.digits_config(a.seed)
-  common.digits_quant(c, 'uniform', weight_bits=float(a.bits),
-                      act_bits=float(a.act_bits))
+  common.digits_quant(
+    c, 'uniform', weight_bits=float(a.bits), act_bits=float(a.act_bits)
+  )
   if a.smoke:
     common.apply_smoke(c)
   return c

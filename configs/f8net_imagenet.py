@@ -28,14 +28,24 @@ link, and F8Net refuses pact=True there), smoke.
 
 from configs import common
 
-_SMOKE_MODEL = {'resnet18': 'resnet_tiny', 'resnet50': 'resnet_tiny_bottleneck',
-                'mobilenet_v2': 'mobilenet_v2_tiny'}
+_SMOKE_MODEL = {
+  'resnet18': 'resnet_tiny',
+  'resnet50': 'resnet_tiny_bottleneck',
+  'mobilenet_v2': 'mobilenet_v2_tiny',
+}
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, smoke=False, seed=0, model='resnet18',
-                       recipe='finetune', epochs=0.0, batch_size=256,
-                       pact=False)
+  a = common.parse_arg(
+    arg,
+    smoke=False,
+    seed=0,
+    model='resnet18',
+    recipe='finetune',
+    epochs=0.0,
+    batch_size=256,
+    pact=False,
+  )
   if a.model not in _SMOKE_MODEL:
     raise ValueError(f'model={a.model!r}: choose one of {list(_SMOKE_MODEL)}.')
   if a.recipe not in ('finetune', 'train'):

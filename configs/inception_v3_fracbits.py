@@ -26,12 +26,12 @@ AUX_HEAD_PATTERN = r'^AuxLogits/'
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, smoke=False, seed=0, compression=1.5,
-                       epochs=30.0)
+  a = common.parse_arg(arg, smoke=False, seed=0, compression=1.5, epochs=30.0)
   c = common.base_config()
   c.seed = a.seed
-  common.fracbits_imagenet(c, model='inception_v3',
-                           compression=a.compression, epochs=a.epochs)
+  common.fracbits_imagenet(
+    c, model='inception_v3', compression=a.compression, epochs=a.epochs
+  )
   c.image_size = 299
   c.quant.fixed_layers += '|' + AUX_HEAD_PATTERN
   if a.smoke:

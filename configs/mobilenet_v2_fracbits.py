@@ -21,12 +21,19 @@ from fracq.models import default_fixed_layers
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, smoke=False, seed=0, compression=1.5,
-                       dataset='imagenet2012', epochs=30.0)
+  a = common.parse_arg(
+    arg,
+    smoke=False,
+    seed=0,
+    compression=1.5,
+    dataset='imagenet2012',
+    epochs=30.0,
+  )
   c = common.base_config()
   c.seed = a.seed
-  common.fracbits_imagenet(c, model='mobilenet_v2',
-                           compression=a.compression, epochs=a.epochs)
+  common.fracbits_imagenet(
+    c, model='mobilenet_v2', compression=a.compression, epochs=a.epochs
+  )
   if a.dataset == 'cifar100':
     c.dataset = 'cifar100'
     c.model = 'mobilenet_v2_cifar'

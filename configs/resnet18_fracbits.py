@@ -23,9 +23,14 @@ def get_config(arg=None):
   a = common.parse_arg(arg, smoke=False, seed=0, bits=4.0, epochs=30.0)
   c = common.base_config()
   c.seed = a.seed
-  common.fracbits_imagenet(c, model='resnet18', budget_kind='bitops',
-                           uniform_bits=a.bits, learn_acts=True,
-                           epochs=a.epochs)
+  common.fracbits_imagenet(
+    c,
+    model='resnet18',
+    budget_kind='bitops',
+    uniform_bits=a.bits,
+    learn_acts=True,
+    epochs=a.epochs,
+  )
   if a.smoke:
     common.apply_smoke(c, tiny_model='resnet_tiny', image_size=32)
     c.half_precision = False

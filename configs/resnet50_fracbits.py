@@ -24,13 +24,18 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, smoke=False, seed=0, compression=1.5, bits=0.0,
-                       epochs=30.0)
+  a = common.parse_arg(
+    arg, smoke=False, seed=0, compression=1.5, bits=0.0, epochs=30.0
+  )
   c = common.base_config()
   c.seed = a.seed
   common.fracbits_imagenet(
-      c, model='resnet50', uniform_bits=a.bits or None,
-      compression=None if a.bits else a.compression, epochs=a.epochs)
+    c,
+    model='resnet50',
+    uniform_bits=a.bits or None,
+    compression=None if a.bits else a.compression,
+    epochs=a.epochs,
+  )
   if a.smoke:
     common.apply_smoke(c, tiny_model='resnet_tiny_bottleneck', image_size=64)
     c.half_precision = False

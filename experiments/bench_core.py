@@ -12,7 +12,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fracq import core
 
@@ -38,9 +37,15 @@ def bench(name, x, r, per_channel_axis):
     return core.fractional_range_quantize(x, r, 3.4, signed=True)
 
   rows = []
-  for label, fn in (('forward', lambda f: jax.jit(f)),
-                    ('fwd+bwd', lambda f: jax.jit(jax.grad(
-                        lambda x, r: jnp.sum(f(x, r) ** 2), argnums=(0, 1))))):
+  for label, fn in (
+    ('forward', lambda f: jax.jit(f)),
+    (
+      'fwd+bwd',
+      lambda f: jax.jit(
+        jax.grad(lambda x, r: jnp.sum(f(x, r) ** 2), argnums=(0, 1))
+      ),
+    ),
+  ):
     tu = _time(fn(uniform), x, r)
     tf = _time(fn(frac), x, r)
     rows.append((name, label, tu * 1e3, tf * 1e3, tf / tu))
@@ -53,10 +58,13 @@ def main():
   a = jax.random.normal(jax.random.key(1), (128, 32, 32, 64))
   ra = jnp.float32(3.0)
   rows = bench('kernel 3x3x256x256', k, rk, 3) + bench(
-      'activation 128x32x32x64', a, ra, None)
+    'activation 128x32x32x64', a, ra, None
+  )
   print(f'device: {jax.devices()[0].device_kind}')
-  print(f'{"tensor":<26} {"pass":<8} {"uniform ms":>11} {"FracBits ms":>12} '
-        f'{"ratio":>6}')
+  print(
+    f'{"tensor":<26} {"pass":<8} {"uniform ms":>11} {"FracBits ms":>12} '
+    f'{"ratio":>6}'
+  )
   for r in rows:
     print(f'{r[0]:<26} {r[1]:<8} {r[2]:>11.3f} {r[3]:>12.3f} {r[4]:>6.2f}x')
 

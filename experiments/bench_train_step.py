@@ -49,10 +49,14 @@ from experiments import _runner  # noqa: E402
 
 def _rules(model_name, w_bits, a_bits, learn_w=False, learn_a=False):
   fixed = models.default_fixed_layers(model_name)
-  w = fracq.TensorSpec(bits=w_bits + (0.5 if learn_w else 0),
-                       learn_bits=learn_w, granularity='channel')
-  a = fracq.TensorSpec(bits=a_bits + (0.5 if learn_a else 0),
-                       learn_bits=learn_a)
+  w = fracq.TensorSpec(
+    bits=w_bits + (0.5 if learn_w else 0),
+    learn_bits=learn_w,
+    granularity='channel',
+  )
+  a = fracq.TensorSpec(
+    bits=a_bits + (0.5 if learn_a else 0), learn_bits=learn_a
+  )
   return [fracq.fixed_bits(fixed), fracq.Rule(weight=w, act=a)]
 
 
@@ -61,9 +65,14 @@ class _Qwix:
 
   def __init__(self, module, bits):
     import qwix
+
     qt = {8: jnp.int8, 4: jnp.int4}[bits]
-    self.module = qwix.quantize_model(module, qwix.QtProvider([
-        qwix.QtRule(module_path='.*', weight_qtype=qt, act_qtype=qt)]))
+    self.module = qwix.quantize_model(
+      module,
+      qwix.QtProvider(
+        [qwix.QtRule(module_path='.*', weight_qtype=qt, act_qtype=qt)]
+      ),
+    )
 
   def init(self, rng, x, train=False):
     return self.module.init(rng, x, train=train)
@@ -77,18 +86,21 @@ class _Qwix:
 
 def make_step(wrapper, x, y):
   variables = wrapper.init(jax.random.key(0), x, train=False)
-  trainable = {c: variables[c] for c in wrapper.trainable_collections
-               if c in variables}
+  trainable = {
+    c: variables[c] for c in wrapper.trainable_collections if c in variables
+  }
   state = {c: v for c, v in variables.items() if c not in trainable}
   tx = optax.sgd(0.01, momentum=0.9)
   opt = tx.init(trainable)
 
   def step(trainable, state, opt, x, y):
     def loss_fn(tr):
-      out, new_state = wrapper.apply({**tr, **state}, x, train=True,
-                                     mutable=list(state))
+      out, new_state = wrapper.apply(
+        {**tr, **state}, x, train=True, mutable=list(state)
+      )
       ce = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
       return ce + wrapper.penalty({**tr, **state}, 0)[0], new_state
+
     (l, new_state), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     upd, opt = tx.update(g, opt, trainable)
     return optax.apply_updates(trainable, upd), new_state, opt, l
@@ -97,8 +109,15 @@ def make_step(wrapper, x, y):
   args = (trainable, state, opt, x, y)
   compiled = jitted.lower(*args).compile()
   mem = compiled.memory_analysis()
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
-          mem.temp_size_in_bytes) if mem is not None else float('nan')
+  peak = (
+    (
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      + mem.temp_size_in_bytes
+    )
+    if mem is not None
+    else float('nan')
+  )
   return compiled, args, peak
 
 
@@ -136,15 +155,19 @@ def export_sizes(qmodel, sample, hard_step=None):
     t = time.perf_counter()
     export.freeze(qmodel, variables)
     freeze_s = time.perf_counter() - t
-  return {'export_s': warm, 'export_cold_s': cold, 'freeze_s': freeze_s,
-          'artifact_bytes': int(on_disk),
-          'theoretical_bytes': float(rep.theoretical_bytes),
-          'artifact_over_theoretical': on_disk / rep.theoretical_bytes,
-          'int8_artifact_bytes': int(rep.int8_artifact_bytes),
-          'float32_bytes': int(rep.float32_bytes),
-          'structure_saved_bytes': int(rep.structure_saved_bytes),
-          'compression_over_int8': rep.int8_artifact_bytes / on_disk,
-          'mean_kernel_bits': float(rep.mean_kernel_bits)}
+  return {
+    'export_s': warm,
+    'export_cold_s': cold,
+    'freeze_s': freeze_s,
+    'artifact_bytes': int(on_disk),
+    'theoretical_bytes': float(rep.theoretical_bytes),
+    'artifact_over_theoretical': on_disk / rep.theoretical_bytes,
+    'int8_artifact_bytes': int(rep.int8_artifact_bytes),
+    'float32_bytes': int(rep.float32_bytes),
+    'structure_saved_bytes': int(rep.structure_saved_bytes),
+    'compression_over_int8': rep.int8_artifact_bytes / on_disk,
+    'mean_kernel_bits': float(rep.mean_kernel_bits),
+  }
 
 
 def main():
@@ -155,29 +178,38 @@ def main():
   p.add_argument('--reps', type=int, default=10)
   p.add_argument('--json', default='')
   p.add_argument('--skip_qwix', action='store_true')
-  p.add_argument('--skip_export', action='store_true',
-                 help='do not time the export or measure artifact sizes')
+  p.add_argument(
+    '--skip_export',
+    action='store_true',
+    help='do not time the export or measure artifact sizes',
+  )
   a = p.parse_args()
   module = models.get_model(a.model)
   x = jax.random.normal(jax.random.key(1), (a.batch, a.size, a.size, 3))
   y = jax.random.randint(jax.random.key(2), (a.batch,), 0, 10)
   sample = x[:1]
   variants = {
-      'float': lambda: PlainModel(module),
-      'fracq uniform w8a8': lambda: fracq.quantize(
-          module, _rules(a.model, 8, 8), sample,
-          call_kwargs={'train': False}),
-      'fracq uniform w4a4': lambda: fracq.quantize(
-          module, _rules(a.model, 4, 4), sample,
-          call_kwargs={'train': False}),
-      'FracBits weights': lambda: fracq.quantize(
-          module, _rules(a.model, 4, 8, learn_w=True), sample,
-          budget=fracq.Budget(kind='size', uniform_bits=4),
-          call_kwargs={'train': False}),
-      'FracBits weights+acts': lambda: fracq.quantize(
-          module, _rules(a.model, 4, 4, learn_w=True, learn_a=True), sample,
-          budget=fracq.Budget(kind='bitops', uniform_bits=4),
-          call_kwargs={'train': False}),
+    'float': lambda: PlainModel(module),
+    'fracq uniform w8a8': lambda: fracq.quantize(
+      module, _rules(a.model, 8, 8), sample, call_kwargs={'train': False}
+    ),
+    'fracq uniform w4a4': lambda: fracq.quantize(
+      module, _rules(a.model, 4, 4), sample, call_kwargs={'train': False}
+    ),
+    'FracBits weights': lambda: fracq.quantize(
+      module,
+      _rules(a.model, 4, 8, learn_w=True),
+      sample,
+      budget=fracq.Budget(kind='size', uniform_bits=4),
+      call_kwargs={'train': False},
+    ),
+    'FracBits weights+acts': lambda: fracq.quantize(
+      module,
+      _rules(a.model, 4, 4, learn_w=True, learn_a=True),
+      sample,
+      budget=fracq.Budget(kind='bitops', uniform_bits=4),
+      call_kwargs={'train': False},
+    ),
   }
   if not a.skip_qwix:
     variants['qwix QAT w8a8'] = lambda: _Qwix(module, 8)
@@ -190,75 +222,103 @@ def main():
       # e.g. qwix's int4 convolution does not compile on the XLA CPU backend.
       failed[name] = f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'
       continue
-    results[name] = {'step_s': time_step(compiled, args, a.reps),
-                     'peak_bytes': peak}
+    results[name] = {
+      'step_s': time_step(compiled, args, a.reps),
+      'peak_bytes': peak,
+    }
   # Re-time float last too and keep the faster: the baseline must not be
   # flattered by warm-up order.
   compiled, args, _ = make_step(PlainModel(module), x, y)
-  results['float']['step_s'] = min(results['float']['step_s'],
-                                   time_step(compiled, args, a.reps))
+  results['float']['step_s'] = min(
+    results['float']['step_s'], time_step(compiled, args, a.reps)
+  )
   f = results['float']
   device = jax.devices()[0]
-  lines = [f'model {a.model}, batch {a.batch}x{a.size}x{a.size}x3, device '
-           f'{device.platform} ({device.device_kind}), {platform.machine()}, '
-           f'jax {jax.__version__}',
-           f'| variant | step ms | vs float | peak MB | peak vs float |',
-           '|---|---|---|---|---|']
+  lines = [
+    f'model {a.model}, batch {a.batch}x{a.size}x{a.size}x3, device '
+    f'{device.platform} ({device.device_kind}), {platform.machine()}, '
+    f'jax {jax.__version__}',
+    '| variant | step ms | vs float | peak MB | peak vs float |',
+    '|---|---|---|---|---|',
+  ]
   for name, r in results.items():
-    lines.append(f'| {name} | {1e3 * r["step_s"]:.1f} | '
-                 f'{r["step_s"] / f["step_s"]:.2f}x | '
-                 f'{r["peak_bytes"] / 2**20:.1f} | '
-                 f'{r["peak_bytes"] / f["peak_bytes"]:.2f}x |')
+    lines.append(
+      f'| {name} | {1e3 * r["step_s"]:.1f} | '
+      f'{r["step_s"] / f["step_s"]:.2f}x | '
+      f'{r["peak_bytes"] / 2**20:.1f} | '
+      f'{r["peak_bytes"] / f["peak_bytes"]:.2f}x |'
+    )
   for name, why in failed.items():
     lines.append(f'| {name} | failed | - | - | - |')
   ratio = lambda a_, b_: results[a_]['step_s'] / results[b_]['step_s']
   lines.append('')
-  lines.append(f'fracq uniform-QAT w8a8 / float: '
-               f'{ratio("fracq uniform w8a8", "float"):.2f}x')
-  lines.append(f'FracBits (weights) / float: '
-               f'{ratio("FracBits weights", "float"):.2f}x')
-  lines.append(f'FracBits (weights) / uniform QAT w4a8-equivalent '
-               f'(w8a8 rules): {ratio("FracBits weights", "fracq uniform w8a8"):.2f}x')
-  lines.append(f'FracBits (weights+acts) / uniform QAT w4a4: '
-               f'{ratio("FracBits weights+acts", "fracq uniform w4a4"):.2f}x')
+  lines.append(
+    f'fracq uniform-QAT w8a8 / float: '
+    f'{ratio("fracq uniform w8a8", "float"):.2f}x'
+  )
+  lines.append(
+    f'FracBits (weights) / float: {ratio("FracBits weights", "float"):.2f}x'
+  )
+  lines.append(
+    f'FracBits (weights) / uniform QAT w4a8-equivalent '
+    f'(w8a8 rules): {ratio("FracBits weights", "fracq uniform w8a8"):.2f}x'
+  )
+  lines.append(
+    f'FracBits (weights+acts) / uniform QAT w4a4: '
+    f'{ratio("FracBits weights+acts", "fracq uniform w4a4"):.2f}x'
+  )
   for bits in ('w8a8', 'w4a4'):
     if f'qwix QAT {bits}' in results:
-      lines.append(f'fracq / qwix, {bits}: '
-                   f'{ratio(f"fracq uniform {bits}", f"qwix QAT {bits}"):.2f}x')
+      lines.append(
+        f'fracq / qwix, {bits}: '
+        f'{ratio(f"fracq uniform {bits}", f"qwix QAT {bits}"):.2f}x'
+      )
   for name, why in failed.items():
     lines.append(f'{name} failed: {why}')
   exports = {}
   if not a.skip_export:
     to_export = {
-        'fracq uniform w8a8': (variants['fracq uniform w8a8'], None),
-        'fracq uniform w4a4': (variants['fracq uniform w4a4'], None),
-        'FracBits weights': (lambda: fracq.quantize(
-            module, _rules(a.model, 4, 8, learn_w=True), sample,
-            budget=fracq.Budget(kind='size', uniform_bits=4),
-            hard_assign_step=1, call_kwargs={'train': False}), 1),
+      'fracq uniform w8a8': (variants['fracq uniform w8a8'], None),
+      'fracq uniform w4a4': (variants['fracq uniform w4a4'], None),
+      'FracBits weights': (
+        lambda: fracq.quantize(
+          module,
+          _rules(a.model, 4, 8, learn_w=True),
+          sample,
+          budget=fracq.Budget(kind='size', uniform_bits=4),
+          hard_assign_step=1,
+          call_kwargs={'train': False},
+        ),
+        1,
+      ),
     }
     for name, (build, hard_step) in to_export.items():
       try:
         exports[name] = export_sizes(build(), sample, hard_step)
       except Exception as e:  # pylint: disable=broad-except
-        failed[f'export {name}'] = (f'{type(e).__name__}: '
-                                    f'{str(e).splitlines()[0][:160]}')
-    lines += ['', 'Export (freeze + bit-pack + write of the packed artifact):',
-              '| model | export s | cold s | freeze s | bytes on disk | '
-              'theoretical bytes | on disk / theoretical | structure saved | '
-              'INT8 bytes | '
-              'float32 bytes | vs INT8 | mean kernel bits |',
-              '|---|---|---|---|---|---|---|---|---|---|---|---|']
+        failed[f'export {name}'] = (
+          f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'
+        )
+    lines += [
+      '',
+      'Export (freeze + bit-pack + write of the packed artifact):',
+      '| model | export s | cold s | freeze s | bytes on disk | '
+      'theoretical bytes | on disk / theoretical | structure saved | '
+      'INT8 bytes | '
+      'float32 bytes | vs INT8 | mean kernel bits |',
+      '|---|---|---|---|---|---|---|---|---|---|---|---|',
+    ]
     for name, e in exports.items():
       lines.append(
-          f'| {name} | {e["export_s"]:.2f} | {e["export_cold_s"]:.2f} | '
-          f'{e["freeze_s"]:.3f} | {e["artifact_bytes"]:,} | '
-          f'{e["theoretical_bytes"]:,.0f} | '
-          f'{e["artifact_over_theoretical"]:.4f} | '
-          f'{e["structure_saved_bytes"]:,} | '
-          f'{e["int8_artifact_bytes"]:,} | {e["float32_bytes"]:,} | '
-          f'{e["compression_over_int8"]:.2f}x | '
-          f'{e["mean_kernel_bits"]:.2f} |')
+        f'| {name} | {e["export_s"]:.2f} | {e["export_cold_s"]:.2f} | '
+        f'{e["freeze_s"]:.3f} | {e["artifact_bytes"]:,} | '
+        f'{e["theoretical_bytes"]:,.0f} | '
+        f'{e["artifact_over_theoretical"]:.4f} | '
+        f'{e["structure_saved_bytes"]:,} | '
+        f'{e["int8_artifact_bytes"]:,} | {e["float32_bytes"]:,} | '
+        f'{e["compression_over_int8"]:.2f}x | '
+        f'{e["mean_kernel_bits"]:.2f} |'
+      )
     for name, why in failed.items():
       if name.startswith('export '):
         lines.append(f'{name} failed: {why}')
@@ -267,9 +327,16 @@ def main():
   if a.json:
     # The arguments as given (a relative --json stays relative: no machine
     # paths in results).
-    _runner.write_json(a.json, {'args': vars(a), 'device': str(device),
-                                'results': results, 'export': exports,
-                                'failed': failed})
+    _runner.write_json(
+      a.json,
+      {
+        'args': vars(a),
+        'device': str(device),
+        'results': results,
+        'export': exports,
+        'failed': failed,
+      },
+    )
     _runner.write_md(a.json.replace('.json', '.md'), text)
 
 

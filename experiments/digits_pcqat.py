@@ -48,15 +48,17 @@ MAX_DROP_POINTS = 1.5
 
 # name -> (digits_pcqat arg, label); 'float' is configs/digits_float.py.
 ROWS = {
-    'float': (None, 'float32'),
-    'pruned': ('mode=pqat,quant=none', 'pruned 50% (float)'),
-    'clustered': ('mode=cqat,quant=none', 'clustered 16 (float)'),
-    'qat': ('mode=qat', 'QAT w8a8'),
-    'pqat': ('mode=pqat', 'PQAT w8a8, 50% sparse'),
-    'cqat': ('mode=cqat', 'CQAT w8a8, 16 clusters'),
-    'pcqat': ('mode=pcqat', 'PCQAT w8a8, 50% sparse + 16 clusters'),
-    'pcqat_fb': ('mode=pcqat,quant=fracbits,bits=6',
-                 'PCQAT FracBits (6-bit size budget), 50% + 16 clusters'),
+  'float': (None, 'float32'),
+  'pruned': ('mode=pqat,quant=none', 'pruned 50% (float)'),
+  'clustered': ('mode=cqat,quant=none', 'clustered 16 (float)'),
+  'qat': ('mode=qat', 'QAT w8a8'),
+  'pqat': ('mode=pqat', 'PQAT w8a8, 50% sparse'),
+  'cqat': ('mode=cqat', 'CQAT w8a8, 16 clusters'),
+  'pcqat': ('mode=pcqat', 'PCQAT w8a8, 50% sparse + 16 clusters'),
+  'pcqat_fb': (
+    'mode=pcqat,quant=fracbits,bits=6',
+    'PCQAT FracBits (6-bit size budget), 50% + 16 clusters',
+  ),
 }
 
 
@@ -64,6 +66,7 @@ def _structure(workdir):
   """Max sparsity deviation from 50% and max distinct values per kernel."""
   from fracq.export import artifact
   from safetensors.numpy import load_file
+
   q = os.path.join(workdir, 'model.fracq.safetensors')
   if os.path.exists(q):
     kernels = artifact.read_artifact(q)[0]
@@ -72,13 +75,18 @@ def _structure(workdir):
     kernels = {k: v for k, v in f.items() if k.endswith('/kernel')}
   sp = [float(np.mean(np.asarray(v) == 0)) for v in kernels.values()]
   dv = [int(np.unique(np.asarray(v)).size) for v in kernels.values()]
-  return {'min_sparsity': min(sp), 'max_sparsity': max(sp),
-          'max_distinct': max(dv), 'kernels': len(kernels)}
+  return {
+    'min_sparsity': min(sp),
+    'max_sparsity': max(sp),
+    'max_distinct': max(dv),
+    'kernels': len(kernels),
+  }
 
 
 def _float_file(workdir):
   from fracq.export import sizes
   from fracq.train import checkpoint as ckpt_lib
+
   v = ckpt_lib.load_variables(workdir, 'params,batch_stats')
   path = os.path.join(workdir, 'model.float.safetensors')
   n = sizes.save_float_variables(v, path, overwrite=True)
@@ -96,8 +104,14 @@ def _seed(names, seed, overrides):
       continue
     arg, _ = ROWS[name]
     # The workdir is kept: the exported kernels are measured below.
-    m = _runner.run('digits_pcqat', f'{arg},seed={seed}', init_from=start,
-                    keep_workdir=True, export=True, **overrides)
+    m = _runner.run(
+      'digits_pcqat',
+      f'{arg},seed={seed}',
+      init_from=start,
+      keep_workdir=True,
+      export=True,
+      **overrides,
+    )
     m.pop('bits', None)
     m.update(_structure(m['workdir']))
     yield name, _runner.public(m)
@@ -105,16 +119,22 @@ def _seed(names, seed, overrides):
 
 def _size_cols(r):
   if 'artifact_bytes' in r:
-    return (r['artifact_bytes'], r['artifact_theoretical_bytes'],
-            r['artifact_gzip_bytes'])
+    return (
+      r['artifact_bytes'],
+      r['artifact_theoretical_bytes'],
+      r['artifact_gzip_bytes'],
+    )
   return r['float32_bytes'], r['float32_bytes'], r['float32_gzip_bytes']
 
 
 def write(rows, out):
-  lines = ['| row | config | test acc. % (mean) | min-max | seeds | '
-           'artifact KiB | dense at same bits KiB | gzip -9 KiB | '
-           'kernel sparsity | max distinct values | integer / ONNX = '
-           'fake-quant |', '|---|---|---|---|---|---|---|---|---|---|---|']
+  lines = [
+    '| row | config | test acc. % (mean) | min-max | seeds | '
+    'artifact KiB | dense at same bits KiB | gzip -9 KiB | '
+    'kernel sparsity | max distinct values | integer / ONNX = '
+    'fake-quant |',
+    '|---|---|---|---|---|---|---|---|---|---|---|',
+  ]
   means = {}
   for n, (arg, label) in ROWS.items():
     rs = [r for r in rows if r['row'] == n]
@@ -123,48 +143,67 @@ def write(rows, out):
     acc = np.array([r['eval_accuracy'] for r in rs]) * 100
     means[n] = acc.mean()
     art, dense, gz = (np.mean(x) / 1024 for x in zip(*map(_size_cols, rs)))
-    sp = (f'{min(r["min_sparsity"] for r in rs):.3f}-'
-          f'{max(r["max_sparsity"] for r in rs):.3f}')
+    sp = (
+      f'{min(r["min_sparsity"] for r in rs):.3f}-'
+      f'{max(r["max_sparsity"] for r in rs):.3f}'
+    )
     dv = max(r['max_distinct'] for r in rs)
-    im = [r['integer_prediction_match'] for r in rs
-          if 'integer_prediction_match' in r]
-    om = [r['onnx_prediction_match'] for r in rs
-          if 'onnx_prediction_match' in r]
-    match = (f'{100 * np.mean(im):.1f}% / {100 * np.mean(om):.1f}%'
-             if im and om else '-')
-    cfg = ('`digits_float.py`' if arg is None else
-           f'`digits_pcqat.py:{arg}`')
-    lines.append(f'| {label} | {cfg} | {acc.mean():.2f} | {acc.min():.2f}-'
-                 f'{acc.max():.2f} | {len(rs)} | {art:.1f} | {dense:.1f} | '
-                 f'{gz:.1f} | {sp} | {dv} | {match} |')
+    im = [
+      r['integer_prediction_match']
+      for r in rs
+      if 'integer_prediction_match' in r
+    ]
+    om = [
+      r['onnx_prediction_match'] for r in rs if 'onnx_prediction_match' in r
+    ]
+    match = (
+      f'{100 * np.mean(im):.1f}% / {100 * np.mean(om):.1f}%'
+      if im and om
+      else '-'
+    )
+    cfg = '`digits_float.py`' if arg is None else f'`digits_pcqat.py:{arg}`'
+    lines.append(
+      f'| {label} | {cfg} | {acc.mean():.2f} | {acc.min():.2f}-'
+      f'{acc.max():.2f} | {len(rs)} | {art:.1f} | {dense:.1f} | '
+      f'{gz:.1f} | {sp} | {dv} | {match} |'
+    )
   text = '\n'.join(lines)
   notes = []
   if 'qat' in means and 'pcqat' in means:
     gap = means['qat'] - means['pcqat']
     met = 'met' if gap <= MAX_DROP_POINTS else 'NOT met'
-    notes.append(f'PCQAT - QAT: {-gap:+.2f} points (target: a drop of at '
-                 f'most {MAX_DROP_POINTS}: {met}).')
+    notes.append(
+      f'PCQAT - QAT: {-gap:+.2f} points (target: a drop of at '
+      f'most {MAX_DROP_POINTS}: {met}).'
+    )
   _runner.write_md(
-      os.path.join(out, 'digits_pcqat.md'),
-      'Every non-float row fine-tunes the float '
-      'model of the same seed for 10 epochs (lr 0.02). "artifact": the '
-      'file a user ships (float32 safetensors for the float rows; the '
-      'packed artifact for QAT rows, sparse/codebook encodings where '
-      'smaller). "dense at same bits": the theoretical size with every '
-      'kernel stored densely at its bits. "integer / ONNX = fake-quant": '
-      'share of one eval batch where the integer-only program / '
-      'onnxruntime on the ONNX export predict what the fake-quantized '
-      'model predicts. Sparsity and distinct values are measured on the '
-      'exported kernels (integer codes for QAT rows).\n\n' + text + '\n\n'
-      + '\n'.join(notes))
+    os.path.join(out, 'digits_pcqat.md'),
+    'Every non-float row fine-tunes the float '
+    'model of the same seed for 10 epochs (lr 0.02). "artifact": the '
+    'file a user ships (float32 safetensors for the float rows; the '
+    'packed artifact for QAT rows, sparse/codebook encodings where '
+    'smaller). "dense at same bits": the theoretical size with every '
+    'kernel stored densely at its bits. "integer / ONNX = fake-quant": '
+    'share of one eval batch where the integer-only program / '
+    'onnxruntime on the ONNX export predict what the fake-quantized '
+    'model predicts. Sparsity and distinct values are measured on the '
+    'exported kernels (integer codes for QAT rows).\n\n'
+    + text
+    + '\n\n'
+    + '\n'.join(notes),
+  )
   return text + '\n' + '\n'.join(notes)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument('--seeds', default='0,1,2')
-  p.add_argument('--only', default='', help='comma-separated row names '
-                 '(the float model is always trained, and recorded)')
+  p.add_argument(
+    '--only',
+    default='',
+    help='comma-separated row names '
+    '(the float model is always trained, and recorded)',
+  )
   _runner.add_flags(p)
   args = p.parse_args(argv)
   logging.set_verbosity(logging.WARNING)
@@ -175,14 +214,18 @@ def main(argv=None):
     raise SystemExit(f'unknown rows {bad}; choose from {list(ROWS)}.')
   path = os.path.join(args.out, 'digits_pcqat.json')
   # --only refreshes some rows and keeps the others.
-  rows = (_runner.load_rows(path) if args.only and os.path.exists(path)
-          else [])
+  rows = _runner.load_rows(path) if args.only and os.path.exists(path) else []
   for s in (int(x) for x in args.seeds.split(',')):
     for name, m in _seed(names, s, overrides):
       rows = [r for r in rows if not (r['row'] == name and r['seed'] == s)]
       rows.append(dict(row=name, seed=s, **m))
-      print(name, s, f'{100 * m["eval_accuracy"]:.2f}%',
-            _size_cols(rows[-1])[0], flush=True)
+      print(
+        name,
+        s,
+        f'{100 * m["eval_accuracy"]:.2f}%',
+        _size_cols(rows[-1])[0],
+        flush=True,
+      )
   _runner.write_json(path, rows)
   print(write(rows, args.out))
 

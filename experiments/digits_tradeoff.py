@@ -37,27 +37,38 @@ from experiments import _runner  # noqa: E402
 
 # name -> (config, arg, label)
 POINTS = {
-    'float': ('digits_float', '', 'float32'),
-    'uniform8': ('digits_uniform', 'bits=8', 'uniform QAT w8a8'),
-    'uniform4': ('digits_uniform', 'bits=4', 'uniform QAT w4a8'),
-    'uniform3': ('digits_uniform', 'bits=3', 'uniform QAT w3a8'),
-    'uniform2': ('digits_uniform', 'bits=2', 'uniform QAT w2a8'),
-    'fracbits4': ('digits_fracbits', 'bits=4', 'FracBits, 4-bit size budget'),
-    'fracbits3': ('digits_fracbits', 'bits=3', 'FracBits, 3-bit size budget'),
-    'fracbits2': ('digits_fracbits', 'bits=2', 'FracBits, 2-bit size budget'),
-    'fracbits_bitops4': ('digits_fracbits', 'bits=4,bitops=True',
-                         'FracBits, 4-bit BitOPs budget (w+a)'),
-    'f8net': ('digits_f8net', '', 'F8Net (8-bit fixed point)'),
-    'f8net_pact': ('digits_f8net', 'pact=True',
-                   'F8Net + fixed-point PACT (clips folded)'),
+  'float': ('digits_float', '', 'float32'),
+  'uniform8': ('digits_uniform', 'bits=8', 'uniform QAT w8a8'),
+  'uniform4': ('digits_uniform', 'bits=4', 'uniform QAT w4a8'),
+  'uniform3': ('digits_uniform', 'bits=3', 'uniform QAT w3a8'),
+  'uniform2': ('digits_uniform', 'bits=2', 'uniform QAT w2a8'),
+  'fracbits4': ('digits_fracbits', 'bits=4', 'FracBits, 4-bit size budget'),
+  'fracbits3': ('digits_fracbits', 'bits=3', 'FracBits, 3-bit size budget'),
+  'fracbits2': ('digits_fracbits', 'bits=2', 'FracBits, 2-bit size budget'),
+  'fracbits_bitops4': (
+    'digits_fracbits',
+    'bits=4,bitops=True',
+    'FracBits, 4-bit BitOPs budget (w+a)',
+  ),
+  'f8net': ('digits_f8net', '', 'F8Net (8-bit fixed point)'),
+  'f8net_pact': (
+    'digits_f8net',
+    'pact=True',
+    'F8Net + fixed-point PACT (clips folded)',
+  ),
 }
 # Rows of experiments/digits_pcqat.py shown here: name -> (config, arg, label).
 PCQAT_ROWS = {
-    'pcqat': ('digits_pcqat', 'mode=pcqat',
-              'PCQAT w8a8, 50% sparse + 16 clusters (digits_pcqat.py)'),
-    'pcqat_fb': ('digits_pcqat', 'mode=pcqat,quant=fracbits,bits=6',
-                 'PCQAT FracBits 6-bit budget, 50% + 16 clusters '
-                 '(digits_pcqat.py)'),
+  'pcqat': (
+    'digits_pcqat',
+    'mode=pcqat',
+    'PCQAT w8a8, 50% sparse + 16 clusters (digits_pcqat.py)',
+  ),
+  'pcqat_fb': (
+    'digits_pcqat',
+    'mode=pcqat,quant=fracbits,bits=6',
+    'PCQAT FracBits 6-bit budget, 50% + 16 clusters (digits_pcqat.py)',
+  ),
 }
 
 
@@ -65,8 +76,11 @@ def _pcqat_rows(out):
   path = os.path.join(out, 'digits_pcqat.json')
   if not os.path.exists(path):
     return []
-  return [dict(r, point=r['row']) for r in _runner.load_rows(path)
-          if r['row'] in PCQAT_ROWS]
+  return [
+    dict(r, point=r['row'])
+    for r in _runner.load_rows(path)
+    if r['row'] in PCQAT_ROWS
+  ]
 
 
 def _float_bytes(workdir):
@@ -74,12 +88,14 @@ def _float_bytes(workdir):
   from safetensors.numpy import save_file
   from fracq.train import checkpoint as ckpt_lib
   import jax
+
   raw = ckpt_lib.restore_raw(workdir)
   flat = {}
   for group in ('trainable', 'state'):
     for kp, v in jax.tree_util.tree_leaves_with_path(raw.get(group, {})):
       flat['/'.join(str(getattr(k, 'key', k)) for k in kp)] = np.asarray(
-          v, np.float32)
+        v, np.float32
+      )
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'float.safetensors')
     save_file(flat, path)
@@ -108,8 +124,9 @@ def _size(r):
 
 def _pareto(points):
   """Indices of (size, acc) points not dominated (smaller and better)."""
-  order = sorted(range(len(points)), key=lambda i: (points[i][0],
-                                                    -points[i][1]))
+  order = sorted(
+    range(len(points)), key=lambda i: (points[i][0], -points[i][1])
+  )
   front, best = [], -1.0
   for i in order:
     if points[i][1] > best:
@@ -124,38 +141,50 @@ def write(rows, out, overrides=None):
   rows = list(rows) + _pcqat_rows(out)
   table = {**POINTS, **PCQAT_ROWS}
   names = [n for n in table if any(r['point'] == n for r in rows)]
-  lines = ['| point | config | test acc. % (mean) | min-max | seeds | '
-           'artifact KiB | integer program KiB | cost / target | '
-           'integer = fake-quant |',
-           '|---|---|---|---|---|---|---|---|---|']
+  lines = [
+    '| point | config | test acc. % (mean) | min-max | seeds | '
+    'artifact KiB | integer program KiB | cost / target | '
+    'integer = fake-quant |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
   summary = []
   for n in names:
     rs = [r for r in rows if r['point'] == n]
     acc = np.array([r['eval_accuracy'] for r in rs]) * 100
     size = np.mean([_size(r) for r in rs]) / 1024
     prog = [r['program_bytes'] for r in rs if 'program_bytes' in r]
-    match = [r['integer_prediction_match'] for r in rs
-             if 'integer_prediction_match' in r]
-    ratio = [r['cost_integer'] / r['cost_target'] for r in rs
-             if 'cost_target' in r and 'cost_integer' in r]
+    match = [
+      r['integer_prediction_match']
+      for r in rs
+      if 'integer_prediction_match' in r
+    ]
+    ratio = [
+      r['cost_integer'] / r['cost_target']
+      for r in rs
+      if 'cost_target' in r and 'cost_integer' in r
+    ]
     config, arg, label = table[n]
     cfg = f'`{config}.py{":" + arg if arg else ""}`'
     prog_kib = f'{np.mean(prog) / 1024:.1f}' if prog else '-'
-    lines.append(f'| {label} | {cfg} | {acc.mean():.2f} | '
-                 f'{acc.min():.2f}-{acc.max():.2f} | {len(rs)} | {size:.1f} | '
-                 f'{prog_kib} | {f"{max(ratio):.3f}" if ratio else "-"} ')
-    lines[-1] += (f'| {100 * np.mean(match):.1f}% |' if match else '| - |')
+    lines.append(
+      f'| {label} | {cfg} | {acc.mean():.2f} | '
+      f'{acc.min():.2f}-{acc.max():.2f} | {len(rs)} | {size:.1f} | '
+      f'{prog_kib} | {f"{max(ratio):.3f}" if ratio else "-"} '
+    )
+    lines[-1] += f'| {100 * np.mean(match):.1f}% |' if match else '| - |'
     summary.append((n, label, size, acc))
-  text = (f'Shared by every point: {_runner.schedule_text(overrides)} and '
-          'seeds; every quantized point (PCQAT rows: see '
-          'digits_pcqat.md) fine-tunes the trained float model of the same '
-          'seed (`init_from`). Artifact: the file a user ships (float32 '
-          'safetensors for float; packed weights for QAT methods; the '
-          'integer-only program for F8Net). "cost / target": integer weight '
-          'bits over the size budget, largest across seeds (budgeted points '
-          'only; above 1.000 is over budget). "integer = fake-quant": share '
-          'of one eval batch where the integer-only program predicts what '
-          'the fake-quantized model predicts.\n\n' + '\n'.join(lines))
+  text = (
+    f'Shared by every point: {_runner.schedule_text(overrides)} and '
+    'seeds; every quantized point (PCQAT rows: see '
+    'digits_pcqat.md) fine-tunes the trained float model of the same '
+    'seed (`init_from`). Artifact: the file a user ships (float32 '
+    'safetensors for float; packed weights for QAT methods; the '
+    'integer-only program for F8Net). "cost / target": integer weight '
+    'bits over the size budget, largest across seeds (budgeted points '
+    'only; above 1.000 is over budget). "integer = fake-quant": share '
+    'of one eval batch where the integer-only program predicts what '
+    'the fake-quantized model predicts.\n\n' + '\n'.join(lines)
+  )
   _runner.write_md(os.path.join(out, 'digits_tradeoff.md'), text)
   if summary:
     _plot(summary, os.path.join(out, 'digits_tradeoff.png'))
@@ -189,9 +218,11 @@ def _plot(summary, path):
   overlap) and points of equal size are spread sideways; Pareto-front
   points are ringed in red."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   from matplotlib import ticker
+
   fig, ax = plt.subplots(figsize=(11, 5))
   pts = [(s, a.mean()) for _, _, s, a in summary]
   front = _pareto(pts)
@@ -200,19 +231,32 @@ def _plot(summary, path):
   markers = 'osD^v<>phX*Pd8H'
   for i, (_, label, size, acc) in enumerate(summary):
     mean = acc.mean()
-    ax.errorbar(size * dodge[i], mean,
-                yerr=[[mean - acc.min()], [acc.max() - mean]],
-                fmt=markers[i % len(markers)], color=colors[i % len(colors)],
-                mec='C3' if i in front else colors[i % len(colors)],
-                mew=2 if i in front else 1, ms=7, capsize=3, zorder=3,
-                label=f'{label} ({len(acc)} seeds)')
+    ax.errorbar(
+      size * dodge[i],
+      mean,
+      yerr=[[mean - acc.min()], [acc.max() - mean]],
+      fmt=markers[i % len(markers)],
+      color=colors[i % len(colors)],
+      mec='C3' if i in front else colors[i % len(colors)],
+      mew=2 if i in front else 1,
+      ms=7,
+      capsize=3,
+      zorder=3,
+      label=f'{label} ({len(acc)} seeds)',
+    )
   fx = sorted((pts[i][0] * dodge[i], pts[i][1]) for i in front)
-  ax.plot([p[0] for p in fx], [p[1] for p in fx], 'C3--', lw=1,
-          label='Pareto front (red rings)')
+  ax.plot(
+    [p[0] for p in fx],
+    [p[1] for p in fx],
+    'C3--',
+    lw=1,
+    label='Pareto front (red rings)',
+  )
   ax.set_xscale('log')
   # Plain tick labels at powers of two (log-axis defaults overlap here).
-  ax.xaxis.set_major_locator(ticker.FixedLocator(
-      [2.0 ** k for k in range(4, 12)]))
+  ax.xaxis.set_major_locator(
+    ticker.FixedLocator([2.0**k for k in range(4, 12)])
+  )
   ax.xaxis.set_major_formatter(ticker.FormatStrFormatter('%g'))
   ax.xaxis.set_minor_locator(ticker.NullLocator())
   sizes = [s for s, _ in pts]
@@ -246,11 +290,11 @@ def main(argv=None):
     raise SystemExit(f'unknown points {bad}; --list shows them.')
   path = os.path.join(args.out, 'digits_tradeoff.json')
   # --only refreshes some points and keeps the others.
-  rows = (_runner.load_rows(path) if args.only and os.path.exists(path)
-          else [])
+  rows = _runner.load_rows(path) if args.only and os.path.exists(path) else []
   for n in only:
-    if not os.path.exists(os.path.join(_runner.ROOT, 'configs',
-                                       POINTS[n][0] + '.py')):
+    if not os.path.exists(
+      os.path.join(_runner.ROOT, 'configs', POINTS[n][0] + '.py')
+    ):
       print(f'skipping {n}: configs/{POINTS[n][0]}.py does not exist')
       continue
     for s in seeds:

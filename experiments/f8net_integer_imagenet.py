@@ -37,21 +37,32 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
 def check(name: str, size: int, batch: int, steps: int = 2) -> dict:
   t0 = time.time()
-  x = jax.random.uniform(jax.random.key(3), (batch, size, size, 3),
-                         minval=-1, maxval=1)
+  x = jax.random.uniform(
+    jax.random.key(3), (batch, size, size, 3), minval=-1, maxval=1
+  )
   module = models.get_model(name, num_classes=1000)
   try:
     w = F8NetModel(module, x[:2], options=F8NetOptions(pact=True))
   except ValueError:  # ReLU6 models take no folded clip (F8Net says why)
     w = F8NetModel(module, x[:2], options=F8NetOptions(pact=False))
   v = w.init(jax.random.key(0), x[:2])
-  step = jax.jit(lambda v, x: w.apply(
-      v, x, train=True, mutable=['batch_stats', 'quant_stats'],
-      rngs={'dropout': jax.random.key(1)})[1])
+  step = jax.jit(
+    lambda v, x: w.apply(
+      v,
+      x,
+      train=True,
+      mutable=['batch_stats', 'quant_stats'],
+      rngs={'dropout': jax.random.key(1)},
+    )[1]
+  )
   for _ in range(steps):
     v = {**v, **step(v, x)}
-  row = {'model': name, 'size': size, 'images': batch,
-         'clips': len(set(w.pact_src.values()))}
+  row = {
+    'model': name,
+    'size': size,
+    'images': batch,
+    'clips': len(set(w.pact_src.values())),
+  }
   try:
     prog = im.lower_f8net(w, v, x)  # raises unless bit-exact on x
   except ValueError as e:
@@ -59,13 +70,16 @@ def check(name: str, size: int, batch: int, steps: int = 2) -> dict:
     return row
   got = np.asarray(prog.logits(x))
   sim = np.asarray(w.apply(v, x, train=False))
-  row.update(status='lowered',
-             ops=len(prog.layers),
-             adds=sum(isinstance(l, im.IntAdd) for l in prog.layers),
-             max_pools=sum(l.maxpool is not None for l in prog.layers),
-             bit_exact=bool(np.array_equal(got, sim)))
+  row.update(
+    status='lowered',
+    ops=len(prog.layers),
+    adds=sum(isinstance(l, im.IntAdd) for l in prog.layers),
+    max_pools=sum(l.maxpool is not None for l in prog.layers),
+    bit_exact=bool(np.array_equal(got, sim)),
+  )
   try:
     from fracq.export import onnx_export as ox  # pylint: disable=g-import-not-at-top
+
     info = {}
     out = ox.run_onnx(ox.program_to_onnx(prog, report=info), np.asarray(x))
     row['onnx_bit_exact'] = bool(np.array_equal(out, got))
@@ -84,21 +98,26 @@ def main():
   a = ap.parse_args()
   rows = [check(m, a.size, a.batch) for m in a.models.split(',') if m]
   os.makedirs(a.out, exist_ok=True)
-  _runner.write_json(os.path.join(a.out, 'f8net_integer_imagenet.json'),
-                     rows)
-  lines = ['Random images, F8Net + fixed-point PACT after train-mode '
-           'passes.', '',
-           '| model | input | PACT clips | status | ops | adds | max pools '
-           '| program = simulation | ONNX = program |',
-           '|---|---|---|---|---|---|---|---|---|']
+  _runner.write_json(os.path.join(a.out, 'f8net_integer_imagenet.json'), rows)
+  lines = [
+    'Random images, F8Net + fixed-point PACT after train-mode passes.',
+    '',
+    '| model | input | PACT clips | status | ops | adds | max pools '
+    '| program = simulation | ONNX = program |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
   for r in rows:
     if r['status'] == 'lowered':
-      lines.append(f'| {r["model"]} | {r["size"]}x{r["size"]} | {r["clips"]} '
-                   f'| lowered | {r["ops"]} | {r["adds"]} | {r["max_pools"]} '
-                   f'| {r["bit_exact"]} | {r["onnx_bit_exact"]} |')
+      lines.append(
+        f'| {r["model"]} | {r["size"]}x{r["size"]} | {r["clips"]} '
+        f'| lowered | {r["ops"]} | {r["adds"]} | {r["max_pools"]} '
+        f'| {r["bit_exact"]} | {r["onnx_bit_exact"]} |'
+      )
     else:
-      lines.append(f'| {r["model"]} | {r["size"]}x{r["size"]} | {r["clips"]} '
-                   f'| refused: {r["reason"]} | | | | | |')
+      lines.append(
+        f'| {r["model"]} | {r["size"]}x{r["size"]} | {r["clips"]} '
+        f'| refused: {r["reason"]} | | | | | |'
+      )
   text = '\n'.join(lines) + '\n'
   _runner.write_md(os.path.join(a.out, 'f8net_integer_imagenet.md'), text)
   print(text)

@@ -38,8 +38,17 @@ RESULTS = 'experiments/results'
 
 
 def _bench(model, batch, size, reps, name, skip_qwix=False):
-  args = ['experiments/bench_train_step.py', '--model', model, '--batch',
-          str(batch), '--size', str(size), '--reps', str(reps)]
+  args = [
+    'experiments/bench_train_step.py',
+    '--model',
+    model,
+    '--batch',
+    str(batch),
+    '--size',
+    str(size),
+    '--reps',
+    str(reps),
+  ]
   if skip_qwix:
     args.append('--skip_qwix')
   return args + ['--json', f'{RESULTS}/{name}.json']
@@ -47,40 +56,67 @@ def _bench(model, batch, size, reps, name, skip_qwix=False):
 
 # name -> (script and arguments, needs a GPU, what it writes, rough time)
 JOBS = {
-    'published_imagenet': (
-        ['experiments/published_imagenet.py'], False,
-        'published_imagenet.{md,json}', 'seconds'),
-    'digits_pcqat': (
-        ['experiments/digits_pcqat.py', '--seeds', '0,1,2'], False,
-        'digits_pcqat.{md,json}', '~20 min on 2 CPU cores (trains the float '
-        'starts)'),
-    # After digits_pcqat: the trade-off plot reads its PCQAT rows.
-    'digits_tradeoff': (
-        ['experiments/digits_tradeoff.py', '--seeds', '0,1,2'], False,
-        'digits_tradeoff.{md,json,png}', '~35 min on 2 CPU cores'),
-    'digits_fracbits_vs_uniform': (
-        ['experiments/digits_fracbits_vs_uniform.py', '--seeds', '0,1,2',
-         '--bits', '3,2'], False,
-        'digits_fracbits_vs_uniform.{md,json}',
-        '~1 min after digits_tradeoff (every run cached); ~12 min alone'),
-    'hawq_vs_fracbits': (
-        ['experiments/hawq_vs_fracbits.py', '--seeds', '0,1,2', '--bits',
-         '4,3'], False, 'hawq_vs_fracbits.{md,json,png}',
-        '~8 min after digits_tradeoff (only HAWQ trains); ~20 min alone'),
-    'f8net_integer_imagenet': (
-        ['experiments/f8net_integer_imagenet.py'], False,
-        'f8net_integer_imagenet.{md,json}', '~3 min on 2 CPU cores'),
-    'bench_train_step': (
-        _bench('resnet20', 128, 32, 5, 'bench_train_step'), False,
-        'bench_train_step.{md,json}', '~5 min on 2 CPU cores'),
-    'bench_resnet18_gpu': (
-        _bench('resnet18', 128, 224, 20, 'bench_resnet18_gpu',
-               skip_qwix=True), True, 'bench_resnet18_gpu.{md,json}',
-        '~2 min on one H100'),
-    'bench_resnet50_gpu': (
-        _bench('resnet50', 64, 224, 20, 'bench_resnet50_gpu',
-               skip_qwix=True), True, 'bench_resnet50_gpu.{md,json}',
-        '~2 min on one H100'),
+  'published_imagenet': (
+    ['experiments/published_imagenet.py'],
+    False,
+    'published_imagenet.{md,json}',
+    'seconds',
+  ),
+  'digits_pcqat': (
+    ['experiments/digits_pcqat.py', '--seeds', '0,1,2'],
+    False,
+    'digits_pcqat.{md,json}',
+    '~20 min on 2 CPU cores (trains the float starts)',
+  ),
+  # After digits_pcqat: the trade-off plot reads its PCQAT rows.
+  'digits_tradeoff': (
+    ['experiments/digits_tradeoff.py', '--seeds', '0,1,2'],
+    False,
+    'digits_tradeoff.{md,json,png}',
+    '~35 min on 2 CPU cores',
+  ),
+  'digits_fracbits_vs_uniform': (
+    [
+      'experiments/digits_fracbits_vs_uniform.py',
+      '--seeds',
+      '0,1,2',
+      '--bits',
+      '3,2',
+    ],
+    False,
+    'digits_fracbits_vs_uniform.{md,json}',
+    '~1 min after digits_tradeoff (every run cached); ~12 min alone',
+  ),
+  'hawq_vs_fracbits': (
+    ['experiments/hawq_vs_fracbits.py', '--seeds', '0,1,2', '--bits', '4,3'],
+    False,
+    'hawq_vs_fracbits.{md,json,png}',
+    '~8 min after digits_tradeoff (only HAWQ trains); ~20 min alone',
+  ),
+  'f8net_integer_imagenet': (
+    ['experiments/f8net_integer_imagenet.py'],
+    False,
+    'f8net_integer_imagenet.{md,json}',
+    '~3 min on 2 CPU cores',
+  ),
+  'bench_train_step': (
+    _bench('resnet20', 128, 32, 5, 'bench_train_step'),
+    False,
+    'bench_train_step.{md,json}',
+    '~5 min on 2 CPU cores',
+  ),
+  'bench_resnet18_gpu': (
+    _bench('resnet18', 128, 224, 20, 'bench_resnet18_gpu', skip_qwix=True),
+    True,
+    'bench_resnet18_gpu.{md,json}',
+    '~2 min on one H100',
+  ),
+  'bench_resnet50_gpu': (
+    _bench('resnet50', 64, 224, 20, 'bench_resnet50_gpu', skip_qwix=True),
+    True,
+    'bench_resnet50_gpu.{md,json}',
+    '~2 min on one H100',
+  ),
 }
 
 
@@ -89,8 +125,13 @@ def backend() -> str:
   initialises, or holds memory on, an accelerator)."""
   try:
     out = subprocess.run(
-        [sys.executable, '-c', 'import jax; print(jax.default_backend())'],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+      [sys.executable, '-c', 'import jax; print(jax.default_backend())'],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=True,
+    )
     return out.stdout.strip().splitlines()[-1]
   except (subprocess.SubprocessError, IndexError):
     return 'cpu'
@@ -112,15 +153,25 @@ def plan(only, has_gpu):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--list', action='store_true',
-                 help='print what would run (and what is skipped), run nothing')
-  p.add_argument('--only', default='',
-                 help=f'comma-separated subset of: {", ".join(JOBS)}')
-  p.add_argument('--keep_going', action='store_true',
-                 help='run the remaining experiments after one fails')
-  p.add_argument('--fresh', action='store_true',
-                 help='train every run again: a new, empty run cache for this '
-                 'call (runs are still shared between its scripts)')
+  p.add_argument(
+    '--list',
+    action='store_true',
+    help='print what would run (and what is skipped), run nothing',
+  )
+  p.add_argument(
+    '--only', default='', help=f'comma-separated subset of: {", ".join(JOBS)}'
+  )
+  p.add_argument(
+    '--keep_going',
+    action='store_true',
+    help='run the remaining experiments after one fails',
+  )
+  p.add_argument(
+    '--fresh',
+    action='store_true',
+    help='train every run again: a new, empty run cache for this '
+    'call (runs are still shared between its scripts)',
+  )
   a = p.parse_args(argv)
   only = [n for n in a.only.split(',') if n]
   be = backend()
@@ -130,8 +181,10 @@ def main(argv=None):
     for n, args, why in jobs:
       _, _, writes, eta = JOBS[n]
       status = f'SKIP ({why})' if why else f'run ({eta})'
-      print(f'{n:<28} {status}\n    python {" ".join(args)}\n'
-            f'    -> {RESULTS}/{writes}')
+      print(
+        f'{n:<28} {status}\n    python {" ".join(args)}\n'
+        f'    -> {RESULTS}/{writes}'
+      )
     return 0
   env = dict(os.environ)
   if a.fresh:
@@ -146,8 +199,10 @@ def main(argv=None):
     rc = subprocess.call([sys.executable] + args, cwd=ROOT, env=env)
     dt = time.time() - t
     times.append((n, dt))
-    print(f'== {n}: {"ok" if rc == 0 else f"FAILED (exit {rc})"} in '
-          f'{dt:.0f} s', flush=True)
+    print(
+      f'== {n}: {"ok" if rc == 0 else f"FAILED (exit {rc})"} in {dt:.0f} s',
+      flush=True,
+    )
     (done if rc == 0 else failed).append(n)
     if rc and not a.keep_going:
       break

@@ -18,4 +18,19 @@ from fracq.methods.penalty import hard_assign
 from fracq.methods.qat import QATModel
 from fracq.methods.qat import quantize
 
+__all__ = [
+  'Budget',
+  'CostModel',
+  'LayerFacts',
+  'Penalty',
+  'QATModel',
+  'QuantizedModule',
+  'Rule',
+  'TensorSpec',
+  'fixed_bits',
+  'hard_assign',
+  'keep_float',
+  'quantize',
+]
+
 __version__ = '0.1.0'

@@ -31,24 +31,41 @@ def _kernel_manager(tmp_path):
   """A kernel manager whose 'python3' kernel is this interpreter."""
   from jupyter_client.kernelspec import KernelSpecManager
   from jupyter_client.manager import KernelManager
+
   kdir = tmp_path / 'kernels' / 'python3'
   kdir.mkdir(parents=True)
-  (kdir / 'kernel.json').write_text(json.dumps({
-      'argv': [sys.executable, '-m', 'ipykernel_launcher', '-f',
-               '{connection_file}'],
-      'display_name': 'Python 3 (fracq tests)', 'language': 'python',
-      'env': {'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}}))
-  ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / 'kernels')],
-                          ensure_native_kernel=False)
+  (kdir / 'kernel.json').write_text(
+    json.dumps(
+      {
+        'argv': [
+          sys.executable,
+          '-m',
+          'ipykernel_launcher',
+          '-f',
+          '{connection_file}',
+        ],
+        'display_name': 'Python 3 (fracq tests)',
+        'language': 'python',
+        'env': {'MPLBACKEND': 'module://matplotlib_inline.backend_inline'},
+      }
+    )
+  )
+  ksm = KernelSpecManager(
+    kernel_dirs=[str(tmp_path / 'kernels')], ensure_native_kernel=False
+  )
   return KernelManager(kernel_name='python3', kernel_spec_manager=ksm)
 
 
 def _execute(path, tmp_path):
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(
-      nb, km=_kernel_manager(tmp_path), timeout=CELL_TIMEOUT_S,
-      kernel_name='python3', allow_errors=False,
-      resources={'metadata': {'path': EXPERIMENTS}})
+    nb,
+    km=_kernel_manager(tmp_path),
+    timeout=CELL_TIMEOUT_S,
+    kernel_name='python3',
+    allow_errors=False,
+    resources={'metadata': {'path': EXPERIMENTS}},
+  )
   t = time.time()
   try:
     client.execute()
@@ -72,9 +89,12 @@ def _text(nb) -> str:
 
 
 def _images(nb) -> int:
-  return sum('image/png' in o.get('data', {})
-             for c in nb.cells if c.cell_type == 'code'
-             for o in c.get('outputs', []))
+  return sum(
+    'image/png' in o.get('data', {})
+    for c in nb.cells
+    if c.cell_type == 'code'
+    for o in c.get('outputs', [])
+  )
 
 
 def test_notebooks_are_found_and_stored_without_outputs():
@@ -86,7 +106,8 @@ def test_notebooks_are_found_and_stored_without_outputs():
     for cell in nb.cells:
       if cell.cell_type == 'code':
         assert not cell.outputs and cell.execution_count is None, (
-            f'{os.path.basename(p)} is stored with outputs; clear them.')
+          f'{os.path.basename(p)} is stored with outputs; clear them.'
+        )
     # The first code cell uses the checkout the notebook sits in, and
     # installs its requirements only when fracq cannot be imported.
     first = next(c for c in nb.cells if c.cell_type == 'code').source
@@ -109,8 +130,9 @@ def test_install_cell_needs_no_network_when_fracq_imports(path, monkeypatch):
   monkeypatch.setattr(sys, 'path', list(sys.path))
   env = {'get_ipython': no_ipython}
   exec(compile(first, os.path.basename(path), 'exec'), env)  # pylint: disable=exec-used
-  assert os.path.samefile(os.path.dirname(env['fracq'].__file__),
-                          os.path.join(ROOT, 'fracq'))
+  assert os.path.samefile(
+    os.path.dirname(env['fracq'].__file__), os.path.join(ROOT, 'fracq')
+  )
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)

@@ -18,8 +18,12 @@ def test_readme_library_snippet_runs():
   text = open(os.path.join(ROOT, 'README.md')).read()
   code = re.search(r'```python\n(import fracq.*?)```', text, re.S).group(1)
   x = digits.load_digits_split()[0][:16]
-  env = {'my_flax_module': models.get_model('digits_cnn'),
-         'sample_batch': x, 'rng': jax.random.key(0), 'step': 0}
+  env = {
+    'my_flax_module': models.get_model('digits_cnn'),
+    'sample_batch': x,
+    'rng': jax.random.key(0),
+    'step': 0,
+  }
   exec(compile(code, 'README.md', 'exec'), env)  # pylint: disable=exec-used
   assert env['logits'].shape == (16, 10)
   assert np.isfinite(float(env['penalty']))
@@ -28,11 +32,14 @@ def test_readme_library_snippet_runs():
 
 def test_readme_pcqat_snippet_runs():
   text = open(os.path.join(ROOT, 'README.md')).read()
-  code = re.search(r'```python\n(from fracq.methods import preserve.*?)```',
-                   text, re.S).group(1)
-  env = {'my_flax_module': models.get_model('digits_cnn'),
-         'sample_batch': digits.load_digits_split()[0][:16],
-         'rng': jax.random.key(0)}
+  code = re.search(
+    r'```python\n(from fracq.methods import preserve.*?)```', text, re.S
+  ).group(1)
+  env = {
+    'my_flax_module': models.get_model('digits_cnn'),
+    'sample_batch': digits.load_digits_split()[0][:16],
+    'rng': jax.random.key(0),
+  }
   exec(compile(code, 'README.md', 'exec'), env)  # pylint: disable=exec-used
   for path in ('conv1', 'head'):
     w = np.asarray(env['plain']['params'][path]['kernel'])
@@ -61,8 +68,13 @@ def _numbers(text):
     after = text[m.end()] if m.end() < len(text) else ' '
     named = before == '-' and m.start() > 1 and text[m.start() - 2].isalpha()
     setting = text.startswith('-bit', m.end())
-    if (before.isalpha() or before == '_' or named or setting or
-        (after.isalpha() and after != 'x')):
+    if (
+      before.isalpha()
+      or before == '_'
+      or named
+      or setting
+      or (after.isalpha() and after != 'x')
+    ):
       continue
     out.append(m.group().replace(',', ''))
   return out
@@ -84,7 +96,7 @@ def _result_numbers(path):
   """The numbers a result holds: its script-written table's, and its JSON
   values (kept raw; formatted at the README's precision when compared)."""
   table = set()
-  md = path[:-len('.json')] + '.md'
+  md = path[: -len('.json')] + '.md'
   if os.path.exists(md):
     table = set(_numbers(open(md).read()))
   with open(path) as f:
@@ -107,12 +119,18 @@ def test_readme_numbers_match_their_result_files():
   blocks = _from_blocks(text)
   named = {name for names, _ in blocks for name in names}
   # Every results passage of the README is marked.
-  for name in ('digits_fracbits_vs_uniform', 'hawq_vs_fracbits',
-               'digits_tradeoff', 'digits_pcqat', 'bench_train_step',
-               'published_imagenet'):
+  for name in (
+    'digits_fracbits_vs_uniform',
+    'hawq_vs_fracbits',
+    'digits_tradeoff',
+    'digits_pcqat',
+    'bench_train_step',
+    'published_imagenet',
+  ):
     assert f'experiments/results/{name}.json' in named, name
-  assert text.count('<!-- from:') == text.count('<!-- /from -->') == len(
-      blocks), 'unbalanced <!-- from: --> / <!-- /from --> markers'
+  assert (
+    text.count('<!-- from:') == text.count('<!-- /from -->') == len(blocks)
+  ), 'unbalanced <!-- from: --> / <!-- /from --> markers'
   wrong = []
   for names, block in blocks:
     results = []
@@ -122,21 +140,26 @@ def test_readme_numbers_match_their_result_files():
       results.append(_result_numbers(path))
     numbers = _numbers(block)
     assert numbers, f'the block from {names} quotes no number'
-    wrong += [(names, n) for n in numbers
-              if not any(_in_result(n, *r) for r in results)]
+    wrong += [
+      (names, n) for n in numbers if not any(_in_result(n, *r) for r in results)
+    ]
   assert not wrong, f'README numbers not in their result files: {wrong}'
 
 
 def test_number_check_catches_a_wrong_number(tmp_path):
   """The check itself: a number the result does not hold is reported, one
   it holds (in its table, or in the JSON at the printed precision) is not."""
-  (tmp_path / 'r.json').write_text(json.dumps(
-      [{'eval_accuracy': 0.99722, 'wall_s': 50.6, 'name': 'x', 'ok': True}]))
+  (tmp_path / 'r.json').write_text(
+    json.dumps(
+      [{'eval_accuracy': 0.99722, 'wall_s': 50.6, 'name': 'x', 'ok': True}]
+    )
+  )
   (tmp_path / 'r.md').write_text('| x | 99.72 | 1,234 | 2.62x |\n')
   table, values = _result_numbers(str(tmp_path / 'r.json'))
-  assert _numbers('FracBits 99.72 (99.44-100.00), 2.62x, w8a8, `--seeds '
-                  '0,1,2`, 1,234 bits, conv3, ResNet-18, 4-bit size') == [
-                      '99.72', '99.44', '100.00', '2.62', '1234']
+  assert _numbers(
+    'FracBits 99.72 (99.44-100.00), 2.62x, w8a8, `--seeds '
+    '0,1,2`, 1,234 bits, conv3, ResNet-18, 4-bit size'
+  ) == ['99.72', '99.44', '100.00', '2.62', '1234']
   for n in ('99.72', '1234', '2.62', '51', '50.6', '0.997'):
     assert _in_result(n, table, values), n
   for n in ('99.35', '99.7', '52', '1.98'):

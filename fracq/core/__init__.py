@@ -26,3 +26,32 @@ from fracq.core.uniform import fake_quant_grouped
 from fracq.core.uniform import int_range
 from fracq.core.uniform import minmax_to_qparams
 from fracq.core.uniform import quantize_to_int
+
+__all__ = [
+  'MinMaxState',
+  'clamp_bits',
+  'dorefa_branch',
+  'dorefa_normalize',
+  'dorefa_quantize_weight',
+  'fake_quant',
+  'fake_quant_grouped',
+  'fractional_quantize',
+  'fractional_range_quantize',
+  'hard_quantize',
+  'int_range',
+  'lsq_grad_scale',
+  'lsq_init_step',
+  'lsq_plus_quantize',
+  'lsq_quantize',
+  'minmax_to_qparams',
+  'minmax_update',
+  'moving_average_update',
+  'observer_init',
+  'pact_quantize',
+  'percentile_range',
+  'quantize_to_int',
+  'round_bits_with_offset',
+  'round_ste',
+  'symmetric_range_branch',
+  'unsigned_range_branch',
+]

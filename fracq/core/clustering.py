@@ -92,7 +92,7 @@ def _init_kmeanspp(x, wt, k, key):
   keys = jax.random.split(key, k)
 
   def logits(p):
-    p = jnp.where(jnp.sum(p) > 0, p, wt)   # all points already centroids
+    p = jnp.where(jnp.sum(p) > 0, p, wt)  # all points already centroids
     return jnp.where(p > 0, jnp.log(jnp.maximum(p, 1e-38)), -jnp.inf)
 
   first = x[jax.random.categorical(keys[0], logits(wt))]
@@ -128,8 +128,16 @@ def _kmeans_row(x, wt, k, init, iters, key):
   return jnp.sort(c)
 
 
-def kmeans(w, k: int, *, init: str = 'kmeans++', iters: int = 25, key=None,
-           per_channel_axis: int | None = None, preserve_zeros: bool = False):
+def kmeans(
+  w,
+  k: int,
+  *,
+  init: str = 'kmeans++',
+  iters: int = 25,
+  key=None,
+  per_channel_axis: int | None = None,
+  preserve_zeros: bool = False,
+):
   """k-means clustering of the values of ``w``.
 
   Args:
@@ -166,49 +174,66 @@ def kmeans(w, k: int, *, init: str = 'kmeans++', iters: int = 25, key=None,
     raise ValueError(f'k={k} clusters: need k >= 1.')
   if preserve_zeros and k < 2:
     raise ValueError(
-        f'k={k} with preserve_zeros=True: the zero cluster is one of the k, '
-        'so k >= 2 is needed to keep any nonzero weight.')
+      f'k={k} with preserve_zeros=True: the zero cluster is one of the k, '
+      'so k >= 2 is needed to keep any nonzero weight.'
+    )
   rows = _to_rows(w.astype(jnp.float32), per_channel_axis)
   per_row = rows.shape[1]
-  where = ('per channel' if per_channel_axis is not None else 'in the tensor')
+  where = 'per channel' if per_channel_axis is not None else 'in the tensor'
   if k > per_row:
     raise ValueError(
-        f'k={k} clusters but only {per_row} weights {where} (shape '
-        f'{tuple(w.shape)}): use k <= {per_row}.')
+      f'k={k} clusters but only {per_row} weights {where} (shape '
+      f'{tuple(w.shape)}): use k <= {per_row}.'
+    )
   free = k - 1 if preserve_zeros else k
   if preserve_zeros and _is_concrete(rows):
     nnz = int(np.min(np.sum(np.asarray(rows) != 0, axis=1)))
     if free > nnz:
       raise ValueError(
-          f'k={k} with preserve_zeros=True needs k - 1 = {free} nonzero '
-          f'weights {where}, but only {nnz} are nonzero: lower k to at most '
-          f'{nnz + 1} (or prune less).')
+        f'k={k} with preserve_zeros=True needs k - 1 = {free} nonzero '
+        f'weights {where}, but only {nnz} are nonzero: lower k to at most '
+        f'{nnz + 1} (or prune less).'
+      )
   key = jax.random.key(0) if key is None else key
-  return _kmeans_jit(w, key, k=k, init=init, iters=int(iters),
-                     per_channel_axis=per_channel_axis,
-                     preserve_zeros=bool(preserve_zeros))
+  return _kmeans_jit(
+    w,
+    key,
+    k=k,
+    init=init,
+    iters=int(iters),
+    per_channel_axis=per_channel_axis,
+    preserve_zeros=bool(preserve_zeros),
+  )
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'init', 'iters',
-                                             'per_channel_axis',
-                                             'preserve_zeros'))
+@functools.partial(
+  jax.jit,
+  static_argnames=('k', 'init', 'iters', 'per_channel_axis', 'preserve_zeros'),
+)
 def _kmeans_jit(w, key, *, k, init, iters, per_channel_axis, preserve_zeros):
   rows = _to_rows(w.astype(jnp.float32), per_channel_axis)
   free = k - 1 if preserve_zeros else k
-  wt = ((rows != 0) if preserve_zeros else jnp.ones(rows.shape, bool))
+  wt = (rows != 0) if preserve_zeros else jnp.ones(rows.shape, bool)
   wt = wt.astype(jnp.float32)
   keys = jax.random.split(key, rows.shape[0])
   fit = jax.vmap(lambda x, m, kk: _kmeans_row(x, m, free, init, iters, kk))
-  c = fit(rows, wt, keys)                                   # (R, free)
+  c = fit(rows, wt, keys)  # (R, free)
   if preserve_zeros:
     c = jnp.concatenate([jnp.zeros((c.shape[0], 1), jnp.float32), c], axis=1)
   centroids = c if per_channel_axis is not None else c.reshape(-1)
-  return centroids, assign(w, centroids, per_channel_axis=per_channel_axis,
-                           zero_pinned=preserve_zeros)
+  return centroids, assign(
+    w, centroids, per_channel_axis=per_channel_axis, zero_pinned=preserve_zeros
+  )
 
 
-def assign(w, centroids, *, per_channel_axis: int | None = None,
-           zero_pinned: bool = False, keep=None):
+def assign(
+  w,
+  centroids,
+  *,
+  per_channel_axis: int | None = None,
+  zero_pinned: bool = False,
+  keep=None,
+):
   """Nearest-centroid indices (int32, shape of ``w``).
 
   Per channel when ``centroids`` is ``(C, k)`` (``per_channel_axis`` then
@@ -219,26 +244,34 @@ def assign(w, centroids, *, per_channel_axis: int | None = None,
   centroids = jnp.asarray(centroids)
   per_channel = centroids.ndim == 2
   if per_channel and per_channel_axis is None:
-    raise ValueError('centroids of shape (C, k) are per channel: pass '
-                     'per_channel_axis (the kernel axis of size C).')
+    raise ValueError(
+      'centroids of shape (C, k) are per channel: pass '
+      'per_channel_axis (the kernel axis of size C).'
+    )
   if centroids.ndim not in (1, 2):
-    raise ValueError(f'centroids must be (k,) or (C, k), got shape '
-                     f'{centroids.shape}.')
+    raise ValueError(
+      f'centroids must be (k,) or (C, k), got shape {centroids.shape}.'
+    )
   axis = per_channel_axis if per_channel else None
   rows = _to_rows(w.astype(jnp.float32), axis)
   c = _rows_centroids(centroids.astype(jnp.float32), per_channel)
   if per_channel and c.shape[0] != rows.shape[0]:
-    raise ValueError(f'{c.shape[0]} centroid rows for {rows.shape[0]} '
-                     f'channels on axis {per_channel_axis}.')
+    raise ValueError(
+      f'{c.shape[0]} centroid rows for {rows.shape[0]} '
+      f'channels on axis {per_channel_axis}.'
+    )
   if zero_pinned:
     if c.shape[1] < 2:
-      raise ValueError('zero_pinned needs k >= 2 centroids (centroid 0 is '
-                       'the pinned zero).')
+      raise ValueError(
+        'zero_pinned needs k >= 2 centroids (centroid 0 is the pinned zero).'
+      )
     cand = c[:, 1:]
   else:
     cand = c
-  d = jnp.abs(rows.reshape(rows.shape + (1,)) -
-              cand.reshape(cand.shape[0], 1, cand.shape[1]))
+  d = jnp.abs(
+    rows.reshape(rows.shape + (1,))
+    - cand.reshape(cand.shape[0], 1, cand.shape[1])
+  )
   idx = jnp.argmin(d, axis=2).astype(jnp.int32)
   if zero_pinned:
     kr = _to_rows(_keep_mask(w, keep), axis)
@@ -251,8 +284,7 @@ def _keep_mask(w, keep):
     return w != 0
   keep = jnp.asarray(keep)
   if keep.shape != w.shape:
-    raise ValueError(f'keep mask shape {keep.shape} != kernel shape '
-                     f'{w.shape}.')
+    raise ValueError(f'keep mask shape {keep.shape} != kernel shape {w.shape}.')
   return keep.astype(bool) if keep.dtype == bool else keep != 0
 
 
@@ -261,9 +293,16 @@ def _gather(c_rows, idx_rows):
   return jnp.take_along_axis(c_rows, idx_rows, axis=1)
 
 
-def clustered_weight(w, centroids, *, grad: str = 'sum',
-                     zero_pinned: bool = False, keep=None,
-                     per_channel_axis: int | None = None, indices=None):
+def clustered_weight(
+  w,
+  centroids,
+  *,
+  grad: str = 'sum',
+  zero_pinned: bool = False,
+  keep=None,
+  per_channel_axis: int | None = None,
+  indices=None,
+):
   """Cluster-preserving straight-through weight.
 
   Forward: ``centroids[assign(w, centroids)]`` (exactly the centroid values;
@@ -290,20 +329,22 @@ def clustered_weight(w, centroids, *, grad: str = 'sum',
   per_channel = centroids.ndim == 2
   axis = per_channel_axis if per_channel else None
   if indices is None:
-    indices = assign(jax.lax.stop_gradient(w),
-                     jax.lax.stop_gradient(centroids),
-                     per_channel_axis=per_channel_axis,
-                     zero_pinned=zero_pinned, keep=keep)
+    indices = assign(
+      jax.lax.stop_gradient(w),
+      jax.lax.stop_gradient(centroids),
+      per_channel_axis=per_channel_axis,
+      zero_pinned=zero_pinned,
+      keep=keep,
+    )
   indices = jax.lax.stop_gradient(indices)
   c = _rows_centroids(centroids, per_channel)
   if zero_pinned:  # exactly 0 forward, no gradient
-    c = jnp.concatenate([jnp.zeros((c.shape[0], 1), c.dtype), c[:, 1:]],
-                        axis=1)
+    c = jnp.concatenate([jnp.zeros((c.shape[0], 1), c.dtype), c[:, 1:]], axis=1)
   k = c.shape[1]
   idx_rows = _to_rows(indices, axis)
-  g = _gather(c, idx_rows)                       # (R, N), differentiable in c
+  g = _gather(c, idx_rows)  # (R, N), differentiable in c
   g_val = jax.lax.stop_gradient(g)
-  term = g - g_val                               # 0 forward; d/dc = scatter
+  term = g - g_val  # 0 forward; d/dc = scatter
   if grad == 'mean':
     cnt = jnp.sum(jax.nn.one_hot(idx_rows, k, dtype=jnp.float32), axis=1)
     per_pos = _gather(jnp.maximum(cnt, 1.0), idx_rows)
@@ -319,6 +360,8 @@ def cluster(w, k: int, **kwargs):
   centroids, idx = kmeans(w, k, **kwargs)
   axis = kwargs.get('per_channel_axis')
   c = _rows_centroids(centroids, centroids.ndim == 2)
-  return _from_rows(_gather(c, _to_rows(idx, axis if centroids.ndim == 2
-                                        else None)), w.shape,
-                    axis if centroids.ndim == 2 else None).astype(w.dtype)
+  return _from_rows(
+    _gather(c, _to_rows(idx, axis if centroids.ndim == 2 else None)),
+    w.shape,
+    axis if centroids.ndim == 2 else None,
+  ).astype(w.dtype)

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-DEFAULT_C_SIGNED = 40.0    # authors' fit for N(0, s^2), 8-bit [-127, 127]
+DEFAULT_C_SIGNED = 40.0  # authors' fit for N(0, s^2), 8-bit [-127, 127]
 DEFAULT_C_UNSIGNED = 70.0  # authors' fit for relu(N(0, s^2)), 8-bit [0, 255]
 
 
@@ -63,11 +63,12 @@ def fixed_point_range(signed: bool, bits: int = 8) -> tuple[int, int]:
     raise ValueError(f'bits must be an integer, got {bits!r}.')
   top = 32 if signed else 31  # codes must fit an int32
   if not 2 <= bits <= top:
-    raise ValueError(f'bits={bits} is out of range [2, {top}] for '
-                     f'signed={signed}.')
+    raise ValueError(
+      f'bits={bits} is out of range [2, {top}] for signed={signed}.'
+    )
   if signed:
     return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-  return 0, 2 ** bits - 1
+  return 0, 2**bits - 1
 
 
 def default_fl_range(signed: bool, bits: int = 8) -> tuple[int, int]:
@@ -81,8 +82,9 @@ def _fl_range(signed, bits, fl_range):
     return default_fl_range(signed, bits)
   lo, hi = (int(v) for v in fl_range)
   if lo > hi or not -126 <= lo <= hi <= 126:
-    raise ValueError(f'fl_range={fl_range} must be (lo, hi) with lo <= hi '
-                     'inside [-126, 126].')
+    raise ValueError(
+      f'fl_range={fl_range} must be (lo, hi) with lo <= hi inside [-126, 126].'
+    )
   return lo, hi
 
 
@@ -102,9 +104,11 @@ def broadcast_param(p, ndim: int, axis: int | None, name: str = 'parameter'):
     return p
   if p.ndim == 1 and axis is not None:
     return p.reshape(channel_shape(ndim, axis, p.shape[0]))
-  raise ValueError(f'{name} of shape {p.shape} does not broadcast against a '
-                   f'{ndim}-d tensor: pass a scalar, a {ndim}-d array, or a '
-                   '1-D array together with axis=<channel axis>.')
+  raise ValueError(
+    f'{name} of shape {p.shape} does not broadcast against a '
+    f'{ndim}-d tensor: pass a scalar, a {ndim}-d array, or a '
+    '1-D array together with axis=<channel axis>.'
+  )
 
 
 def pow2(fl):
@@ -120,8 +124,10 @@ def _check_static_fl(fl, lo, hi):
   if isinstance(fl, (int, float, np.integer, np.floating, np.ndarray)):
     a = np.asarray(fl)
     if np.any(a < lo) or np.any(a > hi) or np.any(np.round(a) != a):
-      raise ValueError(f'fl={fl} must hold integers in the FL range '
-                       f'[{lo}, {hi}]; widen fl_range to allow more.')
+      raise ValueError(
+        f'fl={fl} must hold integers in the FL range '
+        f'[{lo}, {hi}]; widen fl_range to allow more.'
+      )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -144,9 +150,16 @@ def _fxq_bwd(lo, hi, strict, res, g):
 _fxq.defvjp(_fxq_fwd, _fxq_bwd)
 
 
-def fixed_point_quantize(x, fl, *, signed: bool, bits: int = 8,
-                         axis: int | None = None, fl_range=None,
-                         strict_mask: bool = False):
+def fixed_point_quantize(
+  x,
+  fl,
+  *,
+  signed: bool,
+  bits: int = 8,
+  axis: int | None = None,
+  fl_range=None,
+  strict_mask: bool = False,
+):
   """Fixed-point fake quantization ``clamp(round(x 2^FL), lo, hi) / 2^FL``.
 
   Args:
@@ -178,16 +191,23 @@ def _fixed_point_quantize(x, f, lo, hi, strict):
   return out.astype(x.dtype)
 
 
-def fixed_point_to_int(x, fl, *, signed: bool, bits: int = 8,
-                       axis: int | None = None, dtype=jnp.int32):
+def fixed_point_to_int(
+  x,
+  fl,
+  *,
+  signed: bool,
+  bits: int = 8,
+  axis: int | None = None,
+  dtype=jnp.int32,
+):
   """Integer codes ``clamp(round(x 2^FL), lo, hi)`` of a fixed-point tensor.
 
   Also quantizes int32 biases at ``FL_in + FL_w`` (``signed=True, bits=32``;
   the range is then clipped to the largest float32 below 2^31).
   """
   lo, hi = fixed_point_range(signed, bits)
-  hi = min(hi, 2 ** 31 - 128)  # float32 rounds 2^31 - 1 up to 2^31
-  lo = max(lo, -(2 ** 31 - 128))
+  hi = min(hi, 2**31 - 128)  # float32 rounds 2^31 - 1 up to 2^31
+  lo = max(lo, -(2**31 - 128))
   f = broadcast_param(fl, x.ndim, axis, 'fl')
   v = jnp.round(x.astype(jnp.float32) * pow2(f))
   return jnp.clip(v, float(lo), float(hi)).astype(dtype)
@@ -199,13 +219,16 @@ def _default_c(signed, bits, c):
       raise ValueError(f'c={c} must be positive.')
     return float(c)
   if bits != 8:
-    raise ValueError(f'C = 40 / 70 were fitted for 8-bit words; for bits={bits}'
-                     ' pass c explicitly (about C * 2^(bits - 8)).')
+    raise ValueError(
+      f'C = 40 / 70 were fitted for 8-bit words; for bits={bits}'
+      ' pass c explicitly (about C * 2^(bits - 8)).'
+    )
   return DEFAULT_C_SIGNED if signed else DEFAULT_C_UNSIGNED
 
 
-def fl_from_std(std, signed: bool, *, c: float | None = None, bits: int = 8,
-                fl_range=None):
+def fl_from_std(
+  std, signed: bool, *, c: float | None = None, bits: int = 8, fl_range=None
+):
   """F8Net's format rule ``FL = clamp(floor(log2(C / std)), fl_min, fl_max)``.
 
   ``std`` may be traced and per channel; ``std = 0`` gives ``fl_max``. For
@@ -234,12 +257,14 @@ def fl_from_data(x, signed: bool, *, axis: int | None = None, **kwargs):
   channel, None per layer).
   """
   xf = jax.lax.stop_gradient(x.astype(jnp.float32))
-  return fl_from_std(jnp.std(xf, axis=_reduce_axes(x.ndim, axis)), signed,
-                     **kwargs)
+  return fl_from_std(
+    jnp.std(xf, axis=_reduce_axes(x.ndim, axis)), signed, **kwargs
+  )
 
 
-def fl_grid_search(x, signed: bool, fl_candidates=None, *, bits: int = 8,
-                   axis: int | None = None):
+def fl_grid_search(
+  x, signed: bool, fl_candidates=None, *, bits: int = 8, axis: int | None = None
+):
   """The FL among ``fl_candidates`` minimizing the RMS quantization error.
 
   Args:
@@ -260,46 +285,56 @@ def fl_grid_search(x, signed: bool, fl_candidates=None, *, bits: int = 8,
   if not cands:
     raise ValueError('fl_candidates is empty; give at least one FL.')
   lo, hi = fixed_point_range(signed, bits)
-  return _grid_search(x, tuple(cands), float(lo), float(hi),
-                      _reduce_axes(x.ndim, axis))
+  return _grid_search(
+    x, tuple(cands), float(lo), float(hi), _reduce_axes(x.ndim, axis)
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def _grid_search(x, cands, lo, hi, red):
   xf = jax.lax.stop_gradient(x.astype(jnp.float32))
   # Mean square error: same argmin as the RMS, without sqrt rounding ties.
-  errs = jnp.stack([
-      jnp.mean(jnp.square(xf - _fxq(xf, pow2(f), pow2(-f), lo, hi, False)),
-               axis=red)
-      for f in cands])
+  errs = jnp.stack(
+    [
+      jnp.mean(
+        jnp.square(xf - _fxq(xf, pow2(f), pow2(-f), lo, hi, False)), axis=red
+      )
+      for f in cands
+    ]
+  )
   return jnp.asarray(cands, jnp.int32)[jnp.argmin(errs, axis=0)]
 
 
 class ActFormatState(NamedTuple):
-  std: jnp.ndarray    # EMA of the batch std (float32, scalar or per channel)
+  std: jnp.ndarray  # EMA of the batch std (float32, scalar or per channel)
   count: jnp.ndarray  # number of updates seen (int32)
 
 
 def act_format_init(shape=(), init_std: float = 1.0) -> ActFormatState:
   """A fresh activation-format state; ``init_std`` only matters before the
   first update (which copies the batch std)."""
-  return ActFormatState(jnp.full(shape, init_std, jnp.float32),
-                        jnp.zeros((), jnp.int32))
+  return ActFormatState(
+    jnp.full(shape, init_std, jnp.float32), jnp.zeros((), jnp.int32)
+  )
 
 
-def ema_std_update(state: ActFormatState, x, momentum: float = 0.1, *,
-                   axis: int | None = None) -> ActFormatState:
+def ema_std_update(
+  state: ActFormatState, x, momentum: float = 0.1, *, axis: int | None = None
+) -> ActFormatState:
   """``std <- (1 - momentum) std + momentum std(x)``; the first copies it.
 
   ``axis`` keeps one std per channel. Pure: returns a new state.
   """
   if not 0 < momentum <= 1:
-    raise ValueError(f'momentum={momentum} must be in (0, 1] (PyTorch '
-                     'convention: the weight of the new batch).')
+    raise ValueError(
+      f'momentum={momentum} must be in (0, 1] (PyTorch '
+      'convention: the weight of the new batch).'
+    )
   xf = jax.lax.stop_gradient(x.astype(jnp.float32))
   batch = jnp.std(xf, axis=_reduce_axes(x.ndim, axis))
-  new = jnp.where(state.count == 0, batch,
-                  (1.0 - momentum) * state.std + momentum * batch)
+  new = jnp.where(
+    state.count == 0, batch, (1.0 - momentum) * state.std + momentum * batch
+  )
   return ActFormatState(new, state.count + 1)
 
 
@@ -315,8 +350,9 @@ def ema_fl_update(fl_ema, batch_fl, momentum: float = 0.1):
   """Authors' variant: a continuous EMA of the per-batch FL itself."""
   if not 0 < momentum <= 1:
     raise ValueError(f'momentum={momentum} must be in (0, 1].')
-  return ((1.0 - momentum) * jnp.asarray(fl_ema, jnp.float32)
-          + momentum * jnp.asarray(batch_fl, jnp.float32))
+  return (1.0 - momentum) * jnp.asarray(
+    fl_ema, jnp.float32
+  ) + momentum * jnp.asarray(batch_fl, jnp.float32)
 
 
 def freeze_fl(fl_ema, *, signed: bool, bits: int = 8, fl_range=None):
@@ -334,8 +370,16 @@ def pact_scale(alpha, fl, *, signed: bool = False, bits: int = 8):
   return (a * (1.0 / float(q))) * pow2(fl)
 
 
-def fixed_point_pact(x, alpha, fl, *, signed: bool = False, bits: int = 8,
-                     axis: int | None = None, alpha_grad: str = 'pact'):
+def fixed_point_pact(
+  x,
+  alpha,
+  fl,
+  *,
+  signed: bool = False,
+  bits: int = 8,
+  axis: int | None = None,
+  alpha_grad: str = 'pact',
+):
   """Fixed-point PACT: ``s * fixquant(x / s, FL)`` with ``s = pact_scale``.
 
   Forward this is PACT with clip ``alpha`` and ``Q`` levels, bit-identical
@@ -359,8 +403,9 @@ def fixed_point_pact(x, alpha, fl, *, signed: bool = False, bits: int = 8,
   lo, hi = fixed_point_range(signed, bits)
   if alpha_grad not in ('pact', 'autodiff'):
     raise ValueError(f"alpha_grad={alpha_grad!r}: use 'pact' or 'autodiff'.")
-  a = broadcast_param(jnp.abs(jnp.asarray(alpha, jnp.float32)), x.ndim, axis,
-                      'alpha')
+  a = broadcast_param(
+    jnp.abs(jnp.asarray(alpha, jnp.float32)), x.ndim, axis, 'alpha'
+  )
   f = broadcast_param(fl, x.ndim, axis, 'fl')
   return _pact(x, a, f, float(lo), float(hi), signed, alpha_grad)
 
@@ -389,8 +434,9 @@ def _along(v, ndim, axis):
   return v.reshape(channel_shape(ndim, axis, v.shape[0]))
 
 
-def fold_pact_into_previous(kernel, bias, alpha, fl, *, signed: bool = False,
-                            bits: int = 8):
+def fold_pact_into_previous(
+  kernel, bias, alpha, fl, *, signed: bool = False, bits: int = 8
+):
   """``(W / s, b / s)``: the previous layer then outputs ``z / s``.
 
   ``kernel``'s output channels are its last axis (HWIO / Dense ``(in, out)``);
@@ -405,8 +451,9 @@ def fold_pact_into_previous(kernel, bias, alpha, fl, *, signed: bool = False,
   return k, b
 
 
-def fold_pact_into_next(kernel, alpha, fl, *, signed: bool = False,
-                        bits: int = 8, in_axis: int = -2):
+def fold_pact_into_next(
+  kernel, alpha, fl, *, signed: bool = False, bits: int = 8, in_axis: int = -2
+):
   """``s * V``: the consumer of ``PACT(z)`` reads ``fixquant(z / s)`` instead.
 
   ``conv(PACT(z), V) = conv(fixquant(z / s, FL), s V)``. A per-channel ``s``
@@ -434,11 +481,16 @@ def fold_bn(kernel, bias, gamma, beta, mean, var, eps: float = 1e-5):
   ``gamma``, ``beta`` may be None (0, 1, 0). Differentiable in all inputs.
   """
   if mean is None or var is None:
-    raise ValueError('fold_bn needs mean and var (batch statistics in '
-                     'training, running statistics at eval).')
+    raise ValueError(
+      'fold_bn needs mean and var (batch statistics in '
+      'training, running statistics at eval).'
+    )
   cout = kernel.shape[-1]
-  f = lambda v, d: jnp.full((cout,), d, jnp.float32) if v is None else (
-      jnp.asarray(v, jnp.float32).reshape(cout))
+  f = lambda v, d: (
+    jnp.full((cout,), d, jnp.float32)
+    if v is None
+    else (jnp.asarray(v, jnp.float32).reshape(cout))
+  )
   g = f(gamma, 1.0) / jnp.sqrt(f(var, 0.0) + eps)
   k = kernel * g.reshape(channel_shape(kernel.ndim, -1, cout))
   b = f(beta, 0.0) + (f(bias, 0.0) - f(mean, 0.0)) * g

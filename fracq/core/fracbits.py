@@ -62,8 +62,9 @@ from fracq.core import learned
 
 def _check_bounds(b_min, b_max):
   if not 0 <= b_min <= b_max <= 16:
-    raise ValueError(f'bit bounds [{b_min}, {b_max}] must satisfy 0 <= b_min '
-                     '<= b_max <= 16.')
+    raise ValueError(
+      f'bit bounds [{b_min}, {b_max}] must satisfy 0 <= b_min <= b_max <= 16.'
+    )
 
 
 @jax.custom_vjp
@@ -91,14 +92,17 @@ clamp_bits.defvjp(_clamp_fwd, _clamp_bwd)
 
 def _check_zero_branch(b_min, min_nonzero_bits, allow_zero_bit):
   if min_nonzero_bits not in (1, 2):
-    raise ValueError(f'min_nonzero_bits must be 1 (unsigned or DoReFa grids) '
-                     f'or 2 (signed symmetric grids), got {min_nonzero_bits}.')
+    raise ValueError(
+      f'min_nonzero_bits must be 1 (unsigned or DoReFa grids) '
+      f'or 2 (signed symmetric grids), got {min_nonzero_bits}.'
+    )
   if b_min < min_nonzero_bits and not allow_zero_bit:
     raise ValueError(
-        f'b_min={b_min} < {min_nonzero_bits} reaches the 0-bit (pruned) branch '
-        f'(the smallest non-zero grid of this quantizer has {min_nonzero_bits} '
-        f'bit(s)); pass allow_zero_bit=True to allow pruning, or raise b_min '
-        f'to {min_nonzero_bits}.')
+      f'b_min={b_min} < {min_nonzero_bits} reaches the 0-bit (pruned) branch '
+      f'(the smallest non-zero grid of this quantizer has {min_nonzero_bits} '
+      f'bit(s)); pass allow_zero_bit=True to allow pruning, or raise b_min '
+      f'to {min_nonzero_bits}.'
+    )
 
 
 def _bracket(b, min_nonzero_bits: int, zero_reachable: bool):
@@ -120,9 +124,16 @@ def _bracket(b, min_nonzero_bits: int, zero_reachable: bool):
   return k_lo, k_hi, frac, pruned
 
 
-def fractional_quantize(x, bits, quantize_k: Callable, *, b_min: float = 2.0,
-                        b_max: float = 8.0, allow_zero_bit: bool = False,
-                        min_nonzero_bits: int = 1):
+def fractional_quantize(
+  x,
+  bits,
+  quantize_k: Callable,
+  *,
+  b_min: float = 2.0,
+  b_max: float = 8.0,
+  allow_zero_bit: bool = False,
+  min_nonzero_bits: int = 1,
+):
   """FracBits quantization of ``x`` at real bit-width ``bits``.
 
   Args:
@@ -146,10 +157,12 @@ def fractional_quantize(x, bits, quantize_k: Callable, *, b_min: float = 2.0,
   _check_bounds(b_min, b_max)
   _check_zero_branch(b_min, min_nonzero_bits, allow_zero_bit)
   dtype = x.dtype
-  b = clamp_bits(jnp.asarray(bits, jnp.float32), jnp.float32(b_min),
-                 jnp.float32(b_max))
-  k_lo, k_hi, frac, pruned = _bracket(b, min_nonzero_bits,
-                                      b_min < min_nonzero_bits)
+  b = clamp_bits(
+    jnp.asarray(bits, jnp.float32), jnp.float32(b_min), jnp.float32(b_max)
+  )
+  k_lo, k_hi, frac, pruned = _bracket(
+    b, min_nonzero_bits, b_min < min_nonzero_bits
+  )
   xf = x.astype(jnp.float32)
   hi = quantize_k(xf, k_hi)
   lo = quantize_k(xf, k_lo)
@@ -173,8 +186,9 @@ def round_bits(bits, min_nonzero_bits: int = 1):
   return k
 
 
-def integer_bit_bounds(b_min: float, b_max: float,
-                       min_nonzero_bits: int = 1) -> tuple[float, float]:
+def integer_bit_bounds(
+  b_min: float, b_max: float, min_nonzero_bits: int = 1
+) -> tuple[float, float]:
   """The smallest and largest integer bit-widths within ``[b_min, b_max]``
   that a grid with ``min_nonzero_bits`` has (``{0, m, m+1, ...}``)."""
   _check_bounds(b_min, b_max)
@@ -186,14 +200,14 @@ def integer_bit_bounds(b_min: float, b_max: float,
     hi = 0.0
   if lo > hi:
     raise ValueError(
-        f'bit bounds [{b_min}, {b_max}] hold no integer bit-width of a grid '
-        f'whose smallest non-zero width is {min_nonzero_bits} bits; widen '
-        'them.')
+      f'bit bounds [{b_min}, {b_max}] hold no integer bit-width of a grid '
+      f'whose smallest non-zero width is {min_nonzero_bits} bits; widen '
+      'them.'
+    )
   return lo, hi
 
 
-def hard_quantize(x, bits, quantize_k: Callable, *,
-                  min_nonzero_bits: int = 1):
+def hard_quantize(x, bits, quantize_k: Callable, *, min_nonzero_bits: int = 1):
   """The integer mode: ``Q_k(x)`` at integer bits ``k`` (no bit gradient).
 
   ``bits`` are rounded by :func:`round_bits`; ``k == 0`` gives the pruned
@@ -207,8 +221,9 @@ def hard_quantize(x, bits, quantize_k: Callable, *,
   return out.astype(dtype)
 
 
-def round_bits_with_offset(bits, delta, b_min: float, b_max: float, *,
-                           min_nonzero_bits: int = 1):
+def round_bits_with_offset(
+  bits, delta, b_min: float, b_max: float, *, min_nonzero_bits: int = 1
+):
   """Hard-assignment rounding: :func:`round_bits` of ``clip(b) + delta``
   within the integer bounds of :func:`integer_bit_bounds`."""
   lo, hi = integer_bit_bounds(b_min, b_max, min_nonzero_bits)
@@ -237,7 +252,7 @@ def unsigned_range_branch(x, r, k):
 
   Gradient to ``r``: 1 where ``x >= r`` and LSQ-style inside.
   """
-  qp = 2.0 ** k - 1.0
+  qp = 2.0**k - 1.0
   step = jnp.abs(r) / qp
   v = jnp.clip(x / step, 0.0, qp)
   return learned.round_ste(v) * step
@@ -252,7 +267,7 @@ def dorefa_branch(w, k):
 
 
 def _levels(k, signed):
-  return 2.0 ** (k - 1.0) - 1.0 if signed else 2.0 ** k - 1.0
+  return 2.0 ** (k - 1.0) - 1.0 if signed else 2.0**k - 1.0
 
 
 def _fused_parts(x, r, b, signed, zero_branch):
@@ -292,8 +307,9 @@ def _make_fused(signed: bool, zero_branch: bool):
 
   def bwd(res, g):
     x, r, b = res
-    ra, u, f, inside, c_lo, c_hi, pruned = _fused_parts(x, r, b, signed,
-                                                        zero_branch)
+    ra, u, f, inside, c_lo, c_hi, pruned = _fused_parts(
+      x, r, b, signed, zero_branch
+    )
     if signed:
       out_val = jnp.sign(u)
     else:
@@ -314,19 +330,31 @@ def _make_fused(signed: bool, zero_branch: bool):
     gx = jnp.where(inside, g * w_x, 0.0)
     gr = g * ((1.0 - f) * g_lo + f * g_hi) * jnp.sign(r)
     gb = g * ra * (c_hi - c_lo) * df_db
-    return gx, learned.sum_to(gr, jnp.shape(r)), learned.sum_to(gb, jnp.shape(b))
+    return (
+      gx,
+      learned.sum_to(gr, jnp.shape(r)),
+      learned.sum_to(gb, jnp.shape(b)),
+    )
 
   fused.defvjp(fwd, bwd)
   return fused
 
 
-_FUSED = {(s, z): _make_fused(s, z) for s in (True, False)
-          for z in (True, False)}
+_FUSED = {
+  (s, z): _make_fused(s, z) for s in (True, False) for z in (True, False)
+}
 
 
-def fractional_range_quantize(x, r, bits, *, signed: bool, b_min: float = 2.0,
-                              b_max: float = 8.0,
-                              allow_zero_bit: bool = False):
+def fractional_range_quantize(
+  x,
+  r,
+  bits,
+  *,
+  signed: bool,
+  b_min: float = 2.0,
+  b_max: float = 8.0,
+  allow_zero_bit: bool = False,
+):
   """FracBits with the shared-range branches of this module, fused.
 
   Same values and gradients as ``fractional_quantize(x, bits,
@@ -349,8 +377,8 @@ def fractional_range_quantize(x, r, bits, *, signed: bool, b_min: float = 2.0,
   m = 2 if signed else 1
   _check_zero_branch(b_min, m, allow_zero_bit)
   dtype = x.dtype
-  b = clamp_bits(jnp.asarray(bits, jnp.float32), jnp.float32(b_min),
-                 jnp.float32(b_max))
+  b = clamp_bits(
+    jnp.asarray(bits, jnp.float32), jnp.float32(b_min), jnp.float32(b_max)
+  )
   fn = _FUSED[(signed, b_min < m)]
-  return fn(x.astype(jnp.float32), jnp.asarray(r, jnp.float32),
-            b).astype(dtype)
+  return fn(x.astype(jnp.float32), jnp.asarray(r, jnp.float32), b).astype(dtype)

@@ -29,18 +29,28 @@ def _group_masks(params, groups: Mapping[str, Sequence]):
   out = {}
   for g, members in groups.items():
     members = set(members)
-    masks = [jnp.ones_like(x) if p in members else jnp.zeros_like(x)
-             for p, x in zip(paths, jax.tree_util.tree_leaves(params))]
+    masks = [
+      jnp.ones_like(x) if p in members else jnp.zeros_like(x)
+      for p, x in zip(paths, jax.tree_util.tree_leaves(params))
+    ]
     if not any(p in members for p in paths):
       raise ValueError(f'group {g!r} selects no parameter.')
     out[g] = jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(params), masks)
+      jax.tree_util.tree_structure(params), masks
+    )
   return out
 
 
-def hutchinson_traces(loss_fn: Callable, params, key, *,
-                      groups: Mapping[str, Sequence], num_probes: int = 64,
-                      batches: Sequence = (None,), chunk: int = 16):
+def hutchinson_traces(
+  loss_fn: Callable,
+  params,
+  key,
+  *,
+  groups: Mapping[str, Sequence],
+  num_probes: int = 64,
+  batches: Sequence = (None,),
+  chunk: int = 16,
+):
   """Per-group Hessian trace estimates.
 
   Args:
@@ -63,14 +73,23 @@ def hutchinson_traces(loss_fn: Callable, params, key, *,
   def probe_terms(keys, batch):
     def one(k):
       ks = jax.random.split(k, len(leaves))
-      v = [jax.random.rademacher(kk, x.shape, x.dtype)
-           for kk, x in zip(ks, leaves)]
+      v = [
+        jax.random.rademacher(kk, x.shape, x.dtype) for kk, x in zip(ks, leaves)
+      ]
       v = jax.tree_util.tree_unflatten(tdef, v)
       hv = hvp(loss_fn, params, v, batch)
-      return {g: sum(jnp.vdot(a * m, b) for a, b, m in zip(
-          jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(hv),
-          jax.tree_util.tree_leaves(mask)))
-              for g, mask in masks.items()}
+      return {
+        g: sum(
+          jnp.vdot(a * m, b)
+          for a, b, m in zip(
+            jax.tree_util.tree_leaves(v),
+            jax.tree_util.tree_leaves(hv),
+            jax.tree_util.tree_leaves(mask),
+          )
+        )
+        for g, mask in masks.items()
+      }
+
     return jax.vmap(one)(keys)
 
   samples = {g: [] for g in groups}
@@ -86,11 +105,17 @@ def hutchinson_traces(loss_fn: Callable, params, key, *,
   out = {}
   for g in groups:
     s = np.asarray(samples[g])
-    n = int(sum(np.asarray(x).sum() for x in
-                jax.tree_util.tree_leaves(masks[g])))
-    out[g] = {'trace': float(s.mean()), 'avg_trace': float(s.mean()) / n,
-              'stderr': float(s.std(ddof=1) / np.sqrt(len(s))) if len(s) > 1
-              else float('nan'), 'n': n}
+    n = int(
+      sum(np.asarray(x).sum() for x in jax.tree_util.tree_leaves(masks[g]))
+    )
+    out[g] = {
+      'trace': float(s.mean()),
+      'avg_trace': float(s.mean()) / n,
+      'stderr': float(s.std(ddof=1) / np.sqrt(len(s)))
+      if len(s) > 1
+      else float('nan'),
+      'n': n,
+    }
   return out
 
 
@@ -107,12 +132,15 @@ def exact_hessian_trace(loss_fn: Callable, params, *, groups, batch=None):
   return out
 
 
-def hawq_sensitivity(avg_trace: float, w, quantize_fn: Callable,
-                     bits_candidates: Sequence[int]) -> dict[int, float]:
+def hawq_sensitivity(
+  avg_trace: float, w, quantize_fn: Callable, bits_candidates: Sequence[int]
+) -> dict[int, float]:
   """HAWQ-V2/V3: ``Omega(b) = avg_trace * ||Q_b(W) - W||^2`` per candidate."""
   w = jnp.asarray(w, jnp.float32)
-  return {int(b): float(avg_trace * jnp.sum((quantize_fn(w, int(b)) - w) ** 2))
-          for b in bits_candidates}
+  return {
+    int(b): float(avg_trace * jnp.sum((quantize_fn(w, int(b)) - w) ** 2))
+    for b in bits_candidates
+  }
 
 
 def symmetric_per_channel(w, bits: int):

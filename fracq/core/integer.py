@@ -37,15 +37,17 @@ import numpy as np
 
 from fracq.core import fixed_point
 
-INT32_MIN = -(2 ** 31)
-INT32_MAX = 2 ** 31 - 1
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
 FLOAT_MULTIPLY_PRIMITIVES = ('mul', 'dot_general', 'conv_general_dilated')
 
 
 def _check_int(x, name):
   if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
-    raise ValueError(f'{name} must have an integer dtype, got '
-                     f'{jnp.asarray(x).dtype}; quantize it first.')
+    raise ValueError(
+      f'{name} must have an integer dtype, got '
+      f'{jnp.asarray(x).dtype}; quantize it first.'
+    )
 
 
 def _static_check(v, lo, hi, name):
@@ -77,8 +79,9 @@ def rounding_right_shift(x, shift, *, axis: int | None = -1):
   _check_int(x, 'x')
   _static_check(shift, 0, np.inf, 'shift')
   x = jnp.asarray(x, jnp.int32)
-  s = fixed_point.broadcast_param(jnp.asarray(shift, jnp.int32), x.ndim, axis,
-                                  'shift')
+  s = fixed_point.broadcast_param(
+    jnp.asarray(shift, jnp.int32), x.ndim, axis, 'shift'
+  )
   return _rounding_right_shift(x, s)
 
 
@@ -101,8 +104,9 @@ def shift_fraclen(x, shift, *, axis: int | None = -1):
   """
   _check_int(x, 'x')
   x = jnp.asarray(x, jnp.int32)
-  s = fixed_point.broadcast_param(jnp.asarray(shift, jnp.int32), x.ndim, axis,
-                                  'shift')
+  s = fixed_point.broadcast_param(
+    jnp.asarray(shift, jnp.int32), x.ndim, axis, 'shift'
+  )
   return _shift_fraclen(x, s)
 
 
@@ -110,8 +114,9 @@ def shift_fraclen(x, shift, *, axis: int | None = -1):
 def _shift_fraclen(x, s):
   left = jnp.clip(-s, 0, 31)
   lim = INT32_MAX >> left  # |x| <= lim shifts without overflow
-  up = jnp.where(x > lim, INT32_MAX,
-                 jnp.where(x < -lim - 1, INT32_MIN, x << left))
+  up = jnp.where(
+    x > lim, INT32_MAX, jnp.where(x < -lim - 1, INT32_MIN, x << left)
+  )
   return jnp.where(s >= 0, _rounding_right_shift(x, jnp.maximum(s, 0)), up)
 
 
@@ -130,18 +135,22 @@ def quantize_multiplier(real_multiplier):
   """
   r = np.asarray(real_multiplier, np.float64)
   if not np.all(np.isfinite(r)) or np.any(r < 0):
-    raise ValueError(f'real_multiplier={real_multiplier} must be finite and '
-                     '>= 0; fold a negative sign into the weights.')
+    raise ValueError(
+      f'real_multiplier={real_multiplier} must be finite and '
+      '>= 0; fold a negative sign into the weights.'
+    )
   mant, exp = np.frexp(r)
-  m0 = np.floor(mant * 2.0 ** 31 + 0.5)
-  carry = m0 == 2.0 ** 31
+  m0 = np.floor(mant * 2.0**31 + 0.5)
+  carry = m0 == 2.0**31
   m0 = np.where(carry, m0 / 2, m0)
   exp = exp + carry
   tiny = exp < -31
   m0, exp = np.where(tiny, 0, m0), np.where(tiny, 0, exp)
   if np.any(exp > 30):
-    raise ValueError(f'real_multiplier={real_multiplier} is >= 2^30; '
-                     'requantize cannot represent it.')
+    raise ValueError(
+      f'real_multiplier={real_multiplier} is >= 2^30; '
+      'requantize cannot represent it.'
+    )
   m0, exp = m0.astype(np.int32), exp.astype(np.int32)
   if r.ndim == 0:
     return int(m0), int(exp)
@@ -179,8 +188,9 @@ def _shift_right_wide(hi, lo, n, tie_up):
   ks = k & jnp.uint32(31)
   below = (one << ks) - one
   rbit = jnp.where(k_small, (lo >> ks) & one, (hi >> ks) & one) == one
-  sticky = jnp.where(k_small, (lo & below) != 0,
-                     (lo != 0) | ((hi & below) != 0))
+  sticky = jnp.where(
+    k_small, (lo & below) != 0, (lo != 0) | ((hi & below) != 0)
+  )
   tie = tie_up(q_lo) if callable(tie_up) else tie_up
   up = (n > 0) & rbit & (sticky | tie)
   new_lo = q_lo + up.astype(jnp.uint32)
@@ -191,7 +201,7 @@ def _shift_right_wide(hi, lo, n, tie_up):
 def _signed_from_magnitude(neg, hi, lo):
   """``±(hi, lo)`` saturated to int32."""
   over_pos = (hi != 0) | (lo > jnp.uint32(INT32_MAX))
-  over_neg = (hi != 0) | (lo > jnp.uint32(2 ** 31))
+  over_neg = (hi != 0) | (lo > jnp.uint32(2**31))
   pos = jnp.where(over_pos, INT32_MAX, _i32(lo))
   negv = jnp.where(over_neg, INT32_MIN, _i32(~lo + jnp.uint32(1)))
   return jnp.where(neg, negv, pos)
@@ -201,9 +211,18 @@ def _abs_u32(x):
   return jnp.where(x < 0, ~_u32(x) + jnp.uint32(1), _u32(x))
 
 
-def requantize(acc, multiplier, shift, zero_point=0, qmin=-128, qmax=127, *,
-               axis: int | None = -1, rounding: str = 'half_even',
-               dtype=jnp.int32):
+def requantize(
+  acc,
+  multiplier,
+  shift,
+  zero_point=0,
+  qmin=-128,
+  qmax=127,
+  *,
+  axis: int | None = -1,
+  rounding: str = 'half_even',
+  dtype=jnp.int32,
+):
   """``clamp(round(acc * M0 * 2^(shift - 31)) + zero_point, qmin, qmax)``.
 
   Args:
@@ -230,10 +249,14 @@ def requantize(acc, multiplier, shift, zero_point=0, qmin=-128, qmax=127, *,
   if isinstance(qmin, ints) and isinstance(qmax, ints) and qmin > qmax:
     raise ValueError(f'qmin={qmin} > qmax={qmax}: the output range is empty.')
   acc = jnp.asarray(acc, jnp.int32)
-  bp = lambda v, n: fixed_point.broadcast_param(jnp.asarray(v, jnp.int32),
-                                                acc.ndim, axis, n)
-  m, sh, zp = bp(multiplier, 'multiplier'), bp(shift, 'shift'), bp(
-      zero_point, 'zero_point')
+  bp = lambda v, n: fixed_point.broadcast_param(
+    jnp.asarray(v, jnp.int32), acc.ndim, axis, n
+  )
+  m, sh, zp = (
+    bp(multiplier, 'multiplier'),
+    bp(shift, 'shift'),
+    bp(zero_point, 'zero_point'),
+  )
   if rounding not in ('half_even', 'tflite'):
     raise ValueError(f"rounding={rounding!r}: use 'half_even' or 'tflite'.")
   qmin, qmax = jnp.asarray(qmin, jnp.int32), jnp.asarray(qmax, jnp.int32)
@@ -282,14 +305,25 @@ def int_dense(x, w):
   _check_int(w, 'w')
   x, w = jnp.asarray(x), jnp.asarray(w)
   if w.ndim != 2 or x.shape[-1] != w.shape[0]:
-    raise ValueError(f'int_dense: x {x.shape} and kernel {w.shape} do not '
-                     'match; the kernel is (in_features, out_features).')
-  return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.int32)
+    raise ValueError(
+      f'int_dense: x {x.shape} and kernel {w.shape} do not '
+      'match; the kernel is (in_features, out_features).'
+    )
+  return lax.dot_general(
+    x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+  )
 
 
-def int_conv(x, w, strides=None, padding='VALID', feature_group_count=1, *,
-             lhs_dilation=None, rhs_dilation=None):
+def int_conv(
+  x,
+  w,
+  strides=None,
+  padding='VALID',
+  feature_group_count=1,
+  *,
+  lhs_dilation=None,
+  rhs_dilation=None,
+):
   """Channel-last convolution (``NHWC`` x ``HWIO``) with int32 accumulation.
 
   ``padding`` pads with integer zeros: an asymmetric input must have its zero
@@ -299,22 +333,31 @@ def int_conv(x, w, strides=None, padding='VALID', feature_group_count=1, *,
   x, w = _common_int(x, w)
   nsp = x.ndim - 2
   if nsp < 1 or w.ndim != x.ndim:
-    raise ValueError(f'int_conv: input {x.shape} and kernel {w.shape} must be '
-                     '(N, *spatial, C) and (*window, C_in/groups, C_out).')
+    raise ValueError(
+      f'int_conv: input {x.shape} and kernel {w.shape} must be '
+      '(N, *spatial, C) and (*window, C_in/groups, C_out).'
+    )
   sp = 'DHW'[-nsp:] if nsp <= 3 else None
   if sp is None:
     raise ValueError('int_conv supports 1 to 3 spatial dimensions.')
   dn = ('N' + sp + 'C', sp + 'IO', 'N' + sp + 'C')
   strides = (1,) * nsp if strides is None else tuple(strides)
   return lax.conv_general_dilated(
-      x, w, strides, padding, lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation, dimension_numbers=dn,
-      feature_group_count=feature_group_count,
-      preferred_element_type=jnp.int32)
+    x,
+    w,
+    strides,
+    padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dn,
+    feature_group_count=feature_group_count,
+    preferred_element_type=jnp.int32,
+  )
 
 
-def int_avg_pool_as_sum_and_shift(x, window_shape=None, strides=None,
-                                  padding='VALID'):
+def int_avg_pool_as_sum_and_shift(
+  x, window_shape=None, strides=None, padding='VALID'
+):
   """Average pooling as an int32 window sum and a power-of-two shift (F8Net).
 
   With ``k`` elements per window, ``shift = round(log2(k))`` and
@@ -342,15 +385,22 @@ def int_avg_pool_as_sum_and_shift(x, window_shape=None, strides=None,
   else:
     window_shape = tuple(int(v) for v in window_shape)
     if len(window_shape) != len(spatial):
-      raise ValueError(f'window_shape={window_shape} needs {len(spatial)} '
-                       f'entries for input {x.shape}.')
+      raise ValueError(
+        f'window_shape={window_shape} needs {len(spatial)} '
+        f'entries for input {x.shape}.'
+      )
     strides = window_shape if strides is None else tuple(strides)
     k = math.prod(window_shape)
-    sums = lax.reduce_window(x, jnp.int32(0), lax.add,
-                             (1,) + window_shape + (1,),
-                             (1,) + strides + (1,), padding)
+    sums = lax.reduce_window(
+      x,
+      jnp.int32(0),
+      lax.add,
+      (1,) + window_shape + (1,),
+      (1,) + strides + (1,),
+      padding,
+    )
   shift = int(round(math.log2(k)))
-  return sums, shift, 2.0 ** shift / k
+  return sums, shift, 2.0**shift / k
 
 
 def _sub_jaxprs(value):
@@ -383,9 +433,11 @@ def _walk(jaxpr, primitives, path):
     avals = [getattr(v, 'aval', None) for v in (*eqn.invars, *eqn.outvars)]
     dtypes = [a.dtype for a in avals if hasattr(a, 'dtype')]
     if name in primitives and any(
-        jnp.issubdtype(d, jnp.inexact) for d in dtypes):
-      shapes = ', '.join(f'{a.dtype}{list(a.shape)}' for a in avals
-                         if hasattr(a, 'shape'))
+      jnp.issubdtype(d, jnp.inexact) for d in dtypes
+    ):
+      shapes = ', '.join(
+        f'{a.dtype}{list(a.shape)}' for a in avals if hasattr(a, 'shape')
+      )
       found.append(f'{path}{name}({shapes})')
     for p, value in eqn.params.items():
       for sub in _sub_jaxprs(value):
@@ -396,39 +448,139 @@ def _walk(jaxpr, primitives, path):
 # Primitives an integer-only program may apply to integer (and boolean)
 # values: integer arithmetic, shifts and bit logic, comparisons and selects,
 # integer matmul / conv / pooling, and layout ops.
-INTEGER_PRIMITIVES = frozenset((
-    'add', 'sub', 'mul', 'neg', 'abs', 'sign', 'max', 'min', 'clamp', 'div',
-    'rem', 'integer_pow', 'square', 'shift_left', 'shift_right_arithmetic',
-    'shift_right_logical', 'and', 'or', 'xor', 'not', 'population_count',
-    'clz', 'eq', 'ne', 'lt', 'le', 'gt', 'ge', 'select_n',
-    'convert_element_type', 'bitcast_convert_type', 'dot_general',
+INTEGER_PRIMITIVES = frozenset(
+  (
+    'add',
+    'sub',
+    'mul',
+    'neg',
+    'abs',
+    'sign',
+    'max',
+    'min',
+    'clamp',
+    'div',
+    'rem',
+    'integer_pow',
+    'square',
+    'shift_left',
+    'shift_right_arithmetic',
+    'shift_right_logical',
+    'and',
+    'or',
+    'xor',
+    'not',
+    'population_count',
+    'clz',
+    'eq',
+    'ne',
+    'lt',
+    'le',
+    'gt',
+    'ge',
+    'select_n',
+    'convert_element_type',
+    'bitcast_convert_type',
+    'dot_general',
     'conv_general_dilated',
-    'reduce_sum', 'reduce_max', 'reduce_min', 'reduce_and', 'reduce_or',
-    'argmax', 'argmin', 'reduce_window_sum', 'reduce_window_max',
-    'reduce_window_min', 'reduce_window', 'cumsum', 'reshape',
-    'broadcast_in_dim', 'transpose', 'squeeze', 'expand_dims', 'slice',
-    'dynamic_slice', 'dynamic_update_slice', 'concatenate', 'pad', 'rev',
-    'gather', 'scatter', 'iota', 'copy', 'copy_p', 'stop_gradient',
-    'pjit', 'jit', 'closed_call', 'core_call', 'custom_jvp_call',
-    'custom_vjp_call', 'custom_vjp_call_jaxpr', 'remat', 'checkpoint', 'cond',
-    'while', 'scan'))
+    'reduce_sum',
+    'reduce_max',
+    'reduce_min',
+    'reduce_and',
+    'reduce_or',
+    'argmax',
+    'argmin',
+    'reduce_window_sum',
+    'reduce_window_max',
+    'reduce_window_min',
+    'reduce_window',
+    'cumsum',
+    'reshape',
+    'broadcast_in_dim',
+    'transpose',
+    'squeeze',
+    'expand_dims',
+    'slice',
+    'dynamic_slice',
+    'dynamic_update_slice',
+    'concatenate',
+    'pad',
+    'rev',
+    'gather',
+    'scatter',
+    'iota',
+    'copy',
+    'copy_p',
+    'stop_gradient',
+    'pjit',
+    'jit',
+    'closed_call',
+    'core_call',
+    'custom_jvp_call',
+    'custom_vjp_call',
+    'custom_vjp_call_jaxpr',
+    'remat',
+    'checkpoint',
+    'cond',
+    'while',
+    'scan',
+  )
+)
 
 # Float steps allowed at the boundary (``boundary=True``): quantizing the
 # float input (scale, round, clip, cast to integers) ...
-_ENTRY_PRIMITIVES = frozenset((
-    'div', 'mul', 'add', 'sub', 'neg', 'round', 'floor', 'ceil', 'max', 'min',
-    'clamp', 'convert_element_type', 'reshape', 'broadcast_in_dim',
-    'transpose', 'squeeze', 'expand_dims', 'copy', 'copy_p', 'pjit', 'jit'))
+_ENTRY_PRIMITIVES = frozenset(
+  (
+    'div',
+    'mul',
+    'add',
+    'sub',
+    'neg',
+    'round',
+    'floor',
+    'ceil',
+    'max',
+    'min',
+    'clamp',
+    'convert_element_type',
+    'reshape',
+    'broadcast_in_dim',
+    'transpose',
+    'squeeze',
+    'expand_dims',
+    'copy',
+    'copy_p',
+    'pjit',
+    'jit',
+  )
+)
 # ... and dequantizing the integer output (cast to float, times a scale,
 # plus an offset); nothing computed from the integer result may go back
 # into integers.
-_EXIT_PRIMITIVES = frozenset((
-    'convert_element_type', 'mul', 'add', 'sub', 'reshape',
-    'broadcast_in_dim', 'transpose', 'squeeze', 'expand_dims', 'copy',
-    'copy_p', 'pjit', 'jit'))
+_EXIT_PRIMITIVES = frozenset(
+  (
+    'convert_element_type',
+    'mul',
+    'add',
+    'sub',
+    'reshape',
+    'broadcast_in_dim',
+    'transpose',
+    'squeeze',
+    'expand_dims',
+    'copy',
+    'copy_p',
+    'pjit',
+    'jit',
+  )
+)
 
-_READABLE = {'mul': 'float multiply', 'dot_general': 'float dot',
-             'conv_general_dilated': 'float conv', 'div': 'float divide'}
+_READABLE = {
+  'mul': 'float multiply',
+  'dot_general': 'float dot',
+  'conv_general_dilated': 'float conv',
+  'div': 'float divide',
+}
 
 
 def _is_float(aval) -> bool:
@@ -437,9 +589,13 @@ def _is_float(aval) -> bool:
 
 def _eqn_text(eqn) -> str:
   avals = [getattr(v, 'aval', None) for v in (*eqn.invars, *eqn.outvars)]
-  return (f'{eqn.primitive.name}(' + ', '.join(
-      f'{a.dtype}{list(a.shape)}' for a in avals if hasattr(a, 'shape')) +
-          ')')
+  return (
+    f'{eqn.primitive.name}('
+    + ', '.join(
+      f'{a.dtype}{list(a.shape)}' for a in avals if hasattr(a, 'shape')
+    )
+    + ')'
+  )
 
 
 def _call_jaxprs(eqn):
@@ -447,13 +603,24 @@ def _call_jaxprs(eqn):
   reads (a suffix of) the equation's operands; ``None`` if it has none."""
   subs = []
   for name, value in eqn.params.items():
-    if name in ('jvp_jaxpr_fun', 'jvp_jaxpr_thunk', 'fwd_jaxpr_thunk',
-                'bwd', 'fwd'):
+    if name in (
+      'jvp_jaxpr_fun',
+      'jvp_jaxpr_thunk',
+      'fwd_jaxpr_thunk',
+      'bwd',
+      'fwd',
+    ):
       continue  # differentiation rules: never run by the forward program
     for sub in _sub_jaxprs(value):
       n = len(sub.invars)
-      subs.append((sub, list(eqn.invars)[len(eqn.invars) - n:]
-                   if n <= len(eqn.invars) else None))
+      subs.append(
+        (
+          sub,
+          list(eqn.invars)[len(eqn.invars) - n :]
+          if n <= len(eqn.invars)
+          else None,
+        )
+      )
   return subs or None
 
 
@@ -484,17 +651,28 @@ def _check_allowed(jaxpr, classes, boundary, path, bad):
         bad.append(f'{where}: {name} is not on the integer allow-list')
       sub_out = None
       for sub, operands in subs:
-        sub_cls = ([cls(v) for v in operands] if operands is not None else
-                   ['exit' if _is_float(v.aval) else 'int'
-                    for v in sub.invars])
+        sub_cls = (
+          [cls(v) for v in operands]
+          if operands is not None
+          else ['exit' if _is_float(v.aval) else 'int' for v in sub.invars]
+        )
         got = _check_allowed(sub, sub_cls, boundary, f'{path}{name} > ', bad)
         if len(got) == len(eqn.outvars):
           sub_out = got
       for i, v in enumerate(eqn.outvars):
-        env[v] = sub_out[i] if sub_out is not None else (
-            'const' if set(ins) <= {'const'} else
-            'int' if not outs_float[i] else
-            'entry' if set(ins) <= {'const', 'entry'} else 'exit')
+        env[v] = (
+          sub_out[i]
+          if sub_out is not None
+          else (
+            'const'
+            if set(ins) <= {'const'}
+            else 'int'
+            if not outs_float[i]
+            else 'entry'
+            if set(ins) <= {'const', 'entry'}
+            else 'exit'
+          )
+        )
       continue
     if set(ins) <= {'const'}:
       # Constant folding (e.g. a scale computed from literals).
@@ -505,8 +683,7 @@ def _check_allowed(jaxpr, classes, boundary, path, bad):
       continue
     if not any(outs_float) and set(ins) <= {'const', 'int'}:
       if name not in INTEGER_PRIMITIVES:
-        bad.append(f'{where}: integer {name} is not on the integer '
-                   'allow-list')
+        bad.append(f'{where}: integer {name} is not on the integer allow-list')
       for v in eqn.outvars:
         env[v] = 'int'
       continue
@@ -516,21 +693,27 @@ def _check_allowed(jaxpr, classes, boundary, path, bad):
       bad.append(f'{where}: {_READABLE.get(name, "float " + name)}')
     elif not from_int:  # entry: quantizing the float input
       if name not in _ENTRY_PRIMITIVES:
-        bad.append(f'{where}: float {name} is not an input-quantization '
-                   'step')
+        bad.append(f'{where}: float {name} is not an input-quantization step')
       for v, f in zip(eqn.outvars, outs_float):
         env[v] = 'entry' if f else 'int'
       continue
     elif not all(outs_float):  # exit: dequantizing an integer result
-      bad.append(f'{where}: a float computed from integer values goes back '
-                 'into integers (a float step inside the program)')
+      bad.append(
+        f'{where}: a float computed from integer values goes back '
+        'into integers (a float step inside the program)'
+      )
     elif name not in _EXIT_PRIMITIVES:
-      bad.append(f'{where}: {_READABLE.get(name, "float " + name)} of an '
-                 'integer result is not an output-dequantization step')
-    elif name in ('mul', 'add', 'sub') and ins.count('exit') + ins.count(
-        'int') > 1:
-      bad.append(f'{where}: {_READABLE.get(name, "float " + name)} of two '
-                 'integer-derived values is not a dequantization by a scale')
+      bad.append(
+        f'{where}: {_READABLE.get(name, "float " + name)} of an '
+        'integer result is not an output-dequantization step'
+      )
+    elif (
+      name in ('mul', 'add', 'sub') and ins.count('exit') + ins.count('int') > 1
+    ):
+      bad.append(
+        f'{where}: {_READABLE.get(name, "float " + name)} of two '
+        'integer-derived values is not a dequantization by a scale'
+      )
     for v, f in zip(eqn.outvars, outs_float):
       env[v] = ('exit' if from_int else 'entry') if f else 'int'
   return [cls(v) for v in jaxpr.outvars]
@@ -562,7 +745,8 @@ def assert_integer_only(fn, *args, boundary: bool = False, **kwargs):
   _check_allowed(jaxpr, classes, boundary, '', bad)
   if bad:
     raise AssertionError(
-        f'{len(bad)} op(s) outside the integer-only allow-list (float '
-        'multiply, divide, transcendental, or integer values through float '
-        'math):\n  ' + '\n  '.join(bad))
+      f'{len(bad)} op(s) outside the integer-only allow-list (float '
+      'multiply, divide, transcendental, or integer values through float '
+      'math):\n  ' + '\n  '.join(bad)
+    )
   return closed

@@ -94,8 +94,9 @@ def lsq_quantize(x, step, qmin, qmax, *, grad_scale: float = 1.0):
   uniform.check_qparams(None, qmin, qmax)
   dtype = x.dtype
   f = lambda a: jnp.asarray(a, jnp.float32)
-  return _lsq(x.astype(jnp.float32), f(step), f(qmin), f(qmax),
-              float(grad_scale)).astype(dtype)
+  return _lsq(
+    x.astype(jnp.float32), f(step), f(qmin), f(qmax), float(grad_scale)
+  ).astype(dtype)
 
 
 def sum_to(g, shape):
@@ -105,7 +106,8 @@ def sum_to(g, shape):
     return g
   lead = g.ndim - len(shape)
   axes = tuple(range(lead)) + tuple(
-      i + lead for i, n in enumerate(shape) if n == 1 and g.shape[i + lead] != 1)
+    i + lead for i, n in enumerate(shape) if n == 1 and g.shape[i + lead] != 1
+  )
   return jnp.sum(g, axis=axes).reshape(shape)
 
 
@@ -133,8 +135,7 @@ def _lsq_bwd(grad_scale, res, g):
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
 
 
-def lsq_plus_quantize(x, step, offset, qmin, qmax, *,
-                      grad_scale: float = 1.0):
+def lsq_plus_quantize(x, step, offset, qmin, qmax, *, grad_scale: float = 1.0):
   """LSQ+: ``x_hat = s * round(clip((x - beta) / s, qmin, qmax)) + beta``.
 
   The offset ``beta`` is learned too; its gradient is ``1 - (1 inside the
@@ -174,7 +175,7 @@ def pact_quantize(x, alpha, bits: int, *, signed: bool = False):
     levels = 2.0 ** (bits - 1) - 1
     y = _clip_pact(xf, -a, a)
   else:
-    levels = 2.0 ** bits - 1
+    levels = 2.0**bits - 1
     y = _clip_pact(xf, 0.0, a)
   d = jax.lax.stop_gradient(a / levels)
   q = jnp.round(y / d) * d

@@ -82,22 +82,27 @@ def global_batch(x, axis_name: str | None):
 
 def observer_init(shape=()) -> MinMaxState:
   """An empty observer (``+inf`` / ``-inf``), per tensor or per channel."""
-  return MinMaxState(jnp.full(shape, jnp.inf, jnp.float32),
-                     jnp.full(shape, -jnp.inf, jnp.float32),
-                     jnp.zeros((), jnp.int32))
+  return MinMaxState(
+    jnp.full(shape, jnp.inf, jnp.float32),
+    jnp.full(shape, -jnp.inf, jnp.float32),
+    jnp.zeros((), jnp.int32),
+  )
 
 
 def minmax_update(state: MinMaxState, x, *, axis=None) -> MinMaxState:
   """Running min/max over everything seen so far."""
   red = _axes(x, axis)
   xf = x.astype(jnp.float32)
-  return MinMaxState(jnp.minimum(state.min, jnp.min(xf, axis=red)),
-                     jnp.maximum(state.max, jnp.max(xf, axis=red)),
-                     state.count + 1)
+  return MinMaxState(
+    jnp.minimum(state.min, jnp.min(xf, axis=red)),
+    jnp.maximum(state.max, jnp.max(xf, axis=red)),
+    state.count + 1,
+  )
 
 
-def moving_average_update(state: MinMaxState, x, *, c: float = 0.01,
-                          axis=None) -> MinMaxState:
+def moving_average_update(
+  state: MinMaxState, x, *, c: float = 0.01, axis=None
+) -> MinMaxState:
   """Moving-average min/max; the first update copies the batch range."""
   if not 0 < c <= 1:
     raise ValueError(f'averaging constant c={c} must be in (0, 1].')
@@ -116,5 +121,7 @@ def percentile_range(x, percentile: float = 99.99, *, axis=None):
     raise ValueError(f'percentile={percentile} must be in (50, 100].')
   red = _axes(x, axis)
   xf = x.astype(jnp.float32)
-  return (jnp.percentile(xf, 100 - percentile, axis=red),
-          jnp.percentile(xf, percentile, axis=red))
+  return (
+    jnp.percentile(xf, 100 - percentile, axis=red),
+    jnp.percentile(xf, percentile, axis=red),
+  )

@@ -23,8 +23,9 @@ def code_range(bits: int, signed: bool) -> tuple[int, int]:
   pruned channel, stored in no bytes)."""
   bits = int(bits)
   if not 0 <= bits <= 16:
-    raise ValueError(f'bits={bits} is out of range: packing supports 0 to '
-                     '16 bits.')
+    raise ValueError(
+      f'bits={bits} is out of range: packing supports 0 to 16 bits.'
+    )
   if bits == 0:
     return 0, 0
   if signed:
@@ -42,17 +43,23 @@ def pack_codes(codes, bits: int, *, signed: bool) -> np.ndarray:
   lo, hi = code_range(bits, signed)
   c = np.asarray(codes).reshape(-1).astype(np.int64)
   if c.size and (c.min() < lo or c.max() > hi):
-    raise ValueError(f'codes span [{c.min()}, {c.max()}], outside the '
-                     f'{bits}-bit {"signed" if signed else "unsigned"} range '
-                     f'[{lo}, {hi}].')
+    raise ValueError(
+      f'codes span [{c.min()}, {c.max()}], outside the '
+      f'{bits}-bit {"signed" if signed else "unsigned"} range '
+      f'[{lo}, {hi}].'
+    )
   u = (c - lo).astype(np.uint32)
   shifts = np.arange(bits, dtype=np.uint32)
   # Bit matrix (n, bits), least significant bit first, flattened; built in
   # chunks of a multiple of 8 codes (whole bytes) to bound temporary memory.
   chunk = 1 << 20
-  parts = [np.packbits(((u[i:i + chunk, None] >> shifts) & 1).astype(
-      np.uint8).reshape(-1), bitorder='little')
-           for i in range(0, max(u.size, 1), chunk)]
+  parts = [
+    np.packbits(
+      ((u[i : i + chunk, None] >> shifts) & 1).astype(np.uint8).reshape(-1),
+      bitorder='little',
+    )
+    for i in range(0, max(u.size, 1), chunk)
+  ]
   return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
 
@@ -63,18 +70,21 @@ def unpack_codes(buf, bits: int, count: int, *, signed: bool) -> np.ndarray:
   buf = np.asarray(buf, np.uint8).reshape(-1)
   need = packed_nbytes(count, bits)
   if buf.size != need:
-    raise ValueError(f'packed buffer has {buf.size} bytes, expected {need} for '
-                     f'{count} codes at {bits} bits.')
+    raise ValueError(
+      f'packed buffer has {buf.size} bytes, expected {need} for '
+      f'{count} codes at {bits} bits.'
+    )
   shifts = np.arange(bits, dtype=np.uint32)
   chunk = 1 << 20  # codes per chunk: a multiple of 8, so whole bytes
   out = np.empty(count, np.int32)
   for i in range(0, count, chunk):
     n = min(chunk, count - i)
     b0 = i * bits // 8
-    stream = np.unpackbits(buf[b0:b0 + packed_nbytes(n, bits)],
-                           bitorder='little')[:n * bits]
+    stream = np.unpackbits(
+      buf[b0 : b0 + packed_nbytes(n, bits)], bitorder='little'
+    )[: n * bits]
     u = (stream.reshape(n, bits).astype(np.uint32) << shifts).sum(axis=1)
-    out[i:i + n] = u.astype(np.int64) + lo
+    out[i : i + n] = u.astype(np.int64) + lo
   return out
 
 
@@ -89,30 +99,31 @@ def pack_per_channel(codes, bits_per_channel, axis: int, *, signed: bool):
   bits = np.asarray(bits_per_channel).astype(int).reshape(-1)
   if bits.size != c.shape[0]:
     raise ValueError(f'{bits.size} bit-widths for {c.shape[0]} channels.')
-  blocks = [pack_codes(c[i], int(b), signed=signed) for i, b in
-            enumerate(bits)]
+  blocks = [pack_codes(c[i], int(b), signed=signed) for i, b in enumerate(bits)]
   offsets = np.cumsum([0] + [b.size for b in blocks])
-  return (np.concatenate(blocks) if blocks else np.zeros(0, np.uint8),
-          offsets)
+  return (np.concatenate(blocks) if blocks else np.zeros(0, np.uint8), offsets)
 
 
-def unpack_per_channel(buf, bits_per_channel, shape, axis: int, *,
-                       signed: bool) -> np.ndarray:
+def unpack_per_channel(
+  buf, bits_per_channel, shape, axis: int, *, signed: bool
+) -> np.ndarray:
   """Inverse of :func:`pack_per_channel` for a tensor of ``shape``."""
   shape = tuple(shape)
-  moved = (shape[axis],) + tuple(s for i, s in enumerate(shape)
-                                 if i != axis % len(shape))
+  moved = (shape[axis],) + tuple(
+    s for i, s in enumerate(shape) if i != axis % len(shape)
+  )
   per = int(np.prod(moved[1:]))
   bits = np.asarray(bits_per_channel).astype(int).reshape(-1)
   buf = np.asarray(buf, np.uint8)
   out, start = [], 0
   for b in bits:
     n = packed_nbytes(per, b)
-    out.append(unpack_codes(buf[start:start + n], b, per, signed=signed))
+    out.append(unpack_codes(buf[start : start + n], b, per, signed=signed))
     start += n
   if start != buf.size:
-    raise ValueError(f'per-channel buffer has {buf.size} bytes, expected '
-                     f'{start}.')
+    raise ValueError(
+      f'per-channel buffer has {buf.size} bytes, expected {start}.'
+    )
   arr = np.stack(out).reshape(moved)
   return np.moveaxis(arr, 0, axis)
 
@@ -143,8 +154,12 @@ def unpack_per_channel(buf, bits_per_channel, shape, axis: int, *,
 # strictly smaller than ``dense``.
 
 ENCODINGS = ('dense', 'codebook', 'sparse', 'sparse_codebook')
-PARTS = {'dense': ('d',), 'codebook': ('t', 'i'), 'sparse': ('m', 'v'),
-         'sparse_codebook': ('m', 't', 'i')}
+PARTS = {
+  'dense': ('d',),
+  'codebook': ('t', 'i'),
+  'sparse': ('m', 'v'),
+  'sparse_codebook': ('m', 't', 'i'),
+}
 
 
 def index_bits(k: int) -> int:
@@ -170,8 +185,10 @@ class Encoded:
     return int(sum(p.size for p in self.parts.values()))
 
   def __repr__(self):
-    return (f'Encoded({self.kind}, {self.nbytes} bytes (dense '
-            f'{self.dense_nbytes}), tables={self.tables})')
+    return (
+      f'Encoded({self.kind}, {self.nbytes} bytes (dense '
+      f'{self.dense_nbytes}), tables={self.tables})'
+    )
 
 
 def _group_layout(shape, bits, axis):
@@ -192,9 +209,12 @@ def _group_layout(shape, bits, axis):
 
 def _blocks(values_per_group, bits_per_group, signed):
   """Each group's values packed at its bits, byte-aligned, concatenated."""
-  out = [pack_codes(v, int(b), signed=signed) if int(b) > 0 and len(v) else
-         np.zeros(0, np.uint8)
-         for v, b in zip(values_per_group, bits_per_group)]
+  out = [
+    pack_codes(v, int(b), signed=signed)
+    if int(b) > 0 and len(v)
+    else np.zeros(0, np.uint8)
+    for v, b in zip(values_per_group, bits_per_group)
+  ]
   return np.concatenate(out) if out else np.zeros(0, np.uint8)
 
 
@@ -211,8 +231,9 @@ def _unblocks(buf, counts, bits_per_group, signed, what):
       out.append(np.zeros(n, np.int64))
       continue
     k = packed_nbytes(n, b)
-    out.append(unpack_codes(buf[start:start + k], b, n,
-                            signed=signed).astype(np.int64))
+    out.append(
+      unpack_codes(buf[start : start + k], b, n, signed=signed).astype(np.int64)
+    )
     start += k
   return out
 
@@ -221,8 +242,9 @@ def _codebook_nbytes(k, n, b):
   return packed_nbytes(k, b) + packed_nbytes(n, index_bits(k))
 
 
-def encode(codes, bits, *, signed: bool, axis: int = -1,
-           structure: bool = True) -> Encoded:
+def encode(
+  codes, bits, *, signed: bool, axis: int = -1, structure: bool = True
+) -> Encoded:
   """Encodes integer ``codes`` at ``bits`` (an int, or per-channel along
   ``axis``): the smallest of the encodings above (``dense`` unless another is
   strictly smaller, or when ``structure=False``). Exactly reversed by
@@ -238,10 +260,12 @@ def encode(codes, bits, *, signed: bool, axis: int = -1,
   for g, b in enumerate(gbits):  # range check (and bits in 1..16)
     lo, hi = code_range(int(b), signed)
     if per and (rows[g].min() < lo or rows[g].max() > hi):
-      raise ValueError(f'codes span [{rows[g].min()}, {rows[g].max()}], '
-                       f'outside the {b}-bit '
-                       f'{"signed" if signed else "unsigned"} range '
-                       f'[{lo}, {hi}].')
+      raise ValueError(
+        f'codes span [{rows[g].min()}, {rows[g].max()}], '
+        f'outside the {b}-bit '
+        f'{"signed" if signed else "unsigned"} range '
+        f'[{lo}, {hi}].'
+      )
   dense_n = sum(packed_nbytes(per, b) for b in gbits)
   kind = 'dense'
   if structure and per > 0:
@@ -254,18 +278,17 @@ def encode(codes, bits, *, signed: bool, axis: int = -1,
     nnz = np.count_nonzero(rows, axis=1)
     mask_n = packed_nbytes(flat.size, 1)
     sizes = {
-        'dense': dense_n,
-        'codebook': sum(_codebook_nbytes(k, per, b)
-                        for k, b in zip(k_all, gbits)),
-        'sparse': mask_n + sum(packed_nbytes(z, b)
-                               for z, b in zip(nnz, gbits)),
-        'sparse_codebook': mask_n + sum(
-            _codebook_nbytes(k, z, b) for k, z, b in zip(k_nz, nnz, gbits)),
+      'dense': dense_n,
+      'codebook': sum(
+        _codebook_nbytes(k, per, b) for k, b in zip(k_all, gbits)
+      ),
+      'sparse': mask_n + sum(packed_nbytes(z, b) for z, b in zip(nnz, gbits)),
+      'sparse_codebook': mask_n
+      + sum(_codebook_nbytes(k, z, b) for k, z, b in zip(k_nz, nnz, gbits)),
     }
     kind = min(ENCODINGS, key=lambda e: (sizes[e], ENCODINGS.index(e)))
   if kind == 'dense':
-    return Encoded('dense', {'d': _blocks(rows, gbits, signed)}, None,
-                   dense_n)
+    return Encoded('dense', {'d': _blocks(rows, gbits, signed)}, None, dense_n)
   parts = {}
   if kind.startswith('sparse'):
     nzmask = flat != 0
@@ -284,16 +307,26 @@ def encode(codes, bits, *, signed: bool, axis: int = -1,
   return Encoded(kind, parts, [int(t.size) for t in tables], dense_n)
 
 
-def decode(kind: str, parts: dict, shape, bits, *, signed: bool,
-           axis: int = -1, tables=None) -> np.ndarray:
+def decode(
+  kind: str,
+  parts: dict,
+  shape,
+  bits,
+  *,
+  signed: bool,
+  axis: int = -1,
+  tables=None,
+) -> np.ndarray:
   """Inverse of :func:`encode`: int32 codes of ``shape``. Raises
   ``ValueError`` when the parts do not fit the description."""
   if kind not in ENCODINGS:
-    raise ValueError(f'unknown encoding {kind!r}; this fracq knows '
-                     f'{ENCODINGS}.')
+    raise ValueError(
+      f'unknown encoding {kind!r}; this fracq knows {ENCODINGS}.'
+    )
   if set(parts) != set(PARTS[kind]):
-    raise ValueError(f'encoding {kind!r} needs parts {PARTS[kind]}, got '
-                     f'{sorted(parts)}.')
+    raise ValueError(
+      f'encoding {kind!r} needs parts {PARTS[kind]}, got {sorted(parts)}.'
+    )
   shape = tuple(int(s) for s in shape)
   moved, gbits, per = _group_layout(shape, bits, axis)
   G = gbits.size
@@ -307,11 +340,13 @@ def decode(kind: str, parts: dict, shape, bits, *, signed: bool,
     if kind.startswith('sparse'):
       m = np.asarray(parts['m'], np.uint8).reshape(-1)
       if m.size != packed_nbytes(n, 1):
-        raise ValueError(f'part \'m\' has {m.size} bytes, expected '
-                         f'{packed_nbytes(n, 1)} for {n} codes.')
+        raise ValueError(
+          f"part 'm' has {m.size} bytes, expected "
+          f'{packed_nbytes(n, 1)} for {n} codes.'
+        )
       bitsv = np.unpackbits(m, bitorder='little')
       if bitsv[n:].any():
-        raise ValueError('the mask\'s padding bits are not zero.')
+        raise ValueError("the mask's padding bits are not zero.")
       nzmask = bitsv[:n].astype(bool)
       counts = nzmask.reshape(G, per).sum(axis=1) if G else np.zeros(0, int)
     else:
@@ -320,23 +355,27 @@ def decode(kind: str, parts: dict, shape, bits, *, signed: bool,
       members = _unblocks(parts['v'], counts, gbits, signed, 'v')
     else:
       if tables is None or len(tables) != G:
-        raise ValueError(f'encoding {kind!r} needs {G} table sizes, got '
-                         f'{tables!r}.')
+        raise ValueError(
+          f'encoding {kind!r} needs {G} table sizes, got {tables!r}.'
+        )
       ks = [int(k) for k in tables]
       for k, b, z in zip(ks, gbits, counts):
         if not 0 <= k <= (1 << int(b)) or (z > 0 and k == 0):
-          raise ValueError(f'table size {k} is impossible for {z} codes at '
-                           f'{b} bits.')
+          raise ValueError(
+            f'table size {k} is impossible for {z} codes at {b} bits.'
+          )
       tabs = _unblocks(parts['t'], ks, gbits, signed, 't')
-      idx = _unblocks(parts['i'], counts, [index_bits(k) for k in ks],
-                      False, 'i')
+      idx = _unblocks(
+        parts['i'], counts, [index_bits(k) for k in ks], False, 'i'
+      )
       members = []
       for t, i in zip(tabs, idx):
         if t.size > 1 and np.any(np.diff(t) <= 0):
           raise ValueError('a codebook table is not strictly increasing.')
         if i.size and i.max() >= t.size:
-          raise ValueError(f'an index ({i.max()}) is past its table '
-                           f'({t.size} values).')
+          raise ValueError(
+            f'an index ({i.max()}) is past its table ({t.size} values).'
+          )
         members.append(t[i] if t.size else i)
     vals = np.concatenate(members) if members else np.zeros(0, np.int64)
     if kind.startswith('sparse'):

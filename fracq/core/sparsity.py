@@ -39,14 +39,21 @@ def _check_sparsity(sparsity, what='sparsity'):
     s = float(s)
     if not 0.0 <= s < 1.0:
       raise ValueError(
-          f'{what}={s} is outside [0, 1): it is the fraction of weights set '
-          'to zero, e.g. 0.5 for 50% sparsity (1.0 would remove every '
-          'weight).')
+        f'{what}={s} is outside [0, 1): it is the fraction of weights set '
+        'to zero, e.g. 0.5 for 50% sparsity (1.0 would remove every '
+        'weight).'
+      )
 
 
-def polynomial_decay_sparsity(step, initial: float, final: float,
-                              begin_step: int, end_step: int,
-                              power: float = 3, frequency: int = 1):
+def polynomial_decay_sparsity(
+  step,
+  initial: float,
+  final: float,
+  begin_step: int,
+  end_step: int,
+  power: float = 3,
+  frequency: int = 1,
+):
   """The polynomial-decay sparsity schedule (a float32 scalar).
 
   Args:
@@ -62,11 +69,14 @@ def polynomial_decay_sparsity(step, initial: float, final: float,
   _check_sparsity(final, 'final sparsity')
   if int(begin_step) < 0 or int(end_step) <= int(begin_step):
     raise ValueError(
-        f'begin_step={begin_step}, end_step={end_step}: need '
-        '0 <= begin_step < end_step (the pruning window).')
+      f'begin_step={begin_step}, end_step={end_step}: need '
+      '0 <= begin_step < end_step (the pruning window).'
+    )
   if int(frequency) < 1:
-    raise ValueError(f'frequency={frequency} must be >= 1 (update the mask '
-                     'every `frequency` steps).')
+    raise ValueError(
+      f'frequency={frequency} must be >= 1 (update the mask '
+      'every `frequency` steps).'
+    )
   if power <= 0:
     raise ValueError(f'power={power} must be > 0 (3 is the usual choice).')
   b, e, f = float(begin_step), float(end_step), float(frequency)
@@ -77,8 +87,7 @@ def polynomial_decay_sparsity(step, initial: float, final: float,
   return s.astype(jnp.float32)
 
 
-def pruning_step_due(step, begin_step: int, end_step: int,
-                     frequency: int = 1):
+def pruning_step_due(step, begin_step: int, end_step: int, frequency: int = 1):
   """True where the mask should be (re)computed at ``step``: inside the
   window, on the update grid, or exactly at ``end_step``."""
   step = jnp.asarray(step, jnp.int32)
@@ -94,8 +103,15 @@ def _ranks_ascending(v, axis=-1):
   return jnp.argsort(order, axis=axis, stable=True)
 
 
-def magnitude_mask(w, sparsity=None, *, structure: str = 'unstructured',
-                   n: int = 2, m: int = 4, channel_axis: int = -1):
+def magnitude_mask(
+  w,
+  sparsity=None,
+  *,
+  structure: str = 'unstructured',
+  n: int = 2,
+  m: int = 4,
+  channel_axis: int = -1,
+):
   """Keep-mask (bool, shape of ``w``) of the largest-magnitude weights.
 
   Args:
@@ -114,14 +130,16 @@ def magnitude_mask(w, sparsity=None, *, structure: str = 'unstructured',
   """
   w = jnp.asarray(w)
   if structure not in STRUCTURES:
-    raise ValueError(f'structure={structure!r} is unknown; choose one of '
-                     f'{STRUCTURES}.')
+    raise ValueError(
+      f'structure={structure!r} is unknown; choose one of {STRUCTURES}.'
+    )
   a = jnp.abs(w.astype(jnp.float32))
   if structure == 'n:m':
     return _nm_mask(a, sparsity, n, m)
   if sparsity is None:
-    raise ValueError(f"structure={structure!r} needs a sparsity in [0, 1), "
-                     'e.g. sparsity=0.5.')
+    raise ValueError(
+      f'structure={structure!r} needs a sparsity in [0, 1), e.g. sparsity=0.5.'
+    )
   _check_sparsity(sparsity)
   s = jnp.asarray(sparsity, jnp.float32)
   if structure == 'unstructured':
@@ -132,8 +150,7 @@ def magnitude_mask(w, sparsity=None, *, structure: str = 'unstructured',
     return ranks >= drop
   # channel
   if w.ndim < 1:
-    raise ValueError("structure='channel' needs a kernel with a channel "
-                     'axis.')
+    raise ValueError("structure='channel' needs a kernel with a channel axis.")
   ax = channel_axis % w.ndim
   c = w.shape[ax]
   red = tuple(i for i in range(w.ndim) if i != ax)
@@ -149,30 +166,34 @@ def _nm_mask(a, sparsity, n, m):
   n, m = int(n), int(m)
   if m < 2 or not 1 <= n < m:
     raise ValueError(
-        f'N:M sparsity needs 1 <= n < m and m >= 2, got n={n}, m={m} '
-        '(e.g. n=2, m=4 keeps 2 of every 4 weights).')
+      f'N:M sparsity needs 1 <= n < m and m >= 2, got n={n}, m={m} '
+      '(e.g. n=2, m=4 keeps 2 of every 4 weights).'
+    )
   if a.ndim < 2:
     raise ValueError(
-        f'N:M sparsity groups weights along the input axis (-2); a kernel of '
-        f'shape {a.shape} has none. Use structure="unstructured".')
+      f'N:M sparsity groups weights along the input axis (-2); a kernel of '
+      f'shape {a.shape} has none. Use structure="unstructured".'
+    )
   k_in = a.shape[-2]
   if k_in % m:
     raise ValueError(
-        f'N:M sparsity: m={m} does not divide the input axis (-2) of size '
-        f'{k_in} (kernel shape {a.shape}; depthwise convs have 1 input per '
-        'group). Pick an m that divides it, or use structure="unstructured" '
-        "or 'channel' for this layer.")
+      f'N:M sparsity: m={m} does not divide the input axis (-2) of size '
+      f'{k_in} (kernel shape {a.shape}; depthwise convs have 1 input per '
+      'group). Pick an m that divides it, or use structure="unstructured" '
+      "or 'channel' for this layer."
+    )
   if sparsity is not None and _is_concrete(sparsity):
     s = float(np.asarray(sparsity))
     if s != 0.0 and not np.isclose(s, 1.0 - n / m):
       raise ValueError(
-          f'N:M sparsity {n}:{m} fixes the sparsity at {1 - n / m:g}; got '
-          f'sparsity={s}. Pass sparsity=None or change n and m.')
+        f'N:M sparsity {n}:{m} fixes the sparsity at {1 - n / m:g}; got '
+        f'sparsity={s}. Pass sparsity=None or change n and m.'
+      )
     if s == 0.0:
       return jnp.ones(a.shape, bool)
-  t = jnp.moveaxis(a, -2, -1)                     # (..., out, in)
+  t = jnp.moveaxis(a, -2, -1)  # (..., out, in)
   g = t.reshape(t.shape[:-1] + (k_in // m, m))
-  keep = _ranks_ascending(g) >= (m - n)           # the n largest per group
+  keep = _ranks_ascending(g) >= (m - n)  # the n largest per group
   keep = keep.reshape(t.shape)
   return jnp.moveaxis(keep, -1, -2)
 

@@ -41,11 +41,13 @@ F32_EPS = float(np.finfo(np.float32).eps)
 
 def _is_static(v) -> bool:
   return isinstance(v, numbers.Number) or (
-      isinstance(v, np.ndarray) and v.dtype != object)
+    isinstance(v, np.ndarray) and v.dtype != object
+  )
 
 
-def int_range(bits: int, *, signed: bool, narrow_range: bool = False
-              ) -> tuple[int, int]:
+def int_range(
+  bits: int, *, signed: bool, narrow_range: bool = False
+) -> tuple[int, int]:
   """The integer range ``(qmin, qmax)`` of ``bits``-bit codes.
 
   Examples: 4-bit signed ``(-8, 7)``, narrow ``(-7, 7)``, unsigned
@@ -57,8 +59,9 @@ def int_range(bits: int, *, signed: bool, narrow_range: bool = False
     else:
       raise ValueError(f'bits must be an integer, got {bits!r}.')
   if not 1 <= bits <= 16:
-    raise ValueError(f'bits={bits} is out of range: fracq supports 1 to 16 '
-                     'bits.')
+    raise ValueError(
+      f'bits={bits} is out of range: fracq supports 1 to 16 bits.'
+    )
   if signed:
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if narrow_range:
@@ -66,7 +69,7 @@ def int_range(bits: int, *, signed: bool, narrow_range: bool = False
         raise ValueError('A 1-bit signed narrow range is empty ([0, 0]).')
       qmin += 1
   else:
-    qmin, qmax = 0, 2 ** bits - 1
+    qmin, qmax = 0, 2**bits - 1
     if narrow_range:
       qmin = 1
   return qmin, qmax
@@ -77,10 +80,10 @@ def check_qparams(scale, qmin, qmax) -> None:
   the scale is a learned parameter whose sign is free, not checked)."""
   if _is_static(qmin) and _is_static(qmax):
     if np.any(np.asarray(qmin) > np.asarray(qmax)):
-      raise ValueError(f'qmin={qmin} > qmax={qmax}: the integer range is '
-                       'empty; swap them.')
-  if scale is not None and _is_static(scale) and np.any(
-      np.asarray(scale) <= 0):
+      raise ValueError(
+        f'qmin={qmin} > qmax={qmax}: the integer range is empty; swap them.'
+      )
+  if scale is not None and _is_static(scale) and np.any(np.asarray(scale) <= 0):
     raise ValueError(f'scale must be positive, got {scale}.')
 
 
@@ -134,8 +137,9 @@ def fake_quant(x, scale, zero_point, qmin, qmax):
   dtype = x.dtype
   f = lambda v: jnp.asarray(v, jnp.float32)
   scale = f(scale)
-  out = _fq(x.astype(jnp.float32), 1.0 / scale, scale, f(zero_point),
-            f(qmin), f(qmax))
+  out = _fq(
+    x.astype(jnp.float32), 1.0 / scale, scale, f(zero_point), f(qmin), f(qmax)
+  )
   return out.astype(dtype)
 
 
@@ -144,23 +148,26 @@ def quantize_to_int(x, scale, zero_point, qmin, qmax, dtype=jnp.int32):
   check_qparams(scale, qmin, qmax)
   scale = jnp.asarray(scale, jnp.float32)
   q = jnp.round(x.astype(jnp.float32) * (1.0 / scale)) + jnp.asarray(
-      zero_point, jnp.float32)
+    zero_point, jnp.float32
+  )
   return jnp.clip(q, qmin, qmax).astype(dtype)
 
 
-def fake_quant_grouped(x, scale, zero_point, qmin, qmax, *, axis: int,
-                       group_size: int):
+def fake_quant_grouped(
+  x, scale, zero_point, qmin, qmax, *, axis: int, group_size: int
+):
   """Per-group fake quantization: one scale per ``group_size`` run of ``axis``.
 
   ``scale`` and ``zero_point`` have shape ``x.shape[axis] // group_size``.
   """
   n = x.shape[axis]
   if group_size <= 0 or n % group_size:
-    raise ValueError(f'group_size={group_size} does not divide axis {axis} '
-                     f'of length {n}.')
+    raise ValueError(
+      f'group_size={group_size} does not divide axis {axis} of length {n}.'
+    )
   axis = axis % x.ndim
   groups = n // group_size
-  xs = x.reshape(x.shape[:axis] + (groups, group_size) + x.shape[axis + 1:])
+  xs = x.reshape(x.shape[:axis] + (groups, group_size) + x.shape[axis + 1 :])
   bshape = channel_shape(xs.ndim, axis, groups)
   s = jnp.reshape(jnp.asarray(scale, jnp.float32), bshape)
   z = jnp.reshape(jnp.asarray(zero_point, jnp.float32), bshape)

@@ -7,6 +7,16 @@ import jax
 from fracq.data import digits
 from fracq.data import tfds_data
 
+__all__ = [
+  'DATASETS',
+  'DatasetError',
+  'eval_batches',
+  'input_shape',
+  'num_classes',
+  'steps_per_epoch',
+  'train_iterator',
+]
+
 DatasetError = tfds_data.DatasetError
 
 DATASETS = ('digits', 'cifar10', 'cifar100', 'imagenet2012')
@@ -44,16 +54,22 @@ def train_iterator(config, start_step: int):
       step = start_step
       while True:
         b = digits.train_batch(step, config.batch_size, config.seed)
-        yield {k: v[pid * local:(pid + 1) * local] for k, v in b.items()}
+        yield {k: v[pid * local : (pid + 1) * local] for k, v in b.items()}
         step += 1
+
     return gen()
   if config.dataset not in DATASETS:
-    raise ValueError(f'Unknown dataset {config.dataset!r}; choose one of '
-                     f'{DATASETS}.')
+    raise ValueError(
+      f'Unknown dataset {config.dataset!r}; choose one of {DATASETS}.'
+    )
   return tfds_data.train_iterator(
-      config.dataset, batch_size=config.batch_size, seed=config.seed,
-      start_step=start_step, data_dir=config.get('data_dir'),
-      image_size=config.image_size)
+    config.dataset,
+    batch_size=config.batch_size,
+    seed=config.seed,
+    start_step=start_step,
+    data_dir=config.get('data_dir'),
+    image_size=config.image_size,
+  )
 
 
 def eval_batches(config):
@@ -61,8 +77,11 @@ def eval_batches(config):
     n_proc, pid = jax.process_count(), jax.process_index()
     local = config.eval_batch_size // n_proc
     for b in digits.eval_batches(config.eval_batch_size):
-      yield {k: v[pid * local:(pid + 1) * local] for k, v in b.items()}
+      yield {k: v[pid * local : (pid + 1) * local] for k, v in b.items()}
     return
   yield from tfds_data.eval_batches(
-      config.dataset, batch_size=config.eval_batch_size,
-      data_dir=config.get('data_dir'), image_size=config.image_size)
+    config.dataset,
+    batch_size=config.eval_batch_size,
+    data_dir=config.get('data_dir'),
+    image_size=config.image_size,
+  )

@@ -29,11 +29,13 @@ def load_digits_split():
   """``(x_train, y_train, x_test, y_test)`` as numpy arrays."""
   from sklearn import datasets
   from sklearn import model_selection
+
   d = datasets.load_digits()
   x = d.images.astype(np.float32) / 16.0
   y = d.target.astype(np.int32)
   x_tr, x_te, y_tr, y_te = model_selection.train_test_split(
-      x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y)
+    x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y
+  )
   mean, std = x_tr.mean(), x_tr.std()
   norm = lambda a: ((a - mean) / std)[..., None].astype(np.float32)
   return norm(x_tr), y_tr, norm(x_te), y_te
@@ -45,11 +47,13 @@ def train_batch(step: int, batch_size: int, seed: int):
   n = len(x)
   per_epoch = n // batch_size
   if per_epoch == 0:
-    raise ValueError(f'batch_size={batch_size} exceeds the {n} digits '
-                     'training images; lower config.batch_size.')
+    raise ValueError(
+      f'batch_size={batch_size} exceeds the {n} digits '
+      'training images; lower config.batch_size.'
+    )
   epoch, i = divmod(step, per_epoch)
   perm = np.random.default_rng([seed, epoch]).permutation(n)
-  idx = perm[i * batch_size:(i + 1) * batch_size]
+  idx = perm[i * batch_size : (i + 1) * batch_size]
   return {'image': x[idx], 'label': y[idx]}
 
 
@@ -62,7 +66,7 @@ def eval_batches(batch_size: int, split: str = 'test'):
   x_tr, y_tr, x_te, y_te = load_digits_split()
   x, y = (x_te, y_te) if split == 'test' else (x_tr, y_tr)
   for start in range(0, len(x), batch_size):
-    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+    xb, yb = x[start : start + batch_size], y[start : start + batch_size]
     pad = batch_size - len(xb)
     mask = np.concatenate([np.ones(len(xb), bool), np.zeros(pad, bool)])
     if pad:

@@ -19,3 +19,25 @@ from fracq.export.integer_model import save_program
 from fracq.export.onnx_export import export_onnx
 from fracq.export.onnx_export import program_to_onnx
 from fracq.export.onnx_export import run_onnx
+
+__all__ = [
+  'ArtifactError',
+  'IntegerProgram',
+  'SizeReport',
+  'dequantized_kernels',
+  'export_integer',
+  'export_model',
+  'export_onnx',
+  'fake_quant_kernels',
+  'freeze',
+  'freeze_inputs',
+  'load_program',
+  'lower',
+  'lower_f8net',
+  'lower_qat',
+  'program_to_onnx',
+  'read_artifact',
+  'run_onnx',
+  'save_program',
+  'write_artifact',
+]

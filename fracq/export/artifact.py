@@ -46,7 +46,7 @@ import numpy as np
 
 from fracq.core import packing
 
-FORMAT_VERSION = 2          # written when a tensor uses an "e" encoding
+FORMAT_VERSION = 2  # written when a tensor uses an "e" encoding
 READABLE_VERSIONS = (1, 2)  # version 1: dense "p" entries only
 
 
@@ -59,9 +59,9 @@ class PackedTensor:
   """Integer codes to store bit-packed (per tensor or per channel bits)."""
 
   codes: np.ndarray
-  bits: Any            # int, or a per-channel sequence of ints
+  bits: Any  # int, or a per-channel sequence of ints
   signed: bool = True
-  axis: int = -1       # channel axis for per-channel bits
+  axis: int = -1  # channel axis for per-channel bits
 
 
 def _crc(b: bytes) -> int:
@@ -80,10 +80,16 @@ def publish(tmp: str, path: str) -> None:
   os.replace(tmp, path)
 
 
-def write_artifact(path: str, packed: dict[str, PackedTensor],
-                   floats: dict[str, np.ndarray], metadata: dict, *,
-                   overwrite: bool = False, encode_structure: bool = True,
-                   encodings: dict | None = None) -> int:
+def write_artifact(
+  path: str,
+  packed: dict[str, PackedTensor],
+  floats: dict[str, np.ndarray],
+  metadata: dict,
+  *,
+  overwrite: bool = False,
+  encode_structure: bool = True,
+  encodings: dict | None = None,
+) -> int:
   """Writes the artifact atomically; returns its size in bytes.
 
   Args:
@@ -94,9 +100,12 @@ def write_artifact(path: str, packed: dict[str, PackedTensor],
       dense_nbytes)`` for every packed tensor.
   """
   from safetensors.numpy import save_file
+
   if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f'{path} exists; pass overwrite=True (or '
-                          '--config.overwrite=True) to replace it.')
+    raise FileExistsError(
+      f'{path} exists; pass overwrite=True (or '
+      '--config.overwrite=True) to replace it.'
+    )
   entries, pbufs, fbufs, poff, foff = {}, [], [], 0, 0
   version = 1
   for name, t in packed.items():
@@ -104,15 +113,15 @@ def write_artifact(path: str, packed: dict[str, PackedTensor],
       bits = [int(b) for b in np.asarray(t.bits).reshape(-1)]
     else:
       bits = int(t.bits)
-    enc = packing.encode(t.codes, bits, signed=t.signed, axis=t.axis,
-                         structure=encode_structure)
+    enc = packing.encode(
+      t.codes, bits, signed=t.signed, axis=t.axis, structure=encode_structure
+    )
     if encodings is not None:
       encodings[name] = (enc.kind, enc.nbytes, enc.dense_nbytes)
     head = [list(np.shape(t.codes)), bits, int(t.signed), int(t.axis)]
     if enc.kind == 'dense':
       buf = enc.parts['d']
-      entries[name] = ['p'] + head + [poff, int(buf.size),
-                                      _crc(buf.tobytes())]
+      entries[name] = ['p'] + head + [poff, int(buf.size), _crc(buf.tobytes())]
       pbufs.append(buf)
       poff += buf.size
       continue
@@ -125,17 +134,24 @@ def write_artifact(path: str, packed: dict[str, PackedTensor],
     entries[name] = ['e'] + head + [enc.kind, enc.tables, parts]
   for name, a in floats.items():
     a = np.ascontiguousarray(np.asarray(a, np.float32)).reshape(-1)
-    entries[name] = ['f', list(np.shape(floats[name])), foff, int(a.size),
-                     _crc(a.tobytes())]
+    entries[name] = [
+      'f',
+      list(np.shape(floats[name])),
+      foff,
+      int(a.size),
+      _crc(a.tobytes()),
+    ]
     fbufs.append(a)
     foff += a.size
-  manifest = json.dumps({'v': version, 'meta': metadata,
-                         't': entries}, separators=(',', ':'))
+  manifest = json.dumps(
+    {'v': version, 'meta': metadata, 't': entries}, separators=(',', ':')
+  )
   tensors = {
-      'packed': np.concatenate(pbufs) if pbufs else np.zeros(0, np.uint8),
-      'floats': np.concatenate(fbufs) if fbufs else np.zeros(0, np.float32),
-      'manifest': np.frombuffer(zlib.compress(manifest.encode(), 9),
-                                np.uint8).copy(),
+    'packed': np.concatenate(pbufs) if pbufs else np.zeros(0, np.uint8),
+    'floats': np.concatenate(fbufs) if fbufs else np.zeros(0, np.float32),
+    'manifest': np.frombuffer(
+      zlib.compress(manifest.encode(), 9), np.uint8
+    ).copy(),
   }
   tmp = path + '.tmp'
   save_file(tensors, tmp, metadata={'fracq_format': str(version)})
@@ -150,6 +166,7 @@ def read_artifact(path: str):
   ``manifest['tensors'][name]['axis']`` gives a packed tensor's channel axis.
   """
   from safetensors import safe_open
+
   if not os.path.exists(path):
     raise ArtifactError(f'No artifact at {path}.')
   try:
@@ -157,13 +174,16 @@ def read_artifact(path: str):
       meta = f.metadata() or {}
       stored = {k: f.get_tensor(k) for k in f.keys()}
   except Exception as e:  # pylint: disable=broad-except
-    raise ArtifactError(f'{path} is not a readable safetensors file (truncated '
-                        f'or corrupt?): {e}') from e
+    raise ArtifactError(
+      f'{path} is not a readable safetensors file (truncated or corrupt?): {e}'
+    ) from e
   if meta.get('fracq_format') not in [str(v) for v in READABLE_VERSIONS]:
-    raise ArtifactError(f'{path}: format {meta.get("fracq_format")!r}, this '
-                        f'fracq reads versions {list(READABLE_VERSIONS)} (a '
-                        'newer fracq wrote it, or it is not a fracq '
-                        'artifact).')
+    raise ArtifactError(
+      f'{path}: format {meta.get("fracq_format")!r}, this '
+      f'fracq reads versions {list(READABLE_VERSIONS)} (a '
+      'newer fracq wrote it, or it is not a fracq '
+      'artifact).'
+    )
   missing = {'packed', 'floats', 'manifest'} - set(stored)
   if missing:
     raise ArtifactError(f'{path}: missing blobs {sorted(missing)}.')
@@ -172,8 +192,10 @@ def read_artifact(path: str):
   except (zlib.error, ValueError) as e:
     raise ArtifactError(f'{path}: the manifest is corrupt ({e}).') from e
   if not isinstance(man, dict) or str(man.get('v')) != meta['fracq_format']:
-    raise ArtifactError(f'{path}: the manifest\'s version does not match the '
-                        'file\'s (corrupt file).')
+    raise ArtifactError(
+      f"{path}: the manifest's version does not match the "
+      "file's (corrupt file)."
+    )
   pblob, fblob = stored['packed'], stored['floats']
   codes, floats, tensors = {}, {}, {}
   for name, e in man['t'].items():
@@ -181,53 +203,79 @@ def read_artifact(path: str):
       _, shape, bits, signed, axis, kind, tables, parts = e
       bufs = {}
       for part, (off, n, crc) in parts.items():
-        buf = pblob[off:off + n]
+        buf = pblob[off : off + n]
         if buf.size != n or _crc(buf.tobytes()) != crc:
-          raise ArtifactError(f'{path}: part {part!r} of packed tensor '
-                              f'{name!r} ({kind}) fails its checksum '
-                              '(corrupt or truncated file).')
+          raise ArtifactError(
+            f'{path}: part {part!r} of packed tensor '
+            f'{name!r} ({kind}) fails its checksum '
+            '(corrupt or truncated file).'
+          )
         bufs[part] = buf
       try:
-        codes[name] = packing.decode(kind, bufs, shape, bits,
-                                     signed=bool(signed), axis=axis,
-                                     tables=tables)
+        codes[name] = packing.decode(
+          kind, bufs, shape, bits, signed=bool(signed), axis=axis, tables=tables
+        )
       except ValueError as err:
-        raise ArtifactError(f'{path}: tensor {name!r} does not match its '
-                            f'manifest entry ({kind}): {err}') from err
-      tensors[name] = {'shape': shape, 'bits': bits, 'signed': bool(signed),
-                       'axis': axis, 'encoding': kind}
+        raise ArtifactError(
+          f'{path}: tensor {name!r} does not match its '
+          f'manifest entry ({kind}): {err}'
+        ) from err
+      tensors[name] = {
+        'shape': shape,
+        'bits': bits,
+        'signed': bool(signed),
+        'axis': axis,
+        'encoding': kind,
+      }
     elif e[0] == 'p':
       _, shape, bits, signed, axis, off, n, crc = e
-      buf = pblob[off:off + n]
+      buf = pblob[off : off + n]
       if buf.size != n or _crc(buf.tobytes()) != crc:
-        raise ArtifactError(f'{path}: packed tensor {name!r} fails its '
-                            'checksum (corrupt or truncated file).')
+        raise ArtifactError(
+          f'{path}: packed tensor {name!r} fails its '
+          'checksum (corrupt or truncated file).'
+        )
       try:
         if isinstance(bits, list):
-          codes[name] = packing.unpack_per_channel(buf, bits, shape, axis,
-                                                   signed=bool(signed))
+          codes[name] = packing.unpack_per_channel(
+            buf, bits, shape, axis, signed=bool(signed)
+          )
         else:
           codes[name] = packing.unpack_codes(
-              buf, bits, int(np.prod(shape)),
-              signed=bool(signed)).reshape(shape)
+            buf, bits, int(np.prod(shape)), signed=bool(signed)
+          ).reshape(shape)
       except ValueError as err:
-        raise ArtifactError(f'{path}: tensor {name!r} does not match its '
-                            f'manifest entry: {err}') from err
-      tensors[name] = {'shape': shape, 'bits': bits, 'signed': bool(signed),
-                       'axis': axis, 'encoding': 'dense'}
+        raise ArtifactError(
+          f'{path}: tensor {name!r} does not match its manifest entry: {err}'
+        ) from err
+      tensors[name] = {
+        'shape': shape,
+        'bits': bits,
+        'signed': bool(signed),
+        'axis': axis,
+        'encoding': 'dense',
+      }
     elif e[0] == 'f':
       _, shape, off, n, crc = e
-      a = fblob[off:off + n]
+      a = fblob[off : off + n]
       if a.size != n or _crc(a.tobytes()) != crc:
-        raise ArtifactError(f'{path}: float tensor {name!r} fails its '
-                            'checksum (corrupt or truncated file).')
+        raise ArtifactError(
+          f'{path}: float tensor {name!r} fails its '
+          'checksum (corrupt or truncated file).'
+        )
       if int(np.prod(shape)) != n:
-        raise ArtifactError(f'{path}: tensor {name!r} has {n} values but '
-                            f'shape {shape}.')
+        raise ArtifactError(
+          f'{path}: tensor {name!r} has {n} values but shape {shape}.'
+        )
       floats[name] = a.reshape(shape)
       tensors[name] = {'shape': shape}
     else:
-      raise ArtifactError(f'{path}: tensor {name!r} has an unknown entry '
-                          f'kind {e[0]!r} for format {man["v"]}.')
-  return codes, floats, {'version': man['v'], 'metadata': man['meta'],
-                         'tensors': tensors}
+      raise ArtifactError(
+        f'{path}: tensor {name!r} has an unknown entry '
+        f'kind {e[0]!r} for format {man["v"]}.'
+      )
+  return (
+    codes,
+    floats,
+    {'version': man['v'], 'metadata': man['meta'], 'tensors': tensors},
+  )

@@ -69,14 +69,16 @@ class FrozenLayer:
 
   path: str
   codes: np.ndarray
-  scale: np.ndarray      # broadcastable against codes along the channel axis
-  bits: np.ndarray       # () or (C,)
+  scale: np.ndarray  # broadcastable against codes along the channel axis
+  bits: np.ndarray  # () or (C,)
   axis: int
   signed: bool = True
   zero_point: np.ndarray = dataclasses.field(
-      default_factory=lambda: np.zeros((), np.float32))
+    default_factory=lambda: np.zeros((), np.float32)
+  )
   offset: np.ndarray = dataclasses.field(
-      default_factory=lambda: np.zeros((), np.float32))
+    default_factory=lambda: np.zeros((), np.float32)
+  )
 
   @property
   def affine(self) -> bool:
@@ -87,9 +89,9 @@ class FrozenLayer:
     """``(codes - zero_point) * scale + offset`` as float32."""
     n = self.codes.ndim
     zp = _bcast(self.zero_point, n, self.axis)
-    return ((self.codes.astype(np.float32) - zp) *
-            _bcast(self.scale, n, self.axis) + _bcast(self.offset, n,
-                                                      self.axis))
+    return (self.codes.astype(np.float32) - zp) * _bcast(
+      self.scale, n, self.axis
+    ) + _bcast(self.offset, n, self.axis)
 
 
 def _bcast(v, ndim, axis):
@@ -125,9 +127,11 @@ def _transformed(qmodel, variables):
   if tr is None:
     return variables
   if not hasattr(tr, 'strip'):
-    raise ValueError(f'{type(tr).__name__}: a kernel transform needs a '
-                     'strip(variables, qmodel, keep_quant) method to be '
-                     'frozen.')
+    raise ValueError(
+      f'{type(tr).__name__}: a kernel transform needs a '
+      'strip(variables, qmodel, keep_quant) method to be '
+      'frozen.'
+    )
   return tr.strip(variables, qmodel=qmodel, keep_quant=True)
 
 
@@ -154,25 +158,36 @@ def _uniform_kernel(path, spec, w, q, st, axis):
   if m == 'lsq_plus':
     step = jnp.asarray(q['kernel_step'], jnp.float32)
     off = jnp.asarray(q['kernel_offset'], jnp.float32)
-    fq = core.lsq_plus_quantize(x, _jbcast(step, x.ndim, ax),
-                                _jbcast(off, x.ndim, ax), qmin, qmax)
+    fq = core.lsq_plus_quantize(
+      x, _jbcast(step, x.ndim, ax), _jbcast(off, x.ndim, ax), qmin, qmax
+    )
     return fq, step, zeros, off, bits, signed
   if m == 'dorefa':
     # q = round(v n) in [0, n], n = 2^k - 1, value 2 q / n - 1.
     n = grid(spec, signed=False, bits=bits)[1]
     fq = core.dorefa_quantize_weight(x, bits)
-    return (fq, jnp.float32(2.0) / jnp.float32(n), zeros,
-            jnp.float32(-1.0), bits, False)
+    return (
+      fq,
+      jnp.float32(2.0) / jnp.float32(n),
+      zeros,
+      jnp.float32(-1.0),
+      bits,
+      False,
+    )
   if m in ('minmax', 'ema_minmax', 'percentile'):
     lo, hi = st['kernel_min'], st['kernel_max']
-    scale, zp = core.minmax_to_qparams(lo, hi, qmin, qmax,
-                                       symmetric=spec.symmetric)
-    fq = core.fake_quant(x, _jbcast(scale, x.ndim, ax),
-                         _jbcast(zp, x.ndim, ax), qmin, qmax)
+    scale, zp = core.minmax_to_qparams(
+      lo, hi, qmin, qmax, symmetric=spec.symmetric
+    )
+    fq = core.fake_quant(
+      x, _jbcast(scale, x.ndim, ax), _jbcast(zp, x.ndim, ax), qmin, qmax
+    )
     return fq, scale, zp, zeros, bits, signed
-  raise ValueError(f'{path}: range_method={m!r} kernels have no export '
-                   'rule; use one of lsq, lsq_plus, dorefa, minmax, '
-                   'ema_minmax, percentile.')
+  raise ValueError(
+    f'{path}: range_method={m!r} kernels have no export '
+    'rule; use one of lsq, lsq_plus, dorefa, minmax, '
+    'ema_minmax, percentile.'
+  )
 
 
 def _fracbits_kernel(path, spec, w, q, st, axis):
@@ -181,8 +196,10 @@ def _fracbits_kernel(path, spec, w, q, st, axis):
   signed = _kernel_signed(spec)
   bits = np.asarray(st['kernel_hard_bits'])
   if np.any(bits < 0):
-    raise ValueError(f'{path}: the kernel bits are not assigned yet; freeze '
-                     'after hard assignment.')
+    raise ValueError(
+      f'{path}: the kernel bits are not assigned yet; freeze '
+      'after hard assignment.'
+    )
   bits = np.round(bits).astype(np.int32)
   x = jnp.asarray(w, jnp.float32)
   ax = axis if spec.granularity == 'channel' else None
@@ -191,8 +208,10 @@ def _fracbits_kernel(path, spec, w, q, st, axis):
   per = np.atleast_1d(bits)
   if spec.range_method == 'dorefa':
     fq = core.hard_quantize(x, b, core.dorefa_branch)
-    n = np.array([grid(spec, signed=False, bits=k)[1] if k >= 1 else 0
-                  for k in per], np.float32)
+    n = np.array(
+      [grid(spec, signed=False, bits=k)[1] if k >= 1 else 0 for k in per],
+      np.float32,
+    )
     live = n > 0
     scale = np.where(live, np.float32(2.0) / np.maximum(n, 1), 0)
     offset = np.where(live, np.float32(-1.0), 0).astype(np.float32)
@@ -201,14 +220,19 @@ def _fracbits_kernel(path, spec, w, q, st, axis):
     return fq, scale, np.zeros((), np.float32), offset, bits, False
   r = jnp.asarray(q['kernel_range'], jnp.float32)
   rb = _jbcast(r, x.ndim, ax)
-  branch = (core.symmetric_range_branch if signed else
-            core.unsigned_range_branch)
+  branch = core.symmetric_range_branch if signed else core.unsigned_range_branch
   fq = core.hard_quantize(x, b, lambda xx, k: branch(xx, rb, k))
   # The branches' step: |r| / levels, levels the grid's qmax at k bits
   # (signed: the symmetric [-qmax, qmax] grid).
-  levels = np.array([max(grid(spec, signed=signed, bits=k)[1], 1)
-                     if k >= (2 if signed else 1) else 1 for k in per],
-                    np.float32)
+  levels = np.array(
+    [
+      max(grid(spec, signed=signed, bits=k)[1], 1)
+      if k >= (2 if signed else 1)
+      else 1
+      for k in per
+    ],
+    np.float32,
+  )
   levels = levels if bits.ndim else levels[0]
   step = jnp.abs(r) / jnp.maximum(jnp.asarray(levels), 1.0)
   zero = np.zeros((), np.float32)
@@ -236,14 +260,18 @@ def freeze(qmodel, variables) -> dict[str, FrozenLayer]:
     q, st = _node_or_empty(quant, path), _node_or_empty(stats, path)
     if spec.learn_bits:
       if not getattr(qmodel, 'hard', False):
-        raise ValueError('Freeze a FracBits model after hard assignment (its '
-                         'bits must be integers): use qmodel.for_step(...) and '
-                         'prepare(variables) first.')
+        raise ValueError(
+          'Freeze a FracBits model after hard assignment (its '
+          'bits must be integers): use qmodel.for_step(...) and '
+          'prepare(variables) first.'
+        )
       fq, scale, zp, offset, bits, signed = _fracbits_kernel(
-          path, spec, w, q, st, axis)
+        path, spec, w, q, st, axis
+      )
     else:
       fq, scale, zp, offset, bits, signed = _uniform_kernel(
-          path, spec, w, q, st, axis)
+        path, spec, w, q, st, axis
+      )
     fq = np.asarray(fq, np.float32)
     scale = np.asarray(scale, np.float32)
     zp = np.asarray(zp, np.float32)
@@ -251,8 +279,9 @@ def freeze(qmodel, variables) -> dict[str, FrozenLayer]:
     s_b = _bcast(scale, w.ndim, axis)
     safe = np.where(s_b == 0, 1, s_b)
     shifted = fq - _bcast(offset, w.ndim, axis)
-    codes = np.where(s_b == 0, 0, np.round(shifted / safe) +
-                     _bcast(zp, w.ndim, axis))
+    codes = np.where(
+      s_b == 0, 0, np.round(shifted / safe) + _bcast(zp, w.ndim, axis)
+    )
     if np.any(scale < 0) and not np.any(zp != 0):
       # A learned step (LSQ) can cross zero in training; the model's kernel
       # is then s * c with s < 0, which is |s| * (-c): store the positive
@@ -265,11 +294,16 @@ def freeze(qmodel, variables) -> dict[str, FrozenLayer]:
       qmin, qmax = grid(spec, signed=bool(signed), bits=int(np.max(bits)))
       if mirrored.min() >= qmin and mirrored.max() <= qmax:
         codes, scale = mirrored, np.abs(scale)
-    out[path] = FrozenLayer(path=path, codes=codes.astype(np.int32),
-                            scale=scale,
-                            bits=np.asarray(bits).astype(np.int32),
-                            axis=axis, signed=bool(signed), zero_point=zp,
-                            offset=offset)
+    out[path] = FrozenLayer(
+      path=path,
+      codes=codes.astype(np.int32),
+      scale=scale,
+      bits=np.asarray(bits).astype(np.int32),
+      axis=axis,
+      signed=bool(signed),
+      zero_point=zp,
+      offset=offset,
+    )
   return out
 
 
@@ -305,20 +339,28 @@ def freeze_inputs(qmodel, variables) -> dict[str, dict]:
     q, st = _node_or_empty(quant, path), _node_or_empty(stats, path)
     signed = _act_signed(qmodel, path, spec)
     m = spec.range_method
-    entry = {'signed': signed, 'range_method': m,
-             'granularity': spec.granularity}
+    entry = {
+      'signed': signed,
+      'range_method': m,
+      'granularity': spec.granularity,
+    }
     zero = np.zeros(1)
     offset = zero
     if spec.learn_bits:
       hard = np.asarray(st.get('input_hard_bits', -1))
       if not getattr(qmodel, 'hard', False) or np.any(hard < 0):
-        raise ValueError(f'{path}: the input bits are learned but not '
-                         'assigned; freeze after hard assignment '
-                         '(qmodel.for_step(...), prepare(variables)).')
+        raise ValueError(
+          f'{path}: the input bits are learned but not '
+          'assigned; freeze after hard assignment '
+          '(qmodel.for_step(...), prepare(variables)).'
+        )
       bits = int(np.round(hard).reshape(-1)[0])
       r = np.abs(np.asarray(q['input_range'], np.float32))
-      levels = (max(grid(spec, signed=signed, bits=bits)[1], 1)
-                if bits >= (2 if signed else 1) else 1)
+      levels = (
+        max(grid(spec, signed=signed, bits=bits)[1], 1)
+        if bits >= (2 if signed else 1)
+        else 1
+      )
       qmin, qmax = (-levels, levels) if signed else (0, levels)
       if bits == 0:
         qmin = qmax = 0
@@ -338,16 +380,18 @@ def freeze_inputs(qmodel, variables) -> dict[str, dict]:
         scale, zp = clip / np.float32(qmax), zero
         entry['clip'] = _list(clip)
       elif m in ('minmax', 'ema_minmax', 'percentile'):
-        scale, zp = core.minmax_to_qparams(st['input_min'], st['input_max'],
-                                           qmin, qmax,
-                                           symmetric=spec.symmetric)
-        entry['min'], entry['max'] = _list(st['input_min']), _list(
-            st['input_max'])
+        scale, zp = core.minmax_to_qparams(
+          st['input_min'], st['input_max'], qmin, qmax, symmetric=spec.symmetric
+        )
+        entry['min'], entry['max'] = (
+          _list(st['input_min']),
+          _list(st['input_max']),
+        )
       else:
-        raise ValueError(f'{path}: input range_method={m!r} has no export '
-                         'rule.')
-    entry.update(bits=bits, qmin=int(qmin), qmax=int(qmax),
-                 scale=_list(scale))
+        raise ValueError(
+          f'{path}: input range_method={m!r} has no export rule.'
+        )
+    entry.update(bits=bits, qmin=int(qmin), qmax=int(qmax), scale=_list(scale))
     if np.any(np.asarray(zp) != 0):
       entry['zero_point'] = _list(zp)
     if np.any(np.asarray(offset) != 0):
@@ -369,8 +413,7 @@ def fake_quant_kernels(qmodel, variables, x, **kwargs) -> dict:
     def quantize_input(self, site, a):
       return qmodel.provider.quantize_input(site, a)
 
-  qm = QuantizedModule(qmodel.module, qmodel.rules, Capture(),
-                       on_unused='warn')
+  qm = QuantizedModule(qmodel.module, qmodel.rules, Capture(), on_unused='warn')
   with jax.disable_jit():
     qm.apply(variables, x, **{**qmodel.call_kwargs, **kwargs})
   return seen
@@ -396,7 +439,7 @@ class SizeReport:
   kernel_params: int
   mean_kernel_bits: float
   structure_saved_bytes: int = 0
-  encodings: tuple = ()            # ((encoding, count), ...)
+  encodings: tuple = ()  # ((encoding, count), ...)
   encode_structure: bool = True
 
   @property
@@ -404,8 +447,11 @@ class SizeReport:
     """Container overhead: the file over what its encodings should take,
     ``artifact / (theoretical - structure saved) - 1`` (without structure
     encodings simply ``artifact / theoretical - 1``)."""
-    return self.artifact_bytes / (self.theoretical_bytes -
-                                  self.structure_saved_bytes) - 1
+    return (
+      self.artifact_bytes
+      / (self.theoretical_bytes - self.structure_saved_bytes)
+      - 1
+    )
 
   @property
   def actual_over_theoretical(self) -> float:
@@ -417,34 +463,44 @@ class SizeReport:
     return dict(self.encodings)
 
   def format(self) -> str:
-    rows = [('packed artifact (on disk)', self.artifact_bytes),
-            ('theoretical (params x bits / 8 + scales + float parts)',
-             self.theoretical_bytes),
-            ('structure (sparsity/clusters) saved',
-             self.structure_saved_bytes),
-            ('INT8 artifact (on disk)', self.int8_artifact_bytes),
-            ('float32 checkpoint', self.float32_bytes)]
+    rows = [
+      ('packed artifact (on disk)', self.artifact_bytes),
+      (
+        'theoretical (params x bits / 8 + scales + float parts)',
+        self.theoretical_bytes,
+      ),
+      ('structure (sparsity/clusters) saved', self.structure_saved_bytes),
+      ('INT8 artifact (on disk)', self.int8_artifact_bytes),
+      ('float32 checkpoint', self.float32_bytes),
+    ]
     lines = [f'{n:<58} {v / 1024:>10.1f} KiB' for n, v in rows]
     counts = self.encoding_counts()
     if self.encode_structure:
-      lines[2] += (f': {counts.get("codebook", 0)} tensors codebook, '
-                   f'{counts.get("sparse", 0)} sparse, '
-                   f'{counts.get("sparse_codebook", 0)} sparse+codebook, '
-                   f'{counts.get("dense", 0)} dense')
+      lines[2] += (
+        f': {counts.get("codebook", 0)} tensors codebook, '
+        f'{counts.get("sparse", 0)} sparse, '
+        f'{counts.get("sparse_codebook", 0)} sparse+codebook, '
+        f'{counts.get("dense", 0)} dense'
+      )
     else:
       lines[2] += ' (structure encodings disabled)'
     ratio = self.actual_over_theoretical
     if self.structure_saved_bytes:
-      lines.append(f'actual / theoretical: {ratio:.4f} '
-                   f'({100 * (ratio - 1):+.2f}%); container overhead over '
-                   f'theoretical - structure saved: {100 * self.overhead:+.2f}%')
+      lines.append(
+        f'actual / theoretical: {ratio:.4f} '
+        f'({100 * (ratio - 1):+.2f}%); container overhead over '
+        f'theoretical - structure saved: {100 * self.overhead:+.2f}%'
+      )
     else:
-      lines.append(f'actual / theoretical: {ratio:.4f} '
-                   f'({100 * (ratio - 1):+.2f}%)')
-    lines.append(f'compression over INT8 (actual bytes): '
-                 f'{self.int8_artifact_bytes / self.artifact_bytes:.2f}x; '
-                 f'over float32: {self.float32_bytes / self.artifact_bytes:.2f}x'
-                 f'; mean kernel bits {self.mean_kernel_bits:.2f}')
+      lines.append(
+        f'actual / theoretical: {ratio:.4f} ({100 * (ratio - 1):+.2f}%)'
+      )
+    lines.append(
+      f'compression over INT8 (actual bytes): '
+      f'{self.int8_artifact_bytes / self.artifact_bytes:.2f}x; '
+      f'over float32: {self.float32_bytes / self.artifact_bytes:.2f}x'
+      f'; mean kernel bits {self.mean_kernel_bits:.2f}'
+    )
     return '\n'.join(lines)
 
 
@@ -460,9 +516,15 @@ def _float_parts(variables, frozen):
   return out
 
 
-def export_model(qmodel, variables, path: str, *, overwrite: bool = False,
-                 metadata: dict | None = None,
-                 encode_structure: bool = True) -> SizeReport:
+def export_model(
+  qmodel,
+  variables,
+  path: str,
+  *,
+  overwrite: bool = False,
+  metadata: dict | None = None,
+  encode_structure: bool = True,
+) -> SizeReport:
   """Writes the packed artifact to ``path`` and measures the four sizes.
 
   ``encode_structure=False`` stores every kernel dense (to measure the size
@@ -474,8 +536,11 @@ def export_model(qmodel, variables, path: str, *, overwrite: bool = False,
   packed, scales = {}, {}
   for p, fl in frozen.items():
     packed[f'{p}/kernel.packed'] = artifact.PackedTensor(
-        codes=fl.codes, bits=fl.bits if fl.bits.ndim else int(fl.bits),
-        signed=fl.signed, axis=fl.axis)
+      codes=fl.codes,
+      bits=fl.bits if fl.bits.ndim else int(fl.bits),
+      signed=fl.signed,
+      axis=fl.axis,
+    )
     scales[f'{p}/kernel.scale'] = np.atleast_1d(fl.scale)
     # Affine kernels only: symmetric ones keep the format they always had.
     if np.any(fl.zero_point != 0):
@@ -488,41 +553,68 @@ def export_model(qmodel, variables, path: str, *, overwrite: bool = False,
   # bits, sign and scale / range.
   meta['inputs'] = freeze_inputs(qmodel, variables)
   encodings = {}
-  size = artifact.write_artifact(path, packed, {**floats, **scales}, meta,
-                                 overwrite=overwrite,
-                                 encode_structure=encode_structure,
-                                 encodings=encodings)
+  size = artifact.write_artifact(
+    path,
+    packed,
+    {**floats, **scales},
+    meta,
+    overwrite=overwrite,
+    encode_structure=encode_structure,
+    encodings=encodings,
+  )
   saved = sum(dense - n for _, n, dense in encodings.values())
   counts = {}
   for kind, _, _ in encodings.values():
     counts[kind] = counts.get(kind, 0) + 1
   kernel_params = sum(fl.codes.size for fl in frozen.values())
   kernel_bits = sum(
-      float(np.sum(fl.bits) * fl.codes.size / max(np.size(fl.bits), 1))
-      if fl.bits.ndim else float(fl.bits) * fl.codes.size
-      for fl in frozen.values())
+    float(np.sum(fl.bits) * fl.codes.size / max(np.size(fl.bits), 1))
+    if fl.bits.ndim
+    else float(fl.bits) * fl.codes.size
+    for fl in frozen.values()
+  )
   # The inputs' scales (and zero points / offsets) are scales of the model
   # too, stored as float32 values in the manifest.
-  input_scales = sum(len(e.get(k, ())) for e in meta['inputs'].values()
-                     for k in ('scale', 'zero_point', 'offset'))
-  theoretical = (kernel_bits / 8 + sum(s.nbytes for s in scales.values()) +
-                 4 * input_scales + sum(a.nbytes for a in floats.values()))
+  input_scales = sum(
+    len(e.get(k, ()))
+    for e in meta['inputs'].values()
+    for k in ('scale', 'zero_point', 'offset')
+  )
+  theoretical = (
+    kernel_bits / 8
+    + sum(s.nbytes for s in scales.values())
+    + 4 * input_scales
+    + sum(a.nbytes for a in floats.values())
+  )
   with tempfile.TemporaryDirectory() as tmp:
     int8 = {k: dataclasses.replace(v, bits=8) for k, v in packed.items()}
-    int8_size = artifact.write_artifact(os.path.join(tmp, 'int8'), int8,
-                                        {**floats, **scales}, meta,
-                                        encode_structure=False)
-    f32 = {f'params/{p}/kernel': np.asarray(
-        _node(variables['params'], p)['kernel'], np.float32) for p in frozen}
-    f32_size = artifact.write_artifact(os.path.join(tmp, 'f32'), {},
-                                       {**floats, **f32}, {})
-  return SizeReport(artifact_bytes=size, theoretical_bytes=theoretical,
-                    int8_artifact_bytes=int8_size, float32_bytes=f32_size,
-                    kernel_params=kernel_params,
-                    mean_kernel_bits=kernel_bits / max(kernel_params, 1),
-                    structure_saved_bytes=int(saved),
-                    encodings=tuple(sorted(counts.items())),
-                    encode_structure=bool(encode_structure))
+    int8_size = artifact.write_artifact(
+      os.path.join(tmp, 'int8'),
+      int8,
+      {**floats, **scales},
+      meta,
+      encode_structure=False,
+    )
+    f32 = {
+      f'params/{p}/kernel': np.asarray(
+        _node(variables['params'], p)['kernel'], np.float32
+      )
+      for p in frozen
+    }
+    f32_size = artifact.write_artifact(
+      os.path.join(tmp, 'f32'), {}, {**floats, **f32}, {}
+    )
+  return SizeReport(
+    artifact_bytes=size,
+    theoretical_bytes=theoretical,
+    int8_artifact_bytes=int8_size,
+    float32_bytes=f32_size,
+    kernel_params=kernel_params,
+    mean_kernel_bits=kernel_bits / max(kernel_params, 1),
+    structure_saved_bytes=int(saved),
+    encodings=tuple(sorted(counts.items())),
+    encode_structure=bool(encode_structure),
+  )
 
 
 def dequantized_kernels(codes: dict, floats: dict, manifest: dict) -> dict:
@@ -532,11 +624,12 @@ def dequantized_kernels(codes: dict, floats: dict, manifest: dict) -> dict:
   for name, c in codes.items():
     if not name.endswith('/kernel.packed'):
       continue
-    layer = name[:-len('/kernel.packed')]
+    layer = name[: -len('/kernel.packed')]
     axis = manifest['tensors'][name]['axis']
     part = lambda n, c=c, axis=axis, layer=layer: _bcast(
-        floats.get(f'{layer}/kernel.{n}', np.zeros(1, np.float32)), c.ndim,
-        axis)
-    out[layer] = ((c.astype(np.float32) - part('zero_point')) * part('scale')
-                  + part('offset'))
+      floats.get(f'{layer}/kernel.{n}', np.zeros(1, np.float32)), c.ndim, axis
+    )
+    out[layer] = (c.astype(np.float32) - part('zero_point')) * part(
+      'scale'
+    ) + part('offset')
   return out

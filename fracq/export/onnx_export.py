@@ -56,7 +56,7 @@ import numpy as np
 
 from fracq.export.integer_model import IntAdd, IntegerProgram
 
-EXACT_FLOAT_INT = 2 ** 24  # float32 holds every integer below this exactly
+EXACT_FLOAT_INT = 2**24  # float32 holds every integer below this exactly
 
 
 def _onnx():
@@ -64,8 +64,9 @@ def _onnx():
     import onnx  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        'ONNX export needs the onnx package (pip install onnx; onnxruntime '
-        'to run or check the export).') from e
+      'ONNX export needs the onnx package (pip install onnx; onnxruntime '
+      'to run or check the export).'
+    ) from e
   return onnx
 
 
@@ -75,9 +76,12 @@ def _code_type(lo: int, hi: int, onnx, allow_int4: bool):
   cands = []
   if allow_int4:
     cands += [(T.INT4, np.int8, -8, 7), (T.UINT4, np.uint8, 0, 15)]
-  cands += [(T.INT8, np.int8, -128, 127), (T.UINT8, np.uint8, 0, 255),
-            (T.INT16, np.int16, -32768, 32767),
-            (T.UINT16, np.uint16, 0, 65535)]
+  cands += [
+    (T.INT8, np.int8, -128, 127),
+    (T.UINT8, np.uint8, 0, 255),
+    (T.INT16, np.int16, -32768, 32767),
+    (T.UINT16, np.uint16, 0, 65535),
+  ]
   for t, dt, tlo, thi in cands:
     if tlo <= lo and hi <= thi:
       return t, dt, (tlo, thi)
@@ -109,8 +113,12 @@ class _Graph:
     value = np.asarray(value)
     if elem_type in (self.onnx.TensorProto.INT4, self.onnx.TensorProto.UINT4):
       import ml_dtypes  # pylint: disable=g-import-not-at-top  (onnx needs it)
-      value = value.astype(ml_dtypes.int4 if elem_type ==
-                           self.onnx.TensorProto.INT4 else ml_dtypes.uint4)
+
+      value = value.astype(
+        ml_dtypes.int4
+        if elem_type == self.onnx.TensorProto.INT4
+        else ml_dtypes.uint4
+      )
     # raw_data: packed bytes (two 4-bit codes a byte), not varint lists.
     t = self.onnx.numpy_helper.from_array(value, name)
     self.inits.append(t)
@@ -118,8 +126,9 @@ class _Graph:
 
   def node(self, op, inputs, base=None, **attrs):
     out = self.name(base or op.lower())
-    self.nodes.append(self.onnx.helper.make_node(
-        op, inputs, [out], name=self.name(op), **attrs))
+    self.nodes.append(
+      self.onnx.helper.make_node(op, inputs, [out], name=self.name(op), **attrs)
+    )
     return out
 
 
@@ -130,20 +139,35 @@ def _qdq(g: _Graph, x, y_scale, lo, hi, *, axis=None, tag='act'):
   y_scale = np.asarray(y_scale, np.float32)
   zp = g.const(f'{tag}_zp', np.zeros(y_scale.shape, dt))
   kw = {} if axis is None else {'axis': axis}
-  q = g.node('QuantizeLinear', [x, g.const(f'{tag}_scale', y_scale), zp],
-             f'{tag}_q', **kw)
-  y = g.node('DequantizeLinear', [q, g.const(f'{tag}_one', np.float32(1)),
-                                  g.const(f'{tag}_zp', dt(0))], f'{tag}_dq')
+  q = g.node(
+    'QuantizeLinear',
+    [x, g.const(f'{tag}_scale', y_scale), zp],
+    f'{tag}_q',
+    **kw,
+  )
+  y = g.node(
+    'DequantizeLinear',
+    [q, g.const(f'{tag}_one', np.float32(1)), g.const(f'{tag}_zp', dt(0))],
+    f'{tag}_dq',
+  )
   if (lo, hi) != (tlo, thi):  # a narrower range than the storage type
-    y = g.node('Clip', [y, g.const(f'{tag}_lo', np.float32(lo)),
-                        g.const(f'{tag}_hi', np.float32(hi))], f'{tag}_clip')
+    y = g.node(
+      'Clip',
+      [
+        y,
+        g.const(f'{tag}_lo', np.float32(lo)),
+        g.const(f'{tag}_hi', np.float32(hi)),
+      ],
+      f'{tag}_clip',
+    )
   return y
 
 
 def _pads(padding, kernel_hw):
   """ONNX Conv padding attributes from the program's padding."""
-  if padding is None or (isinstance(padding, str) and
-                         padding.upper() == 'VALID'):
+  if padding is None or (
+    isinstance(padding, str) and padding.upper() == 'VALID'
+  ):
     return {'pads': [0, 0, 0, 0]}
   if isinstance(padding, str) and padding.upper() == 'SAME':
     return {'auto_pad': 'SAME_UPPER'}  # XLA's SAME: the extra pad at the end
@@ -152,8 +176,9 @@ def _pads(padding, kernel_hw):
     return {'pads': [p, p, p, p]}
   pairs = [tuple(int(v) for v in p) for p in padding]
   if len(pairs) != len(kernel_hw):
-    raise ValueError(f'padding={padding} does not match a '
-                     f'{len(kernel_hw)}-D kernel.')
+    raise ValueError(
+      f'padding={padding} does not match a {len(kernel_hw)}-D kernel.'
+    )
   return {'pads': [p[0] for p in pairs] + [p[1] for p in pairs]}
 
 
@@ -168,9 +193,15 @@ def _multiplier(layer, cout) -> np.ndarray:
   return m if cout is None else np.broadcast_to(m, (cout,))
 
 
-def program_to_onnx(program: IntegerProgram, path: str | None = None, *,
-                    opset: int = 21, input_name: str = 'images',
-                    output_name: str = 'logits', report: dict | None = None):
+def program_to_onnx(
+  program: IntegerProgram,
+  path: str | None = None,
+  *,
+  opset: int = 21,
+  input_name: str = 'images',
+  output_name: str = 'logits',
+  report: dict | None = None,
+):
   """The ONNX QDQ model of ``program`` (see the module docstring).
 
   Args:
@@ -194,24 +225,35 @@ def program_to_onnx(program: IntegerProgram, path: str | None = None, *,
   onnx = _onnx()
   h = onnx.helper
   if opset < 13:
-    raise ValueError(f'opset={opset}: per-channel QuantizeLinear needs opset '
-                     '>= 13 (INT4 kernels need >= 21).')
+    raise ValueError(
+      f'opset={opset}: per-channel QuantizeLinear needs opset '
+      '>= 13 (INT4 kernels need >= 21).'
+    )
   if not program.layers:
     raise ValueError('The integer program has no layers.')
   g = _Graph(onnx)
   first = program.layers[0]
   if first.layer_type == 'Conv':
     if first.kernel.ndim != 4:
-      raise ValueError(f'{first.path}: only 2-D convolutions are exported '
-                       f'(kernel {first.kernel.shape}).')
+      raise ValueError(
+        f'{first.path}: only 2-D convolutions are exported '
+        f'(kernel {first.kernel.shape}).'
+      )
     in_info = h.make_tensor_value_info(
-        input_name, onnx.TensorProto.FLOAT,
-        ['N', 'H', 'W', int(first.kernel.shape[2]) *
-         int(first.feature_group_count)])
+      input_name,
+      onnx.TensorProto.FLOAT,
+      [
+        'N',
+        'H',
+        'W',
+        int(first.kernel.shape[2]) * int(first.feature_group_count),
+      ],
+    )
     x = g.node('Transpose', [input_name], 'nchw', perm=[0, 3, 1, 2])
   else:
     in_info = h.make_tensor_value_info(
-        input_name, onnx.TensorProto.FLOAT, ['N', int(first.kernel.shape[0])])
+      input_name, onnx.TensorProto.FLOAT, ['N', int(first.kernel.shape[0])]
+    )
     x = input_name
   lo, hi = program.input_range
   x = _qdq(g, x, np.float32(program.input_scale), lo, hi, tag='input')
@@ -230,12 +272,20 @@ def program_to_onnx(program: IntegerProgram, path: str | None = None, *,
         t, rank, b = env[name]
         sh = np.asarray(sh, np.float64)
         if np.any(sh != 0):
-          f = (2.0 ** sh).astype(np.float32)
-          t = g.node('Mul', [t, g.const(f'{tag}_align', f.reshape(
-              (1, -1, 1, 1) if f.ndim and rank == 4 else f.shape))],
-                     f'{tag}_aligned')
+          f = (2.0**sh).astype(np.float32)
+          t = g.node(
+            'Mul',
+            [
+              t,
+              g.const(
+                f'{tag}_align',
+                f.reshape((1, -1, 1, 1) if f.ndim and rank == 4 else f.shape),
+              ),
+            ],
+            f'{tag}_aligned',
+          )
         terms.append(t)
-        bound += b * float(np.max(2.0 ** sh))
+        bound += b * float(np.max(2.0**sh))
       exact &= bound < EXACT_FLOAT_INT
       y, width, a = g.node('Sum', terms, f'{tag}_sum'), None, 0
     else:
@@ -245,14 +295,17 @@ def program_to_onnx(program: IntegerProgram, path: str | None = None, *,
       ktype, kdt, _ = _code_type(klo, khi, onnx, allow_int4=opset >= 21)
       int4 += ktype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
       red = tuple(range(k.ndim - 1))
-      acc_bound = float(np.max(np.sum(np.abs(k.astype(np.int64)), axis=red))
-                        ) * x_bound
+      acc_bound = (
+        float(np.max(np.sum(np.abs(k.astype(np.int64)), axis=red))) * x_bound
+      )
       exact &= acc_bound < EXACT_FLOAT_INT
       a = int(l.acc_shift)
       if l.layer_type == 'Conv':
         if k.ndim != 4 or rank != 4:
-          raise ValueError(f'{l.path}: only 2-D convolutions on NCHW inputs '
-                           f'are exported (kernel {k.shape}).')
+          raise ValueError(
+            f'{l.path}: only 2-D convolutions on NCHW inputs '
+            f'are exported (kernel {k.shape}).'
+          )
         codes = np.transpose(k, (3, 2, 0, 1))  # HWIO -> OIHW
       elif l.layer_type == 'Dense':
         if k.ndim != 2:
@@ -263,63 +316,101 @@ def program_to_onnx(program: IntegerProgram, path: str | None = None, *,
           rank = 2
       else:
         raise ValueError(f'{l.path}: {l.layer_type} layers are not exported.')
-      w = g.node('DequantizeLinear', [
+      w = g.node(
+        'DequantizeLinear',
+        [
           g.const(f'{tag}_kernel', codes.astype(kdt), ktype),
           g.const(f'{tag}_kernel_scale', np.float32(1)),
-          g.const(f'{tag}_kernel_zp', np.zeros((), kdt), ktype)],
-                 f'{tag}_kernel_dq')
+          g.const(f'{tag}_kernel_zp', np.zeros((), kdt), ktype),
+        ],
+        f'{tag}_kernel_dq',
+      )
       inputs = [x, w]
       if l.bias is not None:
-        inputs.append(g.node('DequantizeLinear', [
-            g.const(f'{tag}_bias', np.asarray(l.bias, np.int32).reshape(-1)),
-            g.const(f'{tag}_bias_scale', np.float32(2.0 ** -a)),
-            g.const(f'{tag}_bias_zp', np.int32(0))], f'{tag}_bias_dq'))
+        inputs.append(
+          g.node(
+            'DequantizeLinear',
+            [
+              g.const(f'{tag}_bias', np.asarray(l.bias, np.int32).reshape(-1)),
+              g.const(f'{tag}_bias_scale', np.float32(2.0**-a)),
+              g.const(f'{tag}_bias_zp', np.int32(0)),
+            ],
+            f'{tag}_bias_dq',
+          )
+        )
       if l.layer_type == 'Conv':
         attrs = _pads(l.padding, k.shape[:2])
-        attrs.update(strides=list(l.strides or (1, 1)),
-                     group=int(l.feature_group_count),
-                     kernel_shape=[int(k.shape[0]), int(k.shape[1])])
+        attrs.update(
+          strides=list(l.strides or (1, 1)),
+          group=int(l.feature_group_count),
+          kernel_shape=[int(k.shape[0]), int(k.shape[1])],
+        )
         y = g.node('Conv', inputs, f'{tag}_acc', **attrs)
       else:
         y = g.node('Gemm', inputs, f'{tag}_acc')
       width = k.shape[-1]
       if l.requant is None and i < last:  # an add operand: the accumulator
         if a:
-          raise ValueError(f'{l.path}: an add operand with acc_shift={a} '
-                           'is not exported.')
+          raise ValueError(
+            f'{l.path}: an add operand with acc_shift={a} is not exported.'
+          )
         env[l.path] = (y, rank, acc_bound)
         prev = l.path
         continue
     cshape = (1, -1, 1, 1) if rank == 4 else (1, -1)
     if l.requant is None:  # the last layer: dequantize the accumulator
-      scale = np.broadcast_to(np.asarray(l.out_scale, np.float64).reshape(-1),
-                              (width,)) * 2.0 ** a
-      x = g.node('Mul', [y, g.const(f'{tag}_out_scale',
-                                    scale.astype(np.float32).reshape(cshape))],
-                 f'{tag}_out')
+      scale = (
+        np.broadcast_to(
+          np.asarray(l.out_scale, np.float64).reshape(-1), (width,)
+        )
+        * 2.0**a
+      )
+      x = g.node(
+        'Mul',
+        [
+          y,
+          g.const(f'{tag}_out_scale', scale.astype(np.float32).reshape(cshape)),
+        ],
+        f'{tag}_out',
+      )
       break
     if l.requant[0] == 'mult' and np.any(np.asarray(l.requant[1]) < 0):
       sign = np.broadcast_to(np.asarray(l.requant[1], np.float32), (width,))
-      y = g.node('Mul', [y, g.const(f'{tag}_sign', sign.reshape(cshape))],
-                 f'{tag}_signed')
+      y = g.node(
+        'Mul',
+        [y, g.const(f'{tag}_sign', sign.reshape(cshape))],
+        f'{tag}_signed',
+      )
     if l.relu:
       y = g.node('Relu', [y], f'{tag}_relu')
     if l.pool > 1:
       if rank != 4:
         raise ValueError(f'{l.path}: a global pool after a Dense layer.')
       y = g.node('GlobalAveragePool', [y], f'{tag}_pool')
-    y_scale = 1.0 / (_multiplier(l, width) * l.pool * 2.0 ** a)
+    y_scale = 1.0 / (_multiplier(l, width) * l.pool * 2.0**a)
     olo, ohi = l.out_range
-    x = _qdq(g, y, y_scale.astype(np.float32), olo, ohi,
-             axis=1 if y_scale.ndim else None, tag=tag)
+    x = _qdq(
+      g,
+      y,
+      y_scale.astype(np.float32),
+      olo,
+      ohi,
+      axis=1 if y_scale.ndim else None,
+      tag=tag,
+    )
     if l.pool > 1:  # (N, C, 1, 1) -> (N, C): what a Dense reader takes
       x = g.node('Flatten', [x], f'{tag}_pooled', axis=1)
       rank = 2
     if l.maxpool is not None:  # on the codes (max commutes with requant)
       _, window, strides, pads = l.maxpool
-      x = g.node('MaxPool', [x], f'{tag}_maxpool',
-                 kernel_shape=list(window), strides=list(strides),
-                 pads=[p[0] for p in pads] + [p[1] for p in pads])
+      x = g.node(
+        'MaxPool',
+        [x],
+        f'{tag}_maxpool',
+        kernel_shape=list(window),
+        strides=list(strides),
+        pads=[p[0] for p in pads] + [p[1] for p in pads],
+      )
     env[l.path] = (x, rank, max(abs(olo), abs(ohi)))
     prev = l.path
   if rank == 4:  # a Conv-final program: back to channel-last
@@ -327,12 +418,16 @@ def program_to_onnx(program: IntegerProgram, path: str | None = None, *,
   g.nodes[-1].output[0] = output_name
   cout = int(program.layers[-1].kernel.shape[-1])
   out_info = h.make_tensor_value_info(
-      output_name, onnx.TensorProto.FLOAT,
-      ['N', 'H_out', 'W_out', cout] if rank == 4 else ['N', cout])
-  graph = h.make_graph(g.nodes, f'fracq_{program.kind}', [in_info],
-                       [out_info], initializer=g.inits)
-  model = h.make_model(graph, opset_imports=[h.make_opsetid('', opset)],
-                       producer_name='fracq')
+    output_name,
+    onnx.TensorProto.FLOAT,
+    ['N', 'H_out', 'W_out', cout] if rank == 4 else ['N', cout],
+  )
+  graph = h.make_graph(
+    g.nodes, f'fracq_{program.kind}', [in_info], [out_info], initializer=g.inits
+  )
+  model = h.make_model(
+    graph, opset_imports=[h.make_opsetid('', opset)], producer_name='fracq'
+  )
   model.ir_version = min(model.ir_version, 10)  # onnxruntime's supported IR
   onnx.checker.check_model(model, full_check=True)
   if report is not None:
@@ -347,18 +442,26 @@ def run_onnx(model, x) -> np.ndarray:
   try:
     import onnxruntime as ort  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError('Running the ONNX export needs onnxruntime '
-                      '(pip install onnxruntime).') from e
+    raise ImportError(
+      'Running the ONNX export needs onnxruntime (pip install onnxruntime).'
+    ) from e
   blob = model if isinstance(model, str) else model.SerializeToString()
   sess = ort.InferenceSession(blob, providers=['CPUExecutionProvider'])
   name = sess.get_inputs()[0].name
   return sess.run(None, {name: np.asarray(x, np.float32)})[0]
 
 
-def export_onnx(wrapper, variables, sample_x, path: str, *,
-                opset: int = 21, overwrite: bool = False,
-                check: bool = True, program: IntegerProgram | None = None
-                ) -> dict:
+def export_onnx(
+  wrapper,
+  variables,
+  sample_x,
+  path: str,
+  *,
+  opset: int = 21,
+  overwrite: bool = False,
+  check: bool = True,
+  program: IntegerProgram | None = None,
+) -> dict:
   """Lowers a trained model, writes its ONNX QDQ export and measures it.
 
   Args:
@@ -387,6 +490,7 @@ def export_onnx(wrapper, variables, sample_x, path: str, *,
   """
   import os  # pylint: disable=g-import-not-at-top
   from fracq.export.integer_model import lower  # pylint: disable=g-import-not-at-top
+
   _onnx()
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path} exists; pass overwrite=True to replace it.')
@@ -395,21 +499,29 @@ def export_onnx(wrapper, variables, sample_x, path: str, *,
     program = lower(wrapper, variables, x)
   info = {}
   program_to_onnx(program, path, opset=opset, report=info)
-  rep = {'onnx_bytes': os.path.getsize(path), 'onnx_opset': opset,
-         'onnx_int4_initializers': info['int4_initializers'],
-         'onnx_exact_accumulation': info['exact_accumulation']}
+  rep = {
+    'onnx_bytes': os.path.getsize(path),
+    'onnx_opset': opset,
+    'onnx_int4_initializers': info['int4_initializers'],
+    'onnx_exact_accumulation': info['exact_accumulation'],
+  }
   if check:
     got = run_onnx(path, x)
     ref = np.asarray(program.logits(x))
     span = float(np.ptp(ref)) or 1.0
-    rep['onnx_prediction_match'] = float(np.mean(
-        got.argmax(-1) == ref.argmax(-1)))
-    rep['onnx_max_logit_diff_rel'] = float(
-        np.max(np.abs(got - ref)) / span) if got.size else 0.0
+    rep['onnx_prediction_match'] = float(
+      np.mean(got.argmax(-1) == ref.argmax(-1))
+    )
+    rep['onnx_max_logit_diff_rel'] = (
+      float(np.max(np.abs(got - ref)) / span) if got.size else 0.0
+    )
     sim = np.asarray(wrapper.apply(variables, x, train=False))
-    rep['onnx_fake_quant_prediction_match'] = float(np.mean(
-        got.argmax(-1) == sim.argmax(-1)))
-    rep['onnx_fake_quant_max_logit_diff_rel'] = float(
-        np.max(np.abs(got - sim)) / (float(np.ptp(sim)) or 1.0)
-        ) if got.size else 0.0
+    rep['onnx_fake_quant_prediction_match'] = float(
+      np.mean(got.argmax(-1) == sim.argmax(-1))
+    )
+    rep['onnx_fake_quant_max_logit_diff_rel'] = (
+      float(np.max(np.abs(got - sim)) / (float(np.ptp(sim)) or 1.0))
+      if got.size
+      else 0.0
+    )
   return rep

@@ -21,20 +21,27 @@ def _key(kp) -> str:
   return '/'.join(str(getattr(k, 'key', k)) for k in kp)
 
 
-def save_float_variables(variables: dict, path: str, *,
-                         overwrite: bool = False) -> int:
+def save_float_variables(
+  variables: dict, path: str, *, overwrite: bool = False
+) -> int:
   """Writes every array of ``variables`` as float32 into one safetensors
   file (atomically; refuses to replace ``path`` unless ``overwrite``);
   returns its bytes on disk."""
   from safetensors.numpy import save_file
+
   if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f'{path} exists; pass overwrite=True (or '
-                          '--config.overwrite=True) to replace it.')
-  flat = {_key(kp): np.ascontiguousarray(np.asarray(v, np.float32))
-          for kp, v in jax.tree_util.tree_leaves_with_path(variables)}
+    raise FileExistsError(
+      f'{path} exists; pass overwrite=True (or '
+      '--config.overwrite=True) to replace it.'
+    )
+  flat = {
+    _key(kp): np.ascontiguousarray(np.asarray(v, np.float32))
+    for kp, v in jax.tree_util.tree_leaves_with_path(variables)
+  }
   tmp = path + '.tmp'
   save_file(flat, tmp)
   from fracq.export import artifact
+
   artifact.publish(tmp, path)
   return os.path.getsize(path)
 

@@ -14,3 +14,20 @@ from fracq.interception.rules import fixed_bits
 from fracq.interception.rules import keep_float
 from fracq.interception.rules import match_rule
 from fracq.interception.rules import validate_rules
+
+__all__ = [
+  'LayerFacts',
+  'Provider',
+  'QuantizedModule',
+  'Rule',
+  'SUPPORTED_LAYER_TYPES',
+  'Site',
+  'TensorSpec',
+  'count_macs',
+  'fixed_bits',
+  'format_facts_table',
+  'keep_float',
+  'layer_type_of',
+  'match_rule',
+  'validate_rules',
+]

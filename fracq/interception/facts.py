@@ -58,9 +58,14 @@ class LayerFacts:
     return math.prod(self.kernel_shape[a] for a in self.out_axes)
 
 
-def kernel_out_axes(layer_type: str, kernel_ndim: int, *, n_features: int = 1,
-                    transpose_kernel: bool = False,
-                    einsum_str: str | None = None) -> tuple[int, ...]:
+def kernel_out_axes(
+  layer_type: str,
+  kernel_ndim: int,
+  *,
+  n_features: int = 1,
+  transpose_kernel: bool = False,
+  einsum_str: str | None = None,
+) -> tuple[int, ...]:
   """Kernel axes that index the layer's output features."""
   if layer_type in ('Dense', 'Conv'):
     return (kernel_ndim - 1,)
@@ -75,8 +80,15 @@ def kernel_out_axes(layer_type: str, kernel_ndim: int, *, n_features: int = 1,
   raise ValueError(f'No kernel layout known for layer type {layer_type!r}.')
 
 
-def count_macs(layer_type: str, kernel_shape, in_shape, out_shape,
-               out_axes, *, einsum_str: str | None = None) -> int:
+def count_macs(
+  layer_type: str,
+  kernel_shape,
+  in_shape,
+  out_shape,
+  out_axes,
+  *,
+  einsum_str: str | None = None,
+) -> int:
   """Multiply-accumulates per example of one layer call.
 
   Dense/Conv/DenseGeneral: every output element costs one MAC per kernel
@@ -107,8 +119,9 @@ def count_macs(layer_type: str, kernel_shape, in_shape, out_shape,
   return out_per_example * numel // n_out
 
 
-def format_facts_table(facts: dict[str, LayerFacts],
-                       extra: dict[str, dict[str, str]] | None = None) -> str:
+def format_facts_table(
+  facts: dict[str, LayerFacts], extra: dict[str, dict[str, str]] | None = None
+) -> str:
   """A table a person reads: one row per layer, what was quantized and how.
 
   Args:
@@ -117,24 +130,40 @@ def format_facts_table(facts: dict[str, LayerFacts],
   """
   extra = extra or {}
   extra_cols = sorted({k for row in extra.values() for k in row})
-  header = ['layer', 'type', 'kernel', 'params', 'MACs', 'weight', 'act',
-            'rule'] + extra_cols
+  header = [
+    'layer',
+    'type',
+    'kernel',
+    'params',
+    'MACs',
+    'weight',
+    'act',
+    'rule',
+  ] + extra_cols
   rows = []
   for path, f in facts.items():
-    row = [path, f.layer_type, 'x'.join(map(str, f.kernel_shape)),
-           f'{f.numel:,}', f'{f.macs:,}',
-           'quant' if f.weight_quantized else 'float',
-           'quant' if f.act_quantized else 'float', f.rule or '-']
+    row = [
+      path,
+      f.layer_type,
+      'x'.join(map(str, f.kernel_shape)),
+      f'{f.numel:,}',
+      f'{f.macs:,}',
+      'quant' if f.weight_quantized else 'float',
+      'quant' if f.act_quantized else 'float',
+      f.rule or '-',
+    ]
     row += [extra.get(path, {}).get(c, '') for c in extra_cols]
     rows.append(row)
-  widths = [max(len(str(r[i])) for r in [header] + rows)
-            for i in range(len(header))]
+  widths = [
+    max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))
+  ]
   line = lambda r: '  '.join(str(c).ljust(w) for c, w in zip(r, widths))
   out = [line(header), line(['-' * w for w in widths])]
   out += [line(r) for r in rows]
   total_p = sum(f.numel for f in facts.values())
   total_m = sum(f.macs for f in facts.values())
-  out.append(f'{len(facts)} layers, {total_p:,} kernel params, '
-             f'{total_m:,} MACs per example')
+  out.append(
+    f'{len(facts)} layers, {total_p:,} kernel params, '
+    f'{total_m:,} MACs per example'
+  )
   return '\n'.join(out)
-

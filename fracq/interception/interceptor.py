@@ -36,11 +36,11 @@ from fracq.interception import facts as facts_lib
 from fracq.interception import rules as rules_lib
 
 _LAYER_CLASSES = {
-    'Dense': nn.Dense,
-    'DenseGeneral': nn.DenseGeneral,
-    'Conv': nn.Conv,
-    'ConvTranspose': nn.ConvTranspose,
-    'Einsum': nn.Einsum,
+  'Dense': nn.Dense,
+  'DenseGeneral': nn.DenseGeneral,
+  'Conv': nn.Conv,
+  'ConvTranspose': nn.ConvTranspose,
+  'Einsum': nn.Einsum,
 }
 
 
@@ -102,11 +102,9 @@ class Site:
 class Provider(Protocol):
   """What a quantization method supplies to the interceptor."""
 
-  def quantize_kernel(self, site: Site, kernel: jax.Array) -> jax.Array:
-    ...
+  def quantize_kernel(self, site: Site, kernel: jax.Array) -> jax.Array: ...
 
-  def quantize_input(self, site: Site, x: jax.Array) -> jax.Array:
-    ...
+  def quantize_input(self, site: Site, x: jax.Array) -> jax.Array: ...
 
 
 class _PromoteHook:
@@ -123,10 +121,12 @@ class _PromoteHook:
     site.kernel_shape = tuple(kernel.shape)
     site.in_shape = tuple(inputs.shape)
     site.out_axes = facts_lib.kernel_out_axes(
-        site.layer_type, kernel.ndim,
-        n_features=_n_features(site.module),
-        transpose_kernel=getattr(site.module, 'transpose_kernel', False),
-        einsum_str=_einsum_str(site.module))
+      site.layer_type,
+      kernel.ndim,
+      n_features=_n_features(site.module),
+      transpose_kernel=getattr(site.module, 'transpose_kernel', False),
+      einsum_str=_einsum_str(site.module),
+    )
     rule = site.rule
     if rule.act is not None:
       inputs = self.owner.provider.quantize_input(site, inputs)
@@ -172,18 +172,30 @@ class _Interceptor:
     path = '/'.join(module.path)
     found = rules_lib.match_rule(self.rules, path, layer_type)
     rule_index, rule = found if found else (None, None)
-    quantize = rule is not None and not rule.keep_float and (
-        rule.weight is not None or rule.act is not None or
-        _transforms_kernels(self.provider))
+    quantize = (
+      rule is not None
+      and not rule.keep_float
+      and (
+        rule.weight is not None
+        or rule.act is not None
+        or _transforms_kernels(self.provider)
+      )
+    )
     if not quantize:
       # Bit-for-bit the original layer; record its facts when asked.
       out = next_fun(*args, **kwargs)
       if self.recorder is not None:
-        self._record_float(module, path, layer_type, rule, rule_index, args,
-                           out)
+        self._record_float(
+          module, path, layer_type, rule, rule_index, args, out
+        )
       return out
-    site = Site(path=path, layer_type=layer_type, rule=rule,
-                rule_index=rule_index, module=module)
+    site = Site(
+      path=path,
+      layer_type=layer_type,
+      rule=rule,
+      rule_index=rule_index,
+      module=module,
+    )
     clone = module.clone(parent=module.scope)
     hook = _PromoteHook(self, module.promote_dtype, site)
     # The clone is a fresh dataclass instance private to this call; its
@@ -197,42 +209,75 @@ class _Interceptor:
 
   def _record(self, site: Site, out, rule, rule_index):
     einsum_str = _einsum_str(site.module)
-    macs = facts_lib.count_macs(site.layer_type, site.kernel_shape,
-                                site.in_shape, tuple(out.shape),
-                                site.out_axes, einsum_str=einsum_str)
-    self._put(facts_lib.LayerFacts(
-        path=site.path, layer_type=site.layer_type,
-        kernel_shape=site.kernel_shape, in_shape=site.in_shape,
-        out_shape=tuple(out.shape), out_axes=site.out_axes, macs=macs,
-        rule=rule.label, rule_index=rule_index,
+    macs = facts_lib.count_macs(
+      site.layer_type,
+      site.kernel_shape,
+      site.in_shape,
+      tuple(out.shape),
+      site.out_axes,
+      einsum_str=einsum_str,
+    )
+    self._put(
+      facts_lib.LayerFacts(
+        path=site.path,
+        layer_type=site.layer_type,
+        kernel_shape=site.kernel_shape,
+        in_shape=site.in_shape,
+        out_shape=tuple(out.shape),
+        out_axes=site.out_axes,
+        macs=macs,
+        rule=rule.label,
+        rule_index=rule_index,
         weight_quantized=rule.weight is not None,
-        act_quantized=rule.act is not None))
+        act_quantized=rule.act is not None,
+      )
+    )
 
-  def _record_float(self, module, path, layer_type, rule, rule_index, args,
-                    out):
+  def _record_float(
+    self, module, path, layer_type, rule, rule_index, args, out
+  ):
     kernel = module.get_variable('params', 'kernel')
     if kernel is None:
       return
     kshape = tuple(kernel.shape)
     in_shape = tuple(args[0].shape) if args else ()
     out_axes = facts_lib.kernel_out_axes(
-        layer_type, len(kshape), n_features=_n_features(module),
-        transpose_kernel=getattr(module, 'transpose_kernel', False),
-        einsum_str=_einsum_str(module))
-    macs = facts_lib.count_macs(layer_type, kshape, in_shape,
-                                tuple(out.shape), out_axes,
-                                einsum_str=_einsum_str(module))
-    self._put(facts_lib.LayerFacts(
-        path=path, layer_type=layer_type, kernel_shape=kshape,
-        in_shape=in_shape, out_shape=tuple(out.shape), out_axes=out_axes,
-        macs=macs, rule=rule.label if rule else None, rule_index=rule_index,
-        weight_quantized=False, act_quantized=False))
+      layer_type,
+      len(kshape),
+      n_features=_n_features(module),
+      transpose_kernel=getattr(module, 'transpose_kernel', False),
+      einsum_str=_einsum_str(module),
+    )
+    macs = facts_lib.count_macs(
+      layer_type,
+      kshape,
+      in_shape,
+      tuple(out.shape),
+      out_axes,
+      einsum_str=_einsum_str(module),
+    )
+    self._put(
+      facts_lib.LayerFacts(
+        path=path,
+        layer_type=layer_type,
+        kernel_shape=kshape,
+        in_shape=in_shape,
+        out_shape=tuple(out.shape),
+        out_axes=out_axes,
+        macs=macs,
+        rule=rule.label if rule else None,
+        rule_index=rule_index,
+        weight_quantized=False,
+        act_quantized=False,
+      )
+    )
 
   def _put(self, f: facts_lib.LayerFacts):
     prev = self.recorder.get(f.path)
     if prev is not None:  # a shared layer called again: MACs add up
-      f = dataclasses.replace(prev, macs=prev.macs + f.macs,
-                              calls=prev.calls + 1)
+      f = dataclasses.replace(
+        prev, macs=prev.macs + f.macs, calls=prev.calls + 1
+      )
     self.recorder[f.path] = f
 
 
@@ -251,11 +296,18 @@ class QuantizedModule:
       layer at ``init``.
   """
 
-  def __init__(self, module: nn.Module, rules: Sequence[rules_lib.Rule],
-               provider: Provider, *, on_unused: str = 'error'):
+  def __init__(
+    self,
+    module: nn.Module,
+    rules: Sequence[rules_lib.Rule],
+    provider: Provider,
+    *,
+    on_unused: str = 'error',
+  ):
     if on_unused not in ('error', 'warn'):
-      raise ValueError(f"on_unused must be 'error' or 'warn', got "
-                       f'{on_unused!r}.')
+      raise ValueError(
+        f"on_unused must be 'error' or 'warn', got {on_unused!r}."
+      )
     self.module = module
     self.rules = rules_lib.validate_rules(rules)
     self.provider = provider
@@ -264,8 +316,9 @@ class QuantizedModule:
   @contextlib.contextmanager
   def intercepting(self, recorder: dict | None = None):
     """The scope inside which the module's layers are quantized."""
-    with nn.intercept_methods(_Interceptor(self.rules, self.provider,
-                                           recorder)):
+    with nn.intercept_methods(
+      _Interceptor(self.rules, self.provider, recorder)
+    ):
       yield
 
   def init(self, rngs, *args, **kwargs):
@@ -281,8 +334,9 @@ class QuantizedModule:
     with self.intercepting():
       return self.module.apply(variables, *args, **kwargs)
 
-  def layer_facts(self, *args, rngs=None, **kwargs
-                  ) -> dict[str, facts_lib.LayerFacts]:
+  def layer_facts(
+    self, *args, rngs=None, **kwargs
+  ) -> dict[str, facts_lib.LayerFacts]:
     """Per-layer facts on a real input shape (shape-only trace, no FLOPs).
 
     Args:
@@ -309,20 +363,24 @@ class QuantizedModule:
     if not unused:
       return
     paths = sorted(facts)
-    msg = ('These rules matched no layer: ' + ', '.join(
-        f'#{i} module_path={r.module_path!r}' +
-        (f' layer_types={r.layer_types}' if r.layer_types else '')
-        for i, r in unused) +
-           f'. Layer paths in this model: {paths[:40]}'
-           + (' ...' if len(paths) > 40 else '') +
-           '. Fix the regex, or an earlier rule already claims those layers '
-           "(first match wins); pass on_unused='warn' to allow it.")
+    msg = (
+      'These rules matched no layer: '
+      + ', '.join(
+        f'#{i} module_path={r.module_path!r}'
+        + (f' layer_types={r.layer_types}' if r.layer_types else '')
+        for i, r in unused
+      )
+      + f'. Layer paths in this model: {paths[:40]}'
+      + (' ...' if len(paths) > 40 else '')
+      + '. Fix the regex, or an earlier rule already claims those layers '
+      "(first match wins); pass on_unused='warn' to allow it."
+    )
     if self.on_unused == 'error':
       raise ValueError(msg)
     warnings.warn(msg)
 
   def summary(self, *args, extra=None, **kwargs) -> str:
     """A table of what was quantized and how (see ``format_facts_table``)."""
-    return facts_lib.format_facts_table(self.layer_facts(*args, **kwargs),
-                                        extra=extra)
-
+    return facts_lib.format_facts_table(
+      self.layer_facts(*args, **kwargs), extra=extra
+    )

@@ -22,11 +22,23 @@ import re
 from typing import Any, Sequence
 
 # Layer types the interceptor knows how to quantize, by class name.
-SUPPORTED_LAYER_TYPES = ('Dense', 'DenseGeneral', 'Conv', 'ConvTranspose',
-                         'Einsum')
+SUPPORTED_LAYER_TYPES = (
+  'Dense',
+  'DenseGeneral',
+  'Conv',
+  'ConvTranspose',
+  'Einsum',
+)
 
-_RANGE_METHODS = ('minmax', 'ema_minmax', 'percentile', 'lsq', 'lsq_plus',
-                  'pact', 'dorefa')
+_RANGE_METHODS = (
+  'minmax',
+  'ema_minmax',
+  'percentile',
+  'lsq',
+  'lsq_plus',
+  'pact',
+  'dorefa',
+)
 _GRANULARITIES = ('tensor', 'channel', 'group')
 
 
@@ -81,8 +93,9 @@ class TensorSpec:
   percentile: float = 99.99
   ema_decay: float = 0.01
 
-  def int_grid(self, *, signed: bool, is_kernel: bool,
-               bits: int | None = None) -> tuple[int, int]:
+  def int_grid(
+    self, *, signed: bool, is_kernel: bool, bits: int | None = None
+  ) -> tuple[int, int]:
     """``(qmin, qmax)`` of this tensor's integer grid at ``bits`` (default
     ``self.bits``). The one place the provider (training) and the exporter
     (freeze, lowering) read the grid convention from.
@@ -95,10 +108,14 @@ class TensorSpec:
       bits: integer bit-width; defaults to ``self.bits``.
     """
     from fracq.core import uniform  # core is the layer below; no cycle
-    return uniform.int_range(int(self.bits if bits is None else bits),
-                             signed=signed,
-                             narrow_range=self.resolved_narrow_range(
-                                 signed=signed, is_kernel=is_kernel))
+
+    return uniform.int_range(
+      int(self.bits if bits is None else bits),
+      signed=signed,
+      narrow_range=self.resolved_narrow_range(
+        signed=signed, is_kernel=is_kernel
+      ),
+    )
 
   def resolved_narrow_range(self, *, signed: bool, is_kernel: bool) -> bool:
     """``narrow_range`` with its default (``None``) resolved; see the class
@@ -114,50 +131,65 @@ class TensorSpec:
     lo, hi = self.bit_bounds
     if not 0 <= lo <= hi <= 16:
       raise ValueError(
-          f'{where}: bit_bounds={self.bit_bounds} must satisfy '
-          '0 <= b_min <= b_max <= 16.')
+        f'{where}: bit_bounds={self.bit_bounds} must satisfy '
+        '0 <= b_min <= b_max <= 16.'
+      )
     if self.learn_bits:
       if not lo <= self.bits <= hi:
         raise ValueError(
-            f'{where}: initial bits={self.bits} lies outside '
-            f'bit_bounds={self.bit_bounds}; pick bits inside the bounds.')
+          f'{where}: initial bits={self.bits} lies outside '
+          f'bit_bounds={self.bit_bounds}; pick bits inside the bounds.'
+        )
     else:
       if float(self.bits) != int(self.bits) or not 1 <= self.bits <= 16:
         raise ValueError(
-            f'{where}: bits={self.bits} must be an integer in [1, 16] when '
-            'learn_bits=False (set learn_bits=True for fractional bits).')
+          f'{where}: bits={self.bits} must be an integer in [1, 16] when '
+          'learn_bits=False (set learn_bits=True for fractional bits).'
+        )
     if self.learn_bits and self.narrow_range is not None:
       raise ValueError(
-          f'{where}: narrow_range={self.narrow_range} with learn_bits=True: '
-          'learned bits quantize on a shared range with the symmetric grid '
-          '[-(2^(k-1)-1), 2^(k-1)-1] (signed) or [0, 2^k-1] (unsigned); '
-          'leave narrow_range unset (None).')
-    if (not self.learn_bits and self.signed and self.symmetric and
-        int(self.bits) == 1 and self.range_method != 'dorefa'):
+        f'{where}: narrow_range={self.narrow_range} with learn_bits=True: '
+        'learned bits quantize on a shared range with the symmetric grid '
+        '[-(2^(k-1)-1), 2^(k-1)-1] (signed) or [0, 2^k-1] (unsigned); '
+        'leave narrow_range unset (None).'
+      )
+    if (
+      not self.learn_bits
+      and self.signed
+      and self.symmetric
+      and int(self.bits) == 1
+      and self.range_method != 'dorefa'
+    ):
       raise ValueError(
-          f'{where}: signed=True at bits=1: a signed symmetric 1-bit grid is '
-          '{0}, so the tensor would quantize to zeros; use bits=2 (ternary) '
-          'or signed=False.')
+        f'{where}: signed=True at bits=1: a signed symmetric 1-bit grid is '
+        '{0}, so the tensor would quantize to zeros; use bits=2 (ternary) '
+        'or signed=False.'
+      )
     if self.range_method not in _RANGE_METHODS:
       raise ValueError(
-          f'{where}: unknown range_method={self.range_method!r}; choose one '
-          f'of {_RANGE_METHODS}.')
+        f'{where}: unknown range_method={self.range_method!r}; choose one '
+        f'of {_RANGE_METHODS}.'
+      )
     if self.granularity not in _GRANULARITIES:
       raise ValueError(
-          f'{where}: unknown granularity={self.granularity!r}; choose one of '
-          f'{_GRANULARITIES}.')
+        f'{where}: unknown granularity={self.granularity!r}; choose one of '
+        f'{_GRANULARITIES}.'
+      )
     if self.granularity == 'group':
       raise ValueError(
-          f"{where}: granularity='group' is not supported by the QAT "
-          "provider yet (per-group math is available as "
-          "fracq.core.fake_quant_grouped); use 'tensor' or 'channel'.")
+        f"{where}: granularity='group' is not supported by the QAT "
+        'provider yet (per-group math is available as '
+        "fracq.core.fake_quant_grouped); use 'tensor' or 'channel'."
+      )
     if self.group_size is not None:
       raise ValueError(
-          f'{where}: group_size is only used with granularity="group".')
+        f'{where}: group_size is only used with granularity="group".'
+      )
     if self.range_method == 'lsq_plus' and self.symmetric:
       raise ValueError(
-          f'{where}: range_method="lsq_plus" learns an offset; set '
-          'symmetric=False.')
+        f'{where}: range_method="lsq_plus" learns an offset; set '
+        'symmetric=False.'
+      )
     if not 0 < self.percentile <= 100:
       raise ValueError(f'{where}: percentile must be in (0, 100].')
     if not 0 < self.ema_decay <= 1:
@@ -209,9 +241,15 @@ def keep_float(module_path: str, **kwargs) -> Rule:
   return Rule(module_path=module_path, keep_float=True, **kwargs)
 
 
-def fixed_bits(module_path: str, bits: int = 8, *, act_bits: int | None = 8,
-               weight_spec: TensorSpec | None = None,
-               act_spec: TensorSpec | None = None, **kwargs) -> Rule:
+def fixed_bits(
+  module_path: str,
+  bits: int = 8,
+  *,
+  act_bits: int | None = 8,
+  weight_spec: TensorSpec | None = None,
+  act_spec: TensorSpec | None = None,
+  **kwargs,
+) -> Rule:
   """A rule quantizing matched layers at fixed integer bits (e.g. 8-bit).
 
   The common use is the first conv and the classifier, kept at 8 bits while
@@ -236,70 +274,98 @@ def validate_rules(rules: Sequence[Rule]) -> tuple[Rule, ...]:
     rules = (rules,)
   rules = tuple(rules)
   if not rules:
-    raise ValueError('Empty rule list: pass at least one fracq.Rule (e.g. '
-                     "Rule(module_path='.*', weight=TensorSpec(bits=8))).")
+    raise ValueError(
+      'Empty rule list: pass at least one fracq.Rule (e.g. '
+      "Rule(module_path='.*', weight=TensorSpec(bits=8)))."
+    )
   for i, rule in enumerate(rules):
     if not isinstance(rule, Rule):
-      raise ValueError(f'rule #{i} is a {type(rule).__name__}, not a '
-                       'fracq.Rule; build rules with fracq.Rule(...).')
+      raise ValueError(
+        f'rule #{i} is a {type(rule).__name__}, not a '
+        'fracq.Rule; build rules with fracq.Rule(...).'
+      )
     where = f'rule #{i} ({rule.label!r})'
     try:
       re.compile(rule.module_path)
     except re.error as e:
       raise ValueError(
-          f'{where}: module_path {rule.module_path!r} is not a valid regular '
-          f'expression: {e}.') from None
+        f'{where}: module_path {rule.module_path!r} is not a valid regular '
+        f'expression: {e}.'
+      ) from None
     if rule.layer_types is not None:
       if isinstance(rule.layer_types, str):
         raise ValueError(
-            f'{where}: layer_types must be a tuple of names, e.g. '
-            f"('Conv',), not the string {rule.layer_types!r}.")
+          f'{where}: layer_types must be a tuple of names, e.g. '
+          f"('Conv',), not the string {rule.layer_types!r}."
+        )
       bad = [t for t in rule.layer_types if t not in SUPPORTED_LAYER_TYPES]
       if bad:
         raise ValueError(
-            f'{where}: unknown layer_types {bad}; supported are '
-            f'{SUPPORTED_LAYER_TYPES}.')
+          f'{where}: unknown layer_types {bad}; supported are '
+          f'{SUPPORTED_LAYER_TYPES}.'
+        )
     if rule.keep_float and (rule.weight is not None or rule.act is not None):
       raise ValueError(
-          f'{where}: keep_float=True together with weight/act specs is '
-          'contradictory; drop the specs or keep_float.')
+        f'{where}: keep_float=True together with weight/act specs is '
+        'contradictory; drop the specs or keep_float.'
+      )
     for tensor, spec in (('weight', rule.weight), ('act', rule.act)):
       if spec is None:
         continue
       if not isinstance(spec, TensorSpec):
-        raise ValueError(f'{where}: {tensor} must be a fracq.TensorSpec, got '
-                         f'{type(spec).__name__}.')
+        raise ValueError(
+          f'{where}: {tensor} must be a fracq.TensorSpec, got '
+          f'{type(spec).__name__}.'
+        )
       spec.validate(f'{where}, {tensor}')
       if tensor == 'act' and spec.bits_per_channel:
-        raise ValueError(f'{where}: bits_per_channel is only supported for '
-                         'weights (kernel-wise bits).')
-      if tensor == 'act' and spec.range_method == 'dorefa':
-        raise ValueError(f'{where}: DoReFa normalisation is for weights; use '
-                         "range_method='pact' for activations.")
-      # DoReFa's 1-bit weights are binary (+-1), a grid of their own.
-      if (tensor == 'weight' and not spec.learn_bits and spec.symmetric and
-          int(spec.bits) == 1 and spec.signed is not False and
-          spec.range_method != 'dorefa'):
         raise ValueError(
-            f'{where}: 1-bit signed kernels: a signed symmetric 1-bit grid '
-            'is {0}, so every weight would quantize to zero and nothing '
-            'trains; use bits=2 (ternary) or signed=False.')
+          f'{where}: bits_per_channel is only supported for '
+          'weights (kernel-wise bits).'
+        )
+      if tensor == 'act' and spec.range_method == 'dorefa':
+        raise ValueError(
+          f'{where}: DoReFa normalisation is for weights; use '
+          "range_method='pact' for activations."
+        )
+      # DoReFa's 1-bit weights are binary (+-1), a grid of their own.
+      if (
+        tensor == 'weight'
+        and not spec.learn_bits
+        and spec.symmetric
+        and int(spec.bits) == 1
+        and spec.signed is not False
+        and spec.range_method != 'dorefa'
+      ):
+        raise ValueError(
+          f'{where}: 1-bit signed kernels: a signed symmetric 1-bit grid '
+          'is {0}, so every weight would quantize to zero and nothing '
+          'trains; use bits=2 (ternary) or signed=False.'
+        )
       if tensor == 'weight' and spec.range_method == 'pact':
-        raise ValueError(f'{where}: PACT clips activations; use '
-                         "'lsq', 'minmax' or 'dorefa' for weights.")
-    if (rule.weight is None and rule.act is not None and
-        rule.act.learn_bits and not rule.keep_float):
+        raise ValueError(
+          f'{where}: PACT clips activations; use '
+          "'lsq', 'minmax' or 'dorefa' for weights."
+        )
+    if (
+      rule.weight is None
+      and rule.act is not None
+      and rule.act.learn_bits
+      and not rule.keep_float
+    ):
       raise ValueError(
-          f'{where}: activation bits are learned (act.learn_bits=True) on '
-          'layers whose weights stay float (weight=None); the resource cost '
-          'only counts layers with quantized kernels, so nothing would hold '
-          'those bits down. Quantize the weights too (weight=TensorSpec(...)) '
-          'or fix the activation bits (act.learn_bits=False).')
+        f'{where}: activation bits are learned (act.learn_bits=True) on '
+        'layers whose weights stay float (weight=None); the resource cost '
+        'only counts layers with quantized kernels, so nothing would hold '
+        'those bits down. Quantize the weights too (weight=TensorSpec(...)) '
+        'or fix the activation bits (act.learn_bits=False).'
+      )
   return rules
 
 
-def match_rule(rules: Sequence[Rule], path: str,
-               layer_type: str) -> tuple[int, Rule] | None:
+def match_rule(
+  rules: Sequence[Rule], path: str, layer_type: str
+) -> tuple[int, Rule] | None:
   """Returns ``(index, rule)`` of the first rule matching, or ``None``."""
   for i, rule in enumerate(rules):
     if rule.matches(path, layer_type):

@@ -37,21 +37,22 @@ def conv_padding(p):
   """Flax ``padding`` as the integer runtime takes it (strings, pairs)."""
   if p is None or isinstance(p, str):
     if isinstance(p, str) and p.upper() not in ('SAME', 'VALID'):
-      raise ValueError(f'padding={p!r} is not supported by the integer '
-                       "runtime; use 'SAME', 'VALID' or explicit pairs.")
+      raise ValueError(
+        f'padding={p!r} is not supported by the integer '
+        "runtime; use 'SAME', 'VALID' or explicit pairs."
+      )
     return p
   if isinstance(p, int):
     return ('INT', p)
-  return tuple(tuple(q) if isinstance(q, (tuple, list)) else (q, q)
-               for q in p)
+  return tuple(tuple(q) if isinstance(q, (tuple, list)) else (q, q) for q in p)
 
 
 @dataclasses.dataclass
 class Structure:
-  order: list[str]               # quantizable layers in call order
-  signs: dict[str, bool]         # input may be negative
-  pairs: dict[str, str]          # layer -> the BatchNorm it feeds
-  unfolded: dict[str, str]       # BatchNorm -> why it is not folded
+  order: list[str]  # quantizable layers in call order
+  signs: dict[str, bool]  # input may be negative
+  pairs: dict[str, str]  # layer -> the BatchNorm it feeds
+  unfolded: dict[str, str]  # BatchNorm -> why it is not folded
   out_shapes: dict[str, tuple]
   in_shapes: dict[str, tuple]
   bn_eps: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -72,9 +73,9 @@ class Structure:
 
 
 def _same(a, b):
-  return (tuple(a.shape) == tuple(b.shape) and
-          np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                      rtol=1e-6, atol=1e-6))
+  return tuple(a.shape) == tuple(b.shape) and np.allclose(
+    np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-6, atol=1e-6
+  )
 
 
 def _relu(v):
@@ -83,9 +84,11 @@ def _relu(v):
 
 # Max pools the probe recognises (window, strides, padding), e.g. the 3x3 /2
 # stem pool of ImageNet ResNets.
-MAX_POOLS = tuple(('max', w, (2, 2), p) for w in ((3, 3), (2, 2))
-                  for p in (((1, 1), (1, 1)), ((0, 0), (0, 0)),
-                            ((0, 1), (0, 1))))
+MAX_POOLS = tuple(
+  ('max', w, (2, 2), p)
+  for w in ((3, 3), (2, 2))
+  for p in (((1, 1), (1, 1)), ((0, 0), (0, 0)), ((0, 1), (0, 1)))
+)
 
 
 def is_max_pool(pool) -> bool:
@@ -97,11 +100,19 @@ def max_pool(v, spec):
   ``v`` (numpy or jax; padding never wins: -inf, or the dtype's minimum)."""
   _, window, strides, pads = spec
   v = jnp.asarray(v)
-  init = (-jnp.inf if jnp.issubdtype(v.dtype, jnp.floating)
-          else jnp.iinfo(v.dtype).min)
+  init = (
+    -jnp.inf
+    if jnp.issubdtype(v.dtype, jnp.floating)
+    else jnp.iinfo(v.dtype).min
+  )
   return jax.lax.reduce_window(
-      v, jnp.asarray(init, v.dtype), jax.lax.max, (1, *window, 1),
-      (1, *strides, 1), ((0, 0), *pads, (0, 0)))
+    v,
+    jnp.asarray(init, v.dtype),
+    jax.lax.max,
+    (1, *window, 1),
+    (1, *strides, 1),
+    ((0, 0), *pads, (0, 0)),
+  )
 
 
 def _match(known, a):
@@ -110,10 +121,15 @@ def _match(known, a):
   pool (``pool``: a :data:`MAX_POOLS` spec)), most recent first; None if
   none."""
   for name, v in reversed(known):
-    if (v.ndim == 4 and a.ndim == 4 and v.shape[0] == a.shape[0] and
-        v.shape[-1] == a.shape[-1] and all(  # stride 2
-            a.shape[i] in (v.shape[i] // 2, (v.shape[i] + 1) // 2)
-            for i in (1, 2))):
+    if (
+      v.ndim == 4
+      and a.ndim == 4
+      and v.shape[0] == a.shape[0]
+      and v.shape[-1] == a.shape[-1]
+      and all(  # stride 2
+        a.shape[i] in (v.shape[i] // 2, (v.shape[i] + 1) // 2) for i in (1, 2)
+      )
+    ):
       for spec in MAX_POOLS:
         # ReLU first: where both match, ``a >= 0`` and relu is harmless
         for relu in (True, False):
@@ -125,8 +141,12 @@ def _match(known, a):
         return name, False, 1
       if _same(a, _relu(v)):
         return name, True, 1
-    elif (v.ndim > 2 and a.ndim == 2 and v.shape[0] == a.shape[0] and
-          v.shape[-1] == a.shape[-1]):
+    elif (
+      v.ndim > 2
+      and a.ndim == 2
+      and v.shape[0] == a.shape[0]
+      and v.shape[-1] == a.shape[-1]
+    ):
       red = tuple(range(1, v.ndim - 1))
       pool = int(math.prod(v.shape[1:-1]))
       if _same(a, np.mean(np.asarray(v, np.float64), axis=red)):
@@ -136,8 +156,7 @@ def _match(known, a):
   return None
 
 
-def clipping_ops(module: nn.Module, variables, x, **call_kwargs
-                 ) -> list[str]:
+def clipping_ops(module: nn.Module, variables, x, **call_kwargs) -> list[str]:
   """Names of the clipping primitives (``min``, ``clamp``) in the float
   model's computation, e.g. from ReLU6. The numeric probe cannot tell
   ``relu6`` from ``relu`` where activations stay below 6, so lowerings that
@@ -149,7 +168,7 @@ def clipping_ops(module: nn.Module, variables, x, **call_kwargs
       if eqn.primitive.name in ('min', 'clamp'):
         found.append(eqn.primitive.name)
       for v in eqn.params.values():
-        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        for sub in v if isinstance(v, (tuple, list)) else (v,):
           if isinstance(sub, jax.extend.core.ClosedJaxpr):
             walk(sub.jaxpr)
           elif isinstance(sub, jax.extend.core.Jaxpr):
@@ -158,14 +177,19 @@ def clipping_ops(module: nn.Module, variables, x, **call_kwargs
   x = jnp.asarray(x)[:1]
   if variables is None:  # shapes only (initializers clip: not traced)
     variables = jax.eval_shape(
-        lambda a: module.init(jax.random.PRNGKey(0), a, **call_kwargs), x)
-  walk(jax.make_jaxpr(lambda v, a: module.apply(v, a, **call_kwargs))(
-      variables, x).jaxpr)
+      lambda a: module.init(jax.random.PRNGKey(0), a, **call_kwargs), x
+    )
+  walk(
+    jax.make_jaxpr(lambda v, a: module.apply(v, a, **call_kwargs))(
+      variables, x
+    ).jaxpr
+  )
   return found
 
 
-def probe_structure(module: nn.Module, variables, x, *, skip: str = '',
-                    **call_kwargs) -> Structure:
+def probe_structure(
+  module: nn.Module, variables, x, *, skip: str = '', **call_kwargs
+) -> Structure:
   """Layer order, input signs, Conv->BN pairs and shapes from one eager run
   of the float model on ``x[:1]`` (``variables`` None: a fresh init).
 
@@ -180,8 +204,13 @@ def probe_structure(module: nn.Module, variables, x, *, skip: str = '',
   def container(m, next_fun, args, kwargs):
     path = '/'.join(m.path)
     arr = [(i, a) for i, a in enumerate(args) if isinstance(a, jax.Array)]
-    fr = {'path': path, 'args': arr, 'inner': [], 'read': set(),
-          'arg_src': _match(known, arr[0][1]) if len(arr) == 1 else None}
+    fr = {
+      'path': path,
+      'args': arr,
+      'inner': [],
+      'read': set(),
+      'arg_src': _match(known, arr[0][1]) if len(arr) == 1 else None,
+    }
     frames.append(fr)
     try:
       y = next_fun(*args, **kwargs)
@@ -191,7 +220,8 @@ def probe_structure(module: nn.Module, variables, x, *, skip: str = '',
       return y
     dangling = [l for l in fr['inner'] if l not in consumed]
     if not 1 <= len(dangling) <= 2 or any(
-        tuple(values[l].shape) != tuple(y.shape) for l in dangling):
+      tuple(values[l].shape) != tuple(y.shape) for l in dangling
+    ):
       return y
     total = sum(np.asarray(values[l], np.float64) for l in dangling)
     # An add: two branch outputs, or one plus the module's input.
@@ -207,8 +237,7 @@ def probe_structure(module: nn.Module, variables, x, *, skip: str = '',
       t = total + np.asarray(arr[0][1]) if ident is not None else total
       for relu in (True, False):
         if _same(y, _relu(t) if relu else t):
-          adds[path] = {'operands': dangling, 'identity': ident,
-                        'relu': relu}
+          adds[path] = {'operands': dangling, 'identity': ident, 'relu': relu}
           ops.append(('add', path))
           consumed.update(dangling)
           if ident is not None:
@@ -243,7 +272,8 @@ def probe_structure(module: nn.Module, variables, x, *, skip: str = '',
     if layer_type_of(m) is None and m.path:
       return container(m, next_fun, args, kwargs)
     if layer_type_of(m) not in ('Conv', 'Dense') or (
-        skip and re.search(skip, path)):
+      skip and re.search(skip, path)
+    ):
       return next_fun(*args, **kwargs)
     a = args[0] if args else kwargs['inputs']
     if not known:
@@ -277,5 +307,17 @@ def probe_structure(module: nn.Module, variables, x, *, skip: str = '',
       module.init(jax.random.PRNGKey(0), x, **call_kwargs)
     else:
       module.apply(variables, x, **call_kwargs)
-  return Structure(order, signs, pairs, unfolded, outs, ins, eps, attrs,
-                   srcs, adds, ops, shared)
+  return Structure(
+    order,
+    signs,
+    pairs,
+    unfolded,
+    outs,
+    ins,
+    eps,
+    attrs,
+    srcs,
+    adds,
+    ops,
+    shared,
+  )

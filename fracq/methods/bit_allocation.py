@@ -37,9 +37,14 @@ class LayerChoice:
     return int(round(self.macs * b * self.act_bits))
 
 
-def allocate_bits_ilp(layers: Sequence[LayerChoice], candidates: Sequence[int],
-                      budget: float, *, kind: str = 'size',
-                      fixed_cost: float = 0.0) -> dict[str, int]:
+def allocate_bits_ilp(
+  layers: Sequence[LayerChoice],
+  candidates: Sequence[int],
+  budget: float,
+  *,
+  kind: str = 'size',
+  fixed_cost: float = 0.0,
+) -> dict[str, int]:
   """Minimum-sensitivity bits with ``fixed_cost + sum cost <= budget``.
 
   Raises:
@@ -47,6 +52,7 @@ def allocate_bits_ilp(layers: Sequence[LayerChoice], candidates: Sequence[int],
       budget (the message gives the minimum reachable cost).
   """
   from scipy import optimize
+
   if kind not in ('size', 'bitops'):
     raise ValueError(f"kind must be 'size' or 'bitops', got {kind!r}.")
   cands = sorted(int(b) for b in candidates)
@@ -55,21 +61,26 @@ def allocate_bits_ilp(layers: Sequence[LayerChoice], candidates: Sequence[int],
   lo = fixed_cost + sum(l.cost(cands[0], kind) for l in layers)
   if lo > budget:
     raise ValueError(
-        f'Infeasible budget {budget:,.0f}: the minimum reachable cost with '
-        f'every searched layer at {cands[0]} bits is {lo:,.0f}. Allow fewer '
-        'bits or ask for less compression.')
+      f'Infeasible budget {budget:,.0f}: the minimum reachable cost with '
+      f'every searched layer at {cands[0]} bits is {lo:,.0f}. Allow fewer '
+      'bits or ask for less compression.'
+    )
   nl, nb = len(layers), len(cands)
   c = np.array([l.sensitivity[b] for l in layers for b in cands], float)
-  cost_row = np.array([l.cost(b, kind) for l in layers for b in cands],
-                      float)
+  cost_row = np.array([l.cost(b, kind) for l in layers for b in cands], float)
   one_hot = np.zeros((nl, nl * nb))
   for i in range(nl):
-    one_hot[i, i * nb:(i + 1) * nb] = 1
-  cons = [optimize.LinearConstraint(one_hot, 1, 1),
-          optimize.LinearConstraint(cost_row[None, :], -np.inf,
-                                    budget - fixed_cost)]
-  res = optimize.milp(c, constraints=cons, integrality=np.ones(nl * nb),
-                      bounds=optimize.Bounds(0, 1))
+    one_hot[i, i * nb : (i + 1) * nb] = 1
+  cons = [
+    optimize.LinearConstraint(one_hot, 1, 1),
+    optimize.LinearConstraint(cost_row[None, :], -np.inf, budget - fixed_cost),
+  ]
+  res = optimize.milp(
+    c,
+    constraints=cons,
+    integrality=np.ones(nl * nb),
+    bounds=optimize.Bounds(0, 1),
+  )
   if not res.success:
     raise ValueError(f'The bit-allocation ILP failed: {res.message}')
   x = np.round(res.x).reshape(nl, nb)
@@ -80,8 +91,9 @@ def allocate_bits_ilp(layers: Sequence[LayerChoice], candidates: Sequence[int],
   return choice
 
 
-def manual_bit_map(layer_names: Sequence[str],
-                   mapping: Sequence[tuple[str, int]]) -> dict[str, int]:
+def manual_bit_map(
+  layer_names: Sequence[str], mapping: Sequence[tuple[str, int]]
+) -> dict[str, int]:
   """Bits per layer from ``[(regex, bits)]``; first match wins.
 
   Raises:
@@ -95,19 +107,23 @@ def manual_bit_map(layer_names: Sequence[str],
         used.add(i)
         break
     else:
-      raise ValueError(f'No entry of the bit map matches layer {name!r}; add '
-                       "a catch-all like ('.*', 4).")
+      raise ValueError(
+        f'No entry of the bit map matches layer {name!r}; add '
+        "a catch-all like ('.*', 4)."
+      )
   unused = [mapping[i][0] for i in range(len(mapping)) if i not in used]
   if unused:
     raise ValueError(f'Bit-map regexes matched no layer: {unused}.')
   return out
 
 
-def format_bit_table(choice: Mapping[str, int],
-                     layers: Sequence[LayerChoice]) -> str:
+def format_bit_table(
+  choice: Mapping[str, int], layers: Sequence[LayerChoice]
+) -> str:
   lines = [f'{"layer":<30} {"params":>10} {"bits":>5} {"Omega(bits)":>12}']
   for l in layers:
     b = choice[l.name]
-    lines.append(f'{l.name:<30} {l.params:>10,} {b:>5} '
-                 f'{l.sensitivity[b]:>12.4g}')
+    lines.append(
+      f'{l.name:<30} {l.params:>10,} {b:>5} {l.sensitivity[b]:>12.4g}'
+    )
   return '\n'.join(lines)

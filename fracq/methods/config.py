@@ -136,88 +136,126 @@ def rules_from_config(c, init_bits: float | None = None) -> list[Rule]:
       to its bounds) instead of ``weight_bits`` / ``act_bits``.
   """
   if c.method not in METHODS:
-    raise ValueError(f'config.quant.method={c.method!r} is unknown; choose '
-                     f'one of {METHODS}.')
+    raise ValueError(
+      f'config.quant.method={c.method!r} is unknown; choose one of {METHODS}.'
+    )
   learn = c.method in ('fracbits', 'hawq')
   from fracq.methods import preserve as preserve_lib
+
   preserve_lib.check_config(c)
   rules = []
   if c.keep_float:
-    rules.append(Rule(module_path=c.keep_float, keep_float=True,
-                      name='keep_float'))
+    rules.append(
+      Rule(module_path=c.keep_float, keep_float=True, name='keep_float')
+    )
   if c.method == 'none':
     # Float pruning/clustering only: every layer seen, nothing quantized.
     rules.append(Rule(module_path='.*', name='preserve'))
     return rules
   if c.fixed_layers:
-    rules.append(Rule(
-        module_path=c.fixed_layers, name='fixed',
-        weight=TensorSpec(bits=int(c.fixed_bits),
-                          range_method=c.weight_range,
-                          granularity=c.weight_granularity),
-        act=(TensorSpec(bits=int(c.fixed_act_bits),
-                        range_method=c.act_range,
-                        granularity=c.act_granularity)
-             if c.quantize_acts else None)))
+    rules.append(
+      Rule(
+        module_path=c.fixed_layers,
+        name='fixed',
+        weight=TensorSpec(
+          bits=int(c.fixed_bits),
+          range_method=c.weight_range,
+          granularity=c.weight_granularity,
+        ),
+        act=(
+          TensorSpec(
+            bits=int(c.fixed_act_bits),
+            range_method=c.act_range,
+            granularity=c.act_granularity,
+          )
+          if c.quantize_acts
+          else None
+        ),
+      )
+    )
   w_learn = learn and c.learn_weight_bits
   a_learn = learn and c.learn_act_bits
   w_bounds = tuple(c.weight_bit_bounds)
   if w_learn and 'cluster' in c.preserve and c.cluster_min_bits:
-    w_bounds = (max(w_bounds[0], preserve_lib.min_bits_for(c.clusters)),
-                w_bounds[1])
+    w_bounds = (
+      max(w_bounds[0], preserve_lib.min_bits_for(c.clusters)),
+      w_bounds[1],
+    )
     if w_bounds[0] > w_bounds[1]:
       raise ValueError(
-          f'config.quant.clusters={c.clusters} needs at least '
-          f'{w_bounds[0]:g} bits but weight_bit_bounds={c.weight_bit_bounds};'
-          ' lower clusters, raise the upper bound or set '
-          'cluster_min_bits=False.')
-  w_start = (c.weight_bits if init_bits is None else
-             min(max(init_bits, w_bounds[0]), w_bounds[1]))
+        f'config.quant.clusters={c.clusters} needs at least '
+        f'{w_bounds[0]:g} bits but weight_bit_bounds={c.weight_bit_bounds};'
+        ' lower clusters, raise the upper bound or set '
+        'cluster_min_bits=False.'
+      )
+  w_start = (
+    c.weight_bits
+    if init_bits is None
+    else min(max(init_bits, w_bounds[0]), w_bounds[1])
+  )
   weight = TensorSpec(
-      bits=w_start if w_learn else _int_bits(c.weight_bits, 'weight'),
-      learn_bits=w_learn, bit_bounds=w_bounds,
-      bits_per_channel=bool(c.bits_per_channel) and w_learn,
-      range_method=c.weight_range, granularity=c.weight_granularity)
+    bits=w_start if w_learn else _int_bits(c.weight_bits, 'weight'),
+    learn_bits=w_learn,
+    bit_bounds=w_bounds,
+    bits_per_channel=bool(c.bits_per_channel) and w_learn,
+    range_method=c.weight_range,
+    granularity=c.weight_granularity,
+  )
   act = None
   if c.quantize_acts:
     a_bounds = tuple(c.act_bit_bounds)
-    a_start = (c.act_bits if init_bits is None else
-               min(max(init_bits, a_bounds[0]), a_bounds[1]))
+    a_start = (
+      c.act_bits
+      if init_bits is None
+      else min(max(init_bits, a_bounds[0]), a_bounds[1])
+    )
     act = TensorSpec(
-        bits=a_start if a_learn else _int_bits(c.act_bits, 'act'),
-        learn_bits=a_learn, bit_bounds=a_bounds,
-        range_method=c.act_range, granularity=c.act_granularity)
+      bits=a_start if a_learn else _int_bits(c.act_bits, 'act'),
+      learn_bits=a_learn,
+      bit_bounds=a_bounds,
+      range_method=c.act_range,
+      granularity=c.act_granularity,
+    )
   rules.append(Rule(module_path='.*', weight=weight, act=act, name='default'))
   return rules
 
 
 def _int_bits(b, what) -> int:
   if float(b) != int(b):
-    raise ValueError(f'config.quant.{what}_bits={b} must be an integer for '
-                     "method='uniform' (fractional bits need "
-                     "method='fracbits').")
+    raise ValueError(
+      f'config.quant.{what}_bits={b} must be an integer for '
+      "method='uniform' (fractional bits need "
+      "method='fracbits')."
+    )
   return int(b)
 
 
 def budget_from_config(c) -> cost_lib.Budget | None:
   if c.method not in ('fracbits', 'hawq'):
     return None
-  forms = {'uniform_bits': c.budget_uniform_bits,
-           'compression': c.budget_compression,
-           'absolute': c.budget_absolute}
+  forms = {
+    'uniform_bits': c.budget_uniform_bits,
+    'compression': c.budget_compression,
+    'absolute': c.budget_absolute,
+  }
   given = {k: v for k, v in forms.items() if v is not None}
   if len(given) != 1:
     raise ValueError(
-        'config.quant needs exactly one of budget_uniform_bits, '
-        f'budget_compression, budget_absolute for FracBits (got {given}).')
+      'config.quant needs exactly one of budget_uniform_bits, '
+      f'budget_compression, budget_absolute for FracBits (got {given}).'
+    )
   return cost_lib.Budget(kind=c.budget_kind, **given)
 
 
 def penalty_from_config(c) -> penalty_lib.Penalty:
   return penalty_lib.Penalty(
-      form=c.penalty, weight=c.penalty_weight, unit=c.penalty_unit,
-      power=c.penalty_power, warmup_steps=c.penalty_warmup_steps,
-      schedule_steps=c.penalty_schedule_steps)
+    form=c.penalty,
+    weight=c.penalty_weight,
+    unit=c.penalty_unit,
+    power=c.penalty_power,
+    warmup_steps=c.penalty_warmup_steps,
+    schedule_steps=c.penalty_schedule_steps,
+  )
 
 
 def hard_assign_step_from_config(c, total_steps: int | None) -> int | None:
@@ -226,11 +264,15 @@ def hard_assign_step_from_config(c, total_steps: int | None) -> int | None:
   if c.hard_assign_step >= 0:
     return int(c.hard_assign_step)
   if total_steps is None:
-    raise ValueError('Cannot place hard assignment: total steps unknown; set '
-                     'config.quant.hard_assign_step.')
+    raise ValueError(
+      'Cannot place hard assignment: total steps unknown; set '
+      'config.quant.hard_assign_step.'
+    )
   if not 0 < c.hard_assign_fraction <= 1:
-    raise ValueError('config.quant.hard_assign_fraction must be in (0, 1], '
-                     f'got {c.hard_assign_fraction}.')
+    raise ValueError(
+      'config.quant.hard_assign_fraction must be in (0, 1], '
+      f'got {c.hard_assign_fraction}.'
+    )
   return int(math.floor(c.hard_assign_fraction * total_steps))
 
 
@@ -239,20 +281,38 @@ def build_hawq(quant_cfg, module, sample_x, float_variables, batches):
   wrapper with those bits (``search_seconds`` in its ``info``)."""
   from fracq.methods import hawq
   from fracq.methods.qat import QATModel
+
   rules = rules_from_config(quant_cfg)
   budget = budget_from_config(quant_cfg)
-  probe = QATModel(module, rules, sample_x, budget=budget,
-                   cost_kind=quant_cfg.budget_kind,
-                   call_kwargs={'train': False},
-                   on_unused=quant_cfg.on_unused)
+  probe = QATModel(
+    module,
+    rules,
+    sample_x,
+    budget=budget,
+    cost_kind=quant_cfg.budget_kind,
+    call_kwargs={'train': False},
+    on_unused=quant_cfg.on_unused,
+  )
   cands = [int(b) for b in str(quant_cfg.hawq_candidates).split(',')]
   choice, info = hawq.search(
-      module, float_variables, probe.facts, probe.rules, probe.target,
-      quant_cfg.budget_kind, batches, candidates=cands,
-      num_probes=quant_cfg.hawq_probes)
-  qm = QATModel(module, hawq.rules_for_bits(probe.rules, choice), sample_x,
-                cost_kind=quant_cfg.budget_kind,
-                call_kwargs={'train': False}, on_unused='error')
+    module,
+    float_variables,
+    probe.facts,
+    probe.rules,
+    probe.target,
+    quant_cfg.budget_kind,
+    batches,
+    candidates=cands,
+    num_probes=quant_cfg.hawq_probes,
+  )
+  qm = QATModel(
+    module,
+    hawq.rules_for_bits(probe.rules, choice),
+    sample_x,
+    cost_kind=quant_cfg.budget_kind,
+    call_kwargs={'train': False},
+    on_unused='error',
+  )
   qm.target = probe.target
   qm.search_info = info
   return qm
@@ -271,9 +331,10 @@ def init_bits_offset(c) -> float | None:
   match = re.fullmatch(r'budget(?:([+-](?:\d+\.?\d*|\.\d+)))?', text)
   if match is None:
     raise ValueError(
-        f'config.quant.init_bits={c.init_bits!r} is not understood; use '
-        "'' (start at weight_bits/act_bits) or 'budget+D' (the budget's "
-        "uniform-equivalent bits plus D, e.g. 'budget+0.5').")
+      f'config.quant.init_bits={c.init_bits!r} is not understood; use '
+      "'' (start at weight_bits/act_bits) or 'budget+D' (the budget's "
+      "uniform-equivalent bits plus D, e.g. 'budget+0.5')."
+    )
   return float(match.group(1) or 0.0)
 
 
@@ -287,40 +348,61 @@ def build(quant_cfg, module, sample_x, config=None, total_steps=None):
   """
   from fracq.methods import preserve as preserve_lib
   from fracq.methods.qat import QATModel
-  if quant_cfg.method == 'hawq' or (quant_cfg.method == 'none' and
-                                    not quant_cfg.preserve):
-    raise ValueError("build() is for uniform/FracBits (and float pruning or "
-                     "clustering); method='none' is the plain float model and "
-                     "'hawq' needs build_hawq().")
+
+  if quant_cfg.method == 'hawq' or (
+    quant_cfg.method == 'none' and not quant_cfg.preserve
+  ):
+    raise ValueError(
+      'build() is for uniform/FracBits (and float pruning or '
+      "clustering); method='none' is the plain float model and "
+      "'hawq' needs build_hawq()."
+    )
   offset = init_bits_offset(quant_cfg)
   if quant_cfg.method != 'fracbits':
     offset = None
   kwargs = dict(
-      cost_kind=quant_cfg.budget_kind,
-      penalty=penalty_from_config(quant_cfg),
-      hard_assign_step=hard_assign_step_from_config(quant_cfg, total_steps),
-      hard_assign_tolerance=quant_cfg.hard_assign_tolerance,
-      call_kwargs={'train': False}, on_unused=quant_cfg.on_unused,
-      kernel_transform=preserve_lib.transform_from_config(quant_cfg,
-                                                          total_steps))
+    cost_kind=quant_cfg.budget_kind,
+    penalty=penalty_from_config(quant_cfg),
+    hard_assign_step=hard_assign_step_from_config(quant_cfg, total_steps),
+    hard_assign_tolerance=quant_cfg.hard_assign_tolerance,
+    call_kwargs={'train': False},
+    on_unused=quant_cfg.on_unused,
+    kernel_transform=preserve_lib.transform_from_config(quant_cfg, total_steps),
+  )
   # Where the bits start does not matter for the first wrap; clipping them
   # to the bounds keeps an unused weight_bits from failing validation.
   probe_bits = None if offset is None else float(quant_cfg.weight_bits)
-  qm = QATModel(module, rules_from_config(quant_cfg, init_bits=probe_bits),
-                sample_x, budget=budget_from_config(quant_cfg), **kwargs)
+  qm = QATModel(
+    module,
+    rules_from_config(quant_cfg, init_bits=probe_bits),
+    sample_x,
+    budget=budget_from_config(quant_cfg),
+    **kwargs,
+  )
   if offset is None or not qm.learns_bits:
     return qm
   equivalent = qm.cost_model.uniform_equivalent_bits(qm.target)
   start = equivalent + offset
   # The cost model depends on which tensors learn bits and on their bounds,
   # not on where they start, so the re-wrapped model reuses its analysis.
-  qm = QATModel(module, rules_from_config(quant_cfg, init_bits=start), None,
-                _shared=(qm.facts, qm.cost_model, qm.target, qm.budget,
-                         qm.signs), **kwargs)
-  qm.init_bits_info = {'uniform_equivalent_bits': equivalent,
-                       'init_bits': start}
-  logging.info('FracBits budget: %s target %.6g = uniform-equivalent %.4f '
-               'bits; learned bits start at %.4f (init_bits=%r).',
-               quant_cfg.budget_kind, qm.target, equivalent, start,
-               quant_cfg.init_bits)
+  qm = QATModel(
+    module,
+    rules_from_config(quant_cfg, init_bits=start),
+    None,
+    _shared=(qm.facts, qm.cost_model, qm.target, qm.budget, qm.signs),
+    **kwargs,
+  )
+  qm.init_bits_info = {
+    'uniform_equivalent_bits': equivalent,
+    'init_bits': start,
+  }
+  logging.info(
+    'FracBits budget: %s target %.6g = uniform-equivalent %.4f '
+    'bits; learned bits start at %.4f (init_bits=%r).',
+    quant_cfg.budget_kind,
+    qm.target,
+    equivalent,
+    start,
+    quant_cfg.init_bits,
+  )
   return qm

@@ -52,7 +52,7 @@ class TensorBits:
   bit-widths are ``{0, 2, 3, ...}``), 1 for unsigned and DoReFa grids.
   """
 
-  fixed: float | None = None          # fixed bits; None when learned
+  fixed: float | None = None  # fixed bits; None when learned
   bounds: tuple[float, float] = (2.0, 8.0)
   per_channel: bool = False
   min_nonzero_bits: int = 1
@@ -88,7 +88,8 @@ def _bits_value(tb: TensorBits, quant, path, name, hard: bool):
   lo, hi = tb.bounds
   if hard:
     return fracbits.round_bits_with_offset(
-        b, 0.0, lo, hi, min_nonzero_bits=tb.min_nonzero_bits)
+      b, 0.0, lo, hi, min_nonzero_bits=tb.min_nonzero_bits
+    )
   # The quantizer's clamp: past a bound the gradient still points back in.
   return fracbits.clamp_bits(b, jnp.float32(lo), jnp.float32(hi))
 
@@ -114,13 +115,19 @@ class Budget:
 
   def __post_init__(self):
     if self.kind not in KINDS:
-      raise ValueError(f'Budget kind must be one of {KINDS}, got '
-                       f'{self.kind!r}.')
-    given = [n for n in ('absolute', 'compression', 'uniform_bits')
-             if getattr(self, n) is not None]
+      raise ValueError(
+        f'Budget kind must be one of {KINDS}, got {self.kind!r}.'
+      )
+    given = [
+      n
+      for n in ('absolute', 'compression', 'uniform_bits')
+      if getattr(self, n) is not None
+    ]
     if len(given) != 1:
-      raise ValueError('State a budget in exactly one form: absolute=, '
-                       f'compression= or uniform_bits= (got {given or "none"}).')
+      raise ValueError(
+        'State a budget in exactly one form: absolute=, '
+        f'compression= or uniform_bits= (got {given or "none"}).'
+      )
     v = getattr(self, given[0])
     if not v > 0:
       raise ValueError(f'Budget {given[0]}={v} must be positive.')
@@ -133,8 +140,10 @@ class CostModel:
     if kind not in KINDS:
       raise ValueError(f'cost kind must be one of {KINDS}, got {kind!r}.')
     if not layers:
-      raise ValueError('No layer with a quantized kernel: nothing to cost. '
-                       'Check the rules (weight=TensorSpec(...)).')
+      raise ValueError(
+        'No layer with a quantized kernel: nothing to cost. '
+        'Check the rules (weight=TensorSpec(...)).'
+      )
     self.layers = tuple(layers)
     self.kind = kind
 
@@ -160,12 +169,12 @@ class CostModel:
     """
     total = 0.0
     for l in self.layers:
-      bw = np.asarray(_bits_value(l.weight, quant, l.path, 'kernel_bits',
-                                  True), np.float64)
+      bw = np.asarray(
+        _bits_value(l.weight, quant, l.path, 'kernel_bits', True), np.float64
+      )
       ba = float(_bits_value(l.act, quant, l.path, 'input_bits', True))
       w_mean = float(bw.mean())
-      total += (l.numel * w_mean if self.kind == 'size' else
-                l.macs * w_mean * ba)
+      total += l.numel * w_mean if self.kind == 'size' else l.macs * w_mean * ba
     return total
 
   def cost(self, quant, *, hard: bool = False) -> jax.Array:
@@ -206,22 +215,26 @@ class CostModel:
     c1 = c1_plus_c2 - c2
     unit = 'bits' if self.kind == 'size' else 'BitOPs'
     if c1 <= 0 and c2 <= 0:
-      raise ValueError('No learned bit-width in the cost model: every '
-                       'uniform bit-width costs the same.')
+      raise ValueError(
+        'No learned bit-width in the cost model: every '
+        'uniform bit-width costs the same.'
+      )
     rest = float(target) - c0
     if rest < 0:
       raise ValueError(
-          f'target {target:,.0f} {unit} is below the cost of the fixed '
-          f'tensors alone ({c0:,.0f} {unit}, learned ones at 0 bits): no '
-          'uniform bit-width reaches it.')
+        f'target {target:,.0f} {unit} is below the cost of the fixed '
+        f'tensors alone ({c0:,.0f} {unit}, learned ones at 0 bits): no '
+        'uniform bit-width reaches it.'
+      )
     # Root of c2 k^2 + c1 k - rest in the form that stays exact when c2 = 0.
     return float(2.0 * rest / (c1 + np.sqrt(c1 * c1 + 4.0 * c2 * rest)))
 
   def int8_cost(self) -> float:
     """Cost of the INT8 model: every quantized tensor at 8 bits (float
     activations stay at 32)."""
-    a = lambda l: 8.0 if (l.act.learned or l.act.fixed != FLOAT_BITS) else \
-        float(FLOAT_BITS)
+    a = lambda l: (
+      8.0 if (l.act.learned or l.act.fixed != FLOAT_BITS) else float(FLOAT_BITS)
+    )
     return self._const_cost(lambda l: 8.0, a)
 
   def bound_cost(self, which: str) -> float:
@@ -242,8 +255,10 @@ class CostModel:
         the budget's kind differs.
     """
     if budget.kind != self.kind:
-      raise ValueError(f'Budget kind {budget.kind!r} does not match the '
-                       f'cost model kind {self.kind!r}.')
+      raise ValueError(
+        f'Budget kind {budget.kind!r} does not match the '
+        f'cost model kind {self.kind!r}.'
+      )
     if budget.absolute is not None:
       target = float(budget.absolute)
     elif budget.compression is not None:
@@ -254,22 +269,27 @@ class CostModel:
     unit = 'bits' if self.kind == 'size' else 'BitOPs'
     if target < lo * (1 - 1e-9):
       raise ValueError(
-          f'Impossible budget: target {target:,.0f} {unit} is below the '
-          f'minimum reachable {lo:,.0f} {unit} (every learned bit-width at '
-          'its lower bound, fixed layers as fixed). Lower the bit bounds '
-          '(TensorSpec.bit_bounds), quantize more layers, or ask for less '
-          f'compression (at most {self.int8_cost() / lo:.2f}x over INT8).')
+        f'Impossible budget: target {target:,.0f} {unit} is below the '
+        f'minimum reachable {lo:,.0f} {unit} (every learned bit-width at '
+        'its lower bound, fixed layers as fixed). Lower the bit bounds '
+        '(TensorSpec.bit_bounds), quantize more layers, or ask for less '
+        f'compression (at most {self.int8_cost() / lo:.2f}x over INT8).'
+      )
     if target > hi * (1 + 1e-9):
-      uniform = (f'{self.uniform_equivalent_bits(hi):.2f} uniform bits, '
-                 if hi > lo else '')
+      uniform = (
+        f'{self.uniform_equivalent_bits(hi):.2f} uniform bits, '
+        if hi > lo
+        else ''
+      )
       raise ValueError(
-          f'Unreachable budget: target {target:,.0f} {unit} is above the '
-          f'maximum reachable {hi:,.0f} {unit} (every learned bit-width at '
-          'its upper bound, fixed layers as fixed): the bits would pile up '
-          'at their upper bounds. Raise the upper bit bound (b_max in '
-          'TensorSpec.bit_bounds), or lower the budget (at most '
-          f'{hi:,.0f} {unit}, {uniform}or at least '
-          f'{self.int8_cost() / hi:.2f}x compression over INT8).')
+        f'Unreachable budget: target {target:,.0f} {unit} is above the '
+        f'maximum reachable {hi:,.0f} {unit} (every learned bit-width at '
+        'its upper bound, fixed layers as fixed): the bits would pile up '
+        'at their upper bounds. Raise the upper bit bound (b_max in '
+        'TensorSpec.bit_bounds), or lower the budget (at most '
+        f'{hi:,.0f} {unit}, {uniform}or at least '
+        f'{self.int8_cost() / hi:.2f}x compression over INT8).'
+      )
     return target
 
   def describe(self, quant, *, hard: bool = False) -> dict[str, float]:
@@ -286,36 +306,47 @@ def bits_table(model: CostModel, quant, *, hard: bool = False) -> list[dict]:
   for l in model.layers:
     bw = np.asarray(_bits_value(l.weight, quant, l.path, 'kernel_bits', hard))
     ba = np.asarray(_bits_value(l.act, quant, l.path, 'input_bits', hard))
-    rows.append({
-        'layer': l.path, 'params': l.numel, 'macs': l.macs,
-        'w_bits': float(bw.mean()), 'w_bits_min': float(bw.min()),
-        'w_bits_max': float(bw.max()), 'w_learned': l.weight.learned,
-        'a_bits': float(ba), 'a_learned': l.act.learned,
+    rows.append(
+      {
+        'layer': l.path,
+        'params': l.numel,
+        'macs': l.macs,
+        'w_bits': float(bw.mean()),
+        'w_bits_min': float(bw.min()),
+        'w_bits_max': float(bw.max()),
+        'w_learned': l.weight.learned,
+        'a_bits': float(ba),
+        'a_learned': l.act.learned,
         'cost': float(costs[l.path]),
-    })
+      }
+    )
   return rows
 
 
 def format_bits_table(rows: list[dict], kind: str) -> str:
   """A per-layer bit-width table a person reads."""
   unit = 'size(bits)' if kind == 'size' else 'BitOPs'
-  head = f'{"layer":<34} {"params":>10} {"MACs":>12} {"w_bits":>8} ' \
-         f'{"a_bits":>7} {unit:>14}'
+  head = (
+    f'{"layer":<34} {"params":>10} {"MACs":>12} {"w_bits":>8} '
+    f'{"a_bits":>7} {unit:>14}'
+  )
   lines = [head, '-' * len(head)]
   for r in rows:
     wb = f'{r["w_bits"]:.2f}' + ('' if r['w_learned'] else '*')
     if r['w_bits_min'] != r['w_bits_max']:
       wb = f'{r["w_bits_min"]:.0f}-{r["w_bits_max"]:.0f}'
     ab = f'{r["a_bits"]:.2f}' + ('' if r['a_learned'] else '*')
-    lines.append(f'{r["layer"]:<34} {r["params"]:>10,} {r["macs"]:>12,} '
-                 f'{wb:>8} {ab:>7} {r["cost"]:>14,.0f}')
+    lines.append(
+      f'{r["layer"]:<34} {r["params"]:>10,} {r["macs"]:>12,} '
+      f'{wb:>8} {ab:>7} {r["cost"]:>14,.0f}'
+    )
   lines.append('(* fixed by rule)')
   return '\n'.join(lines)
 
 
-def layer_costs_from_facts(facts, rules,
-                           signs: Mapping[str, bool] | None = None
-                           ) -> list[LayerCost]:
+def layer_costs_from_facts(
+  facts, rules, signs: Mapping[str, bool] | None = None
+) -> list[LayerCost]:
   """Builds cost records from interceptor facts and the rules that matched.
 
   Args:
@@ -340,15 +371,25 @@ def layer_costs_from_facts(facts, rules,
         return TensorBits(fixed=float(FLOAT_BITS), bounds=(32.0, 32.0))
       signed = default_signed if spec.signed is None else bool(spec.signed)
       if not spec.learn_bits:
-        return TensorBits(fixed=float(spec.bits),
-                          bounds=(float(spec.bits),) * 2)
+        return TensorBits(
+          fixed=float(spec.bits), bounds=(float(spec.bits),) * 2
+        )
       symmetric_grid = signed and spec.range_method != 'dorefa'
-      return TensorBits(fixed=None, bounds=tuple(map(float, spec.bit_bounds)),
-                        per_channel=spec.bits_per_channel,
-                        min_nonzero_bits=2 if symmetric_grid else 1)
+      return TensorBits(
+        fixed=None,
+        bounds=tuple(map(float, spec.bit_bounds)),
+        per_channel=spec.bits_per_channel,
+        min_nonzero_bits=2 if symmetric_grid else 1,
+      )
 
-    out.append(LayerCost(path=f.path, numel=f.numel, macs=f.macs,
-                         out_channels=f.out_channels, weight=tb(w, True),
-                         act=tb(a, bool(signs.get(f.path, True)))))
+    out.append(
+      LayerCost(
+        path=f.path,
+        numel=f.numel,
+        macs=f.macs,
+        out_channels=f.out_channels,
+        weight=tb(w, True),
+        act=tb(a, bool(signs.get(f.path, True))),
+      )
+    )
   return out
-

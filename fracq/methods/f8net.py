@@ -73,7 +73,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -138,18 +138,24 @@ class F8NetOptions:
   def __post_init__(self):
     for name in ('weight_format', 'act_format'):
       if getattr(self, name) not in ('std', 'grid'):
-        raise ValueError(f"{name}={getattr(self, name)!r}: use 'std' "
-                         "(F8Net's floor(log2(C/std))) or 'grid' (RMS search).")
+        raise ValueError(
+          f"{name}={getattr(self, name)!r}: use 'std' "
+          "(F8Net's floor(log2(C/std))) or 'grid' (RMS search)."
+        )
     if self.weight_granularity not in ('layer', 'channel'):
-      raise ValueError(f'weight_granularity={self.weight_granularity!r}: use '
-                       "'layer' or 'channel'.")
+      raise ValueError(
+        f'weight_granularity={self.weight_granularity!r}: use '
+        "'layer' or 'channel'."
+      )
     if not 0 < self.momentum <= 1:
       raise ValueError(f'momentum={self.momentum} must be in (0, 1].')
     if self.keep_float:
       re.compile(self.keep_float)
     if not self.pact_init > 0:
-      raise ValueError(f'pact_init={self.pact_init} must be > 0 (the initial '
-                       'clip of a ReLU output).')
+      raise ValueError(
+        f'pact_init={self.pact_init} must be > 0 (the initial '
+        'clip of a ReLU output).'
+      )
 
 
 def _fl_of(x, signed, fmt, fl_range, axis=None, axis_name=None):
@@ -162,15 +168,31 @@ def _fl_of(x, signed, fmt, fl_range, axis=None, axis_name=None):
   x = jax.lax.stop_gradient(x.astype(jnp.float32))
   lo, hi = fl_range
   red = tuple(a for a in range(x.ndim) if axis is None or a != axis % x.ndim)
-  pmean = ((lambda v: jax.lax.pmean(v, axis_name)) if axis_name is not None
-           else (lambda v: v))
+  pmean = (
+    (lambda v: jax.lax.pmean(v, axis_name))
+    if axis_name is not None
+    else (lambda v: v)
+  )
   if fmt == 'grid':
     if axis_name is None:
       return fxp.fl_grid_search(x, signed, range(lo, hi + 1), axis=axis)
     cands = jnp.arange(lo, hi + 1, dtype=jnp.int32)
-    errs = jnp.stack([pmean(jnp.mean(jnp.square(x - fxp.fixed_point_quantize(
-        x, int(f), signed=signed, fl_range=fl_range)), axis=red))
-                      for f in range(lo, hi + 1)])
+    errs = jnp.stack(
+      [
+        pmean(
+          jnp.mean(
+            jnp.square(
+              x
+              - fxp.fixed_point_quantize(
+                x, int(f), signed=signed, fl_range=fl_range
+              )
+            ),
+            axis=red,
+          )
+        )
+        for f in range(lo, hi + 1)
+      ]
+    )
     return cands[jnp.argmin(errs, axis=0)]
   m1 = pmean(jnp.mean(x, axis=red))
   m2 = pmean(jnp.mean(jnp.square(x), axis=red))
@@ -187,8 +209,13 @@ def _act_range(signed, opts):
 
 def quantize_bias(b, fl):
   """``b`` on the int32 grid ``2^-fl``, straight-through gradient."""
-  q = fxp.fixed_point_to_int(jax.lax.stop_gradient(b), fl, signed=True,
-                             bits=32, axis=0 if jnp.ndim(fl) else None)
+  q = fxp.fixed_point_to_int(
+    jax.lax.stop_gradient(b),
+    fl,
+    signed=True,
+    bits=32,
+    axis=0 if jnp.ndim(fl) else None,
+  )
   q = q.astype(jnp.float32) * fxp.pow2(-fl)
   return b + jax.lax.stop_gradient(q - b)
 
@@ -218,6 +245,7 @@ def _run_with(module, fn, args, kwargs):
 @dataclasses.dataclass
 class LayerRecord:
   """What one quantized layer did (filled in eager ``capture`` runs)."""
+
   path: str
   layer_type: str
   signed_input: bool
@@ -269,8 +297,9 @@ class _Interceptor:
       return next_fun(*args, **kwargs)
     path = '/'.join(m.path)
     opts = self.model.options
-    if lt not in _SUPPORTED or (opts.keep_float and
-                                re.search(opts.keep_float, path)):
+    if lt not in _SUPPORTED or (
+      opts.keep_float and re.search(opts.keep_float, path)
+    ):
       return next_fun(*args, **kwargs)
     return self._layer(m, path, lt, args, kwargs)
 
@@ -294,8 +323,9 @@ class _Interceptor:
         args[i] = a
         continue
       fl = self._input_fl(m, path, a, signed)
-      aq = fxp.fixed_point_quantize(a, fl, signed=signed,
-                                    fl_range=_act_range(signed, opts))
+      aq = fxp.fixed_point_quantize(
+        a, fl, signed=signed, fl_range=_act_range(signed, opts)
+      )
       self.prequant[id(aq)] = (aq, fl)
       args[i] = aq
     return tuple(args)
@@ -315,16 +345,18 @@ class _Interceptor:
     init = lambda: _fl_of(x, signed, opts.act_format, rng).astype(jnp.float32)
     v = clone.variable(STATS, 'input_fl_ema', init)
     if self.train and not clone.is_initializing():
-      batch = _fl_of(x, signed, opts.act_format, rng,
-                     axis_name=opts.axis_name)
+      batch = _fl_of(x, signed, opts.act_format, rng, axis_name=opts.axis_name)
       if clone.is_mutable_collection(STATS):
         v.value = fxp.ema_fl_update(v.value, batch, opts.momentum)
       return batch
     return fxp.freeze_fl(v.value, signed=signed, fl_range=rng)
 
   def _alpha(self, clone):
-    raw = clone.variable(PACT, 'pact_alpha', lambda: jnp.asarray(
-        self.model.options.pact_init, jnp.float32)).value
+    raw = clone.variable(
+      PACT,
+      'pact_alpha',
+      lambda: jnp.asarray(self.model.options.pact_init, jnp.float32),
+    ).value
     return jnp.maximum(raw, _ALPHA_MIN)
 
   def _weight_fl(self, k):
@@ -349,11 +381,9 @@ class _Interceptor:
         self.alphas[path] = self._alpha(clone)
       if src is not None:  # PACT's clip(x, 0, alpha), in units of alpha
         x = jnp.minimum(x, 1.0)
-      fl = (pre[1] if pre is not None else
-            self._input_fl(clone, path, x, signed))
+      fl = pre[1] if pre is not None else self._input_fl(clone, path, x, signed)
       state['fl_in'] = fl
-      xq = self._q(x, fl, signed=signed,
-                                    fl_range=_act_range(signed, opts))
+      xq = self._q(x, fl, signed=signed, fl_range=_act_range(signed, opts))
       state['xq'] = xq
       return xq
 
@@ -367,17 +397,22 @@ class _Interceptor:
       return k / a, (None if b is None else b / a)
 
     if bn is None:  # quantize the kernel as is
+
       def fn(x, k, b):
         xq = quant_inputs(state['clone'], x)
         k, b = pact_out(pact_in(k), b)
         flw = self._weight_fl(k)
-        kq = self._q(k, flw, signed=True,
-                                      axis=-1 if jnp.ndim(flw) else None,
-                                      fl_range=opts.weight_fl_range)
+        kq = self._q(
+          k,
+          flw,
+          signed=True,
+          axis=-1 if jnp.ndim(flw) else None,
+          fl_range=opts.weight_fl_range,
+        )
         bq = None if b is None else self._qb(b, state['fl_in'] + flw)
-        self._capture(m, path, lt, signed, None, state['fl_in'], flw, kq, bq,
-                      x)
+        self._capture(m, path, lt, signed, None, state['fl_in'], flw, kq, bq, x)
         return xq, kq, bq
+
       clone = m.clone(parent=m.scope)
       state['clone'] = clone
       object.__setattr__(clone, 'promote_dtype', _Hook(m.promote_dtype, fn))
@@ -390,6 +425,7 @@ class _Interceptor:
       k = pact_in(k)  # the float pass computes the original conv output
       state['k'], state['b'] = k, b
       return xq, k, b
+
     clone = m.clone(parent=m.scope)
     state['clone'] = clone
     object.__setattr__(clone, 'promote_dtype', _Hook(m.promote_dtype, first))
@@ -400,18 +436,33 @@ class _Interceptor:
       kf, bf = fxp.fold_bn(state['k'], state['b'], gamma, beta, mean, var, eps)
       kf, bf = pact_out(kf, bf)
       flw = self._weight_fl(kf)
-      kq = self._q(kf, flw, signed=True,
-                                    axis=-1 if jnp.ndim(flw) else None,
-                                    fl_range=opts.weight_fl_range)
+      kq = self._q(
+        kf,
+        flw,
+        signed=True,
+        axis=-1 if jnp.ndim(flw) else None,
+        fl_range=opts.weight_fl_range,
+      )
       bq = self._qb(bf, state['fl_in'] + flw)
       xq = state['xq']
 
       def second(x, k, b):
         del x, k, b
         return xq, kq, None
+
       out, _ = _run_with(m, second, args, kwargs)
-      self._capture(m, path, lt, signed, bn, state['fl_in'], flw, kq, bq,
-                    args[0] if args else kwargs['inputs'])
+      self._capture(
+        m,
+        path,
+        lt,
+        signed,
+        bn,
+        state['fl_in'],
+        flw,
+        kq,
+        bq,
+        args[0] if args else kwargs['inputs'],
+      )
       return out + bq.astype(out.dtype).reshape((1,) * (out.ndim - 1) + (-1,))
 
     self.pending[id(y)] = (y, finish)
@@ -426,8 +477,11 @@ class _Interceptor:
     # The float BN call: creates BN variables at init and updates the
     # running averages in training exactly as the unfolded model would.
     next_fun(*args, **kwargs)
-    use_ra = nn.merge_param('use_running_average', m.use_running_average,
-                            kwargs.get('use_running_average'))
+    use_ra = nn.merge_param(
+      'use_running_average',
+      m.use_running_average,
+      kwargs.get('use_running_average'),
+    )
     gamma = m.get_variable('params', 'scale') if m.use_scale else None
     beta = m.get_variable('params', 'bias') if m.use_bias else None
     if use_ra or m.is_initializing():
@@ -450,21 +504,37 @@ class _Interceptor:
     if self.mode != 'capture':
       return
     S = np.asarray(fl_in) + np.asarray(flw)
-    codes = np.asarray(fxp.fixed_point_to_int(
-        kq, flw, signed=True, axis=-1 if np.ndim(flw) else None))
+    codes = np.asarray(
+      fxp.fixed_point_to_int(
+        kq, flw, signed=True, axis=-1 if np.ndim(flw) else None
+      )
+    )
     bcodes = None
     if bq is not None:
-      bcodes = np.asarray(fxp.fixed_point_to_int(
-          bq, jnp.asarray(S), signed=True, bits=32,
-          axis=0 if np.ndim(S) else None))
+      bcodes = np.asarray(
+        fxp.fixed_point_to_int(
+          bq,
+          jnp.asarray(S),
+          signed=True,
+          bits=32,
+          axis=0 if np.ndim(S) else None,
+        )
+      )
     rec = LayerRecord(
-        path=path, layer_type=lt, signed_input=signed, folded_bn=bn,
-        input_fl=int(np.asarray(fl_in)), weight_fl=np.asarray(flw),
-        kernel_codes=codes.astype(np.int8), bias_codes=bcodes,
-        in_shape=tuple(x.shape))
+      path=path,
+      layer_type=lt,
+      signed_input=signed,
+      folded_bn=bn,
+      input_fl=int(np.asarray(fl_in)),
+      weight_fl=np.asarray(flw),
+      kernel_codes=codes.astype(np.int8),
+      bias_codes=bcodes,
+      in_shape=tuple(x.shape),
+    )
     if path in self.model.pact_src:
-      rec.input_code_max = int(min(fxp.fixed_point_range(False)[1],
-                                   2 ** rec.input_fl))
+      rec.input_code_max = int(
+        min(fxp.fixed_point_range(False)[1], 2**rec.input_fl)
+      )
     if lt == 'Conv':
       nsp = codes.ndim - 2
       rec.strides = m.strides if m.strides is not None else (1,) * nsp
@@ -509,7 +579,8 @@ def pact_groups(st, folded_pairs) -> tuple[dict, dict, dict]:
       ident, relu, pool = a['identity']
       # a max pool on the way commutes with the scaling and the clip
       reads.setdefault(ident, []).append(
-          (('id', add), relu and (pool == 1 or is_max_pool(pool))))
+        (('id', add), relu and (pool == 1 or is_max_pool(pool)))
+      )
       parent[find(ident)] = find(add)
   tensors = [t for t in st.order if t in reads and t not in operand_of]
   tensors += list(st.adds)
@@ -522,13 +593,18 @@ def pact_groups(st, folded_pairs) -> tuple[dict, dict, dict]:
       return False
     non_negative = t in st.adds and st.adds[t]['relu']
     readers_ok = all(
-        (relu or non_negative) and
-        (isinstance(r, tuple) or (r in st.order and not st.signs.get(r, True)))
-        for r, relu in reads[t])
+      (relu or non_negative)
+      and (
+        isinstance(r, tuple) or (r in st.order and not st.signs.get(r, True))
+      )
+      for r, relu in reads[t]
+    )
     producers_ok = all(
-        p in st.order and (p not in st.pairs or p in folded_pairs) and
-        (p == t or not reads.get(p))  # a branch output feeds its add only
-        for p in producers_of(t))
+      p in st.order
+      and (p not in st.pairs or p in folded_pairs)
+      and (p == t or not reads.get(p))  # a branch output feeds its add only
+      for p in producers_of(t)
+    )
     return readers_ok and producers_ok
 
   ok = {}
@@ -551,9 +627,14 @@ def pact_groups(st, folded_pairs) -> tuple[dict, dict, dict]:
   # A projection block (no identity) quantizes its input once at entry too:
   # clip it there when its convs read a clipped tensor.
   for mod in st.shared:
-    ins = {readers[l] for l, src in st.srcs.items()
-           if l.startswith(mod + '/') and l in readers and src is not None
-           and not src[0].startswith(mod + '/')}
+    ins = {
+      readers[l]
+      for l, src in st.srcs.items()
+      if l.startswith(mod + '/')
+      and l in readers
+      and src is not None
+      and not src[0].startswith(mod + '/')
+    }
     if mod not in entries and len(ins) == 1:
       entries[mod] = ins.pop()
   return readers, producers, entries
@@ -574,20 +655,31 @@ class F8NetModel:
 
   trainable_collections = ('params',)
 
-  def __init__(self, module: nn.Module, sample_input, *,
-               options: F8NetOptions | None = None,
-               call_kwargs: dict | None = None):
+  def __init__(
+    self,
+    module: nn.Module,
+    sample_input,
+    *,
+    options: F8NetOptions | None = None,
+    call_kwargs: dict | None = None,
+  ):
     self.module = module
     self.options = options or F8NetOptions()
     self.call_kwargs = dict(call_kwargs or {'train': False})
-    self.structure = probe_structure(module, None, sample_input,
-                                     skip=self.options.keep_float,
-                                     **self.call_kwargs)
+    self.structure = probe_structure(
+      module,
+      None,
+      sample_input,
+      skip=self.options.keep_float,
+      **self.call_kwargs,
+    )
     st = self.structure
     if not st.order:
-      raise ValueError('F8Net found no nn.Conv / nn.Dense layer to quantize '
-                       f'in {type(module).__name__} (keep_float='
-                       f'{self.options.keep_float!r} may exclude them all).')
+      raise ValueError(
+        'F8Net found no nn.Conv / nn.Dense layer to quantize '
+        f'in {type(module).__name__} (keep_float='
+        f'{self.options.keep_float!r} may exclude them all).'
+      )
     self.signs, self.order = st.signs, st.order
     self.pairs, self.unfolded = dict(st.pairs), dict(st.unfolded)
     # residual modules whose input is quantized once at entry (see
@@ -599,41 +691,56 @@ class F8NetModel:
     # PACT clip groups (see pact_groups): reader layer / producer layer /
     # residual module (its input) -> the group's owner
     self.pact_src, self.pact_out, self.pact_entry = (
-        pact_groups(st, self.pairs) if self.options.pact else ({}, {}, {}))
+      pact_groups(st, self.pairs) if self.options.pact else ({}, {}, {})
+    )
     if self.pact_src:
       self.trainable_collections = ('params', PACT)
-    if self.options.pact and clipping_ops(module, None, sample_input,
-                                          **self.call_kwargs):
+    if self.options.pact and clipping_ops(
+      module, None, sample_input, **self.call_kwargs
+    ):
       raise ValueError(
-          f'pact=True: {type(module).__name__} clips activations (ReLU6 or '
-          'another min/clamp), and a PACT clip folds into the producing '
-          'layer only through ReLU (relu6(x / alpha) != relu6(x) / alpha). '
-          'Set pact=False for this model.')
+        f'pact=True: {type(module).__name__} clips activations (ReLU6 or '
+        'another min/clamp), and a PACT clip folds into the producing '
+        'layer only through ReLU (relu6(x / alpha) != relu6(x) / alpha). '
+        'Set pact=False for this model.'
+      )
     if self.options.pact and not self.pact_src:
-      raise ValueError('pact=True but no layer feeds exactly one quantized '
-                       'layer through a ReLU (conv -> [BN] -> ReLU -> conv); '
-                       'nothing to clip. Set pact=False.')
+      raise ValueError(
+        'pact=True but no layer feeds exactly one quantized '
+        'layer through a ReLU (conv -> [BN] -> ReLU -> conv); '
+        'nothing to clip. Set pact=False.'
+      )
     if self.unfolded:
-      logging.warning('F8Net: BatchNorm layers left float (not folded): %s',
-                      '; '.join(f'{k}: {v}' for k, v in self.unfolded.items()))
+      logging.warning(
+        'F8Net: BatchNorm layers left float (not folded): %s',
+        '; '.join(f'{k}: {v}' for k, v in self.unfolded.items()),
+      )
 
   # -- ModelWrapper protocol ---------------------------------------------
   def init(self, rngs, x, *, train: bool = False, **kwargs):
     with nn.intercept_methods(_Interceptor(self, 'run', train)):
       return self.module.init(rngs, x, train=train, **kwargs)
 
-  def apply(self, variables, x, *, train: bool = False, mutable=False,
-            rngs=None, **kwargs):
+  def apply(
+    self,
+    variables,
+    x,
+    *,
+    train: bool = False,
+    mutable=False,
+    rngs=None,
+    **kwargs,
+  ):
     with nn.intercept_methods(_Interceptor(self, 'run', train)):
-      return self.module.apply(variables, x, train=train, mutable=mutable,
-                               rngs=rngs, **kwargs)
+      return self.module.apply(
+        variables, x, train=train, mutable=mutable, rngs=rngs, **kwargs
+      )
 
   def calibrate(self, variables, x, **kwargs):
     """Sets each activation FL from ``x`` (e.g. after loading weights)."""
     del kwargs
     with nn.intercept_methods(_Calibrator(self)):
-      _, upd = self.module.apply(variables, x, train=False,
-                                 mutable=[STATS])
+      _, upd = self.module.apply(variables, x, train=False, mutable=[STATS])
     return {**variables, **upd}
 
   def penalty(self, variables, step):
@@ -685,16 +792,23 @@ class F8NetModel:
           node = node.get(p, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict) and 'pact_alpha' in node:
           clip = float(max(float(np.asarray(node['pact_alpha'])), _ALPHA_MIN))
-      rows.append({'layer': path, 'input': 'int8' if self.signs.get(path, True)
-                   else 'uint8',
-                   'input_fl': None if ema is None else float(np.round(ema)),
-                   'folded_bn': self.pairs.get(path), 'pact_clip': clip})
+      rows.append(
+        {
+          'layer': path,
+          'input': 'int8' if self.signs.get(path, True) else 'uint8',
+          'input_fl': None if ema is None else float(np.round(ema)),
+          'folded_bn': self.pairs.get(path),
+          'pact_clip': clip,
+        }
+      )
     lines = [f'{"layer":<24} {"input":<6} {"FL_in":>6} {"clip":>7}  folded BN']
     for r in rows:
       fl = '-' if r['input_fl'] is None else f'{r["input_fl"]:.0f}'
       clip = '-' if r['pact_clip'] is None else f'{r["pact_clip"]:.3g}'
-      lines.append(f'{r["layer"]:<24} {r["input"]:<6} {fl:>6} {clip:>7}  '
-                   f'{r["folded_bn"] or "-"}')
+      lines.append(
+        f'{r["layer"]:<24} {r["input"]:<6} {fl:>6} {clip:>7}  '
+        f'{r["folded_bn"] or "-"}'
+      )
     for bn, why in self.unfolded.items():
       lines.append(f'unfolded {bn}: {why}')
     text = '\n'.join(lines)
@@ -718,10 +832,14 @@ class _Calibrator(_Interceptor):
     # Inside the calibration shard_map: the global batch's format, as the
     # train step computes it.
     bound = observers.bound_axis_size(opts.axis_name) is not None
-    batch = _fl_of(x, signed, opts.act_format, rng,
-                   axis_name=opts.axis_name if bound else None)
-    v = clone.variable(STATS, 'input_fl_ema',
-                       lambda: batch.astype(jnp.float32))
+    batch = _fl_of(
+      x,
+      signed,
+      opts.act_format,
+      rng,
+      axis_name=opts.axis_name if bound else None,
+    )
+    v = clone.variable(STATS, 'input_fl_ema', lambda: batch.astype(jnp.float32))
     if clone.is_mutable_collection(STATS):
       v.value = batch.astype(jnp.float32)
     return batch
@@ -730,15 +848,17 @@ class _Calibrator(_Interceptor):
 def build(quant_cfg, module, sample_x) -> F8NetModel:
   """``F8NetModel`` from ``config.quant`` (method ``'f8net'``)."""
   opts = F8NetOptions(
-      weight_format=quant_cfg.f8_weight_format,
-      act_format=quant_cfg.f8_act_format,
-      weight_granularity=quant_cfg.f8_weight_granularity,
-      momentum=quant_cfg.f8_momentum,
-      weight_fl_range=tuple(int(v) for v in quant_cfg.f8_weight_fl_range),
-      keep_float=quant_cfg.keep_float,
-      fold_bn=quant_cfg.f8_fold_bn,
-      pact=bool(quant_cfg.f8_pact),
-      pact_init=float(quant_cfg.f8_pact_init),
-      axis_name=getattr(module, 'bn_axis_name', None))
-  return F8NetModel(module, sample_x, options=opts,
-                    call_kwargs={'train': False})
+    weight_format=quant_cfg.f8_weight_format,
+    act_format=quant_cfg.f8_act_format,
+    weight_granularity=quant_cfg.f8_weight_granularity,
+    momentum=quant_cfg.f8_momentum,
+    weight_fl_range=tuple(int(v) for v in quant_cfg.f8_weight_fl_range),
+    keep_float=quant_cfg.keep_float,
+    fold_bn=quant_cfg.f8_fold_bn,
+    pact=bool(quant_cfg.f8_pact),
+    pact_init=float(quant_cfg.f8_pact_init),
+    axis_name=getattr(module, 'bn_axis_name', None),
+  )
+  return F8NetModel(
+    module, sample_x, options=opts, call_kwargs={'train': False}
+  )

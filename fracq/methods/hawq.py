@@ -46,6 +46,7 @@ def mean_over_processes(traces, layers):
   if jax.process_count() == 1:
     return traces
   from jax.experimental import multihost_utils
+
   local = np.array([traces[l]['avg_trace'] for l in layers], np.float32)
   every = np.asarray(multihost_utils.process_allgather(local))
   out = {l: dict(v) for l, v in traces.items()}
@@ -55,9 +56,19 @@ def mean_over_processes(traces, layers):
   return out
 
 
-def search(module, variables, facts, rules, budget_target: float, kind: str,
-           batches, *, candidates=(2, 3, 4, 5, 6, 8), num_probes: int = 32,
-           seed: int = 0):
+def search(
+  module,
+  variables,
+  facts,
+  rules,
+  budget_target: float,
+  kind: str,
+  batches,
+  *,
+  candidates=(2, 3, 4, 5, 6, 8),
+  num_probes: int = 32,
+  seed: int = 0,
+):
   """Runs steps 1-3; returns ``(bits per layer, info)``.
 
   Args:
@@ -99,50 +110,78 @@ def search(module, variables, facts, rules, budget_target: float, kind: str,
   def loss_fn(p, batch):
     out = module.apply({'params': p, **other}, batch['image'], train=False)
     out = out[0] if isinstance(out, tuple) else out
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        out, batch['label']))
+    return jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(out, batch['label'])
+    )
 
   traces = hessian.hutchinson_traces(
-      loss_fn, params, jax.random.key(seed), groups=groups,
-      num_probes=num_probes, batches=batches)
+    loss_fn,
+    params,
+    jax.random.key(seed),
+    groups=groups,
+    num_probes=num_probes,
+    batches=batches,
+  )
   traces = mean_over_processes(traces, searched)
-  kernels = {_path_of(kp)[:-len('/kernel')]: x for kp, x in leaves
-             if _path_of(kp).endswith('/kernel')}
+  kernels = {
+    _path_of(kp)[: -len('/kernel')]: x
+    for kp, x in leaves
+    if _path_of(kp).endswith('/kernel')
+  }
   choices = []
   for layer in searched:
     omega = hessian.hawq_sensitivity(
-        max(traces[layer]['avg_trace'], 0.0), kernels[layer],
-        hessian.symmetric_per_channel, candidates)
+      max(traces[layer]['avg_trace'], 0.0),
+      kernels[layer],
+      hessian.symmetric_per_channel,
+      candidates,
+    )
     f = facts[layer]
-    choices.append(bit_allocation.LayerChoice(
-        name=layer, params=f.numel, macs=f.macs, sensitivity=omega,
-        act_bits=act_bits[layer]))
-  choice = bit_allocation.allocate_bits_ilp(choices, candidates,
-                                            budget_target, kind=kind,
-                                            fixed_cost=fixed_cost)
-  info = {'search_seconds': time.time() - t0, 'traces': traces,
-          'table': bit_allocation.format_bit_table(choice, choices)}
-  logging.info('HAWQ bit allocation (%.1fs):\n%s', info['search_seconds'],
-               info['table'])
+    choices.append(
+      bit_allocation.LayerChoice(
+        name=layer,
+        params=f.numel,
+        macs=f.macs,
+        sensitivity=omega,
+        act_bits=act_bits[layer],
+      )
+    )
+  choice = bit_allocation.allocate_bits_ilp(
+    choices, candidates, budget_target, kind=kind, fixed_cost=fixed_cost
+  )
+  info = {
+    'search_seconds': time.time() - t0,
+    'traces': traces,
+    'table': bit_allocation.format_bit_table(choice, choices),
+  }
+  logging.info(
+    'HAWQ bit allocation (%.1fs):\n%s', info['search_seconds'], info['table']
+  )
   return choice, info
 
 
 def rules_for_bits(rules, choice: dict[str, int]) -> list[Rule]:
   """Uniform-QAT rules: the fixed/float rules, then one rule per searched
   layer at its chosen integer bits (same range method and activations)."""
-  learned = [r for r in rules if r.weight is not None and
-             r.weight.learn_bits]
+  learned = [r for r in rules if r.weight is not None and r.weight.learn_bits]
   if not learned:
     raise ValueError('No rule learns bits: nothing for HAWQ to allocate.')
   template = learned[0]
-  keep = [r for r in rules if not (r.weight is not None and
-                                   r.weight.learn_bits)]
+  keep = [
+    r for r in rules if not (r.weight is not None and r.weight.learn_bits)
+  ]
   per_layer = [
-      Rule(module_path=f'^{re.escape(path)}$', name=f'hawq_{bits}b',
-           weight=TensorSpec(bits=bits, range_method=
-                             template.weight.range_method,
-                             granularity=template.weight.granularity),
-           act=template.act)
-      for path, bits in choice.items()]
+    Rule(
+      module_path=f'^{re.escape(path)}$',
+      name=f'hawq_{bits}b',
+      weight=TensorSpec(
+        bits=bits,
+        range_method=template.weight.range_method,
+        granularity=template.weight.granularity,
+      ),
+      act=template.act,
+    )
+    for path, bits in choice.items()
+  ]
   # Fixed and float rules first: they claim their layers exactly as before.
   return keep + per_layer

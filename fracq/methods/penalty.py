@@ -65,8 +65,9 @@ class Penalty:
 
   def __post_init__(self):
     if self.form not in FORMS:
-      raise ValueError(f'penalty form must be one of {FORMS}, got '
-                       f'{self.form!r}.')
+      raise ValueError(
+        f'penalty form must be one of {FORMS}, got {self.form!r}.'
+      )
     if self.weight < 0:
       raise ValueError(f'penalty weight must be >= 0, got {self.weight}.')
     if self.power not in (1, 2):
@@ -86,8 +87,15 @@ class Penalty:
     t = jnp.clip(jnp.asarray(step, jnp.float32) / self.warmup_steps, 0, 1)
     return self.weight * t
 
-  def __call__(self, cost, target, *, step=0, start_cost=None,
-               int8_cost: float | None = None):
+  def __call__(
+    self,
+    cost,
+    target,
+    *,
+    step=0,
+    start_cost=None,
+    int8_cost: float | None = None,
+  ):
     """The penalty at ``step`` for a model whose cost is ``cost``."""
     start_cost = target if start_cost is None else start_cost
     tgt = self.target_at(step, target, start_cost)
@@ -117,8 +125,8 @@ def _rounded_bits(quant, model: cost_lib.CostModel, delta: float):
         node = node[part]
       lo, hi = tb.bounds
       node[name] = fracbits.round_bits_with_offset(
-          node[name], delta, lo, hi,
-          min_nonzero_bits=tb.min_nonzero_bits).astype(node[name].dtype)
+        node[name], delta, lo, hi, min_nonzero_bits=tb.min_nonzero_bits
+      ).astype(node[name].dtype)
   return quant
 
 
@@ -134,9 +142,14 @@ class HardAssignment:
   message: str
 
 
-def hard_assign(quant, model: cost_lib.CostModel, target: float, *,
-                tolerance: float = 0.01, iterations: int = 30
-                ) -> HardAssignment:
+def hard_assign(
+  quant,
+  model: cost_lib.CostModel,
+  target: float,
+  *,
+  tolerance: float = 0.01,
+  iterations: int = 30,
+) -> HardAssignment:
   """Rounds learned bits with a global offset so the cost meets the target.
 
   The integer cost never exceeds ``target``. Bisects ``delta`` (the cost is
@@ -167,8 +180,13 @@ def hard_assign(quant, model: cost_lib.CostModel, target: float, *,
   if lo_t <= c0 <= target:
     best = 0.0
   else:
-    span = max(max(l.weight.bounds[1] - l.weight.bounds[0],
-                   l.act.bounds[1] - l.act.bounds[0]) for l in model.layers)
+    span = max(
+      max(
+        l.weight.bounds[1] - l.weight.bounds[0],
+        l.act.bounds[1] - l.act.bounds[0],
+      )
+      for l in model.layers
+    )
     # At these offsets every learned bit-width sits at its smallest /
     # largest integer bound.
     lo, hi = -span - 1.0, span + 1.0
@@ -176,11 +194,12 @@ def hard_assign(quant, model: cost_lib.CostModel, target: float, *,
     if c_min > target:
       unit = 'bits' if model.kind == 'size' else 'BitOPs'
       raise ValueError(
-          f'Hard assignment cannot meet the target {target:,.0f} {unit}: with '
-          'every learned bit-width at its smallest integer bound the cost is '
-          f'already {c_min:,.0f} {unit}. Lower the bit bounds '
-          '(TensorSpec.bit_bounds; a fractional lower bound rounds up) or '
-          'raise the budget.')
+        f'Hard assignment cannot meet the target {target:,.0f} {unit}: with '
+        'every learned bit-width at its smallest integer bound the cost is '
+        f'already {c_min:,.0f} {unit}. Lower the bit bounds '
+        '(TensorSpec.bit_bounds; a fractional lower bound rounds up) or '
+        'raise the budget.'
+      )
     if c(hi) <= target:
       lo = hi
     else:
@@ -199,17 +218,27 @@ def hard_assign(quant, model: cost_lib.CostModel, target: float, *,
   cost = model.integer_cost(final)
   ok = cost >= lo_t
   if ok:
-    msg = (f'hard assignment: delta={best:+.3f}, integer cost {cost:,.0f} '
-           f'is {100 * (cost / target - 1):+.2f}% from the target '
-           f'{target:,.0f}.')
+    msg = (
+      f'hard assignment: delta={best:+.3f}, integer cost {cost:,.0f} '
+      f'is {100 * (cost / target - 1):+.2f}% from the target '
+      f'{target:,.0f}.'
+    )
   else:
-    msg = (f'hard assignment could not land within {tolerance:.0%} below the '
-           f'target {target:,.0f}: the closest integer cost not above it is '
-           f'{cost:,.0f} ({100 * (cost / target - 1):+.2f}%), delta='
-           f'{best:+.3f}. Rounding changes whole layers at once; a layer '
-           'whose one-bit step is larger than the tolerance makes the '
-           'target unreachable exactly. Kernel-wise bits (bits_per_channel) '
-           'give finer steps.')
+    msg = (
+      f'hard assignment could not land within {tolerance:.0%} below the '
+      f'target {target:,.0f}: the closest integer cost not above it is '
+      f'{cost:,.0f} ({100 * (cost / target - 1):+.2f}%), delta='
+      f'{best:+.3f}. Rounding changes whole layers at once; a layer '
+      'whose one-bit step is larger than the tolerance makes the '
+      'target unreachable exactly. Kernel-wise bits (bits_per_channel) '
+      'give finer steps.'
+    )
     logging.warning(msg)
-  return HardAssignment(quant=final, delta=best, cost=cost, target=target,
-                        within_tolerance=ok, message=msg)
+  return HardAssignment(
+    quant=final,
+    delta=best,
+    cost=cost,
+    target=target,
+    within_tolerance=ok,
+    message=msg,
+  )

@@ -64,11 +64,12 @@ def _check_zero_preserving(site):
     return
   if spec.range_method in _NOT_ZERO_PRESERVING or not spec.symmetric:
     raise ValueError(
-        f'{site.path}: pruning keeps weights at exactly 0 only with a '
-        'symmetric kernel quantizer (zero point 0), but the rule '
-        f'{site.rule.label!r} uses range_method={spec.range_method!r}, '
-        f'symmetric={spec.symmetric}. Use range_method="lsq" (or an '
-        'observer) with symmetric=True for the weights, or prune=False.')
+      f'{site.path}: pruning keeps weights at exactly 0 only with a '
+      'symmetric kernel quantizer (zero point 0), but the rule '
+      f'{site.rule.label!r} uses range_method={spec.range_method!r}, '
+      f'symmetric={spec.symmetric}. Use range_method="lsq" (or an '
+      'observer) with symmetric=True for the weights, or prune=False.'
+    )
 
 
 def _refresh(site, col, calibrate: bool) -> bool:
@@ -97,31 +98,52 @@ class PreserveTransform:
       the rules match).
   """
 
-  def __init__(self, prune: bool = True, cluster: bool = False, *,
-               clusters: int = 8, cluster_grad: str = 'sum',
-               cluster_init: str = 'kmeans++', cluster_iters: int = 25,
-               cluster_per_channel: bool = False, sparsity: float | None = None,
-               structure: str = 'unstructured', n: int = 2, m: int = 4,
-               seed: int = 0, layers: str | None = None):
+  def __init__(
+    self,
+    prune: bool = True,
+    cluster: bool = False,
+    *,
+    clusters: int = 8,
+    cluster_grad: str = 'sum',
+    cluster_init: str = 'kmeans++',
+    cluster_iters: int = 25,
+    cluster_per_channel: bool = False,
+    sparsity: float | None = None,
+    structure: str = 'unstructured',
+    n: int = 2,
+    m: int = 4,
+    seed: int = 0,
+    layers: str | None = None,
+  ):
     if not (prune or cluster):
-      raise ValueError('PreserveTransform(prune=False, cluster=False) does '
-                       'nothing: enable prune (PQAT), cluster (CQAT) or both '
-                       '(PCQAT).')
+      raise ValueError(
+        'PreserveTransform(prune=False, cluster=False) does '
+        'nothing: enable prune (PQAT), cluster (CQAT) or both '
+        '(PCQAT).'
+      )
     if cluster_grad not in clustering.GRADS:
-      raise ValueError(f'cluster_grad={cluster_grad!r} is unknown; choose one '
-                       f'of {clustering.GRADS}.')
+      raise ValueError(
+        f'cluster_grad={cluster_grad!r} is unknown; choose one '
+        f'of {clustering.GRADS}.'
+      )
     if cluster_init not in clustering.INITS:
-      raise ValueError(f'cluster_init={cluster_init!r} is unknown; choose '
-                       f'one of {clustering.INITS}.')
+      raise ValueError(
+        f'cluster_init={cluster_init!r} is unknown; choose '
+        f'one of {clustering.INITS}.'
+      )
     if cluster and int(clusters) < (2 if prune else 1):
-      raise ValueError(f'clusters={clusters}: need at least '
-                       f'{2 if prune else 1} (with prune=True the pinned zero '
-                       'is one of the clusters).')
+      raise ValueError(
+        f'clusters={clusters}: need at least '
+        f'{2 if prune else 1} (with prune=True the pinned zero '
+        'is one of the clusters).'
+      )
     if sparsity is not None and not 0 <= float(sparsity) < 1:
       raise ValueError(f'sparsity={sparsity} is outside [0, 1).')
     if structure not in sparsity_lib.STRUCTURES:
-      raise ValueError(f'structure={structure!r} is unknown; choose one of '
-                       f'{sparsity_lib.STRUCTURES}.')
+      raise ValueError(
+        f'structure={structure!r} is unknown; choose one of '
+        f'{sparsity_lib.STRUCTURES}.'
+      )
     self.prune = bool(prune)
     self.cluster = bool(cluster)
     self.clusters = int(clusters)
@@ -137,12 +159,16 @@ class PreserveTransform:
 
   @property
   def method(self) -> str:
-    return {(True, False): 'pqat', (False, True): 'cqat',
-            (True, True): 'pcqat'}[(self.prune, self.cluster)]
+    return {
+      (True, False): 'pqat',
+      (False, True): 'cqat',
+      (True, True): 'pcqat',
+    }[(self.prune, self.cluster)]
 
   def _key(self, path: str):
-    return jax.random.fold_in(jax.random.key(self.seed),
-                              zlib.crc32(path.encode()) & 0x7FFFFFFF)
+    return jax.random.fold_in(
+      jax.random.key(self.seed), zlib.crc32(path.encode()) & 0x7FFFFFFF
+    )
 
   def _mask_value(self, site, kernel):
     opt = site.rule.option
@@ -151,9 +177,13 @@ class PreserveTransform:
     if s is None:
       return nz.astype(jnp.float32)
     keep = sparsity_lib.magnitude_mask(
-        jax.lax.stop_gradient(kernel), s,
-        structure=opt('structure', self.structure), n=opt('n', self.n),
-        m=opt('m', self.m), channel_axis=site.kernel_channel_axis)
+      jax.lax.stop_gradient(kernel),
+      s,
+      structure=opt('structure', self.structure),
+      n=opt('n', self.n),
+      m=opt('m', self.m),
+      channel_axis=site.kernel_channel_axis,
+    )
     return (keep & nz).astype(jnp.float32)
 
   def __call__(self, site, kernel, calibrate: bool = False):
@@ -180,22 +210,34 @@ class PreserveTransform:
 
         def init_fn():
           c, _ = clustering.kmeans(
-              w_fit, k, init=opt('cluster_init', self.cluster_init),
-              iters=self.cluster_iters, key=self._key(site.path),
-              per_channel_axis=axis, preserve_zeros=prune)
+            w_fit,
+            k,
+            init=opt('cluster_init', self.cluster_init),
+            iters=self.cluster_iters,
+            key=self._key(site.path),
+            per_channel_axis=axis,
+            preserve_zeros=prune,
+          )
           return c
+
         cv = site.variable(TRAINABLE, CENTROIDS, init_fn)
         if _refresh(site, TRAINABLE, calibrate):
           cv.value = init_fn()
         keep = (mask != 0) if mask is not None else None
         w = clustering.clustered_weight(
-            w, cv.value, grad=opt('cluster_grad', self.cluster_grad),
-            zero_pinned=prune, keep=keep, per_channel_axis=axis)
+          w,
+          cv.value,
+          grad=opt('cluster_grad', self.cluster_grad),
+          zero_pinned=prune,
+          keep=keep,
+          per_channel_axis=axis,
+        )
     except ValueError as e:
       if str(e).startswith(site.path):
         raise
-      raise ValueError(f'{site.path} ({site.layer_type}, kernel '
-                       f'{tuple(kernel.shape)}): {e}') from None
+      raise ValueError(
+        f'{site.path} ({site.layer_type}, kernel {tuple(kernel.shape)}): {e}'
+      ) from None
     return w
 
   def strip(self, variables, qmodel=None, keep_quant: bool = False):
@@ -225,18 +267,36 @@ class PruningTransform:
       rules match).
   """
 
-  def __init__(self, final_sparsity: float = 0.5, *,
-               initial_sparsity: float = 0.0, begin_step: int = 0,
-               end_step: int = 1000, power: float = 3, frequency: int = 100,
-               structure: str = 'unstructured', n: int = 2, m: int = 4,
-               step=None, layers: str | None = None):
+  def __init__(
+    self,
+    final_sparsity: float = 0.5,
+    *,
+    initial_sparsity: float = 0.0,
+    begin_step: int = 0,
+    end_step: int = 1000,
+    power: float = 3,
+    frequency: int = 100,
+    structure: str = 'unstructured',
+    n: int = 2,
+    m: int = 4,
+    step=None,
+    layers: str | None = None,
+  ):
     # Validates the schedule once, eagerly.
-    sparsity_lib.polynomial_decay_sparsity(0, initial_sparsity,
-                                           final_sparsity, begin_step,
-                                           end_step, power, frequency)
+    sparsity_lib.polynomial_decay_sparsity(
+      0,
+      initial_sparsity,
+      final_sparsity,
+      begin_step,
+      end_step,
+      power,
+      frequency,
+    )
     if structure not in sparsity_lib.STRUCTURES:
-      raise ValueError(f'structure={structure!r} is unknown; choose one of '
-                       f'{sparsity_lib.STRUCTURES}.')
+      raise ValueError(
+        f'structure={structure!r} is unknown; choose one of '
+        f'{sparsity_lib.STRUCTURES}.'
+      )
     self.final_sparsity = final_sparsity
     self.initial_sparsity = initial_sparsity
     self.begin_step, self.end_step = int(begin_step), int(end_step)
@@ -247,9 +307,14 @@ class PruningTransform:
 
   def sparsity_at(self, step, final=None):
     return sparsity_lib.polynomial_decay_sparsity(
-        step, self.initial_sparsity,
-        self.final_sparsity if final is None else final, self.begin_step,
-        self.end_step, self.power, self.frequency)
+      step,
+      self.initial_sparsity,
+      self.final_sparsity if final is None else final,
+      self.begin_step,
+      self.end_step,
+      self.power,
+      self.frequency,
+    )
 
   def __call__(self, site, kernel, calibrate: bool = False):
     if self.layers is not None and not re.search(self.layers, site.path):
@@ -259,10 +324,10 @@ class PruningTransform:
       return kernel
     _check_zero_preserving(site)
     counter = site.variable(STATE, COUNTER, lambda: jnp.zeros((), jnp.int32))
-    mv = site.variable(STATE, MASK,
-                       lambda: jnp.ones(kernel.shape, jnp.float32))
-    training = (site.is_mutable(STATE) and not site.is_initializing and
-                not calibrate)
+    mv = site.variable(STATE, MASK, lambda: jnp.ones(kernel.shape, jnp.float32))
+    training = (
+      site.is_mutable(STATE) and not site.is_initializing and not calibrate
+    )
     if training:
       step = counter.value if self.step is None else self.step
       structure = opt('structure', self.structure)
@@ -270,15 +335,19 @@ class PruningTransform:
       w_old = jax.lax.stop_gradient(kernel) * mv.value.astype(kernel.dtype)
       try:
         keep = sparsity_lib.magnitude_mask(
-            w_old, None if structure == 'n:m' else s, structure=structure,
-            n=opt('n', self.n), m=opt('m', self.m),
-            channel_axis=site.kernel_channel_axis)
+          w_old,
+          None if structure == 'n:m' else s,
+          structure=structure,
+          n=opt('n', self.n),
+          m=opt('m', self.m),
+          channel_axis=site.kernel_channel_axis,
+        )
       except ValueError as e:
         raise ValueError(f'{site.path}: {e}') from None
-      due = sparsity_lib.pruning_step_due(step, self.begin_step,
-                                          self.end_step, self.frequency)
-      mv.value = jnp.where(due, keep.astype(jnp.float32) * mv.value,
-                           mv.value)
+      due = sparsity_lib.pruning_step_due(
+        step, self.begin_step, self.end_step, self.frequency
+      )
+      mv.value = jnp.where(due, keep.astype(jnp.float32) * mv.value, mv.value)
       counter.value = counter.value + 1
     return kernel * jax.lax.stop_gradient(mv.value).astype(kernel.dtype)
 
@@ -349,11 +418,14 @@ def strip(variables, qmodel=None, keep_quant: bool = False):
           axis = qmodel.facts['/'.join(prefix)].out_axes[-1]
       keep = (jnp.asarray(mask) != 0) if mask is not None else None
       w = clustering.clustered_weight(
-          w, cents, zero_pinned=mask is not None, keep=keep,
-          per_channel_axis=axis)
+        w, cents, zero_pinned=mask is not None, keep=keep, per_channel_axis=axis
+      )
     node['kernel'] = w
-  out = {k: v for k, v in variables.items()
-         if keep_quant or k not in (TRAINABLE, STATE)}
+  out = {
+    k: v
+    for k, v in variables.items()
+    if keep_quant or k not in (TRAINABLE, STATE)
+  }
   out['params'] = params
   return out
 
@@ -368,31 +440,44 @@ def _map_kernels(params, fn, paths: str | None):
   return params
 
 
-def prune_params(params, sparsity: float, *, paths: str | None = None,
-                 **mask_kwargs):
+def prune_params(
+  params, sparsity: float, *, paths: str | None = None, **mask_kwargs
+):
   """One-shot magnitude pruning of every ``kernel`` (module path matching the
   regex ``paths``, all when ``None``) in a ``params`` tree."""
+
   def fn(path, w):
     try:
       return sparsity_lib.prune(w, sparsity, **mask_kwargs)
     except ValueError as e:
       raise ValueError(f'{path}: {e}') from None
+
   return _map_kernels(params, fn, paths)
 
 
-def cluster_params(params, k: int, *, paths: str | None = None,
-                   preserve_zeros: bool = True, seed: int = 0,
-                   **kmeans_kwargs):
+def cluster_params(
+  params,
+  k: int,
+  *,
+  paths: str | None = None,
+  preserve_zeros: bool = True,
+  seed: int = 0,
+  **kmeans_kwargs,
+):
   """Every matched ``kernel`` replaced by its k-means cluster values (zeros
   kept exactly with ``preserve_zeros``)."""
+
   def fn(path, w):
-    key = jax.random.fold_in(jax.random.key(seed),
-                             zlib.crc32(path.encode()) & 0x7FFFFFFF)
+    key = jax.random.fold_in(
+      jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF
+    )
     try:
-      return clustering.cluster(w, k, key=key, preserve_zeros=preserve_zeros,
-                                **kmeans_kwargs)
+      return clustering.cluster(
+        w, k, key=key, preserve_zeros=preserve_zeros, **kmeans_kwargs
+      )
     except ValueError as e:
       raise ValueError(f'{path}: {e}') from None
+
   return _map_kernels(params, fn, paths)
 
 
@@ -401,8 +486,10 @@ def kernel_summary(kernels: dict) -> dict:
   out = {}
   for path, w in kernels.items():
     w = np.asarray(w)
-    out[path] = {'sparsity': float(np.mean(w == 0)),
-                 'distinct': int(np.unique(w).size)}
+    out[path] = {
+      'sparsity': float(np.mean(w == 0)),
+      'distinct': int(np.unique(w).size),
+    }
   return out
 
 
@@ -420,38 +507,52 @@ def check_config(c) -> None:
   """Clear errors for bad ``config.quant`` preservation fields."""
   mode = c.get('preserve', '') if hasattr(c, 'get') else ''
   if mode not in PRESERVE_MODES:
-    raise ValueError(f'config.quant.preserve={mode!r} is unknown; choose one '
-                     f"of {PRESERVE_MODES} ('prune' = PQAT, 'cluster' = CQAT, "
-                     "'prune_cluster' = PCQAT).")
+    raise ValueError(
+      f'config.quant.preserve={mode!r} is unknown; choose one '
+      f"of {PRESERVE_MODES} ('prune' = PQAT, 'cluster' = CQAT, "
+      "'prune_cluster' = PCQAT)."
+    )
   if not mode:
     return
   s = float(c.sparsity)
   if s != -1.0 and not 0.0 <= s < 1.0:
-    raise ValueError(f'config.quant.sparsity={s} is outside [0, 1) (use -1 '
-                     "to keep the starting model's zeros).")
+    raise ValueError(
+      f'config.quant.sparsity={s} is outside [0, 1) (use -1 '
+      "to keep the starting model's zeros)."
+    )
   if 'cluster' in mode:
     need = 2 if 'prune' in mode else 1
     if int(c.clusters) < need:
-      raise ValueError(f'config.quant.clusters={c.clusters}: need at least '
-                       f'{need}' + (' (the pinned zero is one of them)'
-                                    if need == 2 else '') + '.')
+      raise ValueError(
+        f'config.quant.clusters={c.clusters}: need at least '
+        f'{need}'
+        + (' (the pinned zero is one of them)' if need == 2 else '')
+        + '.'
+      )
   if c.prune_structure not in sparsity_lib.STRUCTURES:
-    raise ValueError(f'config.quant.prune_structure={c.prune_structure!r} is '
-                     f'unknown; choose one of {sparsity_lib.STRUCTURES}.')
+    raise ValueError(
+      f'config.quant.prune_structure={c.prune_structure!r} is '
+      f'unknown; choose one of {sparsity_lib.STRUCTURES}.'
+    )
   schedule = c.get('prune_schedule', 'oneshot')
   if schedule not in PRUNE_SCHEDULES:
-    raise ValueError(f'config.quant.prune_schedule={schedule!r} is unknown; '
-                     f'choose one of {PRUNE_SCHEDULES}.')
+    raise ValueError(
+      f'config.quant.prune_schedule={schedule!r} is unknown; '
+      f'choose one of {PRUNE_SCHEDULES}.'
+    )
   if schedule == 'polynomial':
     if mode != 'prune':
       raise ValueError(
-          "config.quant.prune_schedule='polynomial' (gradual pruning) goes "
-          f"with preserve='prune' only, not {mode!r}: prune gradually first, "
-          "then cluster / PCQAT from that workdir (--config.init_from) with "
-          'sparsity=-1.')
+        "config.quant.prune_schedule='polynomial' (gradual pruning) goes "
+        f"with preserve='prune' only, not {mode!r}: prune gradually first, "
+        'then cluster / PCQAT from that workdir (--config.init_from) with '
+        'sparsity=-1.'
+      )
     if not 0.0 < s < 1.0:
-      raise ValueError(f'config.quant.sparsity={s}: gradual pruning needs a '
-                       'final sparsity in (0, 1).')
+      raise ValueError(
+        f'config.quant.sparsity={s}: gradual pruning needs a '
+        'final sparsity in (0, 1).'
+      )
 
 
 def transform_from_config(c, total_steps: int | None = None):
@@ -468,18 +569,28 @@ def transform_from_config(c, total_steps: int | None = None):
     end = int(c.prune_end_step)
     if end < 0:
       if not total_steps:
-        raise ValueError('config.quant.prune_end_step=-1 needs the number of '
-                         'training steps; set prune_end_step explicitly.')
+        raise ValueError(
+          'config.quant.prune_end_step=-1 needs the number of '
+          'training steps; set prune_end_step explicitly.'
+        )
       end = max(int(c.prune_begin_step) + 1, (2 * int(total_steps)) // 3)
     return PruningTransform(
-        s, initial_sparsity=float(c.prune_initial_sparsity),
-        begin_step=int(c.prune_begin_step), end_step=end,
-        frequency=int(c.prune_frequency), structure=c.prune_structure,
-        layers=c.get('preserve_layers', '') or None)
+      s,
+      initial_sparsity=float(c.prune_initial_sparsity),
+      begin_step=int(c.prune_begin_step),
+      end_step=end,
+      frequency=int(c.prune_frequency),
+      structure=c.prune_structure,
+      layers=c.get('preserve_layers', '') or None,
+    )
   return PreserveTransform(
-      prune='prune' in mode, cluster='cluster' in mode,
-      clusters=int(c.clusters), cluster_grad=c.cluster_grad,
-      cluster_init=c.cluster_init,
-      cluster_per_channel=bool(c.cluster_per_channel),
-      sparsity=None if s < 0 else s, structure=c.prune_structure,
-      layers=c.get('preserve_layers', '') or None)
+    prune='prune' in mode,
+    cluster='cluster' in mode,
+    clusters=int(c.clusters),
+    cluster_grad=c.cluster_grad,
+    cluster_init=c.cluster_init,
+    cluster_per_channel=bool(c.cluster_per_channel),
+    sparsity=None if s < 0 else s,
+    structure=c.prune_structure,
+    layers=c.get('preserve_layers', '') or None,
+  )

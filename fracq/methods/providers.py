@@ -80,9 +80,14 @@ class QATProvider:
       where it is bound, activation statistics are those of the global batch.
   """
 
-  def __init__(self, hard: bool = False, calibrate: bool = False,
-               signs: dict[str, bool] | None = None,
-               kernel_transform=None, axis_name: str | None = None):
+  def __init__(
+    self,
+    hard: bool = False,
+    calibrate: bool = False,
+    signs: dict[str, bool] | None = None,
+    kernel_transform=None,
+    axis_name: str | None = None,
+  ):
     self.hard = hard
     self.calibrate = calibrate
     self.axis_name = axis_name
@@ -126,8 +131,12 @@ class QATProvider:
   # -- variables ------------------------------------------------------------
   def _var(self, site, col, name, init_fn, calibratable=True):
     v = site.variable(col, name, init_fn)
-    if (calibratable and self.calibrate and site.is_mutable(col) and
-        not site.is_initializing):
+    if (
+      calibratable
+      and self.calibrate
+      and site.is_mutable(col)
+      and not site.is_initializing
+    ):
       v.value = init_fn()
     return v
 
@@ -139,8 +148,9 @@ class QATProvider:
     if spec.learn_bits:
       y = self._fractional(site, t, spec, xf, axis, signed, is_kernel)
     else:
-      y = self._uniform(site, t, spec, xf, axis, signed, int(spec.bits),
-                        is_kernel)
+      y = self._uniform(
+        site, t, spec, xf, axis, signed, int(spec.bits), is_kernel
+      )
     return y.astype(dtype)
 
   def _sign_flag(self, site, t, spec, x, is_kernel):
@@ -158,33 +168,66 @@ class QATProvider:
       # Kernels are refused when the rules are validated; an input's sign is
       # only known from the sample input, so it is checked here.
       raise ValueError(
-          f'{site.path}: {t} is signed at 1 bit, a grid with no symmetric '
-          'non-zero level; use 2 bits or TensorSpec(signed=False).')
+        f'{site.path}: {t} is signed at 1 bit, a grid with no symmetric '
+        'non-zero level; use 2 bits or TensorSpec(signed=False).'
+      )
     qmin, qmax = spec.int_grid(signed=signed, bits=bits, is_kernel=is_kernel)
     m = spec.range_method
     red = _reduce_axes(x.ndim, axis)
     pshape = _keepdims_shape(x, axis)
     if m == 'lsq':
-      step = self._var(site, TRAINABLE, f'{t}_step', lambda: _reshape(
-          _lsq_step_init(self._stats_x(x, t), qmax, axis, is_kernel),
-          pshape))
-      return core.lsq_quantize(x, _bcast(step.value, x, axis), qmin, qmax,
-                               grad_scale=self.lsq_grad_scale(x, qmax, axis, t))
+      step = self._var(
+        site,
+        TRAINABLE,
+        f'{t}_step',
+        lambda: _reshape(
+          _lsq_step_init(self._stats_x(x, t), qmax, axis, is_kernel), pshape
+        ),
+      )
+      return core.lsq_quantize(
+        x,
+        _bcast(step.value, x, axis),
+        qmin,
+        qmax,
+        grad_scale=self.lsq_grad_scale(x, qmax, axis, t),
+      )
     if m == 'lsq_plus':
-      step = self._var(site, TRAINABLE, f'{t}_step', lambda: _reshape(
+      step = self._var(
+        site,
+        TRAINABLE,
+        f'{t}_step',
+        lambda: _reshape(
           core.lsq_init_step(self._stats_x(x, t), qmax - qmin, axis=axis),
-          pshape))
-      offset = self._var(site, TRAINABLE, f'{t}_offset', lambda: _reshape(
-          jnp.min(self._stats_x(x, t), axis=red), pshape))
+          pshape,
+        ),
+      )
+      offset = self._var(
+        site,
+        TRAINABLE,
+        f'{t}_offset',
+        lambda: _reshape(jnp.min(self._stats_x(x, t), axis=red), pshape),
+      )
       return core.lsq_plus_quantize(
-          x, _bcast(step.value, x, axis), _bcast(offset.value, x, axis),
-          qmin, qmax, grad_scale=self.lsq_grad_scale(x, qmax - qmin, axis, t))
+        x,
+        _bcast(step.value, x, axis),
+        _bcast(offset.value, x, axis),
+        qmin,
+        qmax,
+        grad_scale=self.lsq_grad_scale(x, qmax - qmin, axis, t),
+      )
     if m == 'pact':
-      clip = self._var(site, TRAINABLE, f'{t}_clip', lambda: _reshape(
+      clip = self._var(
+        site,
+        TRAINABLE,
+        f'{t}_clip',
+        lambda: _reshape(
           jnp.maximum(jnp.max(jnp.abs(self._stats_x(x, t)), axis=red), 1e-3),
-          pshape))
-      return core.pact_quantize(x, _bcast(clip.value, x, axis), bits,
-                                signed=signed)
+          pshape,
+        ),
+      )
+      return core.pact_quantize(
+        x, _bcast(clip.value, x, axis), bits, signed=signed
+      )
     if m == 'dorefa':
       return core.dorefa_quantize_weight(x, bits)
     return self._observed(site, t, spec, x, axis, qmin, qmax)
@@ -201,15 +244,20 @@ class QATProvider:
     pshape = _keepdims_shape(x, axis)
     ax = self._act_axis(t)
     if m == 'percentile':
-      lo_fn = lambda: _reshape(jnp.percentile(
-          self._stats_x(x, t), 100 - spec.percentile, axis=red), pshape)
-      hi_fn = lambda: _reshape(jnp.percentile(
-          self._stats_x(x, t), spec.percentile, axis=red), pshape)
+      lo_fn = lambda: _reshape(
+        jnp.percentile(self._stats_x(x, t), 100 - spec.percentile, axis=red),
+        pshape,
+      )
+      hi_fn = lambda: _reshape(
+        jnp.percentile(self._stats_x(x, t), spec.percentile, axis=red), pshape
+      )
     else:
-      lo_fn = lambda: _reshape(observers.global_min(jnp.min(x, axis=red), ax),
-                               pshape)
-      hi_fn = lambda: _reshape(observers.global_max(jnp.max(x, axis=red), ax),
-                               pshape)
+      lo_fn = lambda: _reshape(
+        observers.global_min(jnp.min(x, axis=red), ax), pshape
+      )
+      hi_fn = lambda: _reshape(
+        observers.global_max(jnp.max(x, axis=red), ax), pshape
+      )
     lo = self._var(site, STATE, f'{t}_min', lo_fn)
     hi = self._var(site, STATE, f'{t}_max', hi_fn)
     if site.is_mutable(STATE) and not site.is_initializing:
@@ -223,10 +271,15 @@ class QATProvider:
       else:
         lo.value, hi.value = lo_fn(), hi_fn()
     scale, zp = core.minmax_to_qparams(
-        jax.lax.stop_gradient(lo.value), jax.lax.stop_gradient(hi.value),
-        qmin, qmax, symmetric=spec.symmetric)
-    return core.fake_quant(x, _bcast(scale, x, axis), _bcast(zp, x, axis),
-                           qmin, qmax)
+      jax.lax.stop_gradient(lo.value),
+      jax.lax.stop_gradient(hi.value),
+      qmin,
+      qmax,
+      symmetric=spec.symmetric,
+    )
+    return core.fake_quant(
+      x, _bcast(scale, x, axis), _bcast(zp, x, axis), qmin, qmax
+    )
 
   # -- FracBits (learned fractional bits) ----------------------------------
   def _fractional(self, site, t, spec, x, axis, signed, is_kernel):
@@ -236,14 +289,25 @@ class QATProvider:
     bshape = pshape if (is_kernel and spec.bits_per_channel) else ()
     if is_kernel and spec.bits_per_channel and axis is None:
       bshape = (x.shape[site.kernel_channel_axis],)
-    bits = self._var(site, TRAINABLE, f'{t}_bits',
-                     lambda: jnp.full(bshape, float(spec.bits), jnp.float32),
-                     calibratable=False)
-    hard = self._var(site, STATE, f'{t}_hard_bits',
-                     lambda: jnp.full(bshape, -1.0, jnp.float32),
-                     calibratable=False)
-    baxis = axis if axis is not None else (
-        site.kernel_channel_axis if bshape else None)
+    bits = self._var(
+      site,
+      TRAINABLE,
+      f'{t}_bits',
+      lambda: jnp.full(bshape, float(spec.bits), jnp.float32),
+      calibratable=False,
+    )
+    hard = self._var(
+      site,
+      STATE,
+      f'{t}_hard_bits',
+      lambda: jnp.full(bshape, -1.0, jnp.float32),
+      calibratable=False,
+    )
+    baxis = (
+      axis
+      if axis is not None
+      else (site.kernel_channel_axis if bshape else None)
+    )
     b = bits.value
     if self.hard:
       b = jax.lax.stop_gradient(hard.value)
@@ -266,28 +330,38 @@ class QATProvider:
       def range_init():
         xs = self._stats_x(x, t)
         if m == 'pact' or (not signed and m != 'lsq'):
-          return _reshape(jnp.maximum(jnp.max(jnp.abs(xs), axis=red), 1e-4),
-                          pshape)
-        return _reshape(_lsq_step_init(xs, qmax0, axis, is_kernel) * qmax0,
-                        pshape)
+          return _reshape(
+            jnp.maximum(jnp.max(jnp.abs(xs), axis=red), 1e-4), pshape
+          )
+        return _reshape(
+          _lsq_step_init(xs, qmax0, axis, is_kernel) * qmax0, pshape
+        )
+
       ref = self._var(site, TRAINABLE, f'{t}_range', range_init)
-      r = core.learned.scale_grad(ref.value, self._range_grad_scale(
-          x, bits_now, lo_b, hi_b, signed, axis, t, ref.value.shape))
+      r = core.learned.scale_grad(
+        ref.value,
+        self._range_grad_scale(
+          x, bits_now, lo_b, hi_b, signed, axis, t, ref.value.shape
+        ),
+      )
       r = _bcast(r, x, axis)
       if self.hard:
         return core.hard_quantize(
-            x, b, lambda xx, k: _lsq_at_bits(xx, r, k, signed),
-            min_nonzero_bits=2 if signed else 1)
+          x,
+          b,
+          lambda xx, k: _lsq_at_bits(xx, r, k, signed),
+          min_nonzero_bits=2 if signed else 1,
+        )
       return core.fractional_range_quantize(
-          x, r, b, signed=signed, b_min=lo_b, b_max=hi_b,
-          allow_zero_bit=lo_b < 1)
+        x, r, b, signed=signed, b_min=lo_b, b_max=hi_b, allow_zero_bit=lo_b < 1
+      )
     if self.hard:
       return core.hard_quantize(x, b, branch)
-    return core.fractional_quantize(x, b, branch, b_min=lo_b, b_max=hi_b,
-                                    allow_zero_bit=lo_b < 1)
+    return core.fractional_quantize(
+      x, b, branch, b_min=lo_b, b_max=hi_b, allow_zero_bit=lo_b < 1
+    )
 
-  def _range_grad_scale(self, x, bits, lo_b, hi_b, signed, axis, t,
-                        rshape):
+  def _range_grad_scale(self, x, bits, lo_b, hi_b, signed, axis, t, rshape):
     """LSQ's gradient scale for a shared range, at the level count of the
     integer bits in use (hard mode) or of the lower branch (fractional
     bits), one per range entry."""
@@ -295,7 +369,8 @@ class QATProvider:
     # grid int_grid resolves for learned bits), computed on traced bits.
     k = jnp.floor(jnp.clip(bits, lo_b, hi_b))
     qp = jax.lax.stop_gradient(
-        2.0 ** (k - 1.0) - 1.0 if signed else 2.0 ** k - 1.0)
+      2.0 ** (k - 1.0) - 1.0 if signed else 2.0**k - 1.0
+    )
     if qp.ndim and qp.shape != tuple(rshape):
       qp = jnp.mean(qp)  # per-channel bits sharing a per-tensor range
     return self.lsq_grad_scale(x, qp, axis, t)
@@ -308,7 +383,7 @@ def _lsq_at_bits(x, r, k, signed: bool):
   which passes the gradient at the grid's ends too (e.g. ReLU zeros), so a
   frozen model trains as uniform LSQ does. LSQ's gradient scale is already
   on ``r``."""
-  qp = 2.0 ** (k - 1.0) - 1.0 if signed else 2.0 ** k - 1.0
+  qp = 2.0 ** (k - 1.0) - 1.0 if signed else 2.0**k - 1.0
   qmin = -qp if signed else jnp.zeros_like(qp)
   return core.lsq_quantize(x, jnp.abs(r) / jnp.maximum(qp, 1.0), qmin, qp)
 
@@ -359,8 +434,12 @@ def _walk(tree, fn, prefix=()):
 def needs_hard_assignment(stats) -> bool:
   """True while any ``*_hard_bits`` is still unassigned (negative)."""
   found = []
-  _walk(stats, lambda p, k, v: found.append(bool(jnp.any(v < 0)))
-        if k.endswith('_hard_bits') else None)
+  _walk(
+    stats,
+    lambda p, k, v: (
+      found.append(bool(jnp.any(v < 0))) if k.endswith('_hard_bits') else None
+    ),
+  )
   return any(found)
 
 
@@ -375,7 +454,8 @@ def _copy_renamed(target, source, old: str, new: str):
     node = out
     for p in prefix:
       node = node[p]
-    node[k[:-len(old)] + new] = v.astype(jnp.float32)
+    node[k[: -len(old)] + new] = v.astype(jnp.float32)
+
   _walk(source, put)
   return out
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -61,29 +61,43 @@ class QATModel:
 
   trainable_collections = ('params', 'quant')
 
-  def __init__(self, module: nn.Module, rules: Sequence[Rule], sample_input,
-               *, budget: cost_lib.Budget | None = None,
-               cost_kind: str | None = None,
-               penalty: penalty_lib.Penalty | None = None,
-               hard_assign_step: int | None = None,
-               hard_assign_tolerance: float = 0.01,
-               call_kwargs: dict | None = None, on_unused: str = 'error',
-               kernel_transform=None,
-               _hard: bool = False, _shared=None):
+  def __init__(
+    self,
+    module: nn.Module,
+    rules: Sequence[Rule],
+    sample_input,
+    *,
+    budget: cost_lib.Budget | None = None,
+    cost_kind: str | None = None,
+    penalty: penalty_lib.Penalty | None = None,
+    hard_assign_step: int | None = None,
+    hard_assign_tolerance: float = 0.01,
+    call_kwargs: dict | None = None,
+    on_unused: str = 'error',
+    kernel_transform=None,
+    _hard: bool = False,
+    _shared=None,
+  ):
     self.module = module
     self.kernel_transform = kernel_transform
     self.hard = _hard
     self.rules = tuple(rules)
     self.on_unused = on_unused
     self.call_kwargs = dict(call_kwargs or {})
-    self.signs = (_shared[-1] if _shared is not None else
-                  _probe_signs(module, self.rules, sample_input,
-                               self.call_kwargs))
+    self.signs = (
+      _shared[-1]
+      if _shared is not None
+      else _probe_signs(module, self.rules, sample_input, self.call_kwargs)
+    )
     self.provider = providers.QATProvider(
-        hard=_hard, signs=self.signs, kernel_transform=kernel_transform,
-        axis_name=getattr(module, 'bn_axis_name', None))
-    self.qmodule = QuantizedModule(module, rules, self.provider,
-                                   on_unused=on_unused)
+      hard=_hard,
+      signs=self.signs,
+      kernel_transform=kernel_transform,
+      axis_name=getattr(module, 'bn_axis_name', None),
+    )
+    self.qmodule = QuantizedModule(
+      module, rules, self.provider, on_unused=on_unused
+    )
     self.rules = self.qmodule.rules
     self.hard_assign_step = hard_assign_step
     self.hard_assign_tolerance = hard_assign_tolerance
@@ -96,40 +110,59 @@ class QATModel:
     self.qmodule.check_unused(self.facts)
     self.budget = budget
     kind = cost_kind or (budget.kind if budget is not None else 'size')
-    layers = cost_lib.layer_costs_from_facts(self.facts, self.rules,
-                                             signs=self.signs)
+    layers = cost_lib.layer_costs_from_facts(
+      self.facts, self.rules, signs=self.signs
+    )
     self.cost_model = cost_lib.CostModel(layers, kind) if layers else None
     learns = self.learns_bits
     if learns and budget is None:
       raise ValueError(
-          'Rules learn bit-widths (learn_bits=True) but no budget was given: '
-          'pass budget=fracq.Budget(kind="size", uniform_bits=4) (or '
-          'compression=, absolute=).')
-    if learns and kind == 'size' and any(
-        l.act.learned for l in self.cost_model.layers):
+        'Rules learn bit-widths (learn_bits=True) but no budget was given: '
+        'pass budget=fracq.Budget(kind="size", uniform_bits=4) (or '
+        'compression=, absolute=).'
+      )
+    if (
+      learns
+      and kind == 'size'
+      and any(l.act.learned for l in self.cost_model.layers)
+    ):
       # NNCF's port let activation bits drift upward with no cost at all.
       raise ValueError(
-          'Activation bits are learned but a model-size budget does not '
-          'count them, so nothing would hold them down. Use a BitOPs budget '
-          "(budget kind='bitops') or fix the activation bits.")
-    self.target = (self.cost_model.resolve(budget)
-                   if (learns and budget is not None) else None)
+        'Activation bits are learned but a model-size budget does not '
+        'count them, so nothing would hold them down. Use a BitOPs budget '
+        "(budget kind='bitops') or fix the activation bits."
+      )
+    self.target = (
+      self.cost_model.resolve(budget)
+      if (learns and budget is not None)
+      else None
+    )
     self._twin = None
 
   # -- protocol ------------------------------------------------------------
   @property
   def learns_bits(self) -> bool:
     return self.cost_model is not None and any(
-        l.weight.learned or l.act.learned for l in self.cost_model.layers)
+      l.weight.learned or l.act.learned for l in self.cost_model.layers
+    )
 
   def init(self, rngs, x, *, train: bool = False, **kwargs):
     return self.qmodule.init(rngs, x, train=train, **kwargs)
 
-  def apply(self, variables, x, *, train: bool = False, mutable=False,
-            rngs=None, **kwargs):
+  def apply(
+    self,
+    variables,
+    x,
+    *,
+    train: bool = False,
+    mutable=False,
+    rngs=None,
+    **kwargs,
+  ):
     self._check_assigned(variables, 'apply')
-    return self.qmodule.apply(variables, x, train=train, mutable=mutable,
-                              rngs=rngs, **kwargs)
+    return self.qmodule.apply(
+      variables, x, train=train, mutable=mutable, rngs=rngs, **kwargs
+    )
 
   def calibrate(self, variables, x, **kwargs):
     """Re-initialises data-dependent quantizer ranges on real data.
@@ -140,14 +173,15 @@ class QATModel:
     Learned and frozen bit-widths are left alone.
     """
     provider = providers.QATProvider(
-        hard=self.hard, calibrate=True, signs=self.signs,
-        kernel_transform=self.kernel_transform,
-        axis_name=getattr(self.module, 'bn_axis_name', None))
-    qm = QuantizedModule(self.module, self.rules, provider,
-                         on_unused='warn')
+      hard=self.hard,
+      calibrate=True,
+      signs=self.signs,
+      kernel_transform=self.kernel_transform,
+      axis_name=getattr(self.module, 'bn_axis_name', None),
+    )
+    qm = QuantizedModule(self.module, self.rules, provider, on_unused='warn')
     kwargs = {**self.call_kwargs, **kwargs}
-    _, upd = qm.apply(variables, x, mutable=['quant', 'quant_stats'],
-                      **kwargs)
+    _, upd = qm.apply(variables, x, mutable=['quant', 'quant_stats'], **kwargs)
     return {**variables, **upd}
 
   def penalty(self, variables, step):
@@ -161,8 +195,9 @@ class QATModel:
     if self.hard:
       return jnp.zeros((), jnp.float32), metrics
     start = self.cost_model.uniform_cost(self._init_bits())
-    p = self.penalty_fn(c, self.target, step=step, start_cost=start,
-                        int8_cost=i8)
+    p = self.penalty_fn(
+      c, self.target, step=step, start_cost=start, int8_cost=i8
+    )
     metrics['penalty'] = p
     return p, metrics
 
@@ -186,19 +221,33 @@ class QATModel:
     return out
 
   def for_step(self, step: int) -> 'QATModel':
-    if (self.hard or self.hard_assign_step is None or
-        step < self.hard_assign_step or not self.learns_bits):
+    if (
+      self.hard
+      or self.hard_assign_step is None
+      or step < self.hard_assign_step
+      or not self.learns_bits
+    ):
       return self
     if self._twin is None:
-      twin = QATModel(self.module, self.rules, None,
-                      penalty=self.penalty_fn,
-                      hard_assign_step=self.hard_assign_step,
-                      hard_assign_tolerance=self.hard_assign_tolerance,
-                      call_kwargs=self.call_kwargs,
-                      on_unused=self.on_unused,
-                      kernel_transform=self.kernel_transform, _hard=True,
-                      _shared=(self.facts, self.cost_model, self.target,
-                               self.budget, self.signs))
+      twin = QATModel(
+        self.module,
+        self.rules,
+        None,
+        penalty=self.penalty_fn,
+        hard_assign_step=self.hard_assign_step,
+        hard_assign_tolerance=self.hard_assign_tolerance,
+        call_kwargs=self.call_kwargs,
+        on_unused=self.on_unused,
+        kernel_transform=self.kernel_transform,
+        _hard=True,
+        _shared=(
+          self.facts,
+          self.cost_model,
+          self.target,
+          self.budget,
+          self.signs,
+        ),
+      )
       self._twin = twin
     return self._twin
 
@@ -214,16 +263,20 @@ class QATModel:
     stats = variables.get('quant_stats', {})
     if not providers.needs_hard_assignment(stats):
       return variables
-    res = penalty_lib.hard_assign(variables['quant'], self.cost_model,
-                                  self.target,
-                                  tolerance=self.hard_assign_tolerance)
+    res = penalty_lib.hard_assign(
+      variables['quant'],
+      self.cost_model,
+      self.target,
+      tolerance=self.hard_assign_tolerance,
+    )
     logging.info(res.message)
     new_stats = providers.write_hard_bits(stats, res.quant)
     self.last_assignment = res
     return {**variables, 'quant_stats': new_stats}
 
-  def report(self, variables, workdir: str | None, step: int,
-             writer=None) -> str:
+  def report(
+    self, variables, workdir: str | None, step: int, writer=None
+  ) -> str:
     """Per-layer bit table (logged and returned), PNG chart, TB scalars."""
     if self.cost_model is None:
       return ''
@@ -241,9 +294,12 @@ class QATModel:
       writer.write_scalars(step, scal)
     if workdir:
       os.makedirs(workdir, exist_ok=True)
-      plot_bits(rows, os.path.join(workdir, f'bits_step{step}.png'),
-                title=f'bit-widths at step {step} '
-                f'({m["compression_over_int8"]:.2f}x over INT8)')
+      plot_bits(
+        rows,
+        os.path.join(workdir, f'bits_step{step}.png'),
+        title=f'bit-widths at step {step} '
+        f'({m["compression_over_int8"]:.2f}x over INT8)',
+      )
       with open(os.path.join(workdir, f'bits_step{step}.txt'), 'w') as f:
         f.write(text + '\n')
       with open(os.path.join(workdir, f'bits_step{step}.json'), 'w') as f:
@@ -270,27 +326,35 @@ class QATModel:
     if not (self.hard and self.learns_bits):
       return
     hard_bits = [
-        v for kp, v in jax.tree_util.tree_leaves_with_path(
-            variables.get('quant_stats', {}))
-        if str(getattr(kp[-1], 'key', kp[-1])).endswith('_hard_bits')]
+      v
+      for kp, v in jax.tree_util.tree_leaves_with_path(
+        variables.get('quant_stats', {})
+      )
+      if str(getattr(kp[-1], 'key', kp[-1])).endswith('_hard_bits')
+    ]
     if any(isinstance(v, jax.core.Tracer) for v in hard_bits):
       return
     if any(np.any(np.asarray(v) < 0) for v in hard_bits):
       raise ValueError(
-          f'{what}: this hard-mode model (integer bits after hard assignment) '
-          'got variables whose learned bits were never assigned '
-          '(quant_stats *_hard_bits are still -1, which would quantize every '
-          'such tensor to zeros). Run variables = model.prepare(variables) '
-          'on the hard-mode model (model = qmodel.for_step(step)) first.')
+        f'{what}: this hard-mode model (integer bits after hard assignment) '
+        'got variables whose learned bits were never assigned '
+        '(quant_stats *_hard_bits are still -1, which would quantize every '
+        'such tensor to zeros). Run variables = model.prepare(variables) '
+        'on the hard-mode model (model = qmodel.for_step(step)) first.'
+      )
 
   def _init_bits(self) -> float:
-    bits = [r.weight.bits for r in self.rules
-            if r.weight is not None and r.weight.learn_bits]
+    bits = [
+      r.weight.bits
+      for r in self.rules
+      if r.weight is not None and r.weight.learn_bits
+    ]
     return float(np.mean(bits)) if bits else 8.0
 
   def layer_table(self) -> str:
     """What was quantized and how (per-layer facts and rules)."""
     from fracq.interception import format_facts_table
+
     return format_facts_table(self.facts)
 
 
@@ -319,21 +383,25 @@ def _probe_signs(module, rules, sample_input, call_kwargs) -> dict[str, bool]:
   """
   if sample_input is None or not hasattr(sample_input, '__array__'):
     if sample_input is not None:
-      logging.info('No concrete sample input: activations treated as '
-                   'signed (set TensorSpec(signed=False) to override).')
+      logging.info(
+        'No concrete sample input: activations treated as '
+        'signed (set TensorSpec(signed=False) to override).'
+      )
     return {}
   probe = _SignProbe()
   qm = QuantizedModule(module, rules, probe, on_unused='warn')
   x = jnp.asarray(sample_input)[:1]
   import warnings
+
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     qm.init(jax.random.key(0), x, **call_kwargs)
   return probe.signs
 
 
-def quantize(module: nn.Module, rules: Sequence[Rule], sample_input,
-             **kwargs) -> QATModel:
+def quantize(
+  module: nn.Module, rules: Sequence[Rule], sample_input, **kwargs
+) -> QATModel:
   """Quantizes an unmodified Flax module by rules. See :class:`QATModel`."""
   return QATModel(module, rules, sample_input, **kwargs)
 
@@ -341,14 +409,17 @@ def quantize(module: nn.Module, rules: Sequence[Rule], sample_input,
 def plot_bits(rows: list[dict], path: str, title: str = '') -> None:
   """A PNG bar chart of per-layer weight and activation bits."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   names = [r['layer'] for r in rows]
   x = np.arange(len(rows))
   fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows) + 2), 4))
   ax.bar(x - 0.2, [r['w_bits'] for r in rows], 0.4, label='weight bits')
-  ax.bar(x + 0.2, [min(r['a_bits'], 16) for r in rows], 0.4,
-         label='activation bits')
+  ax.bar(
+    x + 0.2, [min(r['a_bits'], 16) for r in rows], 0.4, label='activation bits'
+  )
   ax.set_xticks(x)
   ax.set_xticklabels(names, rotation=70, ha='right', fontsize=7)
   ax.set_ylabel('bits')

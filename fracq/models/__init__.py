@@ -12,21 +12,27 @@ from fracq.models import inception
 from fracq.models import mobilenet
 from fracq.models import resnet
 
+__all__ = [
+  'default_fixed_layers',
+  'get_model',
+  'list_models',
+]
+
 _REGISTRY = {
-    'digits_cnn': (digits_cnn.DigitsCNN, digits_cnn),
-    'resnet18': (resnet.ResNet18, resnet),
-    'resnet34': (resnet.ResNet34, resnet),
-    'resnet50': (resnet.ResNet50, resnet),
-    'resnet20': (resnet.ResNet20, resnet),
-    'resnet56': (resnet.ResNet56, resnet),
-    'resnet_tiny': (resnet.ResNetTiny, resnet),
-    'resnet_tiny_bottleneck': (resnet.ResNetTinyBottleneck, resnet),
-    'mobilenet_v1': (mobilenet.MobileNetV1, mobilenet),
-    'mobilenet_v1_tiny': (mobilenet.MobileNetV1Tiny, mobilenet),
-    'mobilenet_v2': (mobilenet.MobileNetV2, mobilenet),
-    'mobilenet_v2_cifar': (mobilenet.MobileNetV2Cifar, mobilenet),
-    'mobilenet_v2_tiny': (mobilenet.MobileNetV2Tiny, mobilenet),
-    'inception_v3': (inception.InceptionV3, inception),
+  'digits_cnn': (digits_cnn.DigitsCNN, digits_cnn),
+  'resnet18': (resnet.ResNet18, resnet),
+  'resnet34': (resnet.ResNet34, resnet),
+  'resnet50': (resnet.ResNet50, resnet),
+  'resnet20': (resnet.ResNet20, resnet),
+  'resnet56': (resnet.ResNet56, resnet),
+  'resnet_tiny': (resnet.ResNetTiny, resnet),
+  'resnet_tiny_bottleneck': (resnet.ResNetTinyBottleneck, resnet),
+  'mobilenet_v1': (mobilenet.MobileNetV1, mobilenet),
+  'mobilenet_v1_tiny': (mobilenet.MobileNetV1Tiny, mobilenet),
+  'mobilenet_v2': (mobilenet.MobileNetV2, mobilenet),
+  'mobilenet_v2_cifar': (mobilenet.MobileNetV2Cifar, mobilenet),
+  'mobilenet_v2_tiny': (mobilenet.MobileNetV2Tiny, mobilenet),
+  'inception_v3': (inception.InceptionV3, inception),
 }
 
 

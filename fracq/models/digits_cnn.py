@@ -40,19 +40,29 @@ class DigitsCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = batch_norm(train, self.bn_axis_name, self.bn_momentum,
-                      self.bn_epsilon, self.dtype)
+    norm = batch_norm(
+      train, self.bn_axis_name, self.bn_momentum, self.bn_epsilon, self.dtype
+    )
 
     w = self.widths
-    specs = [('conv_init', 'bn_init', w[0], (3, 3), 1),
-             ('conv1', 'bn1', w[1], (3, 3), 1),
-             ('conv2', 'bn2', w[2], (3, 3), 2),
-             ('conv3', 'bn3', w[3], (3, 3), 1),
-             ('conv4', 'bn4', w[4], (1, 1), 1)]
+    specs = [
+      ('conv_init', 'bn_init', w[0], (3, 3), 1),
+      ('conv1', 'bn1', w[1], (3, 3), 1),
+      ('conv2', 'bn2', w[2], (3, 3), 2),
+      ('conv3', 'bn3', w[3], (3, 3), 1),
+      ('conv4', 'bn4', w[4], (1, 1), 1),
+    ]
     x = x.astype(self.dtype)
     for conv_name, bn_name, feats, ksize, stride in specs:
-      x = nn.Conv(feats, ksize, strides=stride, padding='SAME',
-                  use_bias=False, dtype=self.dtype, name=conv_name)(x)
+      x = nn.Conv(
+        feats,
+        ksize,
+        strides=stride,
+        padding='SAME',
+        use_bias=False,
+        dtype=self.dtype,
+        name=conv_name,
+      )(x)
       x = nn.relu(norm(name=bn_name)(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)

@@ -42,11 +42,20 @@ def _mobilenet_v2_name(path: str, n_blocks: int) -> str:
     return 'classifier.1'
   m = re.match(r'block(\d+)/(\w+)', path)
   i, layer = int(m.group(1)), m.group(2)
-  no_expand = {'dw_conv': 'conv.0.0', 'dw_bn': 'conv.0.1',
-               'project_conv': 'conv.1', 'project_bn': 'conv.2'}
-  expand = {'expand_conv': 'conv.0.0', 'expand_bn': 'conv.0.1',
-            'dw_conv': 'conv.1.0', 'dw_bn': 'conv.1.1',
-            'project_conv': 'conv.2', 'project_bn': 'conv.3'}
+  no_expand = {
+    'dw_conv': 'conv.0.0',
+    'dw_bn': 'conv.0.1',
+    'project_conv': 'conv.1',
+    'project_bn': 'conv.2',
+  }
+  expand = {
+    'expand_conv': 'conv.0.0',
+    'expand_bn': 'conv.0.1',
+    'dw_conv': 'conv.1.0',
+    'dw_bn': 'conv.1.1',
+    'project_conv': 'conv.2',
+    'project_bn': 'conv.3',
+  }
   table = no_expand if i == 0 else expand
   return f'features.{i + 1}.{table[layer]}'
 
@@ -60,8 +69,10 @@ def torch_name_fn(family: str, variables):
     return lambda p: _mobilenet_v2_name(p, n)
   if family == 'inception':
     return lambda p: p.replace('/', '.')
-  raise ValueError(f'No torchvision name map for {family!r}; supported: '
-                   "'resnet', 'mobilenet_v2', 'inception'.")
+  raise ValueError(
+    f'No torchvision name map for {family!r}; supported: '
+    "'resnet', 'mobilenet_v2', 'inception'."
+  )
 
 
 def _modules(tree, prefix=''):
@@ -82,8 +93,10 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError as e:
-    raise ValueError(f'Reading {path} needs PyTorch (pip install torch), or '
-                     'convert it to .npz with the same key names.') from e
+    raise ValueError(
+      f'Reading {path} needs PyTorch (pip install torch), or '
+      'convert it to .npz with the same key names.'
+    ) from e
   sd = torch.load(path, map_location='cpu', weights_only=True)
   if 'state_dict' in sd and isinstance(sd['state_dict'], dict):
     sd = sd['state_dict']
@@ -106,8 +119,7 @@ def import_torchvision(variables, state_dict, family: str):
   """
   name = torch_name_fn(family, variables)
   params = jax.tree_util.tree_map(np.asarray, variables['params'])
-  stats = jax.tree_util.tree_map(np.asarray,
-                                 variables.get('batch_stats', {}))
+  stats = jax.tree_util.tree_map(np.asarray, variables.get('batch_stats', {}))
   stats_mods = dict(_modules(stats))
   used, missing, bad = set(), [], []
   out_p = jax.tree_util.tree_map(lambda x: x, params)
@@ -115,8 +127,10 @@ def import_torchvision(variables, state_dict, family: str):
 
   def put(tree, path, key, value, expect_shape, tkey):
     if value.shape != expect_shape:
-      bad.append(f'{tkey}: checkpoint {tuple(value.shape)} vs model '
-                 f'{tuple(expect_shape)}')
+      bad.append(
+        f'{tkey}: checkpoint {tuple(value.shape)} vs model '
+        f'{tuple(expect_shape)}'
+      )
       return
     node = tree
     for part in path.split('/'):
@@ -150,13 +164,17 @@ def import_torchvision(variables, state_dict, family: str):
         v = fetch(f'{t}.{tk}')
         if v is not None and path in stats_mods:
           put(out_s, path, fk, v, stats_mods[path][fk].shape, f'{t}.{tk}')
-  unexpected = sorted(k for k in state_dict if k not in used and
-                      not k.endswith('num_batches_tracked'))
+  unexpected = sorted(
+    k
+    for k in state_dict
+    if k not in used and not k.endswith('num_batches_tracked')
+  )
   if missing or unexpected or bad:
     raise ValueError(
-        'State dict does not match the model: '
-        f'missing {missing[:20]}{" ..." if len(missing) > 20 else ""}; '
-        f'unexpected {unexpected[:20]}'
-        f'{" ..." if len(unexpected) > 20 else ""}; '
-        f'shape mismatches {bad[:20]}.')
+      'State dict does not match the model: '
+      f'missing {missing[:20]}{" ..." if len(missing) > 20 else ""}; '
+      f'unexpected {unexpected[:20]}'
+      f'{" ..." if len(unexpected) > 20 else ""}; '
+      f'shape mismatches {bad[:20]}.'
+    )
   return {**variables, 'params': out_p, 'batch_stats': out_s}

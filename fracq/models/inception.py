@@ -37,15 +37,22 @@ class BasicConv(nn.Module):
     pad = self.padding
     if isinstance(pad, tuple):
       pad = ((pad[0], pad[0]), (pad[1], pad[1]))
-    x = nn.Conv(self.features, self.kernel, strides=self.strides,
-                padding=pad, use_bias=False, dtype=self.dtype,
-                name='conv')(x)
+    x = nn.Conv(
+      self.features,
+      self.kernel,
+      strides=self.strides,
+      padding=pad,
+      use_bias=False,
+      dtype=self.dtype,
+      name='conv',
+    )(x)
     return nn.relu(self.norm(name='bn')(x))
 
 
 def _avg3(x):
-  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                     count_include_pad=True)
+  return nn.avg_pool(
+    x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=True
+  )
 
 
 def _max3s2(x):
@@ -125,14 +132,22 @@ class InceptionE(nn.Module):
     c = self.c
     b1 = c(320, (1, 1), name='branch1x1')(x)
     b3 = c(384, (1, 1), name='branch3x3_1')(x)
-    b3 = jnp.concatenate([
+    b3 = jnp.concatenate(
+      [
         c(384, (1, 3), padding=(0, 1), name='branch3x3_2a')(b3),
-        c(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3)], axis=-1)
+        c(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3),
+      ],
+      axis=-1,
+    )
     bd = c(448, (1, 1), name='branch3x3dbl_1')(x)
     bd = c(384, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
-    bd = jnp.concatenate([
+    bd = jnp.concatenate(
+      [
         c(384, (1, 3), padding=(0, 1), name='branch3x3dbl_3a')(bd),
-        c(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd)], axis=-1)
+        c(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd),
+      ],
+      axis=-1,
+    )
     bp = c(192, (1, 1), name='branch_pool')(_avg3(x))
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
@@ -165,8 +180,9 @@ class InceptionV3(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = batch_norm(train, self.bn_axis_name, self.bn_momentum,
-                      self.bn_epsilon, self.dtype)
+    norm = batch_norm(
+      train, self.bn_axis_name, self.bn_momentum, self.bn_epsilon, self.dtype
+    )
     c = functools.partial(BasicConv, norm=norm, dtype=self.dtype)
     x = x.astype(self.dtype)
     x = c(32, (3, 3), strides=2, name='Conv2d_1a_3x3')(x)
@@ -186,8 +202,7 @@ class InceptionV3(nn.Module):
     x = InceptionC(192, c, name='Mixed_6e')(x)
     aux = None
     if self.aux_logits and (train or self.is_initializing()):
-      aux = InceptionAux(self.num_classes, c, self.dtype,
-                         name='AuxLogits')(x)
+      aux = InceptionAux(self.num_classes, c, self.dtype, name='AuxLogits')(x)
     x = InceptionD(c, name='Mixed_7a')(x)
     x = InceptionE(c, name='Mixed_7b')(x)
     x = InceptionE(c, name='Mixed_7c')(x)

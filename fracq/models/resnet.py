@@ -46,21 +46,31 @@ class _Block(nn.Module):
     if self.bottleneck:
       y = conv(self.features, (1, 1), name='conv1')(x)
       y = nn.relu(self.norm(name='bn1')(y))
-      y = conv(self.features, (3, 3), strides=self.strides,
-               padding=((1, 1), (1, 1)), name='conv2')(y)
+      y = conv(
+        self.features,
+        (3, 3),
+        strides=self.strides,
+        padding=((1, 1), (1, 1)),
+        name='conv2',
+      )(y)
       y = nn.relu(self.norm(name='bn2')(y))
       y = conv(out_features, (1, 1), name='conv3')(y)
       y = self.norm(name='bn3')(y)
     else:
-      y = conv(self.features, (3, 3), strides=self.strides,
-               padding=((1, 1), (1, 1)), name='conv1')(x)
+      y = conv(
+        self.features,
+        (3, 3),
+        strides=self.strides,
+        padding=((1, 1), (1, 1)),
+        name='conv1',
+      )(x)
       y = nn.relu(self.norm(name='bn1')(y))
-      y = conv(self.features, (3, 3), padding=((1, 1), (1, 1)),
-               name='conv2')(y)
+      y = conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
       y = self.norm(name='bn2')(y)
     if residual.shape != y.shape:
-      residual = conv(out_features, (1, 1), strides=self.strides,
-                      name='downsample_conv')(residual)
+      residual = conv(
+        out_features, (1, 1), strides=self.strides, name='downsample_conv'
+      )(residual)
       residual = self.norm(name='downsample_bn')(residual)
     return nn.relu(y + residual)
 
@@ -80,24 +90,43 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = batch_norm(train, self.bn_axis_name, self.bn_momentum,
-                      self.bn_epsilon, self.dtype)
+    norm = batch_norm(
+      train, self.bn_axis_name, self.bn_momentum, self.bn_epsilon, self.dtype
+    )
     x = x.astype(self.dtype)
     if self.cifar_stem:
-      x = nn.Conv(self.widths[0], (3, 3), padding=((1, 1), (1, 1)),
-                  use_bias=False, dtype=self.dtype, name='conv_init')(x)
+      x = nn.Conv(
+        self.widths[0],
+        (3, 3),
+        padding=((1, 1), (1, 1)),
+        use_bias=False,
+        dtype=self.dtype,
+        name='conv_init',
+      )(x)
       x = nn.relu(norm(name='bn_init')(x))
     else:
-      x = nn.Conv(self.widths[0], (7, 7), strides=2,
-                  padding=((3, 3), (3, 3)), use_bias=False,
-                  dtype=self.dtype, name='conv_init')(x)
+      x = nn.Conv(
+        self.widths[0],
+        (7, 7),
+        strides=2,
+        padding=((3, 3), (3, 3)),
+        use_bias=False,
+        dtype=self.dtype,
+        name='conv_init',
+      )(x)
       x = nn.relu(norm(name='bn_init')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):
         strides = 2 if (i > 0 and j == 0) else 1
-        x = _Block(self.widths[i], strides, self.bottleneck, norm,
-                   self.dtype, name=f'stage{i + 1}_block{j}')(x)
+        x = _Block(
+          self.widths[i],
+          strides,
+          self.bottleneck,
+          norm,
+          self.dtype,
+          name=f'stage{i + 1}_block{j}',
+        )(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
     return x.astype(jnp.float32)
@@ -105,15 +134,25 @@ class ResNet(nn.Module):
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
 ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
-ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3),
-                             bottleneck=True)
-ResNet20 = functools.partial(ResNet, stage_sizes=(3, 3, 3), num_classes=10,
-                             widths=(16, 32, 64), cifar_stem=True)
-ResNet56 = functools.partial(ResNet, stage_sizes=(9, 9, 9), num_classes=10,
-                             widths=(16, 32, 64), cifar_stem=True)
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), bottleneck=True)
+ResNet20 = functools.partial(
+  ResNet,
+  stage_sizes=(3, 3, 3),
+  num_classes=10,
+  widths=(16, 32, 64),
+  cifar_stem=True,
+)
+ResNet56 = functools.partial(
+  ResNet,
+  stage_sizes=(9, 9, 9),
+  num_classes=10,
+  widths=(16, 32, 64),
+  cifar_stem=True,
+)
 # A tiny variant for tests: every block type, few channels.
-ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1), num_classes=10,
-                               widths=(8, 16), cifar_stem=True)
-ResNetTinyBottleneck = functools.partial(ResNet, stage_sizes=(1, 1),
-                                         num_classes=10, widths=(4, 8),
-                                         bottleneck=True)
+ResNetTiny = functools.partial(
+  ResNet, stage_sizes=(1, 1), num_classes=10, widths=(8, 16), cifar_stem=True
+)
+ResNetTinyBottleneck = functools.partial(
+  ResNet, stage_sizes=(1, 1), num_classes=10, widths=(4, 8), bottleneck=True
+)

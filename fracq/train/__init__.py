@@ -11,3 +11,17 @@ from fracq.train.train import make_eval_step
 from fracq.train.train import make_mesh
 from fracq.train.train import make_train_step
 from fracq.train.train import train_and_evaluate
+
+__all__ = [
+  'ModelWrapper',
+  'NonFiniteError',
+  'PlainModel',
+  'TrainState',
+  'build_model_wrapper',
+  'create_train_state',
+  'evaluate',
+  'make_eval_step',
+  'make_mesh',
+  'make_train_step',
+  'train_and_evaluate',
+]

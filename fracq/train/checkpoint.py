@@ -40,24 +40,54 @@ class CheckpointError(ValueError):
 
 
 # Fields that may change between a run and its resumption.
-_RESUMABLE = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-              'keep_checkpoints', 'overwrite', 'export', 'data_dir',
-              'debug_nan_at_step', 'resume_changes')
+_RESUMABLE = (
+  'log_every_steps',
+  'eval_every_steps',
+  'checkpoint_every_steps',
+  'keep_checkpoints',
+  'overwrite',
+  'export',
+  'data_dir',
+  'debug_nan_at_step',
+  'resume_changes',
+)
 # Fields that may change on resume when listed in config.resume_changes:
 # optimisation and schedule settings, which leave the saved state's
 # structure alone.
-RESUME_CHANGEABLE = ('learning_rate', 'lr_schedule', 'warmup_epochs',
-                     'momentum', 'nesterov', 'b1', 'b2', 'weight_decay',
-                     'decay_pattern', 'lr_multipliers', 'grad_clip_norm',
-                     'label_smoothing', 'aux_loss_weight', 'num_train_steps',
-                     'num_epochs')
+RESUME_CHANGEABLE = (
+  'learning_rate',
+  'lr_schedule',
+  'warmup_epochs',
+  'momentum',
+  'nesterov',
+  'b1',
+  'b2',
+  'weight_decay',
+  'decay_pattern',
+  'lr_multipliers',
+  'grad_clip_norm',
+  'label_smoothing',
+  'aux_loss_weight',
+  'num_train_steps',
+  'num_epochs',
+)
 # What a run writes into its workdir (glob patterns); overwrite=True moves
 # exactly these aside.
-RUN_OUTPUTS = ('config.json', 'checkpoints', 'checkpoints-corrupt',
-               'events.out.tfevents.*', 'model.fracq.safetensors',
-               'model.int.safetensors', 'model.onnx',
-               'model.float.safetensors', 'size_report.txt', 'bits_step*.png',
-               'bits_step*.txt', 'bits_step*.json', 'f8net_step*.json')
+RUN_OUTPUTS = (
+  'config.json',
+  'checkpoints',
+  'checkpoints-corrupt',
+  'events.out.tfevents.*',
+  'model.fracq.safetensors',
+  'model.int.safetensors',
+  'model.onnx',
+  'model.float.safetensors',
+  'size_report.txt',
+  'bits_step*.png',
+  'bits_step*.txt',
+  'bits_step*.json',
+  'f8net_step*.json',
+)
 
 
 def resume_changes(config) -> list[str]:
@@ -67,25 +97,30 @@ def resume_changes(config) -> list[str]:
   bad = [k for k in keys if k not in RESUME_CHANGEABLE]
   if bad:
     raise CheckpointError(
-        f'config.resume_changes lists {bad}, which cannot change when a run '
-        'resumes (they change the model, the quantization or the saved '
-        'state). Only optimisation, schedule and logging keys may: '
-        f'{", ".join(RESUME_CHANGEABLE)}. To change the others, start a new '
-        'run (another --workdir, or --config.overwrite=True).')
+      f'config.resume_changes lists {bad}, which cannot change when a run '
+      'resumes (they change the model, the quantization or the saved '
+      'state). Only optimisation, schedule and logging keys may: '
+      f'{", ".join(RESUME_CHANGEABLE)}. To change the others, start a new '
+      'run (another --workdir, or --config.overwrite=True).'
+    )
   return keys
 
 
 def _run_outputs(workdir: str) -> list[str]:
   if not os.path.isdir(workdir):
     return []
-  return sorted(name for name in os.listdir(workdir)
-                if any(fnmatch.fnmatch(name, p) for p in RUN_OUTPUTS))
+  return sorted(
+    name
+    for name in os.listdir(workdir)
+    if any(fnmatch.fnmatch(name, p) for p in RUN_OUTPUTS)
+  )
 
 
 def _has_checkpoints(workdir: str) -> bool:
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   return os.path.isdir(ckpt_dir) and any(
-      d.isdigit() for d in os.listdir(ckpt_dir))
+    d.isdigit() for d in os.listdir(ckpt_dir)
+  )
 
 
 def move_previous_run(workdir: str) -> str | None:
@@ -93,8 +128,9 @@ def move_previous_run(workdir: str) -> str | None:
   names = _run_outputs(workdir)
   if not names:
     return None
-  dest = os.path.join(workdir, 'previous-' + time.strftime(
-      '%Y%m%d-%H%M%S', time.gmtime()))
+  dest = os.path.join(
+    workdir, 'previous-' + time.strftime('%Y%m%d-%H%M%S', time.gmtime())
+  )
   base, n = dest, 1
   while os.path.exists(dest):
     dest, n = f'{base}-{n}', n + 1
@@ -102,8 +138,11 @@ def move_previous_run(workdir: str) -> str | None:
     os.makedirs(dest)
     for name in names:
       shutil.move(os.path.join(workdir, name), os.path.join(dest, name))
-  logging.warning('overwrite=True: moved the previous run\'s outputs (%s) '
-                  'into %s.', ', '.join(names), dest)
+  logging.warning(
+    "overwrite=True: moved the previous run's outputs (%s) into %s.",
+    ', '.join(names),
+    dest,
+  )
   return dest
 
 
@@ -122,24 +161,36 @@ def check_workdir(config, workdir: str) -> list[str]:
   elif os.path.exists(path) and _has_checkpoints(workdir):
     with open(path) as f:
       old = json.load(f)
-    diff = sorted(k for k in set(old) | set(new)
-                  if k not in _RESUMABLE and old.get(k) != new.get(k))
+    diff = sorted(
+      k
+      for k in set(old) | set(new)
+      if k not in _RESUMABLE and old.get(k) != new.get(k)
+    )
     changed = [k for k in diff if k in allowed]
     refused = [k for k in diff if k not in allowed]
     if refused:
       fixable = [k for k in refused if k in RESUME_CHANGEABLE]
-      hint = (f'To resume with the changed {fixable} on purpose, pass '
-              f'--config.resume_changes={",".join(fixable + changed)}. '
-              if fixable and len(fixable) == len(refused) else '')
+      hint = (
+        f'To resume with the changed {fixable} on purpose, pass '
+        f'--config.resume_changes={",".join(fixable + changed)}. '
+        if fixable and len(fixable) == len(refused)
+        else ''
+      )
       raise CheckpointError(
-          f'Workdir {workdir} holds checkpoints of a different '
-          f'configuration (differs in: {refused}). {hint}Otherwise use '
-          'another --workdir, or pass --config.overwrite=True to move the '
-          'previous run\'s outputs into <workdir>/previous-<time>/ and start '
-          'over.')
+        f'Workdir {workdir} holds checkpoints of a different '
+        f'configuration (differs in: {refused}). {hint}Otherwise use '
+        'another --workdir, or pass --config.overwrite=True to move the '
+        "previous run's outputs into <workdir>/previous-<time>/ and start "
+        'over.'
+      )
     for k in changed:
-      logging.warning('Resuming with config.%s changed from %r to %r '
-                      '(config.resume_changes).', k, old.get(k), new.get(k))
+      logging.warning(
+        'Resuming with config.%s changed from %r to %r '
+        '(config.resume_changes).',
+        k,
+        old.get(k),
+        new.get(k),
+      )
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     tmp = path + '.tmp'
@@ -149,15 +200,18 @@ def check_workdir(config, workdir: str) -> list[str]:
   if jax.process_count() > 1:
     # pylint: disable-next=g-import-not-at-top
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices('fracq_check_workdir')
   return changed
 
 
 def manager(workdir: str, config) -> ocp.CheckpointManager:
-  opts = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                      create=True)
+  opts = ocp.CheckpointManagerOptions(
+    max_to_keep=config.keep_checkpoints, create=True
+  )
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'checkpoints')), options=opts)
+    os.path.abspath(os.path.join(workdir, 'checkpoints')), options=opts
+  )
 
 
 def _canonical_leaves(tree) -> dict[str, Any]:
@@ -168,6 +222,7 @@ def _canonical_leaves(tree) -> dict[str, Any]:
   the siblings that hold arrays: an optimizer chain that gains or loses a
   stateless link (``grad_clip_norm`` switched on) keeps its paths.
   """
+
   def entry(key):
     if isinstance(key, jax.tree_util.SequenceKey):
       return ('i', key.idx)
@@ -176,8 +231,10 @@ def _canonical_leaves(tree) -> dict[str, Any]:
         return ('k', str(getattr(key, attr)))
     return ('k', str(key))
 
-  leaves = [([entry(k) for k in path], leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+  leaves = [
+    ([entry(k) for k in path], leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  ]
   siblings = {}
   for path, _ in leaves:
     for j, (kind, value) in enumerate(path):
@@ -188,8 +245,9 @@ def _canonical_leaves(tree) -> dict[str, Any]:
   for path, leaf in leaves:
     parts = []
     for j, (kind, value) in enumerate(path):
-      parts.append(str(ranks[tuple(path[:j])].index(value)) if kind == 'i'
-                   else value)
+      parts.append(
+        str(ranks[tuple(path[:j])].index(value)) if kind == 'i' else value
+      )
     out['/'.join(parts)] = leaf
   return out
 
@@ -206,23 +264,31 @@ def digests(tree) -> dict[str, str]:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
-  mngr.save(step, args=ocp.args.StandardSave(state),
-            custom_metadata={'sha256': digests(state)})
+  mngr.save(
+    step,
+    args=ocp.args.StandardSave(state),
+    custom_metadata={'sha256': digests(state)},
+  )
 
 
 def _verify(mngr, step: int, restored) -> None:
   meta = mngr.metadata(step)
   recorded = (getattr(meta, 'custom_metadata', None) or {}).get('sha256')
   if not recorded:
-    logging.warning('Checkpoint at step %d has no checksums (written by an '
-                    'older fracq); restored unverified.', step)
+    logging.warning(
+      'Checkpoint at step %d has no checksums (written by an '
+      'older fracq); restored unverified.',
+      step,
+    )
     return
   actual = digests(restored)
-  bad = sorted(k for k in set(recorded) | set(actual)
-               if recorded.get(k) != actual.get(k))
+  bad = sorted(
+    k for k in set(recorded) | set(actual) if recorded.get(k) != actual.get(k)
+  )
   if bad:
-    raise CheckpointError(f'checksum mismatch in {len(bad)} array(s), e.g. '
-                          f'{bad[:3]}')
+    raise CheckpointError(
+      f'checksum mismatch in {len(bad)} array(s), e.g. {bad[:3]}'
+    )
 
 
 def restore_latest(mngr: ocp.CheckpointManager, template, workdir=None):
@@ -244,21 +310,30 @@ def restore_latest(mngr: ocp.CheckpointManager, template, workdir=None):
     except Exception as e:  # pylint: disable=broad-except
       reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
       reasons.append((step, reason[:300]))
-      logging.warning('Checkpoint at step %d in %s cannot be used (%s); '
-                      'trying an older one.', step, mngr.directory, reason)
+      logging.warning(
+        'Checkpoint at step %d in %s cannot be used (%s); trying an older one.',
+        step,
+        mngr.directory,
+        reason,
+      )
       continue
     if reasons:
       skipped = [s for s, _ in reasons]
-      logging.warning('Resuming from the checkpoint at step %d; skipped the '
-                      'newer unusable checkpoint(s) %s.', step, skipped)
+      logging.warning(
+        'Resuming from the checkpoint at step %d; skipped the '
+        'newer unusable checkpoint(s) %s.',
+        step,
+        skipped,
+      )
       _move_aside(mngr, skipped, workdir)
     return restored
   listing = '; '.join(f'step {s}: {r}' for s, r in reasons)
   raise CheckpointError(
-      f'No checkpoint in {mngr.directory} could be restored ({listing}). '
-      'They are corrupt or were written by a different model. Use another '
-      '--workdir, or pass --config.overwrite=True to move this run\'s outputs '
-      'into <workdir>/previous-<time>/ and start over.')
+    f'No checkpoint in {mngr.directory} could be restored ({listing}). '
+    'They are corrupt or were written by a different model. Use another '
+    "--workdir, or pass --config.overwrite=True to move this run's outputs "
+    'into <workdir>/previous-<time>/ and start over.'
+  )
 
 
 def _restore_into(mngr, step: int, template):
@@ -275,24 +350,34 @@ def _restore_into(mngr, step: int, template):
     return restored
   meta = mngr.item_metadata(step)
   dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  raw = mngr.restore(step, args=ocp.args.StandardRestore(
+  raw = mngr.restore(
+    step,
+    args=ocp.args.StandardRestore(
       jax.tree_util.tree_map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
-          meta)))
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta
+      )
+    ),
+  )
   _verify(mngr, step, raw)
   saved = _canonical_leaves(raw)
   wanted = _canonical_leaves(template)
-  bad = sorted(k for k in set(saved) | set(wanted)
-               if k not in saved or k not in wanted or
-               saved[k].shape != wanted[k].shape or
-               saved[k].dtype != wanted[k].dtype)
+  bad = sorted(
+    k
+    for k in set(saved) | set(wanted)
+    if k not in saved
+    or k not in wanted
+    or saved[k].shape != wanted[k].shape
+    or saved[k].dtype != wanted[k].dtype
+  )
   if bad:
     raise CheckpointError(
-        f'the saved state does not fit this configuration\'s model and '
-        f'optimizer (paths {bad[:5]} differ)')
+      f"the saved state does not fit this configuration's model and "
+      f'optimizer (paths {bad[:5]} differ)'
+    )
   leaves = [saved[k] for k in wanted]
   return jax.tree_util.tree_unflatten(
-      jax.tree_util.tree_structure(template), leaves)
+    jax.tree_util.tree_structure(template), leaves
+  )
 
 
 def _move_aside(mngr, steps, workdir) -> None:
@@ -304,11 +389,13 @@ def _move_aside(mngr, steps, workdir) -> None:
     for step in steps:
       target = os.path.join(dest, f'{step}-{stamp}')
       shutil.move(os.path.join(root, str(step)), target)
-      logging.warning('Moved the unusable checkpoint at step %d to %s.',
-                      step, target)
+      logging.warning(
+        'Moved the unusable checkpoint at step %d to %s.', step, target
+      )
   if jax.process_count() > 1:
     # pylint: disable-next=g-import-not-at-top
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices('fracq_move_corrupt')
   mngr.reload()
 
@@ -318,17 +405,20 @@ def restore_raw(workdir: str, step: int | None = None) -> dict:
   whatever topology (devices, processes) wrote it."""
   path = os.path.abspath(os.path.join(workdir, 'checkpoints'))
   if not os.path.isdir(path):
-    raise ValueError(f'{workdir!r} has no checkpoints/ directory; point it '
-                     'at a fracq workdir.')
+    raise ValueError(
+      f'{workdir!r} has no checkpoints/ directory; point it at a fracq workdir.'
+    )
   mngr = ocp.CheckpointManager(
-      path, item_handlers=ocp.StandardCheckpointHandler())
+    path, item_handlers=ocp.StandardCheckpointHandler()
+  )
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise ValueError(f'No checkpoint found in {path}.')
   meta = mngr.item_metadata(step)
   dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   template = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta
+  )
   return mngr.restore(step, args=ocp.args.StandardRestore(template))
 
 
@@ -345,6 +435,7 @@ def load_variables(workdir: str, collections: str) -> dict:
     # kernels: hand on the kernels it computed with (exact zeros, centroid
     # values), so the next stage starts from the pruned/clustered model.
     from fracq.methods import preserve  # pylint: disable=g-import-not-at-top
+
     flat = preserve.strip(flat, keep_quant=True)
   out = {}
   for col in wanted:
@@ -365,11 +456,17 @@ def merge_variables(target: dict, source: dict) -> dict:
     s_paths = dict(jax.tree_util.tree_leaves_with_path(tree))
     missing = sorted(map(jax.tree_util.keystr, set(t_paths) - set(s_paths)))
     extra = sorted(map(jax.tree_util.keystr, set(s_paths) - set(t_paths)))
-    bad = sorted(jax.tree_util.keystr(k) for k in set(t_paths) & set(s_paths)
-                 if t_paths[k].shape != s_paths[k].shape)
+    bad = sorted(
+      jax.tree_util.keystr(k)
+      for k in set(t_paths) & set(s_paths)
+      if t_paths[k].shape != s_paths[k].shape
+    )
     if missing or extra or bad:
-      raise ValueError(f'init_from {col}: missing {missing[:10]}, unexpected '
-                       f'{extra[:10]}, shape mismatch {bad[:10]}.')
+      raise ValueError(
+        f'init_from {col}: missing {missing[:10]}, unexpected '
+        f'{extra[:10]}, shape mismatch {bad[:10]}.'
+      )
     out[col] = jax.tree_util.tree_map(
-        lambda t, s: jax.numpy.asarray(s, t.dtype), target[col], tree)
+      lambda t, s: jax.numpy.asarray(s, t.dtype), target[col], tree
+    )
   return out

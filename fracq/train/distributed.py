@@ -44,8 +44,13 @@ def calibrate(wrapper, variables, images, mesh: Mesh, axis: str = 'batch'):
     The calibrated variables, replicated (every device and host holds the
     statistics of the whole batch).
   """
-  fn = jax.shard_map(wrapper.calibrate, mesh=mesh, in_specs=(P(), P(axis)),
-                     out_specs=P(), check_vma=False)
+  fn = jax.shard_map(
+    wrapper.calibrate,
+    mesh=mesh,
+    in_specs=(P(), P(axis)),
+    out_specs=P(),
+    check_vma=False,
+  )
   return jax.jit(fn)(variables, images)
 
 
@@ -81,14 +86,17 @@ def assert_equal_across_hosts(tree, what: str) -> None:
   # Every process found the same leaf; gather it to say by how much.
   detail = ''
   shapes = multihost_utils.process_allgather(
-      np.array(np.shape(values[first]) or (1,), np.int32))
+    np.array(np.shape(values[first]) or (1,), np.int32)
+  )
   if np.all(np.asarray(shapes) == np.asarray(shapes)[:1]):
-    copies = np.asarray(multihost_utils.process_allgather(
-        np.asarray(values[first], np.float32)))
+    copies = np.asarray(
+      multihost_utils.process_allgather(np.asarray(values[first], np.float32))
+    )
     gap = np.max(np.abs(copies - copies[:1]))
     detail = f'; max |difference| from process 0: {gap:.6g}'
   raise ValueError(
-      f'{what} differs across the {jax.process_count()} processes: '
-      f'{differ.size} leaves, first {name}{detail}. Replicated values must be '
-      'computed from the global batch (or broadcast from one process); check '
-      'that every process runs the same code, config and data order.')
+    f'{what} differs across the {jax.process_count()} processes: '
+    f'{differ.size} leaves, first {name}{detail}. Replicated values must be '
+    'computed from the global batch (or broadcast from one process); check '
+    'that every process runs the same code, config and data order.'
+  )

@@ -72,8 +72,12 @@ class ConfigError(ValueError):
 
 # Errors that are the user's to fix: ``launch.py`` prints their message
 # alone (no traceback).
-USER_ERRORS = (ConfigError, ckpt_lib.CheckpointError,
-               data_lib.DatasetError, NonFiniteError)
+USER_ERRORS = (
+  ConfigError,
+  ckpt_lib.CheckpointError,
+  data_lib.DatasetError,
+  NonFiniteError,
+)
 
 
 def check_config(config) -> None:
@@ -81,39 +85,42 @@ def check_config(config) -> None:
   for key in ('batch_size', 'eval_batch_size'):
     value = config[key]
     if not isinstance(value, int) or value < 1:
-      raise ConfigError(f'config.{key}={value!r}; it must be a positive '
-                        'integer (the global batch, split over devices).')
+      raise ConfigError(
+        f'config.{key}={value!r}; it must be a positive '
+        'integer (the global batch, split over devices).'
+      )
   steps = config.num_train_steps
   if steps is None or steps == 0 or steps < -1:
     raise ConfigError(
-        f'config.num_train_steps={steps!r}; give a positive step count, or '
-        '-1 to train for config.num_epochs (num_epochs=0 with -1 evaluates '
-        'without training).')
+      f'config.num_train_steps={steps!r}; give a positive step count, or '
+      '-1 to train for config.num_epochs (num_epochs=0 with -1 evaluates '
+      'without training).'
+    )
   if config.num_epochs is None or config.num_epochs < 0:
     raise ConfigError(f'config.num_epochs={config.num_epochs!r} must be >= 0.')
   if config.dataset not in data_lib.DATASETS:
-    raise ConfigError(f'Unknown dataset {config.dataset!r}; choose one of '
-                      f'{data_lib.DATASETS}.')
-  for key in ('log_every_steps', 'eval_every_steps',
-              'checkpoint_every_steps'):
+    raise ConfigError(
+      f'Unknown dataset {config.dataset!r}; choose one of {data_lib.DATASETS}.'
+    )
+  for key in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
     if config[key] < 1:
       raise ConfigError(f'config.{key}={config[key]!r} must be >= 1.')
   quant = config.quant
-  if (config.export and quant.method == 'none' and
-      not quant.get('preserve', '')):
+  if config.export and quant.method == 'none' and not quant.get('preserve', ''):
     raise ConfigError(
-        'config.export=True needs a quantized, pruned or clustered model '
-        "(config.quant.method != 'none' or config.quant.preserve set); this "
-        'is a float run, so there is nothing to export. Drop '
-        '--config.export=True or choose a quantization method.')
+      'config.export=True needs a quantized, pruned or clustered model '
+      "(config.quant.method != 'none' or config.quant.preserve set); this "
+      'is a float run, so there is nothing to export. Drop '
+      '--config.export=True or choose a quantization method.'
+    )
   ckpt_lib.resume_changes(config)
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  trainable: Any      # {collection: tree} that receives gradients
-  state: Any          # other mutable collections (batch_stats, quant_stats)
+  trainable: Any  # {collection: tree} that receives gradients
+  state: Any  # other mutable collections (batch_stats, quant_stats)
   opt_state: Any
   bad_step: jax.Array  # first step with a non-finite loss/grad, or -1
 
@@ -144,8 +151,9 @@ def total_steps(config) -> int:
   return int(math.ceil(config.num_epochs * data_lib.steps_per_epoch(config)))
 
 
-def create_train_state(config, wrapper, first_batch, rng, *, total: int,
-                       mesh: Mesh | None = None):
+def create_train_state(
+  config, wrapper, first_batch, rng, *, total: int, mesh: Mesh | None = None
+):
   """Initial state: variables (calibrated on ``first_batch``) + optimizer.
 
   ``first_batch`` is this host's part of the first batch; calibration runs
@@ -156,8 +164,12 @@ def create_train_state(config, wrapper, first_batch, rng, *, total: int,
   x = jnp.asarray(first_batch['image'])
   variables = jax.jit(functools.partial(wrapper.init, train=False))(rng, x)
   variables = jax.tree_util.tree_map(lambda v: v, dict(variables))
-  variables = calibrate_global(wrapper, variables, first_batch['image'],
-                               mesh if mesh is not None else make_mesh())
+  variables = calibrate_global(
+    wrapper,
+    variables,
+    first_batch['image'],
+    mesh if mesh is not None else make_mesh(),
+  )
   return state_from_variables(config, wrapper, variables, total=total)
 
 
@@ -165,21 +177,29 @@ def calibrate_global(wrapper, variables, local_images, mesh: Mesh):
   """``wrapper.calibrate`` on the global batch made of every host's
   ``local_images``; returns this host's (single-device) copy."""
   images = to_global({'image': local_images}, mesh)['image']
-  out = distributed.calibrate(wrapper, replicate(variables, mesh), images,
-                              mesh, AXIS)
+  out = distributed.calibrate(
+    wrapper, replicate(variables, mesh), images, mesh, AXIS
+  )
   return jax.tree_util.tree_map(
-      lambda v: jnp.asarray(distributed.local_value(v)), out)
+    lambda v: jnp.asarray(distributed.local_value(v)), out
+  )
 
 
 def state_from_variables(config, wrapper, variables, *, total: int):
-  trainable = {c: variables[c] for c in wrapper.trainable_collections
-               if c in variables}
+  trainable = {
+    c: variables[c] for c in wrapper.trainable_collections if c in variables
+  }
   state = {c: v for c, v in variables.items() if c not in trainable}
-  tx, _ = optim.make_optimizer(config, trainable, total,
-                               data_lib.steps_per_epoch(config))
-  return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
-                    state=state, opt_state=tx.init(trainable),
-                    bad_step=jnp.full((), -1, jnp.int32)), tx
+  tx, _ = optim.make_optimizer(
+    config, trainable, total, data_lib.steps_per_epoch(config)
+  )
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    trainable=trainable,
+    state=state,
+    opt_state=tx.init(trainable),
+    bad_step=jnp.full((), -1, jnp.int32),
+  ), tx
 
 
 def cross_entropy(logits, labels, mask):
@@ -202,56 +222,78 @@ def make_train_step(config, wrapper, tx, mesh: Mesh):
 
     # Dropout keys: a pure function of (seed, step, device), so a resumed
     # run draws exactly the masks an uninterrupted one would.
-    key = jax.random.fold_in(jax.random.fold_in(
-        jax.random.PRNGKey(seed), state.step), jax.lax.axis_index(AXIS))
+    key = jax.random.fold_in(
+      jax.random.fold_in(jax.random.PRNGKey(seed), state.step),
+      jax.lax.axis_index(AXIS),
+    )
 
     def loss_fn(trainable):
-      out, new_state = wrapper.apply({**trainable, **state.state}, x,
-                                     train=True, mutable=mutable,
-                                     rngs={'dropout': key})
+      out, new_state = wrapper.apply(
+        {**trainable, **state.state},
+        x,
+        train=True,
+        mutable=mutable,
+        rngs={'dropout': key},
+      )
       logits, aux = out if isinstance(out, tuple) else (out, None)
       labels = jax.nn.one_hot(y, logits.shape[-1])
       if smoothing:
         labels = labels * (1 - smoothing) + smoothing / logits.shape[-1]
       task = jnp.mean(optax.softmax_cross_entropy(logits, labels))
       if aux is not None:  # e.g. Inception-V3's auxiliary classifier
-        task += aux_weight * jnp.mean(
-            optax.softmax_cross_entropy(aux, labels))
+        task += aux_weight * jnp.mean(optax.softmax_cross_entropy(aux, labels))
       if nan_step >= 0:  # fault injection, to test the guard rails
         task = jnp.where(state.step == nan_step, jnp.nan, task)
-      pen, pen_metrics = wrapper.penalty({**trainable, **state.state},
-                                         state.step)
+      pen, pen_metrics = wrapper.penalty(
+        {**trainable, **state.state}, state.step
+      )
       return task + pen, (task, logits, new_state, pen_metrics)
 
-    (loss, (task, logits, new_state, pen_metrics)), grads = (
-        jax.value_and_grad(loss_fn, has_aux=True)(state.trainable))
+    (loss, (task, logits, new_state, pen_metrics)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True
+    )(state.trainable)
     grads = jax.lax.pmean(grads, AXIS)
     new_state = jax.tree_util.tree_map(
-        lambda v: jax.lax.pmean(v, AXIS)
-        if jnp.issubdtype(v.dtype, jnp.floating) else v, dict(new_state))
+      lambda v: (
+        jax.lax.pmean(v, AXIS) if jnp.issubdtype(v.dtype, jnp.floating) else v
+      ),
+      dict(new_state),
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     gnorm = optim.global_norm(grads)
     loss = jax.lax.pmean(loss, AXIS)
     ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     keep = lambda new, old: jax.tree_util.tree_map(
-        lambda n, o: jnp.where(ok, n, o), new, old)
+      lambda n, o: jnp.where(ok, n, o), new, old
+    )
     correct = jax.lax.psum(jnp.sum(jnp.argmax(logits, -1) == y), AXIS)
     count = jax.lax.psum(jnp.sum(mask), AXIS)
     new = TrainState(
-        step=state.step + 1, trainable=keep(trainable, state.trainable),
-        state=keep(new_state, state.state),
-        opt_state=keep(opt_state, state.opt_state),
-        bad_step=jnp.where((state.bad_step < 0) & ~ok, state.step,
-                           state.bad_step))
-    metrics = {'loss': loss, 'task_loss': jax.lax.pmean(task, AXIS),
-               'accuracy': correct / count, 'grad_norm': gnorm}
-    metrics.update({k: jax.lax.pmean(v, AXIS) for k, v in
-                    pen_metrics.items()})
+      step=state.step + 1,
+      trainable=keep(trainable, state.trainable),
+      state=keep(new_state, state.state),
+      opt_state=keep(opt_state, state.opt_state),
+      bad_step=jnp.where(
+        (state.bad_step < 0) & ~ok, state.step, state.bad_step
+      ),
+    )
+    metrics = {
+      'loss': loss,
+      'task_loss': jax.lax.pmean(task, AXIS),
+      'accuracy': correct / count,
+      'grad_norm': gnorm,
+    }
+    metrics.update({k: jax.lax.pmean(v, AXIS) for k, v in pen_metrics.items()})
     return new, metrics
 
-  sharded = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS)),
-                          out_specs=(P(), P()), check_vma=False)
+  sharded = jax.shard_map(
+    step_fn,
+    mesh=mesh,
+    in_specs=(P(), P(AXIS)),
+    out_specs=(P(), P()),
+    check_vma=False,
+  )
   return jax.jit(sharded, donate_argnums=(0,))
 
 
@@ -264,8 +306,15 @@ def make_eval_step(wrapper, mesh: Mesh):
     correct = jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask)
     return jax.lax.psum(jnp.stack([loss, correct, n]), AXIS)
 
-  return jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS)),
-                               out_specs=P(), check_vma=False))
+  return jax.jit(
+    jax.shard_map(
+      step_fn,
+      mesh=mesh,
+      in_specs=(P(), P(AXIS)),
+      out_specs=P(),
+      check_vma=False,
+    )
+  )
 
 
 def replicate(tree, mesh: Mesh):
@@ -276,16 +325,20 @@ def replicate(tree, mesh: Mesh):
     if not isinstance(x, (jax.Array, np.ndarray)):
       return x
     host = np.asarray(jax.device_get(x))
-    return jax.make_array_from_callback(host.shape, sharding,
-                                        lambda idx: host[idx])
+    return jax.make_array_from_callback(
+      host.shape, sharding, lambda idx: host[idx]
+    )
+
   return jax.tree_util.tree_map(put, tree)
 
 
 def to_global(batch, mesh: Mesh):
   """This host's part of a batch -> a global array sharded over the mesh."""
   sharding = NamedSharding(mesh, P(AXIS))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in batch.items()
+  }
 
 
 def evaluate(config, wrapper, variables, mesh, eval_step=None):
@@ -294,28 +347,33 @@ def evaluate(config, wrapper, variables, mesh, eval_step=None):
   tot = np.zeros(3)
   for batch in data_lib.eval_batches(config):
     tot += np.asarray(eval_step(variables, to_global(batch, mesh)))
-  return {'eval_loss': tot[0] / tot[2], 'eval_accuracy': tot[1] / tot[2],
-          'eval_examples': int(tot[2])}
+  return {
+    'eval_loss': tot[0] / tot[2],
+    'eval_accuracy': tot[1] / tot[2],
+    'eval_examples': int(tot[2]),
+  }
 
 
 def _check_finite(state: TrainState):
   bad = int(jax.device_get(state.bad_step))
   if bad >= 0:
     raise NonFiniteError(
-        f'Non-finite loss or gradient norm at step {bad}; that update was '
-        'not applied and no checkpoint was written from it (the last good '
-        'checkpoint is kept). To continue from that checkpoint with safer '
-        'settings, rerun the same command with e.g. '
-        '--config.learning_rate=<lower> --config.grad_clip_norm=1.0 '
-        '--config.resume_changes=learning_rate,grad_clip_norm; or check the '
-        'input data.')
+      f'Non-finite loss or gradient norm at step {bad}; that update was '
+      'not applied and no checkpoint was written from it (the last good '
+      'checkpoint is kept). To continue from that checkpoint with safer '
+      'settings, rerun the same command with e.g. '
+      '--config.learning_rate=<lower> --config.grad_clip_norm=1.0 '
+      '--config.resume_changes=learning_rate,grad_clip_norm; or check the '
+      'input data.'
+    )
 
 
 def _bits_frozen(variables) -> bool:
   """True when ``quant_stats`` holds hard-assigned (frozen) bit-widths."""
   found = []
   for path, leaf in jax.tree_util.tree_leaves_with_path(
-      variables.get('quant_stats', {})):
+    variables.get('quant_stats', {})
+  ):
     name = str(getattr(path[-1], 'key', path[-1])) if path else ''
     if name.endswith('_hard_bits'):
       found.append(bool(np.all(np.asarray(jax.device_get(leaf)) >= 0)))
@@ -333,19 +391,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = make_mesh()
   n_dev = mesh.devices.size
   if config.batch_size % n_dev or config.eval_batch_size % n_dev:
-    raise ConfigError(f'config.batch_size={config.batch_size} and '
-                      f'eval_batch_size={config.eval_batch_size} must divide '
-                      f'by the {n_dev} devices.')
+    raise ConfigError(
+      f'config.batch_size={config.batch_size} and '
+      f'eval_batch_size={config.eval_batch_size} must divide '
+      f'by the {n_dev} devices.'
+    )
   # Reading the first batch before the workdir is touched: a missing or
   # unreadable dataset leaves no half-made workdir behind.
   first = next(data_lib.train_iterator(config, 0))
   changed = ckpt_lib.check_workdir(config, workdir)
   writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+    workdir, just_logging=jax.process_index() > 0
+  )
   mngr = None
   try:
-    writer.write_hparams({k: v for k, v in config.to_dict().items()
-                          if isinstance(v, (int, float, str, bool))})
+    writer.write_hparams(
+      {
+        k: v
+        for k, v in config.to_dict().items()
+        if isinstance(v, (int, float, str, bool))
+      }
+    )
     mngr = ckpt_lib.manager(workdir, config)
     return _run(config, workdir, mesh, writer, mngr, changed, first)
   finally:
@@ -366,38 +432,54 @@ def _run(config, workdir, mesh, writer, mngr, changed, first) -> dict:
 
   total = total_steps(config)
   module = build_module(config)
-  wrapper = mw.build_model_wrapper(config, module, first['image'][:1],
-                                   total_steps=total)
+  wrapper = mw.build_model_wrapper(
+    config, module, first['image'][:1], total_steps=total
+  )
   rng = jax.random.key(config.seed)
-  state, tx = create_train_state(config, wrapper, first, rng, total=total,
-                                 mesh=mesh)
+  state, tx = create_train_state(
+    config, wrapper, first, rng, total=total, mesh=mesh
+  )
   restored = ckpt_lib.restore_latest(mngr, state, workdir)
   if restored is not None:
     state = restored
     logging.info('Resumed from step %d.', int(state.step))
     if changed:
-      lr = optim.make_schedule(config, total,
-                               data_lib.steps_per_epoch(config))(
-                                   int(state.step))
-      logging.warning('Resumed with changed %s: the schedule now runs to '
-                      'step %d and gives learning rate %.4g at the resumed '
-                      'step %d.', changed, total, float(lr), int(state.step))
+      lr = optim.make_schedule(config, total, data_lib.steps_per_epoch(config))(
+        int(state.step)
+      )
+      logging.warning(
+        'Resumed with changed %s: the schedule now runs to '
+        'step %d and gives learning rate %.4g at the resumed '
+        'step %d.',
+        changed,
+        total,
+        float(lr),
+        int(state.step),
+      )
     hard_step = getattr(wrapper, 'hard_assign_step', None)
-    if (hard_step is not None and not getattr(wrapper, 'hard', True) and
-        _bits_frozen(state.state)):
+    if (
+      hard_step is not None
+      and not getattr(wrapper, 'hard', True)
+      and _bits_frozen(state.state)
+    ):
       # Bits were assigned before the checkpoint: they stay frozen even if
       # a changed schedule moved the assignment step past the resumed one.
       wrapper = wrapper.for_step(max(hard_step, int(state.step)))
-      logging.info('Restored bit-widths are hard-assigned: they stay frozen '
-                   '(%s, hard bits).', type(wrapper).__name__)
+      logging.info(
+        'Restored bit-widths are hard-assigned: they stay frozen '
+        '(%s, hard bits).',
+        type(wrapper).__name__,
+      )
   elif config.init_from:
-    variables = ckpt_lib.load_variables(config.init_from,
-                                        config.init_collections)
+    variables = ckpt_lib.load_variables(
+      config.init_from, config.init_collections
+    )
     merged = ckpt_lib.merge_variables(state.variables(), variables)
     merged = calibrate_global(wrapper, merged, first['image'], mesh)
     state, tx = state_from_variables(config, wrapper, merged, total=total)
-    logging.info('Initialised %s from %s.', config.init_collections,
-                 config.init_from)
+    logging.info(
+      'Initialised %s from %s.', config.init_collections, config.init_from
+    )
   start = int(state.step)
 
   def switch(wrapper, state, step):
@@ -405,10 +487,15 @@ def _run(config, workdir, mesh, writer, mngr, changed, first) -> dict:
     if w is not wrapper:
       v = w.prepare(state.variables())
       trainable = {c: v[c] for c in state.trainable}
-      state = state.replace(trainable=trainable,
-                            state={c: v[c] for c in state.state})
-      logging.info('Step %d: switched to %s.', step, type(w).__name__ +
-                   (' (hard bits)' if getattr(w, 'hard', False) else ''))
+      state = state.replace(
+        trainable=trainable, state={c: v[c] for c in state.state}
+      )
+      logging.info(
+        'Step %d: switched to %s.',
+        step,
+        type(w).__name__
+        + (' (hard bits)' if getattr(w, 'hard', False) else ''),
+      )
     return w, state
 
   wrapper, state = switch(wrapper, state, start)
@@ -416,10 +503,10 @@ def _run(config, workdir, mesh, writer, mngr, changed, first) -> dict:
   distributed.assert_equal_across_hosts(state, f'the state at step {start}')
   train_step = make_train_step(config, wrapper, tx, mesh)
   eval_step = make_eval_step(wrapper, mesh)
-  report = periodic_actions.ReportProgress(num_train_steps=total,
-                                           writer=writer)
-  schedule = optim.make_schedule(config, total,
-                                 data_lib.steps_per_epoch(config))
+  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
+  schedule = optim.make_schedule(
+    config, total, data_lib.steps_per_epoch(config)
+  )
   try:
     it = data_lib.train_iterator(config, start)
     t0, logged, collection = time.time(), None, None
@@ -433,10 +520,10 @@ def _run(config, workdir, mesh, writer, mngr, changed, first) -> dict:
         eval_step = make_eval_step(wrapper, mesh)
       batch = to_global(next(it), mesh)
       state, metrics = train_step(state, batch)
-      if collection is None or set(metrics) != set(
-          collection.__annotations__):
+      if collection is None or set(metrics) != set(collection.__annotations__):
         collection = clu_metrics.Collection.create(
-            **{k: clu_metrics.Average.from_output(k) for k in metrics})
+          **{k: clu_metrics.Average.from_output(k) for k in metrics}
+        )
         logged = None
       upd = collection.single_from_model_output(**metrics)
       logged = upd if logged is None else logged.merge(upd)
@@ -449,30 +536,38 @@ def _run(config, workdir, mesh, writer, mngr, changed, first) -> dict:
         m['learning_rate'] = float(schedule(step))
         writer.write_scalars(step + 1, m)
         rate = config.log_every_steps / max(time.time() - t0, 1e-9)
-        logging.info('step %d/%d  loss %.4f  acc %.4f  lr %.4g  %.1f steps/s'
-                     '  ETA %s', step + 1, total, m['loss'], m['accuracy'],
-                     m['learning_rate'], rate,
-                     time.strftime('%H:%M:%S', time.gmtime(
-                         (total - step - 1) / max(rate, 1e-9))))
+        logging.info(
+          'step %d/%d  loss %.4f  acc %.4f  lr %.4g  %.1f steps/s  ETA %s',
+          step + 1,
+          total,
+          m['loss'],
+          m['accuracy'],
+          m['learning_rate'],
+          rate,
+          time.strftime(
+            '%H:%M:%S', time.gmtime((total - step - 1) / max(rate, 1e-9))
+          ),
+        )
         t0 = time.time()
       if (step + 1) % config.eval_every_steps == 0 or last:
-        eval_metrics = evaluate(config, wrapper, state.variables(), mesh,
-                                eval_step)
+        eval_metrics = evaluate(
+          config, wrapper, state.variables(), mesh, eval_step
+        )
         eval_metrics.update(wrapper.metrics(state.variables()))
         writer.write_scalars(step + 1, eval_metrics)
         logging.info('eval at step %d: %s', step + 1, eval_metrics)
       if (step + 1) % config.checkpoint_every_steps == 0 or last:
         _check_finite(state)
         distributed.assert_equal_across_hosts(
-            state, f'the state at step {step + 1}')
+          state, f'the state at step {step + 1}'
+        )
         ckpt_lib.save(mngr, step + 1, state)
   finally:
     # Let in-flight (good) checkpoint writes finish even when a guard rail
     # stops the run.
     mngr.wait_until_finished()
   if start >= total:
-    eval_metrics = evaluate(config, wrapper, state.variables(), mesh,
-                            eval_step)
+    eval_metrics = evaluate(config, wrapper, state.variables(), mesh, eval_step)
     eval_metrics.update(wrapper.metrics(state.variables()))
   if jax.process_index() == 0:
     wrapper.report(state.variables(), workdir, total, writer)
@@ -495,10 +590,13 @@ def _export(config, wrapper, state, workdir) -> dict:
   from fracq.export import integer_model
   from fracq.methods.f8net import F8NetModel
   from fracq.export import sizes
+
   if not (hasattr(wrapper, 'facts') or isinstance(wrapper, F8NetModel)):
-    raise ValueError('config.export=True needs a quantized, pruned or '
-                     "clustered model (config.quant.method != 'none' or "
-                     'config.quant.preserve set).')
+    raise ValueError(
+      'config.export=True needs a quantized, pruned or '
+      "clustered model (config.quant.method != 'none' or "
+      'config.quant.preserve set).'
+    )
   variables = jax.device_get(state.variables())
   meta = {'model': config.model, 'method': config.quant.method}
   out, texts = {}, []
@@ -506,59 +604,77 @@ def _export(config, wrapper, state, workdir) -> dict:
     # Float pruning / clustering: the stripped float32 model (exact zeros
     # and centroid values in params), and its gzip size.
     from fracq.methods import preserve
+
     path = os.path.join(workdir, 'model.float.safetensors')
-    n = sizes.save_float_variables(preserve.strip(variables, qmodel=wrapper),
-                                   path, overwrite=config.overwrite)
+    n = sizes.save_float_variables(
+      preserve.strip(variables, qmodel=wrapper),
+      path,
+      overwrite=config.overwrite,
+    )
     gz = sizes.gzip_bytes(path)
     out.update({'float32_bytes': n, 'float32_gzip_bytes': gz})
-    texts.append(f'{path}\nfloat32 (stripped) {n:,} bytes; gzip -9 '
-                 f'{gz:,} bytes')
+    texts.append(
+      f'{path}\nfloat32 (stripped) {n:,} bytes; gzip -9 {gz:,} bytes'
+    )
     return _write_size_report(workdir, texts, out)
   if hasattr(wrapper, 'facts'):
     path = os.path.join(workdir, 'model.fracq.safetensors')
-    rep = export.export_model(wrapper, variables, path,
-                              overwrite=config.overwrite, metadata=meta)
+    rep = export.export_model(
+      wrapper, variables, path, overwrite=config.overwrite, metadata=meta
+    )
     texts.append(f'{path}\n{rep.format()}')
     out['artifact_gzip_bytes'] = sizes.gzip_bytes(path)
-    out.update({'artifact_bytes': rep.artifact_bytes,
-                'artifact_over_theoretical': rep.actual_over_theoretical,
-                'artifact_theoretical_bytes': rep.theoretical_bytes,
-                'artifact_structure_saved_bytes': rep.structure_saved_bytes,
-                'artifact_compression_over_int8':
-                    rep.int8_artifact_bytes / rep.artifact_bytes})
+    out.update(
+      {
+        'artifact_bytes': rep.artifact_bytes,
+        'artifact_over_theoretical': rep.actual_over_theoretical,
+        'artifact_theoretical_bytes': rep.theoretical_bytes,
+        'artifact_structure_saved_bytes': rep.structure_saved_bytes,
+        'artifact_compression_over_int8': rep.int8_artifact_bytes
+        / rep.artifact_bytes,
+      }
+    )
   sample = next(iter(data_lib.eval_batches(config)))['image']
   ipath = os.path.join(workdir, 'model.int.safetensors')
   try:
-    irep = integer_model.export_integer(wrapper, variables, sample, ipath,
-                                        overwrite=config.overwrite,
-                                        metadata=meta)
+    irep = integer_model.export_integer(
+      wrapper,
+      variables,
+      sample,
+      ipath,
+      overwrite=config.overwrite,
+      metadata=meta,
+    )
   except ValueError as e:
     if isinstance(wrapper, F8NetModel):
       raise
     texts.append(f'integer-only program: not written ({e})')
   else:
     texts.append(
-        f'{ipath} (integer-only program)\n{irep["summary"]}\n'
-        f'program bytes {irep["program_bytes"]:,} (theoretical '
-        f'{irep["program_theoretical_bytes"]:,.0f}); predictions equal to the '
-        f'fake-quantized model on one eval batch: '
-        f'{100 * irep["integer_prediction_match"]:.2f}%; max |logit diff| / '
-        f'logit range {irep["integer_max_logit_diff_rel"]:.2e}')
+      f'{ipath} (integer-only program)\n{irep["summary"]}\n'
+      f'program bytes {irep["program_bytes"]:,} (theoretical '
+      f'{irep["program_theoretical_bytes"]:,.0f}); predictions equal to the '
+      f'fake-quantized model on one eval batch: '
+      f'{100 * irep["integer_prediction_match"]:.2f}%; max |logit diff| / '
+      f'logit range {irep["integer_max_logit_diff_rel"]:.2e}'
+    )
     out.update({k: v for k, v in irep.items() if k != 'summary'})
     opath = os.path.join(workdir, 'model.onnx')
     try:
-      orep = export.export_onnx(wrapper, variables, sample, opath,
-                                overwrite=config.overwrite)
+      orep = export.export_onnx(
+        wrapper, variables, sample, opath, overwrite=config.overwrite
+      )
     except ValueError as e:
       texts.append(f'ONNX export: not written ({e})')
     else:
       out.update(orep)
       texts.append(
-          f'{opath} (ONNX QDQ, opset {orep["onnx_opset"]}): '
-          f'{orep["onnx_bytes"]:,} bytes, {orep["onnx_int4_initializers"]} '
-          'INT4 kernels; onnxruntime predictions equal to the integer '
-          f'program on one eval batch: '
-          f'{100 * orep["onnx_prediction_match"]:.2f}%')
+        f'{opath} (ONNX QDQ, opset {orep["onnx_opset"]}): '
+        f'{orep["onnx_bytes"]:,} bytes, {orep["onnx_int4_initializers"]} '
+        'INT4 kernels; onnxruntime predictions equal to the integer '
+        f'program on one eval batch: '
+        f'{100 * orep["onnx_prediction_match"]:.2f}%'
+      )
   return _write_size_report(workdir, texts, out)
 
 

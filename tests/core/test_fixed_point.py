@@ -22,9 +22,9 @@ def _uniform(seed, shape, lo, hi):
 
 def _np_fixquant(x, fl, signed):
   """Independent numpy float64 reference of the fixed-point quantizer."""
-  v = np.round(np.asarray(x, np.float64) * 2.0 ** fl)
+  v = np.round(np.asarray(x, np.float64) * 2.0**fl)
   v = np.clip(v, -127, 127) if signed else np.clip(v, 0, 255)
-  return v / 2.0 ** fl
+  return v / 2.0**fl
 
 
 def _pact(x, alpha, signed=False):
@@ -41,8 +41,9 @@ def _pact(x, alpha, signed=False):
 
 
 def _np_best_fl(x, signed, cands):
-  errs = [np.sqrt(np.mean((x - _np_fixquant(x, f, signed)) ** 2))
-          for f in cands]
+  errs = [
+    np.sqrt(np.mean((x - _np_fixquant(x, f, signed)) ** 2)) for f in cands
+  ]
   return cands[int(np.argmin(errs))]
 
 
@@ -52,7 +53,7 @@ def _np_best_fl(x, signed, cands):
 def test_ranges():
   assert fp.fixed_point_range(True) == (-127, 127)
   assert fp.fixed_point_range(False) == (0, 255)
-  assert fp.fixed_point_range(True, 32) == (-(2 ** 31 - 1), 2 ** 31 - 1)
+  assert fp.fixed_point_range(True, 32) == (-(2**31 - 1), 2**31 - 1)
   assert fp.default_fl_range(True) == (0, 7)
   assert fp.default_fl_range(False) == (0, 8)
   with pytest.raises(ValueError, match='bits'):
@@ -63,19 +64,22 @@ def test_exact_values_signed_and_unsigned():
   x = jnp.array([0.1, -0.3, 1.0, 20.0, -20.0])
   # 0.8 -> 1, -2.4 -> -2, 8, 160 -> 127, -160 -> -127; divided by 8.
   np.testing.assert_array_equal(
-      fp.fixed_point_quantize(x, 3, signed=True),
-      [0.125, -0.25, 1.0, 15.875, -15.875])
+    fp.fixed_point_quantize(x, 3, signed=True),
+    [0.125, -0.25, 1.0, 15.875, -15.875],
+  )
   x = jnp.array([-0.5, 0.3, 0.999, 1.5])
   # 76.8 -> 77; 255.744 -> 256 -> 255; negative -> 0.
   np.testing.assert_array_equal(
-      fp.fixed_point_quantize(x, 8, signed=False),
-      [0.0, 77 / 256, 255 / 256, 255 / 256])
+    fp.fixed_point_quantize(x, 8, signed=False),
+    [0.0, 77 / 256, 255 / 256, 255 / 256],
+  )
 
 
 def test_ties_round_half_to_even():
   x = jnp.array([0.125, 0.375, -0.125, -0.375, 0.625])  # x * 4 = k + 0.5
   np.testing.assert_array_equal(
-      fp.fixed_point_quantize(x, 2, signed=True), [0.0, 0.5, 0.0, -0.5, 0.5])
+    fp.fixed_point_quantize(x, 2, signed=True), [0.0, 0.5, 0.0, -0.5, 0.5]
+  )
 
 
 def test_ste_gradient_mask():
@@ -85,8 +89,11 @@ def test_ste_gradient_mask():
   # Unsigned: inclusive (default) vs the authors' strict mask.
   x = jnp.array([0.2, 0.6, 254.4, 254.6, -3.0])
   gi = jax.grad(lambda v: jnp.sum(fp.fixed_point_quantize(v, 0, signed=False)))
-  gs = jax.grad(lambda v: jnp.sum(fp.fixed_point_quantize(
-      v, 0, signed=False, strict_mask=True)))
+  gs = jax.grad(
+    lambda v: jnp.sum(
+      fp.fixed_point_quantize(v, 0, signed=False, strict_mask=True)
+    )
+  )
   np.testing.assert_array_equal(gi(x), [1, 1, 1, 1, 0])
   np.testing.assert_array_equal(gs(x), [0, 1, 1, 0, 0])
 
@@ -97,13 +104,16 @@ def test_traced_per_channel_fl():
   f = jax.jit(lambda v, l: fp.fixed_point_quantize(v, l, signed=True, axis=-1))
   out = f(x, fl)
   for c in range(3):
-    np.testing.assert_array_equal(out[:, c],
-                                  _np_fixquant(x[:, c], int(fl[c]), True))
+    np.testing.assert_array_equal(
+      out[:, c], _np_fixquant(x[:, c], int(fl[c]), True)
+    )
   # Same-rank FL broadcasts as well; bf16 inputs keep their dtype.
   out2 = fp.fixed_point_quantize(x, fl.reshape(1, 3), signed=True)
   np.testing.assert_array_equal(out, out2)
-  assert fp.fixed_point_quantize(x.astype(jnp.bfloat16), 3,
-                                 signed=True).dtype == jnp.bfloat16
+  assert (
+    fp.fixed_point_quantize(x.astype(jnp.bfloat16), 3, signed=True).dtype
+    == jnp.bfloat16
+  )
 
 
 def test_fl_validation_and_wider_range():
@@ -115,8 +125,7 @@ def test_fl_validation_and_wider_range():
   out = fp.fixed_point_quantize(x, 12, signed=True, fl_range=(0, 12))
   np.testing.assert_array_equal(out, [4 / 4096])  # 4.096 -> 4
   with pytest.raises(ValueError, match='broadcast'):
-    fp.fixed_point_quantize(jnp.ones((2, 3)), jnp.array([1, 2, 3]),
-                            signed=True)
+    fp.fixed_point_quantize(jnp.ones((2, 3)), jnp.array([1, 2, 3]), signed=True)
 
 
 def test_fixed_point_to_int_and_int32_bias():
@@ -124,7 +133,7 @@ def test_fixed_point_to_int_and_int32_bias():
   np.testing.assert_array_equal(codes, [5, -32, 127])
   assert codes.dtype == jnp.int32
   b = fp.fixed_point_to_int(jnp.array([1.5, -1e12]), 10, signed=True, bits=32)
-  np.testing.assert_array_equal(b, [1536, -(2 ** 31 - 128)])
+  np.testing.assert_array_equal(b, [1536, -(2**31 - 128)])
 
 
 # ------------------------------------------------------------- FL selection
@@ -136,13 +145,16 @@ def test_fl_from_std_formula_values():
   np.testing.assert_array_equal(fp.fl_from_std(std, True), [7, 7, 5])
   np.testing.assert_array_equal(fp.fl_from_std(std, False), [8, 8, 6])
   np.testing.assert_array_equal(
-      fp.fl_from_std(std, True, fl_range=(0, 15)), [11, 8, 5])
+    fp.fl_from_std(std, True, fl_range=(0, 15)), [11, 8, 5]
+  )
   np.testing.assert_array_equal(
-      fp.fl_from_std(std, False, fl_range=(0, 15)), [12, 9, 6])
+    fp.fl_from_std(std, False, fl_range=(0, 15)), [12, 9, 6]
+  )
   # Exact threshold 40 / 2^5 and just above; huge std clamps to 0; std 0 to
   # the top of the range; a custom C.
   np.testing.assert_array_equal(
-      fp.fl_from_std(jnp.array([1.25, 1.2501, 1e4, 0.0]), True), [5, 4, 0, 7])
+    fp.fl_from_std(jnp.array([1.25, 1.2501, 1e4, 0.0]), True), [5, 4, 0, 7]
+  )
   assert int(fp.fl_from_std(1.0, True, c=64.0)) == 6
   with pytest.raises(ValueError, match='pass c'):
     fp.fl_from_std(1.0, True, bits=6)
@@ -168,12 +180,15 @@ def test_fl_on_normal_samples_matches_formula_and_brute_force():
 @pytest.mark.parametrize('dist', ['normal', 'laplace', 'uniform', 'relu'])
 @pytest.mark.parametrize('signed', [True, False])
 def test_grid_search_matches_numpy_brute_force(dist, signed):
-  rng = np.random.default_rng(abs(hash((dist, signed))) % 2 ** 31)
+  rng = np.random.default_rng(abs(hash((dist, signed))) % 2**31)
   scales = [0.003, 0.02, 0.13, 0.9, 7.0, 60.0]
   for s in scales:
-    x = {'normal': rng.normal(0, s, 3000), 'laplace': rng.laplace(0, s, 3000),
-         'uniform': rng.uniform(-s, 3 * s, 3000),
-         'relu': np.maximum(rng.normal(0, s, 3000), 0)}[dist]
+    x = {
+      'normal': rng.normal(0, s, 3000),
+      'laplace': rng.laplace(0, s, 3000),
+      'uniform': rng.uniform(-s, 3 * s, 3000),
+      'relu': np.maximum(rng.normal(0, s, 3000), 0),
+    }[dist]
     x = x.astype(np.float32)
     cands = tuple(range(0, 8 if signed else 9))
     want = _np_best_fl(x.astype(np.float64), signed, cands)
@@ -185,8 +200,10 @@ def test_grid_search_per_channel_and_ties():
   x = np.stack([rng.normal(0, s, 4000) for s in (0.02, 0.5, 4.0)], -1)
   x = x.astype(np.float32)
   got = fp.fl_grid_search(jnp.asarray(x), True, axis=-1)
-  want = [_np_best_fl(x[:, c].astype(np.float64), True, tuple(range(8)))
-          for c in range(3)]
+  want = [
+    _np_best_fl(x[:, c].astype(np.float64), True, tuple(range(8)))
+    for c in range(3)
+  ]
   np.testing.assert_array_equal(got, want)
   # All-zero tensor: every FL is exact, the smallest candidate wins.
   assert int(fp.fl_grid_search(jnp.zeros((5,)), True, (3, 1, 2))) == 3
@@ -241,8 +258,8 @@ def test_authors_fl_ema_variant():
   fl = fp.ema_fl_update(5.0, 7, momentum=0.1)
   np.testing.assert_allclose(fl, 5.2, rtol=1e-6)
   np.testing.assert_array_equal(
-      fp.freeze_fl(jnp.array([5.2, 5.6, -0.7, 9.4]), signed=True),
-      [5, 6, 0, 7])
+    fp.freeze_fl(jnp.array([5.2, 5.6, -0.7, 9.4]), signed=True), [5, 6, 0, 7]
+  )
 
 
 # --------------------------------------------------------------------- PACT
@@ -254,7 +271,8 @@ def test_fixed_point_pact_hand_values():
   np.testing.assert_allclose(fp.pact_scale(alpha, 6), 1.0)
   x = jnp.array([-1.0, 0.5, 1 / 128, 3 / 128, 5.0])
   np.testing.assert_array_equal(
-      fp.fixed_point_pact(x, alpha, 6), [0.0, 0.5, 0.0, 2 / 64, 255 / 64])
+    fp.fixed_point_pact(x, alpha, 6), [0.0, 0.5, 0.0, 2 / 64, 255 / 64]
+  )
 
 
 @pytest.mark.parametrize('signed', [False, True])
@@ -287,9 +305,14 @@ def test_fixed_point_pact_gradients():
 
 
 def _conv(x, k, groups=1):
-  return lax.conv_general_dilated(x, k, (1, 1), 'SAME',
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                  feature_group_count=groups)
+  return lax.conv_general_dilated(
+    x,
+    k,
+    (1, 1),
+    'SAME',
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=groups,
+  )
 
 
 def test_pact_folding_dense_per_tensor_and_per_channel():
@@ -300,8 +323,9 @@ def test_pact_folding_dense_per_tensor_and_per_channel():
     ref = _pact(z, alpha) @ v
     w2, b2 = fp.fold_pact_into_previous(w, b, alpha, fl)
     v2 = fp.fold_pact_into_next(v, alpha, fl)
-    zq = fp.fixed_point_quantize(a @ w2 + b2.reshape(1, 6), fl, signed=False,
-                                 axis=-1)
+    zq = fp.fixed_point_quantize(
+      a @ w2 + b2.reshape(1, 6), fl, signed=False, axis=-1
+    )
     np.testing.assert_allclose(zq @ v2, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -312,13 +336,17 @@ def test_pact_folding_conv_and_depthwise():
   z = _conv(x, w) + b.reshape(1, 1, 1, 4)
   pz = _pact(z, alpha)
   w2, b2 = fp.fold_pact_into_previous(w, b, alpha, fl)
-  zq = fp.fixed_point_quantize(_conv(x, w2) + b2.reshape(1, 1, 1, 4), fl,
-                               signed=False, axis=-1)
-  for v, groups, in_axis in [(_normal(53, (3, 3, 4, 2)), 1, -2),
-                             (_normal(54, (3, 3, 1, 4)), 4, -1)]:
+  zq = fp.fixed_point_quantize(
+    _conv(x, w2) + b2.reshape(1, 1, 1, 4), fl, signed=False, axis=-1
+  )
+  for v, groups, in_axis in [
+    (_normal(53, (3, 3, 4, 2)), 1, -2),
+    (_normal(54, (3, 3, 1, 4)), 4, -1),
+  ]:
     ref = _conv(pz, v, groups)
-    got = _conv(zq, fp.fold_pact_into_next(v, alpha, fl, in_axis=in_axis),
-                groups)
+    got = _conv(
+      zq, fp.fold_pact_into_next(v, alpha, fl, in_axis=in_axis), groups
+    )
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -332,8 +360,11 @@ def _bn(y, gamma, beta, mean, var, eps):
 
 @pytest.mark.parametrize('mode', ['train', 'eval'])
 def test_fold_bn_conv(mode):
-  x, k, bias = _normal(60, (4, 7, 7, 3)), _normal(61, (3, 3, 3, 5)), _normal(
-      62, (5,))
+  x, k, bias = (
+    _normal(60, (4, 7, 7, 3)),
+    _normal(61, (3, 3, 3, 5)),
+    _normal(62, (5,)),
+  )
   gamma, beta = _uniform(63, (5,), 0.5, 2.0), _normal(64, (5,))
   y = _conv(x, k) + bias.reshape(1, 1, 1, 5)
   if mode == 'train':
@@ -343,8 +374,9 @@ def test_fold_bn_conv(mode):
     mean, var = _normal(65, (5,)), _uniform(66, (5,), 0.1, 3.0)
   ref = _bn(y, gamma, beta, mean, var, 1e-5)
   k2, b2 = fp.fold_bn(k, bias, gamma, beta, mean, var, 1e-5)
-  np.testing.assert_allclose(_conv(x, k2) + b2.reshape(1, 1, 1, 5), ref,
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    _conv(x, k2) + b2.reshape(1, 1, 1, 5), ref, rtol=1e-4, atol=1e-4
+  )
 
 
 def test_fold_bn_dense_defaults():
@@ -352,13 +384,22 @@ def test_fold_bn_dense_defaults():
   y = x @ k
   mean, var = fp.bn_batch_stats(y)
   k2, b2 = fp.fold_bn(k, None, None, None, mean, var, 1e-3)
-  np.testing.assert_allclose(x @ k2 + b2.reshape(1, 3),
-                             _bn(y, jnp.ones(3), jnp.zeros(3), mean, var, 1e-3),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    x @ k2 + b2.reshape(1, 3),
+    _bn(y, jnp.ones(3), jnp.zeros(3), mean, var, 1e-3),
+    rtol=1e-4,
+    atol=1e-4,
+  )
   # Hand check: gamma 2, var 3, eps 1 -> scale 1; bias (1 - 4) + 0.5.
-  k3, b3 = fp.fold_bn(jnp.ones((2, 1)), jnp.array([1.0]), jnp.array([2.0]),
-                      jnp.array([0.5]), jnp.array([4.0]), jnp.array([3.0]),
-                      1.0)
+  k3, b3 = fp.fold_bn(
+    jnp.ones((2, 1)),
+    jnp.array([1.0]),
+    jnp.array([2.0]),
+    jnp.array([0.5]),
+    jnp.array([4.0]),
+    jnp.array([3.0]),
+    1.0,
+  )
   np.testing.assert_array_equal(k3, [[1.0], [1.0]])
   np.testing.assert_array_equal(b3, [-2.5])
   with pytest.raises(ValueError, match='mean and var'):

@@ -23,27 +23,34 @@ def test_polynomial_decay_matches_hand(step):
 
 
 def test_polynomial_decay_values_frequency_and_jit():
-  f = jax.jit(lambda t: sp.polynomial_decay_sparsity(t, 0.0, 0.8, 0, 100,
-                                                     power=2, frequency=10))
+  f = jax.jit(
+    lambda t: sp.polynomial_decay_sparsity(
+      t, 0.0, 0.8, 0, 100, power=2, frequency=10
+    )
+  )
   np.testing.assert_allclose(f(0), 0.0, atol=1e-7)
   np.testing.assert_allclose(f(50), 0.8 - 0.8 * 0.25, rtol=1e-6)  # 0.6
-  np.testing.assert_allclose(f(57), f(50), rtol=0)   # held between updates
+  np.testing.assert_allclose(f(57), f(50), rtol=0)  # held between updates
   np.testing.assert_allclose(f(100), 0.8, rtol=1e-6)
   np.testing.assert_allclose(f(1000), 0.8, rtol=1e-6)
   # end_step off the update grid still reaches the final value.
   g = sp.polynomial_decay_sparsity(35, 0.0, 0.5, 0, 35, frequency=10)
   np.testing.assert_allclose(g, 0.5, rtol=1e-6)
-  due = [bool(sp.pruning_step_due(t, 5, 35, 10)) for t in (4, 5, 6, 15, 34,
-                                                            35, 36)]
+  due = [
+    bool(sp.pruning_step_due(t, 5, 35, 10)) for t in (4, 5, 6, 15, 34, 35, 36)
+  ]
   assert due == [False, True, False, True, False, True, False]
 
 
-@pytest.mark.parametrize('kw, msg', [
+@pytest.mark.parametrize(
+  'kw, msg',
+  [
     (dict(initial=0.0, final=1.0), 'outside'),
     (dict(initial=-0.1, final=0.5), 'outside'),
     (dict(begin_step=10, end_step=10), 'begin_step < end_step'),
     (dict(frequency=0), 'frequency'),
-])
+  ],
+)
 def test_schedule_errors(kw, msg):
   args = dict(initial=0.0, final=0.5, begin_step=0, end_step=10)
   args.update(kw)
@@ -67,8 +74,8 @@ def test_unstructured_exact_count_keeps_largest(s):
 
 
 def test_unstructured_ties_are_deterministic():
-  w = jnp.array([[1.0, -1.0, 1.0], [1.0, 2.0, -1.0]])   # five ties at |1|
-  m = np.asarray(sp.magnitude_mask(w, 0.5))             # drop exactly 3
+  w = jnp.array([[1.0, -1.0, 1.0], [1.0, 2.0, -1.0]])  # five ties at |1|
+  m = np.asarray(sp.magnitude_mask(w, 0.5))  # drop exactly 3
   assert int((~m).sum()) == 3
   # Equal magnitudes are dropped in flat-index order.
   np.testing.assert_array_equal(m, [[False, False, False], [True, True, True]])
@@ -77,7 +84,7 @@ def test_unstructured_ties_are_deterministic():
 
 
 def test_n_m_pattern():
-  w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))   # HWIO
+  w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))  # HWIO
   m = np.asarray(sp.magnitude_mask(w, None, structure='n:m', n=2, m=4))
   a = np.abs(np.asarray(w))
   g = m.reshape(3, 3, 2, 4, 16)
@@ -94,25 +101,31 @@ def test_n_m_pattern():
 
 def test_channel_mask():
   w = np.ones((3, 3, 4, 6), np.float32) * np.arange(1, 7, dtype=np.float32)
-  w[..., 4] = 0.01     # smallest norm
+  w[..., 4] = 0.01  # smallest norm
   m = np.asarray(sp.magnitude_mask(w, 0.34, structure='channel'))
   # round(0.34 * 6) = 2 channels: the two smallest norms (4 and 0).
   dead = [c for c in range(6) if not m[..., c].any()]
   assert dead == [0, 4]
   assert all(m[..., c].all() for c in range(6) if c not in dead)
-  m0 = np.asarray(sp.magnitude_mask(w.transpose(3, 0, 1, 2), 0.34,
-                                    structure='channel', channel_axis=0))
+  m0 = np.asarray(
+    sp.magnitude_mask(
+      w.transpose(3, 0, 1, 2), 0.34, structure='channel', channel_axis=0
+    )
+  )
   assert [c for c in range(6) if not m0[c].any()] == [0, 4]
 
 
-@pytest.mark.parametrize('kw, msg', [
+@pytest.mark.parametrize(
+  'kw, msg',
+  [
     (dict(sparsity=1.0), r'outside \[0, 1\)'),
     (dict(sparsity=-0.2), r'outside \[0, 1\)'),
     (dict(sparsity=0.5, structure='blocks'), 'unknown'),
     (dict(sparsity=None), 'needs a sparsity'),
     (dict(sparsity=None, structure='n:m', n=4, m=4), '1 <= n < m'),
     (dict(sparsity=0.3, structure='n:m', n=2, m=4), 'fixes the sparsity'),
-])
+  ],
+)
 def test_mask_errors(kw, msg):
   w = jnp.ones((4, 8))
   with pytest.raises(ValueError, match=msg):
@@ -120,7 +133,7 @@ def test_mask_errors(kw, msg):
 
 
 def test_n_m_not_dividing_says_how_to_fix():
-  dw = jnp.ones((3, 3, 1, 8))   # depthwise: one input per group
+  dw = jnp.ones((3, 3, 1, 8))  # depthwise: one input per group
   with pytest.raises(ValueError, match='does not divide.*unstructured'):
     sp.magnitude_mask(dw, None, structure='n:m')
 
@@ -144,14 +157,14 @@ def test_kmeans_recovers_separated_clusters(init):
   x, lab, means = _separated()
   c, idx = cl.kmeans(jnp.asarray(x), 3, init=init, key=jax.random.key(3))
   c = np.asarray(c)
-  np.testing.assert_allclose(c, means, atol=0.05)   # sorted ascending
+  np.testing.assert_allclose(c, means, atol=0.05)  # sorted ascending
   np.testing.assert_array_equal(np.asarray(idx), lab)
   np.testing.assert_array_equal(cl.assign(x, c), lab)
 
 
 def test_kmeans_per_channel_and_jit():
   x, lab, means = _separated(1)
-  w = np.stack([x, x + 100.0], axis=-1)     # (20, 15, 2): channel axis -1
+  w = np.stack([x, x + 100.0], axis=-1)  # (20, 15, 2): channel axis -1
   c, idx = jax.jit(lambda w: cl.kmeans(w, 3, per_channel_axis=-1))(w)
   assert c.shape == (2, 3) and idx.shape == w.shape
   np.testing.assert_allclose(c[0], means, atol=0.05)
@@ -170,13 +183,16 @@ def test_kmeans_preserve_zeros():
   assert np.unique(clustered).size <= 5
 
 
-@pytest.mark.parametrize('kw, msg', [
+@pytest.mark.parametrize(
+  'kw, msg',
+  [
     (dict(k=0), 'k >= 1'),
     (dict(k=61), 'only 60 weights'),
     (dict(k=1, preserve_zeros=True), 'k >= 2'),
     (dict(k=8, preserve_zeros=True), 'only 5 are nonzero'),
     (dict(k=3, init='random'), 'unknown'),
-])
+  ],
+)
 def test_kmeans_errors(kw, msg):
   w = np.zeros((6, 10), np.float32)
   w[0, :5] = [1, 2, 3, 4, 5]
@@ -211,19 +227,19 @@ def test_clustered_weight_gradients_match_numpy(grad, pinned):
   w = jax.random.normal(jax.random.key(5), (4, 3, 6))
   if pinned:
     w = sp.prune(w, 0.4)
-  c = jnp.array([0.0, -1.2, -0.3, 0.4, 1.1, 9.0])   # 9.0: an empty cluster
+  c = jnp.array([0.0, -1.2, -0.3, 0.4, 1.1, 9.0])  # 9.0: an empty cluster
   if pinned:
-    c = c.at[0].set(0.05)    # the forward must still use exactly 0
+    c = c.at[0].set(0.05)  # the forward must still use exactly 0
   g = jax.random.normal(jax.random.key(6), w.shape)
 
   def f(w, c):
-    return jnp.sum(cl.clustered_weight(w, c, grad=grad, zero_pinned=pinned)
-                   * g)
+    return jnp.sum(cl.clustered_weight(w, c, grad=grad, zero_pinned=pinned) * g)
+
   gw, gc = jax.grad(f, argnums=(0, 1))(w, c)
   fwd_ref, gc_ref = _numpy_reference(w, np.asarray(c), grad, pinned, g)
   out = cl.clustered_weight(w, c, grad=grad, zero_pinned=pinned)
   np.testing.assert_array_equal(np.asarray(out), fwd_ref.astype(np.float32))
-  np.testing.assert_allclose(gw, g, rtol=0, atol=0)     # straight-through
+  np.testing.assert_allclose(gw, g, rtol=0, atol=0)  # straight-through
   np.testing.assert_allclose(gc, gc_ref, rtol=1e-5, atol=1e-6)
   assert float(gc[-1]) == 0.0
   if pinned:
@@ -234,11 +250,15 @@ def test_clustered_weight_per_channel_gradients():
   w = jax.random.normal(jax.random.key(7), (5, 4, 3))
   c, _ = cl.kmeans(w, 3, per_channel_axis=-1)
   g = jax.random.normal(jax.random.key(8), w.shape)
-  gc = jax.grad(lambda c: jnp.sum(cl.clustered_weight(
-      w, c, grad='mean', per_channel_axis=-1) * g))(c)
+  gc = jax.grad(
+    lambda c: jnp.sum(
+      cl.clustered_weight(w, c, grad='mean', per_channel_axis=-1) * g
+    )
+  )(c)
   for ch in range(3):
-    _, ref = _numpy_reference(w[..., ch], np.asarray(c[ch]), 'mean', False,
-                              g[..., ch])
+    _, ref = _numpy_reference(
+      w[..., ch], np.asarray(c[ch]), 'mean', False, g[..., ch]
+    )
     np.testing.assert_allclose(gc[ch], ref, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match='per_channel_axis'):
     cl.clustered_weight(w, c)
@@ -254,4 +274,5 @@ def test_clustered_weight_keep_mask_overrides_zero_test():
   # A kept weight that is exactly 0 maps to a nonzero centroid; a dropped
   # one is exactly 0 whatever its value.
   np.testing.assert_array_equal(
-      out, np.array([[-0.6, 0.0], [-0.6, 0.0]], np.float32))
+    out, np.array([[-0.6, 0.0], [-0.6, 0.0]], np.float32)
+  )

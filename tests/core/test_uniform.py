@@ -51,15 +51,20 @@ def test_per_channel_any_axis():
 
 def test_grouped():
   x = jnp.linspace(-1, 1, 8).reshape(1, 8)
-  out = core.fake_quant_grouped(x, jnp.array([0.1, 0.5]), jnp.zeros(2),
-                                -8, 7, axis=1, group_size=4)
-  ref = np.concatenate([
+  out = core.fake_quant_grouped(
+    x, jnp.array([0.1, 0.5]), jnp.zeros(2), -8, 7, axis=1, group_size=4
+  )
+  ref = np.concatenate(
+    [
       np.clip(np.round(np.asarray(x[0, :4]) / 0.1), -8, 7) * 0.1,
-      np.clip(np.round(np.asarray(x[0, 4:]) / 0.5), -8, 7) * 0.5])
+      np.clip(np.round(np.asarray(x[0, 4:]) / 0.5), -8, 7) * 0.5,
+    ]
+  )
   np.testing.assert_allclose(out[0], ref, rtol=1e-6)
   with pytest.raises(ValueError, match='does not divide'):
-    core.fake_quant_grouped(x, jnp.ones(3), jnp.zeros(3), -8, 7, axis=1,
-                            group_size=3)
+    core.fake_quant_grouped(
+      x, jnp.ones(3), jnp.zeros(3), -8, 7, axis=1, group_size=3
+    )
 
 
 def test_minmax_qparams_pytorch_observer():
@@ -83,8 +88,7 @@ def test_minmax_qparams_pytorch_observer():
 @pytest.mark.parametrize('val', [0.0, 2.5, -7.0])
 def test_degenerate_ranges(val):
   x = jnp.full((5,), val)
-  s, z = core.minmax_to_qparams(jnp.min(x), jnp.max(x), -8, 7,
-                                symmetric=False)
+  s, z = core.minmax_to_qparams(jnp.min(x), jnp.max(x), -8, 7, symmetric=False)
   assert float(s) > 0 and np.isfinite(float(s))
   out = core.fake_quant(x, s, z, -8, 7)
   assert np.all(np.isfinite(out))
@@ -96,8 +100,7 @@ def test_degenerate_ranges(val):
 
 def test_codes_match_fake_quant():
   x = jax.random.normal(jax.random.key(0), (1000,))
-  s, z = core.minmax_to_qparams(jnp.min(x), jnp.max(x), 0, 15,
-                                symmetric=False)
+  s, z = core.minmax_to_qparams(jnp.min(x), jnp.max(x), 0, 15, symmetric=False)
   q = core.quantize_to_int(x, s, z, 0, 15)
   np.testing.assert_array_equal((q - z) * s, core.fake_quant(x, s, z, 0, 15))
 
@@ -119,15 +122,18 @@ def test_jit_vmap_bf16():
   f = jax.jit(lambda v, s: core.fake_quant(v, s, 0, -8, 7))
   np.testing.assert_array_equal(f(x, 0.25), core.fake_quant(x, 0.25, 0, -8, 7))
   per_row = jax.vmap(lambda v, s: core.fake_quant(v, s, 0, -8, 7))(
-      x, jnp.array([0.1, 0.2, 0.3, 0.4]))
-  np.testing.assert_array_equal(per_row[2], core.fake_quant(x[2], 0.3, 0,
-                                                             -8, 7))
+    x, jnp.array([0.1, 0.2, 0.3, 0.4])
+  )
+  np.testing.assert_array_equal(
+    per_row[2], core.fake_quant(x[2], 0.3, 0, -8, 7)
+  )
   xb = x.astype(jnp.bfloat16)
   out = core.fake_quant(xb, 0.25, 0, -8, 7)
   assert out.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(out.astype(jnp.float32),
-                                core.fake_quant(xb.astype(jnp.float32), 0.25,
-                                                0, -8, 7))
+  np.testing.assert_array_equal(
+    out.astype(jnp.float32),
+    core.fake_quant(xb.astype(jnp.float32), 0.25, 0, -8, 7),
+  )
 
 
 torch = pytest.importorskip('torch')
@@ -138,23 +144,35 @@ def test_matches_torch_fake_quantize():
   x = (rng.randn(6, 50) * 3).astype(np.float32)
   # Exact ties on the grid, too.
   x[0, :10] = np.arange(-5, 5) * 0.25 + 0.125
-  for scale, zp, qmin, qmax in [(0.25, 0, -128, 127), (0.1, 3, 0, 15),
-                                (0.037, -2, -8, 7), (1.0, 0, -1, 0)]:
-    ref = torch.fake_quantize_per_tensor_affine(torch.tensor(x), scale, zp,
-                                                qmin, qmax).numpy()
-    np.testing.assert_array_equal(core.fake_quant(jnp.asarray(x), scale, zp,
-                                                  qmin, qmax), ref)
+  for scale, zp, qmin, qmax in [
+    (0.25, 0, -128, 127),
+    (0.1, 3, 0, 15),
+    (0.037, -2, -8, 7),
+    (1.0, 0, -1, 0),
+  ]:
+    ref = torch.fake_quantize_per_tensor_affine(
+      torch.tensor(x), scale, zp, qmin, qmax
+    ).numpy()
+    np.testing.assert_array_equal(
+      core.fake_quant(jnp.asarray(x), scale, zp, qmin, qmax), ref
+    )
   scales = rng.uniform(0.05, 0.5, size=6).astype(np.float32)
   zps = rng.randint(-3, 4, size=6).astype(np.int32)
   ref = torch.fake_quantize_per_channel_affine(
-      torch.tensor(x), torch.tensor(scales), torch.tensor(zps), 0, -8,
-      7).numpy()
-  out = core.fake_quant(jnp.asarray(x), jnp.asarray(scales)[:, None],
-                        jnp.asarray(zps, jnp.float32)[:, None], -8, 7)
+    torch.tensor(x), torch.tensor(scales), torch.tensor(zps), 0, -8, 7
+  ).numpy()
+  out = core.fake_quant(
+    jnp.asarray(x),
+    jnp.asarray(scales)[:, None],
+    jnp.asarray(zps, jnp.float32)[:, None],
+    -8,
+    7,
+  )
   np.testing.assert_array_equal(out, ref)
   # Gradient mask equals torch's.
   xt = torch.tensor(x, requires_grad=True)
   torch.fake_quantize_per_tensor_affine(xt, 0.1, 3, 0, 15).sum().backward()
   g = jax.grad(lambda v: jnp.sum(core.fake_quant(v, 0.1, 3, 0, 15)))(
-      jnp.asarray(x))
+    jnp.asarray(x)
+  )
   np.testing.assert_array_equal(g, xt.grad.numpy())

@@ -12,7 +12,6 @@ from fracq.interception import QuantizedModule
 
 
 class _Mlp(nn.Module):
-
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train
@@ -34,18 +33,25 @@ def _quantized_inputs(qm, v, x):
       return out
 
   QuantizedModule(qm.module, qm.rules, Capture(), on_unused='warn').apply(
-      v, x, **qm.call_kwargs)
+    v, x, **qm.call_kwargs
+  )
   return seen
 
 
 def test_learned_activation_bits_are_in_the_manifest(tmp_path):
   x = jnp.asarray(np.random.RandomState(0).randn(16, 10), jnp.float32)
   rule = fracq.Rule(
-      weight=fracq.TensorSpec(bits=4.0, learn_bits=True),
-      act=fracq.TensorSpec(bits=6.0, learn_bits=True, bit_bounds=(2.0, 8.0)))
-  qm = fracq.quantize(_Mlp(), [rule], x[:1],
-                      budget=fracq.Budget(kind='bitops', uniform_bits=4),
-                      hard_assign_step=0, call_kwargs={'train': False})
+    weight=fracq.TensorSpec(bits=4.0, learn_bits=True),
+    act=fracq.TensorSpec(bits=6.0, learn_bits=True, bit_bounds=(2.0, 8.0)),
+  )
+  qm = fracq.quantize(
+    _Mlp(),
+    [rule],
+    x[:1],
+    budget=fracq.Budget(kind='bitops', uniform_bits=4),
+    hard_assign_step=0,
+    call_kwargs={'train': False},
+  )
   v = qm.calibrate(qm.init(jax.random.key(0), x), x)
   hard = qm.for_step(0)
   v = hard.prepare(v)
@@ -66,8 +72,7 @@ def test_learned_activation_bits_are_in_the_manifest(tmp_path):
   assert (inputs['d1']['qmin'], inputs['d1']['qmax']) == (0, 7)
   for layer, levels in (('d0', 15), ('d1', 7)):
     r = abs(float(v['quant'][layer]['input_range']))
-    np.testing.assert_allclose(inputs[layer]['scale'], [r / levels],
-                               rtol=1e-6)
+    np.testing.assert_allclose(inputs[layer]['scale'], [r / levels], rtol=1e-6)
   # The manifest's grid reproduces the quantized inputs the model uses.
   for layer, (a, a_hat) in _quantized_inputs(hard, v, x).items():
     e = inputs[layer]

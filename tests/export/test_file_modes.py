@@ -27,17 +27,28 @@ def test_artifact_and_program_files_follow_the_umask(umask_027, tmp_path):
   with open(reference, 'w') as f:
     f.write('x')
   assert _mode(reference) == umask_027
-  packed = {'l/kernel.packed': artifact.PackedTensor(
-      codes=np.array([[1, -2], [3, 0]]), bits=3)}
+  packed = {
+    'l/kernel.packed': artifact.PackedTensor(
+      codes=np.array([[1, -2], [3, 0]]), bits=3
+    )
+  }
   path = str(tmp_path / 'model.fracq.safetensors')
   artifact.write_artifact(path, packed, {'l/kernel.scale': np.ones(1)}, {})
   assert _mode(path) == umask_027
   prog = im.IntegerProgram(
-      layers=[im.IntLayer(path='d', layer_type='Dense',
-                          kernel=np.array([[1, -1]], np.int8),
-                          bias=np.zeros(2, np.int32),
-                          out_scale=np.ones(2, np.float32))],
-      input_scale=1.0, input_range=(-128, 127), kind='qat')
+    layers=[
+      im.IntLayer(
+        path='d',
+        layer_type='Dense',
+        kernel=np.array([[1, -1]], np.int8),
+        bias=np.zeros(2, np.int32),
+        out_scale=np.ones(2, np.float32),
+      )
+    ],
+    input_scale=1.0,
+    input_range=(-128, 127),
+    kind='qat',
+  )
   ipath = str(tmp_path / 'model.int.safetensors')
   im.save_program(prog, ipath)
   assert _mode(ipath) == umask_027

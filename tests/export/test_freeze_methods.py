@@ -60,32 +60,49 @@ def _check_artifact(qm, v, x, tmp_path, tol_ulps):
     # Symmetric grids are exact; affine maps (offset, DoReFa's 2q/n - 1)
     # may differ by float32 rounding of the map.
     atol = tol_ulps * np.finfo(np.float32).eps * np.max(np.abs(fq[layer]))
-    np.testing.assert_allclose(deq[layer], fq[layer], rtol=0, atol=atol,
-                               err_msg=layer)
+    np.testing.assert_allclose(
+      deq[layer], fq[layer], rtol=0, atol=atol, err_msg=layer
+    )
   return codes, manifest
 
 
-_METHODS = [('lsq', True), ('lsq_plus', False),
-            ('minmax', True), ('minmax', False), ('ema_minmax', True),
-            ('ema_minmax', False), ('percentile', True),
-            ('percentile', False), ('dorefa', True)]
+_METHODS = [
+  ('lsq', True),
+  ('lsq_plus', False),
+  ('minmax', True),
+  ('minmax', False),
+  ('ema_minmax', True),
+  ('ema_minmax', False),
+  ('percentile', True),
+  ('percentile', False),
+  ('dorefa', True),
+]
 
 
 @pytest.mark.parametrize('narrow', [False, True])
 @pytest.mark.parametrize('granularity', ['tensor', 'channel'])
 @pytest.mark.parametrize('method,symmetric', _METHODS)
-def test_artifact_equals_fake_quant_kernels(method, symmetric, granularity,
-                                            narrow, tmp_path):
+def test_artifact_equals_fake_quant_kernels(
+  method, symmetric, granularity, narrow, tmp_path
+):
   if method == 'dorefa' and (granularity == 'channel' or narrow):
-    pytest.skip('DoReFa normalises the whole tensor onto its own [0, 2^k-1] '
-                'grid: granularity and narrow_range do not apply.')
+    pytest.skip(
+      'DoReFa normalises the whole tensor onto its own [0, 2^k-1] '
+      'grid: granularity and narrow_range do not apply.'
+    )
   bits = 3
-  spec = fracq.TensorSpec(bits=bits, range_method=method, symmetric=symmetric,
-                          granularity=granularity, narrow_range=narrow,
-                          percentile=90.0)
+  spec = fracq.TensorSpec(
+    bits=bits,
+    range_method=method,
+    symmetric=symmetric,
+    granularity=granularity,
+    narrow_range=narrow,
+    percentile=90.0,
+  )
   x, y = _data()
-  qm = fracq.quantize(_TinyNet(), [fracq.Rule(weight=spec)], x[:1],
-                      call_kwargs={'train': False})
+  qm = fracq.quantize(
+    _TinyNet(), [fracq.Rule(weight=spec)], x[:1], call_kwargs={'train': False}
+  )
   v = qm.calibrate(qm.init(jax.random.key(0), x), x)
   v = _train(qm, v, x, y)
   if method in ('lsq', 'lsq_plus'):
@@ -93,8 +110,7 @@ def test_artifact_equals_fake_quant_kernels(method, symmetric, granularity,
     # of a narrow grid would show).
     v['quant'] = jax.tree_util.tree_map(lambda s: s, v['quant'])
     for layer in ('conv', 'head'):
-      v['quant'][layer]['kernel_step'] = 0.3 * v['quant'][layer][
-          'kernel_step']
+      v['quant'][layer]['kernel_step'] = 0.3 * v['quant'][layer]['kernel_step']
   codes, manifest = _check_artifact(qm, v, x, tmp_path, tol_ulps=4)
   for layer in ('conv', 'head'):
     c = codes[f'{layer}/kernel.packed']
@@ -113,15 +129,26 @@ def test_artifact_equals_fake_quant_kernels(method, symmetric, granularity,
 
 @pytest.mark.parametrize('range_method', ['lsq', 'dorefa'])
 @pytest.mark.parametrize('per_channel', [False, True])
-def test_fracbits_with_pruned_channel_exports_exactly(per_channel,
-                                                      range_method, tmp_path):
-  spec = fracq.TensorSpec(bits=3.0, learn_bits=True, bit_bounds=(0.0, 6.0),
-                          granularity='channel', bits_per_channel=per_channel,
-                          range_method=range_method)
+def test_fracbits_with_pruned_channel_exports_exactly(
+  per_channel, range_method, tmp_path
+):
+  spec = fracq.TensorSpec(
+    bits=3.0,
+    learn_bits=True,
+    bit_bounds=(0.0, 6.0),
+    granularity='channel',
+    bits_per_channel=per_channel,
+    range_method=range_method,
+  )
   x, y = _data(1)
-  qm = fracq.quantize(_TinyNet(), [fracq.Rule(weight=spec)], x[:1],
-                      budget=fracq.Budget(kind='size', uniform_bits=3),
-                      hard_assign_step=0, call_kwargs={'train': False})
+  qm = fracq.quantize(
+    _TinyNet(),
+    [fracq.Rule(weight=spec)],
+    x[:1],
+    budget=fracq.Budget(kind='size', uniform_bits=3),
+    hard_assign_step=0,
+    call_kwargs={'train': False},
+  )
   v = qm.calibrate(qm.init(jax.random.key(1), x), x)
   v = _train(qm, v, x, y)
   hard = qm.for_step(0)
@@ -145,21 +172,21 @@ def test_fracbits_with_pruned_channel_exports_exactly(per_channel,
     assert not fq[..., 0].any() and fq[..., 1:].any()
     for ch, b in enumerate([0, 2, 5, 3]):
       if range_method == 'dorefa':
-        assert 0 <= conv[..., ch].min() and conv[..., ch].max() <= 2 ** b - 1
+        assert 0 <= conv[..., ch].min() and conv[..., ch].max() <= 2**b - 1
       elif b:
         # The FracBits branch is symmetric: [-(2^(b-1) - 1), 2^(b-1) - 1].
         assert np.abs(conv[..., ch]).max() <= 2 ** (b - 1) - 1
 
 
 @pytest.mark.parametrize('narrow', [None, False])
-def test_negative_learned_step_exports_with_a_positive_scale(narrow,
-                                                            tmp_path):
+def test_negative_learned_step_exports_with_a_positive_scale(narrow, tmp_path):
   # A learned LSQ step can cross zero in training (seen on a pruned and
   # clustered digits kernel); the model then computes s * c with s < 0.
   spec = fracq.TensorSpec(bits=3, granularity='channel', narrow_range=narrow)
   x, _ = _data()
-  qm = fracq.quantize(_TinyNet(), [fracq.Rule(weight=spec)], x[:1],
-                      call_kwargs={'train': False})
+  qm = fracq.quantize(
+    _TinyNet(), [fracq.Rule(weight=spec)], x[:1], call_kwargs={'train': False}
+  )
   v = qm.calibrate(qm.init(jax.random.key(0), x), x)
   v['quant'] = jax.tree_util.tree_map(lambda s: s, v['quant'])
   # Small steps, so the grid's ends are used; channel 1's step negative.

@@ -36,8 +36,11 @@ def _train(get_config, arg, workdir, steps, **quant):
   variables = {**raw['trainable'], **raw['state']}
   xtr = digits.load_digits_split()[0]
   wrapper = model_wrapper.build_model_wrapper(
-      c, models.get_model(c.model, num_classes=10), jnp.asarray(xtr[:8]),
-      total_steps=steps).for_step(steps)
+    c,
+    models.get_model(c.model, num_classes=10),
+    jnp.asarray(xtr[:8]),
+    total_steps=steps,
+  ).for_step(steps)
   return wrapper, variables, metrics
 
 
@@ -76,8 +79,10 @@ def f8(tmp_path_factory):
 @pytest.fixture(scope='module')
 def fracbits(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('fb'))
-  return (*_train(digits_fracbits.get_config, None, wd, 80,
-                  hard_assign_step=60), wd)
+  return (
+    *_train(digits_fracbits.get_config, None, wd, 80, hard_assign_step=60),
+    wd,
+  )
 
 
 def test_f8net_integer_program_is_bit_exact_on_digits(f8, test_set):
@@ -108,8 +113,9 @@ def test_f8net_integer_program_is_bit_exact_on_digits(f8, test_set):
   path = os.path.join(wd, 'model.int.safetensors')
   loaded = export.load_program(path)
   np.testing.assert_array_equal(np.asarray(loaded.logits(x)), got)
-  assert 'integer-only program' in open(os.path.join(wd, 'size_report.txt')
-                                        ).read()
+  assert (
+    'integer-only program' in open(os.path.join(wd, 'size_report.txt')).read()
+  )
   assert metrics['integer_prediction_match'] == 1.0
 
 
@@ -154,7 +160,6 @@ def test_unsupported_structure_is_refused(test_set):
   x = test_set[0][:8]
 
   class Concat(nn.Module):
-
     @nn.compact
     def __call__(self, x, train=False):
       del train

@@ -15,17 +15,29 @@ def _program():
   rng = np.random.RandomState(0)
   m0, ex = ints.quantize_multiplier(np.array([0.01, 0.02, 0.015]))
   first = im.IntLayer(
-      path='d0', layer_type='Dense',
-      kernel=rng.randint(-7, 8, (4, 3)).astype(np.int8),
-      bias=rng.randint(-50, 50, 3).astype(np.int32),
-      requant=('mult', np.ones(3, np.int32), np.atleast_1d(m0),
-               np.atleast_1d(ex)), out_range=(0, 255), relu=True)
-  head = im.IntLayer(path='d1', layer_type='Dense',
-                     kernel=rng.randint(-7, 8, (3, 2)).astype(np.int8),
-                     bias=np.zeros(2, np.int32),
-                     out_scale=np.array([0.5, 0.25], np.float32))
-  return im.IntegerProgram(layers=[first, head], input_scale=0.1,
-                           input_range=(-128, 127), kind='qat')
+    path='d0',
+    layer_type='Dense',
+    kernel=rng.randint(-7, 8, (4, 3)).astype(np.int8),
+    bias=rng.randint(-50, 50, 3).astype(np.int32),
+    requant=(
+      'mult',
+      np.ones(3, np.int32),
+      np.atleast_1d(m0),
+      np.atleast_1d(ex),
+    ),
+    out_range=(0, 255),
+    relu=True,
+  )
+  head = im.IntLayer(
+    path='d1',
+    layer_type='Dense',
+    kernel=rng.randint(-7, 8, (3, 2)).astype(np.int8),
+    bias=np.zeros(2, np.int32),
+    out_scale=np.array([0.5, 0.25], np.float32),
+  )
+  return im.IntegerProgram(
+    layers=[first, head], input_scale=0.1, input_range=(-128, 127), kind='qat'
+  )
 
 
 _X = jnp.asarray(np.random.RandomState(1).randn(5, 4), jnp.float32)
@@ -42,15 +54,22 @@ def test_real_program_passes_and_boundary_is_opt_in():
     ints.assert_integer_only(prog.logits, _X)
 
 
-@pytest.mark.parametrize('name,fn', [
+@pytest.mark.parametrize(
+  'name,fn',
+  [
     ('divide', lambda a: a.astype(jnp.float32) / 3.7),
     ('exp', lambda a: jnp.exp(a.astype(jnp.float32))),
     ('sqrt', lambda a: jnp.sqrt(a.astype(jnp.float32))),
-    ('float in the middle',
-     lambda a: (a.astype(jnp.float32) * 0.5).astype(jnp.int32) + 1),
-    ('float add of two results',
-     lambda a: a.astype(jnp.float32) + a.astype(jnp.float32)),
-])
+    (
+      'float in the middle',
+      lambda a: (a.astype(jnp.float32) * 0.5).astype(jnp.int32) + 1,
+    ),
+    (
+      'float add of two results',
+      lambda a: a.astype(jnp.float32) + a.astype(jnp.float32),
+    ),
+  ],
+)
 @pytest.mark.parametrize('boundary', [False, True])
 def test_float_steps_fail(name, fn, boundary):
   prog = _program()
@@ -59,16 +78,18 @@ def test_float_steps_fail(name, fn, boundary):
     ints.assert_integer_only(lambda c: fn(prog(c)), codes, boundary=boundary)
   # Also when hidden under jit.
   with pytest.raises(AssertionError, match='allow-list'):
-    ints.assert_integer_only(jax.jit(lambda c: fn(prog(c))), codes,
-                             boundary=boundary)
+    ints.assert_integer_only(
+      jax.jit(lambda c: fn(prog(c))), codes, boundary=boundary
+    )
 
 
 def test_float_entry_steps_are_limited_to_quantization():
   prog = _program()
   # A transcendental on the float input is not a quantization step.
   with pytest.raises(AssertionError, match='float exp'):
-    ints.assert_integer_only(lambda x: prog(prog.quantize_input(jnp.exp(x))),
-                             _X, boundary=True)
+    ints.assert_integer_only(
+      lambda x: prog(prog.quantize_input(jnp.exp(x))), _X, boundary=True
+    )
 
 
 def test_predict_is_argmax_of_dequantized_logits():
@@ -77,10 +98,19 @@ def test_predict_is_argmax_of_dequantized_logits():
   # (10 * 1.0 > 500 * 0.01).
   kernel = np.array([[1, 50], [0, 0]], np.int8)
   prog = im.IntegerProgram(
-      layers=[im.IntLayer(path='head', layer_type='Dense', kernel=kernel,
-                          bias=np.zeros(2, np.int32),
-                          out_scale=np.array([1.0, 0.01], np.float32))],
-      input_scale=0.5, input_range=(-128, 127), kind='qat')
+    layers=[
+      im.IntLayer(
+        path='head',
+        layer_type='Dense',
+        kernel=kernel,
+        bias=np.zeros(2, np.int32),
+        out_scale=np.array([1.0, 0.01], np.float32),
+      )
+    ],
+    input_scale=0.5,
+    input_range=(-128, 127),
+    kind='qat',
+  )
   x = jnp.asarray([[5.0, 0.0], [-5.0, 0.0]], jnp.float32)
   codes = np.round(np.asarray(x) / 0.5)  # 10 and -10
   # numpy reference: (codes @ kernel) * per-class scale

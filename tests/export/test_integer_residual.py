@@ -24,8 +24,13 @@ def trained():
   few F8Net training steps: BN statistics and FLs moved off their init."""
   xtr, ytr, xte, yte = digits.load_digits_split()
   x, y = jnp.asarray(xtr[:128]), jnp.asarray(ytr[:128])
-  w, v, _ = train_f8(models.get_model('resnet_tiny', num_classes=10), x, y,
-                     F8NetOptions(), steps=STEPS)
+  w, v, _ = train_f8(
+    models.get_model('resnet_tiny', num_classes=10),
+    x,
+    y,
+    F8NetOptions(),
+    steps=STEPS,
+  )
   return w, v, None, jnp.asarray(xte), np.asarray(yte)
 
 
@@ -36,7 +41,9 @@ def test_probe_finds_identity_and_projection_adds(trained):
   assert st.adds['stage1_block0']['operands'] == ['stage1_block0/conv2']
   assert st.adds['stage2_block0']['identity'] is None
   assert st.adds['stage2_block0']['operands'] == [
-      'stage2_block0/conv2', 'stage2_block0/downsample_conv']
+    'stage2_block0/conv2',
+    'stage2_block0/downsample_conv',
+  ]
   assert st.srcs['fc'] == ('stage2_block0', False, 16)  # 4x4 global pool
   assert set(w.shared) == {'stage1_block0', 'stage2_block0'}
 
@@ -50,14 +57,20 @@ def test_block_inputs_are_one_shared_fixed_point_tensor(trained):
   assert 'conv1' not in qs['stage1_block0']  # no private FL any more
   assert 'downsample_conv' not in qs['stage2_block0']
   recs = {r.path: r for r in w.capture(v, xte[:4])}
-  assert (recs['stage2_block0/conv1'].input_fl ==
-          recs['stage2_block0/downsample_conv'].input_fl ==
-          round(float(qs['stage2_block0']['input_fl_ema'])))
+  assert (
+    recs['stage2_block0/conv1'].input_fl
+    == recs['stage2_block0/downsample_conv'].input_fl
+    == round(float(qs['stage2_block0']['input_fl_ema']))
+  )
   # Non-trivial formats: the tensors do not all share one FL, and the BN
   # running statistics have left their init.
   assert len({int(r.input_fl) for r in recs.values()}) > 1
-  assert float(np.abs(np.asarray(
-      v['batch_stats']['stage1_block0']['bn2']['mean'])).max()) > 0
+  assert (
+    float(
+      np.abs(np.asarray(v['batch_stats']['stage1_block0']['bn2']['mean'])).max()
+    )
+    > 0
+  )
 
 
 def test_integer_residual_program_is_bit_exact(trained, tmp_path):
@@ -99,6 +112,7 @@ def test_integer_residual_program_is_bit_exact(trained, tmp_path):
   onnx = pytest.importorskip('onnx')
   pytest.importorskip('onnxruntime')
   from fracq.export import onnx_export as ox
+
   info = {}
   opath = str(tmp_path / 'res.onnx')
   ox.program_to_onnx(prog, opath, report=info)
@@ -114,14 +128,24 @@ def test_add_alignment_by_hand():
   to FL 3 by one left shift: [7 + 6, -15 + 10] = [13, -5]; ReLU [13, 0];
   to FL 1 by a rounding right shift of 2: [round(3.25), 0] = [3, 0]
   (real 0.875 + 0.75 = 1.625 -> 1.5)."""
-  d = im.IntLayer(path='d', layer_type='Dense',
-                  kernel=np.array([[2, 0], [0, -3]], np.int8),
-                  bias=np.array([1, 0], np.int32), src='input')
-  a = im.IntAdd(path='a', inputs=['d', 'input'],
-                shifts=[np.int32(0), np.int32(1)], relu=True,
-                requant=('shift', np.int32(2)), out_range=(0, 255))
-  prog = im.IntegerProgram(layers=[d, a], input_scale=0.25,
-                           input_range=(0, 255), kind='f8net')
+  d = im.IntLayer(
+    path='d',
+    layer_type='Dense',
+    kernel=np.array([[2, 0], [0, -3]], np.int8),
+    bias=np.array([1, 0], np.int32),
+    src='input',
+  )
+  a = im.IntAdd(
+    path='a',
+    inputs=['d', 'input'],
+    shifts=[np.int32(0), np.int32(1)],
+    relu=True,
+    requant=('shift', np.int32(2)),
+    out_range=(0, 255),
+  )
+  prog = im.IntegerProgram(
+    layers=[d, a], input_scale=0.25, input_range=(0, 255), kind='f8net'
+  )
   out = prog(jnp.array([[3, 5]], jnp.uint8))
   assert out.dtype == jnp.uint8
   np.testing.assert_array_equal(np.asarray(out), [[3, 0]])
@@ -131,11 +155,13 @@ def test_add_alignment_by_hand():
   d.bias = np.array([2, 0], np.int32)
   # x = [3, 5]: acc [8, -15] + x << 1 [6, 10] = [14, -5] -> [4, -1]
   np.testing.assert_array_equal(
-      np.asarray(prog(jnp.array([[3, 5]], jnp.uint8))), [[4, -1]])
+    np.asarray(prog(jnp.array([[3, 5]], jnp.uint8))), [[4, -1]]
+  )
   # x = [2, 1]: acc [6, -3] + [4, 2] = [10, -1] -> [2, 0] (2.5 -> 2 even,
   # -0.25 -> 0)
   np.testing.assert_array_equal(
-      np.asarray(prog(jnp.array([[2, 1]], jnp.uint8))), [[2, 0]])
+    np.asarray(prog(jnp.array([[2, 1]], jnp.uint8))), [[2, 0]]
+  )
   # int32 saturation instead of wrap-around when aligning.
   a.shifts = [np.int32(0), np.int32(30)]
   a.requant = ('shift', np.int32(29))
@@ -144,16 +170,21 @@ def test_add_alignment_by_hand():
 
 
 def test_chain_programs_keep_the_old_format(tmp_path):
-  d = im.IntLayer(path='d', layer_type='Dense',
-                  kernel=np.array([[1, -1], [2, 3]], np.int8),
-                  bias=np.array([5, -5], np.int32),
-                  out_scale=np.float32(0.125))
-  prog = im.IntegerProgram(layers=[d], input_scale=0.5,
-                           input_range=(-127, 127), kind='f8net')
+  d = im.IntLayer(
+    path='d',
+    layer_type='Dense',
+    kernel=np.array([[1, -1], [2, 3]], np.int8),
+    bias=np.array([5, -5], np.int32),
+    out_scale=np.float32(0.125),
+  )
+  prog = im.IntegerProgram(
+    layers=[d], input_scale=0.5, input_range=(-127, 127), kind='f8net'
+  )
   assert not im.is_graph(prog)
   path = str(tmp_path / 'chain.int.safetensors')
   im.save_program(prog, path)
   from fracq.export import artifact
+
   man = artifact.read_artifact(path)[2]
   assert man['metadata']['program']['format'] == im.PROGRAM_FORMAT
   assert 'src' not in man['metadata']['program']['layers'][0]
@@ -165,8 +196,7 @@ def test_chain_programs_keep_the_old_format(tmp_path):
 def test_resnet20_identity_chains_are_bit_exact():
   """ResNet-20 (nine blocks: identity shortcuts reading the previous add,
   two projection blocks) after train-mode passes that move BN statistics."""
-  x = jax.random.uniform(jax.random.key(3), (32, 8, 8, 3), minval=-1,
-                         maxval=1)
+  x = jax.random.uniform(jax.random.key(3), (32, 8, 8, 3), minval=-1, maxval=1)
   w = F8NetModel(models.get_model('resnet20', num_classes=10), x[:8])
   v = w.init(jax.random.key(0), x[:8])
   for _ in range(3):
@@ -180,11 +210,16 @@ def test_resnet20_identity_chains_are_bit_exact():
   np.testing.assert_array_equal(got, np.asarray(w.apply(v, x, train=False)))
   if importlib.util.find_spec('onnxruntime') is not None:
     from fracq.export import onnx_export as ox
+
     np.testing.assert_array_equal(
-        ox.run_onnx(ox.program_to_onnx(prog), np.asarray(x)), got)
+      ox.run_onnx(ox.program_to_onnx(prog), np.asarray(x)), got
+    )
   # The report shows the shared (block-level) FL for the block's readers.
-  line = [l for l in w.report(v, None, 0).splitlines()
-          if l.startswith('stage1_block1/conv1 ')][0]
+  line = [
+    l
+    for l in w.report(v, None, 0).splitlines()
+    if l.startswith('stage1_block1/conv1 ')
+  ][0]
   assert line.split()[2] != '-', line
 
 
@@ -192,12 +227,19 @@ def test_bottleneck_with_max_pool_stem_is_bit_exact(tmp_path):
   """ImageNet-style ResNet: 7x7/2 stem, 3x3/2 max pool, bottleneck blocks
   with projection shortcuts, fixed-point PACT on (the stem's clip reaches
   the first block through the max pool). The max pool runs on the codes."""
-  x = jax.random.uniform(jax.random.key(3), (16, 32, 32, 3), minval=-1,
-                         maxval=1)
-  w = F8NetModel(models.get_model('resnet_tiny_bottleneck', num_classes=10),
-                 x[:8], options=F8NetOptions(pact=True, pact_init=2.0))
+  x = jax.random.uniform(
+    jax.random.key(3), (16, 32, 32, 3), minval=-1, maxval=1
+  )
+  w = F8NetModel(
+    models.get_model('resnet_tiny_bottleneck', num_classes=10),
+    x[:8],
+    options=F8NetOptions(pact=True, pact_init=2.0),
+  )
   assert w.structure.srcs['stage1_block0/conv1'] == (
-      'conv_init', True, ('max', (3, 3), (2, 2), ((1, 1), (1, 1))))
+    'conv_init',
+    True,
+    ('max', (3, 3), (2, 2), ((1, 1), (1, 1))),
+  )
   assert w.pact_entry['stage1_block0'] == 'conv_init'
   v = w.init(jax.random.key(0), x[:8])
   for _ in range(3):
@@ -210,9 +252,12 @@ def test_bottleneck_with_max_pool_stem_is_bit_exact(tmp_path):
   np.testing.assert_array_equal(got, np.asarray(w.apply(v, x, train=False)))
   path = str(tmp_path / 'bottleneck.int.safetensors')
   im.save_program(prog, path)
-  np.testing.assert_array_equal(np.asarray(im.load_program(path).logits(x)),
-                                got)
+  np.testing.assert_array_equal(
+    np.asarray(im.load_program(path).logits(x)), got
+  )
   if importlib.util.find_spec('onnxruntime') is not None:
     from fracq.export import onnx_export as ox
+
     np.testing.assert_array_equal(
-        ox.run_onnx(ox.program_to_onnx(prog), np.asarray(x)), got)
+      ox.run_onnx(ox.program_to_onnx(prog), np.asarray(x)), got
+    )

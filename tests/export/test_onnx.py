@@ -37,8 +37,9 @@ def test_set():
 @pytest.fixture(scope='module')
 def fracbits(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('fb'))
-  return _train(digits_fracbits.get_config, None, wd, FB_STEPS,
-                hard_assign_step=FB_HARD)[:2]
+  return _train(
+    digits_fracbits.get_config, None, wd, FB_STEPS, hard_assign_step=FB_HARD
+  )[:2]
 
 
 def _op_types(model):
@@ -46,7 +47,8 @@ def _op_types(model):
 
 
 def test_fracbits_onnx_equals_integer_program_and_fake_quant(
-    fracbits, test_set, tmp_path):
+  fracbits, test_set, tmp_path
+):
   wrapper, v = fracbits
   x, _ = test_set
   path = str(tmp_path / 'fb.onnx')
@@ -64,24 +66,35 @@ def test_fracbits_onnx_equals_integer_program_and_fake_quant(
   onnx.checker.check_model(model, full_check=True)
   # A QDQ graph: quantize / dequantize around float Conv and Gemm.
   ops = _op_types(model)
-  for op in ('Transpose', 'QuantizeLinear', 'DequantizeLinear', 'Conv',
-             'Gemm', 'Relu', 'GlobalAveragePool'):
+  for op in (
+    'Transpose',
+    'QuantizeLinear',
+    'DequantizeLinear',
+    'Conv',
+    'Gemm',
+    'Relu',
+    'GlobalAveragePool',
+  ):
     assert op in ops, op
   # Kernels of <= 4-bit layers are INT4 initializers, the others int8.
   bits = {p: int(np.max(f.bits)) for p, f in export.freeze(wrapper, v).items()}
   assert min(bits.values()) <= 4 < max(bits.values())
   kinds = {i.name: i.data_type for i in model.graph.initializer}
   for p, b in bits.items():
-    t = [dt for n, dt in kinds.items() if n.startswith(f'{p}_kernel_')
-         and '_scale' not in n and '_zp' not in n]
+    t = [
+      dt
+      for n, dt in kinds.items()
+      if n.startswith(f'{p}_kernel_') and '_scale' not in n and '_zp' not in n
+    ]
     want = onnx.TensorProto.INT4 if b <= 4 else onnx.TensorProto.INT8
     assert t == [want], (p, b, t)
   assert rep['onnx_int4_initializers'] == sum(b <= 4 for b in bits.values())
   # Opset 20 has no INT4: every kernel int8, the same numbers, more bytes.
   prog = im.lower_qat(wrapper, v, jnp.asarray(x[:64]), verify=False)
   m20 = ox.program_to_onnx(prog, str(tmp_path / 'fb20.onnx'), opset=20)
-  assert onnx.TensorProto.INT4 not in {i.data_type
-                                       for i in m20.graph.initializer}
+  assert onnx.TensorProto.INT4 not in {
+    i.data_type for i in m20.graph.initializer
+  }
   np.testing.assert_array_equal(ox.run_onnx(m20, x), ox.run_onnx(path, x))
   assert os.path.getsize(str(tmp_path / 'fb20.onnx')) > os.path.getsize(path)
 
@@ -93,18 +106,32 @@ def _f8net_like_program(rng):
   layers = []
   for i in range(3):
     k = rng.integers(-128, 128, (3, 3, chans[i], chans[i + 1])).astype(np.int8)
-    layers.append(im.IntLayer(
-        f'conv{i}', 'Conv', k,
+    layers.append(
+      im.IntLayer(
+        f'conv{i}',
+        'Conv',
+        k,
         rng.integers(-2000, 2000, chans[i + 1]).astype(np.int32),
-        strides=(2, 2) if i == 1 else (1, 1), padding='SAME', relu=True,
-        pool=16 if i == 2 else 1, out_range=(0, 255),
-        requant=('shift', np.int32(6 if i == 0 else 9 + 4 * (i == 2)))))
-  layers.append(im.IntLayer(
-      'head', 'Dense', rng.integers(-128, 128, (16, 10)).astype(np.int8),
+        strides=(2, 2) if i == 1 else (1, 1),
+        padding='SAME',
+        relu=True,
+        pool=16 if i == 2 else 1,
+        out_range=(0, 255),
+        requant=('shift', np.int32(6 if i == 0 else 9 + 4 * (i == 2))),
+      )
+    )
+  layers.append(
+    im.IntLayer(
+      'head',
+      'Dense',
+      rng.integers(-128, 128, (16, 10)).astype(np.int8),
       rng.integers(-2000, 2000, 10).astype(np.int32),
-      out_scale=np.float32(2.0 ** -12)))
-  return im.IntegerProgram(layers=layers, input_scale=2.0 ** -5,
-                           input_range=(-127, 127), kind='f8net')
+      out_scale=np.float32(2.0**-12),
+    )
+  )
+  return im.IntegerProgram(
+    layers=layers, input_scale=2.0**-5, input_range=(-127, 127), kind='f8net'
+  )
 
 
 def test_f8net_program_onnx_is_bit_exact(test_set):
@@ -114,9 +141,14 @@ def test_f8net_program_onnx_is_bit_exact(test_set):
   x, _ = test_set
   prog = _f8net_like_program(np.random.default_rng(1))
   ref = np.asarray(prog.logits(jnp.asarray(x)))
-  codes = np.asarray(im.integer_forward(
-      im.IntegerProgram(prog.layers[:1], prog.input_scale, prog.input_range,
-                        'f8net'), prog.quantize_input(x)))
+  codes = np.asarray(
+    im.integer_forward(
+      im.IntegerProgram(
+        prog.layers[:1], prog.input_scale, prog.input_range, 'f8net'
+      ),
+      prog.quantize_input(x),
+    )
+  )
   assert 0 < np.mean(codes == 255) < 0.5 and np.mean(codes == 0) < 0.9
   got = ox.run_onnx(ox.program_to_onnx(prog), x)
   np.testing.assert_array_equal(got, ref)
@@ -137,7 +169,9 @@ def _numpy_conv(q, w, stride, pads):
   out = np.zeros((q.shape[0], oh, ow, co), np.int64)
   for i in range(oh):
     for j in range(ow):
-      patch = qp[:, i * stride:i * stride + kh, j * stride:j * stride + kw, :]
+      patch = qp[
+        :, i * stride : i * stride + kh, j * stride : j * stride + kw, :
+      ]
       out[:, i, j, :] = np.einsum('nhwc,hwco->no', patch, w.astype(np.int64))
   return out
 
@@ -155,11 +189,26 @@ def test_conv_layer_semantics_by_hand():
   b2 = rng.integers(-500, 500, 3).astype(np.int32)
   out_scale = np.array([0.01, 0.02, 0.015], np.float32)
   prog = im.IntegerProgram(
-      layers=[im.IntLayer('c', 'Conv', k1, b1, strides=(2, 2),
-                          padding='SAME', relu=True, pool=16, acc_shift=2,
-                          requant=('mult', sign, m0, ex), out_range=(0, 15)),
-              im.IntLayer('d', 'Dense', k2, b2, out_scale=out_scale)],
-      input_scale=0.05, input_range=(-127, 127), kind='qat')
+    layers=[
+      im.IntLayer(
+        'c',
+        'Conv',
+        k1,
+        b1,
+        strides=(2, 2),
+        padding='SAME',
+        relu=True,
+        pool=16,
+        acc_shift=2,
+        requant=('mult', sign, m0, ex),
+        out_range=(0, 15),
+      ),
+      im.IntLayer('d', 'Dense', k2, b2, out_scale=out_scale),
+    ],
+    input_scale=0.05,
+    input_range=(-127, 127),
+    kind='qat',
+  )
   x = rng.normal(size=(6, 7, 8, 2)).astype(np.float32) * 3
   # By hand: quantize (ties to even, clip), SAME padding for 7x8 / stride 2
   # (out 4x4; total pads 2 and 1, the extra one at the end), accumulate.
@@ -181,28 +230,56 @@ def test_conv_layer_semantics_by_hand():
   conv = next(n for n in model.graph.node if n.op_type == 'Conv')
   attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
   assert attrs['auto_pad'] == b'SAME_UPPER' and list(attrs['strides']) == [2, 2]
-  w = next(i for i in model.graph.initializer if i.name.startswith('c_kernel_')
-           and '_scale' not in i.name and '_zp' not in i.name)
+  w = next(
+    i
+    for i in model.graph.initializer
+    if i.name.startswith('c_kernel_')
+    and '_scale' not in i.name
+    and '_zp' not in i.name
+  )
   assert w.data_type == onnx.TensorProto.INT4 and list(w.dims) == [4, 2, 3, 3]
-  np.testing.assert_array_equal(onnx.numpy_helper.to_array(w).astype(np.int8),
-                                np.transpose(k1, (3, 2, 0, 1)))
+  np.testing.assert_array_equal(
+    onnx.numpy_helper.to_array(w).astype(np.int8),
+    np.transpose(k1, (3, 2, 0, 1)),
+  )
 
 
 def test_errors(test_set, tmp_path, monkeypatch):
   x = test_set[0][:8]
   one = im.IntegerProgram(
-      layers=[im.IntLayer('d', 'Dense', np.ones((4, 2), np.int8), None,
-                          out_scale=np.ones(2, np.float32))],
-      input_scale=1.0, input_range=(0, 255), kind='qat')
+    layers=[
+      im.IntLayer(
+        'd',
+        'Dense',
+        np.ones((4, 2), np.int8),
+        None,
+        out_scale=np.ones(2, np.float32),
+      )
+    ],
+    input_scale=1.0,
+    input_range=(0, 255),
+    kind='qat',
+  )
   with pytest.raises(ValueError, match='opset'):
     ox.program_to_onnx(one, opset=11)
   with pytest.raises(ValueError, match='no layers'):
     ox.program_to_onnx(im.IntegerProgram([], 1.0, (0, 255), 'qat'))
   conv3d = im.IntegerProgram(
-      layers=[im.IntLayer('c', 'Conv', np.ones((1, 1, 1, 1, 2), np.int8),
-                          None, strides=(1, 1, 1), padding='VALID',
-                          out_scale=np.ones(2, np.float32))],
-      input_scale=1.0, input_range=(0, 255), kind='qat')
+    layers=[
+      im.IntLayer(
+        'c',
+        'Conv',
+        np.ones((1, 1, 1, 1, 2), np.int8),
+        None,
+        strides=(1, 1, 1),
+        padding='VALID',
+        out_scale=np.ones(2, np.float32),
+      )
+    ],
+    input_scale=1.0,
+    input_range=(0, 255),
+    kind='qat',
+  )
   with pytest.raises(ValueError, match='2-D convolutions'):
     ox.program_to_onnx(conv3d)
   # Not a quantized model / not a chain: lower's errors, unchanged.

@@ -9,21 +9,28 @@ from fracq.core import packing
 
 
 @settings(max_examples=200, deadline=None)
-@given(bits=st.integers(1, 8), signed=st.booleans(),
-       n=st.sampled_from([1, 2, 7, 13, 64, 1023]) | st.integers(1, 300),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+  bits=st.integers(1, 8),
+  signed=st.booleans(),
+  n=st.sampled_from([1, 2, 7, 13, 64, 1023]) | st.integers(1, 300),
+  seed=st.integers(0, 2**31 - 1),
+)
 def test_round_trip_every_width(bits, signed, n, seed):
   lo, hi = packing.code_range(bits, signed)
   codes = np.random.default_rng(seed).integers(lo, hi + 1, size=n)
   buf = packing.pack_codes(codes, bits, signed=signed)
   assert buf.dtype == np.uint8 and buf.size == (n * bits + 7) // 8
   np.testing.assert_array_equal(
-      packing.unpack_codes(buf, bits, n, signed=signed), codes)
+    packing.unpack_codes(buf, bits, n, signed=signed), codes
+  )
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=st.sampled_from([(3, 3, 5, 7), (13, 4), (1, 1, 1, 9), (6,)]),
-       signed=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@given(
+  shape=st.sampled_from([(3, 3, 5, 7), (13, 4), (1, 1, 1, 9), (6,)]),
+  signed=st.booleans(),
+  seed=st.integers(0, 2**31 - 1),
+)
 def test_per_channel_round_trip(shape, signed, seed):
   rng = np.random.default_rng(seed)
   axis = len(shape) - 1
@@ -37,7 +44,8 @@ def test_per_channel_round_trip(shape, signed, seed):
   assert buf.size == sum((per * int(b) + 7) // 8 for b in bits)
   assert offsets[-1] == buf.size
   np.testing.assert_array_equal(
-      packing.unpack_per_channel(buf, bits, shape, axis, signed=signed), codes)
+    packing.unpack_per_channel(buf, bits, shape, axis, signed=signed), codes
+  )
 
 
 def test_known_layout():
@@ -65,13 +73,16 @@ def test_zero_bit_channels_take_no_bytes():
   buf, offsets = packing.pack_per_channel(codes, [3, 0, 5], 1, signed=True)
   assert offsets.tolist() == [0, 1, 1, 3]
   np.testing.assert_array_equal(
-      packing.unpack_per_channel(buf, [3, 0, 5], codes.shape, 1, signed=True),
-      codes)
-  enc = packing.encode(codes, [3, 0, 5], signed=True, axis=1,
-                       structure=False)
+    packing.unpack_per_channel(buf, [3, 0, 5], codes.shape, 1, signed=True),
+    codes,
+  )
+  enc = packing.encode(codes, [3, 0, 5], signed=True, axis=1, structure=False)
   assert enc.nbytes == 3
   np.testing.assert_array_equal(
-      packing.decode('dense', enc.parts, codes.shape, [3, 0, 5], signed=True,
-                     axis=1), codes)
+    packing.decode(
+      'dense', enc.parts, codes.shape, [3, 0, 5], signed=True, axis=1
+    ),
+    codes,
+  )
   with pytest.raises(ValueError, match='expected 2'):
     packing.unpack_codes(np.zeros(3, np.uint8), 3, 4, signed=False)

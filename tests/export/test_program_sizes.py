@@ -13,7 +13,6 @@ from fracq.export import integer_model as im
 
 
 class _Mlp(nn.Module):
-
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train
@@ -23,18 +22,26 @@ class _Mlp(nn.Module):
 
 def _kernelwise_model():
   x = jnp.asarray(np.random.RandomState(0).randn(16, 10), jnp.float32)
-  spec = fracq.TensorSpec(bits=4.0, learn_bits=True, bit_bounds=(0.0, 8.0),
-                          granularity='channel', bits_per_channel=True)
-  qm = fracq.quantize(_Mlp(), [fracq.Rule(weight=spec,
-                                          act=fracq.TensorSpec(bits=8))],
-                      x[:1], budget=fracq.Budget(kind='size', uniform_bits=4),
-                      hard_assign_step=0, call_kwargs={'train': False})
+  spec = fracq.TensorSpec(
+    bits=4.0,
+    learn_bits=True,
+    bit_bounds=(0.0, 8.0),
+    granularity='channel',
+    bits_per_channel=True,
+  )
+  qm = fracq.quantize(
+    _Mlp(),
+    [fracq.Rule(weight=spec, act=fracq.TensorSpec(bits=8))],
+    x[:1],
+    budget=fracq.Budget(kind='size', uniform_bits=4),
+    hard_assign_step=0,
+    call_kwargs={'train': False},
+  )
   v = qm.calibrate(qm.init(jax.random.key(0), x), x)
   hard = qm.for_step(0)
   v = hard.prepare(v)
   stats = jax.tree_util.tree_map(lambda s: s, v['quant_stats'])
-  stats['d0']['kernel_hard_bits'] = jnp.asarray([2, 7, 0, 3, 5, 8],
-                                                jnp.float32)
+  stats['d0']['kernel_hard_bits'] = jnp.asarray([2, 7, 0, 3, 5, 8], jnp.float32)
   stats['d1']['kernel_hard_bits'] = jnp.asarray([3, 6, 2], jnp.float32)
   return hard, {**v, 'quant_stats': stats}, x
 
@@ -55,9 +62,10 @@ def test_program_packs_each_channel_at_its_bits(tmp_path):
   # 3+5+2 = 10 B, vs 10*6 B + 6*3*6/8 = 73.5 B at the widest channel.
   codes, _, _ = export.read_artifact(path)
   prog = im.load_program(path)
-  np.testing.assert_array_equal(np.asarray(prog(prog.quantize_input(x))),
-                                np.asarray(im.lower_qat(hard, v, x)(
-                                    prog.quantize_input(x))))
+  np.testing.assert_array_equal(
+    np.asarray(prog(prog.quantize_input(x))),
+    np.asarray(im.lower_qat(hard, v, x)(prog.quantize_input(x))),
+  )
   assert not codes['d0/kernel'][:, 2].any()  # the pruned channel
   # The file is the theoretical size plus the container (manifest, header).
   assert rep['program_bytes'] < rep['program_theoretical_bytes'] + 4096
@@ -65,9 +73,10 @@ def test_program_packs_each_channel_at_its_bits(tmp_path):
 
 def test_lowering_refuses_affine_kernels_by_name():
   x = jnp.asarray(np.random.RandomState(0).randn(8, 10), jnp.float32)
-  rule = fracq.Rule(weight=fracq.TensorSpec(bits=4, range_method='minmax',
-                                            symmetric=False),
-                    act=fracq.TensorSpec(bits=8))
+  rule = fracq.Rule(
+    weight=fracq.TensorSpec(bits=4, range_method='minmax', symmetric=False),
+    act=fracq.TensorSpec(bits=8),
+  )
   qm = fracq.quantize(_Mlp(), [rule], x[:1], call_kwargs={'train': False})
   v = qm.calibrate(qm.init(jax.random.key(0), x), x)
   with pytest.raises(ValueError, match=r'd0: its kernel grid is affine'):

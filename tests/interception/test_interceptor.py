@@ -1,7 +1,5 @@
 """Tests of the interception mechanism with a tiny test-only provider."""
 
-import functools
-import re
 import warnings
 
 import chex
@@ -68,8 +66,9 @@ class Zoo(nn.Module):
 
 
 X = jnp.asarray(np.random.RandomState(0).randn(2, 8, 8, 3), jnp.float32)
-ALL = fi.Rule(module_path='.*', weight=fi.TensorSpec(bits=4),
-              act=fi.TensorSpec(bits=8))
+ALL = fi.Rule(
+  module_path='.*', weight=fi.TensorSpec(bits=4), act=fi.TensorSpec(bits=8)
+)
 
 
 def test_keep_float_is_bit_identical_outputs_and_grads():
@@ -97,8 +96,15 @@ def test_params_tree_unchanged_and_quant_collections_created():
   v = qm.init(jax.random.key(0), X)
   chex.assert_trees_all_equal(plain['params'], v['params'])
   assert set(v) == {'params', 'quant', 'quant_stats'}
-  quantized = {'conv', 'depthwise', 'deconv', 'remat_conv', 'dense_general',
-               'einsum', 'shared'}
+  quantized = {
+    'conv',
+    'depthwise',
+    'deconv',
+    'remat_conv',
+    'dense_general',
+    'einsum',
+    'shared',
+  }
   assert set(v['quant']) == quantized
   assert all(set(d) == {'kernel_step'} for d in v['quant'].values())
 
@@ -107,8 +113,9 @@ def test_quantization_changes_outputs_as_expected():
   """Dense: the result equals the plain layer applied to a rounded kernel."""
   model = nn.Dense(3)
   x = jnp.arange(8.0).reshape(2, 4) / 7
-  qm = fi.QuantizedModule(model, [fi.Rule(weight=fi.TensorSpec(bits=4))],
-                          RoundProvider())
+  qm = fi.QuantizedModule(
+    model, [fi.Rule(weight=fi.TensorSpec(bits=4))], RoundProvider()
+  )
   v = qm.init(jax.random.key(1), x)
   k = v['params']['kernel']
   expected = x @ (jnp.round(k / 0.05) * 0.05) + v['params']['bias'][None]
@@ -119,12 +126,17 @@ def test_quantization_changes_outputs_as_expected():
 def test_foreign_model_matched_layers_and_facts():
   """A model we did not write, with its own (auto) naming."""
   model = ExamplesCNN()
-  rules = [fi.keep_float(r'^Conv_0$'), fi.fixed_bits(r'Dense_1'),
-           fi.Rule(module_path=r'Conv|Dense', weight=fi.TensorSpec(bits=4))]
+  rules = [
+    fi.keep_float(r'^Conv_0$'),
+    fi.fixed_bits(r'Dense_1'),
+    fi.Rule(module_path=r'Conv|Dense', weight=fi.TensorSpec(bits=4)),
+  ]
   qm = fi.QuantizedModule(model, rules, RoundProvider())
   facts = qm.layer_facts(X)
   assert list(facts) == ['Conv_0', 'Conv_1', 'Dense_0', 'Dense_1']
-  assert facts['Conv_0'].rule_index == 0 and not facts['Conv_0'].weight_quantized
+  assert (
+    facts['Conv_0'].rule_index == 0 and not facts['Conv_0'].weight_quantized
+  )
   assert facts['Dense_1'].rule_index == 1 and facts['Dense_1'].act_quantized
   assert facts['Conv_1'].rule_index == 2 and not facts['Conv_1'].act_quantized
   # Hand-counted MACs per example (SAME padding keeps spatial size).
@@ -157,39 +169,53 @@ def test_facts_for_every_layer_type():
 
 
 def test_unused_rule_error_and_warning():
-  rules = [ALL, fi.Rule(module_path='no_such_layer',
-                        weight=fi.TensorSpec(bits=4))]
+  rules = [
+    ALL,
+    fi.Rule(module_path='no_such_layer', weight=fi.TensorSpec(bits=4)),
+  ]
   with pytest.raises(ValueError, match=r"#1 module_path='no_such_layer'"):
-    fi.QuantizedModule(Zoo(), rules, RoundProvider()).init(
-        jax.random.key(0), X)
+    fi.QuantizedModule(Zoo(), rules, RoundProvider()).init(jax.random.key(0), X)
   # A rule shadowed by an earlier one is unused too.
   with pytest.raises(ValueError, match='first match wins'):
-    fi.QuantizedModule(Zoo(), [ALL, fi.keep_float('conv')],
-                       RoundProvider()).init(jax.random.key(0), X)
+    fi.QuantizedModule(
+      Zoo(), [ALL, fi.keep_float('conv')], RoundProvider()
+    ).init(jax.random.key(0), X)
   with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter('always')
-    fi.QuantizedModule(Zoo(), rules, RoundProvider(),
-                       on_unused='warn').init(jax.random.key(0), X)
+    fi.QuantizedModule(Zoo(), rules, RoundProvider(), on_unused='warn').init(
+      jax.random.key(0), X
+    )
   assert any('matched no layer' in str(x.message) for x in w)
 
 
-@pytest.mark.parametrize('rule, msg', [
+@pytest.mark.parametrize(
+  'rule, msg',
+  [
     (fi.Rule(module_path='(', weight=fi.TensorSpec()), 'not a valid regular'),
-    (fi.Rule(layer_types=('Conv2D',), weight=fi.TensorSpec()),
-     "unknown layer_types \\['Conv2D'\\]"),
+    (
+      fi.Rule(layer_types=('Conv2D',), weight=fi.TensorSpec()),
+      "unknown layer_types \\['Conv2D'\\]",
+    ),
     (fi.Rule(layer_types='Conv', weight=fi.TensorSpec()), 'tuple of names'),
     (fi.Rule(weight=fi.TensorSpec(bits=3.5)), 'learn_bits=True'),
-    (fi.Rule(weight=fi.TensorSpec(bits=9, learn_bits=True)),
-     'outside bit_bounds'),
+    (
+      fi.Rule(weight=fi.TensorSpec(bits=9, learn_bits=True)),
+      'outside bit_bounds',
+    ),
     (fi.Rule(weight=fi.TensorSpec(range_method='pact')), 'PACT clips'),
-    (fi.Rule(act=fi.TensorSpec(range_method='lsq_pluss')),
-     "unknown range_method='lsq_pluss'"),
+    (
+      fi.Rule(act=fi.TensorSpec(range_method='lsq_pluss')),
+      "unknown range_method='lsq_pluss'",
+    ),
     (fi.Rule(act=fi.TensorSpec(bits_per_channel=True)), 'only supported for'),
-    (fi.Rule(weight=fi.TensorSpec(granularity='group', group_size=4)),
-     'not supported by the QAT'),
+    (
+      fi.Rule(weight=fi.TensorSpec(granularity='group', group_size=4)),
+      'not supported by the QAT',
+    ),
     (fi.Rule(weight=fi.TensorSpec(granularity='grp')), 'unknown granularity'),
     (fi.Rule(keep_float=True, weight=fi.TensorSpec()), 'contradictory'),
-])
+  ],
+)
 def test_invalid_rules(rule, msg):
   with pytest.raises(ValueError, match=msg):
     fi.QuantizedModule(Zoo(), [rule], RoundProvider())
@@ -209,11 +235,16 @@ def test_jit_grad_and_stats_collection():
   @jax.jit
   def step(params, quant, stats):
     def loss(p, q):
-      out, upd = qm.apply({'params': p, 'quant': q, 'quant_stats': stats}, X,
-                          mutable=['quant_stats'])
-      return jnp.mean(out ** 2), upd
+      out, upd = qm.apply(
+        {'params': p, 'quant': q, 'quant_stats': stats},
+        X,
+        mutable=['quant_stats'],
+      )
+      return jnp.mean(out**2), upd
+
     (l, upd), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-        params, quant)
+      params, quant
+    )
     return l, g, upd['quant_stats']
 
   l, (gp, gq), stats = step(v['params'], v['quant'], v['quant_stats'])
@@ -233,21 +264,29 @@ def test_shard_map_matches_single_device():
   mesh = Mesh(devices, ('batch',))
 
   def per_device(v, xb):
-    g = jax.grad(lambda p: jnp.sum(
-        qm.apply({**v, 'params': p}, xb) ** 2))(v['params'])
+    g = jax.grad(lambda p: jnp.sum(qm.apply({**v, 'params': p}, xb) ** 2))(
+      v['params']
+    )
     return jax.lax.psum(g, 'batch')
 
   # Classic pmap semantics (no automatic psum of replicated-input grads).
-  f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('batch')),
-                            out_specs=P(), check_vma=False))
+  f = jax.jit(
+    jax.shard_map(
+      per_device,
+      mesh=mesh,
+      in_specs=(P(), P('batch')),
+      out_specs=P(),
+      check_vma=False,
+    )
+  )
   g_sharded = f(v, x)
-  g_single = jax.grad(lambda p: jnp.sum(
-      qm.apply({**v, 'params': p}, x) ** 2))(v['params'])
+  g_single = jax.grad(lambda p: jnp.sum(qm.apply({**v, 'params': p}, x) ** 2))(
+    v['params']
+  )
   chex.assert_trees_all_close(g_sharded, g_single, rtol=1e-5, atol=1e-6)
 
 
 class ScanStack(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     class Block(nn.Module):
@@ -255,25 +294,30 @@ class ScanStack(nn.Module):
       def __call__(self, c, _):
         return nn.relu(nn.Dense(4, name='fc')(c)), None
 
-    Stack = nn.scan(Block, variable_axes={'params': 0, 'quant': 0},
-                    split_rngs={'params': True}, length=3)
+    Stack = nn.scan(
+      Block,
+      variable_axes={'params': 0, 'quant': 0},
+      split_rngs={'params': True},
+      length=3,
+    )
     x, _ = Stack(name='stack')(x, None)
     return x
 
 
 def test_scan_wrapped_layers():
   x = jnp.ones((2, 4))
-  qm = fi.QuantizedModule(ScanStack(), [fi.Rule(weight=fi.TensorSpec())],
-                          RoundProvider())
+  qm = fi.QuantizedModule(
+    ScanStack(), [fi.Rule(weight=fi.TensorSpec())], RoundProvider()
+  )
   v = qm.init(jax.random.key(0), x)
   assert v['quant']['stack']['fc']['kernel_step'].shape == (3,)
   assert v['params']['stack']['fc']['kernel'].shape == (3, 4, 4)
   out = qm.apply(v, x)
-  ref_vars = jax.tree_util.tree_map(
-      lambda k: k, {'params': v['params']})
+  ref_vars = jax.tree_util.tree_map(lambda k: k, {'params': v['params']})
   # Reference: round the stacked kernels by hand and run the plain model.
   ref_vars['params']['stack']['fc']['kernel'] = (
-      jnp.round(v['params']['stack']['fc']['kernel'] / 0.05) * 0.05)
+    jnp.round(v['params']['stack']['fc']['kernel'] / 0.05) * 0.05
+  )
   np.testing.assert_allclose(out, ScanStack().apply(ref_vars, x), rtol=1e-6)
 
 
@@ -312,8 +356,8 @@ def test_threads_each_see_only_their_own_transform():
 
   model = ExamplesCNN()
   v = model.init(jax.random.key(0), X)
-  qa = fi.QuantizedModule(model, [fi.Rule(weight=fi.TensorSpec())], Scale(2.))
-  qb = fi.QuantizedModule(model, [fi.Rule(weight=fi.TensorSpec())], Scale(0.))
+  qa = fi.QuantizedModule(model, [fi.Rule(weight=fi.TensorSpec())], Scale(2.0))
+  qb = fi.QuantizedModule(model, [fi.Rule(weight=fi.TensorSpec())], Scale(0.0))
   want_a, want_b = qa.apply(v, X), qb.apply(v, X)
   got, errors = {}, []
   barrier = threading.Barrier(2)
@@ -326,8 +370,9 @@ def test_threads_each_see_only_their_own_transform():
     except Exception as e:  # pragma: no cover
       errors.append(e)
 
-  ts = [threading.Thread(target=run, args=(n, q))
-        for n, q in (('a', qa), ('b', qb))]
+  ts = [
+    threading.Thread(target=run, args=(n, q)) for n, q in (('a', qa), ('b', qb))
+  ]
   for t in ts:
     t.start()
   for t in ts:

@@ -35,19 +35,29 @@ def test_folded_float_model_equals_unfolded(data):
   f8 = F8NetModel(m, x, options=F8NetOptions(simulate=False))
   assert set(f8.pairs) == {'conv_init', 'conv1', 'conv2', 'conv3', 'conv4'}
   assert f8.unfolded == {}
-  vf = {**f8.init(jax.random.key(1), x), 'params': v['params'],
-        'batch_stats': v['batch_stats']}
+  vf = {
+    **f8.init(jax.random.key(1), x),
+    'params': v['params'],
+    'batch_stats': v['batch_stats'],
+  }
   # Eval: running statistics folded into the kernels.
-  np.testing.assert_allclose(f8.apply(vf, xe, train=False),
-                             m.apply(v, xe, train=False), rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(
+    f8.apply(vf, xe, train=False),
+    m.apply(v, xe, train=False),
+    rtol=2e-4,
+    atol=2e-4,
+  )
   # Training: batch statistics folded; running averages updated identically.
-  out_f, upd_f = f8.apply(vf, x, train=True,
-                          mutable=['batch_stats', 'quant_stats'])
+  out_f, upd_f = f8.apply(
+    vf, x, train=True, mutable=['batch_stats', 'quant_stats']
+  )
   out_m, upd_m = m.apply(v, x, train=True, mutable=['batch_stats'])
   np.testing.assert_allclose(out_f, out_m, rtol=2e-4, atol=2e-4)
   jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-      upd_f['batch_stats'], upd_m['batch_stats'])
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    upd_f['batch_stats'],
+    upd_m['batch_stats'],
+  )
 
 
 def test_weight_formats_follow_the_rule_on_the_folded_kernel(data):
@@ -56,24 +66,28 @@ def test_weight_formats_follow_the_rule_on_the_folded_kernel(data):
   m = models.get_model('digits_cnn')
   v = _warm(m, x)
   f8 = F8NetModel(m, x)
-  v = {**f8.init(jax.random.key(1), x), 'params': v['params'],
-       'batch_stats': v['batch_stats']}
+  v = {
+    **f8.init(jax.random.key(1), x),
+    'params': v['params'],
+    'batch_stats': v['batch_stats'],
+  }
   v = f8.calibrate(v, xe)
   recs = {r.path: r for r in f8.capture(v, xe[:4])}
   for conv, bn in f8.pairs.items():
     w = np.asarray(v['params'][conv]['kernel'], np.float64)
     p, s = v['params'][bn], v['batch_stats'][bn]
     g = np.asarray(p['scale'], np.float64) / np.sqrt(
-        np.asarray(s['var'], np.float64) + 1e-5)
+      np.asarray(s['var'], np.float64) + 1e-5
+    )
     wf = w * g
     fl = min(max(math.floor(math.log2(40.0 / wf.std())), 0), 15)
     assert int(recs[conv].weight_fl) == fl, conv
-    codes = np.clip(np.round(wf * 2.0 ** fl), -127, 127)
+    codes = np.clip(np.round(wf * 2.0**fl), -127, 127)
     mism = np.mean(codes != recs[conv].kernel_codes)
     assert mism < 1e-3, (conv, mism)  # float32 vs float64 ties only
     bias = np.asarray(p['bias']) - np.asarray(s['mean']) * g
     S = recs[conv].input_fl + fl
-    bcodes = np.round(bias * 2.0 ** S)
+    bcodes = np.round(bias * 2.0**S)
     assert np.max(np.abs(bcodes - recs[conv].bias_codes)) <= 1
 
 
@@ -83,8 +97,9 @@ def test_activation_fl_ema_and_eval_rounding(data):
   f8 = F8NetModel(m, x)
   v = f8.init(jax.random.key(0), x)
   ema0 = float(v['quant_stats']['conv1']['input_fl_ema'])
-  _, upd = f8.apply(v, x * 3.0, train=True,
-                    mutable=['batch_stats', 'quant_stats'])
+  _, upd = f8.apply(
+    v, x * 3.0, train=True, mutable=['batch_stats', 'quant_stats']
+  )
   ema1 = float(upd['quant_stats']['conv1']['input_fl_ema'])
   assert ema1 != ema0
   # ema1 = 0.9 ema0 + 0.1 batch_fl with an integer batch FL in the FL range.
@@ -119,6 +134,7 @@ def test_unfoldable_batchnorm_is_explained(data):
   out = f8.apply(v, x, train=False)
   assert out.shape == (x.shape[0], 10) and bool(jnp.all(jnp.isfinite(out)))
   from fracq.export import integer_model
+
   with pytest.raises(ValueError, match='folded'):
     integer_model.lower_f8net(f8, v, x)
 
@@ -129,8 +145,11 @@ def test_bad_options_are_clear():
   with pytest.raises(ValueError, match='momentum'):
     F8NetOptions(momentum=0.0)
   with pytest.raises(ValueError, match='no nn.Conv'):
-    F8NetModel(models.get_model('digits_cnn'), jnp.zeros((1, 8, 8, 1)),
-               options=F8NetOptions(keep_float='.*'))
+    F8NetModel(
+      models.get_model('digits_cnn'),
+      jnp.zeros((1, 8, 8, 1)),
+      options=F8NetOptions(keep_float='.*'),
+    )
 
 
 @pytest.mark.parametrize('fmt', ['std', 'grid'])
@@ -138,18 +157,26 @@ def test_activation_format_uses_the_global_batch(fmt):
   """Under data parallelism every replica picks the global batch's FL."""
   from jax.sharding import Mesh, PartitionSpec as P
   from fracq.methods import f8net
+
   n = jax.device_count()
   rng = np.random.RandomState(0)
   # Shard i has scale 2^i: local FLs all differ, the global one is unique.
-  x = np.concatenate([rng.randn(4, 16) * 2.0 ** i for i in range(n)])
+  x = np.concatenate([rng.randn(4, 16) * 2.0**i for i in range(n)])
   x = jnp.asarray(x, jnp.float32)
   want = f8net._fl_of(x, True, fmt, (0, 7))
   mesh = Mesh(np.array(jax.devices()), ('batch',))
-  fn = jax.jit(jax.shard_map(
+  fn = jax.jit(
+    jax.shard_map(
       lambda a: f8net._fl_of(a, True, fmt, (0, 7), axis_name='batch')[None],
-      mesh=mesh, in_specs=P('batch'), out_specs=P('batch'), check_vma=False))
+      mesh=mesh,
+      in_specs=P('batch'),
+      out_specs=P('batch'),
+      check_vma=False,
+    )
+  )
   got = np.asarray(fn(x))
-  local = [int(f8net._fl_of(x[4 * i:4 * i + 4], True, fmt, (0, 7)))
-           for i in range(n)]
+  local = [
+    int(f8net._fl_of(x[4 * i : 4 * i + 4], True, fmt, (0, 7))) for i in range(n)
+  ]
   assert len(set(local)) > 1  # the test would catch per-replica formats
   np.testing.assert_array_equal(got, np.full(n, int(want)))

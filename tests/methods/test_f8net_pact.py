@@ -20,41 +20,56 @@ from fracq.export import integer_model as im
 from fracq.methods.f8net import F8NetModel, F8NetOptions
 from tests.methods.test_f8net import _warm
 
-DIGITS_LINKS = {'conv1': 'conv_init', 'conv2': 'conv1', 'conv3': 'conv2',
-                'conv4': 'conv3', 'head': 'conv4'}
+DIGITS_LINKS = {
+  'conv1': 'conv_init',
+  'conv2': 'conv1',
+  'conv3': 'conv2',
+  'conv4': 'conv3',
+  'head': 'conv4',
+}
 # resnet_tiny: stem -> identity block -> projection block -> pool -> fc. The
 # stem's output, the identity block's input and its add's output share one
 # clip (owned by the stem); the projection block's add output has its own
 # (owned by its first branch conv); each block's inner conv1 -> conv2 link
 # has one.
 TINY_READERS = {
-    'stage1_block0/conv1': 'conv_init',
-    'stage1_block0/conv2': 'stage1_block0/conv1',
-    'stage2_block0/conv1': 'conv_init',
-    'stage2_block0/downsample_conv': 'conv_init',
-    'stage2_block0/conv2': 'stage2_block0/conv1',
-    'fc': 'stage2_block0/conv2'}
+  'stage1_block0/conv1': 'conv_init',
+  'stage1_block0/conv2': 'stage1_block0/conv1',
+  'stage2_block0/conv1': 'conv_init',
+  'stage2_block0/downsample_conv': 'conv_init',
+  'stage2_block0/conv2': 'stage2_block0/conv1',
+  'fc': 'stage2_block0/conv2',
+}
 TINY_PRODUCERS = {
-    'conv_init': 'conv_init', 'stage1_block0/conv2': 'conv_init',
-    'stage1_block0/conv1': 'stage1_block0/conv1',
-    'stage2_block0/conv1': 'stage2_block0/conv1',
-    'stage2_block0/conv2': 'stage2_block0/conv2',
-    'stage2_block0/downsample_conv': 'stage2_block0/conv2'}
+  'conv_init': 'conv_init',
+  'stage1_block0/conv2': 'conv_init',
+  'stage1_block0/conv1': 'stage1_block0/conv1',
+  'stage2_block0/conv1': 'stage2_block0/conv1',
+  'stage2_block0/conv2': 'stage2_block0/conv2',
+  'stage2_block0/downsample_conv': 'stage2_block0/conv2',
+}
 TINY_ENTRIES = {'stage1_block0': 'conv_init', 'stage2_block0': 'conv_init'}
 
 
 @pytest.fixture(scope='module')
 def data():
   xtr, ytr, xte, yte = digits.load_digits_split()
-  return (jnp.asarray(xtr[:128]), jnp.asarray(ytr[:128]), jnp.asarray(xte),
-          np.asarray(yte))
+  return (
+    jnp.asarray(xtr[:128]),
+    jnp.asarray(ytr[:128]),
+    jnp.asarray(xte),
+    np.asarray(yte),
+  )
 
 
 def _clips(quant):
   """{owner path: alpha} of a ``quant`` collection."""
   flat = jax.tree_util.tree_leaves_with_path(quant)
-  return {'/'.join(k.key for k in kp[:-1]): a for kp, a in flat
-          if kp[-1].key == 'pact_alpha'}
+  return {
+    '/'.join(k.key for k in kp[:-1]): a
+    for kp, a in flat
+    if kp[-1].key == 'pact_alpha'
+  }
 
 
 def _nest(clips):
@@ -71,11 +86,13 @@ def _nest(clips):
 def _reference(module, v, x, alphas, links, train=False):
   """The plain model with the input of every module in ``links`` (reader
   layers, residual blocks) clipped at its group's alpha."""
+
   def icpt(next_fun, args, kwargs, context):
     path = '/'.join(context.module.path)
     if context.method_name == '__call__' and path in links:
       args = (jnp.minimum(args[0], alphas[links[path]]),) + tuple(args[1:])
     return next_fun(*args, **kwargs)
+
   with nn.intercept_methods(icpt):
     if train:
       return module.apply(v, x, train=True, mutable=['batch_stats'])[0]
@@ -86,8 +103,9 @@ def test_links_and_unclipped_model_equals_the_original(data):
   x, _, xe, _ = data
   m = models.get_model('digits_cnn')
   v = _warm(m, x)
-  f8 = F8NetModel(m, x, options=F8NetOptions(simulate=False, pact=True,
-                                             pact_init=1e4))
+  f8 = F8NetModel(
+    m, x, options=F8NetOptions(simulate=False, pact=True, pact_init=1e4)
+  )
   assert f8.pact_src == DIGITS_LINKS
   init = f8.init(jax.random.key(1), x)
   # The clips are trainable, outside 'params' (a float checkpoint's params
@@ -98,14 +116,20 @@ def test_links_and_unclipped_model_equals_the_original(data):
   vf = {**init, 'params': v['params'], 'batch_stats': v['batch_stats']}
   # A clip far above every activation: the folded model is the float one.
   f8_eval = jax.jit(lambda v_, x_: f8.apply(v_, x_, train=False))
-  np.testing.assert_allclose(f8_eval(vf, xe), m.apply(v, xe, train=False),
-                             rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(
+    f8_eval(vf, xe), m.apply(v, xe, train=False), rtol=2e-4, atol=2e-4
+  )
 
 
-@pytest.mark.parametrize('name,train', [('digits_cnn', False),
-                                        ('digits_cnn', True),
-                                        ('resnet_tiny', False),
-                                        ('resnet_tiny', True)])
+@pytest.mark.parametrize(
+  'name,train',
+  [
+    ('digits_cnn', False),
+    ('digits_cnn', True),
+    ('resnet_tiny', False),
+    ('resnet_tiny', True),
+  ],
+)
 def test_clipped_model_and_alpha_gradient_equal_pact(data, name, train):
   x, y, _, _ = data
   m = models.get_model(name, num_classes=10)
@@ -127,6 +151,7 @@ def test_clipped_model_and_alpha_gradient_equal_pact(data, name, train):
       g = links[path]
       seen[g] = max(seen.get(g, 0.0), float(jnp.max(args[0])))
     return next_fun(*args, **kwargs)
+
   with nn.intercept_methods(icpt):
     m.apply(v, x, train=False)
   alphas = {p: 0.5 * mx for p, mx in seen.items()}
@@ -137,8 +162,12 @@ def test_clipped_model_and_alpha_gradient_equal_pact(data, name, train):
   rest['batch_stats'] = v['batch_stats']
 
   def f8_loss(q):
-    out = f8.apply({'params': v['params'], 'quant': q, **rest}, x, train=train,
-                   mutable=['batch_stats', 'quant_stats'] if train else False)
+    out = f8.apply(
+      {'params': v['params'], 'quant': q, **rest},
+      x,
+      train=train,
+      mutable=['batch_stats', 'quant_stats'] if train else False,
+    )
     out = out[0] if train else out
     return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
 
@@ -156,7 +185,8 @@ def test_clipped_model_and_alpha_gradient_equal_pact(data, name, train):
     np.testing.assert_allclose(g[p], g_ref[p], rtol=2e-3, atol=1e-6)
   # The reference is really clipping: without the clips the loss differs.
   plain = optax.softmax_cross_entropy_with_integer_labels(
-      m.apply(v, x, train=False), y).mean()
+    m.apply(v, x, train=False), y
+  ).mean()
   assert abs(float(lr) - float(plain)) > 1e-4
 
 
@@ -173,10 +203,13 @@ def train_f8(module, x, y, options, steps=8):
   @jax.jit
   def step(params, state, opt, xb, yb):
     def loss(p):
-      logits, upd = w.apply({**p, **state}, xb, train=True,
-                            mutable=['batch_stats', 'quant_stats'])
+      logits, upd = w.apply(
+        {**p, **state}, xb, train=True, mutable=['batch_stats', 'quant_stats']
+      )
       return optax.softmax_cross_entropy_with_integer_labels(
-          logits, yb).mean(), upd
+        logits, yb
+      ).mean(), upd
+
     (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
     u, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, u), {**state, **upd}, opt, g
@@ -192,13 +225,16 @@ def test_pact_integer_program_is_bit_exact_on_digits(data, tmp_path):
   opts = F8NetOptions(pact=True, pact_init=1.5)
   w, v, g = train_f8(models.get_model('digits_cnn'), x, y, opts)
   # alpha trains (PACT's gradient from the clipped entries).
-  assert any(abs(float(g['quant'][p]['pact_alpha'])) > 0
-             for p in DIGITS_LINKS.values())
-  assert any(float(v['quant'][p]['pact_alpha']) != 1.5
-             for p in DIGITS_LINKS.values())
+  assert any(
+    abs(float(g['quant'][p]['pact_alpha'])) > 0 for p in DIGITS_LINKS.values()
+  )
+  assert any(
+    float(v['quant'][p]['pact_alpha']) != 1.5 for p in DIGITS_LINKS.values()
+  )
   prog = im.lower_f8net(w, v, xe)  # verify=True: raises unless bit-exact
-  np.testing.assert_array_equal(np.asarray(prog.logits(xe)),
-                                np.asarray(w.apply(v, xe, train=False)))
+  np.testing.assert_array_equal(
+    np.asarray(prog.logits(xe)), np.asarray(w.apply(v, xe, train=False))
+  )
   # The clip is the requantization clamp min(255, 2^FL) of the producer.
   recs = {r.path: r for r in w.capture(v, xe[:1])}
   for l in prog.layers[:-1]:
@@ -208,8 +244,9 @@ def test_pact_integer_program_is_bit_exact_on_digits(data, tmp_path):
   # ... and the program round-trips through its artifact.
   path = str(tmp_path / 'pact.int.safetensors')
   im.save_program(prog, path)
-  np.testing.assert_array_equal(np.asarray(im.load_program(path).logits(xe)),
-                                np.asarray(prog.logits(xe)))
+  np.testing.assert_array_equal(
+    np.asarray(im.load_program(path).logits(xe)), np.asarray(prog.logits(xe))
+  )
   assert 'clip' in w.report(v, None, 0).splitlines()[0]
 
 
@@ -218,13 +255,15 @@ def test_pact_in_residual_blocks_is_bit_exact(data):
   inputs, shortcuts and adds) lower to shifts and clamps, bit for bit."""
   x, y, xe, _ = data
   opts = F8NetOptions(pact=True, pact_init=2.0)
-  w, v, _ = train_f8(models.get_model('resnet_tiny', num_classes=10), x, y,
-                      opts, steps=4)
+  w, v, _ = train_f8(
+    models.get_model('resnet_tiny', num_classes=10), x, y, opts, steps=4
+  )
   assert w.pact_src == TINY_READERS and w.pact_entry == TINY_ENTRIES
   prog = im.lower_f8net(w, v, xe)
   assert im.is_graph(prog)
-  np.testing.assert_array_equal(np.asarray(prog.logits(xe)),
-                                np.asarray(w.apply(v, xe, train=False)))
+  np.testing.assert_array_equal(
+    np.asarray(prog.logits(xe)), np.asarray(w.apply(v, xe, train=False))
+  )
   # The adds requantize to the trunk's clipped range too.
   adds = [l for l in prog.layers if isinstance(l, im.IntAdd)]
   assert any(l.out_range[1] < 255 for l in adds + prog.layers[:1])
@@ -236,7 +275,6 @@ def test_pact_errors_are_clear(data):
     F8NetOptions(pact=True, pact_init=0.0)
 
   class OneDense(nn.Module):
-
     @nn.compact
     def __call__(self, x, train=False):
       del train
@@ -247,8 +285,11 @@ def test_pact_errors_are_clear(data):
   # ReLU6 links cannot take a folded clip: refused, not silently wrong.
   x3 = jnp.tile(x[:4], (1, 4, 4, 3))
   with pytest.raises(ValueError, match='ReLU6'):
-    F8NetModel(models.get_model('mobilenet_v2_tiny', num_classes=10), x3,
-               options=F8NetOptions(pact=True))
+    F8NetModel(
+      models.get_model('mobilenet_v2_tiny', num_classes=10),
+      x3,
+      options=F8NetOptions(pact=True),
+    )
 
 
 def test_pact_finetunes_from_a_float_checkpoint(tmp_path):
@@ -258,6 +299,7 @@ def test_pact_finetunes_from_a_float_checkpoint(tmp_path):
   import importlib
   from fracq.train import checkpoint as ckpt_lib
   from fracq.train import train as tr
+
   get = lambda n, a: importlib.import_module(f'configs.{n}').get_config(a)
   fl = get('digits_float', 'smoke')
   tr.train_and_evaluate(fl, str(tmp_path / 'float'))
@@ -266,7 +308,8 @@ def test_pact_finetunes_from_a_float_checkpoint(tmp_path):
   m = tr.train_and_evaluate(c, str(tmp_path / 'f8'))
   assert np.isfinite(m['eval_loss'])
   raw = ckpt_lib.restore_raw(str(tmp_path / 'f8'))
-  clips = {p: float(n['pact_alpha'])
-           for p, n in raw['trainable']['quant'].items()}
+  clips = {
+    p: float(n['pact_alpha']) for p, n in raw['trainable']['quant'].items()
+  }
   assert sorted(clips) == sorted(DIGITS_LINKS.values())
   assert any(a != c.quant.f8_pact_init for a in clips.values())

@@ -17,10 +17,13 @@ def get_config(name, arg='smoke'):
   return importlib.import_module(f'configs.{name}').get_config(arg)
 
 
-@pytest.mark.parametrize('name,arg', [
+@pytest.mark.parametrize(
+  'name,arg',
+  [
     ('cifar10_resnet20_f8net', 'smoke,pact=True'),  # PACT in the blocks
     ('f8net_imagenet', 'smoke,model=mobilenet_v2'),  # depthwise convs
-])
+  ],
+)
 def test_f8net_configs_train_on_mock_tfds(name, arg, tmp_path):
   c = get_config(name, arg)
   assert c.quant.method == 'f8net'
@@ -50,11 +53,12 @@ def test_f8net_data_parallel_step_equals_single_device():
   and a later step may round one weight code differently on 8 devices than
   on 1 (a legitimate discrete difference, not a bug).
   """
-  s8, m8 = _f8_state_after_steps(Mesh(np.array(jax.devices()), ('batch',)),
-                                 steps=1)
-  s1, m1 = _f8_state_after_steps(Mesh(np.array(jax.devices()[:1]),
-                                      ('batch',)), steps=1)
-  chex.assert_trees_all_close(s8.trainable, s1.trainable, rtol=1e-4,
-                              atol=1e-5)
+  s8, m8 = _f8_state_after_steps(
+    Mesh(np.array(jax.devices()), ('batch',)), steps=1
+  )
+  s1, m1 = _f8_state_after_steps(
+    Mesh(np.array(jax.devices()[:1]), ('batch',)), steps=1
+  )
+  chex.assert_trees_all_close(s8.trainable, s1.trainable, rtol=1e-4, atol=1e-5)
   chex.assert_trees_all_close(s8.state, s1.state, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)

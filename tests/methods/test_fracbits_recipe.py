@@ -24,31 +24,39 @@ def _wrap(cfg, size, channels=3):
 
 def _size_equivalent_bits(qm, target):
   """Closed form for a size budget: target = 8 * fixed + k * learned."""
-  fixed = sum(l.numel * l.weight.fixed for l in qm.cost_model.layers
-              if not l.weight.learned)
+  fixed = sum(
+    l.numel * l.weight.fixed
+    for l in qm.cost_model.layers
+    if not l.weight.learned
+  )
   learned = sum(l.numel for l in qm.cost_model.layers if l.weight.learned)
   return (target - fixed) / learned
 
 
 def _learned_weight_bits(qm):
-  return {r.weight.bits for r in qm.rules
-          if r.weight is not None and r.weight.learn_bits}
+  return {
+    r.weight.bits
+    for r in qm.rules
+    if r.weight is not None and r.weight.learn_bits
+  }
 
 
-@pytest.mark.parametrize('config_module,expected_equivalent', [
-    (resnet50_fracbits, 5.0993), (mobilenet_v2_fracbits, 3.7729)])
+@pytest.mark.parametrize(
+  'config_module,expected_equivalent',
+  [(resnet50_fracbits, 5.0993), (mobilenet_v2_fracbits, 3.7729)],
+)
 def test_imagenet_configs_start_at_budget_equivalent_plus_half(
-    config_module, expected_equivalent):
+  config_module, expected_equivalent
+):
   cfg = config_module.get_config()
-  qm = _wrap(cfg, 32)   # model size does not depend on the input size
+  qm = _wrap(cfg, 32)  # model size does not depend on the input size
   numel_all = sum(l.numel for l in qm.cost_model.layers)
-  target = 8.0 * numel_all / 1.5   # 1.5x over INT8
+  target = 8.0 * numel_all / 1.5  # 1.5x over INT8
   assert qm.target == pytest.approx(target, rel=1e-9)
   equivalent = _size_equivalent_bits(qm, target)
   assert equivalent == pytest.approx(expected_equivalent, abs=1e-3)
   info = qm.init_bits_info
-  assert info['uniform_equivalent_bits'] == pytest.approx(equivalent,
-                                                          abs=1e-6)
+  assert info['uniform_equivalent_bits'] == pytest.approx(equivalent, abs=1e-6)
   (start,) = _learned_weight_bits(qm)
   assert start == pytest.approx(equivalent + 0.5, abs=1e-3)
   assert info['init_bits'] == start
@@ -57,19 +65,22 @@ def test_imagenet_configs_start_at_budget_equivalent_plus_half(
 def test_bitops_config_starts_weights_and_acts_at_k_plus_half():
   qm = _wrap(resnet18_fracbits.get_config('bits=3'), 32)
   (start,) = _learned_weight_bits(qm)
-  act_starts = {r.act.bits for r in qm.rules
-                if r.act is not None and r.act.learn_bits}
+  act_starts = {
+    r.act.bits for r in qm.rules if r.act is not None and r.act.learn_bits
+  }
   assert start == pytest.approx(3.5, abs=1e-6)
   assert act_starts == {start}
 
 
-@pytest.mark.parametrize('arg,bits', [('', 3.0), ('bits=4', 4.0),
-                                      ('bitops', 3.0)])
+@pytest.mark.parametrize(
+  'arg,bits', [('', 3.0), ('bits=4', 4.0), ('bitops', 3.0)]
+)
 def test_digits_configs_start_at_budget_equivalent_plus_half(arg, bits):
   qm = _wrap(digits_fracbits.get_config(arg), 8, channels=1)
   assert _learned_weight_bits(qm) == {bits + 0.5}
   assert qm.init_bits_info['uniform_equivalent_bits'] == pytest.approx(
-      bits, abs=1e-9)
+    bits, abs=1e-9
+  )
 
 
 def test_digits_bitops_variables_start_at_budget_equivalent_plus_half():
@@ -79,8 +90,11 @@ def test_digits_bitops_variables_start_at_budget_equivalent_plus_half():
   qm = methods_config.build(cfg.quant, module, x, total_steps=100)
   variables = qm.init(jax.random.key(0), x)
   leaves = jax.tree_util.tree_leaves_with_path(variables['quant'])
-  learned = {'/'.join(k.key for k in path): float(v) for path, v in leaves
-             if path[-1].key in ('kernel_bits', 'input_bits')}
+  learned = {
+    '/'.join(k.key for k in path): float(v)
+    for path, v in leaves
+    if path[-1].key in ('kernel_bits', 'input_bits')
+  }
   n_learned = sum(l.weight.learned for l in qm.cost_model.layers)
   kernel_bits = [k for k in learned if k.endswith('kernel_bits')]
   input_bits = [k for k in learned if k.endswith('input_bits')]
@@ -112,19 +126,22 @@ def test_uniform_equivalent_of_bitops_with_learned_acts():
   # uniform_cost(k) = 8*8*100 + k*k*50 for one fixed and one learned layer.
   learned = cost_lib.TensorBits()
   fixed = cost_lib.TensorBits(fixed=8.0, bounds=(8.0, 8.0))
-  layers = [cost_lib.LayerCost('a', 1, 100, 1, fixed, fixed),
-            cost_lib.LayerCost('b', 1, 50, 1, learned, learned)]
+  layers = [
+    cost_lib.LayerCost('a', 1, 100, 1, fixed, fixed),
+    cost_lib.LayerCost('b', 1, 50, 1, learned, learned),
+  ]
   model = cost_lib.CostModel(layers, 'bitops')
-  target = 6400 + 50 * 3.3 ** 2
-  assert model.uniform_equivalent_bits(target) == (
-      pytest.approx(3.3, abs=1e-9))
+  target = 6400 + 50 * 3.3**2
+  assert model.uniform_equivalent_bits(target) == (pytest.approx(3.3, abs=1e-9))
 
 
-IMAGENET = [(resnet50_fracbits, None, 'size'),
-            (mobilenet_v2_fracbits, None, 'size'),
-            (mobilenet_v2_fracbits, 'dataset=cifar100', 'size'),
-            (inception_v3_fracbits, None, 'size'),
-            (resnet18_fracbits, None, 'bitops')]
+IMAGENET = [
+  (resnet50_fracbits, None, 'size'),
+  (mobilenet_v2_fracbits, None, 'size'),
+  (mobilenet_v2_fracbits, 'dataset=cifar100', 'size'),
+  (inception_v3_fracbits, None, 'size'),
+  (resnet18_fracbits, None, 'bitops'),
+]
 
 
 @pytest.mark.parametrize('config_module,arg,kind', IMAGENET)
@@ -139,18 +156,23 @@ def test_imagenet_penalty_in_paper_units(config_module, arg, kind):
 def test_penalty_gradient_is_kappa_per_megabyte_and_per_gigabitop():
   learned = cost_lib.TensorBits()
   fixed8 = cost_lib.TensorBits(fixed=8.0, bounds=(8.0, 8.0))
-  layers = [cost_lib.LayerCost('small', 2_000_000, 300_000_000, 8, learned,
-                               fixed8),
-            cost_lib.LayerCost('big', 8_000_000, 500_000_000, 8, learned,
-                               fixed8)]
-  quant = {'small': {'kernel_bits': jnp.asarray(5.0)},
-           'big': {'kernel_bits': jnp.asarray(5.0)}}
-  for kind, config_module in (('size', resnet50_fracbits),
-                              ('bitops', resnet18_fracbits)):
+  layers = [
+    cost_lib.LayerCost('small', 2_000_000, 300_000_000, 8, learned, fixed8),
+    cost_lib.LayerCost('big', 8_000_000, 500_000_000, 8, learned, fixed8),
+  ]
+  quant = {
+    'small': {'kernel_bits': jnp.asarray(5.0)},
+    'big': {'kernel_bits': jnp.asarray(5.0)},
+  }
+  for kind, config_module in (
+    ('size', resnet50_fracbits),
+    ('bitops', resnet18_fracbits),
+  ):
     penalty = methods_config.penalty_from_config(
-        config_module.get_config().quant)
+      config_module.get_config().quant
+    )
     model = cost_lib.CostModel(layers, kind)
-    target = 0.5 * float(model.cost(quant))   # over budget: slope +kappa
+    target = 0.5 * float(model.cost(quant))  # over budget: slope +kappa
     grads = jax.grad(lambda q: penalty(model.cost(q), target))(quant)
     if kind == 'size':
       # kappa = 1 per MB: d/db = numel bits / 8e6 bits per MB.
@@ -159,17 +181,20 @@ def test_penalty_gradient_is_kappa_per_megabyte_and_per_gigabitop():
       # kappa = 1 per GBitOPs: d/db_w = MACs * b_a / 1e9.
       expected = {'small': 3e8 * 8 / 1e9, 'big': 5e8 * 8 / 1e9}
     for name, value in expected.items():
-      assert float(grads[name]['kernel_bits']) == pytest.approx(value,
-                                                                rel=1e-6)
+      assert float(grads[name]['kernel_bits']) == pytest.approx(value, rel=1e-6)
 
 
 def test_inception_aux_head_fixed_at_8_bits():
   cfg = inception_v3_fracbits.get_config()
-  qm = _wrap(cfg, 299)   # shape-only trace; the aux head needs 17x17 maps
-  aux = {l.path: l for l in qm.cost_model.layers
-         if l.path.startswith('AuxLogits/')}
-  assert set(aux) == {'AuxLogits/conv0/conv', 'AuxLogits/conv1/conv',
-                      'AuxLogits/fc'}
+  qm = _wrap(cfg, 299)  # shape-only trace; the aux head needs 17x17 maps
+  aux = {
+    l.path: l for l in qm.cost_model.layers if l.path.startswith('AuxLogits/')
+  }
+  assert set(aux) == {
+    'AuxLogits/conv0/conv',
+    'AuxLogits/conv1/conv',
+    'AuxLogits/fc',
+  }
   for layer in aux.values():
     assert not layer.weight.learned and layer.weight.fixed == 8.0
   fixed_rule = qm.rules[[r.name for r in qm.rules].index('fixed')]

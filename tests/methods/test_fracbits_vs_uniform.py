@@ -18,7 +18,6 @@ from fracq.interception import QuantizedModule
 
 
 class TinyConvNet(nn.Module):
-
   @nn.compact
   def __call__(self, x, train=False):
     x = nn.relu(nn.Conv(6, (3, 3), name='conv')(x))
@@ -31,19 +30,30 @@ X = jax.random.uniform(jax.random.key(0), (8, 6, 6, 2))
 
 
 def _uniform(k):
-  rule = fracq.Rule(weight=fracq.TensorSpec(bits=k, granularity='channel'),
-                    act=fracq.TensorSpec(bits=k))
+  rule = fracq.Rule(
+    weight=fracq.TensorSpec(bits=k, granularity='channel'),
+    act=fracq.TensorSpec(bits=k),
+  )
   return fracq.quantize(TinyConvNet(), [rule], X)
 
 
 def _fracbits(k):
   rule = fracq.Rule(
-      weight=fracq.TensorSpec(bits=float(k), learn_bits=True,
-                              bit_bounds=(2.0, 8.0), granularity='channel'),
-      act=fracq.TensorSpec(bits=float(k), learn_bits=True,
-                           bit_bounds=(2.0, 8.0)))
-  return fracq.quantize(TinyConvNet(), [rule], X, hard_assign_step=0,
-                        budget=fracq.Budget(kind='bitops', uniform_bits=k))
+    weight=fracq.TensorSpec(
+      bits=float(k),
+      learn_bits=True,
+      bit_bounds=(2.0, 8.0),
+      granularity='channel',
+    ),
+    act=fracq.TensorSpec(bits=float(k), learn_bits=True, bit_bounds=(2.0, 8.0)),
+  )
+  return fracq.quantize(
+    TinyConvNet(),
+    [rule],
+    X,
+    hard_assign_step=0,
+    budget=fracq.Budget(kind='bitops', uniform_bits=k),
+  )
 
 
 def _pair(k):
@@ -54,9 +64,13 @@ def _pair(k):
   # A non-zero bias: with a zero bias, sums of integer codes make exact-zero
   # pre-activations, where the two models' float rounding (a few ulps apart)
   # would pick different sides of the ReLU kink.
-  params = {**vu['params'], 'conv': {
+  params = {
+    **vu['params'],
+    'conv': {
       **vu['params']['conv'],
-      'bias': 0.1 * jax.random.normal(jax.random.key(4), (6,))}}
+      'bias': 0.1 * jax.random.normal(jax.random.key(4), (6,)),
+    },
+  }
   vu = uq.calibrate({**vu, 'params': params}, X)
   fq = _fracbits(k)
   vf = fq.init(jax.random.key(2), X)
@@ -77,7 +91,6 @@ def _captured(qmodel, variables):
   seen = {}
 
   class Capture:
-
     def quantize_kernel(self, site, k):
       out = qmodel.provider.quantize_kernel(site, k)
       seen[(site.path, 'kernel')] = np.asarray(out)
@@ -88,20 +101,22 @@ def _captured(qmodel, variables):
       seen[(site.path, 'input')] = np.asarray(out)
       return out
 
-  qm = QuantizedModule(qmodel.module, qmodel.rules, Capture(),
-                       on_unused='warn')
+  qm = QuantizedModule(qmodel.module, qmodel.rules, Capture(), on_unused='warn')
   qm.apply(variables, X)
   return seen
 
 
 def _qp(k, t):
-  return 2 ** (k - 1) - 1 if t == 'kernel' else 2 ** k - 1
+  return 2 ** (k - 1) - 1 if t == 'kernel' else 2**k - 1
 
 
 def _assert_same_tensors(uq, vu, hard, vf, k):
   a, b = _captured(uq, vu), _captured(hard, vf)
-  assert set(a) == set(b) == {(l, t) for l in ('conv', 'head')
-                              for t in ('kernel', 'input')}
+  assert (
+    set(a)
+    == set(b)
+    == {(l, t) for l in ('conv', 'head') for t in ('kernel', 'input')}
+  )
   for key in a:
     layer, t = key
     step = np.asarray(vu['quant'][layer][f'{t}_step'])
@@ -114,8 +129,9 @@ def _assert_same_tensors(uq, vu, hard, vf, k):
     assert codes_u.min() >= lo and codes_u.max() <= _qp(k, t)
     # FracBits' step is r / Qp with r = step * Qp: equal up to float32
     # rounding of that product and quotient (a few ulps), far below a step.
-    np.testing.assert_allclose(b[key], a[key], rtol=3e-7, atol=0,
-                               err_msg=str(key))
+    np.testing.assert_allclose(
+      b[key], a[key], rtol=3e-7, atol=0, err_msg=str(key)
+    )
 
 
 @pytest.mark.parametrize('k', [2, 3, 4, 8])
@@ -124,11 +140,14 @@ def test_frozen_fracbits_equals_uniform_at_init(k):
   for layer in ('conv', 'head'):
     for t in ('kernel', 'input'):
       np.testing.assert_allclose(
-          vf['quant'][layer][f'{t}_range'],
-          np.asarray(vu['quant'][layer][f'{t}_step']) * _qp(k, t), rtol=1e-6)
+        vf['quant'][layer][f'{t}_range'],
+        np.asarray(vu['quant'][layer][f'{t}_step']) * _qp(k, t),
+        rtol=1e-6,
+      )
   _assert_same_tensors(uq, vu, hard, vf, k)
-  np.testing.assert_allclose(hard.apply(vf, X), uq.apply(vu, X), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    hard.apply(vf, X), uq.apply(vu, X), rtol=1e-5, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize('k', [2, 4])
@@ -139,6 +158,7 @@ def test_range_gradient_is_step_gradient_over_qp(k):
   def grads(model, v):
     def loss(quant):
       return jnp.sum(model.apply({**v, 'quant': quant}, X) * cot)
+
     return jax.grad(loss)(v['quant'])
 
   gu, gf = grads(uq, vu), grads(hard, vf)
@@ -154,11 +174,14 @@ def test_range_gradient_is_step_gradient_over_qp(k):
       assert np.any(g_step != 0)
       # r = step * Qp  =>  dL/dr = dL/dstep / Qp, both with LSQ's gradient
       # scale 1 / sqrt(N Qp).
-      np.testing.assert_allclose(g_range * qp, g_step, rtol=1e-4,
-                                 atol=1e-7 * np.abs(g_step).max())
+      np.testing.assert_allclose(
+        g_range * qp, g_step, rtol=1e-4, atol=1e-7 * np.abs(g_step).max()
+      )
       # The SGD step that moves r as the step moves (r' = Qp * step').
-      new_f[layer][f'{t}_range'] = (vf['quant'][layer][f'{t}_range'] -
-                                    lr * qp * qp * g_range)
+      new_f[layer][f'{t}_range'] = (
+        vf['quant'][layer][f'{t}_range'] - lr * qp * qp * g_range
+      )
   # After the range update the two still quantize alike.
-  _assert_same_tensors(uq, {**vu, 'quant': new_u}, hard,
-                       {**vf, 'quant': new_f}, k)
+  _assert_same_tensors(
+    uq, {**vu, 'quant': new_u}, hard, {**vf, 'quant': new_f}, k
+  )

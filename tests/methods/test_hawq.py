@@ -17,7 +17,6 @@ from fracq.train import train as tr
 
 
 class Tiny(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     x = nn.tanh(nn.Dense(12, name='fc1')(x))
@@ -32,8 +31,12 @@ def _setup():
   p = m.init(jax.random.key(2), x)['params']
 
   def loss(p, batch=None):
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        m.apply({'params': p}, x), y))
+    return jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(
+        m.apply({'params': p}, x), y
+      )
+    )
+
   groups = {}
   for kp, _ in jax.tree_util.tree_leaves_with_path(p):
     name = str(kp[0].key)
@@ -47,19 +50,25 @@ def test_hvp_matches_dense_hessian():
   h = jax.hessian(lambda f: loss(unravel(f)))(flat)
   v = jax.random.normal(jax.random.key(3), flat.shape)
   hv = jax.flatten_util.ravel_pytree(
-      hessian.hvp(lambda q, b: loss(q), p, unravel(v), None))[0]
+    hessian.hvp(lambda q, b: loss(q), p, unravel(v), None)
+  )[0]
   np.testing.assert_allclose(hv, h @ v, rtol=1e-4, atol=1e-6)
 
 
 def test_hutchinson_within_5_percent_of_exact_trace():
   loss, p, groups = _setup()
   exact = hessian.exact_hessian_trace(lambda q, b: loss(q), p, groups=groups)
-  est = hessian.hutchinson_traces(lambda q, b: loss(q), p, jax.random.key(4),
-                                  groups=groups, num_probes=10000, chunk=2500)
+  est = hessian.hutchinson_traces(
+    lambda q, b: loss(q),
+    p,
+    jax.random.key(4),
+    groups=groups,
+    num_probes=10000,
+    chunk=2500,
+  )
   for g in groups:
     assert est[g]['trace'] == pytest.approx(exact[g], rel=0.05), g
-    assert est[g]['n'] == sum(x.size for x in
-                              jax.tree_util.tree_leaves(p[g]))
+    assert est[g]['n'] == sum(x.size for x in jax.tree_util.tree_leaves(p[g]))
 
 
 def _brute(layers, cands, budget, kind, fixed_cost):
@@ -78,19 +87,24 @@ def _brute(layers, cands, budget, kind, fixed_cost):
 def test_ilp_is_optimal_and_within_budget(kind):
   rng = np.random.RandomState(0)
   cands = [2, 4, 8]
-  layers = [ba.LayerChoice(
-      name=f'l{i}', params=int(n), macs=int(n) * 7,
-      sensitivity={b: float(rng.uniform(0.5, 2) * n * 4.0 ** -b)
-                   for b in cands}, act_bits=a)
-            for i, (n, a) in enumerate([(100, 8), (300, 4), (50, 8),
-                                        (400, 6)])]
+  layers = [
+    ba.LayerChoice(
+      name=f'l{i}',
+      params=int(n),
+      macs=int(n) * 7,
+      sensitivity={b: float(rng.uniform(0.5, 2) * n * 4.0**-b) for b in cands},
+      act_bits=a,
+    )
+    for i, (n, a) in enumerate([(100, 8), (300, 4), (50, 8), (400, 6)])
+  ]
   fixed = 1000.0
   for frac in (0.3, 0.5, 0.8):
     hi = fixed + sum(l.cost(8, kind) for l in layers)
     lo = fixed + sum(l.cost(2, kind) for l in layers)
     budget = lo + frac * (hi - lo)
-    choice = ba.allocate_bits_ilp(layers, cands, budget, kind=kind,
-                                  fixed_cost=fixed)
+    choice = ba.allocate_bits_ilp(
+      layers, cands, budget, kind=kind, fixed_cost=fixed
+    )
     cost = fixed + sum(l.cost(choice[l.name], kind) for l in layers)
     assert cost <= budget
     s = sum(l.sensitivity[choice[l.name]] for l in layers)
@@ -103,8 +117,10 @@ def test_ilp_is_optimal_and_within_budget(kind):
 def test_hand_checkable_case():
   # Two layers of 100 weights, budget 600 bits: (2, 4) or (4, 2). The first
   # layer is far more sensitive, so it must get the 4 bits.
-  layers = [ba.LayerChoice('a', 100, 0, {2: 10.0, 4: 1.0}),
-            ba.LayerChoice('b', 100, 0, {2: 2.0, 4: 1.0})]
+  layers = [
+    ba.LayerChoice('a', 100, 0, {2: 10.0, 4: 1.0}),
+    ba.LayerChoice('b', 100, 0, {2: 2.0, 4: 1.0}),
+  ]
   assert ba.allocate_bits_ilp(layers, [2, 4], 600) == {'a': 4, 'b': 2}
 
 

@@ -27,7 +27,6 @@ class Net(nn.Module):
 
 
 class MLP(nn.Module):
-
   @nn.compact
   def __call__(self, x, train=False):
     x = nn.relu(nn.Dense(16, name='fc1')(x))
@@ -42,10 +41,15 @@ LAYERS = ('conv', 'gconv', 'dwconv', 'fc')
 
 
 def _rules(granularity='tensor', range_method='lsq', **w):
-  return [fracq.Rule(module_path='.*',
-                     weight=fracq.TensorSpec(bits=4, granularity=granularity,
-                                             range_method=range_method, **w),
-                     act=fracq.TensorSpec(bits=8))]
+  return [
+    fracq.Rule(
+      module_path='.*',
+      weight=fracq.TensorSpec(
+        bits=4, granularity=granularity, range_method=range_method, **w
+      ),
+      act=fracq.TensorSpec(bits=8),
+    )
+  ]
 
 
 def _train(qm, v, x, y, steps=20, lr=0.05):
@@ -72,22 +76,25 @@ def _train(qm, v, x, y, steps=20, lr=0.05):
 
 # -- the quantizers keep zeros at zero ------------------------------------------
 def test_kernel_quantizers_map_zero_to_zero():
-  w = np.asarray(sp.prune(jax.random.normal(jax.random.key(1), (32, 8)), .5))
+  w = np.asarray(sp.prune(jax.random.normal(jax.random.key(1), (32, 8)), 0.5))
   zero = w == 0
   s = core.lsq_init_step(jnp.asarray(w), 7)
   assert np.all(np.asarray(core.lsq_quantize(w, s, -8, 7))[zero] == 0)
   for lo, hi in ((w.min(), w.max()), (-0.3, 2.0)):
-    sc, zp = core.minmax_to_qparams(jnp.float32(lo), jnp.float32(hi), -8, 7,
-                                    symmetric=True)
+    sc, zp = core.minmax_to_qparams(
+      jnp.float32(lo), jnp.float32(hi), -8, 7, symmetric=True
+    )
     assert float(zp) == 0
     assert np.all(np.asarray(core.fake_quant(w, sc, zp, -8, 7))[zero] == 0)
   r = jnp.float32(np.abs(w).max())
   for bits in (2.0, 3.4, 5.7):
-    out = core.fractional_range_quantize(jnp.asarray(w), r, jnp.float32(bits),
-                                         signed=True)
+    out = core.fractional_range_quantize(
+      jnp.asarray(w), r, jnp.float32(bits), signed=True
+    )
     assert np.all(np.asarray(out)[zero] == 0)
-  out = core.hard_quantize(jnp.asarray(w), 3.0,
-                           lambda x, k: core.symmetric_range_branch(x, r, k))
+  out = core.hard_quantize(
+    jnp.asarray(w), 3.0, lambda x, k: core.symmetric_range_branch(x, r, k)
+  )
   assert np.all(np.asarray(out)[zero] == 0)
 
 
@@ -108,13 +115,13 @@ def test_pcqat_keeps_sparsity_and_clusters_through_training():
   for name in LAYERS:
     w = np.asarray(p[name]['kernel'])
     assert np.mean(w == 0) == 0.5 and np.unique(w).size <= k
-    np.testing.assert_array_equal(v['quant_stats'][name]['kernel_mask'],
-                                  (w != 0).astype(np.float32))
+    np.testing.assert_array_equal(
+      v['quant_stats'][name]['kernel_mask'], (w != 0).astype(np.float32)
+    )
     c = np.asarray(v['quant'][name]['kernel_centroids'])
     assert c.shape == (k,) and c[0] == 0.0
     # k-means on an already clustered kernel recovers its values.
-    np.testing.assert_allclose(np.sort(c[1:]), np.unique(w[w != 0]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(np.sort(c[1:]), np.unique(w[w != 0]), rtol=1e-6)
   before = fake_quant_kernels(qm, v, XI)
   trained, losses = _train(qm, v, XI, YI, steps=20)
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
@@ -128,8 +135,10 @@ def test_pcqat_keeps_sparsity_and_clusters_through_training():
     np.testing.assert_array_equal(eff0 == 0, w0 == 0)
     assert np.unique(eff).size <= k
     # Training did move the centroids and the underlying weights.
-    assert not np.allclose(trained['quant'][name]['kernel_centroids'],
-                           v['quant'][name]['kernel_centroids'])
+    assert not np.allclose(
+      trained['quant'][name]['kernel_centroids'],
+      v['quant'][name]['kernel_centroids'],
+    )
     assert trained['quant'][name]['kernel_centroids'][0] == 0.0
   # strip: exact zeros and cluster values in params, runs as a plain model.
   plain = pv.strip(trained, qmodel=qm)
@@ -151,8 +160,9 @@ def test_pcqat_keeps_sparsity_and_clusters_through_training():
 
 def test_pcqat_per_channel_clusters_and_channel_quant():
   k = 4
-  qm, v, p = _pcqat_start(granularity='channel', k=k,
-                          cluster_per_channel=True, cluster_grad='mean')
+  qm, v, p = _pcqat_start(
+    granularity='channel', k=k, cluster_per_channel=True, cluster_grad='mean'
+  )
   assert v['quant']['conv']['kernel_centroids'].shape == (8, k)
   trained, _ = _train(qm, v, XI, YI, steps=10)
   after = fake_quant_kernels(qm, trained, XI)
@@ -172,11 +182,13 @@ def test_pqat_mask_retaken_on_calibrate_and_kept():
   # At init the (random) kernels have no zeros: the mask keeps everything.
   assert float(jnp.min(v['quant_stats']['fc1']['kernel_mask'])) == 1.0
   assert 'quant' not in v or 'kernel_centroids' not in v['quant']['fc1']
-  p = pv.prune_params(v['params'], 0.6)            # as if loaded (init_from)
+  p = pv.prune_params(v['params'], 0.6)  # as if loaded (init_from)
   v = qm.calibrate({**v, 'params': p}, XM)
   for name in ('fc1', 'fc2'):
-    np.testing.assert_array_equal(v['quant_stats'][name]['kernel_mask'],
-                                  (np.asarray(p[name]['kernel']) != 0))
+    np.testing.assert_array_equal(
+      v['quant_stats'][name]['kernel_mask'],
+      (np.asarray(p[name]['kernel']) != 0),
+    )
   # Even if the raw weights drift away from zero, the effective kernel keeps
   # exactly the pattern (the mask is fixed).
   drift = jax.tree_util.tree_map(lambda a: a + 0.01, p)
@@ -191,8 +203,9 @@ def test_pqat_mask_retaken_on_calibrate_and_kept():
 
 def test_cqat_keeps_cluster_count():
   k = 5
-  tr = pv.PreserveTransform(prune=False, cluster=True, clusters=k,
-                            cluster_init='linear')
+  tr = pv.PreserveTransform(
+    prune=False, cluster=True, clusters=k, cluster_init='linear'
+  )
   qm = QATModel(MLP(), _rules(), XM, kernel_transform=tr)
   v = qm.init(jax.random.key(1), XM)
   v = qm.calibrate(v, XM)
@@ -202,15 +215,24 @@ def test_cqat_keeps_cluster_count():
   eff = fake_quant_kernels(qm, trained, XM)
   for name in ('fc1', 'fc2'):
     assert np.unique(eff[name]).size <= k
-  assert not np.allclose(trained['params']['fc1']['kernel'],
-                         v['params']['fc1']['kernel'])   # STE to weights
+  assert not np.allclose(
+    trained['params']['fc1']['kernel'], v['params']['fc1']['kernel']
+  )  # STE to weights
 
 
 def test_rule_options_set_per_layer_clusters_and_opt_out():
-  rules = [fracq.Rule(module_path='^fc2$', weight=fracq.TensorSpec(bits=4),
-                      options=(('clusters', 3),)),
-           fracq.Rule(module_path='^fc1$', weight=fracq.TensorSpec(bits=4),
-                      options=(('cluster', False),))]
+  rules = [
+    fracq.Rule(
+      module_path='^fc2$',
+      weight=fracq.TensorSpec(bits=4),
+      options=(('clusters', 3),),
+    ),
+    fracq.Rule(
+      module_path='^fc1$',
+      weight=fracq.TensorSpec(bits=4),
+      options=(('cluster', False),),
+    ),
+  ]
   tr = pv.PreserveTransform(prune=True, cluster=True, clusters=6)
   qm = QATModel(MLP(), rules, XM, kernel_transform=tr)
   v = qm.init(jax.random.key(1), XM)
@@ -220,8 +242,7 @@ def test_rule_options_set_per_layer_clusters_and_opt_out():
 
 
 def test_one_shot_sparsity_at_calibration():
-  tr = pv.PreserveTransform(prune=True, cluster=True, clusters=4,
-                            sparsity=0.75)
+  tr = pv.PreserveTransform(prune=True, cluster=True, clusters=4, sparsity=0.75)
   qm = QATModel(MLP(), _rules(), XM, kernel_transform=tr)
   v = qm.calibrate(qm.init(jax.random.key(1), XM), XM)
   eff = fake_quant_kernels(qm, v, XM)
@@ -244,8 +265,7 @@ def test_errors_are_clear():
   tr = pv.PreserveTransform(prune=True)
   rules = _rules(range_method='lsq_plus', symmetric=False)
   with pytest.raises(ValueError, match='fc1.*symmetric kernel quantizer'):
-    QATModel(MLP(), rules, XM, kernel_transform=tr).init(jax.random.key(0),
-                                                          XM)
+    QATModel(MLP(), rules, XM, kernel_transform=tr).init(jax.random.key(0), XM)
   # More clusters than weights, named by layer.
   tr = pv.PreserveTransform(prune=False, cluster=True, clusters=65)
   with pytest.raises(ValueError, match=r'fc2 \(Dense.*only 64 weights'):
@@ -254,15 +274,14 @@ def test_errors_are_clear():
 
 # -- gradual pruning phase ------------------------------------------------------
 def test_pruning_transform_follows_schedule_and_strips():
-  tr = pv.PruningTransform(0.5, begin_step=0, end_step=4, frequency=1,
-                           power=1)
-  rules = [fracq.Rule(module_path='.*')]       # float layers, pruned only
+  tr = pv.PruningTransform(0.5, begin_step=0, end_step=4, frequency=1, power=1)
+  rules = [fracq.Rule(module_path='.*')]  # float layers, pruned only
   qm = QATModel(MLP(), rules, XM, kernel_transform=tr)
   v = qm.init(jax.random.key(1), XM)
   assert int(v['quant_stats']['fc1']['prune_step']) == 0
   ref = MLP().apply({'params': v['params']}, XM)
   out, upd = qm.apply(v, XM, mutable=['quant_stats'])
-  np.testing.assert_allclose(out, ref, rtol=1e-6)   # step 0: sparsity 0
+  np.testing.assert_allclose(out, ref, rtol=1e-6)  # step 0: sparsity 0
   seen, masks = [], []
   apply = jax.jit(lambda v: qm.apply(v, XM, mutable=['quant_stats']))
   for t in range(6):
@@ -271,9 +290,9 @@ def test_pruning_transform_follows_schedule_and_strips():
     m = np.asarray(v['quant_stats']['fc1']['kernel_mask'])
     seen.append(1 - m.mean())
     masks.append(m)
-  np.testing.assert_allclose(seen, [0, .125, .25, .375, .5, .5], atol=1e-6)
+  np.testing.assert_allclose(seen, [0, 0.125, 0.25, 0.375, 0.5, 0.5], atol=1e-6)
   for a, b in zip(masks, masks[1:]):
-    assert np.all(b <= a)                         # pruned stays pruned
+    assert np.all(b <= a)  # pruned stays pruned
   assert int(v['quant_stats']['fc1']['prune_step']) == 6
   # Non-mutable apply (eval) uses the mask, does not advance the counter.
   w = np.asarray(v['params']['fc1']['kernel'])
@@ -281,29 +300,36 @@ def test_pruning_transform_follows_schedule_and_strips():
   w1 = np.asarray(plain['params']['fc1']['kernel'])
   assert np.mean(w1 == 0) == 0.5
   np.testing.assert_array_equal(w1, np.where(masks[-1] > 0, w, 0))
-  np.testing.assert_allclose(qm.apply(v, XM),
-                             MLP().apply(plain, XM), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    qm.apply(v, XM), MLP().apply(plain, XM), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_pruning_transform_n_m_on_grouped_conv():
-  tr = pv.PruningTransform(0.5, structure='n:m', n=2, m=4, begin_step=1,
-                           end_step=2)
-  rules = [fracq.Rule(module_path='^(gconv|fc)$')]   # conv: 3 inputs
+  tr = pv.PruningTransform(
+    0.5, structure='n:m', n=2, m=4, begin_step=1, end_step=2
+  )
+  rules = [fracq.Rule(module_path='^(gconv|fc)$')]  # conv: 3 inputs
   qm = QATModel(Net(), rules, XI, kernel_transform=tr, on_unused='warn')
   v = qm.init(jax.random.key(1), XI)
   for _ in range(3):
     _, upd = qm.apply(v, XI, mutable=['quant_stats'])
     v = {**v, **upd}
   plain = pv.strip(v)
-  g = np.asarray(plain['params']['gconv']['kernel'])   # (3, 3, 4, 8)
+  g = np.asarray(plain['params']['gconv']['kernel'])  # (3, 3, 4, 8)
   nz = (g != 0).reshape(3, 3, 1, 4, 8).sum(axis=3)
   np.testing.assert_array_equal(nz, 2)
   # The depthwise conv has no rule: untouched.
   assert 'dwconv' not in v['quant_stats']
   # N:M on a depthwise kernel fails naming the layer and the fix.
   tr2 = pv.PruningTransform(0.5, structure='n:m', begin_step=0, end_step=2)
-  qm2 = QATModel(Net(), [fracq.Rule(module_path='dwconv')], XI,
-                 kernel_transform=tr2, on_unused='warn')
+  qm2 = QATModel(
+    Net(),
+    [fracq.Rule(module_path='dwconv')],
+    XI,
+    kernel_transform=tr2,
+    on_unused='warn',
+  )
   v2 = qm2.init(jax.random.key(1), XI)
   with pytest.raises(ValueError, match='dwconv.*unstructured'):
     qm2.apply(v2, XI, mutable=['quant_stats'])

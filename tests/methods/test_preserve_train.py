@@ -55,10 +55,13 @@ def test_digits_pcqat_export_keeps_structure(float_digits, tmp_path):
   assert m['onnx_prediction_match'] == 1.0
 
 
-@pytest.mark.parametrize('bad,match', [
+@pytest.mark.parametrize(
+  'bad,match',
+  [
     ('sparsity=1.0', 'outside'),
     ('clusters=1', 'at least 2'),
-])
+  ],
+)
 def test_digits_pcqat_bad_values(float_digits, tmp_path, bad, match):
   c = get_config('digits_pcqat', f'smoke,{bad}')
   c.init_from = float_digits
@@ -103,6 +106,7 @@ def test_cifar10_prune_cluster_pcqat_pipeline_on_mock_tfds(tmp_path):
 
 def test_gradual_pruning_config_errors_and_schedule():
   from fracq.methods import preserve
+
   c = get_config('cifar10_resnet20_pcqat', 'stage=prune')
   q = c.quant
   tr_ = preserve.transform_from_config(q, total_steps=300)

@@ -18,7 +18,6 @@ from fracq.train import train as tr
 
 
 class MLP(nn.Module):
-
   @nn.compact
   def __call__(self, x, train=False):
     x = nn.relu(nn.Dense(16, name='fc1')(x))
@@ -29,19 +28,24 @@ X = jax.random.normal(jax.random.key(0), (8, 6))
 
 
 def test_uniform_lsq_matches_hand_computation():
-  rules = [fracq.Rule(weight=fracq.TensorSpec(bits=4, granularity='channel'),
-                      act=fracq.TensorSpec(bits=8))]
+  rules = [
+    fracq.Rule(
+      weight=fracq.TensorSpec(bits=4, granularity='channel'),
+      act=fracq.TensorSpec(bits=8),
+    )
+  ]
   qm = fracq.quantize(MLP(), rules, X)
   v = qm.init(jax.random.key(1), X)
   p, q = v['params'], v['quant']
   # Hand: LSQ init steps, fake-quantized input and kernel, plain matmul.
   k1 = p['fc1']['kernel']
   # Kernels: LSQ's init 2 mean|x| / sqrt(Qp), capped at max|x| / Qp.
-  s_k1 = jnp.minimum(core.lsq_init_step(k1, 7, axis=1),
-                     jnp.max(jnp.abs(k1), axis=0) / 7)
+  s_k1 = jnp.minimum(
+    core.lsq_init_step(k1, 7, axis=1), jnp.max(jnp.abs(k1), axis=0) / 7
+  )
   np.testing.assert_allclose(q['fc1']['kernel_step'], s_k1, rtol=1e-6)
   # Inputs: LSQ's estimate, uncapped (one batch's max bounds no later input).
-  s_x = core.lsq_init_step(X, 127)      # signed input (normal data)
+  s_x = core.lsq_init_step(X, 127)  # signed input (normal data)
   np.testing.assert_allclose(q['fc1']['input_step'], s_x, rtol=1e-6)
   xq = core.lsq_quantize(X, s_x, -128, 127)
   # Kernels: the symmetric (narrow) grid by default; activations full.
@@ -57,14 +61,21 @@ def test_uniform_lsq_matches_hand_computation():
   np.testing.assert_allclose(qm.apply(v, X), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('method', ['minmax', 'ema_minmax', 'percentile',
-                                    'lsq_plus', 'dorefa'])
+@pytest.mark.parametrize(
+  'method', ['minmax', 'ema_minmax', 'percentile', 'lsq_plus', 'dorefa']
+)
 def test_range_methods_run_and_stay_close(method):
-  w = fracq.TensorSpec(bits=8, range_method=method,
-                       symmetric=method not in ('lsq_plus',),
-                       granularity='channel')
-  a = fracq.TensorSpec(bits=8, range_method='pact' if method == 'dorefa'
-                       else method, symmetric=method != 'lsq_plus')
+  w = fracq.TensorSpec(
+    bits=8,
+    range_method=method,
+    symmetric=method not in ('lsq_plus',),
+    granularity='channel',
+  )
+  a = fracq.TensorSpec(
+    bits=8,
+    range_method='pact' if method == 'dorefa' else method,
+    symmetric=method != 'lsq_plus',
+  )
   qm = fracq.quantize(MLP(), [fracq.Rule(weight=w, act=a)], X)
   v = qm.init(jax.random.key(1), X)
   out, upd = qm.apply(v, X, mutable=['quant_stats'])
@@ -76,13 +87,23 @@ def test_range_methods_run_and_stay_close(method):
 
 def _fracbits_model(budget_bits=3.0, init_bits=None, **kw):
   init_bits = budget_bits + 0.5 if init_bits is None else init_bits
-  rules = [fracq.fixed_bits('fc2'),
-           fracq.Rule(weight=fracq.TensorSpec(bits=init_bits,
-                                              learn_bits=True,
-                                              granularity='channel'),
-                      act=fracq.TensorSpec(bits=8))]
-  return fracq.quantize(MLP(), rules, X, budget=fracq.Budget(
-      kind='size', uniform_bits=budget_bits), hard_assign_step=10, **kw)
+  rules = [
+    fracq.fixed_bits('fc2'),
+    fracq.Rule(
+      weight=fracq.TensorSpec(
+        bits=init_bits, learn_bits=True, granularity='channel'
+      ),
+      act=fracq.TensorSpec(bits=8),
+    ),
+  ]
+  return fracq.quantize(
+    MLP(),
+    rules,
+    X,
+    budget=fracq.Budget(kind='size', uniform_bits=budget_bits),
+    hard_assign_step=10,
+    **kw,
+  )
 
 
 def test_fracbits_penalty_and_task_gradients_reach_bits():
@@ -92,7 +113,7 @@ def test_fracbits_penalty_and_task_gradients_reach_bits():
 
   def loss(q):
     out = qm.apply({**v, 'quant': q}, X)
-    return jnp.mean(out ** 2), qm.penalty({**v, 'quant': q}, 0)[0]
+    return jnp.mean(out**2), qm.penalty({**v, 'quant': q}, 0)[0]
 
   g_task = jax.grad(lambda q: loss(q)[0])(v['quant'])
   g_pen = jax.grad(lambda q: loss(q)[1])(v['quant'])
@@ -120,7 +141,8 @@ def test_hard_assignment_switch_is_idempotent_and_freezes_bits():
   out = hard.apply(v3, X)
   # Hard mode = the 3-bit quantizer, no gradient to the bits.
   g = jax.grad(lambda q: jnp.sum(hard.apply({**v3, 'quant': q}, X)))(
-      v3['quant'])
+    v3['quant']
+  )
   assert float(g['fc1']['kernel_bits']) == 0.0
   assert hard.penalty(v3, 20)[0] == 0.0
   m = hard.metrics(v3)
@@ -139,13 +161,19 @@ def test_impossible_budget_fails_before_training():
 
 
 def test_learned_act_bits_need_a_bitops_budget():
-  rules = [fracq.Rule(weight=fracq.TensorSpec(bits=4, learn_bits=True),
-                      act=fracq.TensorSpec(bits=4, learn_bits=True))]
+  rules = [
+    fracq.Rule(
+      weight=fracq.TensorSpec(bits=4, learn_bits=True),
+      act=fracq.TensorSpec(bits=4, learn_bits=True),
+    )
+  ]
   with pytest.raises(ValueError, match='BitOPs budget'):
-    fracq.quantize(MLP(), rules, X, budget=fracq.Budget(kind='size',
-                                                        uniform_bits=3))
-  qm = fracq.quantize(MLP(), rules, X, budget=fracq.Budget(
-      kind='bitops', uniform_bits=3))
+    fracq.quantize(
+      MLP(), rules, X, budget=fracq.Budget(kind='size', uniform_bits=3)
+    )
+  qm = fracq.quantize(
+    MLP(), rules, X, budget=fracq.Budget(kind='bitops', uniform_bits=3)
+  )
   assert qm.cost_model.kind == 'bitops'
 
 
@@ -155,21 +183,35 @@ def test_calibrate_reinitialises_ranges_from_new_weights():
   v2 = dict(v)
   v2['params'] = jax.tree_util.tree_map(lambda p: 3 * p, v['params'])
   v2 = qm.calibrate(v2, X)
-  np.testing.assert_allclose(v2['quant']['fc1']['kernel_range'],
-                             3 * v['quant']['fc1']['kernel_range'], rtol=1e-5)
+  np.testing.assert_allclose(
+    v2['quant']['fc1']['kernel_range'],
+    3 * v['quant']['fc1']['kernel_range'],
+    rtol=1e-5,
+  )
   assert float(v2['quant']['fc1']['kernel_bits']) == 3.5  # bits untouched
 
 
-ZOO = [('digits_cnn', (1, 8, 8, 1)), ('resnet_tiny', (1, 16, 16, 3)),
-       ('resnet_tiny_bottleneck', (1, 32, 32, 3)),
-       ('mobilenet_v2_tiny', (1, 16, 16, 3)),
-       ('mobilenet_v1_tiny', (1, 16, 16, 3))]
+ZOO = [
+  ('digits_cnn', (1, 8, 8, 1)),
+  ('resnet_tiny', (1, 16, 16, 3)),
+  ('resnet_tiny_bottleneck', (1, 32, 32, 3)),
+  ('mobilenet_v2_tiny', (1, 16, 16, 3)),
+  ('mobilenet_v1_tiny', (1, 16, 16, 3)),
+]
 
 
-@pytest.mark.parametrize('name,size', [
-    ('resnet18', 224), ('resnet50', 224), ('mobilenet_v2', 224),
-    ('mobilenet_v1', 224), ('inception_v3', 299), ('resnet20', 32),
-    ('mobilenet_v2_cifar', 32)])
+@pytest.mark.parametrize(
+  'name,size',
+  [
+    ('resnet18', 224),
+    ('resnet50', 224),
+    ('mobilenet_v2', 224),
+    ('mobilenet_v1', 224),
+    ('inception_v3', 299),
+    ('resnet20', 32),
+    ('mobilenet_v2_cifar', 32),
+  ],
+)
 def test_full_size_models_default_rules_match_first_and_last(name, size):
   q = mcfg.default_quant_config('fracbits')
   q.fixed_layers = models.default_fixed_layers(name)
@@ -180,8 +222,11 @@ def test_full_size_models_default_rules_match_first_and_last(name, size):
   qm = mcfg.build(q, module, x, total_steps=10)
   fixed = sorted(p for p, f in qm.facts.items() if f.rule == 'fixed')
   first, last = models.default_fixed_layers(name).split('|', 1)
-  assert len(fixed) == 2 and any(re.search(first, p) for p in fixed) and \
-      any(re.search(last, p) for p in fixed), fixed
+  assert (
+    len(fixed) == 2
+    and any(re.search(first, p) for p in fixed)
+    and any(re.search(last, p) for p in fixed)
+  ), fixed
   assert all(f.weight_quantized for f in qm.facts.values())
 
 
@@ -197,11 +242,15 @@ def test_zoo_models_through_default_rules(name, shape, method):
   x = jax.random.normal(jax.random.key(0), shape)
   qm = mcfg.build(q, module, x, total_steps=10)
   fixed = [p for p, f in qm.facts.items() if f.rule == 'fixed']
-  assert len(fixed) == 2, fixed            # first conv and classifier
+  assert len(fixed) == 2, fixed  # first conv and classifier
   v = qm.init(jax.random.key(1), x)
-  out, _ = qm.apply(v, jnp.concatenate([x, x]), train=True,
-                    mutable=['batch_stats', 'quant_stats'],
-                    rngs={'dropout': jax.random.key(2)})
+  out, _ = qm.apply(
+    v,
+    jnp.concatenate([x, x]),
+    train=True,
+    mutable=['batch_stats', 'quant_stats'],
+    rngs={'dropout': jax.random.key(2)},
+  )
   assert out.shape == (2, 10) and np.all(np.isfinite(out))
 
 
@@ -213,14 +262,19 @@ def test_digits_fracbits_smoke_end_to_end(tmp_path):
   assert 'conv1' in (tmp_path / 'bits_step6.txt').read_text()
 
 
-@pytest.mark.parametrize('name,arg', [
-    ('resnet50_fracbits', 'smoke'), ('resnet18_fracbits', 'smoke'),
+@pytest.mark.parametrize(
+  'name,arg',
+  [
+    ('resnet50_fracbits', 'smoke'),
+    ('resnet18_fracbits', 'smoke'),
     ('mobilenet_v2_fracbits', 'smoke'),
     ('mobilenet_v2_fracbits', 'smoke,dataset=cifar100'),
     ('inception_v3_fracbits', 'smoke'),
-])
+  ],
+)
 def test_fracbits_configs_on_mock_data(name, arg, tmp_path):
   import tensorflow_datasets as tfds
+
   c = importlib.import_module(f'configs.{name}').get_config(arg)
   c.num_train_steps = 2
   c.eval_every_steps = 2
@@ -249,39 +303,53 @@ def test_full_size_budget_matches_paper_bitops():
 
 
 def test_kernel_wise_bits_and_hard_assignment():
-  rules = [fracq.fixed_bits('fc2'),
-           fracq.Rule(weight=fracq.TensorSpec(bits=4.5, learn_bits=True,
-                                              bits_per_channel=True,
-                                              granularity='channel'),
-                      act=fracq.TensorSpec(bits=8))]
-  qm = fracq.quantize(MLP(), rules, X, budget=fracq.Budget(
-      kind='size', uniform_bits=4), hard_assign_step=1)
+  rules = [
+    fracq.fixed_bits('fc2'),
+    fracq.Rule(
+      weight=fracq.TensorSpec(
+        bits=4.5, learn_bits=True, bits_per_channel=True, granularity='channel'
+      ),
+      act=fracq.TensorSpec(bits=8),
+    ),
+  ]
+  qm = fracq.quantize(
+    MLP(),
+    rules,
+    X,
+    budget=fracq.Budget(kind='size', uniform_bits=4),
+    hard_assign_step=1,
+  )
   v = qm.init(jax.random.key(1), X)
   assert v['quant']['fc1']['kernel_bits'].shape == (16,)
   v['quant']['fc1']['kernel_bits'] = jnp.linspace(2.2, 6.1, 16)
   g = jax.grad(lambda q: jnp.sum(qm.apply({**v, 'quant': q}, X) ** 2))(
-      v['quant'])
+    v['quant']
+  )
   assert np.count_nonzero(g['fc1']['kernel_bits']) > 8  # per channel
   hard = qm.for_step(1)
   v2 = hard.prepare(v)
   hb = np.asarray(v2['quant_stats']['fc1']['kernel_hard_bits'])
   assert np.all(hb == np.round(hb)) and len(set(hb.tolist())) > 2
-  cost = 6 * hb.sum() + 16 * 4 * 8       # 6 weights per output channel
+  cost = 6 * hb.sum() + 16 * 4 * 8  # 6 weights per output channel
   target = 6 * 16 * 4 + 16 * 4 * 8
   assert abs(cost / target - 1) <= 0.01
   assert hard.metrics(v2)['cost_integer'] == cost
 
 
 def test_dorefa_pact_fracbits_like_the_authors():
-  rules = [fracq.Rule(weight=fracq.TensorSpec(bits=4.5, learn_bits=True,
-                                              range_method='dorefa'),
-                      act=fracq.TensorSpec(bits=4.5, learn_bits=True,
-                                           range_method='pact'))]
-  qm = fracq.quantize(MLP(), rules, X, budget=fracq.Budget(
-      kind='bitops', uniform_bits=4))
+  rules = [
+    fracq.Rule(
+      weight=fracq.TensorSpec(bits=4.5, learn_bits=True, range_method='dorefa'),
+      act=fracq.TensorSpec(bits=4.5, learn_bits=True, range_method='pact'),
+    )
+  ]
+  qm = fracq.quantize(
+    MLP(), rules, X, budget=fracq.Budget(kind='bitops', uniform_bits=4)
+  )
   v = qm.init(jax.random.key(1), X)
   g = jax.grad(lambda q: jnp.sum(qm.apply({**v, 'quant': q}, X) ** 2))(
-      v['quant'])
+    v['quant']
+  )
   assert float(g['fc2']['kernel_bits']) != 0
   assert float(g['fc2']['input_bits']) != 0
   # fc2's input (after ReLU) is quantized unsigned on [0, clip].
@@ -306,47 +374,61 @@ def test_int_grid_resolves_the_default_per_tensor():
   learned = fracq.TensorSpec(bits=4.5, learn_bits=True)
   assert learned.int_grid(signed=True, is_kernel=False, bits=4) == (-7, 7)
   with pytest.raises(ValueError, match='leave narrow_range unset'):
-    interception.validate_rules([fracq.Rule(weight=fracq.TensorSpec(
-        bits=4.5, learn_bits=True, narrow_range=False))])
+    interception.validate_rules(
+      [
+        fracq.Rule(
+          weight=fracq.TensorSpec(bits=4.5, learn_bits=True, narrow_range=False)
+        )
+      ]
+    )
 
 
 @pytest.mark.parametrize('narrow,lowest', [(None, -7), (False, -8)])
 def test_uniform_kernels_train_and_export_on_the_same_grid(narrow, lowest):
   from fracq.export.freeze import fake_quant_kernels
   from fracq.export.freeze import freeze
+
   spec = fracq.TensorSpec(bits=4, narrow_range=narrow)
   qm = fracq.quantize(MLP(), [fracq.Rule(weight=spec)], X)
   v = qm.init(jax.random.key(1), X)
   # Step 1 and a weight at -8.2: code -8 on the full grid, -7 on the narrow.
   quant = jax.tree_util.tree_map(jnp.ones_like, v['quant'])
   kernel = v['params']['fc1']['kernel'].at[0, 0].set(-8.2)
-  v = {**v, 'quant': quant,
-       'params': {**v['params'], 'fc1': {**v['params']['fc1'],
-                                         'kernel': kernel}}}
+  v = {
+    **v,
+    'quant': quant,
+    'params': {**v['params'], 'fc1': {**v['params']['fc1'], 'kernel': kernel}},
+  }
   kq = fake_quant_kernels(qm, v, X)['fc1']
   assert kq[0, 0] == lowest and kq.min() == lowest
   codes = freeze(qm, v)['fc1'].codes
-  np.testing.assert_array_equal(codes, kq)   # step 1: codes = values
+  np.testing.assert_array_equal(codes, kq)  # step 1: codes = values
 
 
 def test_signed_one_bit_kernels_are_refused():
   with pytest.raises(ValueError, match=r'1-bit signed kernels.*bits=2'):
     interception.validate_rules([fracq.Rule(weight=fracq.TensorSpec(bits=1))])
   with pytest.raises(ValueError, match='signed=False'):
-    interception.validate_rules([fracq.Rule(
-        act=fracq.TensorSpec(bits=1, signed=True))])
+    interception.validate_rules(
+      [fracq.Rule(act=fracq.TensorSpec(bits=1, signed=True))]
+    )
   # Unsigned 1-bit tensors and DoReFa's binary (+-1) weights stay allowed.
-  interception.validate_rules([fracq.Rule(
-      weight=fracq.TensorSpec(bits=1, range_method='dorefa'))])
-  interception.validate_rules([fracq.Rule(
-      weight=fracq.TensorSpec(bits=1, signed=False),
-      act=fracq.TensorSpec(bits=1, signed=False))])
+  interception.validate_rules(
+    [fracq.Rule(weight=fracq.TensorSpec(bits=1, range_method='dorefa'))]
+  )
+  interception.validate_rules(
+    [
+      fracq.Rule(
+        weight=fracq.TensorSpec(bits=1, signed=False),
+        act=fracq.TensorSpec(bits=1, signed=False),
+      )
+    ]
+  )
   # From the command line: --config.quant.weight_bits=1 on digits_uniform.
   c = importlib.import_module('configs.digits_uniform').get_config('smoke')
   c.quant.weight_bits = 1
   with pytest.raises(ValueError, match=r'1-bit signed kernels.*bits=2'):
-    mcfg.build(c.quant, tr.build_module(c), tr.sample_input(c),
-               total_steps=10)
+    mcfg.build(c.quant, tr.build_module(c), tr.sample_input(c), total_steps=10)
 
 
 def test_signed_one_bit_input_is_refused_at_trace_time():
@@ -364,9 +446,13 @@ def test_hard_mode_before_prepare_is_an_error():
   qm = _fracbits_model()
   v = qm.init(jax.random.key(1), X)
   hard = qm.for_step(10)
-  for call in (lambda: hard.apply(v, X), lambda: hard.metrics(v),
-               lambda: hard.penalty(v, 10), lambda: hard.bits_view(v),
-               lambda: hard.report(v, None, 10)):
+  for call in (
+    lambda: hard.apply(v, X),
+    lambda: hard.metrics(v),
+    lambda: hard.penalty(v, 10),
+    lambda: hard.bits_view(v),
+    lambda: hard.report(v, None, 10),
+  ):
     with pytest.raises(ValueError, match=r'prepare\(variables\)'):
       call()
   # After prepare: eager and jitted (traced bits are not checked) agree.

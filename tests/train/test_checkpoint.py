@@ -23,8 +23,11 @@ def get_config(name, arg='smoke'):
 def _data_files(workdir, step):
   """The array data files of the checkpoint at ``step`` (largest first)."""
   root = os.path.join(workdir, 'checkpoints', str(step))
-  files = [p for p in glob.glob(os.path.join(root, '**', '*'), recursive=True)
-           if os.path.isfile(p) and '/d/' in p]
+  files = [
+    p
+    for p in glob.glob(os.path.join(root, '**', '*'), recursive=True)
+    if os.path.isfile(p) and '/d/' in p
+  ]
   assert files, os.listdir(root)
   return sorted(files, key=os.path.getsize, reverse=True)
 
@@ -43,8 +46,9 @@ def test_truncated_newest_checkpoint_falls_back_to_older(tmp_path, caplog):
   # Steps 4..6 were redone exactly; the bad checkpoint was kept aside.
   assert m2['eval_loss'] == m1['eval_loss']
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
-  assert [d.split('-')[0] for d in
-          os.listdir(tmp_path / 'checkpoints-corrupt')] == ['6']
+  assert [
+    d.split('-')[0] for d in os.listdir(tmp_path / 'checkpoints-corrupt')
+  ] == ['6']
 
 
 def test_every_checkpoint_corrupt_advice_works(tmp_path):
@@ -54,8 +58,9 @@ def test_every_checkpoint_corrupt_advice_works(tmp_path):
   for path in _data_files(str(tmp_path), 3):
     with open(path, 'r+b') as f:
       f.truncate(0)
-  with pytest.raises(ckpt_lib.CheckpointError,
-                     match='step 3: .*overwrite=True') as err:
+  with pytest.raises(
+    ckpt_lib.CheckpointError, match='step 3: .*overwrite=True'
+  ) as err:
     tr.train_and_evaluate(c, str(tmp_path))
   assert 'previous-' in str(err.value)
   # Nothing was moved by the failed attempt; the advice then works.
@@ -109,14 +114,17 @@ def test_resume_changes_continue_after_nan(tmp_path, caplog):
   c.debug_nan_at_step = 5
   with pytest.raises(tr.NonFiniteError) as err:
     tr.train_and_evaluate(c, str(tmp_path))
-  assert ('--config.resume_changes=learning_rate,grad_clip_norm'
-          in str(err.value))
+  assert '--config.resume_changes=learning_rate,grad_clip_norm' in str(
+    err.value
+  )
   c.debug_nan_at_step = -1
   c.learning_rate = 0.05
   c.grad_clip_norm = 1.0
   # Without the explicit list the changed settings are refused...
-  with pytest.raises(ckpt_lib.CheckpointError,
-                     match='resume_changes=grad_clip_norm,learning_rate'):
+  with pytest.raises(
+    ckpt_lib.CheckpointError,
+    match='resume_changes=grad_clip_norm,learning_rate',
+  ):
     tr.train_and_evaluate(c, str(tmp_path))
   # ... with it the run continues from the kept checkpoint.
   c.resume_changes = 'learning_rate,grad_clip_norm'
@@ -130,22 +138,23 @@ def test_resume_changes_continue_after_nan(tmp_path, caplog):
 def test_resume_changes_refuses_model_keys(tmp_path):
   c = get_config('digits_float')
   c.resume_changes = 'learning_rate,model'
-  with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r"\['model'\], which cannot change"):
+  with pytest.raises(
+    ckpt_lib.CheckpointError, match=r"\['model'\], which cannot change"
+  ):
     tr.train_and_evaluate(c, str(tmp_path / 'wd'))
   assert not os.path.exists(tmp_path / 'wd')
 
 
-def test_extended_fracbits_run_keeps_frozen_bits(tmp_path, caplog,
-                                                 monkeypatch):
+def test_extended_fracbits_run_keeps_frozen_bits(tmp_path, caplog, monkeypatch):
   c = get_config('digits_fracbits')
   c.quant.hard_assign_step = -1
-  c.quant.hard_assign_fraction = 0.5   # assignment at step 3 of 6
+  c.quant.hard_assign_fraction = 0.5  # assignment at step 3 of 6
   tr.train_and_evaluate(c, str(tmp_path))
   before = ckpt_lib.restore_raw(str(tmp_path))['state']['quant_stats']
-  c.num_train_steps = 16   # would move the assignment to step 8
-  with pytest.raises(ckpt_lib.CheckpointError,
-                     match='resume_changes=num_train_steps'):
+  c.num_train_steps = 16  # would move the assignment to step 8
+  with pytest.raises(
+    ckpt_lib.CheckpointError, match='resume_changes=num_train_steps'
+  ):
     tr.train_and_evaluate(c, str(tmp_path))
   c.resume_changes = 'num_train_steps'
   modes = []
@@ -154,14 +163,17 @@ def test_extended_fracbits_run_keeps_frozen_bits(tmp_path, caplog,
   def spy(config, wrapper, tx, mesh):
     modes.append(wrapper.hard)
     return real(config, wrapper, tx, mesh)
+
   monkeypatch.setattr(tr, 'make_train_step', spy)
   with caplog.at_level(logging.INFO):
     tr.train_and_evaluate(c, str(tmp_path))
-  assert modes and all(modes), modes   # never back to fractional bits
+  assert modes and all(modes), modes  # never back to fractional bits
   after = ckpt_lib.restore_raw(str(tmp_path))['state']['quant_stats']
-  hard = lambda t: {jax.tree_util.keystr(p): np.asarray(v) for p, v in
-                    jax.tree_util.tree_leaves_with_path(t)
-                    if 'hard_bits' in jax.tree_util.keystr(p)}
+  hard = lambda t: {
+    jax.tree_util.keystr(p): np.asarray(v)
+    for p, v in jax.tree_util.tree_leaves_with_path(t)
+    if 'hard_bits' in jax.tree_util.keystr(p)
+  }
   assert hard(before) and hard(before).keys() == hard(after).keys()
   for k, v in hard(before).items():
     np.testing.assert_array_equal(v, hard(after)[k])
@@ -185,8 +197,13 @@ def test_overwrite_moves_previous_outputs_aside(tmp_path):
   prev = glob.glob(str(tmp_path / 'previous-*'))
   assert len(prev) == 1
   moved = sorted(os.listdir(prev[0]))
-  assert {'model.onnx', 'size_report.txt', 'bits_step6.png', 'config.json',
-          'checkpoints'} <= set(moved)
+  assert {
+    'model.onnx',
+    'size_report.txt',
+    'bits_step6.png',
+    'config.json',
+    'checkpoints',
+  } <= set(moved)
   assert any(n.startswith('events.out.tfevents') for n in moved)
   assert (tmp_path / 'notes.txt').read_text() == 'mine'
   now = os.listdir(tmp_path)
@@ -198,19 +215,25 @@ def test_restore_into_optimizer_with_a_stateless_link_added(tmp_path):
   # Switching grad_clip_norm on adds a stateless link to the optax chain;
   # the saved state must still land in the right slots (not by position).
   import optax
+
   params = {'w': np.arange(3.0, dtype=np.float32), 'a': np.zeros(2, np.float32)}
   old = optax.chain(optax.trace(0.9), optax.scale_by_adam()).init(params)
-  old = (old[0]._replace(trace={'w': np.float32([5, 6, 7]),
-                                'a': np.float32([1, 1])}),
-         old[1]._replace(count=np.int32(4)))
-  new = optax.chain(optax.clip_by_global_norm(1.0), optax.trace(0.9),
-                    optax.scale_by_adam()).init(params)
+  old = (
+    old[0]._replace(
+      trace={'w': np.float32([5, 6, 7]), 'a': np.float32([1, 1])}
+    ),
+    old[1]._replace(count=np.int32(4)),
+  )
+  new = optax.chain(
+    optax.clip_by_global_norm(1.0), optax.trace(0.9), optax.scale_by_adam()
+  ).init(params)
   mngr = ocp.CheckpointManager(str(tmp_path / 'ck'))
   ckpt_lib.save(mngr, 2, {'opt': old, 'params': params})
   mngr.wait_until_finished()
   got = ckpt_lib.restore_latest(mngr, {'opt': new, 'params': params})
-  assert (jax.tree_util.tree_structure(got) ==
-          jax.tree_util.tree_structure({'opt': new, 'params': params}))
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(
+    {'opt': new, 'params': params}
+  )
   np.testing.assert_array_equal(got['opt'][1].trace['w'], [5, 6, 7])
   np.testing.assert_array_equal(got['opt'][1].trace['a'], [1, 1])
   assert int(got['opt'][2].count) == 4

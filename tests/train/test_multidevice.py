@@ -45,10 +45,10 @@ def _train(c, mesh, steps):
   assignment)."""
   module = tr.build_module(c)
   first = data_lib.digits.train_batch(0, BATCH, 0)
-  wrapper = mw.build_model_wrapper(c, module, first['image'],
-                                   total_steps=steps)
-  state, tx = tr.create_train_state(c, wrapper, first, jax.random.key(0),
-                                    total=steps, mesh=mesh)
+  wrapper = mw.build_model_wrapper(c, module, first['image'], total_steps=steps)
+  state, tx = tr.create_train_state(
+    c, wrapper, first, jax.random.key(0), total=steps, mesh=mesh
+  )
   state = tr.replicate(state, mesh)
   start = jax.device_get(state)
   train_step = None
@@ -56,9 +56,13 @@ def _train(c, mesh, steps):
     new = wrapper.for_step(t)
     if new is not wrapper:
       v = new.prepare(jax.device_get(state.variables()))
-      state = tr.replicate(state.replace(
+      state = tr.replicate(
+        state.replace(
           trainable={k: v[k] for k in state.trainable},
-          state={k: v[k] for k in state.state}), mesh)
+          state={k: v[k] for k in state.state},
+        ),
+        mesh,
+      )
       wrapper, train_step = new, None
     train_step = train_step or tr.make_train_step(c, wrapper, tx, mesh)
     batch = data_lib.digits.train_batch(t, BATCH, 0)
@@ -68,15 +72,21 @@ def _train(c, mesh, steps):
 
 def _assert_same(s8, s1, tol=TOL):
   flat8 = jax.tree_util.tree_flatten_with_path(
-      {'trainable': s8.trainable, 'state': s8.state})[0]
+    {'trainable': s8.trainable, 'state': s8.state}
+  )[0]
   flat1 = jax.tree_util.tree_leaves(
-      {'trainable': s1.trainable, 'state': s1.state})
+    {'trainable': s1.trainable, 'state': s1.state}
+  )
   assert len(flat8) == len(flat1)
   for (path, a), b in zip(flat8, flat1):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(
-        np.max(np.abs(b), initial=0.0), 1e-12),
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      a,
+      b,
+      rtol=0,
+      atol=tol * max(np.max(np.abs(b), initial=0.0), 1e-12),
+      err_msg=jax.tree_util.keystr(path),
+    )
 
 
 def _leaf(tree, *path):
@@ -94,28 +104,44 @@ def test_uniform_lsq_8_devices_equal_1():
   s0, s1 = _train(c, _mesh(1), 1)
   _assert_same(s8, s1)
   # The step moved the activation steps (the comparison is not vacuous).
-  assert not np.allclose(s1.trainable['quant']['head']['input_step'],
-                         s0.trainable['quant']['head']['input_step'],
-                         rtol=1e-4, atol=0)
+  assert not np.allclose(
+    s1.trainable['quant']['head']['input_step'],
+    s0.trainable['quant']['head']['input_step'],
+    rtol=1e-4,
+    atol=0,
+  )
 
 
 def test_lsq_grad_scale_counts_the_global_batch():
   from fracq.methods import providers
+
   p = providers.QATProvider(axis_name='batch')
   x = jnp.ones((2, 5, 3))  # per device; 8 devices -> 16 x 5 x 3 elements
   mesh = _mesh(8)
 
   def scales(xs):
-    return jnp.array([p.lsq_grad_scale(xs, 255, None, 'input'),
-                      p.lsq_grad_scale(xs, 255, -1, 'input'),
-                      p.lsq_grad_scale(xs, 255, None, 'kernel')])
-  got = jax.jit(jax.shard_map(
-      scales, mesh=mesh, in_specs=jax.sharding.PartitionSpec('batch'),
-      out_specs=jax.sharding.PartitionSpec(), check_vma=False))(
-          jnp.ones((16, 5, 3)))
-  np.testing.assert_allclose(got, [1 / np.sqrt(240 * 255),
-                                   1 / np.sqrt(80 * 255),
-                                   1 / np.sqrt(30 * 255)], rtol=1e-6)
+    return jnp.array(
+      [
+        p.lsq_grad_scale(xs, 255, None, 'input'),
+        p.lsq_grad_scale(xs, 255, -1, 'input'),
+        p.lsq_grad_scale(xs, 255, None, 'kernel'),
+      ]
+    )
+
+  got = jax.jit(
+    jax.shard_map(
+      scales,
+      mesh=mesh,
+      in_specs=jax.sharding.PartitionSpec('batch'),
+      out_specs=jax.sharding.PartitionSpec(),
+      check_vma=False,
+    )
+  )(jnp.ones((16, 5, 3)))
+  np.testing.assert_allclose(
+    got,
+    [1 / np.sqrt(240 * 255), 1 / np.sqrt(80 * 255), 1 / np.sqrt(30 * 255)],
+    rtol=1e-6,
+  )
   # Outside a map over the axis (init, eager): the tensor's own count.
   assert p.lsq_grad_scale(x, 255, None, 'input') == 1 / np.sqrt(30 * 255)
 

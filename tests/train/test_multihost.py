@@ -18,8 +18,9 @@ import numpy as np
 
 from fracq.train import checkpoint as ckpt_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+ROOT = os.path.dirname(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 
 
 def _env(devices):
@@ -37,19 +38,25 @@ def _free_port():
 
 
 def _python(code, args, devices=1):
-  return subprocess.Popen([sys.executable, '-c', code] + args, cwd=ROOT,
-                          env=_env(devices), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    [sys.executable, '-c', code] + args,
+    cwd=ROOT,
+    env=_env(devices),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _two(code, extra=()):
   port = _free_port()
-  procs = [_python(code, [f'127.0.0.1:{port}', str(i), *extra])
-           for i in range(2)]
+  procs = [
+    _python(code, [f'127.0.0.1:{port}', str(i), *extra]) for i in range(2)
+  ]
   return procs, [p.communicate(timeout=240)[0] for p in procs]
 
 
-TRAIN = textwrap.dedent('''
+TRAIN = textwrap.dedent("""
     import sys
     import jax
     if len(sys.argv) > 2:
@@ -63,7 +70,7 @@ TRAIN = textwrap.dedent('''
     c.eval_every_steps = 3
     train.train_and_evaluate(c, sys.argv[-1])
     print('done')
-''')
+""")
 
 
 def test_two_processes_quantized_state_equals_one(tmp_path):
@@ -78,15 +85,19 @@ def test_two_processes_quantized_state_equals_one(tmp_path):
   b = ckpt_lib.restore_raw(str(tmp_path / 'two'))
   # Calibrated on the global batch: conv1's input step is the one-process
   # value (it differed by 3e-3 relative when each host used its half).
-  np.testing.assert_allclose(b['trainable']['quant']['conv1']['input_step'],
-                             a['trainable']['quant']['conv1']['input_step'],
-                             rtol=1e-5)
-  for x, y in zip(jax.tree_util.tree_leaves((a['trainable'], a['state'])),
-                  jax.tree_util.tree_leaves((b['trainable'], b['state']))):
+  np.testing.assert_allclose(
+    b['trainable']['quant']['conv1']['input_step'],
+    a['trainable']['quant']['conv1']['input_step'],
+    rtol=1e-5,
+  )
+  for x, y in zip(
+    jax.tree_util.tree_leaves((a['trainable'], a['state'])),
+    jax.tree_util.tree_leaves((b['trainable'], b['state'])),
+  ):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
-CHECK = textwrap.dedent('''
+CHECK = textwrap.dedent("""
     import sys
     import jax
     import numpy as np
@@ -106,7 +117,7 @@ CHECK = textwrap.dedent('''
     mine = {'conv2': {'trace': 3.0 * (1 + pid), 'avg_trace': 1.0 + pid,
                       'stderr': 0.1, 'n': 3}}
     print('TRACE', hawq.mean_over_processes(mine, ['conv2'])['conv2'])
-''')
+""")
 
 
 def test_cross_host_check_names_the_differing_leaf():
@@ -115,7 +126,7 @@ def test_cross_host_check_names_the_differing_leaf():
     assert p.returncode == 0, o[-3000:]
     line = [l for l in o.splitlines() if l.startswith('ERROR')]
     assert line, o[-3000:]
-    assert "the state at step 7 differs across the 2 processes" in line[0]
+    assert 'the state at step 7 differs across the 2 processes' in line[0]
     assert "first ['b']['step']" in line[0]
     assert 'max |difference| from process 0: 1' in line[0]
     # Both processes allocate bits from the same (global) trace.

@@ -6,7 +6,6 @@ import os
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -30,11 +29,14 @@ def test_digits_smoke_run_writes_events_and_checkpoint(tmp_path):
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
 
 
-@pytest.mark.parametrize('name,arg', [
+@pytest.mark.parametrize(
+  'name,arg',
+  [
     ('cifar10_resnet20', 'smoke'),
     ('cifar10_resnet20', 'smoke,dataset=cifar100'),
     ('imagenet_resnet50', 'smoke'),
-])
+  ],
+)
 def test_one_train_step_on_mock_tfds(name, arg, tmp_path):
   c = get_config(name, arg)
   c.num_train_steps = 1
@@ -54,8 +56,9 @@ def _state_after_steps(mesh, steps=2, name='digits_float'):
   module = tr.build_module(c)
   first = data_lib.digits.train_batch(0, 16, 0)
   wrapper = mw.build_model_wrapper(c, module, first['image'], total_steps=10)
-  state, tx = tr.create_train_state(c, wrapper, first, jax.random.key(0),
-                                    total=10)
+  state, tx = tr.create_train_state(
+    c, wrapper, first, jax.random.key(0), total=10
+  )
   step = tr.make_train_step(c, wrapper, tx, mesh)
   for t in range(steps):
     b = data_lib.digits.train_batch(t, 16, 0)
@@ -67,10 +70,10 @@ def test_data_parallel_step_equals_single_device():
   assert jax.device_count() == 8
   s8, m8 = _state_after_steps(Mesh(np.array(jax.devices()), ('batch',)))
   s1, m1 = _state_after_steps(Mesh(np.array(jax.devices()[:1]), ('batch',)))
-  chex.assert_trees_all_close(s8.trainable, s1.trainable, rtol=1e-4,
-                              atol=1e-5)
-  chex.assert_trees_all_close(s8.state['batch_stats'],
-                              s1.state['batch_stats'], rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(s8.trainable, s1.trainable, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(
+    s8.state['batch_stats'], s1.state['batch_stats'], rtol=1e-4, atol=1e-5
+  )
   np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
   # The step really moved the parameters.
   assert not np.allclose(s1.trainable['params']['head']['kernel'], 0)
@@ -97,8 +100,11 @@ def test_workdir_of_another_config_is_refused(tmp_path):
   tr.train_and_evaluate(c, str(tmp_path))
   c2 = get_config('digits_float')
   c2.learning_rate = 0.05
-  with pytest.raises(ValueError, match=r"different configuration .*"
-                     r"learning_rate.*overwrite=True"):
+  with pytest.raises(
+    ValueError,
+    match=r'different configuration .*'
+    r'learning_rate.*overwrite=True',
+  ):
     tr.train_and_evaluate(c2, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
   c2.overwrite = True
@@ -131,16 +137,24 @@ def test_missing_dataset_message(tmp_path):
     tr.train_and_evaluate(c, str(tmp_path / 'wd2'))
 
 
-@pytest.mark.parametrize('key,value,match', [
+@pytest.mark.parametrize(
+  'key,value,match',
+  [
     ('batch_size', 0, 'batch_size=0; it must be a positive integer'),
-    ('num_train_steps', 0, 'num_train_steps=0; give a positive step count, '
-     'or -1'),
+    (
+      'num_train_steps',
+      0,
+      'num_train_steps=0; give a positive step count, or -1',
+    ),
     ('export', True, 'export=True needs a quantized'),
-])
-def test_bad_config_refused_before_any_work(key, value, match, tmp_path,
-                                            monkeypatch):
+  ],
+)
+def test_bad_config_refused_before_any_work(
+  key, value, match, tmp_path, monkeypatch
+):
   def no_data(*args, **kwargs):
     raise AssertionError('data was read before the config was checked')
+
   monkeypatch.setattr(data_lib, 'train_iterator', no_data)
   c = get_config('digits_float')
   c[key] = value
@@ -158,8 +172,10 @@ def test_tfds_read_error_reports_the_real_cause(tmp_path, monkeypatch):
 
   monkeypatch.setattr(tfds, 'builder', lambda name, data_dir: Broken())
   from fracq.data import tfds_data
-  with pytest.raises(data_lib.DatasetError,
-                     match='PermissionError: cannot read shard 3') as err:
+
+  with pytest.raises(
+    data_lib.DatasetError, match='PermissionError: cannot read shard 3'
+  ) as err:
     # pylint: disable-next=protected-access
     tfds_data._load('cifar10', 'train', str(tmp_path))
   assert 'tfds build' not in str(err.value)
