@@ -227,3 +227,34 @@ def apply_smoke(
     c.quant.budget_absolute = None
     c.quant.budget_uniform_bits = 4.0
   return c
+
+
+def text_config(seed: int = 0) -> ml_collections.ConfigDict:
+  """The byte-level language-modelling recipe every text config starts
+  from: the standard-library corpus (``fracq.data.text``), windows of 128
+  bytes, the gpt_small decoder (0.86M parameters), AdamW 2e-3 with a short
+  warmup and cosine decay, weight decay 0.1 on kernels, gradient clipping 1.0;
+  evaluation on 512 fixed validation windows (65,536 predicted bytes)."""
+  c = base_config()
+  c.seed = seed
+  c.dataset = 'stdlib_text'
+  c.num_classes = 256
+  # Bytes per window (the model's max_len must be at least this).
+  c.seq_len = 128
+  # Evaluation windows, evenly spaced over the validation split; 0: all.
+  c.eval_windows = 512
+  # TFDS text only: keep the first N bytes of each split (0: all).
+  c.text_max_bytes = 0
+  c.model = 'gpt_small'
+  c.batch_size = 32
+  c.eval_batch_size = 128
+  c.num_train_steps = 1500
+  c.optimizer = 'adamw'
+  c.learning_rate = 2e-3
+  c.warmup_epochs = 0.05
+  c.weight_decay = 0.1
+  c.grad_clip_norm = 1.0
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  return c

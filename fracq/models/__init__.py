@@ -2,15 +2,18 @@
 
 ``get_model(name, **kwargs)`` builds a model by name; ``list_models()`` lists
 the names; ``default_fixed_layers(name)`` gives the regex of the layers the
-default quantization rules keep at 8 bits (first conv and classifier).
+default quantization rules keep at 8 bits (first conv and classifier;
+for transformers the embedding and the head).
 """
 
 from __future__ import annotations
 
 from fracq.models import digits_cnn
+from fracq.models import gpt
 from fracq.models import inception
 from fracq.models import mobilenet
 from fracq.models import resnet
+from fracq.models import vit
 
 __all__ = [
   'default_fixed_layers',
@@ -33,6 +36,13 @@ _REGISTRY = {
   'mobilenet_v2_cifar': (mobilenet.MobileNetV2Cifar, mobilenet),
   'mobilenet_v2_tiny': (mobilenet.MobileNetV2Tiny, mobilenet),
   'inception_v3': (inception.InceptionV3, inception),
+  'gpt_tiny': (gpt.GPTTiny, gpt),
+  'gpt_small': (gpt.GPTSmall, gpt),
+  'gpt_base': (gpt.GPTBase, gpt),
+  'gpt_medium': (gpt.GPTMedium, gpt),
+  'vit_tiny': (vit.ViTTiny, vit),
+  'vit_digits': (vit.ViTDigits, vit),
+  'vit_s16': (vit.ViTS16, vit),
 }
 
 

@@ -134,15 +134,22 @@ def make_mesh() -> Mesh:
 
 def build_module(config, *, axis_name: str | None = AXIS):
   kwargs = dict(config.model_kwargs)
-  kwargs.setdefault('num_classes', config.num_classes)
+  # A language model's classes are its vocabulary (256 bytes).
+  classes_key = (
+    'vocab_size' if data_lib.is_text(config.dataset) else 'num_classes'
+  )
+  kwargs.setdefault(classes_key, config.num_classes)
   if config.half_precision:
     kwargs['dtype'] = jnp.bfloat16
   return models.get_model(config.model, bn_axis_name=axis_name, **kwargs)
 
 
 def sample_input(config, batch_size: int = 1):
-  shape = data_lib.input_shape(config.dataset, config.get('image_size', 224))
-  return jnp.zeros((batch_size,) + shape, jnp.float32)
+  shape = data_lib.input_shape(
+    config.dataset, config.get('image_size', 224), config.get('seq_len', 0)
+  )
+  dtype = jnp.int32 if data_lib.is_text(config.dataset) else jnp.float32
+  return jnp.zeros((batch_size,) + shape, dtype)
 
 
 def total_steps(config) -> int:
@@ -161,13 +168,13 @@ def create_train_state(
   process), so the quantizer statistics do not depend on how the batch is
   split over devices and hosts.
   """
-  x = jnp.asarray(first_batch['image'])
+  x = jnp.asarray(data_lib.model_input(first_batch))
   variables = jax.jit(functools.partial(wrapper.init, train=False))(rng, x)
   variables = jax.tree_util.tree_map(lambda v: v, dict(variables))
   variables = calibrate_global(
     wrapper,
     variables,
-    first_batch['image'],
+    data_lib.model_input(first_batch),
     mesh if mesh is not None else make_mesh(),
   )
   return state_from_variables(config, wrapper, variables, total=total)
@@ -214,9 +221,12 @@ def make_train_step(config, wrapper, tx, mesh: Mesh):
   nan_step = config.get('debug_nan_at_step', -1)
   aux_weight = config.get('aux_loss_weight', 0.4)
   seed = config.seed
+  text = data_lib.is_text(config.dataset)
 
   def step_fn(state: TrainState, batch):
-    x, y = batch['image'], batch['label']
+    # Text: y holds the next byte of every position; the loss below is the
+    # mean cross-entropy over every position of every window.
+    x, y = data_lib.model_input(batch), data_lib.model_target(batch)
     mask = jnp.ones(y.shape, jnp.float32)
     mutable = list(state.state.keys())
 
@@ -284,6 +294,8 @@ def make_train_step(config, wrapper, tx, mesh: Mesh):
       'accuracy': correct / count,
       'grad_norm': gnorm,
     }
+    if text:
+      metrics['bits_per_byte'] = metrics['task_loss'] / math.log(2)
     metrics.update({k: jax.lax.pmean(v, AXIS) for k, v in pen_metrics.items()})
     return new, metrics
 
@@ -299,11 +311,13 @@ def make_train_step(config, wrapper, tx, mesh: Mesh):
 
 def make_eval_step(wrapper, mesh: Mesh):
   def step_fn(variables, batch):
-    out = wrapper.apply(variables, batch['image'], train=False)
+    out = wrapper.apply(variables, data_lib.model_input(batch), train=False)
     logits = out[0] if isinstance(out, tuple) else out
+    # Per example (images) or per position (text: next-byte loss, accuracy).
     mask = batch['mask'].astype(jnp.float32)
-    loss, n = cross_entropy(logits, batch['label'], mask)
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask)
+    labels = data_lib.model_target(batch)
+    loss, n = cross_entropy(logits, labels, mask)
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
     return jax.lax.psum(jnp.stack([loss, correct, n]), AXIS)
 
   return jax.jit(
@@ -342,16 +356,23 @@ def to_global(batch, mesh: Mesh):
 
 
 def evaluate(config, wrapper, variables, mesh, eval_step=None):
-  """Loss and accuracy over the whole eval split."""
+  """Loss and accuracy over the whole eval split.
+
+  Text: per predicted byte (``eval_examples`` counts bytes), plus
+  ``eval_bits_per_byte`` (the loss in nats / ln 2).
+  """
   eval_step = eval_step or make_eval_step(wrapper, mesh)
   tot = np.zeros(3)
   for batch in data_lib.eval_batches(config):
     tot += np.asarray(eval_step(variables, to_global(batch, mesh)))
-  return {
+  out = {
     'eval_loss': tot[0] / tot[2],
     'eval_accuracy': tot[1] / tot[2],
     'eval_examples': int(tot[2]),
   }
+  if data_lib.is_text(config.dataset):
+    out['eval_bits_per_byte'] = out['eval_loss'] / math.log(2)
+  return out
 
 
 def _check_finite(state: TrainState):
@@ -399,6 +420,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Reading the first batch before the workdir is touched: a missing or
   # unreadable dataset leaves no half-made workdir behind.
   first = next(data_lib.train_iterator(config, 0))
+  # Text runs record the exact corpus (its bytes differ across Pythons).
+  provenance = data_lib.provenance(config)
+  if provenance:
+    logging.info('Data: %s', provenance)
   changed = ckpt_lib.check_workdir(config, workdir)
   writer = metric_writers.create_default_writer(
     workdir, just_logging=jax.process_index() > 0
@@ -411,9 +436,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         for k, v in config.to_dict().items()
         if isinstance(v, (int, float, str, bool))
       }
+      | provenance
     )
     mngr = ckpt_lib.manager(workdir, config)
-    return _run(config, workdir, mesh, writer, mngr, changed, first)
+    return (
+      _run(config, workdir, mesh, writer, mngr, changed, first) | provenance
+    )
   finally:
     # Close orbax's background threads and the event writer whatever
     # happened, so an error is the last thing printed (not interpreter
@@ -433,7 +461,7 @@ def _run(config, workdir, mesh, writer, mngr, changed, first) -> dict:
   total = total_steps(config)
   module = build_module(config)
   wrapper = mw.build_model_wrapper(
-    config, module, first['image'][:1], total_steps=total
+    config, module, data_lib.model_input(first)[:1], total_steps=total
   )
   rng = jax.random.key(config.seed)
   state, tx = create_train_state(
@@ -475,7 +503,9 @@ def _run(config, workdir, mesh, writer, mngr, changed, first) -> dict:
       config.init_from, config.init_collections
     )
     merged = ckpt_lib.merge_variables(state.variables(), variables)
-    merged = calibrate_global(wrapper, merged, first['image'], mesh)
+    merged = calibrate_global(
+      wrapper, merged, data_lib.model_input(first), mesh
+    )
     state, tx = state_from_variables(config, wrapper, merged, total=total)
     logging.info(
       'Initialised %s from %s.', config.init_collections, config.init_from
@@ -634,7 +664,7 @@ def _export(config, wrapper, state, workdir) -> dict:
         / rep.artifact_bytes,
       }
     )
-  sample = next(iter(data_lib.eval_batches(config)))['image']
+  sample = data_lib.model_input(next(iter(data_lib.eval_batches(config))))
   ipath = os.path.join(workdir, 'model.int.safetensors')
   try:
     irep = integer_model.export_integer(

@@ -1,0 +1,32 @@
+"""Float Vision Transformer on the embedded digits.
+
+The vit_digits model: 2x2 patches of the 8x8 images (16 tokens + a class
+token), 4 pre-LN blocks of width 64, 0.14M parameters; AdamW with warmup
+and cosine decay, the digits data and split of configs/digits_float.py.
+
+Run:
+  python launch.py --config=configs/vit_digits_float.py --workdir=/tmp/vit_digits
+
+Expected: MEASURED_RESULT
+Variants: seed=N; smoke (a tiny ViT for a few steps, seconds).
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, smoke=False, seed=0)
+  c = common.digits_config(a.seed)
+  c.model = 'vit_digits'
+  c.num_epochs = 60.0
+  c.optimizer = 'adamw'
+  c.learning_rate = 2e-3
+  c.warmup_epochs = 3.0
+  c.weight_decay = 0.05
+  c.grad_clip_norm = 1.0
+  c.log_every_steps = 55
+  c.eval_every_steps = 220
+  c.checkpoint_every_steps = 220
+  if a.smoke:
+    common.apply_smoke(c, tiny_model='vit_tiny')
+  return c
