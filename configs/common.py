@@ -248,13 +248,13 @@ def text_config(seed: int = 0) -> ml_collections.ConfigDict:
   c.model = 'gpt_small'
   c.batch_size = 32
   c.eval_batch_size = 128
-  c.num_train_steps = 1500
+  c.num_train_steps = 600
   c.optimizer = 'adamw'
   c.learning_rate = 2e-3
   c.warmup_epochs = 0.05
   c.weight_decay = 0.1
   c.grad_clip_norm = 1.0
   c.log_every_steps = 50
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
+  c.eval_every_steps = 200
+  c.checkpoint_every_steps = 200
   return c

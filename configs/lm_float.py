@@ -19,7 +19,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, smoke=False, seed=0, steps=1500)
+  a = common.parse_arg(arg, smoke=False, seed=0, steps=600)
   c = common.text_config(a.seed)
   c.num_train_steps = a.steps
   if a.smoke:
