@@ -9,9 +9,15 @@ gpt_small decoder (4 pre-LN blocks, d_model 128, tied byte embeddings,
 Run:
   python launch.py --config=configs/lm_float.py --workdir=/tmp/lm_float
 
-Expected: MEASURED_RESULT
-Unigram baseline (the train split's byte frequencies, add-one smoothed):
-UNIGRAM validation bits per byte. Variants: seed=N; steps=N; smoke (a tiny
+Expected (measured, seed 0, 600 steps, Python 3.11.7 stdlib: 4,698,388
+bytes, SHA-256 926a59d9...6fac68): validation 2.50 bits per byte (loss
+1.732 nats, next-byte accuracy 54.9%; on 512 evenly spaced windows, 65,491
+predicted bytes; --config.eval_windows=0 evaluates the whole split), against 4.53 bits per byte for the
+unigram baseline (the train split's byte frequencies, add-one smoothed;
+``fracq.data.text.unigram_bits_per_byte``); 3.14 after 200 steps, 2.65
+after 400. Time: 17 min 39 s wall measured on 2 CPU cores shared with five
+other jobs (load average ~11), for 6 min 46 s of CPU time (user + sys), so
+under 7 minutes on 2 idle cores. Variants: seed=N; steps=N; smoke (a tiny
 model for a few steps, seconds).
 """
 

@@ -11,9 +11,9 @@ Run:
 
 Expected: test accuracy about 96% (measured 96.1%, seed 0; the digits CNN
 of configs/digits_float.py reaches ~99% on these 1,437 images, where a ViT
-lacks the convolution's locality prior). Measured time: 5 min 47 s on 2
-CPU cores that were shared with other jobs (load average ~12); well under
-that on idle cores. Variants: seed=N; dropout=P; pool=mean; smoke (a tiny
+lacks the convolution's locality prior). Time: 5 min 47 s wall measured on
+2 CPU cores shared with other jobs (load average ~12), for 1 min 27 s of CPU
+time (user + sys), so about 1-2 minutes on 2 idle cores. Variants: seed=N; dropout=P; pool=mean; smoke (a tiny
 ViT for a few steps, seconds).
 """
 
