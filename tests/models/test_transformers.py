@@ -136,3 +136,17 @@ def test_lm_float_smoke_trains_and_reports_bits_per_byte(tmp_path):
   assert m['eval_examples'] > 0 and len(m['corpus_sha256']) == 64
   # Six steps from uniform logits (8 bits per byte) already learn something.
   assert m['eval_bits_per_byte'] < 8.0
+
+
+@pytest.mark.parametrize('arg', ['', 'smoke'])
+def test_vit_digits_config_builds_for_the_digits_input(arg):
+  c = importlib.import_module('configs.vit_digits_float').get_config(arg)
+  module = tr.build_module(c)
+  x = tr.sample_input(c, 2)
+  variables = jax.eval_shape(
+    functools.partial(module.init, train=False), jax.random.key(0), x
+  )
+  out = jax.eval_shape(
+    functools.partial(module.apply, train=False), variables, x
+  )
+  assert out.shape == (2, 10)
