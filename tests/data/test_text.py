@@ -148,7 +148,7 @@ def test_dataset_dispatch_for_stdlib_text():
 
 
 @pytest.mark.parametrize(
-  'name,eval_split', [('tiny_shakespeare', 'validation')]
+  'name,eval_split', [('tiny_shakespeare', 'validation'), ('lm1b', 'test')]
 )
 def test_tfds_text_pipeline_on_mock_data(name, eval_split):
   assert text.TFDS_EVAL_SPLIT[name] == eval_split
