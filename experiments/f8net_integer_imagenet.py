@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from fracq import export  # noqa: E402
 from fracq import models  # noqa: E402
+from fracq.export import onnx_export as ox  # noqa: E402
 from fracq.methods.f8net import F8NetModel, F8NetOptions  # noqa: E402
 from experiments import _runner  # noqa: E402
 
@@ -78,8 +79,6 @@ def check(name: str, size: int, batch: int, steps: int = 2) -> dict:
     bit_exact=bool(np.array_equal(got, sim)),
   )
   try:
-    from fracq.export import onnx_export as ox  # pylint: disable=g-import-not-at-top
-
     info = {}
     out = ox.run_onnx(ox.program_to_onnx(prog, report=info), np.asarray(x))
     row['onnx_bit_exact'] = bool(np.array_equal(out, got))
