@@ -66,6 +66,12 @@ def test_program_packs_each_channel_at_its_bits(tmp_path):
     np.asarray(export.lower_qat(hard, v, x)(prog.quantize_input(x))),
   )
   assert not codes['d0/kernel'][:, 2].any()  # the pruned channel
+  # The loaded program keeps the widths: written again, it packs the same.
+  assert prog.layers[0].kernel_bits == [2, 7, 0, 3, 5, 8]
+  again = str(tmp_path / 'again.int.safetensors')
+  assert export.save_program(prog, again) == rep['program_bytes']
+  manifest = export.read_artifact(again)[2]
+  assert manifest['tensors']['d1/kernel']['bits'] == [3, 6, 2]
   # The file is the theoretical size plus the container (manifest, header).
   assert rep['program_bytes'] < rep['program_theoretical_bytes'] + 4096
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +46,9 @@ from fracq.interception.structure import conv_padding
 from fracq.interception.structure import is_max_pool
 from fracq.interception.structure import probe_structure
 from fracq.methods.f8net import F8NetModel
-from fracq.methods.f8net import LayerRecord
+
+if TYPE_CHECKING:
+  from fracq.methods.f8net import LayerRecord
 
 
 def _input_range(signed: bool, code_max: int | None) -> tuple[int, int]:
