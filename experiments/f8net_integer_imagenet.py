@@ -27,8 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fracq import export  # noqa: E402
 from fracq import models  # noqa: E402
-from fracq.export import integer_model as im  # noqa: E402
+from fracq.export import onnx_export as ox  # noqa: E402
 from fracq.methods.f8net import F8NetModel, F8NetOptions  # noqa: E402
 from experiments import _runner  # noqa: E402
 
@@ -64,7 +65,7 @@ def check(name: str, size: int, batch: int, steps: int = 2) -> dict:
     'clips': len(set(w.pact_src.values())),
   }
   try:
-    prog = im.lower_f8net(w, v, x)  # raises unless bit-exact on x
+    prog = export.lower_f8net(w, v, x)  # raises unless bit-exact on x
   except ValueError as e:
     row.update(status='refused', reason=str(e).split(';')[0])
     return row
@@ -73,13 +74,11 @@ def check(name: str, size: int, batch: int, steps: int = 2) -> dict:
   row.update(
     status='lowered',
     ops=len(prog.layers),
-    adds=sum(isinstance(l, im.IntAdd) for l in prog.layers),
-    max_pools=sum(l.maxpool is not None for l in prog.layers),
+    adds=sum(isinstance(op, export.IntAdd) for op in prog.layers),
+    max_pools=sum(op.maxpool is not None for op in prog.layers),
     bit_exact=bool(np.array_equal(got, sim)),
   )
   try:
-    from fracq.export import onnx_export as ox  # pylint: disable=g-import-not-at-top
-
     info = {}
     out = ox.run_onnx(ox.program_to_onnx(prog, report=info), np.asarray(x))
     row['onnx_bit_exact'] = bool(np.array_equal(out, got))

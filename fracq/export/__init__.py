@@ -1,4 +1,14 @@
-"""Layer 4: freeze, bit-pack, measure the real size, run integer-only."""
+"""Layer 4: freeze, bit-pack, measure the real size, run integer-only.
+
+* :mod:`.freeze`: each method's export contract (codes, scales, bits) and
+  the packed-weights artifact (:func:`export_model`).
+* :mod:`.program`: the integer program format and its integer-only runtime.
+* :mod:`.lowering`: per-method lowerings to programs, dispatched by
+  :func:`lower` through a registry.
+* :mod:`.serialization`: programs on disk (:func:`save_program`,
+  :func:`load_program`).
+* :mod:`.onnx_export`: programs as ONNX QDQ graphs.
+"""
 
 from fracq.export.artifact import ArtifactError
 from fracq.export.artifact import read_artifact
@@ -9,19 +19,27 @@ from fracq.export.freeze import export_model
 from fracq.export.freeze import fake_quant_kernels
 from fracq.export.freeze import freeze
 from fracq.export.freeze import freeze_inputs
-from fracq.export.integer_model import IntegerProgram
-from fracq.export.integer_model import export_integer
-from fracq.export.integer_model import load_program
-from fracq.export.integer_model import lower
-from fracq.export.integer_model import lower_f8net
-from fracq.export.integer_model import lower_qat
-from fracq.export.integer_model import save_program
+from fracq.export.integer_export import export_integer
+from fracq.export.lowering import lower
+from fracq.export.lowering import lower_f8net
+from fracq.export.lowering import lower_qat
+from fracq.export.lowering import lowering_for
+from fracq.export.lowering import register_lowering
 from fracq.export.onnx_export import export_onnx
 from fracq.export.onnx_export import program_to_onnx
 from fracq.export.onnx_export import run_onnx
+from fracq.export.program import IntAdd
+from fracq.export.program import IntegerProgram
+from fracq.export.program import IntLayer
+from fracq.export.program import integer_forward
+from fracq.export.program import is_graph
+from fracq.export.serialization import load_program
+from fracq.export.serialization import save_program
 
 __all__ = [
   'ArtifactError',
+  'IntAdd',
+  'IntLayer',
   'IntegerProgram',
   'SizeReport',
   'dequantized_kernels',
@@ -31,12 +49,16 @@ __all__ = [
   'fake_quant_kernels',
   'freeze',
   'freeze_inputs',
+  'integer_forward',
+  'is_graph',
   'load_program',
   'lower',
   'lower_f8net',
   'lower_qat',
+  'lowering_for',
   'program_to_onnx',
   'read_artifact',
+  'register_lowering',
   'run_onnx',
   'save_program',
   'write_artifact',

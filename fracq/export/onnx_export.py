@@ -1,6 +1,6 @@
 """ONNX export of integer programs: a QDQ graph that onnxruntime runs.
 
-:func:`program_to_onnx` writes an :class:`~fracq.export.integer_model.
+:func:`program_to_onnx` writes an :class:`~fracq.export.program.
 IntegerProgram` as a standard ONNX graph of ``QuantizeLinear`` /
 ``DequantizeLinear`` (QDQ) nodes around float ``Conv`` / ``Gemm`` nodes, the
 form onnxruntime (and TensorRT, OpenVINO) turns into integer kernels:
@@ -51,10 +51,16 @@ layers).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 
 import numpy as np
 
-from fracq.export.integer_model import IntAdd, IntegerProgram
+from fracq.export.lowering import lower
+from fracq.export.program import INPUT
+from fracq.export.program import IntAdd
+from fracq.export.program import IntegerProgram
+from fracq.export.program import IntLayer
 
 EXACT_FLOAT_INT = 2**24  # float32 holds every integer below this exactly
 
@@ -72,19 +78,19 @@ def _onnx():
 
 def _code_type(lo: int, hi: int, onnx, allow_int4: bool):
   """(ONNX element type, numpy dtype, dtype range) holding codes lo..hi."""
-  T = onnx.TensorProto
-  cands = []
+  types = onnx.TensorProto
+  candidates = []
   if allow_int4:
-    cands += [(T.INT4, np.int8, -8, 7), (T.UINT4, np.uint8, 0, 15)]
-  cands += [
-    (T.INT8, np.int8, -128, 127),
-    (T.UINT8, np.uint8, 0, 255),
-    (T.INT16, np.int16, -32768, 32767),
-    (T.UINT16, np.uint16, 0, 65535),
+    candidates += [(types.INT4, np.int8, -8, 7), (types.UINT4, np.uint8, 0, 15)]
+  candidates += [
+    (types.INT8, np.int8, -128, 127),
+    (types.UINT8, np.uint8, 0, 255),
+    (types.INT16, np.int16, -32768, 32767),
+    (types.UINT16, np.uint16, 0, 65535),
   ]
-  for t, dt, tlo, thi in cands:
-    if tlo <= lo and hi <= thi:
-      return t, dt, (tlo, thi)
+  for elem_type, dtype, type_lo, type_hi in candidates:
+    if type_lo <= lo and hi <= type_hi:
+      return elem_type, dtype, (type_lo, type_hi)
   raise ValueError(f'Codes in [{lo}, {hi}] fit no ONNX quantized type.')
 
 
@@ -100,15 +106,14 @@ class _Graph:
   def __init__(self, onnx):
     self.onnx = onnx
     self.nodes, self.inits = [], []
-    self.n = 0
+    self.count = 0
 
   def name(self, base):
-    self.n += 1
-    return f'{base}_{self.n}'
+    self.count += 1
+    return f'{base}_{self.count}'
 
   def const(self, base, value, elem_type=None):
     """An initializer from a numpy array (``elem_type``: INT4/UINT4)."""
-    h = self.onnx.helper
     name = self.name(base)
     value = np.asarray(value)
     if elem_type in (self.onnx.TensorProto.INT4, self.onnx.TensorProto.UINT4):
@@ -120,47 +125,68 @@ class _Graph:
         else ml_dtypes.uint4
       )
     # raw_data: packed bytes (two 4-bit codes a byte), not varint lists.
-    t = self.onnx.numpy_helper.from_array(value, name)
-    self.inits.append(t)
+    self.inits.append(self.onnx.numpy_helper.from_array(value, name))
     return name
 
-  def node(self, op, inputs, base=None, **attrs):
-    out = self.name(base or op.lower())
+  def node(self, op_type, inputs, base=None, **attrs):
+    out = self.name(base or op_type.lower())
     self.nodes.append(
-      self.onnx.helper.make_node(op, inputs, [out], name=self.name(op), **attrs)
+      self.onnx.helper.make_node(
+        op_type, inputs, [out], name=self.name(op_type), **attrs
+      )
     )
     return out
 
 
-def _qdq(g: _Graph, x, y_scale, lo, hi, *, axis=None, tag='act'):
-  """QuantizeLinear(x, y_scale) -> codes in [lo, hi] -> float codes."""
-  onnx = g.onnx
-  t, dt, (tlo, thi) = _act_type(lo, hi, onnx)
+@dataclasses.dataclass
+class _Tensor:
+  """A graph tensor holding a program op's integers as float32."""
+
+  name: str
+  rank: int
+  bound: float  # max |value|
+
+
+@dataclasses.dataclass
+class _Checks:
+  """What program_to_onnx reports."""
+
+  int4: int = 0
+  exact: bool = True
+
+
+def _qdq(graph: _Graph, tensor, y_scale, lo, hi, *, axis=None, tag='act'):
+  """QuantizeLinear(tensor, y_scale) -> codes in [lo, hi] -> float codes."""
+  _, dtype, (type_lo, type_hi) = _act_type(lo, hi, graph.onnx)
   y_scale = np.asarray(y_scale, np.float32)
-  zp = g.const(f'{tag}_zp', np.zeros(y_scale.shape, dt))
-  kw = {} if axis is None else {'axis': axis}
-  q = g.node(
+  zero_point = graph.const(f'{tag}_zp', np.zeros(y_scale.shape, dtype))
+  kwargs = {} if axis is None else {'axis': axis}
+  codes = graph.node(
     'QuantizeLinear',
-    [x, g.const(f'{tag}_scale', y_scale), zp],
+    [tensor, graph.const(f'{tag}_scale', y_scale), zero_point],
     f'{tag}_q',
-    **kw,
+    **kwargs,
   )
-  y = g.node(
+  out = graph.node(
     'DequantizeLinear',
-    [q, g.const(f'{tag}_one', np.float32(1)), g.const(f'{tag}_zp', dt(0))],
+    [
+      codes,
+      graph.const(f'{tag}_one', np.float32(1)),
+      graph.const(f'{tag}_zp', dtype(0)),
+    ],
     f'{tag}_dq',
   )
-  if (lo, hi) != (tlo, thi):  # a narrower range than the storage type
-    y = g.node(
+  if (lo, hi) != (type_lo, type_hi):  # a narrower range than the storage type
+    out = graph.node(
       'Clip',
       [
-        y,
-        g.const(f'{tag}_lo', np.float32(lo)),
-        g.const(f'{tag}_hi', np.float32(hi)),
+        out,
+        graph.const(f'{tag}_lo', np.float32(lo)),
+        graph.const(f'{tag}_hi', np.float32(hi)),
       ],
       f'{tag}_clip',
     )
-  return y
+  return out
 
 
 def _pads(padding, kernel_hw):
@@ -172,25 +198,230 @@ def _pads(padding, kernel_hw):
   if isinstance(padding, str) and padding.upper() == 'SAME':
     return {'auto_pad': 'SAME_UPPER'}  # XLA's SAME: the extra pad at the end
   if isinstance(padding, tuple) and padding and padding[0] == 'INT':
-    p = int(padding[1])
-    return {'pads': [p, p, p, p]}
-  pairs = [tuple(int(v) for v in p) for p in padding]
+    pad = int(padding[1])
+    return {'pads': [pad, pad, pad, pad]}
+  pairs = [tuple(int(v) for v in pair) for pair in padding]
   if len(pairs) != len(kernel_hw):
     raise ValueError(
       f'padding={padding} does not match a {len(kernel_hw)}-D kernel.'
     )
-  return {'pads': [p[0] for p in pairs] + [p[1] for p in pairs]}
+  return {'pads': [pair[0] for pair in pairs] + [pair[1] for pair in pairs]}
 
 
-def _multiplier(layer, cout) -> np.ndarray:
-  """The real requantization multiplier of ``layer`` (f64; per channel
+def _multiplier(op, cout) -> np.ndarray:
+  """The real requantization multiplier of ``op`` (f64; per channel
   (``cout``), or a scalar for an add with one shift)."""
-  if layer.requant[0] == 'shift':
-    m = 2.0 ** -np.asarray(layer.requant[1], np.float64)
+  if op.requant[0] == 'shift':
+    multiplier = 2.0 ** -np.asarray(op.requant[1], np.float64)
   else:
-    _, _, m0, ex = layer.requant
-    m = np.asarray(m0, np.float64) * 2.0 ** (np.asarray(ex, np.float64) - 31)
-  return m if cout is None else np.broadcast_to(m, (cout,))
+    _, _, m0, exponent = op.requant
+    multiplier = np.asarray(m0, np.float64) * 2.0 ** (
+      np.asarray(exponent, np.float64) - 31
+    )
+  return multiplier if cout is None else np.broadcast_to(multiplier, (cout,))
+
+
+def _input(graph: _Graph, program: IntegerProgram, input_name: str):
+  """The graph input's value info and the quantized input tensor."""
+  helper, float_type = graph.onnx.helper, graph.onnx.TensorProto.FLOAT
+  first = program.layers[0]
+  if first.layer_type == 'Conv':
+    if first.kernel.ndim != 4:
+      raise ValueError(
+        f'{first.path}: only 2-D convolutions are exported '
+        f'(kernel {first.kernel.shape}).'
+      )
+    channels = int(first.kernel.shape[2]) * int(first.feature_group_count)
+    info = helper.make_tensor_value_info(
+      input_name, float_type, ['N', 'H', 'W', channels]
+    )
+    tensor = graph.node('Transpose', [input_name], 'nchw', perm=[0, 3, 1, 2])
+  else:
+    info = helper.make_tensor_value_info(
+      input_name, float_type, ['N', int(first.kernel.shape[0])]
+    )
+    tensor = input_name
+  lo, hi = program.input_range
+  tensor = _qdq(
+    graph, tensor, np.float32(program.input_scale), lo, hi, tag='input'
+  )
+  rank = 4 if first.layer_type == 'Conv' else 2
+  return info, _Tensor(tensor, rank, max(abs(lo), abs(hi)))
+
+
+def _add_sum(graph: _Graph, add: IntAdd, env: dict, checks: _Checks):
+  """The aligned sum of an add's operands: int32 operands aligned by left
+  shifts, i.e. exact float products by ``2^shift``."""
+  tag = add.path.replace('/', '.')
+  terms, bound, rank = [], 0.0, None
+  for name, shift in zip(add.inputs, add.shifts):
+    operand = env[name]
+    rank = operand.rank
+    term = operand.name
+    shift = np.asarray(shift, np.float64)
+    if np.any(shift != 0):
+      factor = (2.0**shift).astype(np.float32)
+      term = graph.node(
+        'Mul',
+        [
+          term,
+          graph.const(
+            f'{tag}_align',
+            factor.reshape(
+              (1, -1, 1, 1) if factor.ndim and rank == 4 else factor.shape
+            ),
+          ),
+        ],
+        f'{tag}_aligned',
+      )
+    terms.append(term)
+    bound += operand.bound * float(np.max(2.0**shift))
+  checks.exact &= bound < EXACT_FLOAT_INT
+  return graph.node('Sum', terms, f'{tag}_sum'), rank
+
+
+def _layer_acc(
+  graph: _Graph, layer: IntLayer, source: _Tensor, opset: int, checks
+):
+  """The float32 Conv / Gemm computing ``layer``'s integer accumulator;
+  returns (tensor, rank, accumulator bound)."""
+  onnx = graph.onnx
+  tag = layer.path.replace('/', '.')
+  tensor, rank = source.name, source.rank
+  kernel = np.asarray(layer.kernel)
+  kernel_type, kernel_dtype, _ = _code_type(
+    int(kernel.min(initial=0)),
+    int(kernel.max(initial=0)),
+    onnx,
+    allow_int4=opset >= 21,
+  )
+  checks.int4 += kernel_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+  reduce_axes = tuple(range(kernel.ndim - 1))
+  acc_bound = (
+    float(np.max(np.sum(np.abs(kernel.astype(np.int64)), axis=reduce_axes)))
+    * source.bound
+  )
+  checks.exact &= acc_bound < EXACT_FLOAT_INT
+  if layer.layer_type == 'Conv':
+    if kernel.ndim != 4 or rank != 4:
+      raise ValueError(
+        f'{layer.path}: only 2-D convolutions on NCHW inputs '
+        f'are exported (kernel {kernel.shape}).'
+      )
+    codes = np.transpose(kernel, (3, 2, 0, 1))  # HWIO -> OIHW
+  elif layer.layer_type == 'Dense':
+    if kernel.ndim != 2:
+      raise ValueError(f'{layer.path}: Dense kernel {kernel.shape} is not 2-D.')
+    codes = kernel
+    if rank == 4:  # after a global pool the spatial size is 1 x 1
+      tensor = graph.node('Flatten', [tensor], f'{tag}_flat', axis=1)
+      rank = 2
+  else:
+    raise ValueError(
+      f'{layer.path}: {layer.layer_type} layers are not exported.'
+    )
+  weights = graph.node(
+    'DequantizeLinear',
+    [
+      graph.const(f'{tag}_kernel', codes.astype(kernel_dtype), kernel_type),
+      graph.const(f'{tag}_kernel_scale', np.float32(1)),
+      graph.const(f'{tag}_kernel_zp', np.zeros((), kernel_dtype), kernel_type),
+    ],
+    f'{tag}_kernel_dq',
+  )
+  inputs = [tensor, weights]
+  if layer.bias is not None:
+    inputs.append(
+      graph.node(
+        'DequantizeLinear',
+        [
+          graph.const(
+            f'{tag}_bias', np.asarray(layer.bias, np.int32).reshape(-1)
+          ),
+          graph.const(f'{tag}_bias_scale', np.float32(2.0**-layer.acc_shift)),
+          graph.const(f'{tag}_bias_zp', np.int32(0)),
+        ],
+        f'{tag}_bias_dq',
+      )
+    )
+  if layer.layer_type == 'Conv':
+    attrs = _pads(layer.padding, kernel.shape[:2])
+    attrs.update(
+      strides=list(layer.strides or (1, 1)),
+      group=int(layer.feature_group_count),
+      kernel_shape=[int(kernel.shape[0]), int(kernel.shape[1])],
+    )
+    return graph.node('Conv', inputs, f'{tag}_acc', **attrs), rank, acc_bound
+  return graph.node('Gemm', inputs, f'{tag}_acc'), rank, acc_bound
+
+
+def _requantize(
+  graph: _Graph, op, acc, rank: int, width, acc_shift: int
+) -> _Tensor:
+  """``[Mul sign] -> [Relu] -> [GlobalAveragePool] -> QDQ [-> MaxPool]``:
+  the op's output codes (as float32)."""
+  tag = op.path.replace('/', '.')
+  channel_shape = (1, -1, 1, 1) if rank == 4 else (1, -1)
+  if op.requant[0] == 'mult' and np.any(np.asarray(op.requant[1]) < 0):
+    sign = np.broadcast_to(np.asarray(op.requant[1], np.float32), (width,))
+    acc = graph.node(
+      'Mul',
+      [acc, graph.const(f'{tag}_sign', sign.reshape(channel_shape))],
+      f'{tag}_signed',
+    )
+  if op.relu:
+    acc = graph.node('Relu', [acc], f'{tag}_relu')
+  if op.pool > 1:
+    if rank != 4:
+      raise ValueError(f'{op.path}: a global pool after a Dense layer.')
+    acc = graph.node('GlobalAveragePool', [acc], f'{tag}_pool')
+  y_scale = 1.0 / (_multiplier(op, width) * op.pool * 2.0**acc_shift)
+  out_lo, out_hi = op.out_range
+  codes = _qdq(
+    graph,
+    acc,
+    y_scale.astype(np.float32),
+    out_lo,
+    out_hi,
+    axis=1 if y_scale.ndim else None,
+    tag=tag,
+  )
+  if op.pool > 1:  # (N, C, 1, 1) -> (N, C): what a Dense reader takes
+    codes = graph.node('Flatten', [codes], f'{tag}_pooled', axis=1)
+    rank = 2
+  if op.maxpool is not None:  # on the codes (max commutes with requant)
+    _, window, strides, pads = op.maxpool
+    codes = graph.node(
+      'MaxPool',
+      [codes],
+      f'{tag}_maxpool',
+      kernel_shape=list(window),
+      strides=list(strides),
+      pads=[pad[0] for pad in pads] + [pad[1] for pad in pads],
+    )
+  return _Tensor(codes, rank, max(abs(out_lo), abs(out_hi)))
+
+
+def _dequantize_output(graph: _Graph, layer: IntLayer, acc, rank, width):
+  """The last layer's accumulator times its per-channel output scale."""
+  tag = layer.path.replace('/', '.')
+  channel_shape = (1, -1, 1, 1) if rank == 4 else (1, -1)
+  scale = (
+    np.broadcast_to(
+      np.asarray(layer.out_scale, np.float64).reshape(-1), (width,)
+    )
+    * 2.0**layer.acc_shift
+  )
+  return graph.node(
+    'Mul',
+    [
+      acc,
+      graph.const(
+        f'{tag}_out_scale', scale.astype(np.float32).reshape(channel_shape)
+      ),
+    ],
+    f'{tag}_out',
+  )
 
 
 def program_to_onnx(
@@ -205,7 +436,7 @@ def program_to_onnx(
   """The ONNX QDQ model of ``program`` (see the module docstring).
 
   Args:
-    program: an integer program (:func:`fracq.export.integer_model.lower`).
+    program: an integer program (:func:`fracq.export.lowering.lower`).
     path: if given, the model is written there.
     opset: ONNX opset (>= 13; >= 21 stores <= 4-bit kernels as INT4/UINT4).
     input_name: the graph input: float32 ``(N, H, W, C)`` images (NHWC, as
@@ -223,7 +454,7 @@ def program_to_onnx(
       empty program.
   """
   onnx = _onnx()
-  h = onnx.helper
+  helper = onnx.helper
   if opset < 13:
     raise ValueError(
       f'opset={opset}: per-channel QuantizeLinear needs opset '
@@ -231,207 +462,62 @@ def program_to_onnx(
     )
   if not program.layers:
     raise ValueError('The integer program has no layers.')
-  g = _Graph(onnx)
-  first = program.layers[0]
-  if first.layer_type == 'Conv':
-    if first.kernel.ndim != 4:
-      raise ValueError(
-        f'{first.path}: only 2-D convolutions are exported '
-        f'(kernel {first.kernel.shape}).'
-      )
-    in_info = h.make_tensor_value_info(
-      input_name,
-      onnx.TensorProto.FLOAT,
-      [
-        'N',
-        'H',
-        'W',
-        int(first.kernel.shape[2]) * int(first.feature_group_count),
-      ],
-    )
-    x = g.node('Transpose', [input_name], 'nchw', perm=[0, 3, 1, 2])
-  else:
-    in_info = h.make_tensor_value_info(
-      input_name, onnx.TensorProto.FLOAT, ['N', int(first.kernel.shape[0])]
-    )
-    x = input_name
-  lo, hi = program.input_range
-  x = _qdq(g, x, np.float32(program.input_scale), lo, hi, tag='input')
-  rank = 4 if first.layer_type == 'Conv' else 2
-  # op path -> (float tensor holding its integers, rank, max |value|)
-  env = {'input': (x, rank, max(abs(lo), abs(hi)))}
-  prev = 'input'
-  int4, exact = 0, True
+  graph = _Graph(onnx)
+  in_info, current = _input(graph, program, input_name)
+  # op path -> the tensor holding its integers
+  env = {INPUT: current}
+  checks = _Checks()
   last = len(program.layers) - 1
-  for i, l in enumerate(program.layers):
-    tag = l.path.replace('/', '.')
-    if isinstance(l, IntAdd):
-      # int32 operands aligned by left shifts: exact float products by 2^s
-      terms, bound = [], 0.0
-      for name, sh in zip(l.inputs, l.shifts):
-        t, rank, b = env[name]
-        sh = np.asarray(sh, np.float64)
-        if np.any(sh != 0):
-          f = (2.0**sh).astype(np.float32)
-          t = g.node(
-            'Mul',
-            [
-              t,
-              g.const(
-                f'{tag}_align',
-                f.reshape((1, -1, 1, 1) if f.ndim and rank == 4 else f.shape),
-              ),
-            ],
-            f'{tag}_aligned',
-          )
-        terms.append(t)
-        bound += b * float(np.max(2.0**sh))
-      exact &= bound < EXACT_FLOAT_INT
-      y, width, a = g.node('Sum', terms, f'{tag}_sum'), None, 0
+  for index, op in enumerate(program.layers):
+    if isinstance(op, IntAdd):
+      acc, rank = _add_sum(graph, op, env, checks)
+      width, acc_shift = None, 0
     else:
-      x, rank, x_bound = env[l.src if l.src is not None else prev]
-      k = np.asarray(l.kernel)
-      klo, khi = int(k.min(initial=0)), int(k.max(initial=0))
-      ktype, kdt, _ = _code_type(klo, khi, onnx, allow_int4=opset >= 21)
-      int4 += ktype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
-      red = tuple(range(k.ndim - 1))
-      acc_bound = (
-        float(np.max(np.sum(np.abs(k.astype(np.int64)), axis=red))) * x_bound
-      )
-      exact &= acc_bound < EXACT_FLOAT_INT
-      a = int(l.acc_shift)
-      if l.layer_type == 'Conv':
-        if k.ndim != 4 or rank != 4:
+      source = env[op.src] if op.src is not None else current
+      acc, rank, acc_bound = _layer_acc(graph, op, source, opset, checks)
+      width, acc_shift = op.kernel.shape[-1], op.acc_shift
+      if op.requant is None and index < last:  # an add operand: the acc
+        if op.acc_shift:
           raise ValueError(
-            f'{l.path}: only 2-D convolutions on NCHW inputs '
-            f'are exported (kernel {k.shape}).'
+            f'{op.path}: an add operand with acc_shift={op.acc_shift} is '
+            'not exported.'
           )
-        codes = np.transpose(k, (3, 2, 0, 1))  # HWIO -> OIHW
-      elif l.layer_type == 'Dense':
-        if k.ndim != 2:
-          raise ValueError(f'{l.path}: Dense kernel {k.shape} is not 2-D.')
-        codes = k
-        if rank == 4:  # after a global pool the spatial size is 1 x 1
-          x = g.node('Flatten', [x], f'{tag}_flat', axis=1)
-          rank = 2
-      else:
-        raise ValueError(f'{l.path}: {l.layer_type} layers are not exported.')
-      w = g.node(
-        'DequantizeLinear',
-        [
-          g.const(f'{tag}_kernel', codes.astype(kdt), ktype),
-          g.const(f'{tag}_kernel_scale', np.float32(1)),
-          g.const(f'{tag}_kernel_zp', np.zeros((), kdt), ktype),
-        ],
-        f'{tag}_kernel_dq',
-      )
-      inputs = [x, w]
-      if l.bias is not None:
-        inputs.append(
-          g.node(
-            'DequantizeLinear',
-            [
-              g.const(f'{tag}_bias', np.asarray(l.bias, np.int32).reshape(-1)),
-              g.const(f'{tag}_bias_scale', np.float32(2.0**-a)),
-              g.const(f'{tag}_bias_zp', np.int32(0)),
-            ],
-            f'{tag}_bias_dq',
-          )
-        )
-      if l.layer_type == 'Conv':
-        attrs = _pads(l.padding, k.shape[:2])
-        attrs.update(
-          strides=list(l.strides or (1, 1)),
-          group=int(l.feature_group_count),
-          kernel_shape=[int(k.shape[0]), int(k.shape[1])],
-        )
-        y = g.node('Conv', inputs, f'{tag}_acc', **attrs)
-      else:
-        y = g.node('Gemm', inputs, f'{tag}_acc')
-      width = k.shape[-1]
-      if l.requant is None and i < last:  # an add operand: the accumulator
-        if a:
-          raise ValueError(
-            f'{l.path}: an add operand with acc_shift={a} is not exported.'
-          )
-        env[l.path] = (y, rank, acc_bound)
-        prev = l.path
+        current = env[op.path] = _Tensor(acc, rank, acc_bound)
         continue
-    cshape = (1, -1, 1, 1) if rank == 4 else (1, -1)
-    if l.requant is None:  # the last layer: dequantize the accumulator
-      scale = (
-        np.broadcast_to(
-          np.asarray(l.out_scale, np.float64).reshape(-1), (width,)
+      if op.requant is None:  # the last layer: dequantize the accumulator
+        current = _Tensor(
+          _dequantize_output(graph, op, acc, rank, width), rank, 0.0
         )
-        * 2.0**a
-      )
-      x = g.node(
-        'Mul',
-        [
-          y,
-          g.const(f'{tag}_out_scale', scale.astype(np.float32).reshape(cshape)),
-        ],
-        f'{tag}_out',
-      )
-      break
-    if l.requant[0] == 'mult' and np.any(np.asarray(l.requant[1]) < 0):
-      sign = np.broadcast_to(np.asarray(l.requant[1], np.float32), (width,))
-      y = g.node(
-        'Mul',
-        [y, g.const(f'{tag}_sign', sign.reshape(cshape))],
-        f'{tag}_signed',
-      )
-    if l.relu:
-      y = g.node('Relu', [y], f'{tag}_relu')
-    if l.pool > 1:
-      if rank != 4:
-        raise ValueError(f'{l.path}: a global pool after a Dense layer.')
-      y = g.node('GlobalAveragePool', [y], f'{tag}_pool')
-    y_scale = 1.0 / (_multiplier(l, width) * l.pool * 2.0**a)
-    olo, ohi = l.out_range
-    x = _qdq(
-      g,
-      y,
-      y_scale.astype(np.float32),
-      olo,
-      ohi,
-      axis=1 if y_scale.ndim else None,
-      tag=tag,
-    )
-    if l.pool > 1:  # (N, C, 1, 1) -> (N, C): what a Dense reader takes
-      x = g.node('Flatten', [x], f'{tag}_pooled', axis=1)
-      rank = 2
-    if l.maxpool is not None:  # on the codes (max commutes with requant)
-      _, window, strides, pads = l.maxpool
-      x = g.node(
-        'MaxPool',
-        [x],
-        f'{tag}_maxpool',
-        kernel_shape=list(window),
-        strides=list(strides),
-        pads=[p[0] for p in pads] + [p[1] for p in pads],
-      )
-    env[l.path] = (x, rank, max(abs(olo), abs(ohi)))
-    prev = l.path
+        break
+    current = env[op.path] = _requantize(graph, op, acc, rank, width, acc_shift)
+  rank = current.rank
   if rank == 4:  # a Conv-final program: back to channel-last
-    x = g.node('Transpose', [x], 'nhwc', perm=[0, 2, 3, 1])
-  g.nodes[-1].output[0] = output_name
+    graph.node('Transpose', [current.name], 'nhwc', perm=[0, 2, 3, 1])
+  graph.nodes[-1].output[0] = output_name
   cout = int(program.layers[-1].kernel.shape[-1])
-  out_info = h.make_tensor_value_info(
+  out_info = helper.make_tensor_value_info(
     output_name,
     onnx.TensorProto.FLOAT,
     ['N', 'H_out', 'W_out', cout] if rank == 4 else ['N', cout],
   )
-  graph = h.make_graph(
-    g.nodes, f'fracq_{program.kind}', [in_info], [out_info], initializer=g.inits
+  onnx_graph = helper.make_graph(
+    graph.nodes,
+    f'fracq_{program.kind}',
+    [in_info],
+    [out_info],
+    initializer=graph.inits,
   )
-  model = h.make_model(
-    graph, opset_imports=[h.make_opsetid('', opset)], producer_name='fracq'
+  model = helper.make_model(
+    onnx_graph,
+    opset_imports=[helper.make_opsetid('', opset)],
+    producer_name='fracq',
   )
   model.ir_version = min(model.ir_version, 10)  # onnxruntime's supported IR
   onnx.checker.check_model(model, full_check=True)
   if report is not None:
-    report.update(int4_initializers=int(int4), exact_accumulation=bool(exact))
+    report.update(
+      int4_initializers=int(checks.int4), exact_accumulation=bool(checks.exact)
+    )
   if path is not None:
     onnx.save(model, path)
   return model
@@ -485,18 +571,15 @@ def export_onnx(
   Raises:
     ImportError: onnx (or, with ``check``, onnxruntime) is not installed.
     ValueError: the model has no integer lowering (the error of
-      :func:`fracq.export.integer_model.lower`).
+      :func:`fracq.export.lowering.lower`).
     FileExistsError: ``path`` exists and not ``overwrite``.
   """
-  import os  # pylint: disable=g-import-not-at-top
-  from fracq.export.integer_model import lower  # pylint: disable=g-import-not-at-top
-
   _onnx()
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path} exists; pass overwrite=True to replace it.')
-  x = np.asarray(sample_x, np.float32)
+  batch = np.asarray(sample_x, np.float32)
   if program is None:
-    program = lower(wrapper, variables, x)
+    program = lower(wrapper, variables, batch)
   info = {}
   program_to_onnx(program, path, opset=opset, report=info)
   rep = {
@@ -506,8 +589,8 @@ def export_onnx(
     'onnx_exact_accumulation': info['exact_accumulation'],
   }
   if check:
-    got = run_onnx(path, x)
-    ref = np.asarray(program.logits(x))
+    got = run_onnx(path, batch)
+    ref = np.asarray(program.logits(batch))
     span = float(np.ptp(ref)) or 1.0
     rep['onnx_prediction_match'] = float(
       np.mean(got.argmax(-1) == ref.argmax(-1))
@@ -515,7 +598,7 @@ def export_onnx(
     rep['onnx_max_logit_diff_rel'] = (
       float(np.max(np.abs(got - ref)) / span) if got.size else 0.0
     )
-    sim = np.asarray(wrapper.apply(variables, x, train=False))
+    sim = np.asarray(wrapper.apply(variables, batch, train=False))
     rep['onnx_fake_quant_prediction_match'] = float(
       np.mean(got.argmax(-1) == sim.argmax(-1))
     )

@@ -612,12 +612,11 @@ def _export(config, wrapper, state, workdir) -> dict:
 
   ``model.fracq.safetensors``: the packed weights (uniform QAT / FracBits);
   ``model.int.safetensors``: the integer-only program (F8Net always; QAT
-  models whose structure lowers, see ``fracq.export.integer_model``);
+  models whose structure lowers, see ``fracq.export.lowering``);
   ``model.onnx``: the same program as an ONNX QDQ graph;
   ``model.float.safetensors``: float pruned / clustered models, stripped.
   """
   from fracq import export
-  from fracq.export import integer_model
   from fracq.methods.f8net import F8NetModel
   from fracq.export import sizes
 
@@ -667,7 +666,7 @@ def _export(config, wrapper, state, workdir) -> dict:
   sample = data_lib.model_input(next(iter(data_lib.eval_batches(config))))
   ipath = os.path.join(workdir, 'model.int.safetensors')
   try:
-    irep = integer_model.export_integer(
+    irep = export.export_integer(
       wrapper,
       variables,
       sample,

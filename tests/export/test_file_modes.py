@@ -6,8 +6,8 @@ import stat
 import numpy as np
 import pytest
 
+from fracq import export
 from fracq.export import artifact
-from fracq.export import integer_model as im
 from fracq.export import sizes
 
 
@@ -35,9 +35,9 @@ def test_artifact_and_program_files_follow_the_umask(umask_027, tmp_path):
   path = str(tmp_path / 'model.fracq.safetensors')
   artifact.write_artifact(path, packed, {'l/kernel.scale': np.ones(1)}, {})
   assert _mode(path) == umask_027
-  prog = im.IntegerProgram(
+  prog = export.IntegerProgram(
     layers=[
-      im.IntLayer(
+      export.IntLayer(
         path='d',
         layer_type='Dense',
         kernel=np.array([[1, -1]], np.int8),
@@ -50,7 +50,7 @@ def test_artifact_and_program_files_follow_the_umask(umask_027, tmp_path):
     kind='qat',
   )
   ipath = str(tmp_path / 'model.int.safetensors')
-  im.save_program(prog, ipath)
+  export.save_program(prog, ipath)
   assert _mode(ipath) == umask_027
   fpath = str(tmp_path / 'float.safetensors')
   sizes.save_float_variables({'params': {'w': np.ones(3)}}, fpath)

@@ -14,34 +14,8 @@ from fracq import export
 from fracq import models
 from fracq.core import integer as ints
 from fracq.data import digits
-from fracq.export import integer_model as im
 from fracq.methods.f8net import F8NetModel
-from fracq.train import checkpoint as ckpt_lib
-from fracq.train import model_wrapper
-from fracq.train import train_and_evaluate
-
-
-def _train(get_config, arg, workdir, steps, **quant):
-  c = get_config(arg)
-  c.num_train_steps = steps
-  c.batch_size = 64
-  c.eval_every_steps = steps
-  c.checkpoint_every_steps = steps
-  c.log_every_steps = steps
-  c.export = True
-  for k, v in quant.items():
-    c.quant[k] = v
-  metrics = train_and_evaluate(c, workdir)
-  raw = ckpt_lib.restore_raw(workdir)
-  variables = {**raw['trainable'], **raw['state']}
-  xtr = digits.load_digits_split()[0]
-  wrapper = model_wrapper.build_model_wrapper(
-    c,
-    models.get_model(c.model, num_classes=10),
-    jnp.asarray(xtr[:8]),
-    total_steps=steps,
-  ).for_step(steps)
-  return wrapper, variables, metrics
+from tests import helpers
 
 
 def assert_equal_up_to_code_flips(got, sim):
@@ -73,14 +47,16 @@ def test_set():
 @pytest.fixture(scope='module')
 def f8(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('f8'))
-  return (*_train(digits_f8net.get_config, None, wd, 80), wd)
+  return (*helpers.train_digits(digits_f8net.get_config, None, wd, 80), wd)
 
 
 @pytest.fixture(scope='module')
 def fracbits(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('fb'))
   return (
-    *_train(digits_fracbits.get_config, None, wd, 80, hard_assign_step=60),
+    *helpers.train_digits(
+      digits_fracbits.get_config, None, wd, 80, hard_assign_step=60
+    ),
     wd,
   )
 
@@ -89,7 +65,7 @@ def test_f8net_integer_program_is_bit_exact_on_digits(f8, test_set):
   wrapper, v, metrics, wd = f8
   x, y = test_set
   assert isinstance(wrapper, F8NetModel)
-  prog = im.lower_f8net(wrapper, v, x)
+  prog = export.lower_f8net(wrapper, v, x)
   sim = np.asarray(wrapper.apply(v, x, train=False))
   codes = prog.quantize_input(x)
   acc = prog(codes)
@@ -122,14 +98,14 @@ def test_f8net_integer_program_is_bit_exact_on_digits(f8, test_set):
 def test_fracbits_integer_program_matches_fake_quant(fracbits, test_set):
   wrapper, v, _, wd = fracbits
   x, _ = test_set
-  prog = im.lower_qat(wrapper, v, x)
+  prog = export.lower_qat(wrapper, v, x)
   sim = np.asarray(wrapper.apply(v, x, train=False))
   got = np.asarray(prog.logits(x))
   assert_equal_up_to_code_flips(got, sim)
   ints.assert_integer_only(prog, prog.quantize_input(x))
   # Kernel codes are stored at the learned bits: the program's size on disk
   # is within 2% of its theoretical size.
-  rep = im.export_integer(wrapper, v, x[:64], os.path.join(wd, 'again'))
+  rep = export.export_integer(wrapper, v, x[:64], os.path.join(wd, 'again'))
   assert rep['program_bytes'] <= 1.02 * rep['program_theoretical_bytes']
   frozen = export.freeze(wrapper, v)
   bits = {p: int(np.max(f.bits)) for p, f in frozen.items()}
@@ -150,7 +126,7 @@ def test_program_artifact_errors(f8, fracbits, tmp_path):
     export.load_program(os.path.join(fracbits[-1], 'model.fracq.safetensors'))
   # Never overwrites an earlier export.
   with pytest.raises(FileExistsError):
-    im.save_program(export.load_program(path), path)
+    export.save_program(export.load_program(path), path)
 
 
 def test_unsupported_structure_is_refused(test_set):
@@ -171,10 +147,10 @@ def test_unsupported_structure_is_refused(test_set):
   f8w = F8NetModel(Concat(), x)
   v = f8w.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match='not such a chain'):
-    im.lower_f8net(f8w, v, x)
+    export.lower_f8net(f8w, v, x)
   m = models.get_model('mobilenet_v2_tiny', num_classes=10)
   x3 = jnp.tile(x, (1, 4, 4, 3))
   f8w = F8NetModel(m, x3)
   v = f8w.init(jax.random.key(0), x3)
   with pytest.raises(ValueError, match='ReLU6'):
-    im.lower_f8net(f8w, v, x3)
+    export.lower_f8net(f8w, v, x3)

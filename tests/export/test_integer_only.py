@@ -6,15 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fracq import export
 from fracq.core import integer as ints
-from fracq.export import integer_model as im
 
 
 def _program():
   """A two-layer chain program (real-multiplier requantization)."""
   rng = np.random.RandomState(0)
   m0, ex = ints.quantize_multiplier(np.array([0.01, 0.02, 0.015]))
-  first = im.IntLayer(
+  first = export.IntLayer(
     path='d0',
     layer_type='Dense',
     kernel=rng.randint(-7, 8, (4, 3)).astype(np.int8),
@@ -28,14 +28,14 @@ def _program():
     out_range=(0, 255),
     relu=True,
   )
-  head = im.IntLayer(
+  head = export.IntLayer(
     path='d1',
     layer_type='Dense',
     kernel=rng.randint(-7, 8, (3, 2)).astype(np.int8),
     bias=np.zeros(2, np.int32),
     out_scale=np.array([0.5, 0.25], np.float32),
   )
-  return im.IntegerProgram(
+  return export.IntegerProgram(
     layers=[first, head], input_scale=0.1, input_range=(-128, 127), kind='qat'
   )
 
@@ -97,9 +97,9 @@ def test_predict_is_argmax_of_dequantized_logits():
   # accumulator says class 1 (500 > 10), the real logits class 0
   # (10 * 1.0 > 500 * 0.01).
   kernel = np.array([[1, 50], [0, 0]], np.int8)
-  prog = im.IntegerProgram(
+  prog = export.IntegerProgram(
     layers=[
-      im.IntLayer(
+      export.IntLayer(
         path='head',
         layer_type='Dense',
         kernel=kernel,

@@ -8,12 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fracq import export
 from fracq import models
 from fracq.core import integer as ints
 from fracq.data import digits
-from fracq.export import integer_model as im
+from fracq.export import artifact
+from fracq.export import onnx_export as ox
+from fracq.export import serialization
 from fracq.methods.f8net import F8NetModel, F8NetOptions
-from tests.methods.test_f8net_pact import train_f8
+from tests import helpers
 
 STEPS = 6
 
@@ -24,7 +27,7 @@ def trained():
   few F8Net training steps: BN statistics and FLs moved off their init."""
   xtr, ytr, xte, yte = digits.load_digits_split()
   x, y = jnp.asarray(xtr[:128]), jnp.asarray(ytr[:128])
-  w, v, _ = train_f8(
+  w, v, _ = helpers.train_f8(
     models.get_model('resnet_tiny', num_classes=10),
     x,
     y,
@@ -76,9 +79,9 @@ def test_block_inputs_are_one_shared_fixed_point_tensor(trained):
 def test_integer_residual_program_is_bit_exact(trained, tmp_path):
   w, v, _, xte, yte = trained
   t0 = time.time()
-  prog = im.lower(w, v, xte[:64])
-  assert im.is_graph(prog)
-  adds = [l for l in prog.layers if isinstance(l, im.IntAdd)]
+  prog = export.lower(w, v, xte[:64])
+  assert export.is_graph(prog)
+  adds = [op for op in prog.layers if isinstance(op, export.IntAdd)]
   assert [a.path for a in adds] == ['stage1_block0', 'stage2_block0']
   # The adds really align different FLs.
   assert any(np.any(np.asarray(s) != 0) for a in adds for s in a.shifts)
@@ -102,17 +105,15 @@ def test_integer_residual_program_is_bit_exact(trained, tmp_path):
   ints.assert_integer_only(prog.logits, xte, boundary=True)
   # Residual programs round-trip through the artifact.
   path = str(tmp_path / 'res.int.safetensors')
-  im.save_program(prog, path)
-  loaded = im.load_program(path)
-  assert im.is_graph(loaded)
+  export.save_program(prog, path)
+  loaded = export.load_program(path)
+  assert export.is_graph(loaded)
   np.testing.assert_array_equal(np.asarray(loaded.logits(xte)), got)
   assert '\nstage2_block0' in loaded.summary()
   # ONNX: the adds become exact float products by 2^shift and a Sum of
   # integers; onnxruntime reproduces the program's logits bit for bit.
   onnx = pytest.importorskip('onnx')
   pytest.importorskip('onnxruntime')
-  from fracq.export import onnx_export as ox
-
   info = {}
   opath = str(tmp_path / 'res.onnx')
   ox.program_to_onnx(prog, opath, report=info)
@@ -128,14 +129,14 @@ def test_add_alignment_by_hand():
   to FL 3 by one left shift: [7 + 6, -15 + 10] = [13, -5]; ReLU [13, 0];
   to FL 1 by a rounding right shift of 2: [round(3.25), 0] = [3, 0]
   (real 0.875 + 0.75 = 1.625 -> 1.5)."""
-  d = im.IntLayer(
+  d = export.IntLayer(
     path='d',
     layer_type='Dense',
     kernel=np.array([[2, 0], [0, -3]], np.int8),
     bias=np.array([1, 0], np.int32),
     src='input',
   )
-  a = im.IntAdd(
+  a = export.IntAdd(
     path='a',
     inputs=['d', 'input'],
     shifts=[np.int32(0), np.int32(1)],
@@ -143,7 +144,7 @@ def test_add_alignment_by_hand():
     requant=('shift', np.int32(2)),
     out_range=(0, 255),
   )
-  prog = im.IntegerProgram(
+  prog = export.IntegerProgram(
     layers=[d, a], input_scale=0.25, input_range=(0, 255), kind='f8net'
   )
   out = prog(jnp.array([[3, 5]], jnp.uint8))
@@ -170,25 +171,23 @@ def test_add_alignment_by_hand():
 
 
 def test_chain_programs_keep_the_old_format(tmp_path):
-  d = im.IntLayer(
+  d = export.IntLayer(
     path='d',
     layer_type='Dense',
     kernel=np.array([[1, -1], [2, 3]], np.int8),
     bias=np.array([5, -5], np.int32),
     out_scale=np.float32(0.125),
   )
-  prog = im.IntegerProgram(
+  prog = export.IntegerProgram(
     layers=[d], input_scale=0.5, input_range=(-127, 127), kind='f8net'
   )
-  assert not im.is_graph(prog)
+  assert not export.is_graph(prog)
   path = str(tmp_path / 'chain.int.safetensors')
-  im.save_program(prog, path)
-  from fracq.export import artifact
-
+  export.save_program(prog, path)
   man = artifact.read_artifact(path)[2]
-  assert man['metadata']['program']['format'] == im.PROGRAM_FORMAT
+  assert man['metadata']['program']['format'] == serialization.PROGRAM_FORMAT
   assert 'src' not in man['metadata']['program']['layers'][0]
-  loaded = im.load_program(path)
+  loaded = export.load_program(path)
   x = jnp.array([[1, 2], [-3, 4]], jnp.int8)
   np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(prog(x)))
 
@@ -202,23 +201,21 @@ def test_resnet20_identity_chains_are_bit_exact():
   for _ in range(3):
     _, upd = w.apply(v, x, train=True, mutable=['batch_stats', 'quant_stats'])
     v = {**v, **upd}
-  prog = im.lower_f8net(w, v, x)  # verify=True: raises unless bit-exact
-  adds = [l for l in prog.layers if isinstance(l, im.IntAdd)]
+  prog = export.lower_f8net(w, v, x)  # verify=True: raises unless bit-exact
+  adds = [op for op in prog.layers if isinstance(op, export.IntAdd)]
   assert len(adds) == 9
   assert adds[1].inputs == ['stage1_block1/conv2', 'stage1_block0']
   got = np.asarray(prog.logits(x))
   np.testing.assert_array_equal(got, np.asarray(w.apply(v, x, train=False)))
   if importlib.util.find_spec('onnxruntime') is not None:
-    from fracq.export import onnx_export as ox
-
     np.testing.assert_array_equal(
       ox.run_onnx(ox.program_to_onnx(prog), np.asarray(x)), got
     )
   # The report shows the shared (block-level) FL for the block's readers.
   line = [
-    l
-    for l in w.report(v, None, 0).splitlines()
-    if l.startswith('stage1_block1/conv1 ')
+    row
+    for row in w.report(v, None, 0).splitlines()
+    if row.startswith('stage1_block1/conv1 ')
   ][0]
   assert line.split()[2] != '-', line
 
@@ -245,19 +242,17 @@ def test_bottleneck_with_max_pool_stem_is_bit_exact(tmp_path):
   for _ in range(3):
     _, upd = w.apply(v, x, train=True, mutable=['batch_stats', 'quant_stats'])
     v = {**v, **upd}
-  prog = im.lower_f8net(w, v, x)  # verify=True: raises unless bit-exact
+  prog = export.lower_f8net(w, v, x)  # verify=True: raises unless bit-exact
   assert prog.layers[0].maxpool is not None
   assert 'max pool 3x3 /2' in prog.summary()
   got = np.asarray(prog.logits(x))
   np.testing.assert_array_equal(got, np.asarray(w.apply(v, x, train=False)))
   path = str(tmp_path / 'bottleneck.int.safetensors')
-  im.save_program(prog, path)
+  export.save_program(prog, path)
   np.testing.assert_array_equal(
-    np.asarray(im.load_program(path).logits(x)), got
+    np.asarray(export.load_program(path).logits(x)), got
   )
   if importlib.util.find_spec('onnxruntime') is not None:
-    from fracq.export import onnx_export as ox
-
     np.testing.assert_array_equal(
       ox.run_onnx(ox.program_to_onnx(prog), np.asarray(x)), got
     )

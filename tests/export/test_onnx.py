@@ -7,18 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import digits_fracbits
+from fracq import export
+from fracq.core import integer as ints
+from fracq.data import digits
+from fracq.export import onnx_export as ox
+from tests import helpers
+
 onnx = pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
-
-from configs import digits_fracbits  # noqa: E402
-from fracq import export  # noqa: E402
-from fracq.core import integer as ints  # noqa: E402
-from fracq.data import digits  # noqa: E402
-from fracq.export import integer_model as im  # noqa: E402
-from fracq.export import onnx_export as ox  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))
-from test_integer_model import _train  # noqa: E402  pylint: disable=g-bad-import-order
 
 # The run of test_integer_model (FracBits hard-assigns its bits at step 60).
 # Much shorter runs leave the model where the float32 simulation's rounding
@@ -37,7 +34,7 @@ def test_set():
 @pytest.fixture(scope='module')
 def fracbits(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('fb'))
-  return _train(
+  return helpers.train_digits(
     digits_fracbits.get_config, None, wd, FB_STEPS, hard_assign_step=FB_HARD
   )[:2]
 
@@ -90,7 +87,7 @@ def test_fracbits_onnx_equals_integer_program_and_fake_quant(
     assert t == [want], (p, b, t)
   assert rep['onnx_int4_initializers'] == sum(b <= 4 for b in bits.values())
   # Opset 20 has no INT4: every kernel int8, the same numbers, more bytes.
-  prog = im.lower_qat(wrapper, v, jnp.asarray(x[:64]), verify=False)
+  prog = export.lower_qat(wrapper, v, jnp.asarray(x[:64]), verify=False)
   m20 = ox.program_to_onnx(prog, str(tmp_path / 'fb20.onnx'), opset=20)
   assert onnx.TensorProto.INT4 not in {
     i.data_type for i in m20.graph.initializer
@@ -107,7 +104,7 @@ def _f8net_like_program(rng):
   for i in range(3):
     k = rng.integers(-128, 128, (3, 3, chans[i], chans[i + 1])).astype(np.int8)
     layers.append(
-      im.IntLayer(
+      export.IntLayer(
         f'conv{i}',
         'Conv',
         k,
@@ -121,7 +118,7 @@ def _f8net_like_program(rng):
       )
     )
   layers.append(
-    im.IntLayer(
+    export.IntLayer(
       'head',
       'Dense',
       rng.integers(-128, 128, (16, 10)).astype(np.int8),
@@ -129,7 +126,7 @@ def _f8net_like_program(rng):
       out_scale=np.float32(2.0**-12),
     )
   )
-  return im.IntegerProgram(
+  return export.IntegerProgram(
     layers=layers, input_scale=2.0**-5, input_range=(-127, 127), kind='f8net'
   )
 
@@ -142,8 +139,8 @@ def test_f8net_program_onnx_is_bit_exact(test_set):
   prog = _f8net_like_program(np.random.default_rng(1))
   ref = np.asarray(prog.logits(jnp.asarray(x)))
   codes = np.asarray(
-    im.integer_forward(
-      im.IntegerProgram(
+    export.integer_forward(
+      export.IntegerProgram(
         prog.layers[:1], prog.input_scale, prog.input_range, 'f8net'
       ),
       prog.quantize_input(x),
@@ -188,9 +185,9 @@ def test_conv_layer_semantics_by_hand():
   k2 = rng.integers(-128, 128, (4, 3)).astype(np.int8)
   b2 = rng.integers(-500, 500, 3).astype(np.int32)
   out_scale = np.array([0.01, 0.02, 0.015], np.float32)
-  prog = im.IntegerProgram(
+  prog = export.IntegerProgram(
     layers=[
-      im.IntLayer(
+      export.IntLayer(
         'c',
         'Conv',
         k1,
@@ -203,7 +200,7 @@ def test_conv_layer_semantics_by_hand():
         requant=('mult', sign, m0, ex),
         out_range=(0, 15),
       ),
-      im.IntLayer('d', 'Dense', k2, b2, out_scale=out_scale),
+      export.IntLayer('d', 'Dense', k2, b2, out_scale=out_scale),
     ],
     input_scale=0.05,
     input_range=(-127, 127),
@@ -246,9 +243,9 @@ def test_conv_layer_semantics_by_hand():
 
 def test_errors(test_set, tmp_path, monkeypatch):
   x = test_set[0][:8]
-  one = im.IntegerProgram(
+  one = export.IntegerProgram(
     layers=[
-      im.IntLayer(
+      export.IntLayer(
         'd',
         'Dense',
         np.ones((4, 2), np.int8),
@@ -263,10 +260,10 @@ def test_errors(test_set, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match='opset'):
     ox.program_to_onnx(one, opset=11)
   with pytest.raises(ValueError, match='no layers'):
-    ox.program_to_onnx(im.IntegerProgram([], 1.0, (0, 255), 'qat'))
-  conv3d = im.IntegerProgram(
+    ox.program_to_onnx(export.IntegerProgram([], 1.0, (0, 255), 'qat'))
+  conv3d = export.IntegerProgram(
     layers=[
-      im.IntLayer(
+      export.IntLayer(
         'c',
         'Conv',
         np.ones((1, 1, 1, 1, 2), np.int8),

@@ -9,7 +9,6 @@ import pytest
 
 import fracq
 from fracq import export
-from fracq.export import integer_model as im
 
 
 class _Mlp(nn.Module):
@@ -49,7 +48,7 @@ def _kernelwise_model():
 def test_program_packs_each_channel_at_its_bits(tmp_path):
   hard, v, x = _kernelwise_model()
   path = str(tmp_path / 'model.int.safetensors')
-  rep = im.export_integer(hard, v, x, path)
+  rep = export.export_integer(hard, v, x, path)
   # By hand: d0 has 10 inputs per channel at 2+7+0+3+5+8 = 25 bits -> 250
   # bits; d1 has 6 inputs at 3+6+2 = 11 bits -> 66 bits: 316 bits = 39.5 B.
   # The rest is int32: d0 bias (6) + sign, m0, exp (3 x 6); d1 bias (3) +
@@ -61,12 +60,18 @@ def test_program_packs_each_channel_at_its_bits(tmp_path):
   # Packed per channel (byte-aligned blocks): d0 1+9+0+4+7+10 = 31 B, d1
   # 3+5+2 = 10 B, vs 10*6 B + 6*3*6/8 = 73.5 B at the widest channel.
   codes, _, _ = export.read_artifact(path)
-  prog = im.load_program(path)
+  prog = export.load_program(path)
   np.testing.assert_array_equal(
     np.asarray(prog(prog.quantize_input(x))),
-    np.asarray(im.lower_qat(hard, v, x)(prog.quantize_input(x))),
+    np.asarray(export.lower_qat(hard, v, x)(prog.quantize_input(x))),
   )
   assert not codes['d0/kernel'][:, 2].any()  # the pruned channel
+  # The loaded program keeps the widths: written again, it packs the same.
+  assert prog.layers[0].kernel_bits == [2, 7, 0, 3, 5, 8]
+  again = str(tmp_path / 'again.int.safetensors')
+  assert export.save_program(prog, again) == rep['program_bytes']
+  manifest = export.read_artifact(again)[2]
+  assert manifest['tensors']['d1/kernel']['bits'] == [3, 6, 2]
   # The file is the theoretical size plus the container (manifest, header).
   assert rep['program_bytes'] < rep['program_theoretical_bytes'] + 4096
 
@@ -80,7 +85,7 @@ def test_lowering_refuses_affine_kernels_by_name():
   qm = fracq.quantize(_Mlp(), [rule], x[:1], call_kwargs={'train': False})
   v = qm.calibrate(qm.init(jax.random.key(0), x), x)
   with pytest.raises(ValueError, match=r'd0: its kernel grid is affine'):
-    im.lower_qat(qm, v, x)
+    export.lower_qat(qm, v, x)
   # The packed artifact stores the same kernels exactly.
   frozen = export.freeze(qm, v)
   fq = export.fake_quant_kernels(qm, v, x)

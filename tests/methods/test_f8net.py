@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fracq import export
 from fracq import models
 from fracq.data import digits
 from fracq.methods.f8net import F8NetModel, F8NetOptions
@@ -133,10 +134,8 @@ def test_unfoldable_batchnorm_is_explained(data):
   v = f8.init(jax.random.key(0), x)
   out = f8.apply(v, x, train=False)
   assert out.shape == (x.shape[0], 10) and bool(jnp.all(jnp.isfinite(out)))
-  from fracq.export import integer_model
-
   with pytest.raises(ValueError, match='folded'):
-    integer_model.lower_f8net(f8, v, x)
+    export.lower_f8net(f8, v, x)
 
 
 def test_bad_options_are_clear():

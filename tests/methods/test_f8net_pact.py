@@ -14,10 +14,11 @@ import numpy as np
 import optax
 import pytest
 
+from fracq import export
 from fracq import models
 from fracq.data import digits
-from fracq.export import integer_model as im
 from fracq.methods.f8net import F8NetModel, F8NetOptions
+from tests import helpers
 from tests.methods.test_f8net import _warm
 
 DIGITS_LINKS = {
@@ -190,40 +191,10 @@ def test_clipped_model_and_alpha_gradient_equal_pact(data, name, train):
   assert abs(float(lr) - float(plain)) > 1e-4
 
 
-def train_f8(module, x, y, options, steps=8):
-  """An F8Net wrapper of ``module`` and its variables after ``steps`` SGD
-  steps on two alternating batches of 64 (and the last gradients)."""
-  w = F8NetModel(module, x[:16], options=options)
-  v = w.init(jax.random.key(0), x[:16])
-  params = {c: v[c] for c in w.trainable_collections}
-  state = {k: val for k, val in v.items() if k not in params}
-  tx = optax.sgd(0.05, momentum=0.9)
-  opt = tx.init(params)
-
-  @jax.jit
-  def step(params, state, opt, xb, yb):
-    def loss(p):
-      logits, upd = w.apply(
-        {**p, **state}, xb, train=True, mutable=['batch_stats', 'quant_stats']
-      )
-      return optax.softmax_cross_entropy_with_integer_labels(
-        logits, yb
-      ).mean(), upd
-
-    (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
-    u, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, u), {**state, **upd}, opt, g
-
-  for i in range(steps):
-    sl = slice((i % 2) * 64, (i % 2 + 1) * 64)
-    params, state, opt, g = step(params, state, opt, x[sl], y[sl])
-  return w, {**params, **state}, g
-
-
 def test_pact_integer_program_is_bit_exact_on_digits(data, tmp_path):
   x, y, xe, _ = data
   opts = F8NetOptions(pact=True, pact_init=1.5)
-  w, v, g = train_f8(models.get_model('digits_cnn'), x, y, opts)
+  w, v, g = helpers.train_f8(models.get_model('digits_cnn'), x, y, opts)
   # alpha trains (PACT's gradient from the clipped entries).
   assert any(
     abs(float(g['quant'][p]['pact_alpha'])) > 0 for p in DIGITS_LINKS.values()
@@ -231,21 +202,22 @@ def test_pact_integer_program_is_bit_exact_on_digits(data, tmp_path):
   assert any(
     float(v['quant'][p]['pact_alpha']) != 1.5 for p in DIGITS_LINKS.values()
   )
-  prog = im.lower_f8net(w, v, xe)  # verify=True: raises unless bit-exact
+  prog = export.lower_f8net(w, v, xe)  # verify=True: raises unless bit-exact
   np.testing.assert_array_equal(
     np.asarray(prog.logits(xe)), np.asarray(w.apply(v, xe, train=False))
   )
   # The clip is the requantization clamp min(255, 2^FL) of the producer.
   recs = {r.path: r for r in w.capture(v, xe[:1])}
-  for l in prog.layers[:-1]:
-    reader = [r for r, p in DIGITS_LINKS.items() if p == l.path][0]
-    assert l.out_range == (0, min(255, 2 ** recs[reader].input_fl))
-  assert any(l.out_range[1] < 255 for l in prog.layers[:-1])
+  for layer in prog.layers[:-1]:
+    reader = [r for r, p in DIGITS_LINKS.items() if p == layer.path][0]
+    assert layer.out_range == (0, min(255, 2 ** recs[reader].input_fl))
+  assert any(layer.out_range[1] < 255 for layer in prog.layers[:-1])
   # ... and the program round-trips through its artifact.
   path = str(tmp_path / 'pact.int.safetensors')
-  im.save_program(prog, path)
+  export.save_program(prog, path)
   np.testing.assert_array_equal(
-    np.asarray(im.load_program(path).logits(xe)), np.asarray(prog.logits(xe))
+    np.asarray(export.load_program(path).logits(xe)),
+    np.asarray(prog.logits(xe)),
   )
   assert 'clip' in w.report(v, None, 0).splitlines()[0]
 
@@ -255,18 +227,18 @@ def test_pact_in_residual_blocks_is_bit_exact(data):
   inputs, shortcuts and adds) lower to shifts and clamps, bit for bit."""
   x, y, xe, _ = data
   opts = F8NetOptions(pact=True, pact_init=2.0)
-  w, v, _ = train_f8(
+  w, v, _ = helpers.train_f8(
     models.get_model('resnet_tiny', num_classes=10), x, y, opts, steps=4
   )
   assert w.pact_src == TINY_READERS and w.pact_entry == TINY_ENTRIES
-  prog = im.lower_f8net(w, v, xe)
-  assert im.is_graph(prog)
+  prog = export.lower_f8net(w, v, xe)
+  assert export.is_graph(prog)
   np.testing.assert_array_equal(
     np.asarray(prog.logits(xe)), np.asarray(w.apply(v, xe, train=False))
   )
   # The adds requantize to the trunk's clipped range too.
-  adds = [l for l in prog.layers if isinstance(l, im.IntAdd)]
-  assert any(l.out_range[1] < 255 for l in adds + prog.layers[:1])
+  adds = [op for op in prog.layers if isinstance(op, export.IntAdd)]
+  assert any(op.out_range[1] < 255 for op in adds + prog.layers[:1])
 
 
 def test_pact_errors_are_clear(data):

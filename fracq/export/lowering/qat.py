@@ -1,0 +1,247 @@
+"""Integer lowering of uniform QAT and (hard-assigned) FracBits models.
+
+LSQ activation steps and per-channel kernel steps are arbitrary reals.
+BatchNorm (running statistics) and the layer bias fold into a per-channel
+real multiplier ``M = s_in s_w gamma / (sqrt(var + eps) s_next)`` that
+:func:`fracq.core.integer.requantize` applies exactly in integers
+(``M0 * 2^(shift - 31)``, 31-bit mantissa), and the folded bias becomes
+int32 at the accumulator's scale. Rounding the bias and the multiplier can
+move a code by one near ties, so logits agree to a small tolerance.
+
+The kernels' codes, scales and bits come from
+:func:`fracq.export.freeze.freeze` and the input steps from
+:func:`fracq.export.freeze.freeze_inputs` (the method's export contract);
+the lowering folds them, per layer (:func:`fold_layer`), and links
+consecutive layers (:func:`requantize_to`). Chains of ``nn.Conv`` /
+``nn.Dense`` layers (each optionally followed by its BatchNorm, then ReLU
+when the next input is non-negative, with an optional global average pool
+before the last layer) lower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from fracq.core import integer as ints
+from fracq.export.freeze import FrozenLayer
+from fracq.export.freeze import freeze
+from fracq.export.freeze import freeze_inputs
+from fracq.export.lowering.common import chain_link
+from fracq.export.lowering.common import refuse_clipping
+from fracq.export.lowering.common import tree_node
+from fracq.export.lowering.common import verify_program
+from fracq.export.lowering.registry import register_lowering
+from fracq.export.program import IntegerProgram
+from fracq.export.program import IntLayer
+from fracq.interception.structure import Structure
+from fracq.interception.structure import probe_structure
+from fracq.methods.qat import QATModel
+
+ACC_BITS = 28  # the accumulator's target magnitude: 2 spare bits of int32
+MAX_ACC_SHIFT = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class InputQuant:
+  """How a layer's input is quantized: ``real = code * scale``, codes in
+  ``code_range``."""
+
+  scale: float
+  code_range: tuple[int, int]
+
+
+def input_quantization(
+  qmodel, variables, structure: Structure
+) -> dict[str, InputQuant]:
+  """Every layer's input step (from ``freeze_inputs``) and code range.
+
+  Raises:
+    ValueError: an input is not quantized with a per-tensor LSQ step at
+      fixed bits, the only input quantization the integer program models.
+  """
+  for path in structure.order:
+    spec = qmodel.rules[qmodel.facts[path].rule_index].act
+    if (
+      spec is None
+      or spec.range_method != 'lsq'
+      or spec.learn_bits
+      or spec.granularity != 'tensor'
+    ):
+      raise ValueError(
+        f'{path}: integer-only inference needs the input quantized with a '
+        'per-tensor LSQ step at fixed bits (act_range=lsq, '
+        'act_granularity=tensor, learn_act_bits=False).'
+      )
+  frozen = freeze_inputs(qmodel, variables)
+  out = {}
+  for path in structure.order:
+    spec = qmodel.rules[qmodel.facts[path].rule_index].act
+    # The grid the provider quantizes activations on (not kernels' grid).
+    code_range = spec.int_grid(signed=structure.signs[path], is_kernel=False)
+    # freeze_inputs writes float32 values at 9 significant digits: exact.
+    scale = float(np.float32(frozen[path]['scale'][0]))
+    out[path] = InputQuant(scale=scale, code_range=code_range)
+  return out
+
+
+def _check_kernels(structure: Structure, frozen: dict) -> None:
+  missing = [path for path in structure.order if path not in frozen]
+  if missing:
+    raise ValueError(
+      f'Integer-only inference needs every Conv/Dense kernel '
+      f'quantized; float: {missing}.'
+    )
+  for path in structure.order:
+    if frozen[path].affine:
+      raise ValueError(
+        f'{path}: its kernel grid is affine (a zero point or offset: '
+        'asymmetric observer, LSQ+ or DoReFa), which the integer program '
+        'does not lower; quantize kernels symmetrically (lsq, pact, '
+        'symmetric observers, FracBits ranges) or export the packed '
+        'artifact (export_model), which stores any kernel exactly.'
+      )
+
+
+def _folded_bn(variables, structure: Structure, path: str, bias, cout):
+  """``(gain, beta)``: the BatchNorm after ``path`` (if any) and the layer
+  bias folded into ``gain * acc_real + beta`` per output channel."""
+  bn = structure.pairs.get(path)
+  if bn is None:
+    return np.ones(cout), bias
+  bn_params = tree_node(variables['params'], bn)
+  bn_stats = tree_node(variables.get('batch_stats', {}), bn)
+  gamma = np.asarray(bn_params.get('scale', np.ones(cout)), np.float64)
+  gain = gamma / np.sqrt(
+    np.asarray(bn_stats['var'], np.float64) + structure.bn_eps[bn]
+  )
+  beta = (
+    np.asarray(bn_params.get('bias', np.zeros(cout)), np.float64)
+    + (bias - np.asarray(bn_stats['mean'], np.float64)) * gain
+  )
+  return gain, beta
+
+
+def _storage_bits(frozen: FrozenLayer):
+  # Kernel-wise FracBits bits: every output channel at its own width, as in
+  # the weights artifact (a pruned channel at 0 bits takes no bytes).
+  return frozen.bits.tolist() if frozen.bits.ndim else int(frozen.bits)
+
+
+def fold_layer(
+  qmodel,
+  variables,
+  structure: Structure,
+  path: str,
+  frozen: FrozenLayer,
+  input_quant: InputQuant,
+) -> tuple[IntLayer, np.ndarray]:
+  """The integer layer of ``path`` (kernel codes, int32 folded bias) and
+  the real value of one unit of its (shifted) accumulator, per channel."""
+  cout = frozen.codes.shape[-1]
+  kernel_scale = np.broadcast_to(
+    np.asarray(frozen.scale, np.float64).reshape(-1), (cout,)
+  )
+  node = tree_node(variables['params'], path)
+  bias = np.asarray(node.get('bias', np.zeros(cout)), np.float64)
+  gain, beta = _folded_bn(variables, structure, path, bias, cout)
+  unit = input_quant.scale * kernel_scale * gain
+  if np.any(unit == 0):
+    raise ValueError(
+      f'{path}: a zero scale (BN gamma or step) makes the '
+      'integer requantization degenerate.'
+    )
+  # Headroom: |acc| <= sum |w| * max |x| per channel; keep 2 spare bits.
+  code_lo, code_hi = input_quant.code_range
+  reduce_axes = tuple(range(frozen.codes.ndim - 1))
+  bound = float(
+    np.max(np.sum(np.abs(frozen.codes.astype(np.int64)), axis=reduce_axes))
+  ) * max(abs(code_lo), abs(code_hi))
+  bound = max(bound + float(np.max(np.abs(beta / unit))), 1.0)
+  acc_shift = int(
+    np.clip(ACC_BITS - math.ceil(math.log2(bound)), 0, MAX_ACC_SHIFT)
+  )
+  unit = unit / 2.0**acc_shift
+  int_bias = np.round(beta / unit)
+  if np.any(np.abs(int_bias) >= 2**31):
+    raise ValueError(f'{path}: the folded bias overflows int32.')
+  codes = frozen.codes
+  layer = IntLayer(
+    path=path,
+    layer_type=qmodel.facts[path].layer_type,
+    kernel=codes.astype(
+      np.int8
+      if codes.min(initial=0) >= -128 and codes.max(initial=0) <= 127
+      else np.int16
+    ),
+    bias=int_bias.astype(np.int32),
+    acc_shift=acc_shift,
+    kernel_bits=_storage_bits(frozen),
+  )
+  if layer.layer_type not in ('Conv', 'Dense'):
+    raise ValueError(f'{path}: {layer.layer_type} layers are not lowered.')
+  if layer.layer_type == 'Conv':
+    (layer.strides, layer.padding, layer.feature_group_count) = (
+      structure.conv_attrs[path]
+    )
+  return layer, unit
+
+
+def requantize_to(layer: IntLayer, unit, reader: InputQuant) -> None:
+  """Sets ``layer``'s requantization of its accumulator (one unit worth
+  ``unit``, after ``layer.pool`` positions summed) to ``reader``'s codes."""
+  sign = np.where(unit < 0, -1, 1).astype(np.int32)
+  m0, exponent = ints.quantize_multiplier(
+    np.abs(unit) / (layer.pool * reader.scale)
+  )
+  layer.requant = ('mult', sign, np.atleast_1d(m0), np.atleast_1d(exponent))
+  layer.out_range = reader.code_range
+
+
+@register_lowering('qat', QATModel)
+def lower_qat(
+  qmodel, variables, sample_x, *, verify: bool = True, tolerance: float = 0.05
+) -> IntegerProgram:
+  """The integer-only program of a uniform-QAT or (hard-assigned) FracBits
+  :class:`~fracq.methods.qat.QATModel`.
+
+  Needs every Conv/Dense quantized with LSQ kernel steps (or FracBits shared
+  ranges) and fixed-bit LSQ per-tensor input steps. BatchNorm (running
+  statistics) and the layer bias fold into a per-channel real multiplier and
+  an int32 bias; ``verify`` checks the dequantized logits on ``sample_x``
+  against the fake-quantized model within ``tolerance`` of the logit range
+  (a structural check; tests hold it to 1e-3).
+  """
+  batch = jnp.asarray(sample_x)
+  structure = probe_structure(
+    qmodel.module, variables, batch, **qmodel.call_kwargs
+  )
+  refuse_clipping(qmodel.module, variables, batch, qmodel.call_kwargs)
+  frozen = freeze(qmodel, variables)
+  _check_kernels(structure, frozen)
+  inputs = input_quantization(qmodel, variables, structure)
+  layers = []
+  for index, path in enumerate(structure.order):
+    layer, unit = fold_layer(
+      qmodel, variables, structure, path, frozen[path], inputs[path]
+    )
+    if index + 1 < len(structure.order):
+      layer.relu, layer.pool = chain_link(structure, index)
+      requantize_to(layer, unit, inputs[structure.order[index + 1]])
+    else:
+      layer.out_scale = unit.astype(np.float32)
+    layers.append(layer)
+  first = inputs[structure.order[0]]
+  program = IntegerProgram(
+    layers=layers,
+    input_scale=first.scale,
+    input_range=first.code_range,
+    kind='qat',
+  )
+  if verify:
+    ref = qmodel.apply(variables, batch, **qmodel.call_kwargs)
+    verify_program(program, ref, batch, exact=False, atol=tolerance)
+  return program
