@@ -21,6 +21,11 @@ they saved relative to the dense theoretical size.
 A model with a ``kernel_transform`` (pruning masks, clusters) is frozen from
 the transformed kernels (the transform's ``strip``), i.e. the kernels the
 fake-quantizer actually sees.
+
+Each tensor is frozen by its method (the export contract,
+:class:`fracq.methods.common.Frozen`, dispatched through
+:mod:`fracq.methods.quantizers`): this module only gathers the layers and
+writes and measures the artifact; it never reads a method's variables.
 """
 
 from __future__ import annotations
@@ -100,12 +105,6 @@ def _bcast(v, ndim, axis):
   shape = [1] * ndim
   shape[axis] = v.shape[0]
   return v.reshape(shape)
-
-
-def grid(spec, *, signed: bool, bits: int) -> tuple[int, int]:
-  """``(qmin, qmax)`` of a kernel's ``bits``-bit grid, read from the rule
-  (``TensorSpec.int_grid``, the convention training uses)."""
-  return spec.int_grid(signed=signed, bits=int(bits), is_kernel=True)
 
 
 def _transformed(qmodel, variables):

@@ -122,7 +122,7 @@ def _range_grad_scale(tensor: QuantTensor, x, bits, range_shape):
   one per range entry."""
   lo_b, hi_b = tensor.spec.bit_bounds
   k = jnp.floor(jnp.clip(bits, lo_b, hi_b))
-  qp = jax.lax.stop_gradient(core.fracbits.range_levels(k, tensor.signed))
+  qp = jax.lax.stop_gradient(core.top_code(k, signed=tensor.signed))
   if qp.ndim and qp.shape != tuple(range_shape):
     qp = jnp.mean(qp)  # per-channel bits sharing a per-tensor range
   return tensor.lsq_grad_scale(x, qp, tensor.axis)
@@ -135,7 +135,7 @@ def _lsq_at_bits(x, r, k, signed: bool):
   passes the gradient at the grid's ends too (e.g. ReLU zeros), so a frozen
   model trains as uniform LSQ does. LSQ's gradient scale is already on
   ``r``."""
-  qp = core.fracbits.range_levels(k, signed)
+  qp = core.top_code(k, signed=signed)
   qmin = -qp if signed else jnp.zeros_like(qp)
   return core.lsq_quantize(x, jnp.abs(r) / jnp.maximum(qp, 1.0), qmin, qp)
 
