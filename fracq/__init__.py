@@ -13,8 +13,8 @@ from fracq.interception import fixed_bits
 from fracq.interception import keep_float
 from fracq.methods.cost import Budget
 from fracq.methods.cost import CostModel
-from fracq.methods.penalty import Penalty
-from fracq.methods.penalty import hard_assign
+from fracq.methods.fracbits import Penalty
+from fracq.methods.fracbits import hard_assign
 from fracq.methods.qat import QATModel
 from fracq.methods.qat import quantize
 

@@ -26,6 +26,7 @@ from fracq.core.uniform import fake_quant_grouped
 from fracq.core.uniform import int_range
 from fracq.core.uniform import minmax_to_qparams
 from fracq.core.uniform import quantize_to_int
+from fracq.core.uniform import top_code
 
 __all__ = [
   'MinMaxState',
@@ -53,5 +54,6 @@ __all__ = [
   'round_bits_with_offset',
   'round_ste',
   'symmetric_range_branch',
+  'top_code',
   'unsigned_range_branch',
 ]

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from fracq.core import learned
+from fracq.core import uniform
 
 
 def _check_bounds(b_min, b_max):
@@ -241,7 +242,7 @@ def symmetric_range_branch(x, r, k):
   with ``min_nonzero_bits=2``). The range ``r`` gets LSQ-style gradients
   through the step.
   """
-  qp = 2.0 ** (k - 1.0) - 1.0
+  qp = uniform.top_code(k, signed=True)
   step = jnp.abs(r) / jnp.maximum(qp, 1.0)
   v = jnp.clip(x / step, -qp, qp)
   return learned.round_ste(v) * step
@@ -252,7 +253,7 @@ def unsigned_range_branch(x, r, k):
 
   Gradient to ``r``: 1 where ``x >= r`` and LSQ-style inside.
   """
-  qp = 2.0**k - 1.0
+  qp = uniform.top_code(k, signed=False)
   step = jnp.abs(r) / qp
   v = jnp.clip(x / step, 0.0, qp)
   return learned.round_ste(v) * step
@@ -264,10 +265,6 @@ def dorefa_branch(w, k):
 
 
 # -- fused range quantizer ---------------------------------------------------
-
-
-def _levels(k, signed):
-  return 2.0 ** (k - 1.0) - 1.0 if signed else 2.0**k - 1.0
 
 
 def _fused_parts(x, r, b, signed, zero_branch):
@@ -282,8 +279,8 @@ def _fused_parts(x, r, b, signed, zero_branch):
     inside = (u >= 0.0) & (u <= 1.0)
   # k_lo is never below the smallest non-zero grid, so both level counts are
   # positive (a signed 1-bit grid would have none).
-  q_lo = _levels(k_lo, signed)
-  q_hi = _levels(k_hi, signed)
+  q_lo = uniform.top_code(k_lo, signed=signed)
+  q_hi = uniform.top_code(k_hi, signed=signed)
   c_hi = jnp.round(uc * q_hi) / q_hi
   c_lo = jnp.round(uc * q_lo) / q_lo
   if pruned is not None:

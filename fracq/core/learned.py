@@ -171,11 +171,10 @@ def pact_quantize(x, alpha, bits: int, *, signed: bool = False):
   dtype = x.dtype
   a = jnp.abs(jnp.asarray(alpha, jnp.float32))
   xf = x.astype(jnp.float32)
+  levels = uniform.top_code(bits, signed=signed)
   if signed:
-    levels = 2.0 ** (bits - 1) - 1
     y = _clip_pact(xf, -a, a)
   else:
-    levels = 2.0**bits - 1
     y = _clip_pact(xf, 0.0, a)
   d = jax.lax.stop_gradient(a / levels)
   q = jnp.round(y / d) * d
@@ -194,6 +193,6 @@ def dorefa_quantize_weight(w, bits):
   the tanh normalisation). ``bits`` may be an array (fractional branches).
   """
   dtype = w.dtype
-  n = 2.0 ** jnp.asarray(bits, jnp.float32) - 1.0
+  n = uniform.top_code(jnp.asarray(bits, jnp.float32), signed=False)
   v = dorefa_normalize(w)
   return (2.0 * round_ste(v * n) / n - 1.0).astype(dtype)

@@ -10,6 +10,9 @@ channel. Updates never mutate: each returns a new state, so they compose with
   values (PyTorch ``MovingAverageMinMaxObserver``).
 * :func:`percentile_range` — a robust range from percentiles of one batch.
 
+The ``minmax``, ``ema_minmax`` and ``percentile`` range estimators of
+uniform QAT (``fracq.methods.uniform``) are these updates.
+
 Data parallelism: inside ``shard_map`` each device sees only its slice of the
 batch. The ``global_*`` helpers turn a per-device statistic into the one of
 the whole (global) batch when the named mesh axis is bound, and are the
@@ -89,38 +92,60 @@ def observer_init(shape=()) -> MinMaxState:
   )
 
 
-def minmax_update(state: MinMaxState, x, *, axis=None) -> MinMaxState:
-  """Running min/max over everything seen so far."""
+def minmax_update(
+  state: MinMaxState, x, *, axis=None, axis_name: str | None = None
+) -> MinMaxState:
+  """Running min/max over everything seen so far (of the global batch when
+  ``axis_name`` is bound)."""
   red = _axes(x, axis)
   xf = x.astype(jnp.float32)
+  bmin = global_min(jnp.min(xf, axis=red), axis_name)
+  bmax = global_max(jnp.max(xf, axis=red), axis_name)
   return MinMaxState(
-    jnp.minimum(state.min, jnp.min(xf, axis=red)),
-    jnp.maximum(state.max, jnp.max(xf, axis=red)),
+    jnp.minimum(state.min, bmin),
+    jnp.maximum(state.max, bmax),
     state.count + 1,
   )
 
 
 def moving_average_update(
-  state: MinMaxState, x, *, c: float = 0.01, axis=None
+  state: MinMaxState,
+  x,
+  *,
+  c: float = 0.01,
+  axis=None,
+  axis_name: str | None = None,
 ) -> MinMaxState:
-  """Moving-average min/max; the first update copies the batch range."""
+  """Moving-average min/max; the first update copies the batch range (the
+  global batch's when ``axis_name`` is bound)."""
   if not 0 < c <= 1:
-    raise ValueError(f'averaging constant c={c} must be in (0, 1].')
+    raise ValueError(
+      f'averaging constant c={c} must be in (0, 1] (e.g. 0.01, the weight '
+      'of each new batch).'
+    )
   red = _axes(x, axis)
   xf = x.astype(jnp.float32)
-  bmin, bmax = jnp.min(xf, axis=red), jnp.max(xf, axis=red)
+  bmin = global_min(jnp.min(xf, axis=red), axis_name)
+  bmax = global_max(jnp.max(xf, axis=red), axis_name)
   first = state.count == 0
   new_min = jnp.where(first, bmin, (1 - c) * state.min + c * bmin)
   new_max = jnp.where(first, bmax, (1 - c) * state.max + c * bmax)
   return MinMaxState(new_min, new_max, state.count + 1)
 
 
-def percentile_range(x, percentile: float = 99.99, *, axis=None):
-  """``(lo, hi)`` at the ``100 - p`` and ``p`` percentiles of one batch."""
+def percentile_range(
+  x, percentile: float = 99.99, *, axis=None, axis_name: str | None = None
+):
+  """``(lo, hi)`` at the ``100 - p`` and ``p`` percentiles of one batch (the
+  gathered global batch when ``axis_name`` is bound: exactly the one-device
+  value)."""
   if not 50 < percentile <= 100:
-    raise ValueError(f'percentile={percentile} must be in (50, 100].')
-  red = _axes(x, axis)
-  xf = x.astype(jnp.float32)
+    raise ValueError(
+      f'percentile={percentile} must be in (50, 100]: it is the upper '
+      'percentile of the range (e.g. 99.99 clips the 0.01% extremes).'
+    )
+  xf = global_batch(x, axis_name).astype(jnp.float32)
+  red = _axes(xf, axis)
   return (
     jnp.percentile(xf, 100 - percentile, axis=red),
     jnp.percentile(xf, percentile, axis=red),

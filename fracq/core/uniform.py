@@ -63,16 +63,25 @@ def int_range(
       f'bits={bits} is out of range: fracq supports 1 to 16 bits.'
     )
   if signed:
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    qmax = int(top_code(bits, signed=True))
+    qmin = -qmax - 1
     if narrow_range:
       if bits == 1:
         raise ValueError('A 1-bit signed narrow range is empty ([0, 0]).')
       qmin += 1
   else:
-    qmin, qmax = 0, 2**bits - 1
+    qmin, qmax = 0, int(top_code(bits, signed=False))
     if narrow_range:
       qmin = 1
   return qmin, qmax
+
+
+def top_code(bits, *, signed: bool):
+  """The top code of the symmetric ``bits``-bit grid, ``2^(bits-1) - 1``
+  signed (``[-top, top]``) and ``2^bits - 1`` unsigned (``[0, top]``), for
+  bit-widths that may be fractional or traced (learned bits, DoReFa and PACT
+  levels). Integer grids with their conventions: :func:`int_range`."""
+  return 2.0 ** (bits - 1.0) - 1.0 if signed else 2.0**bits - 1.0
 
 
 def check_qparams(scale, qmin, qmax) -> None:

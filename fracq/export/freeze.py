@@ -21,6 +21,11 @@ they saved relative to the dense theoretical size.
 A model with a ``kernel_transform`` (pruning masks, clusters) is frozen from
 the transformed kernels (the transform's ``strip``), i.e. the kernels the
 fake-quantizer actually sees.
+
+Each tensor is frozen by its method (the export contract,
+:class:`fracq.methods.common.Frozen`, dispatched through
+:mod:`fracq.methods.quantizers`): this module only gathers the layers and
+writes and measures the artifact; it never reads a method's variables.
 """
 
 from __future__ import annotations
@@ -30,13 +35,12 @@ import os
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-
-from fracq import core
 
 from fracq.export import artifact
 from fracq.interception import QuantizedModule
+from fracq.methods import common
+from fracq.methods import quantizers
 
 
 def _node(tree, path):
@@ -103,22 +107,6 @@ def _bcast(v, ndim, axis):
   return v.reshape(shape)
 
 
-def _jbcast(v, ndim, axis):
-  """jnp version of :func:`_bcast` (parameters of the core quantizers)."""
-  v = jnp.asarray(v, jnp.float32)
-  if v.ndim == 0:
-    return v
-  shape = [1] * ndim
-  shape[axis] = v.shape[0]
-  return v.reshape(shape)
-
-
-def grid(spec, *, signed: bool, bits: int) -> tuple[int, int]:
-  """``(qmin, qmax)`` of a kernel's ``bits``-bit grid, read from the rule
-  (``TensorSpec.int_grid``, the convention training uses)."""
-  return spec.int_grid(signed=signed, bits=int(bits), is_kernel=True)
-
-
 def _transformed(qmodel, variables):
   """``variables`` with the model's kernel transform (pruning masks,
   clusters) written into ``params``, so codes are taken from the kernels the
@@ -135,174 +123,56 @@ def _transformed(qmodel, variables):
   return tr.strip(variables, qmodel=qmodel, keep_quant=True)
 
 
-def _kernel_signed(spec) -> bool:
-  # The provider's rule: kernels are signed unless the spec says otherwise.
-  return True if spec.signed is None else bool(spec.signed)
+def _stored(variables, path) -> dict:
+  """The layer's quantizer variables per collection."""
+  return {
+    col: _node_or_empty(variables.get(col, {}), path)
+    for col in (common.TRAINABLE, common.STATE)
+  }
 
 
-def _uniform_kernel(path, spec, w, q, st, axis):
-  """The fake-quantized kernel and its ``(scale, zero_point, offset, bits,
-  signed)`` for a fixed-bit rule, computed with the provider's own core
-  quantizers so the result is the model's kernel bit for bit."""
-  bits = int(spec.bits)
-  signed = _kernel_signed(spec)
-  qmin, qmax = grid(spec, signed=signed, bits=bits)
-  x = jnp.asarray(w, jnp.float32)
-  ax = axis if spec.granularity == 'channel' else None
-  zeros = jnp.zeros(())
-  m = spec.range_method
-  if m == 'lsq':
-    step = jnp.asarray(q['kernel_step'], jnp.float32)
-    fq = core.lsq_quantize(x, _jbcast(step, x.ndim, ax), qmin, qmax)
-    return fq, step, zeros, zeros, bits, signed
-  if m == 'lsq_plus':
-    step = jnp.asarray(q['kernel_step'], jnp.float32)
-    off = jnp.asarray(q['kernel_offset'], jnp.float32)
-    fq = core.lsq_plus_quantize(
-      x, _jbcast(step, x.ndim, ax), _jbcast(off, x.ndim, ax), qmin, qmax
-    )
-    return fq, step, zeros, off, bits, signed
-  if m == 'dorefa':
-    # q = round(v n) in [0, n], n = 2^k - 1, value 2 q / n - 1.
-    n = grid(spec, signed=False, bits=bits)[1]
-    fq = core.dorefa_quantize_weight(x, bits)
-    return (
-      fq,
-      jnp.float32(2.0) / jnp.float32(n),
-      zeros,
-      jnp.float32(-1.0),
-      bits,
-      False,
-    )
-  if m in ('minmax', 'ema_minmax', 'percentile'):
-    lo, hi = st['kernel_min'], st['kernel_max']
-    scale, zp = core.minmax_to_qparams(
-      lo, hi, qmin, qmax, symmetric=spec.symmetric
-    )
-    fq = core.fake_quant(
-      x, _jbcast(scale, x.ndim, ax), _jbcast(zp, x.ndim, ax), qmin, qmax
-    )
-    return fq, scale, zp, zeros, bits, signed
-  raise ValueError(
-    f'{path}: range_method={m!r} kernels have no export '
-    'rule; use one of lsq, lsq_plus, dorefa, minmax, '
-    'ema_minmax, percentile.'
+def _tensor(qmodel, variables, path, name, spec, signed, channel_axis):
+  return common.QuantTensor(
+    name=name,
+    spec=spec,
+    signed=signed,
+    channel_axis=channel_axis,
+    path=path,
+    stored=_stored(variables, path),
+    hard=bool(getattr(qmodel, 'hard', False)),
   )
-
-
-def _fracbits_kernel(path, spec, w, q, st, axis):
-  """Like :func:`_uniform_kernel` for a hard-assigned FracBits kernel (bits
-  per layer or per channel; 0 bits = pruned channel)."""
-  signed = _kernel_signed(spec)
-  bits = np.asarray(st['kernel_hard_bits'])
-  if np.any(bits < 0):
-    raise ValueError(
-      f'{path}: the kernel bits are not assigned yet; freeze '
-      'after hard assignment.'
-    )
-  bits = np.round(bits).astype(np.int32)
-  x = jnp.asarray(w, jnp.float32)
-  ax = axis if spec.granularity == 'channel' else None
-  baxis = axis if bits.ndim else None
-  b = _jbcast(bits.astype(np.float32), x.ndim, baxis)
-  per = np.atleast_1d(bits)
-  if spec.range_method == 'dorefa':
-    fq = core.hard_quantize(x, b, core.dorefa_branch)
-    n = np.array(
-      [grid(spec, signed=False, bits=k)[1] if k >= 1 else 0 for k in per],
-      np.float32,
-    )
-    live = n > 0
-    scale = np.where(live, np.float32(2.0) / np.maximum(n, 1), 0)
-    offset = np.where(live, np.float32(-1.0), 0).astype(np.float32)
-    if bits.ndim == 0:
-      scale, offset = scale[0], offset[0]
-    return fq, scale, np.zeros((), np.float32), offset, bits, False
-  r = jnp.asarray(q['kernel_range'], jnp.float32)
-  rb = _jbcast(r, x.ndim, ax)
-  branch = core.symmetric_range_branch if signed else core.unsigned_range_branch
-  fq = core.hard_quantize(x, b, lambda xx, k: branch(xx, rb, k))
-  # The branches' step: |r| / levels, levels the grid's qmax at k bits
-  # (signed: the symmetric [-qmax, qmax] grid).
-  levels = np.array(
-    [
-      max(grid(spec, signed=signed, bits=k)[1], 1)
-      if k >= (2 if signed else 1)
-      else 1
-      for k in per
-    ],
-    np.float32,
-  )
-  levels = levels if bits.ndim else levels[0]
-  step = jnp.abs(r) / jnp.maximum(jnp.asarray(levels), 1.0)
-  zero = np.zeros((), np.float32)
-  return fq, step, zero, zero, bits, signed
 
 
 def freeze(qmodel, variables) -> dict[str, FrozenLayer]:
   """Integer codes and the affine map of every quantized kernel.
 
-  The codes are read off the fake-quantized kernel itself (computed with the
-  provider's quantizers from the trained variables), so the artifact holds
-  exactly the kernel the model computes with, whatever the range method,
-  granularity or grid.
+  Each kernel is frozen by its method's quantizer
+  (:mod:`fracq.methods.quantizers`), which reads the codes off the
+  fake-quantized kernel computed from the trained variables, so the artifact
+  holds exactly the kernel the model computes with, whatever the range
+  method, granularity or grid.
   """
   variables = _transformed(qmodel, variables)
-  quant = variables.get('quant', {})
-  stats = variables.get('quant_stats', {})
   out = {}
   for path, f in qmodel.facts.items():
     if not f.weight_quantized:
       continue
     spec = qmodel.rules[f.rule_index].weight
     w = np.asarray(_node(variables['params'], path)['kernel'], np.float32)
+    # The provider's rule: kernels are signed unless the spec says otherwise.
+    signed = True if spec.signed is None else bool(spec.signed)
     axis = f.out_axes[-1] % w.ndim
-    q, st = _node_or_empty(quant, path), _node_or_empty(stats, path)
-    if spec.learn_bits:
-      if not getattr(qmodel, 'hard', False):
-        raise ValueError(
-          'Freeze a FracBits model after hard assignment (its '
-          'bits must be integers): use qmodel.for_step(...) and '
-          'prepare(variables) first.'
-        )
-      fq, scale, zp, offset, bits, signed = _fracbits_kernel(
-        path, spec, w, q, st, axis
-      )
-    else:
-      fq, scale, zp, offset, bits, signed = _uniform_kernel(
-        path, spec, w, q, st, axis
-      )
-    fq = np.asarray(fq, np.float32)
-    scale = np.asarray(scale, np.float32)
-    zp = np.asarray(zp, np.float32)
-    offset = np.asarray(offset, np.float32)
-    s_b = _bcast(scale, w.ndim, axis)
-    safe = np.where(s_b == 0, 1, s_b)
-    shifted = fq - _bcast(offset, w.ndim, axis)
-    codes = np.where(
-      s_b == 0, 0, np.round(shifted / safe) + _bcast(zp, w.ndim, axis)
-    )
-    if np.any(scale < 0) and not np.any(zp != 0):
-      # A learned step (LSQ) can cross zero in training; the model's kernel
-      # is then s * c with s < 0, which is |s| * (-c): store the positive
-      # scale and the mirrored codes where they stay on the grid (always, on
-      # the symmetric grid kernels use by default), since integer programs
-      # need positive scales. On a full-range grid a mirrored -qmin would
-      # leave it: the negative scale is then kept (the artifact stays
-      # exact; integer lowering refuses it).
-      mirrored = np.where(s_b < 0, -codes, codes)
-      qmin, qmax = grid(spec, signed=bool(signed), bits=int(np.max(bits)))
-      if mirrored.min() >= qmin and mirrored.max() <= qmax:
-        codes, scale = mirrored, np.abs(scale)
+    tensor = _tensor(qmodel, variables, path, 'kernel', spec, signed, axis)
+    frozen = quantizers.for_spec(spec).freeze(tensor, w)
     out[path] = FrozenLayer(
       path=path,
-      codes=codes.astype(np.int32),
-      scale=scale,
-      bits=np.asarray(bits).astype(np.int32),
+      codes=frozen.codes,
+      scale=np.asarray(frozen.scale, np.float32),
+      bits=np.asarray(frozen.bits).astype(np.int32),
       axis=axis,
-      signed=bool(signed),
-      zero_point=zp,
-      offset=offset,
+      signed=bool(frozen.signed),
+      zero_point=np.asarray(frozen.zero_point, np.float32),
+      offset=np.asarray(frozen.offset, np.float32),
     )
   return out
 
@@ -329,73 +199,30 @@ def freeze_inputs(qmodel, variables) -> dict[str, dict]:
   ``offset`` only when non-zero), plus the trained range parameter when it
   is not the scale itself (``clip``, ``range`` or ``min`` / ``max``).
   """
-  quant = variables.get('quant', {})
-  stats = variables.get('quant_stats', {})
   out = {}
   for path, f in qmodel.facts.items():
     spec = qmodel.rules[f.rule_index].act
     if spec is None or qmodel.rules[f.rule_index].keep_float:
       continue
-    q, st = _node_or_empty(quant, path), _node_or_empty(stats, path)
     signed = _act_signed(qmodel, path, spec)
-    m = spec.range_method
+    tensor = _tensor(qmodel, variables, path, 'input', spec, signed, -1)
+    frozen = quantizers.for_spec(spec).freeze(tensor)
     entry = {
-      'signed': signed,
-      'range_method': m,
+      'signed': bool(frozen.signed),
+      'range_method': spec.range_method,
       'granularity': spec.granularity,
     }
-    zero = np.zeros(1)
-    offset = zero
-    if spec.learn_bits:
-      hard = np.asarray(st.get('input_hard_bits', -1))
-      if not getattr(qmodel, 'hard', False) or np.any(hard < 0):
-        raise ValueError(
-          f'{path}: the input bits are learned but not '
-          'assigned; freeze after hard assignment '
-          '(qmodel.for_step(...), prepare(variables)).'
-        )
-      bits = int(np.round(hard).reshape(-1)[0])
-      r = np.abs(np.asarray(q['input_range'], np.float32))
-      levels = (
-        max(grid(spec, signed=signed, bits=bits)[1], 1)
-        if bits >= (2 if signed else 1)
-        else 1
-      )
-      qmin, qmax = (-levels, levels) if signed else (0, levels)
-      if bits == 0:
-        qmin = qmax = 0
-      scale, zp = r / np.float32(levels), zero
-      entry['range'] = _list(r)
-    else:
-      bits = int(spec.bits)
-      qmin, qmax = grid(spec, signed=signed, bits=bits)
-      if m in ('lsq', 'lsq_plus'):
-        scale, zp = np.abs(np.asarray(q['input_step'], np.float32)), zero
-        if m == 'lsq_plus':
-          offset = np.asarray(q['input_offset'], np.float32)
-      elif m == 'pact':
-        clip = np.abs(np.asarray(q['input_clip'], np.float32))
-        # PACT's grid: [-qmax, qmax] signed, [0, qmax] unsigned.
-        qmin = -qmax if signed else 0
-        scale, zp = clip / np.float32(qmax), zero
-        entry['clip'] = _list(clip)
-      elif m in ('minmax', 'ema_minmax', 'percentile'):
-        scale, zp = core.minmax_to_qparams(
-          st['input_min'], st['input_max'], qmin, qmax, symmetric=spec.symmetric
-        )
-        entry['min'], entry['max'] = (
-          _list(st['input_min']),
-          _list(st['input_max']),
-        )
-      else:
-        raise ValueError(
-          f'{path}: input range_method={m!r} has no export rule.'
-        )
-    entry.update(bits=bits, qmin=int(qmin), qmax=int(qmax), scale=_list(scale))
-    if np.any(np.asarray(zp) != 0):
-      entry['zero_point'] = _list(zp)
-    if np.any(np.asarray(offset) != 0):
-      entry['offset'] = _list(offset)
+    entry.update({key: _list(v) for key, v in (frozen.extras or {}).items()})
+    entry.update(
+      bits=int(frozen.bits),
+      qmin=int(frozen.qmin),
+      qmax=int(frozen.qmax),
+      scale=_list(frozen.scale),
+    )
+    if np.any(np.asarray(frozen.zero_point) != 0):
+      entry['zero_point'] = _list(frozen.zero_point)
+    if np.any(np.asarray(frozen.offset) != 0):
+      entry['offset'] = _list(frozen.offset)
     out[path] = entry
   return out
 

@@ -1,5 +1,12 @@
-"""Layer 3: quantization methods (uniform QAT, FracBits, HAWQ baseline).
+"""Layer 3: quantization methods, one package per method.
 
-``QATModel`` / ``quantize`` (uniform and FracBits), cost models, budgets and
-penalties, hard assignment, and the HAWQ-style bit allocation.
+``uniform`` (fixed bits on a registered range estimator's grid),
+``fracbits`` (learned fractional bits: quantizer, penalties, hard
+assignment), ``hawq`` (Hessian traces and ILP bit allocation), ``preserve``
+(sparsity- and cluster-preserving kernel transforms), ``f8net``. Each
+method's quantizer implements ``quantize`` and ``freeze``
+(:mod:`fracq.methods.common`), dispatched through
+:mod:`fracq.methods.quantizers`. Shared: ``QATModel`` / ``quantize``
+(``qat``), the cost model and budgets (``cost``) and the provider the
+interceptor calls (``providers``).
 """

@@ -28,7 +28,7 @@ from ml_collections import config_dict
 from fracq.interception import Rule
 from fracq.interception import TensorSpec
 from fracq.methods import cost as cost_lib
-from fracq.methods import penalty as penalty_lib
+from fracq.methods.fracbits import penalty as penalty_lib
 
 METHODS = ('none', 'uniform', 'fracbits', 'hawq', 'f8net')
 

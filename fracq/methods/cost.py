@@ -150,14 +150,14 @@ class CostModel:
   # -- differentiable cost -------------------------------------------------
   def layer_costs(self, quant, *, hard: bool = False) -> dict[str, jax.Array]:
     out = {}
-    for l in self.layers:
-      bw = _bits_value(l.weight, quant, l.path, 'kernel_bits', hard)
-      ba = _bits_value(l.act, quant, l.path, 'input_bits', hard)
+    for layer in self.layers:
+      bw = _bits_value(layer.weight, quant, layer.path, 'kernel_bits', hard)
+      ba = _bits_value(layer.act, quant, layer.path, 'input_bits', hard)
       w_mean = jnp.mean(bw) if bw.ndim else bw
       if self.kind == 'size':
-        out[l.path] = l.numel * w_mean
+        out[layer.path] = layer.numel * w_mean
       else:
-        out[l.path] = l.macs * w_mean * ba
+        out[layer.path] = layer.macs * w_mean * ba
     return out
 
   def integer_cost(self, quant) -> float:
@@ -168,13 +168,18 @@ class CostModel:
     exceed.
     """
     total = 0.0
-    for l in self.layers:
+    for layer in self.layers:
       bw = np.asarray(
-        _bits_value(l.weight, quant, l.path, 'kernel_bits', True), np.float64
+        _bits_value(layer.weight, quant, layer.path, 'kernel_bits', True),
+        np.float64,
       )
-      ba = float(_bits_value(l.act, quant, l.path, 'input_bits', True))
+      ba = float(_bits_value(layer.act, quant, layer.path, 'input_bits', True))
       w_mean = float(bw.mean())
-      total += l.numel * w_mean if self.kind == 'size' else l.macs * w_mean * ba
+      total += (
+        layer.numel * w_mean
+        if self.kind == 'size'
+        else layer.macs * w_mean * ba
+      )
     return total
 
   def cost(self, quant, *, hard: bool = False) -> jax.Array:
@@ -184,15 +189,15 @@ class CostModel:
   # -- reference costs -------------------------------------------------------
   def _const_cost(self, w_bits_fn, a_bits_fn) -> float:
     total = 0.0
-    for l in self.layers:
-      bw, ba = w_bits_fn(l), a_bits_fn(l)
-      total += l.numel * bw if self.kind == 'size' else l.macs * bw * ba
+    for layer in self.layers:
+      bw, ba = w_bits_fn(layer), a_bits_fn(layer)
+      total += layer.numel * bw if self.kind == 'size' else layer.macs * bw * ba
     return float(total)
 
   def uniform_cost(self, k: float) -> float:
     """Cost with every learned tensor at ``k`` bits, fixed ones as fixed."""
-    w = lambda l: k if l.weight.learned else l.weight.fixed
-    a = lambda l: k if l.act.learned else l.act.fixed
+    w = lambda layer: k if layer.weight.learned else layer.weight.fixed
+    a = lambda layer: k if layer.act.learned else layer.act.fixed
     return self._const_cost(w, a)
 
   def uniform_equivalent_bits(self, target: float) -> float:
@@ -232,16 +237,22 @@ class CostModel:
   def int8_cost(self) -> float:
     """Cost of the INT8 model: every quantized tensor at 8 bits (float
     activations stay at 32)."""
-    a = lambda l: (
-      8.0 if (l.act.learned or l.act.fixed != FLOAT_BITS) else float(FLOAT_BITS)
+    a = lambda layer: (
+      8.0
+      if (layer.act.learned or layer.act.fixed != FLOAT_BITS)
+      else float(FLOAT_BITS)
     )
-    return self._const_cost(lambda l: 8.0, a)
+    return self._const_cost(lambda layer: 8.0, a)
 
   def bound_cost(self, which: str) -> float:
     """Cost with every learned tensor at its lower or upper bound."""
     i = 0 if which == 'min' else 1
-    w = lambda l: l.weight.bounds[i] if l.weight.learned else l.weight.fixed
-    a = lambda l: l.act.bounds[i] if l.act.learned else l.act.fixed
+    w = lambda layer: (
+      layer.weight.bounds[i] if layer.weight.learned else layer.weight.fixed
+    )
+    a = lambda layer: (
+      layer.act.bounds[i] if layer.act.learned else layer.act.fixed
+    )
     return self._const_cost(w, a)
 
   def resolve(self, budget: Budget) -> float:
@@ -303,21 +314,25 @@ def bits_table(model: CostModel, quant, *, hard: bool = False) -> list[dict]:
   """Per-layer learned/fixed bits and costs, for reports."""
   rows = []
   costs = model.layer_costs(quant, hard=hard)
-  for l in model.layers:
-    bw = np.asarray(_bits_value(l.weight, quant, l.path, 'kernel_bits', hard))
-    ba = np.asarray(_bits_value(l.act, quant, l.path, 'input_bits', hard))
+  for layer in model.layers:
+    bw = np.asarray(
+      _bits_value(layer.weight, quant, layer.path, 'kernel_bits', hard)
+    )
+    ba = np.asarray(
+      _bits_value(layer.act, quant, layer.path, 'input_bits', hard)
+    )
     rows.append(
       {
-        'layer': l.path,
-        'params': l.numel,
-        'macs': l.macs,
+        'layer': layer.path,
+        'params': layer.numel,
+        'macs': layer.macs,
         'w_bits': float(bw.mean()),
         'w_bits_min': float(bw.min()),
         'w_bits_max': float(bw.max()),
-        'w_learned': l.weight.learned,
+        'w_learned': layer.weight.learned,
         'a_bits': float(ba),
-        'a_learned': l.act.learned,
-        'cost': float(costs[l.path]),
+        'a_learned': layer.act.learned,
+        'cost': float(costs[layer.path]),
       }
     )
   return rows

@@ -35,7 +35,7 @@ import numpy as np
 from fracq.interception import QuantizedModule
 from fracq.interception import Rule
 from fracq.methods import cost as cost_lib
-from fracq.methods import penalty as penalty_lib
+from fracq.methods import fracbits
 from fracq.methods import providers
 
 
@@ -69,7 +69,7 @@ class QATModel:
     *,
     budget: cost_lib.Budget | None = None,
     cost_kind: str | None = None,
-    penalty: penalty_lib.Penalty | None = None,
+    penalty: fracbits.Penalty | None = None,
     hard_assign_step: int | None = None,
     hard_assign_tolerance: float = 0.01,
     call_kwargs: dict | None = None,
@@ -101,7 +101,7 @@ class QATModel:
     self.rules = self.qmodule.rules
     self.hard_assign_step = hard_assign_step
     self.hard_assign_tolerance = hard_assign_tolerance
-    self.penalty_fn = penalty or penalty_lib.Penalty()
+    self.penalty_fn = penalty or fracbits.Penalty()
     if _shared is not None:  # the hard-mode twin reuses the analysis
       (self.facts, self.cost_model, self.target, self.budget, _) = _shared
       self._twin = None
@@ -124,7 +124,7 @@ class QATModel:
     if (
       learns
       and kind == 'size'
-      and any(l.act.learned for l in self.cost_model.layers)
+      and any(layer.act.learned for layer in self.cost_model.layers)
     ):
       # NNCF's port let activation bits drift upward with no cost at all.
       raise ValueError(
@@ -143,7 +143,8 @@ class QATModel:
   @property
   def learns_bits(self) -> bool:
     return self.cost_model is not None and any(
-      l.weight.learned or l.act.learned for l in self.cost_model.layers
+      layer.weight.learned or layer.act.learned
+      for layer in self.cost_model.layers
     )
 
   def init(self, rngs, x, *, train: bool = False, **kwargs):
@@ -261,16 +262,16 @@ class QATModel:
     if not (self.hard and self.learns_bits):
       return variables
     stats = variables.get('quant_stats', {})
-    if not providers.needs_hard_assignment(stats):
+    if not fracbits.needs_hard_assignment(stats):
       return variables
-    res = penalty_lib.hard_assign(
+    res = fracbits.hard_assign(
       variables['quant'],
       self.cost_model,
       self.target,
       tolerance=self.hard_assign_tolerance,
     )
     logging.info(res.message)
-    new_stats = providers.write_hard_bits(stats, res.quant)
+    new_stats = fracbits.write_hard_bits(stats, res.quant)
     self.last_assignment = res
     return {**variables, 'quant_stats': new_stats}
 
@@ -312,7 +313,7 @@ class QATModel:
     quant = variables.get('quant', {})
     if self.hard:
       self._check_assigned(variables, 'bits_view')
-      return providers.hard_bits_view(quant, variables.get('quant_stats', {}))
+      return fracbits.hard_bits_view(quant, variables.get('quant_stats', {}))
     return quant
 
   def _check_assigned(self, variables, what: str) -> None:
@@ -325,13 +326,9 @@ class QATModel:
     """
     if not (self.hard and self.learns_bits):
       return
-    hard_bits = [
-      v
-      for kp, v in jax.tree_util.tree_leaves_with_path(
-        variables.get('quant_stats', {})
-      )
-      if str(getattr(kp[-1], 'key', kp[-1])).endswith('_hard_bits')
-    ]
+    hard_bits = fracbits.hard_bits.frozen_bits_leaves(
+      variables.get('quant_stats', {})
+    )
     if any(isinstance(v, jax.core.Tracer) for v in hard_bits):
       return
     if any(np.any(np.asarray(v) < 0) for v in hard_bits):

@@ -129,9 +129,9 @@ def test_resnet50_random_bits_size_accounting(tmp_path):
   }
   v['quant_stats'] = jax.tree_util.tree_map(lambda a: a, v['quant_stats'])
   # Random integer bits, frozen as hard assignment would freeze them.
-  from fracq.methods import providers
+  from fracq.methods import fracbits
 
-  v['quant_stats'] = providers.write_hard_bits(v['quant_stats'], v['quant'])
+  v['quant_stats'] = fracbits.write_hard_bits(v['quant_stats'], v['quant'])
   rep = export.export_model(hard, v, str(tmp_path / 'r50'))
   assert rep.kernel_params > 25_000_000
   assert abs(rep.overhead) < 0.02, rep.format()

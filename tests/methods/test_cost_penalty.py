@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fracq.methods import cost as C
-from fracq.methods import penalty as P
+from fracq.methods.fracbits import penalty as P
 
 LEARN = C.TensorBits(fixed=None, bounds=(2.0, 8.0))
 LEARN_PC = C.TensorBits(fixed=None, bounds=(2.0, 8.0), per_channel=True)
@@ -142,10 +142,10 @@ def test_cost_records_know_signs():
   qm = fracq.quantize(
     MLP(), rules, x, budget=fracq.Budget(kind='bitops', uniform_bits=4)
   )
-  layers = {l.path: l for l in qm.cost_model.layers}
+  layers = {layer.path: layer for layer in qm.cost_model.layers}
   m = {
-    p: (l.weight.min_nonzero_bits, l.act.min_nonzero_bits)
-    for p, l in layers.items()
+    p: (layer.weight.min_nonzero_bits, layer.act.min_nonzero_bits)
+    for p, layer in layers.items()
   }
   # Signed kernel and input: 2; fc2's kernel is unsigned by its spec, its
   # input comes after a ReLU; fc3's DoReFa kernel has a real 1-bit grid.
@@ -250,13 +250,14 @@ def test_hard_assignment_never_exceeds_target():
   rng = np.random.RandomState(0)
   for trial in range(5):
     quant = {
-      l.path: {'kernel_bits': jnp.array(rng.uniform(2.2, 7.8))} for l in layers
+      layer.path: {'kernel_bits': jnp.array(rng.uniform(2.2, 7.8))}
+      for layer in layers
     }
     target = m.resolve(C.Budget(kind='size', uniform_bits=4.0 + 0.3 * trial))
     res = P.hard_assign(quant, m, target)
-    bits = [float(res.quant[l.path]['kernel_bits']) for l in layers]
+    bits = [float(res.quant[layer.path]['kernel_bits']) for layer in layers]
     assert all(b == int(b) and 2 <= b <= 8 for b in bits)
-    cost = sum(l.numel * b for l, b in zip(layers, bits))
+    cost = sum(layer.numel * b for layer, b in zip(layers, bits))
     assert cost == res.cost
     assert cost <= target
     if res.within_tolerance:
@@ -311,15 +312,15 @@ def test_hard_assignment_is_the_closest_offset_from_below():
 
     def ref_cost(delta):
       return sum(
-        l.numel
+        layer.numel
         * _reference_round(
           float(np.float32(b)),
           delta,
-          l.weight.bounds[0],
+          layer.weight.bounds[0],
           8.0,
-          l.weight.min_nonzero_bits == 2,
+          layer.weight.min_nonzero_bits == 2,
         )
-        for l, b in zip(layers, bits)
+        for layer, b in zip(layers, bits)
       )
 
     # The cost only changes where some b + delta crosses a rounding
@@ -332,7 +333,7 @@ def test_hard_assignment_is_the_closest_offset_from_below():
     assert res.cost <= target
     assert res.cost == best, (trial, res.cost, best, target)
     got = [float(res.quant[f'l{i}']['kernel_bits']) for i in range(n)]
-    assert sum(l.numel * g for l, g in zip(layers, got)) == res.cost
+    assert sum(layer.numel * g for layer, g in zip(layers, got)) == res.cost
     assert all(g != 1.0 for g, s in zip(got, signed) if s)
 
 

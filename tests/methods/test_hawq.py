@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from fracq.core import hessian
-from fracq.methods import bit_allocation as ba
+from fracq.methods.hawq import bit_allocation as ba
 from fracq.train import train as tr
 
 
@@ -74,10 +74,12 @@ def test_hutchinson_within_5_percent_of_exact_trace():
 def _brute(layers, cands, budget, kind, fixed_cost):
   best = None
   for combo in itertools.product(cands, repeat=len(layers)):
-    cost = fixed_cost + sum(l.cost(b, kind) for l, b in zip(layers, combo))
+    cost = fixed_cost + sum(
+      layer.cost(b, kind) for layer, b in zip(layers, combo)
+    )
     if cost > budget:
       continue
-    s = sum(l.sensitivity[b] for l, b in zip(layers, combo))
+    s = sum(layer.sensitivity[b] for layer, b in zip(layers, combo))
     if best is None or s < best[0]:
       best = (s, combo)
   return best
@@ -99,15 +101,15 @@ def test_ilp_is_optimal_and_within_budget(kind):
   ]
   fixed = 1000.0
   for frac in (0.3, 0.5, 0.8):
-    hi = fixed + sum(l.cost(8, kind) for l in layers)
-    lo = fixed + sum(l.cost(2, kind) for l in layers)
+    hi = fixed + sum(layer.cost(8, kind) for layer in layers)
+    lo = fixed + sum(layer.cost(2, kind) for layer in layers)
     budget = lo + frac * (hi - lo)
     choice = ba.allocate_bits_ilp(
       layers, cands, budget, kind=kind, fixed_cost=fixed
     )
-    cost = fixed + sum(l.cost(choice[l.name], kind) for l in layers)
+    cost = fixed + sum(layer.cost(choice[layer.name], kind) for layer in layers)
     assert cost <= budget
-    s = sum(l.sensitivity[choice[l.name]] for l in layers)
+    s = sum(layer.sensitivity[choice[layer.name]] for layer in layers)
     best = _brute(layers, cands, budget, kind, fixed)
     assert s == pytest.approx(best[0])
   with pytest.raises(ValueError, match='minimum reachable cost'):

@@ -20,6 +20,8 @@ from jax.sharding import Mesh
 
 from fracq import data as data_lib
 from fracq.core import observers
+from fracq.interception import TensorSpec
+from fracq.methods.common import QuantTensor
 from fracq.train import model_wrapper as mw
 from fracq.train import train as tr
 
@@ -113,18 +115,20 @@ def test_uniform_lsq_8_devices_equal_1():
 
 
 def test_lsq_grad_scale_counts_the_global_batch():
-  from fracq.methods import providers
-
-  p = providers.QATProvider(axis_name='batch')
+  spec = TensorSpec(bits=8)
+  tensors = {
+    name: QuantTensor(name, spec, True, -1, axis_name='batch')
+    for name in ('input', 'kernel')
+  }
   x = jnp.ones((2, 5, 3))  # per device; 8 devices -> 16 x 5 x 3 elements
   mesh = _mesh(8)
 
   def scales(xs):
     return jnp.array(
       [
-        p.lsq_grad_scale(xs, 255, None, 'input'),
-        p.lsq_grad_scale(xs, 255, -1, 'input'),
-        p.lsq_grad_scale(xs, 255, None, 'kernel'),
+        tensors['input'].lsq_grad_scale(xs, 255, None),
+        tensors['input'].lsq_grad_scale(xs, 255, -1),
+        tensors['kernel'].lsq_grad_scale(xs, 255, None),
       ]
     )
 
@@ -143,7 +147,7 @@ def test_lsq_grad_scale_counts_the_global_batch():
     rtol=1e-6,
   )
   # Outside a map over the axis (init, eager): the tensor's own count.
-  assert p.lsq_grad_scale(x, 255, None, 'input') == 1 / np.sqrt(30 * 255)
+  assert tensors['input'].lsq_grad_scale(x, 255, None) == 1 / np.sqrt(30 * 255)
 
 
 @pytest.mark.parametrize('act_range', ['minmax', 'ema_minmax', 'percentile'])

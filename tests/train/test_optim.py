@@ -9,7 +9,7 @@ import pytest
 
 from configs import common
 from fracq.methods import cost as cost_lib
-from fracq.methods import penalty as penalty_lib
+from fracq.methods.fracbits import penalty as penalty_lib
 from fracq.train import optim
 
 TREE = {

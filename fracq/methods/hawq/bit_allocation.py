@@ -58,7 +58,7 @@ def allocate_bits_ilp(
   cands = sorted(int(b) for b in candidates)
   if not cands or not layers:
     raise ValueError('Need at least one layer and one candidate bit-width.')
-  lo = fixed_cost + sum(l.cost(cands[0], kind) for l in layers)
+  lo = fixed_cost + sum(layer.cost(cands[0], kind) for layer in layers)
   if lo > budget:
     raise ValueError(
       f'Infeasible budget {budget:,.0f}: the minimum reachable cost with '
@@ -66,8 +66,10 @@ def allocate_bits_ilp(
       'bits or ask for less compression.'
     )
   nl, nb = len(layers), len(cands)
-  c = np.array([l.sensitivity[b] for l in layers for b in cands], float)
-  cost_row = np.array([l.cost(b, kind) for l in layers for b in cands], float)
+  c = np.array([layer.sensitivity[b] for layer in layers for b in cands], float)
+  cost_row = np.array(
+    [layer.cost(b, kind) for layer in layers for b in cands], float
+  )
   one_hot = np.zeros((nl, nl * nb))
   for i in range(nl):
     one_hot[i, i * nb : (i + 1) * nb] = 1
@@ -84,8 +86,12 @@ def allocate_bits_ilp(
   if not res.success:
     raise ValueError(f'The bit-allocation ILP failed: {res.message}')
   x = np.round(res.x).reshape(nl, nb)
-  choice = {l.name: cands[int(np.argmax(x[i]))] for i, l in enumerate(layers)}
-  exact = fixed_cost + sum(l.cost(choice[l.name], kind) for l in layers)
+  choice = {
+    layer.name: cands[int(np.argmax(x[i]))] for i, layer in enumerate(layers)
+  }
+  exact = fixed_cost + sum(
+    layer.cost(choice[layer.name], kind) for layer in layers
+  )
   if exact > budget:  # solver tolerance: never hand back an over-budget map
     raise ValueError(f'ILP solution costs {exact:,.0f} > budget {budget:,.0f}.')
   return choice
@@ -121,9 +127,9 @@ def format_bit_table(
   choice: Mapping[str, int], layers: Sequence[LayerChoice]
 ) -> str:
   lines = [f'{"layer":<30} {"params":>10} {"bits":>5} {"Omega(bits)":>12}']
-  for l in layers:
-    b = choice[l.name]
+  for layer in layers:
+    b = choice[layer.name]
     lines.append(
-      f'{l.name:<30} {l.params:>10,} {b:>5} {l.sensitivity[b]:>12.4g}'
+      f'{layer.name:<30} {layer.params:>10,} {b:>5} {layer.sensitivity[b]:>12.4g}'
     )
   return '\n'.join(lines)

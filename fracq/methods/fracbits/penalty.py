@@ -116,12 +116,12 @@ class Penalty:
 def _rounded_bits(quant, model: cost_lib.CostModel, delta: float):
   """A copy of ``quant`` with every learned bit-width at round(b + delta)."""
   quant = jax.tree_util.tree_map(lambda x: x, quant)  # shallow copy of dicts
-  for l in model.layers:
-    for name, tb in (('kernel_bits', l.weight), ('input_bits', l.act)):
+  for layer in model.layers:
+    for name, tb in (('kernel_bits', layer.weight), ('input_bits', layer.act)):
       if not tb.learned:
         continue
       node = quant
-      for part in l.path.split('/'):
+      for part in layer.path.split('/'):
         node = node[part]
       lo, hi = tb.bounds
       node[name] = fracbits.round_bits_with_offset(
@@ -182,10 +182,10 @@ def hard_assign(
   else:
     span = max(
       max(
-        l.weight.bounds[1] - l.weight.bounds[0],
-        l.act.bounds[1] - l.act.bounds[0],
+        layer.weight.bounds[1] - layer.weight.bounds[0],
+        layer.act.bounds[1] - layer.act.bounds[0],
       )
-      for l in model.layers
+      for layer in model.layers
     )
     # At these offsets every learned bit-width sits at its smallest /
     # largest integer bound.

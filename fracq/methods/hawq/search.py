@@ -7,7 +7,7 @@ it). From a trained float model:
    :mod:`fracq.core.hessian`) on a few training batches;
 2. sensitivity ``Omega_l(b) = avg_trace_l * ||Q_b(W_l) - W_l||^2`` for each
    candidate ``b`` (symmetric per-channel quantizer);
-3. an ILP (:mod:`fracq.methods.bit_allocation`) picks one bit-width per
+3. an ILP (:mod:`fracq.methods.hawq.bit_allocation`) picks one bit-width per
    layer under the same budget FracBits takes, fixed layers kept;
 4. the chosen integer bits become ordinary uniform-QAT rules (one per
    layer) and the model is fine-tuned through the normal QAT path.
@@ -27,7 +27,7 @@ import optax
 from fracq.core import hessian
 from fracq.interception import Rule
 from fracq.interception import TensorSpec
-from fracq.methods import bit_allocation
+from fracq.methods.hawq import bit_allocation
 from fracq.methods import cost as cost_lib
 
 
@@ -47,12 +47,12 @@ def mean_over_processes(traces, layers):
     return traces
   from jax.experimental import multihost_utils
 
-  local = np.array([traces[l]['avg_trace'] for l in layers], np.float32)
+  local = np.array([traces[name]['avg_trace'] for name in layers], np.float32)
   every = np.asarray(multihost_utils.process_allgather(local))
-  out = {l: dict(v) for l, v in traces.items()}
-  for l, v in zip(layers, every.mean(axis=0)):
-    out[l]['avg_trace'] = float(v)
-    out[l]['trace'] = float(v) * out[l]['n']
+  out = {name: dict(v) for name, v in traces.items()}
+  for name, v in zip(layers, every.mean(axis=0)):
+    out[name]['avg_trace'] = float(v)
+    out[name]['trace'] = float(v) * out[name]['n']
   return out
 
 
