@@ -2,7 +2,7 @@
 
 from fracq.train.model_wrapper import ModelWrapper
 from fracq.train.model_wrapper import PlainModel
-from fracq.train.model_wrapper import build_model_wrapper
+from fracq.train.quant_config import build_model_wrapper
 from fracq.train.train import NonFiniteError
 from fracq.train.train import TrainState
 from fracq.train.train import create_train_state

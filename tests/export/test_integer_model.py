@@ -17,7 +17,7 @@ from fracq.data import digits
 from fracq.export import integer_model as im
 from fracq.methods.f8net import F8NetModel
 from fracq.train import checkpoint as ckpt_lib
-from fracq.train import model_wrapper
+from fracq.train import quant_config
 from fracq.train import train_and_evaluate
 
 
@@ -30,12 +30,12 @@ def _train(get_config, arg, workdir, steps, **quant):
   c.log_every_steps = steps
   c.export = True
   for k, v in quant.items():
-    c.quant[k] = v
+    c.quant[c.quant.method][k] = v
   metrics = train_and_evaluate(c, workdir)
   raw = ckpt_lib.restore_raw(workdir)
   variables = {**raw['trainable'], **raw['state']}
   xtr = digits.load_digits_split()[0]
-  wrapper = model_wrapper.build_model_wrapper(
+  wrapper = quant_config.build_model_wrapper(
     c,
     models.get_model(c.model, num_classes=10),
     jnp.asarray(xtr[:8]),

@@ -237,10 +237,10 @@ def test_pact_integer_program_is_bit_exact_on_digits(data, tmp_path):
   )
   # The clip is the requantization clamp min(255, 2^FL) of the producer.
   recs = {r.path: r for r in w.capture(v, xe[:1])}
-  for l in prog.layers[:-1]:
-    reader = [r for r, p in DIGITS_LINKS.items() if p == l.path][0]
-    assert l.out_range == (0, min(255, 2 ** recs[reader].input_fl))
-  assert any(l.out_range[1] < 255 for l in prog.layers[:-1])
+  for layer in prog.layers[:-1]:
+    reader = [r for r, p in DIGITS_LINKS.items() if p == layer.path][0]
+    assert layer.out_range == (0, min(255, 2 ** recs[reader].input_fl))
+  assert any(layer.out_range[1] < 255 for layer in prog.layers[:-1])
   # ... and the program round-trips through its artifact.
   path = str(tmp_path / 'pact.int.safetensors')
   im.save_program(prog, path)
@@ -265,8 +265,8 @@ def test_pact_in_residual_blocks_is_bit_exact(data):
     np.asarray(prog.logits(xe)), np.asarray(w.apply(v, xe, train=False))
   )
   # The adds requantize to the trunk's clipped range too.
-  adds = [l for l in prog.layers if isinstance(l, im.IntAdd)]
-  assert any(l.out_range[1] < 255 for l in adds + prog.layers[:1])
+  adds = [layer for layer in prog.layers if isinstance(layer, im.IntAdd)]
+  assert any(layer.out_range[1] < 255 for layer in adds + prog.layers[:1])
 
 
 def test_pact_errors_are_clear(data):
@@ -312,4 +312,4 @@ def test_pact_finetunes_from_a_float_checkpoint(tmp_path):
     p: float(n['pact_alpha']) for p, n in raw['trainable']['quant'].items()
   }
   assert sorted(clips) == sorted(DIGITS_LINKS.values())
-  assert any(a != c.quant.f8_pact_init for a in clips.values())
+  assert any(a != c.quant.f8net.pact_init for a in clips.values())
