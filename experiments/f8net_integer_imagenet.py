@@ -19,18 +19,16 @@ refusal is recorded.
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from fracq import models  # noqa: E402
-from fracq.export import integer_model as im  # noqa: E402
-from fracq.methods.f8net import F8NetModel, F8NetOptions  # noqa: E402
-from experiments import _runner  # noqa: E402
+from fracq import models
+from fracq.export import integer_model as im
+from fracq.methods.f8net import F8NetModel, F8NetOptions
+import _runner
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
@@ -73,8 +71,8 @@ def check(name: str, size: int, batch: int, steps: int = 2) -> dict:
   row.update(
     status='lowered',
     ops=len(prog.layers),
-    adds=sum(isinstance(l, im.IntAdd) for l in prog.layers),
-    max_pools=sum(l.maxpool is not None for l in prog.layers),
+    adds=sum(isinstance(layer, im.IntAdd) for layer in prog.layers),
+    max_pools=sum(layer.maxpool is not None for layer in prog.layers),
     bit_exact=bool(np.array_equal(got, sim)),
   )
   try:
