@@ -176,7 +176,7 @@ def _qat_model(module, rules, sample_x, context: Context, **kwargs):
 # -- factories -----------------------------------------------------------------
 
 
-def float_model(module, sample_x, *, context: Context):
+def float_run(module, sample_x, *, context: Context):
   """The float model; with a kernel transform, float pruning / clustering
   (every layer seen, nothing quantized)."""
   if context.kernel_transform is None:
@@ -602,7 +602,7 @@ def f8net(
 
 
 METHODS: dict[str, Method] = {
-  'none': Method(float_model, quantized=False),
+  'none': Method(float_run, quantized=False),
   'uniform': Method(uniform),
   'fracbits': Method(fracbits, uses_budget=True),
   'hawq': Method(hawq, uses_budget=True, preserve=False),
