@@ -31,9 +31,6 @@ from fracq.methods import penalty as penalty_lib
 from fracq.train import checkpoint as ckpt_lib
 from fracq.train import registry
 
-# Blocks every config.quant has besides the methods' own.
-SHARED_BLOCKS = ('layers', 'budget', 'preserve')
-
 
 def _layers_defaults() -> dict:
   return dict(
@@ -158,16 +155,13 @@ def moved_key(key: str, method: str | None = None) -> str | None:
   ``key`` is the field under ``config.quant`` (``'penalty_weight'``); with
   ``method``, a field several methods have names that method's block.
   """
-  new = OLD_KEYS.get(key)
-  if new is None:
+  places = OLD_KEYS.get(key)
+  if places is None:
     return None
-  if isinstance(new, tuple):
-    mine = [n for n in new if n.split('.')[0] == method]
-    new = mine[0] if mine else ' or '.join(f'config.quant.{n}' for n in new)
-    if mine:
-      new = f'config.quant.{new}'
-  else:
-    new = f'config.quant.{new}'
+  if isinstance(places, str):
+    places = (places,)
+  mine = [p for p in places if p.split('.')[0] == method]
+  new = ' or '.join(f'config.quant.{p}' for p in (mine or places))
   return (
     f'config.quant.{key} moved to {new} (config.quant holds one block '
     'per method plus the shared layers, budget and preserve blocks; see '
@@ -332,20 +326,18 @@ def build_model_wrapper(config, module, sample_x, total_steps=None):
   """The model wrapper of ``config``: ``PlainModel`` for a float run, else
   the method's wrapper; HAWQ searches on ``config.init_from``'s variables
   and training batches."""
-  float_model = None
-  if config.init_from:
 
-    def float_model(num_batches):
-      variables = ckpt_lib.load_variables(
-        config.init_from, config.init_collections
-      )
-      it = data_lib.train_iterator(config, 0)
-      return variables, [next(it) for _ in range(num_batches)]
+  def float_model(num_batches):
+    variables = ckpt_lib.load_variables(
+      config.init_from, config.init_collections
+    )
+    it = data_lib.train_iterator(config, 0)
+    return variables, [next(it) for _ in range(num_batches)]
 
   return build(
     config.quant,
     module,
     sample_x,
     total_steps=total_steps,
-    float_model=float_model,
+    float_model=float_model if config.init_from else None,
   )
