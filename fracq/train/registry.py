@@ -115,36 +115,36 @@ def _float_rules(context: Context) -> list[Rule]:
   ]
 
 
-def _fixed_rules(
-  context: Context,
-  *,
-  quantize_acts: bool,
-  weight_range: str,
-  act_range: str,
-  weight_granularity: str,
-  act_granularity: str,
+def _rules(
+  context: Context, weight: TensorSpec, act: TensorSpec | None
 ) -> list[Rule]:
-  if not context.fixed_layers:
-    return []
-  act = None
-  if quantize_acts:
-    act = TensorSpec(
-      bits=int(context.fixed_act_bits),
-      range_method=act_range,
-      granularity=act_granularity,
+  """The float layers, the fixed layers (at their fixed bits, with the
+  range methods of ``weight`` / ``act``), then every other layer at
+  ``weight`` / ``act``."""
+  rules = _float_rules(context)
+  if context.fixed_layers:
+    fixed_act = None
+    if act is not None:
+      fixed_act = TensorSpec(
+        bits=int(context.fixed_act_bits),
+        range_method=act.range_method,
+        granularity=act.granularity,
+      )
+    fixed_weight = TensorSpec(
+      bits=int(context.fixed_bits),
+      range_method=weight.range_method,
+      granularity=weight.granularity,
     )
-  return [
-    Rule(
-      module_path=context.fixed_layers,
-      name='fixed',
-      weight=TensorSpec(
-        bits=int(context.fixed_bits),
-        range_method=weight_range,
-        granularity=weight_granularity,
-      ),
-      act=act,
+    rules.append(
+      Rule(
+        module_path=context.fixed_layers,
+        name='fixed',
+        weight=fixed_weight,
+        act=fixed_act,
+      )
     )
-  ]
+  rules.append(Rule(module_path='.*', weight=weight, act=act, name='default'))
+  return rules
 
 
 def _int_bits(bits, method: str, what: str) -> int:
@@ -213,13 +213,6 @@ def uniform(
     weight_granularity: 'channel' or 'tensor'.
     act_granularity: 'tensor' or 'channel'.
   """
-  ranges = dict(
-    quantize_acts=quantize_acts,
-    weight_range=weight_range,
-    act_range=act_range,
-    weight_granularity=weight_granularity,
-    act_granularity=act_granularity,
-  )
   weight = TensorSpec(
     bits=_int_bits(weight_bits, 'uniform', 'weight'),
     range_method=weight_range,
@@ -232,12 +225,7 @@ def uniform(
       range_method=act_range,
       granularity=act_granularity,
     )
-  rules = (
-    _float_rules(context)
-    + _fixed_rules(context, **ranges)
-    + [Rule(module_path='.*', weight=weight, act=act, name='default')]
-  )
-  return _qat_model(module, rules, sample_x, context)
+  return _qat_model(module, _rules(context, weight, act), sample_x, context)
 
 
 def init_bits_offset(init_bits: str) -> float | None:
@@ -363,13 +351,6 @@ def fracbits(
         f'{tuple(weight_bit_bounds)}; lower clusters, raise the upper bound '
         'or set config.quant.preserve.cluster_min_bits=False.'
       )
-  ranges = dict(
-    quantize_acts=quantize_acts,
-    weight_range=weight_range,
-    act_range=act_range,
-    weight_granularity=weight_granularity,
-    act_granularity=act_granularity,
-  )
 
   def rules_at(start: float | None) -> list[Rule]:
     w_start = weight_bits if start is None else _clip(start, w_bounds)
@@ -391,11 +372,7 @@ def fracbits(
         range_method=act_range,
         granularity=act_granularity,
       )
-    return (
-      _float_rules(context)
-      + _fixed_rules(context, **ranges)
-      + [Rule(module_path='.*', weight=weight, act=act, name='default')]
-    )
+    return _rules(context, weight, act)
 
   kwargs = dict(
     penalty=penalty_lib.Penalty(
@@ -502,13 +479,6 @@ def hawq(
       f'config.quant.hawq.candidates={candidates!r} must be comma-separated '
       "integer bits, e.g. '2,3,4,8'."
     ) from e
-  ranges = dict(
-    quantize_acts=quantize_acts,
-    weight_range=weight_range,
-    act_range=act_range,
-    weight_granularity=weight_granularity,
-    act_granularity=act_granularity,
-  )
   bounds = (float(bits[0]), float(bits[-1]))
   # The searched kernels are marked by learn_bits; where they start does
   # not matter to the search.
@@ -526,11 +496,7 @@ def hawq(
       range_method=act_range,
       granularity=act_granularity,
     )
-  rules = (
-    _float_rules(context)
-    + _fixed_rules(context, **ranges)
-    + [Rule(module_path='.*', weight=weight, act=act, name='default')]
-  )
+  rules = _rules(context, weight, act)
   probe = _qat_model(module, rules, sample_x, context, budget=context.budget)
   float_variables, float_batches = context.float_model(int(batches))
   choice, info = hawq_lib.search(
