@@ -164,12 +164,12 @@ def fracbits_imagenet(
   kernels only (not bits, ranges or BN); bits trained by SGD with the
   weights' schedule (``bits_optimizer='sgd'``); first conv and classifier at
   8 bits; initial bits = the budget's uniform-equivalent bits + 0.5
-  (``quant.fracbits.init_bits='budget+0.5'``, resolved from the cost model when the
-  model is wrapped: about 5.6 for ResNet-50 at 1.5x over INT8); penalty
-  ``kappa * |cost - target|`` with the paper's kappa = 1 per MB of weights
-  (size) or per GBitOPs (BitOPs), i.e. ``quant.fracbits.penalty_unit`` 8e6
-  or 1e9;
-  hard assignment after 80% of the epochs, then integer fine-tuning.
+  (``quant.fracbits.init_bits='budget+0.5'``, resolved from the cost model
+  when the model is wrapped: about 5.6 for ResNet-50 at 1.5x over INT8);
+  penalty ``kappa * |cost - target|`` with the paper's kappa = 1 per MB of
+  weights (size) or per GBitOPs (BitOPs), i.e. ``quant.fracbits.penalty_unit``
+  8e6 or 1e9; hard assignment after 80% of the epochs, then integer
+  fine-tuning.
   """
   c.dataset = 'imagenet2012'
   c.num_classes = 1000
