@@ -29,6 +29,9 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+import ml_collections
+
+from fracq.train import quant_config
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config',
@@ -98,9 +101,16 @@ def _load_config(spec: str):
 
 
 def _unknown_key(config, dotted: str) -> str | None:
-  """A message if ``dotted`` (e.g. ``quant.weight_bits``) is not a field."""
+  """A message if ``dotted`` (e.g. ``quant.fracbits.weight_bits``) is not a
+  field: an old flat ``quant.*`` key names its new place, a block (a group
+  of fields) lists its fields."""
+  parts = dotted.split('.')
+  if len(parts) == 2 and parts[0] == 'quant':
+    moved = quant_config.moved_key(parts[1], config.quant.get('method'))
+    if moved:
+      return moved
   node, seen = config, []
-  for part in dotted.split('.'):
+  for part in parts:
     keys = list(node.keys()) if hasattr(node, 'keys') else []
     if part not in keys:
       where = '.'.join(seen)
@@ -114,6 +124,14 @@ def _unknown_key(config, dotted: str) -> str | None:
       )
       return f'unknown config key {dotted}{hint}'
     node, seen = node[part], seen + [part]
+  if parts[0] == 'quant' and isinstance(node, ml_collections.ConfigDict):
+    hint = ''
+    if dotted == 'quant.preserve':
+      hint = ' (--config.quant.preserve=MODE is now --config.quant.preserve.mode=MODE)'
+    return (
+      f'config.{dotted} is a block of fields, not a value{hint}; set one '
+      f'of its fields: {", ".join(sorted(node.keys()))}.'
+    )
   return None
 
 
@@ -128,6 +146,11 @@ def check_command_line(argv) -> None:
       name = arg.split('=', 1)[0].split('.', 1)[1]
       keys.append(name)
   config = _load_config(spec)
+  if 'quant' in config:
+    try:
+      quant_config.check_layout(config.quant)
+    except ValueError as e:
+      raise UsageError(f'--config={spec}: {e}') from e
   for key in keys:
     message = _unknown_key(config, key)
     if message:

@@ -31,5 +31,5 @@ def get_config(arg=None):
     c.num_epochs = 30.0
     c.learning_rate = 0.01
   c.quant.method = 'f8net'
-  c.quant.f8_pact = a.pact
+  c.quant.f8net.pact = a.pact
   return c

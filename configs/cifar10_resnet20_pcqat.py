@@ -38,6 +38,7 @@ tfds.testing.mock_data).
 
 from configs import cifar10_resnet20
 from configs import common
+from fracq.models import default_fixed_layers
 
 STAGES = ('prune', 'cluster', 'pcqat')
 
@@ -67,40 +68,40 @@ def get_config(arg=None):
     f'seed={a.seed},dataset={a.dataset}' + (',smoke=True' if a.smoke else '')
   )
   q = c.quant
-  q.prune_structure = a.structure
-  q.clusters = int(a.clusters)
+  p = q.preserve
+  p.prune_structure = a.structure
+  p.clusters = int(a.clusters)
   if a.stage == 'prune':
     q.method = 'none'
-    q.preserve = 'prune'
-    q.sparsity = float(a.sparsity)
-    q.prune_schedule = 'polynomial'
-    q.prune_frequency = 100
+    p.mode = 'prune'
+    p.sparsity = float(a.sparsity)
+    p.prune_schedule = 'polynomial'
+    p.prune_frequency = 100
     epochs, lr = 30.0, 0.01
   elif a.stage == 'cluster':
     q.method = 'none'
-    q.preserve = 'prune_cluster'
-    q.sparsity = -1.0  # keep the pruned model's zeros
+    p.mode = 'prune_cluster'
+    p.sparsity = -1.0  # keep the pruned model's zeros
     epochs, lr = 10.0, 0.005
   else:
-    from fracq.models import default_fixed_layers
-
     q.method = a.quant
-    q.fixed_layers = default_fixed_layers(c.model)  # first conv, classifier
-    q.preserve = 'prune_cluster'
-    q.sparsity = -1.0
-    q.weight_granularity = 'tensor'
-    q.act_bits = 8.0
+    q.layers.fixed = default_fixed_layers(c.model)  # first conv, classifier
+    p.mode = 'prune_cluster'
+    p.sparsity = -1.0
+    block = q[a.quant]
+    block.weight_granularity = 'tensor'
+    block.act_bits = 8.0
     if a.quant == 'fracbits':
-      q.init_bits = 'budget+0.5'
-      q.budget_kind = 'size'
-      q.budget_uniform_bits = float(a.bits)
+      block.init_bits = 'budget+0.5'
+      q.budget.kind = 'size'
+      q.budget.uniform_bits = float(a.bits)
     else:
-      q.weight_bits = float(a.bits)
+      block.weight_bits = float(a.bits)
     c.export = True
     epochs, lr = 20.0, 0.005
   if not a.smoke:
     c.num_epochs = epochs
     c.learning_rate = lr
   else:
-    q.prune_frequency = 1
+    p.prune_frequency = 1
   return c

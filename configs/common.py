@@ -11,7 +11,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from fracq.methods.config import default_quant_config
+from fracq.models import default_fixed_layers
+from fracq.train.quant_config import default_quant_config
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -120,18 +121,23 @@ def digits_config(seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
-def digits_quant(c, method: str, **fields) -> ml_collections.ConfigDict:
+def digits_quant(
+  c, method: str, *, budget: dict | None = None, **fields
+) -> ml_collections.ConfigDict:
   """Quantization on top of :func:`digits_config`: LSQ ranges for weights and
-  activations, first conv and classifier fixed at 8 bits, plus ``fields``."""
-  from fracq.models import default_fixed_layers
-
+  activations, first conv and classifier fixed at 8 bits, ``fields`` in the
+  method's block (``config.quant.<method>``) and ``budget`` in
+  ``config.quant.budget``."""
   q = c.quant
   q.method = method
-  q.fixed_layers = default_fixed_layers('digits_cnn')
-  q.weight_range = 'lsq'
-  q.act_range = 'lsq'
+  q.layers.fixed = default_fixed_layers('digits_cnn')
+  block = q[method]
+  block.weight_range = 'lsq'
+  block.act_range = 'lsq'
   for k, v in fields.items():
-    q[k] = v
+    block[k] = v
+  for k, v in (budget or {}).items():
+    q.budget[k] = v
   return c
 
 
@@ -158,14 +164,13 @@ def fracbits_imagenet(
   kernels only (not bits, ranges or BN); bits trained by SGD with the
   weights' schedule (``bits_optimizer='sgd'``); first conv and classifier at
   8 bits; initial bits = the budget's uniform-equivalent bits + 0.5
-  (``quant.init_bits='budget+0.5'``, resolved from the cost model when the
-  model is wrapped: about 5.6 for ResNet-50 at 1.5x over INT8); penalty
-  ``kappa * |cost - target|`` with the paper's kappa = 1 per MB of weights
-  (size) or per GBitOPs (BitOPs), i.e. ``quant.penalty_unit`` 8e6 or 1e9;
-  hard assignment after 80% of the epochs, then integer fine-tuning.
+  (``quant.fracbits.init_bits='budget+0.5'``, resolved from the cost model
+  when the model is wrapped: about 5.6 for ResNet-50 at 1.5x over INT8);
+  penalty ``kappa * |cost - target|`` with the paper's kappa = 1 per MB of
+  weights (size) or per GBitOPs (BitOPs), i.e. ``quant.fracbits.penalty_unit``
+  8e6 or 1e9; hard assignment after 80% of the epochs, then integer
+  fine-tuning.
   """
-  from fracq.models import default_fixed_layers
-
   c.dataset = 'imagenet2012'
   c.num_classes = 1000
   c.model = model
@@ -183,21 +188,22 @@ def fracbits_imagenet(
   c.bits_optimizer = 'sgd'
   q = c.quant
   q.method = 'fracbits'
-  q.fixed_layers = default_fixed_layers(model)
-  q.weight_range = 'lsq'
-  q.act_range = 'pact'
-  q.budget_kind = budget_kind
+  q.layers.fixed = default_fixed_layers(model)
+  q.budget.kind = budget_kind
   if uniform_bits is not None:
-    q.budget_uniform_bits = uniform_bits
+    q.budget.uniform_bits = uniform_bits
   else:
-    q.budget_compression = compression
-  q.init_bits = 'budget+0.5'
-  q.learn_act_bits = learn_acts
-  q.act_bits = 8.0
-  q.penalty = 'abs'
-  q.penalty_weight = 1.0
-  q.penalty_unit = PAPER_PENALTY_UNITS[budget_kind]
-  q.hard_assign_fraction = 0.8
+    q.budget.compression = compression
+  fb = q.fracbits
+  fb.weight_range = 'lsq'
+  fb.act_range = 'pact'
+  fb.init_bits = 'budget+0.5'
+  fb.learn_act_bits = learn_acts
+  fb.act_bits = 8.0
+  fb.penalty = 'abs'
+  fb.penalty_weight = 1.0
+  fb.penalty_unit = PAPER_PENALTY_UNITS[budget_kind]
+  fb.hard_assign_fraction = 0.8
   return c
 
 
@@ -220,12 +226,12 @@ def apply_smoke(
   if image_size:
     c.image_size = image_size
   if c.quant.method == 'fracbits':
-    c.quant.hard_assign_step = 4
+    c.quant.fracbits.hard_assign_step = 4
     # Tiny stand-in models are dominated by their 8-bit classifier, where a
     # compression budget sized for the full model would be unreachable.
-    c.quant.budget_compression = None
-    c.quant.budget_absolute = None
-    c.quant.budget_uniform_bits = 4.0
+    c.quant.budget.compression = None
+    c.quant.budget.absolute = None
+    c.quant.budget.uniform_bits = 4.0
   return c
 
 

@@ -28,12 +28,12 @@ def get_config(arg=None):
     pact=False,
   )
   c = common.digits_config(a.seed)
-  q = c.quant
-  q.method = 'f8net'
-  q.f8_weight_format = a.weights
-  q.f8_act_format = a.acts
-  q.f8_weight_granularity = 'channel' if a.channel else 'layer'
-  q.f8_pact = a.pact
+  c.quant.method = 'f8net'
+  f8 = c.quant.f8net
+  f8.weight_format = a.weights
+  f8.act_format = a.acts
+  f8.weight_granularity = 'channel' if a.channel else 'layer'
+  f8.pact = a.pact
   if a.smoke:
     common.apply_smoke(c)
   return c

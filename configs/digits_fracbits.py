@@ -33,15 +33,15 @@ def get_config(arg=None):
   common.digits_quant(
     c,
     'fracbits',
+    budget=dict(uniform_bits=a.bits),
     init_bits='budget+0.5',
     weight_bit_bounds=(2.0, 8.0),
     learn_weight_bits=True,
-    budget_uniform_bits=a.bits,
     hard_assign_fraction=0.8,
   )
   if a.bitops:
-    c.quant.budget_kind = 'bitops'
-    c.quant.learn_act_bits = True
+    c.quant.budget.kind = 'bitops'
+    c.quant.fracbits.learn_act_bits = True
   if a.smoke:
     common.apply_smoke(c)
   return c

@@ -21,11 +21,9 @@ from configs import common
 def get_config(arg=None):
   a = common.parse_arg(arg, smoke=False, seed=0, bits=3.0)
   c = common.digits_config(a.seed)
-  common.digits_quant(
-    c, 'hawq', weight_bits=a.bits + 0.5, budget_uniform_bits=a.bits
-  )
+  common.digits_quant(c, 'hawq', budget=dict(uniform_bits=a.bits))
   if a.smoke:
     common.apply_smoke(c)
-    c.quant.hawq_probes = 4
-    c.quant.hawq_batches = 1
+    c.quant.hawq.probes = 4
+    c.quant.hawq.batches = 1
   return c

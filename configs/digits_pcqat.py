@@ -62,20 +62,21 @@ def get_config(arg=None):
     common.digits_quant(
       c,
       'fracbits',
+      budget=dict(uniform_bits=float(a.bits)),
       init_bits='budget+0.5',
       act_bits=float(a.act_bits),
-      budget_uniform_bits=float(a.bits),
     )
   else:
     common.digits_quant(
       c, 'uniform', weight_bits=float(a.bits), act_bits=float(a.act_bits)
     )
-  q = c.quant
-  q.weight_granularity = 'tensor'
-  q.preserve = MODES[a.mode]
-  q.sparsity = float(a.sparsity) if 'prune' in q.preserve else -1.0
-  q.clusters = int(a.clusters)
-  q.cluster_grad = a.grad
+  if a.quant != 'none':
+    c.quant[a.quant].weight_granularity = 'tensor'
+  p = c.quant.preserve
+  p.mode = MODES[a.mode]
+  p.sparsity = float(a.sparsity) if 'prune' in p.mode else -1.0
+  p.clusters = int(a.clusters)
+  p.cluster_grad = a.grad
   # Fine-tuning from a trained float model: a smaller learning rate.
   c.learning_rate = 0.02
   c.num_epochs = float(a.epochs)

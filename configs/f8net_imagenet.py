@@ -74,7 +74,7 @@ def get_config(arg=None):
     c.weight_decay = 4e-5 if a.model == 'mobilenet_v2' else 1e-4
     c.label_smoothing = 0.1
   c.quant.method = 'f8net'
-  c.quant.f8_pact = a.pact
+  c.quant.f8net.pact = a.pact
   if a.smoke:
     common.apply_smoke(c, tiny_model=_SMOKE_MODEL[a.model], image_size=32)
     c.half_precision = False

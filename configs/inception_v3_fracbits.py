@@ -33,9 +33,9 @@ def get_config(arg=None):
     c, model='inception_v3', compression=a.compression, epochs=a.epochs
   )
   c.image_size = 299
-  c.quant.fixed_layers += '|' + AUX_HEAD_PATTERN
+  c.quant.layers.fixed += '|' + AUX_HEAD_PATTERN
   if a.smoke:
     common.apply_smoke(c, tiny_model='resnet_tiny', image_size=32)
     c.half_precision = False
-    c.quant.fixed_layers = r'^conv_init$|^fc$'
+    c.quant.layers.fixed = r'^conv_init$|^fc$'
   return c

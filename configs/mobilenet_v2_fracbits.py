@@ -5,7 +5,7 @@ over INT8; CIFAR-100 67.26% (drop 0.45) at 1.5x. Same budget form here
 (compression over the INT8 model), weights searched, activations 8-bit.
 Bits start at the budget's uniform-equivalent + 0.5 (about 3.77 + 0.5 at
 1.5x over INT8, resolved from the cost model and logged); the penalty is
-the paper's kappa = 1 per MB of weights (quant.penalty_unit=8e6).
+the paper's kappa = 1 per MB of weights (quant.fracbits.penalty_unit=8e6).
 
 Run:
   python launch.py --config=configs/mobilenet_v2_fracbits.py \
@@ -42,7 +42,7 @@ def get_config(arg=None):
     c.eval_batch_size = 500
     c.learning_rate = 0.01
     c.half_precision = False
-    c.quant.fixed_layers = default_fixed_layers('mobilenet_v2_cifar')
+    c.quant.layers.fixed = default_fixed_layers('mobilenet_v2_cifar')
   if a.smoke:
     common.apply_smoke(c, tiny_model='mobilenet_v2_tiny', image_size=32)
     c.half_precision = False

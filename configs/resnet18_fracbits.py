@@ -6,7 +6,7 @@ k-bit model with the first conv at 8w/8a and the classifier weights at 8
 bits: 34.70 G (4-bit) and 22.83 G (3-bit). This config computes that cost
 from the recorded per-layer MACs (budget uniform_bits=K). Weight and
 activation bits start at K + 0.5 (the budget's uniform-equivalent + 0.5);
-the penalty is the paper's kappa = 1 per GBitOPs (quant.penalty_unit=1e9).
+the penalty is the paper's kappa = 1 per GBitOPs (quant.fracbits.penalty_unit=1e9).
 
 Run:
   python launch.py --config=configs/resnet18_fracbits.py:bits=4 \

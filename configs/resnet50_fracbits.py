@@ -7,7 +7,7 @@ recipe (configs/common.py: fracbits_imagenet): weights learn fractional
 bits, activations 8-bit PACT, first conv and classifier fixed at 8 bits.
 Bits start at the budget's uniform-equivalent + 0.5 (about 5.1 + 0.5 at
 1.5x over INT8, resolved from the cost model and logged) and the penalty is
-the paper's kappa = 1 per MB of weights (quant.penalty_unit=8e6).
+the paper's kappa = 1 per MB of weights (quant.fracbits.penalty_unit=8e6).
 
 Run (start from a float ResNet-50 trained with configs/imagenet_resnet50.py
 or imported from torchvision weights):
@@ -39,5 +39,5 @@ def get_config(arg=None):
   if a.smoke:
     common.apply_smoke(c, tiny_model='resnet_tiny_bottleneck', image_size=64)
     c.half_precision = False
-    c.quant.fixed_layers = r'^conv_init$|^fc$'
+    c.quant.layers.fixed = r'^conv_init$|^fc$'
   return c

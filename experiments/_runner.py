@@ -17,6 +17,7 @@
 import functools
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -216,8 +217,29 @@ def cache_dir() -> str:
   return os.environ.get('FRACQ_RUN_CACHE', DEFAULT_CACHE)
 
 
+def config_module(name: str):
+  """The module ``configs/<name>.py`` of this checkout.
+
+  The experiments run as ``python experiments/X.py``: Python puts
+  ``experiments/`` on the path, not the checkout, and the installed package
+  is ``fracq`` alone, so the checkout's ``configs`` package is registered
+  from its location (once) before its configs are imported.
+  """
+  if 'configs' not in sys.modules:
+    folder = os.path.join(ROOT, 'configs')
+    spec = importlib.util.spec_from_file_location(
+      'configs',
+      os.path.join(folder, '__init__.py'),
+      submodule_search_locations=[folder],
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules['configs'] = package
+    spec.loader.exec_module(package)
+  return importlib.import_module(f'configs.{name}')
+
+
 def _train(config_name, arg, workdir, overrides) -> dict:
-  c = importlib.import_module(f'configs.{config_name}').get_config(arg)
+  c = config_module(config_name).get_config(arg)
   for k, v in overrides.items():
     c[k] = v
   from fracq.train import train_and_evaluate

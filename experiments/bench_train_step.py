@@ -29,22 +29,20 @@ disk / theoretical" below 1 means they did; the bytes they saved are listed.
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import fracq  # noqa: E402
-from fracq import export  # noqa: E402
-from fracq import models  # noqa: E402
-from fracq.train.model_wrapper import PlainModel  # noqa: E402
-from experiments import _runner  # noqa: E402
+import fracq
+from fracq import export
+from fracq import models
+from fracq.train.model_wrapper import PlainModel
+import _runner
 
 
 def _rules(model_name, w_bits, a_bits, learn_w=False, learn_a=False):
@@ -101,9 +99,9 @@ def make_step(wrapper, x, y):
       ce = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
       return ce + wrapper.penalty({**tr, **state}, 0)[0], new_state
 
-    (l, new_state), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    (loss, new_state), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     upd, opt = tx.update(g, opt, trainable)
-    return optax.apply_updates(trainable, upd), new_state, opt, l
+    return optax.apply_updates(trainable, upd), new_state, opt, loss
 
   jitted = jax.jit(step)
   args = (trainable, state, opt, x, y)

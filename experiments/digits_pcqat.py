@@ -33,14 +33,12 @@ already in the JSON.
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-from absl import logging  # noqa: E402
+import numpy as np
+from absl import logging
 
-from experiments import _runner  # noqa: E402
+import _runner
 
 # The project's accuracy target for PCQAT: at most this many points below
 # plain QAT w8a8 at the same schedule.

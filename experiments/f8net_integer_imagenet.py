@@ -19,19 +19,17 @@ refusal is recorded.
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from fracq import export  # noqa: E402
-from fracq import models  # noqa: E402
-from fracq.export import onnx_export as ox  # noqa: E402
-from fracq.methods.f8net import F8NetModel, F8NetOptions  # noqa: E402
-from experiments import _runner  # noqa: E402
+from fracq import export
+from fracq import models
+from fracq.export import onnx_export as ox
+from fracq.methods.f8net import F8NetModel, F8NetOptions
+import _runner
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 

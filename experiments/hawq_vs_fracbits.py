@@ -15,14 +15,12 @@ Writes hawq_vs_fracbits.{md,json,png} under ``--out``.
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-from absl import logging  # noqa: E402
+import numpy as np
+from absl import logging
 
-from experiments import _runner  # noqa: E402
+import _runner
 
 METHODS = (
   ('uniform QAT', 'digits_uniform'),

@@ -15,16 +15,13 @@ Writes experiments/results/published_imagenet.{md,json}.
 """
 
 import argparse
-import importlib
 import os
 import re
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _runner
 
-from experiments import _runner  # noqa: E402
-
+ROOT = _runner.ROOT
 OUT = os.path.join(ROOT, 'experiments', 'results')
 
 SOURCES = {
@@ -196,7 +193,7 @@ ROWS = [
     config=None,
     status='no config: fracq has no RL search; the FracBits counterpart '
     'at the same size is mobilenet_v2_fracbits.py with an absolute '
-    'size budget (--config.quant.budget_absolute in bits), not set up',
+    'size budget (--config.quant.budget.absolute in bits), not set up',
   ),
   dict(
     source='HAQ',
@@ -222,11 +219,9 @@ ROWS = [
       arg=f'bits={b}',
       overrides=[
         '--config.quant.method=uniform',
-        f'--config.quant.weight_bits={b}',
-        f'--config.quant.act_bits={b}',
-        '--config.quant.act_range=lsq',
-        '--config.quant.learn_weight_bits=False',
-        '--config.quant.learn_act_bits=False',
+        f'--config.quant.uniform.weight_bits={b}',
+        f'--config.quant.uniform.act_bits={b}',
+        '--config.quant.uniform.act_range=lsq',
       ],
       init='resnet18',
       status='no dedicated config: an override of the FracBits '
@@ -322,7 +317,7 @@ def check(row):
   if row.get('config') is None:
     return ''
   try:
-    mod = importlib.import_module(f'configs.{row["config"]}')
+    mod = _runner.config_module(row['config'])
     c = mod.get_config(row['arg'] or None)
     for flag in row.get('overrides', []):
       _apply_override(c, flag)

@@ -9,14 +9,14 @@ from fracq import models
 from fracq.data import digits
 from fracq.methods.f8net import F8NetModel
 from fracq.train import checkpoint as ckpt_lib
-from fracq.train import model_wrapper
+from fracq.train import quant_config
 from fracq.train import train_and_evaluate
 
 
 def train_digits(get_config, arg, workdir, steps, **quant):
   """Trains ``get_config(arg)`` on digits for ``steps`` steps with export on
-  (batch 64, one evaluation and checkpoint at the end), ``config.quant``
-  overridden by ``quant``. Returns the wrapper at the last step, the
+  (batch 64, one evaluation and checkpoint at the end), the method's block
+  ``config.quant.<method>`` overridden by ``quant``. Returns the wrapper at the last step, the
   restored variables and the final metrics."""
   config = get_config(arg)
   config.num_train_steps = steps
@@ -26,12 +26,12 @@ def train_digits(get_config, arg, workdir, steps, **quant):
   config.log_every_steps = steps
   config.export = True
   for key, value in quant.items():
-    config.quant[key] = value
+    config.quant[config.quant.method][key] = value
   metrics = train_and_evaluate(config, workdir)
   raw = ckpt_lib.restore_raw(workdir)
   variables = {**raw['trainable'], **raw['state']}
   xtr = digits.load_digits_split()[0]
-  wrapper = model_wrapper.build_model_wrapper(
+  wrapper = quant_config.build_model_wrapper(
     config,
     models.get_model(config.model, num_classes=10),
     jnp.asarray(xtr[:8]),

@@ -10,15 +10,23 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import _runner
+import _runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args):
+  # The scripts run as `python experiments/X.py` with fracq installed
+  # (`pip install -e .`); PYTHONPATH stands in for the install when the
+  # checkout under test is not the installed one.
+  env = dict(os.environ)
+  env['PYTHONPATH'] = os.pathsep.join(
+    filter(None, [ROOT, env.get('PYTHONPATH')])
+  )
   return subprocess.run(
     [sys.executable, *args],
     cwd=ROOT,
+    env=env,
     text=True,
     capture_output=True,
     timeout=300,
@@ -233,8 +241,8 @@ class _FakeTrainer:
 def test_scripts_share_one_run_per_setting_from_one_float_start(
   tmp_path, monkeypatch
 ):
-  from experiments import digits_fracbits_vs_uniform as fvu
-  from experiments import hawq_vs_fracbits as hvf
+  import digits_fracbits_vs_uniform as fvu
+  import hawq_vs_fracbits as hvf
 
   fake = _FakeTrainer()
   monkeypatch.setattr(_runner, '_train', fake)
@@ -303,7 +311,7 @@ def test_run_rejects_a_path_as_init_from(tmp_path, monkeypatch):
 def test_tradeoff_plot_spreads_equal_sizes_and_draws_seed_ranges(
   tmp_path, monkeypatch
 ):
-  from experiments import digits_tradeoff as dt
+  import digits_tradeoff as dt
 
   # Pairs within 3.5% of each other are moved 1.75% either side; three equal
   # sizes to 0.965, 1, 1.035; isolated points stay.

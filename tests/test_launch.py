@@ -157,7 +157,9 @@ def test_two_processes_match_one(tmp_path):
   ):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
   # Both reached the same accuracy on the whole test set.
-  final = lambda o: [l for l in o.splitlines() if l.startswith('final')][-1]
+  final = lambda o: [
+    line for line in o.splitlines() if line.startswith('final')
+  ][-1]
   assert final(out1) == final(outs[0])
 
 
@@ -171,6 +173,7 @@ def test_fracbits_log_states_start_bits_and_bits_optimizer(tmp_path):
       '--config.optimizer=adamw',
       '--config.learning_rate=0.001',
       '--config.bits_learning_rate=0.05',
+      '--config.quant.fracbits.penalty_weight=2',
     ]
   )
   out, _ = p.communicate(timeout=300)
@@ -210,6 +213,45 @@ def test_unknown_key_short_message_with_suggestion(tmp_path):
     ]
   )
   assert rc == 2 and 'unknown config key foo' in out and 'Traceback' not in out
+  assert not os.path.exists(tmp_path / 'wd')
+
+
+def test_old_flat_quant_keys_name_their_new_place(tmp_path):
+  # On the command line...
+  rc, out = _run_launch(
+    [
+      '--config=configs/digits_fracbits.py:smoke',
+      f'--workdir={tmp_path / "wd"}',
+      '--config.quant.penalty_weight=2',
+    ]
+  )
+  assert rc == 2 and 'Traceback' not in out, out
+  assert (
+    'config.quant.penalty_weight moved to config.quant.fracbits.penalty_weight'
+    in out
+  )
+  rc, out = _run_launch(
+    [
+      '--config=configs/digits_pcqat.py:smoke',
+      f'--workdir={tmp_path / "wd"}',
+      '--config.quant.preserve=prune',
+    ]
+  )
+  assert rc == 2 and '--config.quant.preserve.mode=MODE' in out, out
+  # ... and in a config file.
+  path = tmp_path / 'old_layout.py'
+  path.write_text(
+    'from configs import digits_uniform\n\n\n'
+    'def get_config():\n'
+    "  c = digits_uniform.get_config('smoke')\n"
+    '  c.quant.weight_bits = 3.0\n'
+    '  return c\n'
+  )
+  rc, out = _run_launch([f'--config={path}', f'--workdir={tmp_path / "wd"}'])
+  assert rc == 2 and 'Traceback' not in out, out
+  assert (
+    'config.quant.weight_bits moved to config.quant.uniform.weight_bits' in out
+  )
   assert not os.path.exists(tmp_path / 'wd')
 
 

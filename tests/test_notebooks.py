@@ -46,7 +46,15 @@ def _kernel_manager(tmp_path):
         ],
         'display_name': 'Python 3 (fracq tests)',
         'language': 'python',
-        'env': {'MPLBACKEND': 'module://matplotlib_inline.backend_inline'},
+        # PYTHONPATH stands in for `pip install -e .` when the checkout
+        # under test is not the installed one (the first cell would install
+        # it otherwise).
+        'env': {
+          'MPLBACKEND': 'module://matplotlib_inline.backend_inline',
+          'PYTHONPATH': os.pathsep.join(
+            filter(None, [ROOT, os.environ.get('PYTHONPATH')])
+          ),
+        },
       }
     )
   )
@@ -108,11 +116,13 @@ def test_notebooks_are_found_and_stored_without_outputs():
         assert not cell.outputs and cell.execution_count is None, (
           f'{os.path.basename(p)} is stored with outputs; clear them.'
         )
-    # The first code cell uses the checkout the notebook sits in, and
-    # installs its requirements only when fracq cannot be imported.
+    # The first code cell installs the checkout the notebook sits in
+    # (editable, with its requirements) only when fracq cannot be imported,
+    # and never edits sys.path.
     first = next(c for c in nb.cells if c.cell_type == 'code').source
-    assert 'sys.path' in first and 'requirements.txt' in first, first
-    assert 'except ImportError' in first, first
+    assert 'sys.path' not in first, first
+    assert 'requirements.txt' in first and '-e {root}' in first, first
+    assert 'except ImportError' in first and 'site.addsitedir' in first, first
     assert '<owner>' not in first and 'git+' not in first, first
 
 
@@ -127,7 +137,6 @@ def test_install_cell_needs_no_network_when_fracq_imports(path, monkeypatch):
     raise AssertionError('the install cell ran pip although fracq imports')
 
   monkeypatch.chdir(EXPERIMENTS)
-  monkeypatch.setattr(sys, 'path', list(sys.path))
   env = {'get_ipython': no_ipython}
   exec(compile(first, os.path.basename(path), 'exec'), env)  # pylint: disable=exec-used
   assert os.path.samefile(

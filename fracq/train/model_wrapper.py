@@ -69,37 +69,3 @@ class PlainModel:
 
   def report(self, variables, workdir, step, writer=None):
     return ''
-
-
-def build_model_wrapper(config, module, sample_x, total_steps=None):
-  """``PlainModel`` for ``config.quant.method == 'none'``, else the method's
-  wrapper (uniform QAT, FracBits, HAWQ)."""
-  if config.quant.method == 'none' and not config.quant.get('preserve', ''):
-    return PlainModel(module)
-  from fracq.methods import config as methods_config
-
-  if config.quant.method == 'f8net':
-    from fracq.methods import f8net
-
-    return f8net.build(config.quant, module, sample_x)
-  if config.quant.method == 'hawq':
-    # The search runs on the trained float model, on training batches.
-    from fracq import data as data_lib
-    from fracq.train import checkpoint as ckpt_lib
-
-    if not config.init_from:
-      raise ValueError(
-        "quant.method='hawq' searches bits on a trained float "
-        'model: set --config.init_from=<float workdir>.'
-      )
-    float_vars = ckpt_lib.load_variables(
-      config.init_from, config.init_collections
-    )
-    it = data_lib.train_iterator(config, 0)
-    batches = [next(it) for _ in range(config.quant.hawq_batches)]
-    return methods_config.build_hawq(
-      config.quant, module, sample_x, float_vars, batches
-    )
-  return methods_config.build(
-    config.quant, module, sample_x, config=config, total_steps=total_steps
-  )

@@ -56,7 +56,8 @@ from fracq import data as data_lib
 from fracq import models
 from fracq.train import checkpoint as ckpt_lib
 from fracq.train import distributed
-from fracq.train import model_wrapper as mw
+from fracq.train import quant_config
+from fracq.train import registry
 from fracq.train import optim
 
 AXIS = 'batch'
@@ -105,12 +106,15 @@ def check_config(config) -> None:
   for key in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
     if config[key] < 1:
       raise ConfigError(f'config.{key}={config[key]!r} must be >= 1.')
-  quant = config.quant
-  if config.export and quant.method == 'none' and not quant.get('preserve', ''):
+  try:
+    quant_config.check(config.quant)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if config.export and quant_config.is_float(config.quant):
     raise ConfigError(
       'config.export=True needs a quantized, pruned or clustered model '
-      "(config.quant.method != 'none' or config.quant.preserve set); this "
-      'is a float run, so there is nothing to export. Drop '
+      "(config.quant.method != 'none' or config.quant.preserve.mode set); "
+      'this is a float run, so there is nothing to export. Drop '
       '--config.export=True or choose a quantization method.'
     )
   ckpt_lib.resume_changes(config)
@@ -460,7 +464,7 @@ def _run(config, workdir, mesh, writer, mngr, changed, first) -> dict:
 
   total = total_steps(config)
   module = build_module(config)
-  wrapper = mw.build_model_wrapper(
+  wrapper = quant_config.build_model_wrapper(
     config, module, data_lib.model_input(first)[:1], total_steps=total
   )
   rng = jax.random.key(config.seed)
@@ -624,12 +628,12 @@ def _export(config, wrapper, state, workdir) -> dict:
     raise ValueError(
       'config.export=True needs a quantized, pruned or '
       "clustered model (config.quant.method != 'none' or "
-      'config.quant.preserve set).'
+      'config.quant.preserve.mode set).'
     )
   variables = jax.device_get(state.variables())
   meta = {'model': config.model, 'method': config.quant.method}
   out, texts = {}, []
-  if config.quant.method == 'none':
+  if not registry.get(config.quant.method).quantized:
     # Float pruning / clustering: the stripped float32 model (exact zeros
     # and centroid values in params), and its gzip size.
     from fracq.methods import preserve

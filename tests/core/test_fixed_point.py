@@ -101,7 +101,11 @@ def test_ste_gradient_mask():
 def test_traced_per_channel_fl():
   x = _normal(0, (16, 3))
   fl = jnp.array([0, 2, 7], jnp.int32)
-  f = jax.jit(lambda v, l: fp.fixed_point_quantize(v, l, signed=True, axis=-1))
+  f = jax.jit(
+    lambda v, frac_len: fp.fixed_point_quantize(
+      v, frac_len, signed=True, axis=-1
+    )
+  )
   out = f(x, fl)
   for c in range(3):
     np.testing.assert_array_equal(

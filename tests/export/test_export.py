@@ -11,7 +11,7 @@ import fracq
 from fracq import export
 from fracq import models
 from fracq.data import digits
-from fracq.methods import config as mcfg
+from fracq.train import quant_config as mcfg
 
 
 def _hard_digits_model(per_channel=False, seed=0):
@@ -95,10 +95,10 @@ def test_refuses_overwrite_and_detects_corruption(tmp_path):
 
 def test_resnet50_random_bits_size_accounting(tmp_path):
   q = mcfg.default_quant_config('fracbits')
-  q.fixed_layers = models.default_fixed_layers('resnet50')
-  q.weight_bits = 4.5
-  q.hard_assign_step = 0
-  q.budget_uniform_bits = 4.0
+  q.layers.fixed = models.default_fixed_layers('resnet50')
+  q.fracbits.weight_bits = 4.5
+  q.fracbits.hard_assign_step = 0
+  q.budget.uniform_bits = 4.0
   module = models.get_model('resnet50')
   qm = mcfg.build(
     q,

@@ -284,4 +284,4 @@ def test_pact_finetunes_from_a_float_checkpoint(tmp_path):
     p: float(n['pact_alpha']) for p, n in raw['trainable']['quant'].items()
   }
   assert sorted(clips) == sorted(DIGITS_LINKS.values())
-  assert any(a != c.quant.f8_pact_init for a in clips.values())
+  assert any(a != c.quant.f8net.pact_init for a in clips.values())

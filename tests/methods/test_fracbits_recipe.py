@@ -12,8 +12,9 @@ from configs import mobilenet_v2_fracbits
 from configs import resnet18_fracbits
 from configs import resnet50_fracbits
 from fracq import models
-from fracq.methods import config as methods_config
 from fracq.methods import cost as cost_lib
+from fracq.train import quant_config as methods_config
+from fracq.train import registry
 
 
 def _wrap(cfg, size, channels=3):
@@ -25,11 +26,13 @@ def _wrap(cfg, size, channels=3):
 def _size_equivalent_bits(qm, target):
   """Closed form for a size budget: target = 8 * fixed + k * learned."""
   fixed = sum(
-    l.numel * l.weight.fixed
-    for l in qm.cost_model.layers
-    if not l.weight.learned
+    layer.numel * layer.weight.fixed
+    for layer in qm.cost_model.layers
+    if not layer.weight.learned
   )
-  learned = sum(l.numel for l in qm.cost_model.layers if l.weight.learned)
+  learned = sum(
+    layer.numel for layer in qm.cost_model.layers if layer.weight.learned
+  )
   return (target - fixed) / learned
 
 
@@ -50,7 +53,7 @@ def test_imagenet_configs_start_at_budget_equivalent_plus_half(
 ):
   cfg = config_module.get_config()
   qm = _wrap(cfg, 32)  # model size does not depend on the input size
-  numel_all = sum(l.numel for l in qm.cost_model.layers)
+  numel_all = sum(layer.numel for layer in qm.cost_model.layers)
   target = 8.0 * numel_all / 1.5  # 1.5x over INT8
   assert qm.target == pytest.approx(target, rel=1e-9)
   equivalent = _size_equivalent_bits(qm, target)
@@ -95,7 +98,7 @@ def test_digits_bitops_variables_start_at_budget_equivalent_plus_half():
     for path, v in leaves
     if path[-1].key in ('kernel_bits', 'input_bits')
   }
-  n_learned = sum(l.weight.learned for l in qm.cost_model.layers)
+  n_learned = sum(layer.weight.learned for layer in qm.cost_model.layers)
   kernel_bits = [k for k in learned if k.endswith('kernel_bits')]
   input_bits = [k for k in learned if k.endswith('input_bits')]
   assert len(kernel_bits) == n_learned > 0 and input_bits
@@ -111,15 +114,14 @@ def test_init_bits_clipped_to_bounds_and_bad_spec_rejected():
   assert qm.init_bits_info['uniform_equivalent_bits'] == pytest.approx(7.8)
   # weight_bits is unused with init_bits='budget+D', even outside bounds.
   cfg = digits_fracbits.get_config()
-  cfg.quant.weight_bits = 8.0
-  cfg.quant.weight_bit_bounds = (2.0, 6.0)
+  cfg.quant.fracbits.weight_bits = 8.0
+  cfg.quant.fracbits.weight_bit_bounds = (2.0, 6.0)
   qm = methods_config.build(cfg.quant, module, x, total_steps=100)
   assert _learned_weight_bits(qm) == {3.5}
-  cfg.quant.init_bits = 'target+0.5'
+  cfg.quant.fracbits.init_bits = 'target+0.5'
   with pytest.raises(ValueError, match="'budget\\+D'"):
     methods_config.build(cfg.quant, module, x, total_steps=100)
-  cfg.quant.init_bits = 'budget-0.25'
-  assert methods_config.init_bits_offset(cfg.quant) == -0.25
+  assert registry.init_bits_offset('budget-0.25') == -0.25
 
 
 def test_uniform_equivalent_of_bitops_with_learned_acts():
@@ -147,10 +149,11 @@ IMAGENET = [
 @pytest.mark.parametrize('config_module,arg,kind', IMAGENET)
 def test_imagenet_penalty_in_paper_units(config_module, arg, kind):
   q = config_module.get_config(arg).quant
-  assert q.budget_kind == kind
-  assert q.penalty == 'abs' and q.penalty_weight == 1.0
-  assert q.penalty_unit == {'size': 8e6, 'bitops': 1e9}[kind]
-  assert q.init_bits == 'budget+0.5'
+  assert q.budget.kind == kind
+  fb = q.fracbits
+  assert fb.penalty == 'abs' and fb.penalty_weight == 1.0
+  assert fb.penalty_unit == {'size': 8e6, 'bitops': 1e9}[kind]
+  assert fb.init_bits == 'budget+0.5'
 
 
 def test_penalty_gradient_is_kappa_per_megabyte_and_per_gigabitop():
@@ -188,7 +191,9 @@ def test_inception_aux_head_fixed_at_8_bits():
   cfg = inception_v3_fracbits.get_config()
   qm = _wrap(cfg, 299)  # shape-only trace; the aux head needs 17x17 maps
   aux = {
-    l.path: l for l in qm.cost_model.layers if l.path.startswith('AuxLogits/')
+    layer.path: layer
+    for layer in qm.cost_model.layers
+    if layer.path.startswith('AuxLogits/')
   }
   assert set(aux) == {
     'AuxLogits/conv0/conv',
@@ -201,5 +206,7 @@ def test_inception_aux_head_fixed_at_8_bits():
   for path in aux:
     assert qm.facts[path].rule_index == qm.rules.index(fixed_rule)
   # Everything else but the stem conv and the classifier learns its bits.
-  fixed = {l.path for l in qm.cost_model.layers if not l.weight.learned}
+  fixed = {
+    layer.path for layer in qm.cost_model.layers if not layer.weight.learned
+  }
   assert fixed == set(aux) | {'Conv2d_1a_3x3/conv', 'fc'}

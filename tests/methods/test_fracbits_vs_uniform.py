@@ -115,7 +115,7 @@ def _assert_same_tensors(uq, vu, hard, vf, k):
   assert (
     set(a)
     == set(b)
-    == {(l, t) for l in ('conv', 'head') for t in ('kernel', 'input')}
+    == {(layer, t) for layer in ('conv', 'head') for t in ('kernel', 'input')}
   )
   for key in a:
     layer, t = key

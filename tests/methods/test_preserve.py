@@ -63,14 +63,14 @@ def _train(qm, v, x, y, steps=20, lr=0.05):
 
   @jax.jit
   def step(tr, st):
-    (l, upd), g = jax.value_and_grad(loss, has_aux=True)(tr, st)
+    (loss_value, upd), g = jax.value_and_grad(loss, has_aux=True)(tr, st)
     tr = jax.tree_util.tree_map(lambda a, b: a - lr * b, tr, g)
-    return tr, {**st, **upd}, l
+    return tr, {**st, **upd}, loss_value
 
   losses = []
   for _ in range(steps):
-    train, state, l = step(train, state)
-    losses.append(float(l))
+    train, state, loss_value = step(train, state)
+    losses.append(float(loss_value))
   return {**train, **state}, losses
 
 

@@ -71,7 +71,7 @@ def test_digits_pcqat_bad_values(float_digits, tmp_path, bad, match):
 
 def test_unknown_preserve_mode_is_clear(tmp_path):
   c = get_config('digits_uniform', 'smoke')
-  c.quant.preserve = 'prune_all'
+  c.quant.preserve.mode = 'prune_all'
   with pytest.raises(ValueError, match='preserve'):
     tr.train_and_evaluate(c, str(tmp_path))
 
@@ -106,23 +106,24 @@ def test_cifar10_prune_cluster_pcqat_pipeline_on_mock_tfds(tmp_path):
 
 def test_gradual_pruning_config_errors_and_schedule():
   from fracq.methods import preserve
+  from fracq.train import registry
 
   c = get_config('cifar10_resnet20_pcqat', 'stage=prune')
-  q = c.quant
-  tr_ = preserve.transform_from_config(q, total_steps=300)
+  p = c.quant.preserve
+  tr_ = registry.preserve_transform(total_steps=300, **p)
   assert isinstance(tr_, preserve.PruningTransform)
   assert (tr_.begin_step, tr_.end_step, tr_.final_sparsity) == (0, 200, 0.5)
   assert tr_.sparsity_at(0) == 0.0 and tr_.sparsity_at(200) == 0.5
   with pytest.raises(ValueError, match='needs the number of training steps'):
-    preserve.transform_from_config(q)
-  q.preserve = 'prune_cluster'
-  with pytest.raises(ValueError, match="preserve='prune' only"):
-    preserve.check_config(q)
-  q.preserve, q.sparsity = 'prune', -1.0
+    registry.preserve_transform(**p)
+  p.mode = 'prune_cluster'
+  with pytest.raises(ValueError, match="mode='prune' only"):
+    registry.check_preserve(**p)
+  p.mode, p.sparsity = 'prune', -1.0
   with pytest.raises(ValueError, match='final sparsity'):
-    preserve.check_config(q)
-  q.sparsity, q.prune_schedule = 0.5, 'cubic'
+    registry.check_preserve(**p)
+  p.sparsity, p.prune_schedule = 0.5, 'cubic'
   with pytest.raises(ValueError, match='prune_schedule'):
-    preserve.check_config(q)
+    registry.check_preserve(**p)
   with pytest.raises(ValueError, match='stage'):
     get_config('cifar10_resnet20_pcqat', 'stage=quantize')

@@ -13,7 +13,7 @@ import fracq
 from fracq import core
 from fracq import interception
 from fracq import models
-from fracq.methods import config as mcfg
+from fracq.train import quant_config as mcfg
 from fracq.train import train as tr
 
 
@@ -154,8 +154,8 @@ def test_impossible_budget_fails_before_training():
   with pytest.raises(ValueError, match='Impossible budget'):
     _fracbits_model(budget_bits=1.0, init_bits=3.0)
   c = importlib.import_module('configs.digits_fracbits').get_config('smoke')
-  c.quant.budget_uniform_bits = None
-  c.quant.budget_compression = 40.0
+  c.quant.budget.uniform_bits = None
+  c.quant.budget.compression = 40.0
   with pytest.raises(ValueError, match='Impossible budget'):
     mcfg.build(c.quant, tr.build_module(c), tr.sample_input(c), total_steps=10)
 
@@ -214,9 +214,9 @@ ZOO = [
 )
 def test_full_size_models_default_rules_match_first_and_last(name, size):
   q = mcfg.default_quant_config('fracbits')
-  q.fixed_layers = models.default_fixed_layers(name)
-  q.weight_bits = 4.5
-  q.budget_uniform_bits = 4.0
+  q.layers.fixed = models.default_fixed_layers(name)
+  q.fracbits.weight_bits = 4.5
+  q.budget.uniform_bits = 4.0
   module = models.get_model(name, num_classes=10)
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   qm = mcfg.build(q, module, x, total_steps=10)
@@ -234,10 +234,10 @@ def test_full_size_models_default_rules_match_first_and_last(name, size):
 @pytest.mark.parametrize('method', ['uniform', 'fracbits'])
 def test_zoo_models_through_default_rules(name, shape, method):
   q = mcfg.default_quant_config(method)
-  q.fixed_layers = models.default_fixed_layers(name)
-  q.weight_bits = 4.0 if method == 'uniform' else 4.5
+  q.layers.fixed = models.default_fixed_layers(name)
+  q[method].weight_bits = 4.0 if method == 'uniform' else 4.5
   if method == 'fracbits':
-    q.budget_uniform_bits = 4.0
+    q.budget.uniform_bits = 4.0
   module = models.get_model(name, num_classes=10)
   x = jax.random.normal(jax.random.key(0), shape)
   qm = mcfg.build(q, module, x, total_steps=10)
@@ -278,7 +278,7 @@ def test_fracbits_configs_on_mock_data(name, arg, tmp_path):
   c = importlib.import_module(f'configs.{name}').get_config(arg)
   c.num_train_steps = 2
   c.eval_every_steps = 2
-  c.quant.hard_assign_step = 1
+  c.quant.fracbits.hard_assign_step = 1
   with tfds.testing.mock_data(num_examples=16):
     m = tr.train_and_evaluate(c, str(tmp_path))
   assert m['eval_examples'] == 16
@@ -292,7 +292,7 @@ def test_full_size_budget_matches_paper_bitops():
   c = importlib.import_module('configs.resnet18_fracbits').get_config('')
   module = tr.build_module(c, axis_name=None)
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-  c.quant.fixed_act_bits = 8
+  c.quant.layers.fixed_act_bits = 8
   qm = mcfg.build(c.quant, module, x, total_steps=100)
   # The classifier's input activation is fixed at 8 bits by our default
   # rule (the paper searches it): account for that difference exactly.
@@ -424,9 +424,10 @@ def test_signed_one_bit_kernels_are_refused():
       )
     ]
   )
-  # From the command line: --config.quant.weight_bits=1 on digits_uniform.
+  # From the command line: --config.quant.uniform.weight_bits=1 on
+  # digits_uniform.
   c = importlib.import_module('configs.digits_uniform').get_config('smoke')
-  c.quant.weight_bits = 1
+  c.quant.uniform.weight_bits = 1
   with pytest.raises(ValueError, match=r'1-bit signed kernels.*bits=2'):
     mcfg.build(c.quant, tr.build_module(c), tr.sample_input(c), total_steps=10)
 

@@ -71,8 +71,8 @@ def test_tiny_variants_train_and_eval(name, shape, dtype):
     )
     return jnp.mean(out**2), upd
 
-  (l, upd), g = jax.value_and_grad(loss, has_aux=True)(v['params'])
-  assert np.isfinite(float(l))
+  (loss_value, upd), g = jax.value_and_grad(loss, has_aux=True)(v['params'])
+  assert np.isfinite(float(loss_value))
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(g))
   out = m.apply({**v, **upd}, x, train=False)
   assert out.shape == (2, 10) and out.dtype == jnp.float32

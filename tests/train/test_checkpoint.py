@@ -147,8 +147,8 @@ def test_resume_changes_refuses_model_keys(tmp_path):
 
 def test_extended_fracbits_run_keeps_frozen_bits(tmp_path, caplog, monkeypatch):
   c = get_config('digits_fracbits')
-  c.quant.hard_assign_step = -1
-  c.quant.hard_assign_fraction = 0.5  # assignment at step 3 of 6
+  c.quant.fracbits.hard_assign_step = -1
+  c.quant.fracbits.hard_assign_fraction = 0.5  # assignment at step 3 of 6
   tr.train_and_evaluate(c, str(tmp_path))
   before = ckpt_lib.restore_raw(str(tmp_path))['state']['quant_stats']
   c.num_train_steps = 16  # would move the assignment to step 8

@@ -22,7 +22,7 @@ from fracq import data as data_lib
 from fracq.core import observers
 from fracq.interception import TensorSpec
 from fracq.methods.common import QuantTensor
-from fracq.train import model_wrapper as mw
+from fracq.train import quant_config
 from fracq.train import train as tr
 
 BATCH = 16
@@ -37,7 +37,7 @@ def _config(name, arg='smoke', **quant):
   c = importlib.import_module(f'configs.{name}').get_config(arg)
   c.batch_size = BATCH
   for k, v in quant.items():
-    c.quant[k] = v
+    c.quant[c.quant.method][k] = v
   return c
 
 
@@ -47,7 +47,9 @@ def _train(c, mesh, steps):
   assignment)."""
   module = tr.build_module(c)
   first = data_lib.digits.train_batch(0, BATCH, 0)
-  wrapper = mw.build_model_wrapper(c, module, first['image'], total_steps=steps)
+  wrapper = quant_config.build_model_wrapper(
+    c, module, first['image'], total_steps=steps
+  )
   state, tx = tr.create_train_state(
     c, wrapper, first, jax.random.key(0), total=steps, mesh=mesh
   )

@@ -124,7 +124,7 @@ def test_cross_host_check_names_the_differing_leaf():
   procs, outs = _two(CHECK)
   for p, o in zip(procs, outs):
     assert p.returncode == 0, o[-3000:]
-    line = [l for l in o.splitlines() if l.startswith('ERROR')]
+    line = [text for text in o.splitlines() if text.startswith('ERROR')]
     assert line, o[-3000:]
     assert 'the state at step 7 differs across the 2 processes' in line[0]
     assert "first ['b']['step']" in line[0]

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from fracq import data as data_lib
 from fracq.train import checkpoint as ckpt_lib
-from fracq.train import model_wrapper as mw
+from fracq.train import quant_config
 from fracq.train import train as tr
 
 
@@ -55,7 +55,9 @@ def _state_after_steps(mesh, steps=2, name='digits_float'):
   c.batch_size = 16
   module = tr.build_module(c)
   first = data_lib.digits.train_batch(0, 16, 0)
-  wrapper = mw.build_model_wrapper(c, module, first['image'], total_steps=10)
+  wrapper = quant_config.build_model_wrapper(
+    c, module, first['image'], total_steps=10
+  )
   state, tx = tr.create_train_state(
     c, wrapper, first, jax.random.key(0), total=10
   )
