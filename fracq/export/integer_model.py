@@ -54,12 +54,12 @@ import numpy as np
 
 from fracq.core import fixed_point as fxp
 from fracq.core import integer as ints
-from fracq.interception.structure import Structure
-from fracq.interception.structure import clipping_ops
-from fracq.interception.structure import conv_padding
-from fracq.interception.structure import is_max_pool
-from fracq.interception.structure import max_pool
-from fracq.interception.structure import probe_structure
+from fracq.graph.structure import Structure
+from fracq.graph.structure import clipping_ops
+from fracq.graph.structure import conv_padding
+from fracq.graph.structure import is_max_pool
+from fracq.graph.structure import max_pool
+from fracq.graph.structure import probe_structure
 
 
 @dataclasses.dataclass

@@ -156,18 +156,18 @@ def test_bad_options_are_clear():
 def test_activation_format_uses_the_global_batch(fmt):
   """Under data parallelism every replica picks the global batch's FL."""
   from jax.sharding import Mesh, PartitionSpec as P
-  from fracq.methods import f8net
+  from fracq.methods.f8net import provider as f8provider
 
   n = jax.device_count()
   rng = np.random.RandomState(0)
   # Shard i has scale 2^i: local FLs all differ, the global one is unique.
   x = np.concatenate([rng.randn(4, 16) * 2.0**i for i in range(n)])
   x = jnp.asarray(x, jnp.float32)
-  want = f8net._fl_of(x, True, fmt, (0, 7))
+  want = f8provider.fl_of(x, True, fmt, (0, 7))
   mesh = Mesh(np.array(jax.devices()), ('batch',))
   fn = jax.jit(
     jax.shard_map(
-      lambda a: f8net._fl_of(a, True, fmt, (0, 7), axis_name='batch')[None],
+      lambda a: f8provider.fl_of(a, True, fmt, (0, 7), axis_name='batch')[None],
       mesh=mesh,
       in_specs=P('batch'),
       out_specs=P('batch'),
@@ -176,7 +176,8 @@ def test_activation_format_uses_the_global_batch(fmt):
   )
   got = np.asarray(fn(x))
   local = [
-    int(f8net._fl_of(x[4 * i : 4 * i + 4], True, fmt, (0, 7))) for i in range(n)
+    int(f8provider.fl_of(x[4 * i : 4 * i + 4], True, fmt, (0, 7)))
+    for i in range(n)
   ]
   assert len(set(local)) > 1  # the test would catch per-replica formats
   np.testing.assert_array_equal(got, np.full(n, int(want)))
