@@ -214,6 +214,7 @@ class LayerCall:
   def __init__(self, owner, site: Site, module: nn.Module, args, kwargs):
     self._owner = owner
     self._module = module
+    self._runs = 0
     self.site = site
     self.args = args
     self.kwargs = kwargs
@@ -228,7 +229,11 @@ class LayerCall:
     applied to the arrays it computes with; ``args``/``kwargs`` replace the
     call's arguments. The site's shapes are set on return."""
     module = self._module
-    clone = module.clone(parent=module.scope)
+    scope = module.scope
+    if self._runs:  # names the first run reserved are free again
+      scope = scope.rewound()
+    self._runs += 1
+    clone = module.clone(parent=scope)
     hook = _PromoteHook(self._owner, module.promote_dtype, self.site, transform)
     # The clone is a fresh dataclass instance private to this call; its
     # promote_dtype field is swapped before it is ever used.

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fracq
 from fracq import models
 from fracq.data import digits
 from fracq.methods.f8net import F8NetModel, F8NetOptions
@@ -150,6 +151,46 @@ def test_bad_options_are_clear():
       jnp.zeros((1, 8, 8, 1)),
       options=F8NetOptions(keep_float='.*'),
     )
+  with pytest.raises(ValueError, match='not a valid regular'):
+    F8NetOptions(keep_float='(')
+
+
+def test_keep_float_rule_is_honoured(data):
+  """Layers come from Rules, as for every method; the old option is the
+  same keep_float rule."""
+  x, _ = data
+  m = models.get_model('digits_cnn')
+  rules = [fracq.keep_float(r'^conv2$'), fracq.Rule(module_path='.*')]
+  f8 = F8NetModel(m, x[:4], rules=rules)
+  assert f8.order == ['conv_init', 'conv1', 'conv3', 'conv4', 'head']
+  assert 'conv2' not in f8.pairs and 'not the direct output' in str(f8.unfolded)
+  v = f8.init(jax.random.key(0), x[:4])
+  assert 'conv2' not in v['quant_stats'] and 'conv3' in v['quant_stats']
+  legacy = F8NetModel(m, x[:4], options=F8NetOptions(keep_float=r'^conv2$'))
+  assert legacy.order == f8.order and legacy.rules[0].keep_float
+  # Rules restricted by layer type: only the head (Dense) is quantized.
+  head = F8NetModel(m, x[:4], rules=[fracq.Rule(layer_types=('Dense',))])
+  assert head.order == ['head'] and head.pairs == {}
+
+
+def test_bad_rules_are_clear(data):
+  x, _ = data
+  m = models.get_model('digits_cnn')
+  with pytest.raises(
+    ValueError, match=r"matched no layer: #0 module_path='nope"
+  ):
+    F8NetModel(m, x[:4], rules=[fracq.keep_float('nope'), fracq.Rule()])
+  with pytest.warns(UserWarning, match='matched no layer'):
+    F8NetModel(
+      m,
+      x[:4],
+      rules=[fracq.keep_float('nope'), fracq.Rule()],
+      on_unused='warn',
+    )
+  with pytest.raises(ValueError, match='no weight/act TensorSpec'):
+    F8NetModel(m, x[:4], rules=[fracq.Rule(weight=fracq.TensorSpec(bits=4))])
+  with pytest.raises(ValueError, match='Einsum'):
+    F8NetModel(m, x[:4], rules=[fracq.Rule(layer_types=('Conv', 'Einsum'))])
 
 
 @pytest.mark.parametrize('fmt', ['std', 'grid'])
