@@ -16,6 +16,15 @@ untouched; the provider's variables (scales, bit-widths, statistics) live in
 its own collections on the layer's scope, created at ``init`` and threaded
 explicitly through ``apply(..., mutable=...)``.
 
+Providers and front ends. A provider sees a layer only through a
+:class:`Site` (its path, type, rule, shapes, variables and attributes) and,
+with the optional hooks, a :class:`LayerCall` (run the layer with a joint
+transform of its input, kernel and bias) or a :class:`ModuleCall` (any other
+module: BatchNorm statistics, module entries). Nothing in them exposes
+linen to the provider, so another front end (NNX: walk the module graph and
+replace matched layers in place) can drive the same providers by building
+the same three objects over its own modules and variables.
+
 Purity and threads. Flax keeps its interceptor stack thread-local, and the
 interceptor here carries all its state in the object that one ``with`` block
 installs, so nothing global is mutated; interception is active only inside
@@ -70,8 +79,9 @@ class Site:
     layer_type: ``'Dense'``, ``'Conv'``, ...
     rule: the rule that matched the layer.
     rule_index: the rule's index in the rule list.
-    module: the layer (bound to its scope); providers create their variables
-      through :meth:`variable`.
+    module: the front end's layer object (linen: the layer bound to its
+      scope). Providers do not use it: they create their variables through
+      :meth:`variable` and read hyperparameters with :meth:`layer_attr`.
     out_axes: kernel axes indexing output channels (set once the kernel is
       seen).
   """

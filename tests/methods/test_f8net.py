@@ -12,6 +12,7 @@ import fracq
 from fracq import models
 from fracq.data import digits
 from fracq.methods.f8net import F8NetModel, F8NetOptions
+from fracq.methods.f8net.options import f8net_rules
 
 
 @pytest.fixture(scope='module')
@@ -166,8 +167,12 @@ def test_keep_float_rule_is_honoured(data):
   assert 'conv2' not in f8.pairs and 'not the direct output' in str(f8.unfolded)
   v = f8.init(jax.random.key(0), x[:4])
   assert 'conv2' not in v['quant_stats'] and 'conv3' in v['quant_stats']
-  legacy = F8NetModel(m, x[:4], options=F8NetOptions(keep_float=r'^conv2$'))
-  assert legacy.order == f8.order and legacy.rules[0].keep_float
+  # The option's spelling is the same rule, placed first.
+  legacy = f8net_rules(None, F8NetOptions(keep_float=r'^conv2$'))
+  assert [(r.module_path, r.keep_float) for r in legacy] == [
+    (r'^conv2$', True),
+    ('.*', False),
+  ]
   # Rules restricted by layer type: only the head (Dense) is quantized.
   head = F8NetModel(m, x[:4], rules=[fracq.Rule(layer_types=('Dense',))])
   assert head.order == ['head'] and head.pairs == {}
