@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fracq.core import integer as ints
-from fracq.interception.structure import max_pool
+from fracq.graph.structure import max_pool
 
 INPUT = 'input'  # the name of the program's input in graph programs
 

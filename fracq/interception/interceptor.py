@@ -16,6 +16,15 @@ untouched; the provider's variables (scales, bit-widths, statistics) live in
 its own collections on the layer's scope, created at ``init`` and threaded
 explicitly through ``apply(..., mutable=...)``.
 
+Providers and front ends. A provider sees a layer only through a
+:class:`Site` (its path, type, rule, shapes, variables and attributes) and,
+with the optional hooks, a :class:`LayerCall` (run the layer with a joint
+transform of its input, kernel and bias) or a :class:`ModuleCall` (any other
+module: BatchNorm statistics, module entries). Nothing in them exposes
+linen to the provider, so another front end (NNX: walk the module graph and
+replace matched layers in place) can drive the same providers by building
+the same three objects over its own modules and variables.
+
 Purity and threads. Flax keeps its interceptor stack thread-local, and the
 interceptor here carries all its state in the object that one ``with`` block
 installs, so nothing global is mutated; interception is active only inside
@@ -31,6 +40,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from fracq.interception import facts as facts_lib
 from fracq.interception import rules as rules_lib
@@ -59,13 +69,19 @@ def layer_type_of(module: nn.Module) -> str | None:
 class Site:
   """One intercepted layer call, as the provider sees it.
 
+  Providers reach the layer only through this object (its variables, its
+  attributes), never through the framework's module, so a front end for
+  another module system (NNX: a module graph transformed in place) drives
+  the same providers by supplying its own ``Site``.
+
   Attributes:
     path: the layer's module path, ``'/'``-joined.
     layer_type: ``'Dense'``, ``'Conv'``, ...
     rule: the rule that matched the layer.
     rule_index: the rule's index in the rule list.
-    module: the layer (bound to its scope); providers create their variables
-      through :meth:`variable`.
+    module: the front end's layer object (linen: the layer bound to its
+      scope). Providers do not use it: they create their variables through
+      :meth:`variable` and read hyperparameters with :meth:`layer_attr`.
     out_axes: kernel axes indexing output channels (set once the kernel is
       seen).
   """
@@ -98,9 +114,40 @@ class Site:
     """The (last) output-channel axis of the kernel, for per-channel specs."""
     return self.out_axes[-1]
 
+  def layer_attr(self, name: str, default: Any = None) -> Any:
+    """A hyperparameter of the layer (``strides``, ``padding``,
+    ``feature_group_count``, ...), or ``default``."""
+    return getattr(self.module, name, default)
+
+
+# A joint transform of the arrays a layer computes with, after dtype
+# promotion: ``(inputs, kernel, bias) -> (inputs, kernel, bias)``; ``bias`` is
+# None for layers without one, and a transform returning None for it drops it.
+Transform = Callable[[Any, Any, Any], tuple[Any, Any, Any]]
+
 
 class Provider(Protocol):
-  """What a quantization method supplies to the interceptor."""
+  """What a quantization method supplies to the interceptor.
+
+  :meth:`quantize_kernel` and :meth:`quantize_input` are called for the
+  layers a rule quantizes (``rule.weight`` / ``rule.act`` set), unless the
+  provider takes over layer calls with ``call_layer``.
+
+  Optional hooks, looked up by name, for methods that need more than a
+  per-tensor transform (F8Net's BatchNorm folding, the structure probe):
+
+  * ``layer_types``: the layer types the provider can quantize; matched
+    layers of other types run float.
+  * ``kernel_transform``: when not None, kernels of every matched layer go
+    through ``quantize_kernel`` (pruning, clustering), even float ones.
+  * ``call_layer(call: LayerCall)``: takes over the call of every matched
+    layer; ``call.run(transform)`` runs the layer (any number of times)
+    with a joint transform of its input, kernel and bias.
+  * ``call_module(call: ModuleCall)``: sees the call of every module that is
+    not a supported layer (``call.kind``: ``'BatchNorm'`` or ``'module'``)
+    and returns its output, usually ``call.proceed(*call.args,
+    **call.kwargs)`` with the arguments it chose (module entries).
+  """
 
   def quantize_kernel(self, site: Site, kernel: jax.Array) -> jax.Array: ...
 
@@ -108,12 +155,13 @@ class Provider(Protocol):
 
 
 class _PromoteHook:
-  """A ``promote_dtype`` that promotes, then lets the provider transform."""
+  """A ``promote_dtype`` that promotes, then applies a joint transform."""
 
-  def __init__(self, owner, orig, site: Site):
+  def __init__(self, owner, orig, site: Site, transform: Transform | None):
     self.owner = owner
     self.orig = orig
     self.site = site
+    self.transform = transform
 
   def __call__(self, *arrays, dtype=None, **kwargs):
     inputs, kernel, *rest = self.orig(*arrays, dtype=dtype, **kwargs)
@@ -127,12 +175,11 @@ class _PromoteHook:
       transpose_kernel=getattr(site.module, 'transpose_kernel', False),
       einsum_str=_einsum_str(site.module),
     )
-    rule = site.rule
-    if rule.act is not None:
-      inputs = self.owner.provider.quantize_input(site, inputs)
-    if rule.weight is not None or _transforms_kernels(self.owner.provider):
-      kernel = self.owner.provider.quantize_kernel(site, kernel)
-    return (inputs, kernel, *rest)
+    if self.transform is None:
+      return (inputs, kernel, *rest)
+    bias = rest[0] if rest else None
+    inputs, kernel, bias = self.transform(inputs, kernel, bias)
+    return (inputs, kernel, bias, *rest[1:]) if rest else (inputs, kernel)
 
 
 def _transforms_kernels(provider) -> bool:
@@ -151,6 +198,138 @@ def _einsum_str(module) -> str | None:
   return s.replace(' ', '') if isinstance(s, str) else None
 
 
+def per_tensor_transform(provider, site: Site) -> Transform:
+  """The transform of a plain provider: ``quantize_input`` on the input when
+  the rule has an ``act`` spec, ``quantize_kernel`` on the kernel when it has
+  a ``weight`` spec (or the provider transforms every kernel)."""
+
+  def transform(inputs, kernel, bias):
+    if site.rule.act is not None:
+      inputs = provider.quantize_input(site, inputs)
+    if site.rule.weight is not None or _transforms_kernels(provider):
+      kernel = provider.quantize_kernel(site, kernel)
+    return inputs, kernel, bias
+
+  return transform
+
+
+class LayerCall:
+  """One call of a matched layer, handed to a provider's ``call_layer``.
+
+  Attributes:
+    site: the layer, as providers see it.
+    args, kwargs: the call's arguments.
+  """
+
+  def __init__(self, owner, site: Site, module: nn.Module, args, kwargs):
+    self._owner = owner
+    self._module = module
+    self._runs = 0
+    self.site = site
+    self.args = args
+    self.kwargs = kwargs
+
+  @property
+  def inputs(self):
+    """The layer's input array (its first argument)."""
+    return self.args[0] if self.args else self.kwargs['inputs']
+
+  def run(self, transform: Transform | None = None, args=None, kwargs=None):
+    """Runs the layer (on its own scope: same parameters) with ``transform``
+    applied to the arrays it computes with; ``args``/``kwargs`` replace the
+    call's arguments. The site's shapes are set on return."""
+    module = self._module
+    scope = module.scope
+    if self._runs:  # names the first run reserved are free again
+      scope = scope.rewound()
+    self._runs += 1
+    clone = module.clone(parent=scope)
+    hook = _PromoteHook(self._owner, module.promote_dtype, self.site, transform)
+    # The clone is a fresh dataclass instance private to this call; its
+    # promote_dtype field is swapped before it is ever used.
+    object.__setattr__(clone, 'promote_dtype', hook)
+    self.site.module = clone
+    return clone(
+      *(self.args if args is None else args),
+      **(self.kwargs if kwargs is None else kwargs),
+    )
+
+
+class ModuleCall:
+  """One call of a module that is not a supported layer (a BatchNorm, a
+  block, the model itself), handed to a provider's ``call_module``.
+
+  Attributes:
+    path: the module path, ``'/'``-joined (``''`` for the model itself).
+    kind: ``'BatchNorm'`` or ``'module'``.
+    args, kwargs: the call's arguments.
+  """
+
+  def __init__(self, module: nn.Module, next_fun, args, kwargs):
+    self._module = module
+    self._next_fun = next_fun
+    self.path = '/'.join(module.path)
+    self.kind = 'BatchNorm' if isinstance(module, nn.BatchNorm) else 'module'
+    self.args = args
+    self.kwargs = kwargs
+
+  def proceed(self, *args, **kwargs):
+    """Calls the module itself with these arguments."""
+    return self._next_fun(*args, **kwargs)
+
+  @property
+  def inputs(self):
+    """The module's first argument (``x`` for a BatchNorm)."""
+    return self.args[0] if self.args else self.kwargs['x']
+
+  def variable(self, collection: str, name: str, init_fn: Callable[[], Any]):
+    """A provider variable on the module's scope (e.g. a block's input
+    format)."""
+    return self._module.variable(collection, name, init_fn)
+
+  def is_mutable(self, collection: str) -> bool:
+    return self._module.is_mutable_collection(collection)
+
+  @property
+  def is_initializing(self) -> bool:
+    return self._module.is_initializing()
+
+  @property
+  def epsilon(self) -> float:
+    """A BatchNorm's epsilon."""
+    return float(self._module.epsilon)
+
+  def batch_norm_statistics(self, x):
+    """``(scale, bias, mean, var, epsilon)`` a BatchNorm normalizes ``x``
+    with in this call: its running averages when it uses them, else the
+    batch statistics of ``x`` (averaged over the BN's ``axis_name``; at init,
+    as the BN does, the batch statistics). ``scale``/``bias`` are None when
+    the BN has none. Read-only: call :meth:`proceed` for the BN's own
+    updates."""
+    bn = self._module
+    use_ra = nn.merge_param(
+      'use_running_average',
+      bn.use_running_average,
+      self.kwargs.get('use_running_average'),
+    )
+    gamma = bn.get_variable('params', 'scale') if bn.use_scale else None
+    beta = bn.get_variable('params', 'bias') if bn.use_bias else None
+    xf = x.astype(jnp.float32)
+    red = tuple(range(xf.ndim - 1))
+    if bn.is_initializing():  # as the BN does at init: batch statistics
+      return gamma, beta, jnp.mean(xf, red), jnp.var(xf, red), self.epsilon
+    if use_ra:
+      mean = bn.get_variable('batch_stats', 'mean')
+      var = bn.get_variable('batch_stats', 'var')
+      return gamma, beta, mean, var, self.epsilon
+    mean = jnp.mean(xf, axis=red)
+    mean2 = jnp.mean(jnp.square(xf), axis=red)
+    if bn.axis_name is not None:
+      mean, mean2 = jax.lax.pmean((mean, mean2), bn.axis_name)
+    var = jnp.maximum(mean2 - jnp.square(mean), 0.0)
+    return gamma, beta, mean, var, self.epsilon
+
+
 class _Interceptor:
   """The callable installed with ``nn.intercept_methods``."""
 
@@ -158,6 +337,9 @@ class _Interceptor:
     self.rules = rules
     self.provider = provider
     self.recorder = recorder
+    self.layer_types = getattr(provider, 'layer_types', None)
+    self.call_layer = getattr(provider, 'call_layer', None)
+    self.call_module = getattr(provider, 'call_module', None)
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
@@ -168,15 +350,19 @@ class _Interceptor:
       return next_fun(*args, **kwargs)  # our own clone running
     layer_type = layer_type_of(module)
     if layer_type is None:
-      return next_fun(*args, **kwargs)
+      if self.call_module is None:
+        return next_fun(*args, **kwargs)
+      return self.call_module(ModuleCall(module, next_fun, args, kwargs))
     path = '/'.join(module.path)
     found = rules_lib.match_rule(self.rules, path, layer_type)
     rule_index, rule = found if found else (None, None)
     quantize = (
       rule is not None
       and not rule.keep_float
+      and (self.layer_types is None or layer_type in self.layer_types)
       and (
-        rule.weight is not None
+        self.call_layer is not None
+        or rule.weight is not None
         or rule.act is not None
         or _transforms_kernels(self.provider)
       )
@@ -196,13 +382,11 @@ class _Interceptor:
       rule_index=rule_index,
       module=module,
     )
-    clone = module.clone(parent=module.scope)
-    hook = _PromoteHook(self, module.promote_dtype, site)
-    # The clone is a fresh dataclass instance private to this call; its
-    # promote_dtype field is swapped before it is ever used.
-    object.__setattr__(clone, 'promote_dtype', hook)
-    site.module = clone
-    out = clone(*args, **kwargs)
+    call = LayerCall(self, site, module, args, kwargs)
+    if self.call_layer is not None:
+      out = self.call_layer(call)
+    else:
+      out = call.run(per_tensor_transform(self.provider, site))
     if self.recorder is not None:
       self._record(site, out, rule, rule_index)
     return out
@@ -314,11 +498,16 @@ class QuantizedModule:
     self.on_unused = on_unused
 
   @contextlib.contextmanager
-  def intercepting(self, recorder: dict | None = None):
-    """The scope inside which the module's layers are quantized."""
-    with nn.intercept_methods(
-      _Interceptor(self.rules, self.provider, recorder)
-    ):
+  def intercepting(self, recorder: dict | None = None, provider=None):
+    """The scope inside which the module's layers are quantized.
+
+    Args:
+      recorder: a dict that receives each layer's facts.
+      provider: a provider for this scope only (default: the module's),
+        e.g. a calibration or capture mode of the same method.
+    """
+    provider = self.provider if provider is None else provider
+    with nn.intercept_methods(_Interceptor(self.rules, provider, recorder)):
       yield
 
   def init(self, rngs, *args, **kwargs):
@@ -355,32 +544,47 @@ class QuantizedModule:
     return recorder
 
   def unused_rules(self, facts: dict) -> list[tuple[int, rules_lib.Rule]]:
-    used = {f.rule_index for f in facts.values()}
-    return [(i, r) for i, r in enumerate(self.rules) if i not in used]
+    return unused_rules(self.rules, facts)
 
   def check_unused(self, facts: dict) -> None:
-    unused = self.unused_rules(facts)
-    if not unused:
-      return
-    paths = sorted(facts)
-    msg = (
-      'These rules matched no layer: '
-      + ', '.join(
-        f'#{i} module_path={r.module_path!r}'
-        + (f' layer_types={r.layer_types}' if r.layer_types else '')
-        for i, r in unused
-      )
-      + f'. Layer paths in this model: {paths[:40]}'
-      + (' ...' if len(paths) > 40 else '')
-      + '. Fix the regex, or an earlier rule already claims those layers '
-      "(first match wins); pass on_unused='warn' to allow it."
-    )
-    if self.on_unused == 'error':
-      raise ValueError(msg)
-    warnings.warn(msg)
+    check_unused_rules(self.rules, facts, self.on_unused)
 
   def summary(self, *args, extra=None, **kwargs) -> str:
     """A table of what was quantized and how (see ``format_facts_table``)."""
     return facts_lib.format_facts_table(
       self.layer_facts(*args, **kwargs), extra=extra
     )
+
+
+def unused_rules(
+  rules: Sequence[rules_lib.Rule], facts: dict
+) -> list[tuple[int, rules_lib.Rule]]:
+  """``(index, rule)`` of the rules that matched no layer in ``facts``."""
+  used = {f.rule_index for f in facts.values()}
+  return [(i, r) for i, r in enumerate(rules) if i not in used]
+
+
+def check_unused_rules(
+  rules: Sequence[rules_lib.Rule], facts: dict, on_unused: str = 'error'
+) -> None:
+  """Raises (``on_unused='error'``) or warns (``'warn'``) when a rule matched
+  no layer in ``facts``, naming the rules and the model's layer paths."""
+  unused = unused_rules(rules, facts)
+  if not unused:
+    return
+  paths = sorted(facts)
+  msg = (
+    'These rules matched no layer: '
+    + ', '.join(
+      f'#{i} module_path={r.module_path!r}'
+      + (f' layer_types={r.layer_types}' if r.layer_types else '')
+      for i, r in unused
+    )
+    + f'. Layer paths in this model: {paths[:40]}'
+    + (' ...' if len(paths) > 40 else '')
+    + '. Fix the regex, or an earlier rule already claims those layers '
+    "(first match wins); pass on_unused='warn' to allow it."
+  )
+  if on_unused == 'error':
+    raise ValueError(msg)
+  warnings.warn(msg)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fracq import graph
 from fracq.interception import QuantizedModule
 from fracq.interception import Rule
 from fracq.methods import cost as cost_lib
@@ -87,7 +88,7 @@ class QATModel:
     self.signs = (
       _shared[-1]
       if _shared is not None
-      else _probe_signs(module, self.rules, sample_input, self.call_kwargs)
+      else graph.probe_signs(module, self.rules, sample_input, self.call_kwargs)
     )
     self.provider = providers.QATProvider(
       hard=_hard,
@@ -353,47 +354,6 @@ class QATModel:
     from fracq.interception import format_facts_table
 
     return format_facts_table(self.facts)
-
-
-class _SignProbe:
-  """Records, per layer, whether its input went negative on the sample."""
-
-  def __init__(self):
-    self.signs = {}
-
-  def quantize_kernel(self, site, kernel):
-    return kernel
-
-  def quantize_input(self, site, x):
-    if not isinstance(x, jax.core.Tracer):
-      neg = bool(jnp.min(x) < 0)
-      self.signs[site.path] = self.signs.get(site.path, False) or neg
-    return x
-
-
-def _probe_signs(module, rules, sample_input, call_kwargs) -> dict[str, bool]:
-  """Input signs per layer from one eager forward pass on one example.
-
-  A ReLU makes a layer's input non-negative whatever the weights are, so a
-  randomly initialised model tells the signs apart. Without a concrete
-  sample (a ``ShapeDtypeStruct``), every input is treated as signed.
-  """
-  if sample_input is None or not hasattr(sample_input, '__array__'):
-    if sample_input is not None:
-      logging.info(
-        'No concrete sample input: activations treated as '
-        'signed (set TensorSpec(signed=False) to override).'
-      )
-    return {}
-  probe = _SignProbe()
-  qm = QuantizedModule(module, rules, probe, on_unused='warn')
-  x = jnp.asarray(sample_input)[:1]
-  import warnings
-
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore')
-    qm.init(jax.random.key(0), x, **call_kwargs)
-  return probe.signs
 
 
 def quantize(

@@ -27,7 +27,7 @@ from ml_collections import config_dict
 
 from fracq import data as data_lib
 from fracq.methods import cost as cost_lib
-from fracq.methods import penalty as penalty_lib
+from fracq.methods.fracbits import penalty as penalty_lib
 from fracq.train import checkpoint as ckpt_lib
 from fracq.train import registry
 

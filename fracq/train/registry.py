@@ -43,7 +43,7 @@ from fracq.interception import Rule
 from fracq.interception import TensorSpec
 from fracq.methods import cost as cost_lib
 from fracq.methods import hawq as hawq_lib
-from fracq.methods import penalty as penalty_lib
+from fracq.methods.fracbits import penalty as penalty_lib
 from fracq.methods import preserve as preserve_lib
 from fracq.methods.f8net import F8NetModel
 from fracq.methods.f8net import F8NetOptions

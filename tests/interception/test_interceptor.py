@@ -242,13 +242,13 @@ def test_jit_grad_and_stats_collection():
       )
       return jnp.mean(out**2), upd
 
-    (l, upd), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-      params, quant
-    )
-    return l, g, upd['quant_stats']
+    (loss_value, upd), g = jax.value_and_grad(
+      loss, argnums=(0, 1), has_aux=True
+    )(params, quant)
+    return loss_value, g, upd['quant_stats']
 
-  l, (gp, gq), stats = step(v['params'], v['quant'], v['quant_stats'])
-  assert np.isfinite(l)
+  loss_value, (gp, gq), stats = step(v['params'], v['quant'], v['quant_stats'])
+  assert np.isfinite(loss_value)
   # Learned steps receive gradients through the straight-through rounding.
   assert all(np.abs(x['kernel_step']) > 0 for x in gq.values())
   # The shared layer's input was seen twice, the others once.
@@ -382,3 +382,52 @@ def test_threads_each_see_only_their_own_transform():
     np.testing.assert_array_equal(out, want_a)
   for out in got['b']:
     np.testing.assert_array_equal(out, want_b)
+
+
+class ScaleTwiceProvider:
+  """Test provider with the optional hooks: runs each Dense twice (a float
+  pass, then one with a doubled kernel and no bias), logs module calls."""
+
+  layer_types = ('Dense',)
+
+  def __init__(self):
+    self.modules = []
+
+  def call_module(self, call):
+    self.modules.append((call.path, call.kind))
+    return call.proceed(*call.args, **call.kwargs)
+
+  def call_layer(self, call):
+    first = call.run()
+    second = call.run(lambda x, k, b: (x, 2.0 * k, None))
+    return first + second
+
+
+class DenseBN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), name='conv')(x).reshape((x.shape[0], -1))
+    x = nn.BatchNorm(use_running_average=True, name='bn')(x)
+    return nn.Dense(3, name='fc')(x)
+
+
+def test_optional_provider_hooks():
+  model = DenseBN()
+  provider = ScaleTwiceProvider()
+  qm = fi.QuantizedModule(model, [fi.Rule()], provider)
+  v = qm.init(jax.random.key(0), X)
+  assert v['params'].keys() == {'conv', 'bn', 'fc'}
+  assert ('bn', 'BatchNorm') in provider.modules
+  assert ('', 'module') in provider.modules  # the model itself
+  out = qm.apply(v, X)
+  # fc runs twice: x W + b, then x (2W) without bias; conv (not in
+  # layer_types) runs float.
+  p = v['params']
+  h = nn.Conv(4, (3, 3)).apply({'params': p['conv']}, X).reshape((2, -1))
+  h = nn.BatchNorm(use_running_average=True).apply(
+    {'params': p['bn'], 'batch_stats': v['batch_stats']['bn']}, h
+  )
+  want = h @ (3 * p['fc']['kernel']) + p['fc']['bias'][None]
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  facts = qm.layer_facts(X)
+  assert facts['fc'].kernel_shape == p['fc']['kernel'].shape

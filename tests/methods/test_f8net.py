@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fracq
 from fracq import export
 from fracq import models
 from fracq.data import digits
 from fracq.methods.f8net import F8NetModel, F8NetOptions
+from fracq.methods.f8net.options import f8net_rules
 
 
 @pytest.fixture(scope='module')
@@ -149,24 +151,68 @@ def test_bad_options_are_clear():
       jnp.zeros((1, 8, 8, 1)),
       options=F8NetOptions(keep_float='.*'),
     )
+  with pytest.raises(ValueError, match='not a valid regular'):
+    F8NetOptions(keep_float='(')
+
+
+def test_keep_float_rule_is_honoured(data):
+  """Layers come from Rules, as for every method; the old option is the
+  same keep_float rule."""
+  x, _ = data
+  m = models.get_model('digits_cnn')
+  rules = [fracq.keep_float(r'^conv2$'), fracq.Rule(module_path='.*')]
+  f8 = F8NetModel(m, x[:4], rules=rules)
+  assert f8.order == ['conv_init', 'conv1', 'conv3', 'conv4', 'head']
+  assert 'conv2' not in f8.pairs and 'not the direct output' in str(f8.unfolded)
+  v = f8.init(jax.random.key(0), x[:4])
+  assert 'conv2' not in v['quant_stats'] and 'conv3' in v['quant_stats']
+  # The option's spelling is the same rule, placed first.
+  legacy = f8net_rules(None, F8NetOptions(keep_float=r'^conv2$'))
+  assert [(r.module_path, r.keep_float) for r in legacy] == [
+    (r'^conv2$', True),
+    ('.*', False),
+  ]
+  # Rules restricted by layer type: only the head (Dense) is quantized.
+  head = F8NetModel(m, x[:4], rules=[fracq.Rule(layer_types=('Dense',))])
+  assert head.order == ['head'] and head.pairs == {}
+
+
+def test_bad_rules_are_clear(data):
+  x, _ = data
+  m = models.get_model('digits_cnn')
+  with pytest.raises(
+    ValueError, match=r"matched no layer: #0 module_path='nope"
+  ):
+    F8NetModel(m, x[:4], rules=[fracq.keep_float('nope'), fracq.Rule()])
+  with pytest.warns(UserWarning, match='matched no layer'):
+    F8NetModel(
+      m,
+      x[:4],
+      rules=[fracq.keep_float('nope'), fracq.Rule()],
+      on_unused='warn',
+    )
+  with pytest.raises(ValueError, match='no weight/act TensorSpec'):
+    F8NetModel(m, x[:4], rules=[fracq.Rule(weight=fracq.TensorSpec(bits=4))])
+  with pytest.raises(ValueError, match='Einsum'):
+    F8NetModel(m, x[:4], rules=[fracq.Rule(layer_types=('Conv', 'Einsum'))])
 
 
 @pytest.mark.parametrize('fmt', ['std', 'grid'])
 def test_activation_format_uses_the_global_batch(fmt):
   """Under data parallelism every replica picks the global batch's FL."""
   from jax.sharding import Mesh, PartitionSpec as P
-  from fracq.methods import f8net
+  from fracq.methods.f8net import provider as f8provider
 
   n = jax.device_count()
   rng = np.random.RandomState(0)
   # Shard i has scale 2^i: local FLs all differ, the global one is unique.
   x = np.concatenate([rng.randn(4, 16) * 2.0**i for i in range(n)])
   x = jnp.asarray(x, jnp.float32)
-  want = f8net._fl_of(x, True, fmt, (0, 7))
+  want = f8provider.fl_of(x, True, fmt, (0, 7))
   mesh = Mesh(np.array(jax.devices()), ('batch',))
   fn = jax.jit(
     jax.shard_map(
-      lambda a: f8net._fl_of(a, True, fmt, (0, 7), axis_name='batch')[None],
+      lambda a: f8provider.fl_of(a, True, fmt, (0, 7), axis_name='batch')[None],
       mesh=mesh,
       in_specs=P('batch'),
       out_specs=P('batch'),
@@ -175,7 +221,8 @@ def test_activation_format_uses_the_global_batch(fmt):
   )
   got = np.asarray(fn(x))
   local = [
-    int(f8net._fl_of(x[4 * i : 4 * i + 4], True, fmt, (0, 7))) for i in range(n)
+    int(f8provider.fl_of(x[4 * i : 4 * i + 4], True, fmt, (0, 7)))
+    for i in range(n)
   ]
   assert len(set(local)) > 1  # the test would catch per-replica formats
   np.testing.assert_array_equal(got, np.full(n, int(want)))

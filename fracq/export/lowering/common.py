@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from fracq.export.program import IntegerProgram
-from fracq.interception.structure import Structure
-from fracq.interception.structure import clipping_ops
+from fracq.graph.structure import Structure
+from fracq.graph.structure import clipping_ops
 
 
 def tree_node(tree, path: str):

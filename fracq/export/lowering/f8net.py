@@ -41,10 +41,10 @@ from fracq.export.program import INPUT
 from fracq.export.program import IntAdd
 from fracq.export.program import IntegerProgram
 from fracq.export.program import IntLayer
-from fracq.interception.structure import Structure
-from fracq.interception.structure import conv_padding
-from fracq.interception.structure import is_max_pool
-from fracq.interception.structure import probe_structure
+from fracq.graph.structure import Structure
+from fracq.graph.structure import conv_padding
+from fracq.graph.structure import is_max_pool
+from fracq.graph.structure import probe_structure
 from fracq.methods.f8net import F8NetModel
 
 if TYPE_CHECKING:

@@ -37,8 +37,8 @@ from fracq.export.lowering.common import verify_program
 from fracq.export.lowering.registry import register_lowering
 from fracq.export.program import IntegerProgram
 from fracq.export.program import IntLayer
-from fracq.interception.structure import Structure
-from fracq.interception.structure import probe_structure
+from fracq.graph.structure import Structure
+from fracq.graph.structure import probe_structure
 from fracq.methods.qat import QATModel
 
 ACC_BITS = 28  # the accumulator's target magnitude: 2 spare bits of int32

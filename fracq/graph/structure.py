@@ -6,7 +6,9 @@ call order, whether its input was ever negative, its input and output
 shapes and convolution attributes, and which ``nn.BatchNorm`` reads the
 *same array object* the layer returned (a Conv->BN pair that can be folded).
 A BN fed by anything else (an add, an activation) is listed with the reason.
-F8Net folds with it; the integer lowering builds its chains from it.
+F8Net folds with it; the integer lowering builds its chains from it. The
+probe is a provider of the one interception mechanism
+(:mod:`fracq.interception`), and its signs come from :class:`SignProbe`.
 
 The same probe recovers the data flow of residual nets without reading the
 model code: every layer's input is matched (numerically, most recent first)
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -30,7 +32,9 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from fracq.interception.interceptor import layer_type_of
+from fracq.graph.signs import SignProbe
+from fracq.interception import QuantizedModule
+from fracq.interception import Rule
 
 
 def conv_padding(p):
@@ -70,6 +74,9 @@ class Structure:
   # residual module -> (indices of positional array arguments read by its
   # quantized layers, signed): one quantized tensor shared by all readers
   shared: dict[str, tuple] = dataclasses.field(default_factory=dict)
+  # layer path -> its facts (:class:`fracq.interception.LayerFacts`),
+  # including the float layers and the rule that matched each
+  facts: dict = dataclasses.field(default_factory=dict)
 
 
 def _same(a, b):
@@ -187,48 +194,83 @@ def clipping_ops(module: nn.Module, variables, x, **call_kwargs) -> list[str]:
   return found
 
 
-def probe_structure(
-  module: nn.Module, variables, x, *, skip: str = '', **call_kwargs
-) -> Structure:
-  """Layer order, input signs, Conv->BN pairs and shapes from one eager run
-  of the float model on ``x[:1]`` (``variables`` None: a fresh init).
+_CONV_DENSE = ('Conv', 'Dense')
 
-  ``skip``: a regex of layer paths to leave out (layers kept float).
-  """
-  order, signs, pairs, unfolded = [], {}, {}, {}
-  outs, ins, outputs, eps, attrs = {}, {}, {}, {}, {}
-  srcs, adds, ops, shared = {}, {}, [], {}
-  known, consumed, frames = [], set(), []
-  values = {}
 
-  def container(m, next_fun, args, kwargs):
-    path = '/'.join(m.path)
+class _StructureProbe:
+  """The provider behind :func:`probe_structure` (float model unchanged)."""
+
+  layer_types = _CONV_DENSE
+
+  def __init__(self, x):
+    self.x = x
+    self.sign_probe = SignProbe()
+    self.order, self.pairs, self.unfolded = [], {}, {}
+    self.outs, self.ins, self.outputs, self.eps, self.attrs = {}, {}, {}, {}, {}
+    self.srcs, self.adds, self.ops, self.shared = {}, {}, [], {}
+    self.known, self.consumed, self.frames = [], set(), []
+    self.values = {}
+
+  def quantize_kernel(self, site, kernel):
+    return kernel
+
+  def quantize_input(self, site, x):
+    return x
+
+  def call_module(self, call):
+    if call.kind == 'BatchNorm':
+      return self._batch_norm(call)
+    if call.path:
+      return self._container(call)
+    return call.proceed(*call.args, **call.kwargs)
+
+  def _batch_norm(self, call):
+    a = call.inputs
+    bn = call.path
+    self.eps[bn] = call.epsilon
+    hit = self.outputs.get(id(a))
+    if hit is None or hit[0] is not a:
+      self.unfolded[bn] = 'its input is not the direct output of a Conv/Dense'
+    elif hit[1] in self.pairs:
+      self.unfolded[bn] = f'{hit[1]} already feeds {self.pairs[hit[1]]}'
+    else:
+      self.pairs[hit[1]] = bn
+    out = call.proceed(*call.args, **call.kwargs)
+    if hit is not None and hit[0] is a and self.pairs.get(hit[1]) == bn:
+      layer = hit[1]
+      self.values[layer] = out
+      self.known[:] = [(n, out if n == layer else v) for n, v in self.known]
+    return out
+
+  def _container(self, call):
+    path, args = call.path, call.args
     arr = [(i, a) for i, a in enumerate(args) if isinstance(a, jax.Array)]
-    fr = {
+    frame = {
       'path': path,
       'args': arr,
       'inner': [],
       'read': set(),
-      'arg_src': _match(known, arr[0][1]) if len(arr) == 1 else None,
+      'arg_src': _match(self.known, arr[0][1]) if len(arr) == 1 else None,
     }
-    frames.append(fr)
+    self.frames.append(frame)
     try:
-      y = next_fun(*args, **kwargs)
+      y = call.proceed(*args, **call.kwargs)
     finally:
-      frames.pop()
-    if not isinstance(y, jax.Array) or not fr['read']:
+      self.frames.pop()
+    if not isinstance(y, jax.Array) or not frame['read']:
       return y
-    dangling = [l for l in fr['inner'] if l not in consumed]
+    values = self.values
+    dangling = [layer for layer in frame['inner'] if layer not in self.consumed]
     if not 1 <= len(dangling) <= 2 or any(
-      tuple(values[l].shape) != tuple(y.shape) for l in dangling
+      tuple(values[layer].shape) != tuple(y.shape) for layer in dangling
     ):
       return y
-    total = sum(np.asarray(values[l], np.float64) for l in dangling)
+    total = sum(np.asarray(values[layer], np.float64) for layer in dangling)
     # An add: two branch outputs, or one plus the module's input.
     if len(dangling) == 2:
       cands = [None]
-    elif fr['arg_src'] is not None:
-      cands = [fr['arg_src']]
+    elif frame['arg_src'] is not None:
+      cands = [frame['arg_src']]
     else:
       return y
     for ident in cands:
@@ -237,87 +279,98 @@ def probe_structure(
       t = total + np.asarray(arr[0][1]) if ident is not None else total
       for relu in (True, False):
         if _same(y, _relu(t) if relu else t):
-          adds[path] = {'operands': dangling, 'identity': ident, 'relu': relu}
-          ops.append(('add', path))
-          consumed.update(dangling)
+          self.adds[path] = {
+            'operands': dangling,
+            'identity': ident,
+            'relu': relu,
+          }
+          self.ops.append(('add', path))
+          self.consumed.update(dangling)
           if ident is not None:
-            consumed.add(ident[0])
-          known.append((path, y))
+            self.consumed.add(ident[0])
+          self.known.append((path, y))
           a0 = arr[0][1]
-          shared[path] = (sorted(fr['read']), not bool(jnp.all(a0 >= 0)))
+          self.shared[path] = (
+            sorted(frame['read']),
+            not bool(jnp.all(a0 >= 0)),
+          )
           return y
     return y
 
-  def icpt(next_fun, args, kwargs, context):
-    m = context.module
-    if context.method_name != '__call__':
-      return next_fun(*args, **kwargs)
-    if isinstance(m, nn.BatchNorm):
-      a = args[0] if args else kwargs['x']
-      bn = '/'.join(m.path)
-      eps[bn] = float(m.epsilon)
-      hit = outputs.get(id(a))
-      if hit is None or hit[0] is not a:
-        unfolded[bn] = 'its input is not the direct output of a Conv/Dense'
-      elif hit[1] in pairs:
-        unfolded[bn] = f'{hit[1]} already feeds {pairs[hit[1]]}'
-      else:
-        pairs[hit[1]] = bn
-      out = next_fun(*args, **kwargs)
-      if hit is not None and hit[0] is a and pairs.get(hit[1]) == bn:
-        values[hit[1]] = out
-        known[:] = [(n, out if n == hit[1] else v) for n, v in known]
-      return out
-    path = '/'.join(m.path)
-    if layer_type_of(m) is None and m.path:
-      return container(m, next_fun, args, kwargs)
-    if layer_type_of(m) not in ('Conv', 'Dense') or (
-      skip and re.search(skip, path)
-    ):
-      return next_fun(*args, **kwargs)
-    a = args[0] if args else kwargs['inputs']
-    if not known:
-      known.append(('input', jnp.asarray(x)))
-    src = _match(known, a)
-    srcs[path] = src
+  def call_layer(self, call):
+    site, path = call.site, call.site.path
+    a = call.inputs
+    if not self.known:
+      self.known.append(('input', jnp.asarray(self.x)))
+    src = _match(self.known, a)
+    self.srcs[path] = src
     if src is not None:
-      consumed.add(src[0])
-    for fr in frames:
-      fr['inner'].append(path)
-      fr['read'].update(i for i, b in fr['args'] if b is a)
-    ops.append(('layer', path))
-    order.append(path)
-    signs[path] = not bool(jnp.all(a >= 0))
-    ins[path] = tuple(a.shape)
-    if layer_type_of(m) == 'Conv':
-      nsp = len(m.kernel_size)
-      sd = m.strides if m.strides is not None else 1
+      self.consumed.add(src[0])
+    for frame in self.frames:
+      frame['inner'].append(path)
+      frame['read'].update(i for i, b in frame['args'] if b is a)
+    self.ops.append(('layer', path))
+    self.order.append(path)
+    self.sign_probe.record(path, a)
+    self.ins[path] = tuple(a.shape)
+    if site.layer_type == 'Conv':
+      nsp = len(site.layer_attr('kernel_size'))
+      sd = site.layer_attr('strides')
+      sd = 1 if sd is None else sd
       sd = (sd,) * nsp if isinstance(sd, int) else tuple(sd)
-      attrs[path] = (sd, conv_padding(m.padding), int(m.feature_group_count))
-    y = next_fun(*args, **kwargs)
-    outputs[id(y)] = (y, path)
-    outs[path] = tuple(y.shape)
-    values[path] = y
-    known.append((path, y))
+      self.attrs[path] = (
+        sd,
+        conv_padding(site.layer_attr('padding')),
+        int(site.layer_attr('feature_group_count')),
+      )
+    y = call.run()
+    self.outputs[id(y)] = (y, path)
+    self.outs[path] = tuple(y.shape)
+    self.values[path] = y
+    self.known.append((path, y))
     return y
 
+
+def probe_structure(
+  module: nn.Module,
+  variables,
+  x,
+  *,
+  rules: Sequence[Rule] | None = None,
+  **call_kwargs,
+) -> Structure:
+  """Layer order, input signs, Conv->BN pairs and shapes from one eager run
+  of the float model on ``x[:1]`` (``variables`` None: a fresh init).
+
+  ``rules``: the layers to probe are the ``nn.Conv`` / ``nn.Dense`` layers
+  the rules quantize (first match wins; ``keep_float`` rules leave layers
+  out, as float); ``None``: every ``nn.Conv`` / ``nn.Dense``. The per-layer
+  facts of the run (which rule matched which layer) are in
+  ``Structure.facts``.
+  """
+  if rules is None:
+    rules = (Rule(module_path='.*', layer_types=_CONV_DENSE, name='probe'),)
   x = jnp.asarray(x)[:1]
-  with jax.disable_jit(), nn.intercept_methods(icpt):
+  probe = _StructureProbe(x)
+  qmodule = QuantizedModule(module, rules, probe, on_unused='warn')
+  facts = {}
+  with jax.disable_jit(), qmodule.intercepting(facts):
     if variables is None:
       module.init(jax.random.PRNGKey(0), x, **call_kwargs)
     else:
       module.apply(variables, x, **call_kwargs)
   return Structure(
-    order,
-    signs,
-    pairs,
-    unfolded,
-    outs,
-    ins,
-    eps,
-    attrs,
-    srcs,
-    adds,
-    ops,
-    shared,
+    probe.order,
+    probe.sign_probe.signs,
+    probe.pairs,
+    probe.unfolded,
+    probe.outs,
+    probe.ins,
+    probe.eps,
+    probe.attrs,
+    probe.srcs,
+    probe.adds,
+    probe.ops,
+    probe.shared,
+    facts,
   )
