@@ -23,10 +23,12 @@ from fracq.core.observers import observer_init
 from fracq.core.observers import percentile_range
 from fracq.core.uniform import fake_quant
 from fracq.core.uniform import fake_quant_grouped
+from fracq.core.uniform import group_columns
 from fracq.core.uniform import int_range
 from fracq.core.uniform import minmax_to_qparams
 from fracq.core.uniform import quantize_to_int
 from fracq.core.uniform import top_code
+from fracq.core.uniform import ungroup_columns
 
 __all__ = [
   'MinMaxState',
@@ -38,6 +40,7 @@ __all__ = [
   'fake_quant_grouped',
   'fractional_quantize',
   'fractional_range_quantize',
+  'group_columns',
   'hard_quantize',
   'int_range',
   'lsq_grad_scale',
@@ -55,5 +58,6 @@ __all__ = [
   'round_ste',
   'symmetric_range_branch',
   'top_code',
+  'ungroup_columns',
   'unsigned_range_branch',
 ]

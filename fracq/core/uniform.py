@@ -183,6 +183,49 @@ def fake_quant_grouped(
   return fake_quant(xs, s, z, qmin, qmax).reshape(x.shape)
 
 
+def group_columns(x, out_axes, group_size: int):
+  """A kernel as per-group columns: ``(group_size, groups * out_channels)``.
+
+  The kernel's contraction axes (every axis not in ``out_axes``) are
+  flattened in memory order into ``K`` input features and its output axes
+  into ``N`` output channels; each output channel's ``K`` features are cut
+  into ``K / group_size`` groups of ``group_size`` consecutive features, and
+  every (group, output channel) pair becomes one column (group-major), so
+  per-channel quantization along the last axis of the result is per-group
+  quantization of the kernel. :func:`ungroup_columns` is the inverse.
+
+  Raises:
+    ValueError: ``group_size`` does not divide ``K``.
+  """
+  shape = tuple(x.shape)
+  out_axes = tuple(a % len(shape) for a in out_axes)
+  contract = tuple(a for a in range(len(shape)) if a not in out_axes)
+  k = int(np.prod([shape[a] for a in contract], dtype=np.int64))
+  n = int(np.prod([shape[a] for a in out_axes], dtype=np.int64))
+  if group_size <= 0 or k % group_size:
+    raise ValueError(
+      f'group_size={group_size} does not divide the {k} input features '
+      f'(contraction length) of a kernel of shape {shape}.'
+    )
+  groups = k // group_size
+  xp = x.transpose(contract + out_axes).reshape(groups, group_size, n)
+  return xp.transpose(1, 0, 2).reshape(group_size, groups * n)
+
+
+def ungroup_columns(columns, shape, out_axes, group_size: int):
+  """The kernel of shape ``shape`` whose :func:`group_columns` is
+  ``columns``."""
+  shape = tuple(shape)
+  out_axes = tuple(a % len(shape) for a in out_axes)
+  contract = tuple(a for a in range(len(shape)) if a not in out_axes)
+  n = int(np.prod([shape[a] for a in out_axes], dtype=np.int64))
+  groups = columns.shape[1] // n
+  perm = contract + out_axes
+  xp = columns.reshape(group_size, groups, n).transpose(1, 0, 2)
+  xp = xp.reshape(tuple(shape[a] for a in perm))
+  return xp.transpose(tuple(np.argsort(perm)))
+
+
 def minmax_to_qparams(min_val, max_val, qmin, qmax, *, symmetric: bool):
   """Scale and zero point from a range (PyTorch unfused observer semantics).
 

@@ -8,7 +8,11 @@ model computes with (up to float32 rounding of the affine map). Every kernel
 quantizer exports: LSQ, LSQ+, DoReFa, the min/max, moving-average and
 percentile observers (symmetric or affine), narrow or full grids, and
 FracBits after hard assignment (channels at 0 bits are pruned: all-zero
-codes stored in no bytes).
+codes stored in no bytes), per tensor, per channel or per group
+(``granularity='group'``: a ``(groups, out_channels)`` scale, the group size
+and output axes recorded in the manifest's ``groups``). An ``nn.Embed``
+table quantized by an ``Embed`` rule is stored like a kernel, under
+``<layer>/embedding.packed`` (``.scale``, ...).
 
 :func:`export_model` writes the packed artifact and reports four sizes: the
 artifact's bytes on disk, the theoretical size (kernel params x bits / 8 plus
@@ -39,6 +43,7 @@ import numpy as np
 
 from fracq.export import artifact
 from fracq.interception import QuantizedModule
+from fracq.interception import weight_name
 from fracq.methods import common
 from fracq.methods import quantizers
 
@@ -68,7 +73,11 @@ class FrozenLayer:
   symmetric observers) have ``zero_point == offset == 0``; affine observers a
   zero point; LSQ+ an offset; DoReFa ``scale = 2 / n`` and ``offset = -1``.
   ``codes`` are ``signed`` (or not) ``bits``-bit integers; channels with 0
-  bits (pruned by FracBits) hold only zeros.
+  bits (pruned by FracBits) hold only zeros. Group-wise kernels
+  (``group_size`` set) have ``(groups, out_channels)`` scales, zero points
+  and offsets over their ``out_axes`` (see
+  :class:`fracq.methods.common.Frozen`). ``param`` is the parameter frozen
+  (``'kernel'``, or ``'embedding'`` for an ``Embed`` table).
   """
 
   path: str
@@ -83,6 +92,9 @@ class FrozenLayer:
   offset: np.ndarray = dataclasses.field(
     default_factory=lambda: np.zeros((), np.float32)
   )
+  group_size: int | None = None
+  out_axes: tuple[int, ...] = ()
+  param: str = 'kernel'
 
   @property
   def affine(self) -> bool:
@@ -91,11 +103,26 @@ class FrozenLayer:
 
   def dequantize(self) -> np.ndarray:
     """``(codes - zero_point) * scale + offset`` as float32."""
-    n = self.codes.ndim
-    zp = _bcast(self.zero_point, n, self.axis)
-    return (self.codes.astype(np.float32) - zp) * _bcast(
-      self.scale, n, self.axis
-    ) + _bcast(self.offset, n, self.axis)
+    return _dequantize(
+      self.codes,
+      self.axis,
+      self.scale,
+      self.zero_point,
+      self.offset,
+      self.group_size,
+      self.out_axes,
+    )
+
+
+def _dequantize(codes, axis, scale, zero_point, offset, group_size, out_axes):
+  n = codes.ndim
+  if group_size:
+    part = lambda v: common.expand_groups(v, codes.shape, out_axes, group_size)
+  else:
+    part = lambda v: _bcast(v, n, axis)
+  return (codes.astype(np.float32) - part(zero_point)) * part(scale) + part(
+    offset
+  )
 
 
 def _bcast(v, ndim, axis):
@@ -131,13 +158,16 @@ def _stored(variables, path) -> dict:
   }
 
 
-def _tensor(qmodel, variables, path, name, spec, signed, channel_axis):
+def _tensor(
+  qmodel, variables, path, name, spec, signed, channel_axis, out_axes=()
+):
   return common.QuantTensor(
     name=name,
     spec=spec,
     signed=signed,
     channel_axis=channel_axis,
     path=path,
+    out_axes=tuple(out_axes),
     stored=_stored(variables, path),
     hard=bool(getattr(qmodel, 'hard', False)),
   )
@@ -158,11 +188,14 @@ def freeze(qmodel, variables) -> dict[str, FrozenLayer]:
     if not f.weight_quantized:
       continue
     spec = qmodel.rules[f.rule_index].weight
-    w = np.asarray(_node(variables['params'], path)['kernel'], np.float32)
+    param = weight_name(f.layer_type)
+    w = np.asarray(_node(variables['params'], path)[param], np.float32)
     # The provider's rule: kernels are signed unless the spec says otherwise.
     signed = True if spec.signed is None else bool(spec.signed)
     axis = f.out_axes[-1] % w.ndim
-    tensor = _tensor(qmodel, variables, path, 'kernel', spec, signed, axis)
+    tensor = _tensor(
+      qmodel, variables, path, 'kernel', spec, signed, axis, f.out_axes
+    )
     frozen = quantizers.for_spec(spec).freeze(tensor, w)
     out[path] = FrozenLayer(
       path=path,
@@ -173,6 +206,9 @@ def freeze(qmodel, variables) -> dict[str, FrozenLayer]:
       signed=bool(frozen.signed),
       zero_point=np.asarray(frozen.zero_point, np.float32),
       offset=np.asarray(frozen.offset, np.float32),
+      group_size=frozen.group_size,
+      out_axes=tuple(frozen.out_axes or ()),
+      param=param,
     )
   return out
 
@@ -336,8 +372,8 @@ def _float_parts(variables, frozen):
   for col in ('params', 'batch_stats'):
     for kp, v in jax.tree_util.tree_leaves_with_path(variables.get(col, {})):
       name = '/'.join(str(getattr(k, 'key', k)) for k in kp)
-      layer = name.rsplit('/', 1)[0]
-      if col == 'params' and name.endswith('/kernel') and layer in frozen:
+      layer, leaf = name.rsplit('/', 1) if '/' in name else ('', name)
+      if col == 'params' and layer in frozen and leaf == frozen[layer].param:
         continue
       out[f'{col}/{name}'] = np.asarray(v, np.float32)
   return out
@@ -361,21 +397,26 @@ def export_model(
   frozen = freeze(qmodel, variables)
   floats = _float_parts(variables, frozen)
   packed, scales = {}, {}
+  groups = {}
   for p, fl in frozen.items():
-    packed[f'{p}/kernel.packed'] = artifact.PackedTensor(
+    packed[f'{p}/{fl.param}.packed'] = artifact.PackedTensor(
       codes=fl.codes,
       bits=fl.bits if fl.bits.ndim else int(fl.bits),
       signed=fl.signed,
       axis=fl.axis,
     )
-    scales[f'{p}/kernel.scale'] = np.atleast_1d(fl.scale)
+    scales[f'{p}/{fl.param}.scale'] = np.atleast_1d(fl.scale)
     # Affine kernels only: symmetric ones keep the format they always had.
     if np.any(fl.zero_point != 0):
-      scales[f'{p}/kernel.zero_point'] = np.atleast_1d(fl.zero_point)
+      scales[f'{p}/{fl.param}.zero_point'] = np.atleast_1d(fl.zero_point)
     if np.any(fl.offset != 0):
-      scales[f'{p}/kernel.offset'] = np.atleast_1d(fl.offset)
+      scales[f'{p}/{fl.param}.offset'] = np.atleast_1d(fl.offset)
+    if fl.group_size:
+      groups[p] = {'group_size': fl.group_size, 'out_axes': list(fl.out_axes)}
   meta = dict(metadata or {})
   meta['bits'] = {p: fl.bits.tolist() for p, fl in frozen.items()}
+  if groups:  # group-wise kernels only: other artifacts keep their manifest
+    meta['groups'] = groups
   # The activation side of the quantized model: every quantized input's
   # bits, sign and scale / range.
   meta['inputs'] = freeze_inputs(qmodel, variables)
@@ -423,10 +464,10 @@ def export_model(
       encode_structure=False,
     )
     f32 = {
-      f'params/{p}/kernel': np.asarray(
-        _node(variables['params'], p)['kernel'], np.float32
+      f'params/{p}/{fl.param}': np.asarray(
+        _node(variables['params'], p)[fl.param], np.float32
       )
-      for p in frozen
+      for p, fl in frozen.items()
     }
     f32_size = artifact.write_artifact(
       os.path.join(tmp, 'f32'), {}, {**floats, **f32}, {}
@@ -445,18 +486,28 @@ def export_model(
 
 
 def dequantized_kernels(codes: dict, floats: dict, manifest: dict) -> dict:
-  """``(codes - zero_point) * scale + offset`` per packed kernel of a read
-  artifact (the zero point and offset are 0 unless stored)."""
+  """``(codes - zero_point) * scale + offset`` per packed kernel (and
+  embedding table) of a read artifact, keyed by layer (the zero point and
+  offset are 0 unless stored; group-wise kernels per the manifest's
+  ``groups``)."""
+  groups = manifest.get('metadata', {}).get('groups', {})
   out = {}
   for name, c in codes.items():
-    if not name.endswith('/kernel.packed'):
+    layer, leaf = name.rsplit('/', 1)
+    if leaf not in ('kernel.packed', 'embedding.packed'):
       continue
-    layer = name[: -len('/kernel.packed')]
-    axis = manifest['tensors'][name]['axis']
-    part = lambda n, c=c, axis=axis, layer=layer: _bcast(
-      floats.get(f'{layer}/kernel.{n}', np.zeros(1, np.float32)), c.ndim, axis
+    param = leaf[: -len('.packed')]
+    part = lambda n, layer=layer, param=param: floats.get(
+      f'{layer}/{param}.{n}', np.zeros(1, np.float32)
     )
-    out[layer] = (c.astype(np.float32) - part('zero_point')) * part(
-      'scale'
-    ) + part('offset')
+    group = groups.get(layer, {})
+    out[layer] = _dequantize(
+      c,
+      manifest['tensors'][name]['axis'],
+      part('scale'),
+      part('zero_point'),
+      part('offset'),
+      group.get('group_size'),
+      tuple(group.get('out_axes', ())),
+    )
   return out

@@ -11,7 +11,9 @@ from fracq.interception.interceptor import Site
 from fracq.interception.interceptor import check_unused_rules
 from fracq.interception.interceptor import layer_type_of
 from fracq.interception.interceptor import per_tensor_transform
+from fracq.interception.interceptor import weight_name
 from fracq.interception.rules import Rule
+from fracq.interception.rules import OPT_IN_LAYER_TYPES
 from fracq.interception.rules import SUPPORTED_LAYER_TYPES
 from fracq.interception.rules import TensorSpec
 from fracq.interception.rules import fixed_bits
@@ -26,6 +28,7 @@ __all__ = [
   'Provider',
   'QuantizedModule',
   'Rule',
+  'OPT_IN_LAYER_TYPES',
   'SUPPORTED_LAYER_TYPES',
   'Site',
   'TensorSpec',
@@ -38,4 +41,5 @@ __all__ = [
   'match_rule',
   'per_tensor_transform',
   'validate_rules',
+  'weight_name',
 ]

@@ -69,6 +69,8 @@ def kernel_out_axes(
   """Kernel axes that index the layer's output features."""
   if layer_type in ('Dense', 'Conv'):
     return (kernel_ndim - 1,)
+  if layer_type == 'Embed':  # the table's rows: one per token
+    return (0,)
   if layer_type == 'DenseGeneral':
     return tuple(range(kernel_ndim - n_features, kernel_ndim))
   if layer_type == 'ConvTranspose':
@@ -88,6 +90,7 @@ def count_macs(
   out_axes,
   *,
   einsum_str: str | None = None,
+  lookup: bool = False,
 ) -> int:
   """Multiply-accumulates per example of one layer call.
 
@@ -96,8 +99,12 @@ def count_macs(
   also holds for grouped and depthwise convs, whose kernel only holds
   ``in/groups`` input channels). ConvTranspose: every input element is
   scattered through ``numel / in_features`` kernel weights. Einsum: output
-  elements times the product of the contracted dimensions.
+  elements times the product of the contracted dimensions. Embed: a lookup
+  (``lookup=True``) gathers rows, 0 MACs; ``attend`` is a Dense against the
+  table's rows (``numel / vocabulary`` MACs per output element).
   """
+  if lookup:
+    return 0
   numel = math.prod(kernel_shape)
   if not in_shape or not out_shape:
     return 0

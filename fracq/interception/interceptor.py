@@ -2,13 +2,16 @@
 
 The mechanism, not an algorithm: it finds the kernels and inputs of
 ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv`` (grouped and depthwise
-included), ``nn.ConvTranspose`` and ``nn.Einsum`` wherever they sit in a
-model, asks a *provider* (a method in ``fracq.methods``) to transform them,
-and records per-layer facts. It knows nothing about any one quantizer.
+included), ``nn.ConvTranspose`` and ``nn.Einsum``, and the tables of
+``nn.Embed`` (their ``kernel``: the lookup and ``attend``, the tied output
+head, both read it), wherever they sit in a model, asks a *provider* (a
+method in ``fracq.methods``) to transform them, and records per-layer facts.
+It knows nothing about any one quantizer.
 
 How it hooks in. Every supported layer calls ``self.promote_dtype(inputs,
 kernel, bias, dtype=...)`` after reading its kernel and before its matmul or
-convolution. Inside ``flax.linen.intercept_methods`` the interceptor replaces
+convolution (``nn.Embed``: ``promote_dtype(embedding)`` in a lookup, with
+no input, and ``promote_dtype(query, embedding)`` in ``attend``). Inside ``flax.linen.intercept_methods`` the interceptor replaces
 a matched layer's call by the same layer *cloned onto the same scope* with a
 ``promote_dtype`` that first promotes as the layer would, then hands the kernel
 and input to the provider. Parameters, their names and the model code are
@@ -51,7 +54,25 @@ _LAYER_CLASSES = {
   'Conv': nn.Conv,
   'ConvTranspose': nn.ConvTranspose,
   'Einsum': nn.Einsum,
+  'Embed': nn.Embed,
 }
+
+# The parameter each layer type computes with, when it is not ``kernel``.
+_WEIGHT_NAMES = {'Embed': 'embedding'}
+
+# The methods of a layer type that read its kernel (``__call__`` for all).
+_LAYER_METHODS = {'Embed': ('__call__', 'attend')}
+
+
+# Layer types that declare their parameters in ``setup``, which has run on
+# the layer's scope by the time its method is intercepted.
+_SETUP_LAYERS = ('Embed',)
+
+
+def weight_name(layer_type: str) -> str:
+  """The parameter a layer of ``layer_type`` quantizes as its kernel
+  (``'kernel'``; ``'embedding'`` for ``Embed``)."""
+  return _WEIGHT_NAMES.get(layer_type, 'kernel')
 
 
 def layer_type_of(module: nn.Module) -> str | None:
@@ -83,7 +104,9 @@ class Site:
       scope). Providers do not use it: they create their variables through
       :meth:`variable` and read hyperparameters with :meth:`layer_attr`.
     out_axes: kernel axes indexing output channels (set once the kernel is
-      seen).
+      seen; ``Embed``: ``(0,)``, the table's rows).
+    method: the layer method being run (``'__call__'``; ``'attend'`` for an
+      ``Embed`` used as an output head).
   """
 
   path: str
@@ -94,9 +117,13 @@ class Site:
   out_axes: tuple[int, ...] = ()
   kernel_shape: tuple[int, ...] = ()
   in_shape: tuple[int, ...] = ()
+  method: str = '__call__'
 
   def variable(self, collection: str, name: str, init_fn: Callable[[], Any]):
     """Declares (at init) or reads a variable of this layer's provider."""
+    if self.layer_type in _SETUP_LAYERS:
+      # Its methods are not compact: declare on the layer's scope itself.
+      return self.module.scope.variable(collection, name, init_fn)
     return self.module.variable(collection, name, init_fn)
 
   def has_variable(self, collection: str, name: str) -> bool:
@@ -164,10 +191,16 @@ class _PromoteHook:
     self.transform = transform
 
   def __call__(self, *arrays, dtype=None, **kwargs):
-    inputs, kernel, *rest = self.orig(*arrays, dtype=dtype, **kwargs)
+    promoted = self.orig(*arrays, dtype=dtype, **kwargs)
+    lookup = len(promoted) == 1  # an Embed lookup: the table alone
+    if lookup:
+      inputs, kernel, rest = None, promoted[0], []
+    else:
+      inputs, kernel, *rest = promoted
     site = self.site
     site.kernel_shape = tuple(kernel.shape)
-    site.in_shape = tuple(inputs.shape)
+    if inputs is not None:
+      site.in_shape = tuple(inputs.shape)
     site.out_axes = facts_lib.kernel_out_axes(
       site.layer_type,
       kernel.ndim,
@@ -176,9 +209,11 @@ class _PromoteHook:
       einsum_str=_einsum_str(site.module),
     )
     if self.transform is None:
-      return (inputs, kernel, *rest)
+      return promoted
     bias = rest[0] if rest else None
     inputs, kernel, bias = self.transform(inputs, kernel, bias)
+    if lookup:
+      return (kernel,)
     return (inputs, kernel, bias, *rest[1:]) if rest else (inputs, kernel)
 
 
@@ -193,6 +228,15 @@ def _n_features(module) -> int:
   return len(feats) if isinstance(feats, (tuple, list)) else 1
 
 
+def _in_shape(args) -> tuple[int, ...]:
+  return tuple(args[0].shape) if args and hasattr(args[0], 'shape') else ()
+
+
+def _is_lookup(layer_type: str, method: str) -> bool:
+  """An embedding lookup: it gathers rows and multiplies nothing."""
+  return layer_type == 'Embed' and method == '__call__'
+
+
 def _einsum_str(module) -> str | None:
   s = getattr(module, 'einsum_str', None)
   return s.replace(' ', '') if isinstance(s, str) else None
@@ -204,7 +248,7 @@ def per_tensor_transform(provider, site: Site) -> Transform:
   a ``weight`` spec (or the provider transforms every kernel)."""
 
   def transform(inputs, kernel, bias):
-    if site.rule.act is not None:
+    if site.rule.act is not None and inputs is not None:
       inputs = provider.quantize_input(site, inputs)
     if site.rule.weight is not None or _transforms_kernels(provider):
       kernel = provider.quantize_kernel(site, kernel)
@@ -240,7 +284,9 @@ class LayerCall:
     call's arguments. The site's shapes are set on return."""
     module = self._module
     scope = module.scope
-    if self._runs:  # names the first run reserved are free again
+    # Names the first run (or, for a layer with a setup such as Embed, the
+    # layer's own setup) reserved are free again.
+    if self._runs or self.site.layer_type in _SETUP_LAYERS:
       scope = scope.rewound()
     self._runs += 1
     clone = module.clone(parent=scope)
@@ -249,7 +295,7 @@ class LayerCall:
     # promote_dtype field is swapped before it is ever used.
     object.__setattr__(clone, 'promote_dtype', hook)
     self.site.module = clone
-    return clone(
+    return getattr(clone, self.site.method)(
       *(self.args if args is None else args),
       **(self.kwargs if kwargs is None else kwargs),
     )
@@ -343,16 +389,19 @@ class _Interceptor:
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != '__call__':
+    method = context.method_name
+    if method not in ('__call__', 'attend'):
       return next_fun(*args, **kwargs)
     hook = getattr(module, 'promote_dtype', None)
     if isinstance(hook, _PromoteHook) and hook.owner is self:
       return next_fun(*args, **kwargs)  # our own clone running
     layer_type = layer_type_of(module)
     if layer_type is None:
-      if self.call_module is None:
+      if self.call_module is None or method != '__call__':
         return next_fun(*args, **kwargs)
       return self.call_module(ModuleCall(module, next_fun, args, kwargs))
+    if method not in _LAYER_METHODS.get(layer_type, ('__call__',)):
+      return next_fun(*args, **kwargs)
     path = '/'.join(module.path)
     found = rules_lib.match_rule(self.rules, path, layer_type)
     rule_index, rule = found if found else (None, None)
@@ -372,7 +421,7 @@ class _Interceptor:
       out = next_fun(*args, **kwargs)
       if self.recorder is not None:
         self._record_float(
-          module, path, layer_type, rule, rule_index, args, out
+          module, path, layer_type, rule, rule_index, args, out, method
         )
       return out
     site = Site(
@@ -381,6 +430,8 @@ class _Interceptor:
       rule=rule,
       rule_index=rule_index,
       module=module,
+      in_shape=_in_shape(args),
+      method=method,
     )
     call = LayerCall(self, site, module, args, kwargs)
     if self.call_layer is not None:
@@ -400,6 +451,7 @@ class _Interceptor:
       tuple(out.shape),
       site.out_axes,
       einsum_str=einsum_str,
+      lookup=_is_lookup(site.layer_type, site.method),
     )
     self._put(
       facts_lib.LayerFacts(
@@ -418,13 +470,13 @@ class _Interceptor:
     )
 
   def _record_float(
-    self, module, path, layer_type, rule, rule_index, args, out
+    self, module, path, layer_type, rule, rule_index, args, out, method
   ):
-    kernel = module.get_variable('params', 'kernel')
+    kernel = module.get_variable('params', weight_name(layer_type))
     if kernel is None:
       return
     kshape = tuple(kernel.shape)
-    in_shape = tuple(args[0].shape) if args else ()
+    in_shape = _in_shape(args)
     out_axes = facts_lib.kernel_out_axes(
       layer_type,
       len(kshape),
@@ -439,6 +491,7 @@ class _Interceptor:
       tuple(out.shape),
       out_axes,
       einsum_str=_einsum_str(module),
+      lookup=_is_lookup(layer_type, method),
     )
     self._put(
       facts_lib.LayerFacts(

@@ -28,7 +28,12 @@ SUPPORTED_LAYER_TYPES = (
   'Conv',
   'ConvTranspose',
   'Einsum',
+  'Embed',
 )
+
+# Layer types a rule only matches when it names them in ``layer_types``
+# (a rule with ``layer_types=None`` leaves them float).
+OPT_IN_LAYER_TYPES = ('Embed',)
 
 _RANGE_METHODS = (
   'minmax',
@@ -71,11 +76,20 @@ class TensorSpec:
       full otherwise (activations, unsigned or affine tensors). An explicit
       ``True``/``False`` wins for fixed bits; learned bits use the symmetric
       shared-range grid and refuse an explicit value.
-    granularity: ``'tensor'`` or ``'channel'`` (kernels: per output channel;
-      activations: per last-axis channel). ``'group'`` is reserved: the core
-      has per-group math (``fracq.core.fake_quant_grouped``) but the QAT
-      provider does not use it yet, so rules asking for it are rejected.
-    group_size: reserved for ``granularity='group'``.
+    granularity: ``'tensor'``, ``'channel'`` (kernels: per output channel,
+      for an ``Embed`` table per row, i.e. per token; activations: per
+      last-axis channel) or ``'group'`` (kernels only): one scale (range,
+      zero point) per group of ``group_size`` consecutive input features
+      per output channel, the usual granularity of low-bit LLM weights. The
+      input features are the kernel's contraction axes flattened in memory
+      order (``Dense``: its input axis; ``Conv``: ``kh * kw * cin``;
+      ``DenseGeneral``: its non-output axes; ``Embed``: the feature axis of
+      each row), and they must be a multiple of ``group_size``. Works with
+      fixed bits (every kernel range method but ``'dorefa'``, which has no
+      scale) and with learned bits (FracBits: bits per layer, one shared
+      range per group); ``bits_per_channel`` does not combine with it.
+    group_size: the number of consecutive input features sharing a scale
+      (``granularity='group'`` only; required there).
     percentile: the percentile used by ``range_method='percentile'``.
     ema_decay: ``c`` in ``m <- (1 - c) m + c min(X)`` for ``'ema_minmax'``.
   """
@@ -176,14 +190,32 @@ class TensorSpec:
         f'{_GRANULARITIES}.'
       )
     if self.granularity == 'group':
+      if (
+        isinstance(self.group_size, bool)
+        or not isinstance(self.group_size, int)
+        or self.group_size < 1
+      ):
+        raise ValueError(
+          f"{where}: granularity='group' needs group_size, a positive "
+          f'integer (got {self.group_size!r}), e.g. group_size=32: one '
+          'scale per 32 consecutive input features of each output channel.'
+        )
+      if self.range_method == 'dorefa':
+        raise ValueError(
+          f"{where}: granularity='group' with range_method='dorefa': "
+          'DoReFa normalises the whole tensor and has no scale to group; use '
+          "range_method='lsq' or 'minmax' for group-wise kernels."
+        )
+      if self.bits_per_channel:
+        raise ValueError(
+          f"{where}: granularity='group' with bits_per_channel=True: "
+          'group-wise kernels learn their bits per layer; drop '
+          "bits_per_channel or use granularity='channel'."
+        )
+    elif self.group_size is not None:
       raise ValueError(
-        f"{where}: granularity='group' is not supported by the QAT "
-        'provider yet (per-group math is available as '
-        "fracq.core.fake_quant_grouped); use 'tensor' or 'channel'."
-      )
-    if self.group_size is not None:
-      raise ValueError(
-        f'{where}: group_size is only used with granularity="group".'
+        f'{where}: group_size={self.group_size} is only used with '
+        "granularity='group'; set granularity='group' or drop group_size."
       )
     if self.range_method == 'lsq_plus' and self.symmetric:
       raise ValueError(
@@ -204,7 +236,14 @@ class Rule:
     module_path: regular expression searched (``re.search``) in the layer's
       module path, e.g. ``r'^conv_init$'`` or ``r'stage\\d+_block\\d+/conv'``.
     layer_types: restrict the rule to these layer classes (names from
-      ``SUPPORTED_LAYER_TYPES``); ``None`` admits all of them.
+      ``SUPPORTED_LAYER_TYPES``); ``None`` admits all of them except
+      ``'Embed'``: embedding tables are quantized only by a rule that names
+      them, ``Rule(layer_types=('Embed',), weight=TensorSpec(...))``
+      (weight-only: their inputs are token ids, so an ``act`` spec is
+      refused). The table is the kernel: per row (``granularity='channel'``,
+      one scale per token) or per group along the feature axis; both the
+      lookup and ``embed.attend`` (tied output heads) use the quantized
+      table.
     weight: how the layer's kernel is quantized; ``None`` keeps it float.
     act: how the layer's input activation is quantized; ``None`` keeps it
       float.
@@ -231,7 +270,10 @@ class Rule:
     return dict(self.options).get(key, default)
 
   def matches(self, path: str, layer_type: str) -> bool:
-    if self.layer_types is not None and layer_type not in self.layer_types:
+    if self.layer_types is None:
+      if layer_type in OPT_IN_LAYER_TYPES:
+        return False
+    elif layer_type not in self.layer_types:
       return False
     return re.search(self.module_path, path) is not None
 
@@ -304,6 +346,17 @@ def validate_rules(rules: Sequence[Rule]) -> tuple[Rule, ...]:
           f'{where}: unknown layer_types {bad}; supported are '
           f'{SUPPORTED_LAYER_TYPES}.'
         )
+    if (
+      rule.layer_types is not None
+      and 'Embed' in rule.layer_types
+      and rule.act is not None
+    ):
+      raise ValueError(
+        f'{where}: an act spec on Embed layers: an embedding lookup takes '
+        'token ids, not activations, so Embed is quantized weight-only; '
+        'drop act (or give the Embed layers a rule of their own, '
+        "Rule(layer_types=('Embed',), weight=TensorSpec(...)))."
+      )
     if rule.keep_float and (rule.weight is not None or rule.act is not None):
       raise ValueError(
         f'{where}: keep_float=True together with weight/act specs is '
@@ -318,6 +371,11 @@ def validate_rules(rules: Sequence[Rule]) -> tuple[Rule, ...]:
           f'{type(spec).__name__}.'
         )
       spec.validate(f'{where}, {tensor}')
+      if tensor == 'act' and spec.granularity == 'group':
+        raise ValueError(
+          f"{where}: granularity='group' is for weights (kernels); "
+          "quantize activations with granularity 'tensor' or 'channel'."
+        )
       if tensor == 'act' and spec.bits_per_channel:
         raise ValueError(
           f'{where}: bits_per_channel is only supported for '

@@ -41,6 +41,8 @@ class QuantTensor:
       otherwise; inputs: the spec's, else the sign probed on the sample).
     channel_axis: the kernel's output-channel axis (``-1`` for inputs), the
       axis of per-channel parameters and per-channel bits.
+    out_axes: all of the kernel's output axes (``()``: ``(channel_axis,)``);
+      the other axes are the contraction axes a group-wise spec groups.
     path: the layer's path (for messages).
     site: the layer's scope while training (``None`` when freezing).
     stored: the layer's stored variables per collection when freezing.
@@ -54,6 +56,7 @@ class QuantTensor:
   signed: bool
   channel_axis: int
   path: str = ''
+  out_axes: tuple[int, ...] = ()
   site: Site | None = None
   stored: Mapping[str, Mapping[str, Any]] | None = None
   hard: bool = False
@@ -66,8 +69,12 @@ class QuantTensor:
 
   @property
   def axis(self) -> int | None:
-    """The axis of per-channel range parameters (``None``: per tensor)."""
-    return self.channel_axis if self.spec.granularity == 'channel' else None
+    """The axis of per-channel range parameters (``None``: per tensor).
+    Group-wise tensors are quantized on their :func:`group_view`, whose
+    channels (last axis) are the groups."""
+    if self.spec.granularity in ('channel', 'group'):
+      return self.channel_axis
+    return None
 
   def grid(self, bits: int | None = None, *, signed: bool | None = None):
     """``(qmin, qmax)`` at integer ``bits`` (default the spec's), from the
@@ -154,7 +161,12 @@ class Frozen(NamedTuple):
 
   ``real = (codes - zero_point) * scale + offset``; ``scale``,
   ``zero_point`` and ``offset`` are scalars or per-channel vectors along
-  ``axis``. ``codes`` are ``signed`` (or not) ``bits``-bit integers
+  ``axis``, or, for a group-wise kernel (``group_size`` set), arrays of
+  shape ``(groups, out_channels)``: entry ``[g, n]`` maps input features
+  ``g * group_size ... (g + 1) * group_size - 1`` of output channel ``n``
+  (the kernel's contraction axes flattened in memory order, its
+  ``out_axes`` flattened likewise; :func:`expand_groups` broadcasts them
+  onto the kernel). ``codes`` are ``signed`` (or not) ``bits``-bit integers
   (``None`` for inputs, quantized at run time); ``bits`` is per tensor or
   per channel (0: a pruned channel, all-zero codes). ``qmin`` / ``qmax`` are
   the grid (inputs; for kernels the grid at the largest bits). ``extras``:
@@ -172,6 +184,8 @@ class Frozen(NamedTuple):
   qmin: int = 0
   qmax: int = 0
   extras: Mapping[str, np.ndarray] | None = None
+  group_size: int | None = None
+  out_axes: tuple[int, ...] | None = None
 
 
 def _np_bcast(value, ndim: int, axis: int):
@@ -241,3 +255,84 @@ def kernel_codes(
 # ``freeze(tensor, x) -> Frozen`` (``x`` the kernel, ``None`` for inputs).
 QuantizeFn = Callable[[QuantTensor, Any], Any]
 FreezeFn = Callable[[QuantTensor, Any], Frozen]
+
+
+# -- group-wise kernels ---------------------------------------------------------
+def _group_out_axes(tensor: QuantTensor) -> tuple[int, ...]:
+  return tuple(tensor.out_axes) or (tensor.channel_axis,)
+
+
+def group_view(tensor: QuantTensor, kernel):
+  """``(view_tensor, columns)``: a group-wise kernel as the per-channel
+  tensor its quantizer runs on (:func:`fracq.core.group_columns`: one
+  column per group and output channel, ``group_size`` rows), so every
+  per-channel method is per-group on the kernel.
+
+  Raises:
+    ValueError: on inputs, or when ``group_size`` does not divide the
+      kernel's input features, naming the layer and the length.
+  """
+  spec = tensor.spec
+  if not tensor.is_kernel:
+    raise ValueError(
+      f"{tensor.path}: granularity='group' is for kernels; quantize the "
+      "layer's input per tensor or per channel."
+    )
+  out_axes = _group_out_axes(tensor)
+  shape = tuple(kernel.shape)
+  keep = {a % len(shape) for a in out_axes}
+  length = int(np.prod([n for a, n in enumerate(shape) if a not in keep]))
+  if length % spec.group_size:
+    raise ValueError(
+      f'{tensor.path}: group_size={spec.group_size} does not divide the '
+      f"kernel's contraction length {length} (kernel shape {shape}, output "
+      f'axes {out_axes}); pick a group_size that divides {length}, or give '
+      'this layer a rule with another granularity.'
+    )
+  columns = core.group_columns(kernel, out_axes, spec.group_size)
+  view = dataclasses.replace(tensor, channel_axis=-1, out_axes=(1,))
+  return view, columns
+
+
+def from_group_view(tensor: QuantTensor, columns, shape):
+  """The kernel of shape ``shape`` whose :func:`group_view` is ``columns``."""
+  return core.ungroup_columns(
+    columns, shape, _group_out_axes(tensor), tensor.spec.group_size
+  )
+
+
+def group_frozen(tensor: QuantTensor, frozen: Frozen, shape) -> Frozen:
+  """A kernel frozen on its :func:`group_view`, back in the kernel's layout
+  (codes) with ``(groups, out_channels)`` scales, zero points and
+  offsets."""
+  out_axes = tuple(a % len(shape) for a in _group_out_axes(tensor))
+  channels = int(np.prod([shape[a] for a in out_axes]))
+
+  def per_group(value):
+    value = np.asarray(value, np.float32)
+    return value if value.size == 1 else value.reshape(-1, channels)
+
+  codes = np.asarray(
+    from_group_view(tensor, np.asarray(frozen.codes), shape), np.int32
+  )
+  return frozen._replace(
+    codes=codes,
+    scale=per_group(frozen.scale),
+    zero_point=per_group(frozen.zero_point),
+    offset=per_group(frozen.offset),
+    axis=out_axes[-1],
+    group_size=int(tensor.spec.group_size),
+    out_axes=out_axes,
+  )
+
+
+def expand_groups(value, shape, out_axes, group_size: int) -> np.ndarray:
+  """A ``(groups, out_channels)`` array (or a scalar) of a group-wise kernel
+  broadcast to the kernel's ``shape``."""
+  value = np.asarray(value, np.float32)
+  if value.size == 1:
+    return np.broadcast_to(value.reshape(()), tuple(shape))
+  columns = np.broadcast_to(value.reshape(1, -1), (group_size, value.size))
+  return np.asarray(
+    core.ungroup_columns(columns, shape, out_axes, group_size), np.float32
+  )

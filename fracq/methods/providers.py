@@ -111,6 +111,7 @@ class QATProvider:
       signed=signed,
       channel_axis=channel_axis,
       path=site.path,
+      out_axes=tuple(site.out_axes) if name == 'kernel' else (),
       site=site,
       hard=self.hard,
       calibrate=self.calibrate,

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from fracq.interception import TensorSpec
+from fracq.methods import common
 from fracq.methods import fracbits
 from fracq.methods import uniform
 from fracq.methods.common import FreezeFn
+from fracq.methods.common import Frozen
 from fracq.methods.common import QuantizeFn
+from fracq.methods.common import QuantTensor
 
 
 class Quantizer(NamedTuple):
@@ -40,5 +45,29 @@ def method_of(spec: TensorSpec) -> str:
 
 
 def for_spec(spec: TensorSpec) -> Quantizer:
-  """The registered quantizer of ``spec``."""
-  return QUANTIZERS[method_of(spec)]
+  """The registered quantizer of ``spec`` (for ``granularity='group'``, run
+  on the kernel's group view: see :func:`grouped`)."""
+  quantizer = QUANTIZERS[method_of(spec)]
+  return grouped(quantizer) if spec.granularity == 'group' else quantizer
+
+
+def grouped(quantizer: Quantizer) -> Quantizer:
+  """``quantizer`` on group-wise kernels: it quantizes and freezes the
+  kernel's :func:`~fracq.methods.common.group_view`, whose channels are the
+  groups, so each method's per-channel ranges are per-group ranges."""
+
+  def quantize(tensor: QuantTensor, x):
+    view, columns = common.group_view(tensor, x)
+    out = quantizer.quantize(view, columns)
+    return common.from_group_view(tensor, out, x.shape)
+
+  def freeze(tensor: QuantTensor, kernel=None) -> Frozen:
+    if kernel is None:
+      raise ValueError(
+        f"{tensor.path}: granularity='group' is for kernels, not inputs."
+      )
+    view, columns = common.group_view(tensor, np.asarray(kernel, np.float32))
+    frozen = quantizer.freeze(view, columns)
+    return common.group_frozen(tensor, frozen, np.shape(kernel))
+
+  return Quantizer(quantizer.name, quantize, freeze)

@@ -209,8 +209,20 @@ def test_unused_rule_error_and_warning():
     ),
     (fi.Rule(act=fi.TensorSpec(bits_per_channel=True)), 'only supported for'),
     (
-      fi.Rule(weight=fi.TensorSpec(granularity='group', group_size=4)),
-      'not supported by the QAT',
+      fi.Rule(act=fi.TensorSpec(granularity='group', group_size=4)),
+      "granularity='group' is for weights",
+    ),
+    (
+      fi.Rule(weight=fi.TensorSpec(granularity='group')),
+      'needs group_size',
+    ),
+    (
+      fi.Rule(weight=fi.TensorSpec(group_size=4)),
+      "only used with granularity='group'",
+    ),
+    (
+      fi.Rule(layer_types=('Embed',), act=fi.TensorSpec()),
+      'an act spec on Embed layers',
     ),
     (fi.Rule(weight=fi.TensorSpec(granularity='grp')), 'unknown granularity'),
     (fi.Rule(keep_float=True, weight=fi.TensorSpec()), 'contradictory'),

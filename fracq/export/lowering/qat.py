@@ -89,6 +89,22 @@ def input_quantization(
 
 
 def _check_kernels(structure: Structure, frozen: dict) -> None:
+  for path, layer in frozen.items():
+    if layer.param != 'kernel':
+      raise ValueError(
+        f'{path}: a quantized Embed table (embedding lookup / attend): the '
+        'integer program does not lower embedding ops yet; export the '
+        'packed artifact (export_model), which stores it exactly, or keep '
+        'the Embed float for integer export.'
+      )
+    if layer.group_size:
+      raise ValueError(
+        f'{path}: a group-wise kernel (group_size={layer.group_size}): the '
+        'integer program does not lower per-group scales in a Dense/Conv '
+        'yet; export the packed artifact (export_model), which stores it '
+        "exactly, or quantize this layer with granularity 'tensor' or "
+        "'channel' for integer export."
+      )
   missing = [path for path in structure.order if path not in frozen]
   if missing:
     raise ValueError(
