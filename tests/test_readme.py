@@ -8,6 +8,7 @@ import re
 import jax
 import numpy as np
 
+import fracq
 from fracq import models
 from fracq.data import digits
 
@@ -28,6 +29,19 @@ def test_readme_library_snippet_runs():
   assert env['logits'].shape == (16, 10)
   assert np.isfinite(float(env['penalty']))
   assert 'cost_integer' in env['hard'].metrics(env['variables'])
+
+
+def test_readme_transformer_snippet_runs():
+  text = open(os.path.join(ROOT, 'README.md')).read()
+  code = re.search(
+    r'```python\n(from fracq import models.*?)```', text, re.S
+  ).group(1)
+  env = {'fracq': fracq, 'jax': jax, 'rng': jax.random.key(0)}
+  exec(compile(code, 'README.md', 'exec'), env)  # pylint: disable=exec-used
+  assert env['logits'].shape == (2, 16, 256)
+  assert env['qmodel'].facts['embed'].weight_quantized
+  step = env['variables']['quant']['block_0']['mlp_up']['kernel_step']
+  assert step.shape == (32 // 16 * 128,)
 
 
 def test_readme_pcqat_snippet_runs():
