@@ -131,6 +131,33 @@ def test_group_wise_fracbits_and_embed_round_trip(tmp_path):
   assert np.abs(codes['embed/embedding.packed']).max() <= 31
 
 
+@pytest.mark.parametrize(
+  'method,symmetric',
+  [
+    ('lsq_plus', False),
+    ('minmax', False),
+    ('ema_minmax', True),
+    ('percentile', False),
+  ],
+)
+def test_group_wise_range_methods_round_trip(method, symmetric, tmp_path):
+  # Offsets and zero points are per group too, stored (groups, channels).
+  spec = fracq.TensorSpec(
+    bits=3,
+    granularity='group',
+    group_size=4,
+    range_method=method,
+    symmetric=symmetric,
+    percentile=90.0,
+  )
+  qm, v, tokens = _embed_net(spec, spec)
+  _, _, floats, _ = _check_round_trip(qm, v, tokens, tmp_path)
+  part = 'offset' if method == 'lsq_plus' else 'zero_point'
+  if not symmetric:
+    assert floats[f'dense/kernel.{part}'].shape == (2, 8)
+    assert floats[f'embed/embedding.{part}'].shape == (2, 16)
+
+
 def test_integer_lowering_refuses_group_wise_kernels_and_embed():
   qm, v, _ = _embed_net(
     fracq.TensorSpec(bits=4, granularity='group', group_size=4),
