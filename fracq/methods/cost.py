@@ -10,6 +10,11 @@ arXiv 2007.02017, section 3.2):
 * BitOPs: ``sum_l MACs_l * b_w,l * b_a,l``. A layer whose input is not
   quantized counts its activations at 32 bits.
 
+A quantized ``nn.Embed`` table counts like a kernel in the size (``numel``
+of the table times its bits); its lookups have no MACs, its ``attend``
+(a tied output head) has a Dense's. Per-channel and per-group scales are
+not in the cost: the exporter reports them as overhead.
+
 Only layers with quantized kernels enter the cost. Bit-widths are read from
 the ``quant`` collection (``kernel_bits`` / ``input_bits``) for learned
 tensors and from the rule for fixed ones; learned bits are clamped to their
