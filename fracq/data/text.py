@@ -40,6 +40,8 @@ import sysconfig
 
 import numpy as np
 
+from fracq.data import tfds_data
+
 VOCAB_SIZE = 256
 VALIDATION_EVERY = 10
 # TFDS text datasets: the split evaluated on (lm1b has no validation split).
@@ -133,8 +135,6 @@ def _tfds_split_bytes(name, split, data_dir, max_bytes):
   """Every host reads the whole split: all hosts draw windows from the same
   bytes, and each keeps its slice of every global batch."""
   import tensorflow_datasets as tfds
-
-  from fracq.data import tfds_data
 
   try:
     builder = tfds.builder(name, data_dir=data_dir)

@@ -14,6 +14,8 @@ here); ImageNet is built from the manual download directory.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 
@@ -65,8 +67,6 @@ def _load(name: str, split: str, data_dir: str | None):
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     if name == 'imagenet2012' and data_dir:
-      import os
-
       manual = os.path.join(data_dir, 'downloads', 'manual')
       if os.path.isdir(manual) and not os.path.isdir(builder.data_dir):
         builder.download_and_prepare(

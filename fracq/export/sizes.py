@@ -16,6 +16,8 @@ import os
 import jax
 import numpy as np
 
+from fracq.export import artifact
+
 
 def _key(kp) -> str:
   return '/'.join(str(getattr(k, 'key', k)) for k in kp)
@@ -40,8 +42,6 @@ def save_float_variables(
   }
   tmp = path + '.tmp'
   save_file(flat, tmp)
-  from fracq.export import artifact
-
   artifact.publish(tmp, path)
   return os.path.getsize(path)
 

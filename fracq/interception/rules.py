@@ -21,6 +21,8 @@ import dataclasses
 import re
 from typing import Any, Sequence
 
+from fracq.core import uniform
+
 # Layer types the interceptor knows how to quantize, by class name.
 SUPPORTED_LAYER_TYPES = (
   'Dense',
@@ -121,8 +123,6 @@ class TensorSpec:
         ``narrow_range``).
       bits: integer bit-width; defaults to ``self.bits``.
     """
-    from fracq.core import uniform  # core is the layer below; no cycle
-
     return uniform.int_range(
       int(self.bits if bits is None else bits),
       signed=signed,

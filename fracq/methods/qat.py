@@ -34,6 +34,7 @@ import numpy as np
 
 from fracq import graph
 from fracq.interception import QuantizedModule
+from fracq.interception import format_facts_table
 from fracq.interception import Rule
 from fracq.methods import cost as cost_lib
 from fracq.methods import fracbits
@@ -351,8 +352,6 @@ class QATModel:
 
   def layer_table(self) -> str:
     """What was quantized and how (per-layer facts and rules)."""
-    from fracq.interception import format_facts_table
-
     return format_facts_table(self.facts)
 
 

@@ -34,6 +34,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fracq.methods import preserve
+
 
 class CheckpointError(ValueError):
   """The workdir's checkpoints cannot be used as asked."""
@@ -434,8 +436,6 @@ def load_variables(workdir: str, collections: str) -> dict:
     # A pruned / clustered run keeps masks and centroids beside the raw
     # kernels: hand on the kernels it computed with (exact zeros, centroid
     # values), so the next stage starts from the pruned/clustered model.
-    from fracq.methods import preserve  # pylint: disable=g-import-not-at-top
-
     flat = preserve.strip(flat, keep_quant=True)
   out = {}
   for col in wanted:

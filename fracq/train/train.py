@@ -53,6 +53,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fracq import data as data_lib
+from fracq import export
+from fracq.export import sizes
+from fracq.methods import preserve
+from fracq.methods.f8net import F8NetModel
 from fracq import models
 from fracq.train import checkpoint as ckpt_lib
 from fracq.train import distributed
@@ -620,10 +624,6 @@ def _export(config, wrapper, state, workdir) -> dict:
   ``model.onnx``: the same program as an ONNX QDQ graph;
   ``model.float.safetensors``: float pruned / clustered models, stripped.
   """
-  from fracq import export
-  from fracq.methods.f8net import F8NetModel
-  from fracq.export import sizes
-
   if not (hasattr(wrapper, 'facts') or isinstance(wrapper, F8NetModel)):
     raise ValueError(
       'config.export=True needs a quantized, pruned or '
@@ -636,8 +636,6 @@ def _export(config, wrapper, state, workdir) -> dict:
   if not registry.get(config.quant.method).quantized:
     # Float pruning / clustering: the stripped float32 model (exact zeros
     # and centroid values in params), and its gzip size.
-    from fracq.methods import preserve
-
     path = os.path.join(workdir, 'model.float.safetensors')
     n = sizes.save_float_variables(
       preserve.strip(variables, qmodel=wrapper),

@@ -265,9 +265,11 @@ def test_digits_fracbits_smoke_end_to_end(tmp_path):
 @pytest.mark.parametrize(
   'name,arg',
   [
+    # MobileNet-V2 runs once, on the CIFAR-100 pipeline: its ImageNet form
+    # has the same rules, budget and recipe (the ImageNet input pipeline
+    # runs with ResNet-50 and ResNet-18 here).
     ('resnet50_fracbits', 'smoke'),
     ('resnet18_fracbits', 'smoke'),
-    ('mobilenet_v2_fracbits', 'smoke'),
     ('mobilenet_v2_fracbits', 'smoke,dataset=cifar100'),
     ('inception_v3_fracbits', 'smoke'),
   ],
