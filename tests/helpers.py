@@ -69,3 +69,13 @@ def train_f8(module, x, y, options, steps=8):
     batch = slice((i % 2) * 64, (i % 2 + 1) * 64)
     params, state, opt, grads = step(params, state, opt, x[batch], y[batch])
   return wrapper, {**params, **state}, grads
+
+
+def warm_batch_stats(module, x, steps=3):
+  """Float variables of ``module`` whose BatchNorm running statistics have
+  seen ``x`` for ``steps`` training-mode passes."""
+  variables = module.init(jax.random.key(0), x, train=False)
+  for _ in range(steps):
+    _, upd = module.apply(variables, x, train=True, mutable=['batch_stats'])
+    variables = {**variables, **upd}
+  return variables

@@ -115,12 +115,26 @@ def _float_rules(context: Context) -> list[Rule]:
   ]
 
 
+def _fixed_act(
+  quantize_acts: bool, act_bits, method: str, act_range: str, granularity: str
+) -> TensorSpec | None:
+  """The input spec of a method with fixed integer input bits (``None``
+  when inputs stay float)."""
+  if not quantize_acts:
+    return None
+  return TensorSpec(
+    bits=_int_bits(act_bits, method, 'act'),
+    range_method=act_range,
+    granularity=granularity,
+  )
+
+
 def _rules(
   context: Context, weight: TensorSpec, act: TensorSpec | None
 ) -> list[Rule]:
   """The float layers, the fixed layers (at their fixed bits, with the
-  range methods of ``weight`` / ``act``), then every other layer at
-  ``weight`` / ``act``."""
+  range methods of ``weight`` / ``act``; per channel where ``weight`` is
+  group-wise), then every other layer at ``weight`` / ``act``."""
   rules = _float_rules(context)
   if context.fixed_layers:
     fixed_act = None
@@ -130,10 +144,14 @@ def _rules(
         range_method=act.range_method,
         granularity=act.granularity,
       )
+    # Group-wise scales are for the low-bit layers; the 8-bit first and last
+    # layers keep one scale per output channel.
     fixed_weight = TensorSpec(
       bits=int(context.fixed_bits),
       range_method=weight.range_method,
-      granularity=weight.granularity,
+      granularity=(
+        'channel' if weight.granularity == 'group' else weight.granularity
+      ),
     )
     rules.append(
       Rule(
@@ -196,6 +214,7 @@ def uniform(
   weight_range: str = 'lsq',
   act_range: str = 'lsq',
   weight_granularity: str = 'channel',
+  weight_group_size: int | None = None,
   act_granularity: str = 'tensor',
 ):
   """Uniform QAT: every tensor at fixed integer bits.
@@ -210,21 +229,21 @@ def uniform(
     weight_range: kernel range method ('lsq', 'lsq_plus', 'minmax',
       'ema_minmax', 'percentile', 'dorefa').
     act_range: input range method (same, 'pact' instead of 'dorefa').
-    weight_granularity: 'channel' or 'tensor'.
+    weight_granularity: 'channel', 'tensor' or 'group' (one scale per
+      ``weight_group_size`` consecutive input features per output
+      channel).
+    weight_group_size: the group size of ``weight_granularity='group'``.
     act_granularity: 'tensor' or 'channel'.
   """
   weight = TensorSpec(
     bits=_int_bits(weight_bits, 'uniform', 'weight'),
     range_method=weight_range,
     granularity=weight_granularity,
+    group_size=weight_group_size,
   )
-  act = None
-  if quantize_acts:
-    act = TensorSpec(
-      bits=_int_bits(act_bits, 'uniform', 'act'),
-      range_method=act_range,
-      granularity=act_granularity,
-    )
+  act = _fixed_act(
+    quantize_acts, act_bits, 'uniform', act_range, act_granularity
+  )
   return _qat_model(module, _rules(context, weight, act), sample_x, context)
 
 
@@ -280,6 +299,7 @@ def fracbits(
   weight_range: str = 'lsq',
   act_range: str = 'lsq',
   weight_granularity: str = 'channel',
+  weight_group_size: int | None = None,
   act_granularity: str = 'tensor',
   learn_weight_bits: bool = True,
   learn_act_bits: bool = False,
@@ -316,7 +336,10 @@ def fracbits(
     quantize_acts: quantize the inputs of the layers at all.
     weight_range: kernel range method (see :func:`uniform`).
     act_range: input range method.
-    weight_granularity: 'channel' or 'tensor'.
+    weight_granularity: 'channel', 'tensor' or 'group' (one scale per
+      ``weight_group_size`` consecutive input features per output
+      channel).
+    weight_group_size: the group size of ``weight_granularity='group'``.
     act_granularity: 'tensor' or 'channel'.
     learn_weight_bits: kernel bits are learned.
     learn_act_bits: input bits are learned (needs a BitOPs budget).
@@ -361,6 +384,7 @@ def fracbits(
       bits_per_channel=bool(bits_per_channel) and w_learn,
       range_method=weight_range,
       granularity=weight_granularity,
+      group_size=weight_group_size,
     )
     act = None
     if quantize_acts:
@@ -439,6 +463,7 @@ def hawq(
   weight_range: str = 'lsq',
   act_range: str = 'lsq',
   weight_granularity: str = 'channel',
+  weight_group_size: int | None = None,
   act_granularity: str = 'tensor',
   candidates: str = '2,3,4,5,6,8',
   probes: int = 32,
@@ -456,7 +481,10 @@ def hawq(
     quantize_acts: quantize the inputs of the layers at all.
     weight_range: kernel range method (see :func:`uniform`).
     act_range: input range method.
-    weight_granularity: 'channel' or 'tensor'.
+    weight_granularity: 'channel', 'tensor' or 'group' (one scale per
+      ``weight_group_size`` consecutive input features per output
+      channel).
+    weight_group_size: the group size of ``weight_granularity='group'``.
     act_granularity: 'tensor' or 'channel'.
     candidates: comma-separated candidate integer weight bits.
     probes: Hutchinson probes per batch.
@@ -488,14 +516,9 @@ def hawq(
     bit_bounds=bounds,
     range_method=weight_range,
     granularity=weight_granularity,
+    group_size=weight_group_size,
   )
-  act = None
-  if quantize_acts:
-    act = TensorSpec(
-      bits=_int_bits(act_bits, 'hawq', 'act'),
-      range_method=act_range,
-      granularity=act_granularity,
-    )
+  act = _fixed_act(quantize_acts, act_bits, 'hawq', act_range, act_granularity)
   rules = _rules(context, weight, act)
   probe = _qat_model(module, rules, sample_x, context, budget=context.budget)
   float_variables, float_batches = context.float_model(int(batches))

@@ -94,3 +94,29 @@ def test_configs_build_their_method_blocks():
   assert q.fracbits.weight_granularity == 'tensor'
   for name in ('digits_float', 'digits_uniform', 'digits_hawq', 'digits_f8net'):
     quant_config.check(get_config(name).quant)
+
+
+@pytest.mark.parametrize('method', ['uniform', 'fracbits'])
+def test_group_wise_kernels_from_the_method_block(method):
+  import jax.numpy as jnp
+
+  from fracq import models
+
+  c = get_config(f'digits_{method}')
+  block = c.quant[method]
+  block.weight_granularity = 'group'
+  block.weight_group_size = 16
+  module = models.get_model(c.model, num_classes=10)
+  qm = quant_config.build(
+    c.quant, module, jnp.zeros((1, 8, 8, 1)), total_steps=10
+  )
+  grouped = {
+    path: spec.group_size
+    for path, facts in qm.facts.items()
+    for spec in [qm.rules[facts.rule_index].weight]
+    if spec is not None and spec.granularity == 'group'
+  }
+  assert grouped and set(grouped.values()) == {16}, grouped
+  block.weight_granularity = 'channel'
+  with pytest.raises(ValueError, match='group_size'):
+    quant_config.build(c.quant, module, jnp.zeros((1, 8, 8, 1)), total_steps=10)

@@ -14,6 +14,7 @@ from fracq import models
 from fracq.data import digits
 from fracq.methods.f8net import F8NetModel, F8NetOptions
 from fracq.methods.f8net.options import f8net_rules
+from tests import helpers
 
 
 @pytest.fixture(scope='module')
@@ -22,19 +23,10 @@ def data():
   return jnp.asarray(xtr[:64]), jnp.asarray(xte[:48])
 
 
-def _warm(module, x, steps=3):
-  """Float variables whose BN running statistics have seen data."""
-  v = module.init(jax.random.key(0), x, train=False)
-  for _ in range(steps):
-    _, upd = module.apply(v, x, train=True, mutable=['batch_stats'])
-    v = {**v, **upd}
-  return v
-
-
 def test_folded_float_model_equals_unfolded(data):
   x, xe = data
   m = models.get_model('digits_cnn')
-  v = _warm(m, x)
+  v = helpers.warm_batch_stats(m, x)
   f8 = F8NetModel(m, x, options=F8NetOptions(simulate=False))
   assert set(f8.pairs) == {'conv_init', 'conv1', 'conv2', 'conv3', 'conv4'}
   assert f8.unfolded == {}
@@ -67,7 +59,7 @@ def test_weight_formats_follow_the_rule_on_the_folded_kernel(data):
   """Second implementation in numpy: fold, FL = floor(log2(40 / std)), codes."""
   x, xe = data
   m = models.get_model('digits_cnn')
-  v = _warm(m, x)
+  v = helpers.warm_batch_stats(m, x)
   f8 = F8NetModel(m, x)
   v = {
     **f8.init(jax.random.key(1), x),

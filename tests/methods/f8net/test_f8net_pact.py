@@ -19,7 +19,6 @@ from fracq import models
 from fracq.data import digits
 from fracq.methods.f8net import F8NetModel, F8NetOptions
 from tests import helpers
-from tests.methods.test_f8net import _warm
 
 DIGITS_LINKS = {
   'conv1': 'conv_init',
@@ -103,7 +102,7 @@ def _reference(module, v, x, alphas, links, train=False):
 def test_links_and_unclipped_model_equals_the_original(data):
   x, _, xe, _ = data
   m = models.get_model('digits_cnn')
-  v = _warm(m, x)
+  v = helpers.warm_batch_stats(m, x)
   f8 = F8NetModel(
     m, x, options=F8NetOptions(simulate=False, pact=True, pact_init=1e4)
   )
@@ -134,7 +133,7 @@ def test_links_and_unclipped_model_equals_the_original(data):
 def test_clipped_model_and_alpha_gradient_equal_pact(data, name, train):
   x, y, _, _ = data
   m = models.get_model(name, num_classes=10)
-  v = _warm(m, x)
+  v = helpers.warm_batch_stats(m, x)
   f8 = F8NetModel(m, x, options=F8NetOptions(simulate=False, pact=True))
   if name == 'digits_cnn':
     assert f8.pact_src == DIGITS_LINKS and not f8.pact_entry
