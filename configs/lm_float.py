@@ -15,9 +15,9 @@ bytes, SHA-256 926a59d9...6fac68): validation 2.50 bits per byte (loss
 predicted bytes; --config.eval_windows=0 evaluates the whole split), against 4.53 bits per byte for the
 unigram baseline (the train split's byte frequencies, add-one smoothed;
 ``fracq.data.text.unigram_bits_per_byte``); 3.14 after 200 steps, 2.65
-after 400. Time: 17 min 39 s wall measured on 2 CPU cores shared with five
-other jobs (load average ~11), for 6 min 46 s of CPU time (user + sys), so
-under 7 minutes on 2 idle cores. Variants: seed=N; steps=N; smoke (a tiny
+after 400. Time: 3 min 59 s wall on 2 idle CPU cores (peak memory 1.6
+GB; the run is deterministic: the same figures on a busy machine took
+17 min 39 s). Variants: seed=N; steps=N; smoke (a tiny
 model for a few steps, seconds).
 """
 
