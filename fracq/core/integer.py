@@ -527,22 +527,9 @@ INTEGER_PRIMITIVES = frozenset(
   )
 )
 
-# Float steps allowed at the boundary (``boundary=True``): quantizing the
-# float input (scale, round, clip, cast to integers) ...
-_ENTRY_PRIMITIVES = frozenset(
+# Layout and call primitives, allowed at both boundaries.
+_LAYOUT_PRIMITIVES = frozenset(
   (
-    'div',
-    'mul',
-    'add',
-    'sub',
-    'neg',
-    'round',
-    'floor',
-    'ceil',
-    'max',
-    'min',
-    'clamp',
-    'convert_element_type',
     'reshape',
     'broadcast_in_dim',
     'transpose',
@@ -554,25 +541,41 @@ _ENTRY_PRIMITIVES = frozenset(
     'jit',
   )
 )
+
+# Float steps allowed at the boundary (``boundary=True``): quantizing the
+# float input (scale, round, clip, cast to integers) ...
+_ENTRY_PRIMITIVES = (
+  frozenset(
+    (
+      'div',
+      'mul',
+      'add',
+      'sub',
+      'neg',
+      'round',
+      'floor',
+      'ceil',
+      'max',
+      'min',
+      'clamp',
+      'convert_element_type',
+    )
+  )
+  | _LAYOUT_PRIMITIVES
+)
 # ... and dequantizing the integer output (cast to float, times a scale,
 # plus an offset); nothing computed from the integer result may go back
 # into integers.
-_EXIT_PRIMITIVES = frozenset(
-  (
-    'convert_element_type',
-    'mul',
-    'add',
-    'sub',
-    'reshape',
-    'broadcast_in_dim',
-    'transpose',
-    'squeeze',
-    'expand_dims',
-    'copy',
-    'copy_p',
-    'pjit',
-    'jit',
+_EXIT_PRIMITIVES = (
+  frozenset(
+    (
+      'convert_element_type',
+      'mul',
+      'add',
+      'sub',
+    )
   )
+  | _LAYOUT_PRIMITIVES
 )
 
 _READABLE = {
