@@ -125,12 +125,13 @@ def digits_quant(
   c, method: str, *, budget: dict | None = None, **fields
 ) -> ml_collections.ConfigDict:
   """Quantization on top of :func:`digits_config`: LSQ ranges for weights and
-  activations, first conv and classifier fixed at 8 bits, ``fields`` in the
+  activations, the first layer and classifier of ``c.model`` fixed at 8
+  bits, ``fields`` in the
   method's block (``config.quant.<method>``) and ``budget`` in
   ``config.quant.budget``."""
   q = c.quant
   q.method = method
-  q.layers.fixed = default_fixed_layers('digits_cnn')
+  q.layers.fixed = default_fixed_layers(c.model)
   block = q[method]
   block.weight_range = 'lsq'
   block.act_range = 'lsq'
@@ -138,6 +139,59 @@ def digits_quant(
     block[k] = v
   for k, v in (budget or {}).items():
     q.budget[k] = v
+  return c
+
+
+def text_quant(
+  c,
+  method: str,
+  *,
+  steps: int = 300,
+  group: int = 0,
+  budget: dict | None = None,
+  **fields,
+) -> ml_collections.ConfigDict:
+  """Quantization-aware fine-tuning on top of :func:`text_config`, from a
+  trained float LM (``--config.init_from``): ``steps`` steps of AdamW 5e-4
+  (cosine, no warmup); LSQ ranges, 8-bit activations (every Dense input),
+  the byte embedding (also the tied output head) weight-only at 8 bits per
+  row and an untied ``head`` at 8 bits; ``group`` > 0: group-wise kernel
+  scales (``group`` input features per scale) instead of per channel.
+  ``fields`` go to the method's block (``config.quant.<method>``),
+  ``budget`` to ``config.quant.budget``."""
+  c.num_train_steps = steps
+  c.learning_rate = 5e-4
+  c.warmup_epochs = 0.0
+  c.eval_every_steps = steps
+  c.checkpoint_every_steps = steps
+  q = c.quant
+  q.method = method
+  q.layers.embed = r'^embed$'
+  if not c.model_kwargs.get('tie_embeddings', True):
+    q.layers.fixed = r'^head$'
+  block = q[method]
+  block.weight_range = 'lsq'
+  block.act_range = 'lsq'
+  if group:
+    block.weight_granularity = 'group'
+    block.weight_group_size = group
+  for k, v in fields.items():
+    block[k] = v
+  for k, v in (budget or {}).items():
+    q.budget[k] = v
+  return c
+
+
+def vit_digits_finetune(c) -> ml_collections.ConfigDict:
+  """The quantization-aware fine-tuning schedule of the digits ViT, from a
+  trained float ViT (``--config.init_from``): 20 epochs (220 steps) of
+  AdamW 5e-4, cosine, no warmup."""
+  c.num_epochs = 20.0
+  c.init_collections = 'params'  # no BatchNorm
+  c.learning_rate = 5e-4
+  c.warmup_epochs = 0.0
+  c.eval_every_steps = 220
+  c.checkpoint_every_steps = 220
   return c
 
 
@@ -252,6 +306,8 @@ def text_config(seed: int = 0) -> ml_collections.ConfigDict:
   # TFDS text only: keep the first N bytes of each split (0: all).
   c.text_max_bytes = 0
   c.model = 'gpt_small'
+  # No BatchNorm: a fine-tuning run starts from the float run's params.
+  c.init_collections = 'params'
   c.batch_size = 32
   c.eval_batch_size = 128
   c.num_train_steps = 600

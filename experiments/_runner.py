@@ -245,7 +245,11 @@ def _train(config_name, arg, workdir, overrides) -> dict:
   from fracq.train import train_and_evaluate
 
   t = time.time()
-  m = {k: float(v) for k, v in train_and_evaluate(c, workdir).items()}
+  m = {
+    # Numbers as floats; text runs also report their corpus (name, SHA-256).
+    k: v if isinstance(v, str) else float(v)
+    for k, v in train_and_evaluate(c, workdir).items()
+  }
   m['wall_s'] = time.time() - t
   tables = sorted(
     (
@@ -255,9 +259,17 @@ def _train(config_name, arg, workdir, overrides) -> dict:
     ),
     key=lambda f: int(f[len('bits_step') : -len('.json')]),
   )
+  bits = {}
+  for name in tables:
+    with open(os.path.join(workdir, name)) as f:
+      bits[name[len('bits_step') : -len('.json')]] = {
+        r['layer']: r['w_bits'] for r in json.load(f)['rows']
+      }
   if tables:
-    with open(os.path.join(workdir, tables[-1])) as f:
-      m['bits'] = {r['layer']: r['w_bits'] for r in json.load(f)['rows']}
+    m['bits'] = bits[tables[-1][len('bits_step') : -len('.json')]]
+    # Every table by step: FracBits writes its learned fractional bits at
+    # the hard-assignment step, then the integer bits at the end.
+    m['bits_by_step'] = bits
   return m
 
 
@@ -307,7 +319,8 @@ def run(
 
   Returns:
     The final metrics (floats), ``wall_s`` (of the run that trained),
-    ``bits`` (per-layer weight bits, when the run wrote a bit table),
+    ``bits`` (per-layer weight bits, when the run wrote a bit table) and
+    ``bits_by_step`` (every bit table it wrote, by step),
     ``run_key``, ``cached`` and, with ``keep_workdir``, ``workdir``.
   """
   key = run_key(config_name, arg, init_from, **overrides)

@@ -7,7 +7,9 @@ from the command line (``--config.quant.fracbits.penalty_weight=2``). Blocks
 shared by several methods:
 
 * ``config.quant.layers``: ``fixed`` (regex of layers kept at fixed bits, ''
-  = none) at ``fixed_bits`` / ``fixed_act_bits``, ``keep_float`` (regex of
+  = none) at ``fixed_bits`` / ``fixed_act_bits``, ``embed`` (regex of the
+  ``nn.Embed`` tables quantized weight-only, per row, at ``embed_bits``;
+  '' = embeddings stay float), ``keep_float`` (regex of
   layers left float) and ``on_unused`` (what a rule matching no layer does).
 * ``config.quant.budget``: ``kind`` ('size' or 'bitops') and exactly one of
   ``uniform_bits``, ``compression``, ``absolute`` (FracBits and HAWQ).
@@ -34,7 +36,13 @@ from fracq.train import registry
 
 def _layers_defaults() -> dict:
   return dict(
-    fixed='', fixed_bits=8, fixed_act_bits=8, keep_float='', on_unused='error'
+    fixed='',
+    fixed_bits=8,
+    fixed_act_bits=8,
+    embed='',
+    embed_bits=8,
+    keep_float='',
+    on_unused='error',
   )
 
 
@@ -292,6 +300,8 @@ def context_from_config(
     fixed_layers=layers.fixed,
     fixed_bits=int(layers.fixed_bits),
     fixed_act_bits=int(layers.fixed_act_bits),
+    embed_layers=layers.embed,
+    embed_bits=int(layers.embed_bits),
     keep_float=layers.keep_float,
     on_unused=layers.on_unused,
     budget_kind=quant.budget.kind,

@@ -59,6 +59,11 @@ class Context:
     fixed_layers: regex of layers kept at fixed bits ('' = none).
     fixed_bits: their weight bits.
     fixed_act_bits: their input bits.
+    embed_layers: regex of the ``nn.Embed`` tables quantized (weight-only,
+      one scale per row) at ``embed_bits`` ('' = embeddings stay float;
+      language models: ``'^embed$'``, the byte table, also the tied output
+      head).
+    embed_bits: their bits.
     keep_float: regex of layers left float ('' = none).
     on_unused: what a rule matching no layer does (``'error'``, ``'warn'``).
     budget_kind: ``'size'`` or ``'bitops'``: the cost the model reports.
@@ -75,6 +80,8 @@ class Context:
   fixed_layers: str = ''
   fixed_bits: int = 8
   fixed_act_bits: int = 8
+  embed_layers: str = ''
+  embed_bits: int = 8
   keep_float: str = ''
   on_unused: str = 'error'
   budget_kind: str = 'size'
@@ -132,10 +139,25 @@ def _fixed_act(
 def _rules(
   context: Context, weight: TensorSpec, act: TensorSpec | None
 ) -> list[Rule]:
-  """The float layers, the fixed layers (at their fixed bits, with the
-  range methods of ``weight`` / ``act``; per channel where ``weight`` is
-  group-wise), then every other layer at ``weight`` / ``act``."""
+  """The float layers, the embedding tables (weight-only at
+  ``context.embed_bits``, per row), the fixed layers (at their fixed bits,
+  with the range methods of ``weight`` / ``act``; per channel where
+  ``weight`` is group-wise), then every other layer at ``weight`` /
+  ``act``."""
   rules = _float_rules(context)
+  if context.embed_layers:
+    rules.append(
+      Rule(
+        module_path=context.embed_layers,
+        layer_types=('Embed',),
+        name='embed',
+        weight=TensorSpec(
+          bits=int(context.embed_bits),
+          range_method=weight.range_method,
+          granularity='channel',
+        ),
+      )
+    )
   if context.fixed_layers:
     fixed_act = None
     if act is not None:

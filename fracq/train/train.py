@@ -523,6 +523,14 @@ def _run(config, workdir, mesh, writer, mngr, changed, first) -> dict:
   def switch(wrapper, state, step):
     w = wrapper.for_step(step)
     if w is not wrapper:
+      if (
+        getattr(w, 'hard', False)
+        and step == getattr(wrapper, 'hard_assign_step', None)
+        and jax.process_index() == 0
+      ):
+        # The learned fractional bits the hard assignment rounds
+        # (bits_step<N>.{txt,json,png} at the assignment step).
+        wrapper.report(state.variables(), workdir, step, writer)
       v = w.prepare(state.variables())
       trainable = {c: v[c] for c in state.trainable}
       state = state.replace(

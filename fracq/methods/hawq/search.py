@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fracq import data as data_lib
 from fracq.core import hessian
 from fracq.interception import Rule
 from fracq.interception import TensorSpec
@@ -79,7 +80,8 @@ def search(
       kept, those whose weight spec learns bits are searched.
     budget_target: absolute cost (bits or BitOPs) not to exceed.
     kind: ``'size'`` or ``'bitops'``.
-    batches: training batches ``{'image', 'label'}`` for the traces.
+    batches: training batches for the traces (images and labels, or
+      token windows: ``fracq.data.model_input`` / ``model_target``).
     candidates: candidate integer bit-widths.
     num_probes: Rademacher probes per batch.
     seed: PRNG seed of the probes.
@@ -108,10 +110,15 @@ def search(
   other = {k: v for k, v in variables.items() if k != 'params'}
 
   def loss_fn(p, batch):
-    out = module.apply({'params': p, **other}, batch['image'], train=False)
+    x = data_lib.model_input(batch)
+    out = module.apply({'params': p, **other}, x, train=False)
     out = out[0] if isinstance(out, tuple) else out
+    # Classification: (batch, classes) logits; language models: (batch,
+    # length, vocab), every position's next-token loss.
     return jnp.mean(
-      optax.softmax_cross_entropy_with_integer_labels(out, batch['label'])
+      optax.softmax_cross_entropy_with_integer_labels(
+        out, data_lib.model_target(batch)
+      )
     )
 
   traces = hessian.hutchinson_traces(
@@ -178,6 +185,7 @@ def rules_for_bits(rules, choice: dict[str, int]) -> list[Rule]:
         bits=bits,
         range_method=template.weight.range_method,
         granularity=template.weight.granularity,
+        group_size=template.weight.group_size,
       ),
       act=template.act,
     )

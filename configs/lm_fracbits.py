@@ -1,0 +1,59 @@
+"""FracBits mixed precision on the byte-level LM, under a size budget.
+
+Fine-tunes a trained float LM (configs/lm_float.py) with the schedule of
+configs/lm_uniform.py (300 steps, AdamW 5e-4 for the weights): every
+attention and MLP kernel learns a fractional bit-width under the size of a
+uniform K-bit model (byte embedding / tied head at 8 bits per row, 8-bit
+LSQ inputs); the bits start at the budget + 0.5 and are trained by SGD
+(lr 0.05, nesterov 0.9, the weights' cosine schedule); penalty
+``|cost - target| / target``; hard assignment at 80% of the steps, then
+integer fine-tuning.
+
+Run:
+  python launch.py --config=configs/lm_float.py --workdir=/tmp/lm_float
+  python launch.py --config=configs/lm_fracbits.py:bits=3 \
+      --workdir=/tmp/lm_fb3 --config.init_from=/tmp/lm_float
+
+Expected: see experiments/results/lm_bits.md (experiments/lm_bits.py):
+a per-layer bit table in the log and bits_step*.png in the workdir.
+Variants (arg): bits=K, seed=N, steps=N, group=G, init=D (bits start at
+the budget + D; the authors' D is 0.5), bitops (a BitOPs budget, input bits
+learned too), smoke.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  a = common.parse_arg(
+    arg,
+    smoke=False,
+    seed=0,
+    bits=3.0,
+    steps=300,
+    group=0,
+    init=0.5,
+    bitops=False,
+  )
+  c = common.text_config(a.seed)
+  common.text_quant(
+    c,
+    'fracbits',
+    steps=a.steps,
+    group=a.group,
+    budget=dict(uniform_bits=a.bits),
+    init_bits=f'budget+{a.init}',
+    weight_bit_bounds=(2.0, 8.0),
+    learn_weight_bits=True,
+    hard_assign_fraction=0.8,
+  )
+  c.bits_optimizer = 'sgd'
+  c.bits_learning_rate = 0.05
+  if a.bitops:
+    c.quant.budget.kind = 'bitops'
+    c.quant.fracbits.learn_act_bits = True
+  if a.smoke:
+    common.apply_smoke(c, tiny_model='gpt_tiny')
+    c.seq_len = 32
+    c.eval_windows = 32
+  return c

@@ -1,0 +1,34 @@
+"""Uniform QAT of the byte-level LM: every Dense kernel at K bits.
+
+Fine-tunes a trained float LM (configs/lm_float.py) for 300 steps (AdamW
+5e-4, cosine): every attention and MLP kernel at K-bit weights (LSQ, one
+step per output channel), 8-bit LSQ inputs; the byte embedding, which is
+also the tied output head, stays at 8 bits per row (weight-only). The same
+ranges, fixed layers and schedule as configs/lm_fracbits.py and
+configs/lm_hawq.py, so the three compare at equal integer size.
+
+Run:
+  python launch.py --config=configs/lm_float.py --workdir=/tmp/lm_float
+  python launch.py --config=configs/lm_uniform.py:bits=3 \
+      --workdir=/tmp/lm_u3 --config.init_from=/tmp/lm_float
+
+Expected: see experiments/results/lm_bits.md (experiments/lm_bits.py);
+the float start is at 2.50 validation bits per byte. Variants (arg):
+bits=K (2..8), seed=N, steps=N, group=G (group-wise kernel scales, G input
+features per scale), smoke (a tiny model, seconds).
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, smoke=False, seed=0, bits=4, steps=300, group=0)
+  c = common.text_config(a.seed)
+  common.text_quant(
+    c, 'uniform', steps=a.steps, group=a.group, weight_bits=float(a.bits)
+  )
+  if a.smoke:
+    common.apply_smoke(c, tiny_model='gpt_tiny')
+    c.seq_len = 32
+    c.eval_windows = 32
+  return c
