@@ -218,6 +218,10 @@ class QATModule(nnx.Module):
   def learns_bits(self) -> bool:
     return qat_lib.learns_bits(self.cost_model)
 
+  @property
+  def kernel_transform(self):
+    return self.analysis.kernel_transform
+
   def layer_table(self) -> str:
     """What was quantized and how (per-layer facts and rules)."""
     return format_facts_table(self.facts)
@@ -244,6 +248,42 @@ class QATModule(nnx.Module):
         node = node.setdefault(part, {})
       node.update(entries)
     return tree
+
+  def linen_variables(self) -> dict:
+    """The whole state in linen's layout, as ``fracq.quantize``'s
+    ``init`` returns it: ``{'params', 'batch_stats', 'quant',
+    'quant_stats'}`` nested by module path (a quantized layer's parameters
+    under its own path, without the wrapper's ``layer`` part). Concrete
+    arrays; what :func:`fracq.export.export_model` takes with this module
+    as the model: ``export_model(qmodel, qmodel.linen_variables(), path)``.
+    """
+    wrapped = {
+      tuple(str(p) for p in path)
+      for path, node in nnx.iter_graph(self.model)
+      if isinstance(node, QuantizedLayer)
+    }
+    kinds = (
+      (QuantParam, TRAINABLE),
+      (QuantStat, STATE),
+      (nnx.BatchStat, 'batch_stats'),
+      (nnx.Param, 'params'),
+    )
+    out: dict = {}
+    for path, var in nnx.iter_graph(self.model):
+      collection = next((c for t, c in kinds if isinstance(var, t)), None)
+      if collection is None:
+        continue
+      parts = [str(p) for p in path]
+      parts = [
+        p
+        for i, p in enumerate(parts)
+        if not (p == 'layer' and tuple(parts[:i]) in wrapped)
+      ]
+      node = out.setdefault(collection, {})
+      for part in parts[:-1]:
+        node = node.setdefault(part, {})
+      node[parts[-1]] = var.get_value()
+    return out
 
   def _write(self, collection: str, tree: dict) -> None:
     """Writes the leaves of a linen-layout ``tree`` into the variables."""
@@ -534,6 +574,7 @@ def quantize(
     hard_assign_step=hard_assign_step,
     hard_assign_tolerance=hard_assign_tolerance,
     call_kwargs=call_kwargs,
+    kernel_transform=kernel_transform,
   )
   return QATModule(model, analysis)
 

@@ -14,6 +14,7 @@ import fracq.nnx as fnnx
 from fracq import Budget
 from fracq import Rule
 from fracq import TensorSpec
+from fracq import export
 from fracq.models.digits_cnn import DigitsCNN as LinenDigitsCNN
 from fracq.nnx.models import DigitsCNN
 from fracq.nnx.models import load_linen_variables
@@ -112,7 +113,7 @@ def test_digits_fracbits_equal_to_linen():
   assert nq.metrics() == pytest.approx(lq.metrics(lv), rel=1e-6)
 
 
-def test_digits_fracbits_hard_assignment_equal_to_linen():
+def test_digits_fracbits_hard_assignment_and_export_equal_to_linen(tmp_path):
   budget = Budget(kind='size', uniform_bits=3)
   x, lq, lv, nq = _digits_pair(FRACBITS_RULES, budget)
   # Spread the learned bits so that rounding has choices to make.
@@ -139,6 +140,17 @@ def test_digits_fracbits_hard_assignment_equal_to_linen():
   # Idempotent: a second assignment changes nothing.
   assert nq.hard_assign() is None
   assert float(nq.penalty(0)[0]) == 0.0
+  # The whole state in linen's layout, and the packed artifact from it.
+  nvars = nq.linen_variables()
+  helpers.assert_trees_close(nvars, lv_hard, atol=0, rtol=0)
+  lsize = export.export_model(hard, lv_hard, str(tmp_path / 'linen'))
+  nsize = export.export_model(nq, nvars, str(tmp_path / 'nnx'))
+  assert nsize == lsize
+  lcodes, lfloats, lmanifest = export.read_artifact(str(tmp_path / 'linen'))
+  ncodes, nfloats, nmanifest = export.read_artifact(str(tmp_path / 'nnx'))
+  assert nmanifest == lmanifest
+  helpers.assert_trees_close(ncodes, lcodes, atol=0, rtol=0)
+  helpers.assert_trees_close(nfloats, lfloats, atol=0, rtol=0)
 
 
 def test_block_lsq_equal_to_linen():
