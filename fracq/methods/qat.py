@@ -28,6 +28,7 @@ import os
 from typing import Sequence
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -307,10 +308,18 @@ class QATModel:
     return format_facts_table(self.facts)
 
 
-def quantize(
-  module: nn.Module, rules: Sequence[Rule], sample_input, **kwargs
-) -> QATModel:
-  """Quantizes an unmodified Flax module by rules. See :class:`QATModel`."""
+def quantize(module, rules: Sequence[Rule], sample_input, **kwargs):
+  """Quantizes an unmodified Flax module by rules.
+
+  A ``flax.linen`` module gives a :class:`QATModel`; an ``nnx.Module`` gives
+  a :class:`fracq.nnx.QATModule` (:func:`fracq.nnx.quantize`, same
+  arguments), a quantized copy of the model.
+  """
+  if isinstance(module, nnx.Module):
+    # fracq.nnx builds on this module: imported here to break the cycle.
+    from fracq.nnx import qat as nnx_qat
+
+    return nnx_qat.quantize(module, rules, sample_input, **kwargs)
   return QATModel(module, rules, sample_input, **kwargs)
 
 

@@ -88,3 +88,35 @@ def assert_trees_close(actual, expected, atol=1e-6, rtol=1e-5):
 
 def tokens():
   return jax.random.randint(jax.random.key(3), (2, 6), 0, VOCAB, jnp.int32)
+
+
+class LinenConvs(nn.Module):
+  """Grouped, depthwise and transposed convolutions."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(8, (3, 3), name='stem')(x)
+    x = nn.relu(nn.Conv(8, (3, 3), feature_group_count=2, name='grouped')(x))
+    x = nn.Conv(8, (3, 3), feature_group_count=8, name='depthwise')(x)
+    x = nn.ConvTranspose(4, (2, 2), strides=(2, 2), name='up')(x)
+    return jnp.mean(x, axis=(1, 2))
+
+
+class NNXConvs(nnx.Module):
+  """:class:`LinenConvs` in NNX, with the same layer names."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.stem = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.grouped = nnx.Conv(8, 8, (3, 3), feature_group_count=2, rngs=rngs)
+    self.depthwise = nnx.Conv(8, 8, (3, 3), feature_group_count=8, rngs=rngs)
+    self.up = nnx.ConvTranspose(8, 4, (2, 2), strides=(2, 2), rngs=rngs)
+
+  def __call__(self, x):
+    x = self.stem(x)
+    x = nnx.relu(self.grouped(x))
+    x = self.up(self.depthwise(x))
+    return jnp.mean(x, axis=(1, 2))
+
+
+def images():
+  return jax.random.normal(jax.random.key(4), (2, 6, 6, 3))

@@ -153,9 +153,19 @@ def test_digits_fracbits_hard_assignment_and_export_equal_to_linen(tmp_path):
   helpers.assert_trees_close(nfloats, lfloats, atol=0, rtol=0)
 
 
-def test_block_lsq_equal_to_linen():
+@pytest.mark.parametrize(
+  'model_pair',
+  [
+    (helpers.LinenBlock, helpers.NNXBlock, helpers.tokens),
+    (helpers.LinenConvs, helpers.NNXConvs, helpers.images),
+  ],
+  ids=['block', 'convs'],
+)
+def test_lsq_equal_to_linen(model_pair):
   """Uniform QAT (LSQ, per-channel weights, 8-bit inputs) on Embed (lookup
-  and tied head), Dense, DenseGeneral and Einsum."""
+  and tied head), Dense, DenseGeneral, Einsum, and on grouped, depthwise
+  and transposed convolutions."""
+  linen_cls, nnx_cls, sample = model_pair
   rules = [
     Rule(
       layer_types=('Embed',),
@@ -166,23 +176,25 @@ def test_block_lsq_equal_to_linen():
       act=TensorSpec(bits=8),
     ),
   ]
-  toks = helpers.tokens()
-  lq = fracq.quantize(helpers.LinenBlock(), rules, toks)
-  lv = lq.init(jax.random.key(0), toks)
-  model = helpers.NNXBlock(nnx.Rngs(7))
+  x = sample()
+  if x.dtype != jnp.int32:  # no embedding to quantize
+    rules = rules[1:]
+  lq = fracq.quantize(linen_cls(), rules, x)
+  lv = lq.init(jax.random.key(0), x)
+  model = nnx_cls(nnx.Rngs(7))
   load_linen_variables(model, lv)
-  nq = fnnx.quantize(model, rules, toks)
+  nq = fnnx.quantize(model, rules, x)
   assert nq.facts == lq.facts
   helpers.assert_trees_close(nq.variables('quant'), lv['quant'])
-  np.testing.assert_allclose(nq(toks), lq.apply(lv, toks), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(nq(x), lq.apply(lv, x), rtol=1e-5, atol=1e-5)
 
   def linen_loss(trainable):
-    return jnp.sum(lq.apply({**lv, **trainable}, toks) ** 2)
+    return jnp.sum(lq.apply({**lv, **trainable}, x) ** 2)
 
   trainable = {'params': lv['params'], 'quant': lv['quant']}
   lgrads = jax.jit(jax.grad(linen_loss))(trainable)
   ngrads = helpers.linen_layout(
-    nnx.jit(nnx.grad(lambda m: jnp.sum(m(toks) ** 2)))(nq)
+    nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2)))(nq)
   )
   helpers.assert_trees_close(ngrads['params'], lgrads['params'], atol=1e-4)
   helpers.assert_trees_close(ngrads['quant'], lgrads['quant'], atol=1e-4)

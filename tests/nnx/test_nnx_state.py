@@ -44,9 +44,11 @@ def _sample():
 
 def _quantized(seed=0):
   model = MLP(nnx.Rngs(seed))
-  qmodel = fnnx.quantize(
+  # fracq.quantize hands NNX models to fracq.nnx.quantize.
+  qmodel = fracq.quantize(
     model, RULES, _sample(), budget=Budget(kind='size', uniform_bits=3)
   )
+  assert isinstance(qmodel, fnnx.QATModule)
   return model, qmodel
 
 
