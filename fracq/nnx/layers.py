@@ -295,6 +295,18 @@ class QuantizedLayer(nnx.Module):
     self.calibrating = False
     self.initializing = False
 
+  def __getattr__(self, name: str):
+    """Reads of other attributes go to the wrapped layer (``features``,
+    ``embedding``, ...), so model code that reads its layers keeps working;
+    the variables read that way are the float ones."""
+    if name.startswith('_') or name == 'layer':
+      raise AttributeError(name)
+    try:
+      layer = object.__getattribute__(self, 'layer')
+    except AttributeError:
+      raise AttributeError(name) from None
+    return getattr(layer, name)
+
   # -- the provider's variables ---------------------------------------------
   def quant_variable(self, collection: str, name: str, init_fn):
     """Creates (in the init pass) or reads the quantizer variable ``name``."""

@@ -58,6 +58,11 @@ def test_original_model_left_intact():
   assert type(model.fc2) is nnx.Linear
   assert isinstance(qmodel.model.fc2, fnnx.QuantizedLayer)
   assert qmodel.model.fc2.layer is not model.fc2
+  # Reads of the layer's own attributes pass through the wrapper.
+  assert qmodel.model.fc2.out_features == 16
+  np.testing.assert_array_equal(
+    qmodel.model.fc2.kernel[...], model.fc2.kernel[...]
+  )
   # The float model still runs float, with its weights unchanged.
   after = nnx.to_pure_dict(nnx.state(model))
   jax.tree.map(np.testing.assert_array_equal, after, before)
