@@ -13,13 +13,20 @@ are path parts), and layer types by their linen names (``'Dense'`` for
 ``nnx.Linear``, ``'DenseGeneral'`` for ``nnx.LinearGeneral``; ``'Conv'``,
 ``'ConvTranspose'``, ``'Einsum'``, ``'Embed'``).
 
-Quantization runs the model eagerly on the sample input three times, as
-linen's ``fracq.quantize`` and ``init`` do: a sign probe on the first
-example, then a pass that records per-layer facts and creates the
-quantizer variables from the data. The model runs as it is, in its current
+Quantization runs the model eagerly on the sample input twice, as linen's
+``fracq.quantize`` and ``init`` do: a float sign probe on the first example
+(linen probes a fresh random init of the model, NNX the model's own
+weights; the signs agree wherever a ReLU decides them), then a pass that
+records per-layer facts and creates the quantizer variables from the
+data. The model runs as it is, in its current
 ``train()``/``eval()`` mode, with ``call_kwargs``; put it in ``eval()`` mode
 first to match linen's ``init(..., train=False)``. Every other variable
 (BatchNorm statistics, RNG counts) is restored after these passes.
+
+Methods that take over whole layer or module calls through the
+interceptor's ``call_layer`` / ``call_module`` hooks (F8Net's BatchNorm
+folding) and HAWQ's Hessian search run on linen models only; pruning and
+clustering pass through ``kernel_transform`` as in linen.
 """
 
 from __future__ import annotations
@@ -314,7 +321,9 @@ class QATModule(nnx.Module):
     steps, PACT clips, shared FracBits ranges and observer statistics are
     recomputed from the current weights and the activations the inputs
     produce. Learned and frozen bit-widths are left alone, and so are the
-    model's other variables (BatchNorm statistics).
+    model's other variables (BatchNorm statistics). The model runs in its
+    current mode: call ``eval()`` first to calibrate through BatchNorm's
+    running statistics, as linen's ``calibrate`` does (``train=False``).
     """
     kwargs = {**self.analysis.call_kwargs, **kwargs}
     self._set(calibrating=True)
