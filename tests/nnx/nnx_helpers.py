@@ -120,3 +120,25 @@ class NNXConvs(nnx.Module):
 
 def images():
   return jax.random.normal(jax.random.key(4), (2, 6, 6, 3))
+
+
+class LinenMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.Dense(16, name='fc1')(x))
+    x = nn.relu(nn.Dense(16, name='fc2')(x))
+    return nn.Dense(3, name='head')(x)
+
+
+class NNXMLP(nnx.Module):
+  """:class:`LinenMLP` in NNX, with the same layer names."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(4, 16, rngs=rngs)
+    self.fc2 = nnx.Linear(16, 16, rngs=rngs)
+    self.head = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.fc1(x))
+    x = nnx.relu(self.fc2(x))
+    return self.head(x)

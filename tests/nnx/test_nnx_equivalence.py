@@ -15,6 +15,7 @@ from fracq import Budget
 from fracq import Rule
 from fracq import TensorSpec
 from fracq import export
+from fracq.methods import preserve
 from fracq.models.digits_cnn import DigitsCNN as LinenDigitsCNN
 from fracq.nnx.models import DigitsCNN
 from fracq.nnx.models import load_linen_variables
@@ -198,3 +199,41 @@ def test_lsq_equal_to_linen(model_pair):
   )
   helpers.assert_trees_close(ngrads['params'], lgrads['params'], atol=1e-4)
   helpers.assert_trees_close(ngrads['quant'], lgrads['quant'], atol=1e-4)
+
+
+def test_pcqat_equal_to_linen(tmp_path):
+  """PCQAT (pruning mask and trainable centroids through ``kernel_transform``,
+  LSQ on top): state, outputs, gradients and the artifact equal linen's."""
+  transform = preserve.PreserveTransform(
+    prune=True, cluster=True, clusters=4, sparsity=0.5
+  )
+  rules = [
+    Rule(
+      weight=TensorSpec(bits=4, granularity='channel'),
+      act=TensorSpec(bits=8),
+    )
+  ]
+  x = jax.random.normal(jax.random.key(2), (16, 4))
+  lq = fracq.quantize(helpers.LinenMLP(), rules, x, kernel_transform=transform)
+  lv = lq.init(jax.random.key(0), x)
+  model = helpers.NNXMLP(nnx.Rngs(3))
+  load_linen_variables(model, lv)
+  nq = fnnx.quantize(model, rules, x, kernel_transform=transform)
+  helpers.assert_trees_close(nq.variables('quant'), lv['quant'])
+  helpers.assert_trees_close(nq.variables('quant_stats'), lv['quant_stats'])
+  assert float(jnp.mean(lv['quant_stats']['fc2']['kernel_mask'])) == 0.5
+  np.testing.assert_allclose(nq(x), lq.apply(lv, x), rtol=1e-5, atol=1e-6)
+
+  def linen_loss(trainable):
+    return jnp.sum(lq.apply({**lv, **trainable}, x) ** 2)
+
+  trainable = {'params': lv['params'], 'quant': lv['quant']}
+  lgrads = jax.jit(jax.grad(linen_loss))(trainable)
+  ngrads = helpers.linen_layout(
+    nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2)))(nq)
+  )
+  helpers.assert_trees_close(ngrads['quant'], lgrads['quant'], atol=1e-5)
+  helpers.assert_trees_close(ngrads['params'], lgrads['params'], atol=1e-5)
+  lsize = export.export_model(lq, lv, str(tmp_path / 'linen'))
+  nsize = export.export_model(nq, nq.linen_variables(), str(tmp_path / 'nnx'))
+  assert nsize == lsize and nsize.structure_saved_bytes > 0

@@ -14,18 +14,7 @@ import fracq.nnx as fnnx
 from fracq import Budget
 from fracq import Rule
 from fracq import TensorSpec
-
-
-class MLP(nnx.Module):
-  def __init__(self, rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(4, 16, rngs=rngs)
-    self.fc2 = nnx.Linear(16, 16, rngs=rngs)
-    self.head = nnx.Linear(16, 3, rngs=rngs)
-
-  def __call__(self, x):
-    x = nnx.relu(self.fc1(x))
-    x = nnx.relu(self.fc2(x))
-    return self.head(x)
+from tests.nnx import nnx_helpers as helpers
 
 
 RULES = [
@@ -43,7 +32,7 @@ def _sample():
 
 
 def _quantized(seed=0):
-  model = MLP(nnx.Rngs(seed))
+  model = helpers.NNXMLP(nnx.Rngs(seed))
   # fracq.quantize hands NNX models to fracq.nnx.quantize.
   qmodel = fracq.quantize(
     model, RULES, _sample(), budget=Budget(kind='size', uniform_bits=3)
