@@ -11,7 +11,8 @@ Rules match the layer's graph path, ``'/'``-joined (``'conv1'``,
 ``'blocks/0/mlp/fc1'``: list and dict entries of ``nnx.List`` / ``nnx.Dict``
 are path parts), and layer types by their linen names (``'Dense'`` for
 ``nnx.Linear``, ``'DenseGeneral'`` for ``nnx.LinearGeneral``; ``'Conv'``,
-``'ConvTranspose'``, ``'Einsum'``, ``'Embed'``).
+``'ConvTranspose'``, ``'Einsum'``, ``'Embed'``); ``'Linear'`` and
+``'LinearGeneral'`` are accepted too.
 
 Quantization runs the model eagerly on the sample input twice, as linen's
 ``fracq.quantize`` and ``init`` do: a float sign probe on the first example
@@ -32,6 +33,7 @@ clustering pass through ``kernel_transform`` as in linen.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -414,6 +416,21 @@ class QATModule(nnx.Module):
     return text
 
 
+# NNX class names rules may use beside the linen names they stand for.
+_NNX_TYPE_NAMES = {'Linear': 'Dense', 'LinearGeneral': 'DenseGeneral'}
+
+
+def _linen_type_names(rule: Rule) -> Rule:
+  """``rule`` with NNX layer type names (``'Linear'``) in ``layer_types``
+  replaced by the linen names the rules know (``'Dense'``)."""
+  if not isinstance(rule, Rule) or not isinstance(rule.layer_types, tuple):
+    return rule  # validate_rules explains what is wrong
+  names = tuple(_NNX_TYPE_NAMES.get(t, t) for t in rule.layer_types)
+  if names == rule.layer_types:
+    return rule
+  return dataclasses.replace(rule, layer_types=names)
+
+
 def _quantizes(rule: Rule | None, kernel_transform) -> bool:
   """Whether a matched layer is quantized (the interceptor's condition for
   the QAT provider)."""
@@ -504,7 +521,7 @@ def quantize(
     )
   if on_unused not in ('error', 'warn'):
     raise ValueError(f"on_unused must be 'error' or 'warn', got {on_unused!r}.")
-  rules = validate_rules(rules)
+  rules = validate_rules([_linen_type_names(rule) for rule in rules])
   call_kwargs = dict(call_kwargs or {})
   args = sample_input if isinstance(sample_input, tuple) else (sample_input,)
 

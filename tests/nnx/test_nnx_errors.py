@@ -40,6 +40,16 @@ def test_rule_matching_nothing():
   assert set(qmodel.facts) == {'fc1', 'fc2'}
 
 
+def test_nnx_type_names_in_rules():
+  model = TwoLayers(nnx.Rngs(0))
+  rules = [Rule(layer_types=('Linear',), weight=W4)]
+  qmodel = fnnx.quantize(model, rules, _x())
+  assert {f.layer_type for f in qmodel.facts.values()} == {'Dense'}
+  assert all(f.weight_quantized for f in qmodel.facts.values())
+  with pytest.raises(ValueError, match='unknown layer_types'):
+    fnnx.quantize(model, [Rule(layer_types=('Lora',), weight=W4)], _x())
+
+
 def test_unsupported_layer_named_by_a_rule():
   model = TwoLayers(nnx.Rngs(0))
   rules = [Rule(module_path='adapter', weight=W4)]
