@@ -525,6 +525,17 @@ def quantize(
   call_kwargs = dict(call_kwargs or {})
   args = sample_input if isinstance(sample_input, tuple) else (sample_input,)
 
+  quantized = [
+    _path_str(path)
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, QuantizedLayer)
+  ]
+  if quantized:
+    raise ValueError(
+      f'The model is already quantized (quantized layers at {quantized[:5]}).'
+      ' Quantize the float model instead: fracq.nnx.quantize copies it and '
+      'leaves it intact, so keep a reference to it.'
+    )
   model = nnx.clone(model)
   paths = _layer_paths(model)
   shared = {i: p for i, p in paths.items() if len(p) > 1}

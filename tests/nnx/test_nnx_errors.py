@@ -63,6 +63,12 @@ def test_shared_layer():
     fnnx.quantize(model, [Rule(weight=W4)], _x())
 
 
+def test_quantized_model_refused():
+  qmodel = fnnx.quantize(TwoLayers(nnx.Rngs(0)), [Rule(weight=W4)], _x())
+  with pytest.raises(ValueError, match=r"already quantized.*'model/fc1'"):
+    fnnx.quantize(qmodel, [Rule(weight=W4)], _x())
+
+
 def test_linen_module_refused():
   with pytest.raises(TypeError, match='fracq.quantize'):
     fnnx.quantize(nn.Dense(4), [Rule(weight=W4)], _x())
