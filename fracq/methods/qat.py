@@ -28,6 +28,7 @@ import os
 from typing import Sequence
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,43 +112,15 @@ class QATModel:
     self.facts = self.qmodule.layer_facts(sample_input, **self.call_kwargs)
     self.qmodule.check_unused(self.facts)
     self.budget = budget
-    kind = cost_kind or (budget.kind if budget is not None else 'size')
-    layers = cost_lib.layer_costs_from_facts(
-      self.facts, self.rules, signs=self.signs
-    )
-    self.cost_model = cost_lib.CostModel(layers, kind) if layers else None
-    learns = self.learns_bits
-    if learns and budget is None:
-      raise ValueError(
-        'Rules learn bit-widths (learn_bits=True) but no budget was given: '
-        'pass budget=fracq.Budget(kind="size", uniform_bits=4) (or '
-        'compression=, absolute=).'
-      )
-    if (
-      learns
-      and kind == 'size'
-      and any(layer.act.learned for layer in self.cost_model.layers)
-    ):
-      # NNCF's port let activation bits drift upward with no cost at all.
-      raise ValueError(
-        'Activation bits are learned but a model-size budget does not '
-        'count them, so nothing would hold them down. Use a BitOPs budget '
-        "(budget kind='bitops') or fix the activation bits."
-      )
-    self.target = (
-      self.cost_model.resolve(budget)
-      if (learns and budget is not None)
-      else None
+    self.cost_model, self.target = cost_setup(
+      self.facts, self.rules, self.signs, budget, cost_kind
     )
     self._twin = None
 
   # -- protocol ------------------------------------------------------------
   @property
   def learns_bits(self) -> bool:
-    return self.cost_model is not None and any(
-      layer.weight.learned or layer.act.learned
-      for layer in self.cost_model.layers
-    )
+    return learns_bits(self.cost_model)
 
   def init(self, rngs, x, *, train: bool = False, **kwargs):
     return self.qmodule.init(rngs, x, train=train, **kwargs)
@@ -189,35 +162,20 @@ class QATModel:
 
   def penalty(self, variables, step):
     """The resource penalty (zero in hard mode or without learned bits)."""
-    if not self.learns_bits:
-      return jnp.zeros((), jnp.float32), {}
-    quant = self.bits_view(variables)
-    c = self.cost_model.cost(quant, hard=self.hard)
-    i8 = self.cost_model.int8_cost()
-    metrics = {'cost': c, 'compression_over_int8': i8 / c}
-    if self.hard:
-      return jnp.zeros((), jnp.float32), metrics
-    start = self.cost_model.uniform_cost(self._init_bits())
-    p = self.penalty_fn(
-      c, self.target, step=step, start_cost=start, int8_cost=i8
+    return resource_penalty(
+      self.cost_model,
+      self.bits_view(variables),
+      step,
+      hard=self.hard,
+      target=self.target,
+      penalty_fn=self.penalty_fn,
+      start_bits=self._init_bits(),
     )
-    metrics['penalty'] = p
-    return p, metrics
 
   def metrics(self, variables) -> dict[str, float]:
     if self.cost_model is None:
       return {}
-    quant = self.bits_view(variables)
-    out = {}
-    frac = self.cost_model.describe(quant, hard=False)
-    hard = self.cost_model.describe(quant, hard=True)
-    out['cost_fractional'] = frac['cost']
-    out['cost_integer'] = hard['cost']
-    out['cost_int8'] = hard['cost_int8']
-    out['compression_over_int8'] = hard['compression_over_int8']
-    out['compression_over_int8_fractional'] = frac['compression_over_int8']
-    if self.target is not None:
-      out['cost_target'] = self.target
+    out = cost_metrics(self.cost_model, self.bits_view(variables), self.target)
     info = getattr(self, 'search_info', None)
     if info:
       out['search_seconds'] = info['search_seconds']
@@ -343,23 +301,123 @@ class QATModel:
       )
 
   def _init_bits(self) -> float:
-    bits = [
-      r.weight.bits
-      for r in self.rules
-      if r.weight is not None and r.weight.learn_bits
-    ]
-    return float(np.mean(bits)) if bits else 8.0
+    return initial_bits(self.rules)
 
   def layer_table(self) -> str:
     """What was quantized and how (per-layer facts and rules)."""
     return format_facts_table(self.facts)
 
 
-def quantize(
-  module: nn.Module, rules: Sequence[Rule], sample_input, **kwargs
-) -> QATModel:
-  """Quantizes an unmodified Flax module by rules. See :class:`QATModel`."""
+def quantize(module, rules: Sequence[Rule], sample_input, **kwargs):
+  """Quantizes an unmodified Flax module by rules.
+
+  A ``flax.linen`` module gives a :class:`QATModel`; an ``nnx.Module`` gives
+  a :class:`fracq.nnx.QATModule` (:func:`fracq.nnx.quantize`, same
+  arguments), a quantized copy of the model.
+  """
+  if isinstance(module, nnx.Module):
+    # fracq.nnx builds on this module: imported here to break the cycle.
+    from fracq.nnx import qat as nnx_qat
+
+    return nnx_qat.quantize(module, rules, sample_input, **kwargs)
   return QATModel(module, rules, sample_input, **kwargs)
+
+
+def learns_bits(cost_model: cost_lib.CostModel | None) -> bool:
+  """Whether any tensor in ``cost_model`` learns its bit-width."""
+  return cost_model is not None and any(
+    layer.weight.learned or layer.act.learned for layer in cost_model.layers
+  )
+
+
+def cost_setup(
+  facts: dict,
+  rules: Sequence[Rule],
+  signs: dict[str, bool],
+  budget: cost_lib.Budget | None,
+  cost_kind: str | None,
+) -> tuple[cost_lib.CostModel | None, float | None]:
+  """The cost model of the layers in ``facts`` and the budget's target cost
+  (``None`` unless bits are learned), for linen and NNX models alike.
+
+  Raises:
+    ValueError: bits are learned without a budget, or activation bits are
+      learned under a model-size budget (which does not count them).
+  """
+  kind = cost_kind or (budget.kind if budget is not None else 'size')
+  layers = cost_lib.layer_costs_from_facts(facts, rules, signs=signs)
+  cost_model = cost_lib.CostModel(layers, kind) if layers else None
+  learns = learns_bits(cost_model)
+  if learns and budget is None:
+    raise ValueError(
+      'Rules learn bit-widths (learn_bits=True) but no budget was given: '
+      'pass budget=fracq.Budget(kind="size", uniform_bits=4) (or '
+      'compression=, absolute=).'
+    )
+  if (
+    learns
+    and kind == 'size'
+    and any(layer.act.learned for layer in cost_model.layers)
+  ):
+    # NNCF's port let activation bits drift upward with no cost at all.
+    raise ValueError(
+      'Activation bits are learned but a model-size budget does not '
+      'count them, so nothing would hold them down. Use a BitOPs budget '
+      "(budget kind='bitops') or fix the activation bits."
+    )
+  target = cost_model.resolve(budget) if learns else None
+  return cost_model, target
+
+
+def resource_penalty(
+  cost_model: cost_lib.CostModel | None,
+  quant,
+  step,
+  *,
+  hard: bool,
+  target: float | None,
+  penalty_fn: fracbits.Penalty,
+  start_bits: float,
+):
+  """``(penalty, metrics)`` of the bits in ``quant`` (zero in hard mode or
+  without learned bits)."""
+  if not learns_bits(cost_model):
+    return jnp.zeros((), jnp.float32), {}
+  c = cost_model.cost(quant, hard=hard)
+  i8 = cost_model.int8_cost()
+  metrics = {'cost': c, 'compression_over_int8': i8 / c}
+  if hard:
+    return jnp.zeros((), jnp.float32), metrics
+  start = cost_model.uniform_cost(start_bits)
+  p = penalty_fn(c, target, step=step, start_cost=start, int8_cost=i8)
+  metrics['penalty'] = p
+  return p, metrics
+
+
+def cost_metrics(
+  cost_model: cost_lib.CostModel, quant, target: float | None
+) -> dict[str, float]:
+  """Fractional and integer cost and compression of the bits in ``quant``."""
+  frac = cost_model.describe(quant, hard=False)
+  hard = cost_model.describe(quant, hard=True)
+  out = {
+    'cost_fractional': frac['cost'],
+    'cost_integer': hard['cost'],
+    'cost_int8': hard['cost_int8'],
+    'compression_over_int8': hard['compression_over_int8'],
+    'compression_over_int8_fractional': frac['compression_over_int8'],
+  }
+  if target is not None:
+    out['cost_target'] = target
+  return out
+
+
+def initial_bits(rules: Sequence[Rule]) -> float:
+  """The mean initial learned weight bits of ``rules`` (8 when none)."""
+  bits = [
+    r.weight.bits for r in rules if r.weight is not None and r.weight.learn_bits
+  ]
+  return float(np.mean(bits)) if bits else 8.0
 
 
 def plot_bits(rows: list[dict], path: str, title: str = '') -> None:

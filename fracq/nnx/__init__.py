@@ -1,0 +1,81 @@
+"""Flax NNX front end: quantize ``nnx.Module`` models with fracq's rules.
+
+The same rules, methods (uniform QAT with every range method, FracBits with
+budgets, penalty and hard assignment) and core math as the linen front end,
+driven through the same providers (see :mod:`fracq.nnx.qat`).
+``fracq.quantize`` hands an ``nnx.Module`` to :func:`quantize`, which
+returns a :class:`QATModule` holding a quantized copy of the model (the
+model passed in is left intact):
+
+```python
+import fracq
+import fracq.nnx
+import optax
+from flax import nnx
+from fracq import Budget, Rule, TensorSpec, export
+
+rules = [
+  fracq.fixed_bits(r'^conv_init$|^head$', bits=8),  # first/last at 8 bits
+  Rule(
+    module_path='.*',  # the rest: FracBits
+    weight=TensorSpec(bits=3.5, learn_bits=True, granularity='channel'),
+    act=TensorSpec(bits=8),
+  ),
+]
+my_nnx_model.eval()  # quantization runs the model once, like linen's init
+qmodel = fracq.quantize(  # a quantized copy; my_nnx_model is left intact
+  my_nnx_model,
+  rules,
+  sample_batch,
+  budget=Budget(kind='size', uniform_bits=3),
+  hard_assign_step=8000,
+)
+qmodel.calibrate(sample_batch)  # ranges from real data/weights
+qmodel.train()  # BatchNorm and quantizer statistics update
+# QuantParam (steps, ranges, bits) is an nnx.Param: trained with the weights.
+optimizer = nnx.Optimizer(qmodel, optax.sgd(0.05), wrt=nnx.Param)
+
+
+@nnx.jit
+def train_step(qmodel, optimizer, x, y, step):
+  def loss_fn(qmodel):
+    logits = qmodel(x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    penalty, _ = qmodel.penalty(step)  # the budget penalty
+    return ce + penalty
+
+  loss, grads = nnx.value_and_grad(loss_fn)(qmodel)
+  optimizer.update(qmodel, grads)
+  return loss
+
+
+loss = train_step(qmodel, optimizer, sample_batch, labels, 0)
+print(qmodel.layer_table())  # what was quantized, MACs, rules
+qmodel.for_step(8000)  # after the search: integer bits, frozen in QuantStat
+print(qmodel.report())  # per-layer bit table
+stats = nnx.state(qmodel, fracq.nnx.QuantStat)  # observers, frozen bits
+size = export.export_model(  # the packed artifact
+  qmodel, qmodel.linen_variables(), artifact_path
+)
+```
+"""
+
+from fracq.nnx.layers import SUPPORTED_LAYERS
+from fracq.nnx.layers import QuantizedLayer
+from fracq.nnx.layers import layer_type_of
+from fracq.nnx.qat import QATModule
+from fracq.nnx.qat import quantize
+from fracq.nnx.variables import VARIABLE_TYPES
+from fracq.nnx.variables import QuantParam
+from fracq.nnx.variables import QuantStat
+
+__all__ = [
+  'SUPPORTED_LAYERS',
+  'VARIABLE_TYPES',
+  'QATModule',
+  'QuantParam',
+  'QuantStat',
+  'QuantizedLayer',
+  'layer_type_of',
+  'quantize',
+]

@@ -1,0 +1,132 @@
+"""NNX models of the zoo, and loading linen weights into NNX models.
+
+:class:`DigitsCNN` is :class:`fracq.models.digits_cnn.DigitsCNN` written in
+NNX with the same layer names, so the same rules quantize both and
+:func:`load_linen_variables` moves a linen checkpoint into it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fracq.nnx.variables import QuantParam
+from fracq.nnx.variables import QuantStat
+
+__all__ = [
+  'DigitsCNN',
+  'load_linen_variables',
+]
+
+# The linen collection of each NNX variable type a model's own state uses.
+_LINEN_COLLECTIONS = ((nnx.BatchStat, 'batch_stats'), (nnx.Param, 'params'))
+
+
+class DigitsCNN(nnx.Module):
+  """The five-conv CNN for 8x8 digits (layers as in the linen model:
+  ``conv_init``, ``bn_init``, ``conv1`` .. ``conv4``, ``bn1`` .. ``bn4``,
+  ``head``). Train/eval mode: ``model.train()`` / ``model.eval()``."""
+
+  def __init__(
+    self,
+    num_classes: int = 10,
+    widths: tuple[int, ...] = (32, 64, 64, 128, 128),
+    *,
+    rngs: nnx.Rngs,
+    bn_momentum: float = 0.9,
+    bn_epsilon: float = 1e-5,
+  ):
+    specs = [
+      ('conv_init', 'bn_init', widths[0], (3, 3), 1),
+      ('conv1', 'bn1', widths[1], (3, 3), 1),
+      ('conv2', 'bn2', widths[2], (3, 3), 2),
+      ('conv3', 'bn3', widths[3], (3, 3), 1),
+      ('conv4', 'bn4', widths[4], (1, 1), 1),
+    ]
+    self.blocks = tuple((conv, bn) for conv, bn, *_ in specs)
+    in_features = 1
+    for conv_name, bn_name, feats, ksize, stride in specs:
+      conv = nnx.Conv(
+        in_features,
+        feats,
+        ksize,
+        strides=stride,
+        padding='SAME',
+        use_bias=False,
+        rngs=rngs,
+      )
+      norm = nnx.BatchNorm(
+        feats, momentum=bn_momentum, epsilon=bn_epsilon, rngs=rngs
+      )
+      setattr(self, conv_name, conv)
+      setattr(self, bn_name, norm)
+      in_features = feats
+    self.head = nnx.Linear(in_features, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    for conv_name, bn_name in self.blocks:
+      x = getattr(self, conv_name)(x)
+      x = nnx.relu(getattr(self, bn_name)(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return self.head(x).astype(jnp.float32)
+
+
+def _lookup(tree: Mapping[str, Any], parts: list[str]):
+  node = tree
+  for part in parts:
+    node = node[part]
+  return node
+
+
+def load_linen_variables(
+  model: nnx.Module,
+  variables: Mapping[str, Any],
+  *,
+  skip: tuple[str, ...] = ('layer',),
+) -> None:
+  """Copies a linen model's ``params`` and ``batch_stats`` into ``model`` in
+  place, matching NNX graph paths to linen module paths (``conv1/kernel``
+  to ``params/conv1/kernel``; ``mean``/``var`` of a BatchNorm to
+  ``batch_stats``).
+
+  Args:
+    model: an NNX model whose layers carry the linen module names.
+    variables: the linen variables (``{'params': ..., 'batch_stats': ...}``).
+    skip: path parts that NNX adds and linen does not (``layer``: the layer
+      inside a quantized layer's wrapper).
+
+  Raises:
+    ValueError: naming the NNX variables with no linen counterpart, or of a
+      different shape.
+  """
+  missing, mismatched = [], []
+  for path, var in nnx.iter_graph(model):
+    collection = next(
+      (c for t, c in _LINEN_COLLECTIONS if isinstance(var, t)), None
+    )
+    if collection is None or isinstance(var, (QuantParam, QuantStat)):
+      continue
+    parts = [str(p) for p in path if str(p) not in skip]
+    try:
+      value = np.asarray(_lookup(variables[collection], parts))
+    except (KeyError, TypeError):
+      missing.append(f'{collection}/{"/".join(parts)}')
+      continue
+    if value.shape != np.shape(var.get_value()):
+      mismatched.append(
+        f'{"/".join(parts)}: {value.shape} vs {np.shape(var.get_value())}'
+      )
+      continue
+    var.set_value(jnp.asarray(value, var.get_value().dtype))
+  if missing or mismatched:
+    raise ValueError(
+      'The linen variables do not fit this NNX model: '
+      + (f'missing {missing[:10]}' if missing else '')
+      + ('; ' if missing and mismatched else '')
+      + (f'different shapes {mismatched[:10]}' if mismatched else '')
+      + '. Name the NNX layers as the linen modules are named.'
+    )
