@@ -100,6 +100,12 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   sd = torch.load(path, map_location='cpu', weights_only=True)
   if 'state_dict' in sd and isinstance(sd['state_dict'], dict):
     sd = sd['state_dict']
+  not_tensors = sorted(k for k, v in sd.items() if not torch.is_tensor(v))
+  if not_tensors:
+    raise ValueError(
+      f'{path} is not a plain state dict: {not_tensors[:10]} hold no '
+      'tensors. Save model.state_dict() alone.'
+    )
   return {k: v.detach().cpu().numpy() for k, v in sd.items()}
 
 

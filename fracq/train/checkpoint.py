@@ -89,6 +89,7 @@ RUN_OUTPUTS = (
   'bits_step*.txt',
   'bits_step*.json',
   'f8net_step*.json',
+  'import.json',
 )
 
 
@@ -422,6 +423,32 @@ def restore_raw(workdir: str, step: int | None = None) -> dict:
     lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta
   )
   return mngr.restore(step, args=ocp.args.StandardRestore(template))
+
+
+def save_variables(
+  workdir: str, variables: dict, *, trainable: tuple[str, ...] = ('params',)
+) -> None:
+  """Writes model ``variables`` as a step-0 checkpoint of ``workdir``.
+
+  The layout is the training state's (``trainable`` collections in one
+  group, the others such as ``batch_stats`` in ``state``), written by
+  :func:`save` with its checksums, so :func:`load_variables` (a run's
+  ``--config.init_from=<workdir>``) reads it like a finished run.
+  """
+  tree = {
+    'step': np.zeros((), np.int32),
+    'trainable': {c: v for c, v in variables.items() if c in trainable},
+    'state': {c: v for c, v in variables.items() if c not in trainable},
+  }
+  mngr = ocp.CheckpointManager(
+    os.path.abspath(os.path.join(workdir, 'checkpoints')),
+    options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+  )
+  try:
+    save(mngr, 0, tree)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
 
 
 def load_variables(workdir: str, collections: str) -> dict:
