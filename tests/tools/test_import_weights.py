@@ -238,3 +238,37 @@ def test_overwrite_moves_the_previous_import_aside(resnet18, tmp_path, capsys):
   with open(os.path.join(workdir, tool.METADATA_FILE)) as f:
     assert json.load(f)['weights_file'] == 'r18.npz'
   assert sorted(os.listdir(tmp_path)) == ['run']
+
+
+@pytest.mark.parametrize(
+  'name,reference,side',
+  [
+    ('resnet50', tref.TorchResNet50, 32),
+    # The smallest input torchvision's Inception-V3 takes.
+    ('inception_v3', tref.TorchInceptionV3, 75),
+  ],
+)
+def test_bottleneck_and_inception_import_gives_pytorch_logits(
+  name, reference, side, tmp_path, capsys
+):
+  torch.manual_seed(0)
+  net = reference(num_classes=NUM_CLASSES).eval()
+  with torch.no_grad():
+    tref.randomise_bn(net, 1)
+  images = np.random.RandomState(0).randn(2, 3, side, side).astype(np.float32)
+  with torch.no_grad():
+    logits = net(torch.tensor(images)).numpy()
+  weights = str(tmp_path / f'{name}.npz')
+  np.savez(weights, **{k: t.numpy() for k, t in net.state_dict().items()})
+  workdir = str(tmp_path / name)
+  status, text = _run(
+    capsys, f'--model={name}', f'--weights={weights}', f'--workdir={workdir}'
+  )
+  assert status == 0, text
+  variables = ckpt_lib.load_variables(workdir, 'params,batch_stats')
+  net = models.get_model(name, num_classes=NUM_CLASSES)
+  # Compiled: op-by-op dispatch of these deep models is slower on CPU.
+  out = jax.jit(lambda v, x: net.apply(v, x, train=False))(
+    variables, jnp.asarray(images.transpose(0, 2, 3, 1))
+  )
+  np.testing.assert_allclose(out, logits, atol=1e-4, rtol=1e-4)
