@@ -288,8 +288,9 @@ class TorchInceptionV3(tnn.Module):
   """torchvision's inception_v3 layout; ``forward`` gives the eval logits
   (the auxiliary head only holds weights here)."""
 
-  def __init__(self, num_classes=1000, aux_logits=True):
+  def __init__(self, num_classes=1000, aux_logits=True, transform_input=False):
     super().__init__()
+    self.transform_input = transform_input
     self.Conv2d_1a_3x3 = _Conv(3, 32, 3, stride=2)
     self.Conv2d_2a_3x3 = _Conv(32, 32, 3)
     self.Conv2d_2b_3x3 = _Conv(32, 64, 3, padding=1)
@@ -310,6 +311,12 @@ class TorchInceptionV3(tnn.Module):
     self.fc = tnn.Linear(2048, num_classes)
 
   def forward(self, x):
+    if self.transform_input:
+      # torchvision's: ImageNet-normalised input to the [-1, 1] scaling the
+      # ported weights expect.
+      mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+      std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+      x = x * (std / 0.5) + (mean - 0.5) / 0.5
     x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
     x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(_max3s2(x)))
     x = _max3s2(x)

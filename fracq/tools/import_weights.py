@@ -28,7 +28,12 @@ The classifier's size comes from the weights (1000 for ImageNet weights);
 the run that starts from the checkpoint needs the same
 ``config.num_classes``. Inception-V3 weights without the auxiliary head
 (no ``AuxLogits.*`` keys) give a model with ``aux_logits=False``: pass
-``--config.model_kwargs`` accordingly.
+``--config.model_kwargs`` accordingly. torchvision's Inception-V3 ImageNet
+weights expect its ``transform_input`` (pixels scaled to [-1, 1]); the
+import folds it into the stem convolution and BatchNorm exactly
+(:func:`fold_transform_input`), so every imported model takes the
+ImageNet-normalised images of fracq's ``imagenet2012`` pipeline
+(``--no-transform_input`` for Inception weights trained without it).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from fracq.train import checkpoint as ckpt_lib
 __all__ = [
   'MODELS',
   'ImportWeightsError',
+  'fold_transform_input',
   'import_weights',
   'main',
 ]
@@ -72,6 +78,12 @@ _CLASSIFIER_KEY = {
 }
 _INCEPTION_AUX_KEY = 'AuxLogits.fc.weight'
 METADATA_FILE = 'import.json'
+# torchvision's Inception-V3 ``transform_input``: its ImageNet weights were
+# ported from TensorFlow and expect pixels scaled to [-1, 1]; torchvision
+# maps ImageNet-normalised input x to x * STD / 0.5 + (MEAN - 0.5) / 0.5.
+_TV_MEAN = np.array([0.485, 0.456, 0.406], np.float64)
+_TV_STD = np.array([0.229, 0.224, 0.225], np.float64)
+_INCEPTION_STEM = 'Conv2d_1a_3x3'
 
 
 class ImportWeightsError(ValueError):
@@ -82,9 +94,8 @@ def _check_model(model: str) -> None:
   if model not in MODELS:
     raise ImportWeightsError(
       f'No torchvision counterpart for model {model!r}; importable: '
-      f'{", ".join(sorted(MODELS))}. (Other zoo models, '
-      f'{", ".join(n for n in models.list_models() if n not in MODELS)}, '
-      'have no torchvision weights to import.)'
+      f"{', '.join(sorted(MODELS))} (the zoo's other models have no "
+      'torchvision weights).'
     )
 
 
@@ -141,6 +152,32 @@ def _model_kwargs(family: str, state_dict) -> dict:
   return kwargs
 
 
+def fold_transform_input(state_dict: dict) -> dict:
+  """Folds torchvision's Inception-V3 ``transform_input`` into the weights.
+
+  The per-channel affine map ``x * a + b`` before the stem convolution
+  becomes the kernel scaled by ``a`` and the BatchNorm mean lowered by the
+  kernel's response to ``b``; exact, because the stem convolution is
+  unpadded (every output sees a full window) and bias-free. The model then
+  takes ImageNet-normalised input, as fracq's ``imagenet2012`` pipeline
+  gives.
+  """
+  weight_key = f'{_INCEPTION_STEM}.conv.weight'
+  mean_key = f'{_INCEPTION_STEM}.bn.running_mean'
+  out = dict(state_dict)
+  weight = np.asarray(state_dict[weight_key], np.float64)
+  scale = _TV_STD / 0.5
+  shift = (_TV_MEAN - 0.5) / 0.5
+  out[weight_key] = (weight * scale[None, :, None, None]).astype(
+    state_dict[weight_key].dtype
+  )
+  response = np.einsum('ochw,c->o', weight, shift)
+  out[mean_key] = (
+    np.asarray(state_dict[mean_key], np.float64) - response
+  ).astype(state_dict[mean_key].dtype)
+  return out
+
+
 def _template(model: str, kwargs: dict) -> dict:
   """The model's variables as zero arrays (shapes only: no random init)."""
   module = models.get_model(model, **kwargs)
@@ -175,7 +212,12 @@ def _move_into(tmp: str, workdir: str) -> None:
 
 
 def import_weights(
-  model: str, weights: str, workdir: str, *, overwrite: bool = False
+  model: str,
+  weights: str,
+  workdir: str,
+  *,
+  overwrite: bool = False,
+  transform_input: bool | None = None,
 ) -> dict:
   """Converts torchvision ``weights`` for zoo ``model`` into ``workdir``.
 
@@ -184,6 +226,9 @@ def import_weights(
     weights: the ``.pth``/``.pt`` or ``.npz`` state dict.
     workdir: where the checkpoint goes (absent or empty, or ``overwrite``).
     overwrite: move the workdir's previous run outputs aside first.
+    transform_input: Inception-V3 only (default on): fold torchvision's
+      ``transform_input`` into the stem (:func:`fold_transform_input`), as
+      its ImageNet weights need; off for weights trained without it.
 
   Returns:
     A summary: ``model``, ``model_kwargs``, ``parameters`` (count),
@@ -195,10 +240,17 @@ def import_weights(
       the workdir is then left untouched.
   """
   _check_model(model)
-  _check_workdir(workdir, overwrite)
   family = MODELS[model][0]
+  if family != 'inception' and transform_input:
+    raise ImportWeightsError(
+      f'--transform_input applies to inception_v3 only, not {model!r}; drop it.'
+    )
+  transform_input = family == 'inception' and transform_input is not False
+  _check_workdir(workdir, overwrite)
   state_dict = _read_weights(weights)
   kwargs = _model_kwargs(family, state_dict)
+  if transform_input and f'{_INCEPTION_STEM}.conv.weight' in state_dict:
+    state_dict = fold_transform_input(state_dict)
   try:
     variables = convert.import_torchvision(
       _template(model, kwargs), state_dict, family
@@ -219,6 +271,8 @@ def import_weights(
     'weights_sha256': _sha256(weights),
     'collections': 'params,batch_stats',
   }
+  if family == 'inception':
+    summary['transform_input_folded'] = transform_input
   workdir = os.path.abspath(workdir)
   parent = os.path.dirname(workdir)
   os.makedirs(parent, exist_ok=True)
@@ -239,7 +293,7 @@ def import_weights(
 
 def _parser() -> argparse.ArgumentParser:
   models_help = '; '.join(
-    f'{name} ({ctor}, {side}x{side})'
+    f'{name} ({ctor}, trained at {side}x{side})'
     for name, (_, ctor, side) in sorted(MODELS.items())
   )
   parser = argparse.ArgumentParser(
@@ -266,6 +320,15 @@ def _parser() -> argparse.ArgumentParser:
     help='Where the checkpoint goes (absent or empty).',
   )
   parser.add_argument(
+    '--transform_input',
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="inception_v3 only, on by default: fold torchvision's "
+    'transform_input (which its ImageNet weights need) into the stem, so the '
+    'model takes ImageNet-normalised images; --no-transform_input for '
+    'weights trained without it.',
+  )
+  parser.add_argument(
     '--overwrite',
     action='store_true',
     help="Move a non-empty workdir's previous outputs into "
@@ -279,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     summary = import_weights(
-      args.model, args.weights, args.workdir, overwrite=args.overwrite
+      args.model,
+      args.weights,
+      args.workdir,
+      overwrite=args.overwrite,
+      transform_input=args.transform_input,
     )
   except ImportWeightsError as e:
     print(f'import_weights: error: {e}', file=sys.stderr)

@@ -1,6 +1,7 @@
 """``python -m fracq.tools.import_weights``: torchvision weights in, a
 checkpoint ``init_from`` reads out, checked against PyTorch's logits."""
 
+import functools
 import glob
 import hashlib
 import json
@@ -160,8 +161,17 @@ def test_unknown_model_lists_the_importable_ones(resnet18, imported, capsys):
   )
   assert (
     "model 'resnet19'; importable: inception_v3, mobilenet_v2, resnet18, "
-    'resnet34, resnet50.' in text
+    'resnet34, resnet50 (' in text
   )
+  text = _refused(
+    capsys,
+    imported,
+    '--model=resnet18',
+    f'--weights={resnet18["pth"]}',
+    '--overwrite',
+    '--transform_input',
+  )
+  assert '--transform_input applies to inception_v3 only' in text
 
 
 def test_mismatched_weights_name_keys_and_shapes(
@@ -244,9 +254,15 @@ def test_overwrite_moves_the_previous_import_aside(resnet18, tmp_path, capsys):
   'name,reference,side',
   [
     ('resnet50', tref.TorchResNet50, 32),
-    # The smallest input torchvision's Inception-V3 takes.
-    ('inception_v3', tref.TorchInceptionV3, 75),
+    # The smallest input torchvision's Inception-V3 takes; its ImageNet
+    # weights come with transform_input=True, which the import folds in.
+    (
+      'inception_v3',
+      functools.partial(tref.TorchInceptionV3, transform_input=True),
+      75,
+    ),
   ],
+  ids=['resnet50', 'inception_v3'],
 )
 def test_bottleneck_and_inception_import_gives_pytorch_logits(
   name, reference, side, tmp_path, capsys
@@ -272,3 +288,33 @@ def test_bottleneck_and_inception_import_gives_pytorch_logits(
     variables, jnp.asarray(images.transpose(0, 2, 3, 1))
   )
   np.testing.assert_allclose(out, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_folded_transform_input_equals_torchvision_transform():
+  # The Inception stem (unpadded, bias-free conv, BatchNorm eps 0.001) on a
+  # small image: torchvision's transform_input then the original weights
+  # equal the folded weights on the untransformed input.
+  torch.manual_seed(0)
+  stem = tref.TorchInceptionV3(num_classes=NUM_CLASSES).Conv2d_1a_3x3.eval()
+  with torch.no_grad():
+    tref.randomise_bn(stem, 2)
+  state = {
+    f'Conv2d_1a_3x3.{k}': t.numpy().copy() for k, t in stem.state_dict().items()
+  }
+  folded = tool.fold_transform_input(state)
+  x = torch.randn(2, 3, 9, 9)
+  mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+  with torch.no_grad():
+    want = stem(x * (std / 0.5) + (mean - 0.5) / 0.5).numpy()
+    stem.load_state_dict(
+      {
+        k.split('.', 1)[1]: torch.tensor(v) for k, v in folded.items() if v.ndim
+      },
+      strict=False,
+    )
+    got = stem(x).numpy()
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  assert not np.allclose(
+    folded['Conv2d_1a_3x3.conv.weight'], state['Conv2d_1a_3x3.conv.weight']
+  )
