@@ -10,7 +10,9 @@ Bits start at the budget's uniform-equivalent + 0.5 (about 5.1 + 0.5 at
 the paper's kappa = 1 per MB of weights (quant.fracbits.penalty_unit=8e6).
 
 Run (start from a float ResNet-50 trained with configs/imagenet_resnet50.py
-or imported from torchvision weights):
+or imported from torchvision weights with
+``python -m fracq.tools.import_weights --model resnet50 --weights
+resnet50-11ad3fa6.pth --workdir /tmp/r50``):
   python launch.py --config=configs/resnet50_fracbits.py --workdir=/tmp/r50fb \
       --config.data_dir=DATA_DIR --config.init_from=/tmp/r50
 

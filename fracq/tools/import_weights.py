@@ -1,9 +1,9 @@
 """Pretrained torchvision weights into a checkpoint runs can start from.
 
   python -m fracq.tools.import_weights --model resnet50 \\
-      --weights resnet50-11ad3fa6.pth --workdir /tmp/r50
-  python launch.py --config=configs/resnet50_fracbits.py --workdir=/tmp/r50fb \\
-      --config.data_dir=DATA_DIR --config.init_from=/tmp/r50
+      --weights resnet50-11ad3fa6.pth --workdir runs/r50
+  python launch.py --config=configs/resnet50_fracbits.py --workdir=runs/r50fb \\
+      --config.data_dir=DATA_DIR --config.init_from=runs/r50
 
 ``--weights`` is a torchvision state dict: a ``.pth``/``.pt`` file written by
 ``torch.save(model.state_dict(), path)`` (reading it needs PyTorch) or an
@@ -231,8 +231,9 @@ def import_weights(
       its ImageNet weights need; off for weights trained without it.
 
   Returns:
-    A summary: ``model``, ``model_kwargs``, ``parameters`` (count),
-    ``weights_sha256``, ``workdir``.
+    What ``import.json`` records (``model``, ``model_kwargs``,
+    ``parameters``, ``weights_file``, ``weights_sha256``...) and the
+    absolute ``workdir``.
 
   Raises:
     ImportWeightsError: an unknown model, an unreadable or mismatched
