@@ -93,6 +93,12 @@ JOBS = {
     'hawq_vs_fracbits.{md,json,png}',
     '~8 min after digits_tradeoff (only HAWQ trains); ~20 min alone',
   ),
+  'lm_bits': (
+    ['experiments/lm_bits.py', '--seeds', '0,1,2'],
+    False,
+    'lm_bits.{md,json} and lm_bits_{bitmap,pareto}.png',
+    '~75-100 min on 2 idle CPU cores (40 runs of the byte-level LM)',
+  ),
   'f8net_integer_imagenet': (
     ['experiments/f8net_integer_imagenet.py'],
     False,

@@ -44,6 +44,7 @@ def test_run_all_lists_every_experiment_script():
     'bench_train_step.py',
     'f8net_integer_imagenet.py',
     'published_imagenet.py',
+    'lm_bits.py',
   ):
     assert f'experiments/{script}' in r.stdout
     assert os.path.exists(os.path.join(ROOT, 'experiments', script))

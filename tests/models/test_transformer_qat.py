@@ -116,6 +116,6 @@ def test_hawq_searches_a_language_model_on_next_byte_loss():
   assert cost <= qm.target
   # The chosen bits become uniform-QAT rules that keep the group size.
   per_layer = hawq_lib.rules_for_bits(qm.rules, choice)
-  searched = [r for r in per_layer if r.name.startswith('hawq_')]
+  searched = [r for r in per_layer if (r.name or '').startswith('hawq_')]
   assert len(searched) == len(dense)
   assert {r.weight.group_size for r in searched} == {16}
