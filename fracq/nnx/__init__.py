@@ -63,6 +63,7 @@ size = export.export_model(  # the packed artifact
 from fracq.nnx.layers import SUPPORTED_LAYERS
 from fracq.nnx.layers import QuantizedLayer
 from fracq.nnx.layers import layer_type_of
+from fracq.nnx.linen_twin import to_linen
 from fracq.nnx.qat import QATModule
 from fracq.nnx.qat import quantize
 from fracq.nnx.variables import VARIABLE_TYPES
@@ -78,4 +79,5 @@ __all__ = [
   'QuantizedLayer',
   'layer_type_of',
   'quantize',
+  'to_linen',
 ]

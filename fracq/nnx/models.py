@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fracq.models import digits_cnn as linen_digits
 from fracq.nnx.variables import QuantParam
 from fracq.nnx.variables import QuantStat
 
@@ -65,6 +66,20 @@ class DigitsCNN(nnx.Module):
       setattr(self, bn_name, norm)
       in_features = feats
     self.head = nnx.Linear(in_features, num_classes, rngs=rngs)
+    self.num_classes = num_classes
+    self.widths = tuple(widths)
+    self.bn_momentum = bn_momentum
+    self.bn_epsilon = bn_epsilon
+
+  def linen_module(self) -> linen_digits.DigitsCNN:
+    """The linen model computing the same function with the same layer
+    names (the twin :func:`fracq.nnx.to_linen` exports through)."""
+    return linen_digits.DigitsCNN(
+      num_classes=self.num_classes,
+      widths=self.widths,
+      bn_momentum=self.bn_momentum,
+      bn_epsilon=self.bn_epsilon,
+    )
 
   def __call__(self, x):
     x = x.astype(jnp.float32)
