@@ -60,6 +60,7 @@ size = export.export_model(  # the packed artifact
 ```
 """
 
+from fracq.nnx.bit_search import hawq
 from fracq.nnx.layers import SUPPORTED_LAYERS
 from fracq.nnx.layers import QuantizedLayer
 from fracq.nnx.layers import layer_type_of
@@ -77,6 +78,7 @@ __all__ = [
   'QuantParam',
   'QuantStat',
   'QuantizedLayer',
+  'hawq',
   'layer_type_of',
   'quantize',
   'to_linen',
