@@ -1,6 +1,7 @@
 """Integer programs and ONNX from NNX models (through the linen twin):
-the program equals the NNX model's own fake quantization, onnxruntime
-agrees with both, for uniform QAT and hard-assigned FracBits."""
+the program equals the NNX model's own fake quantization and onnxruntime
+agrees with both, for uniform QAT and hard-assigned FracBits (FracBits is
+also exported by the quickstart, test_nnx_quickstart.py, after training)."""
 
 import jax.numpy as jnp
 import numpy as np
