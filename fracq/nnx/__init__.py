@@ -58,6 +58,17 @@ size = export.export_model(  # the packed artifact
   qmodel, qmodel.linen_variables(), artifact_path
 )
 ```
+
+Beyond the packed artifact, the integer-only program and ONNX go through
+the model's *linen twin* (:func:`to_linen`): the linen module computing the
+same function with the same layer names, quantized by the same rules and
+checked against the NNX model (layers, variables, outputs). Lowerable NNX
+models are those with a twin the linen lowering supports: chains and
+residual chains of ``nnx.Conv`` / ``nnx.Linear`` with BatchNorm and ReLU,
+under uniform QAT or hard-assigned FracBits; :mod:`fracq.nnx.models`'
+``DigitsCNN`` and ``ResNet`` carry theirs (``linen_module()``). HAWQ:
+:func:`hawq` (the Hessian search on the float NNX model, then uniform QAT at
+the chosen bits). F8Net runs on linen models only.
 """
 
 from fracq.nnx.bit_search import hawq
