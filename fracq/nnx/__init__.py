@@ -63,10 +63,13 @@ Beyond the packed artifact, the integer-only program and ONNX go through
 the model's *linen twin* (:func:`to_linen`): the linen module computing the
 same function with the same layer names, quantized by the same rules and
 checked against the NNX model (layers, variables, outputs). Lowerable NNX
-models are those with a twin the linen lowering supports: chains and
-residual chains of ``nnx.Conv`` / ``nnx.Linear`` with BatchNorm and ReLU,
-under uniform QAT or hard-assigned FracBits; :mod:`fracq.nnx.models`'
-``DigitsCNN`` and ``ResNet`` carry theirs (``linen_module()``). HAWQ:
+models are those with a twin the linen QAT lowering supports: chains of
+``nnx.Conv`` / ``nnx.Linear`` layers with BatchNorm, ReLU and a final
+global average pool, under uniform QAT or hard-assigned FracBits, such as
+:class:`fracq.nnx.models.DigitsCNN` (its ``linen_module()`` names its
+twin). Residual networks (:class:`fracq.nnx.models.ResNet`) and
+transformers have twins but the QAT lowering refuses them (residual
+programs are F8Net's, linen-only): they export the packed artifact. HAWQ:
 :func:`hawq` (the Hessian search on the float NNX model, then uniform QAT at
 the chosen bits). F8Net runs on linen models only.
 """

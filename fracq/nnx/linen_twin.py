@@ -19,12 +19,15 @@ report = fracq.export.onnx_export.export_onnx(
 )
 ```
 
-Which NNX models can be lowered: those with a linen twin that the linen
-lowering supports, i.e. a chain (or residual chain) of ``nnx.Conv`` /
-``nnx.Linear`` layers with BatchNorm and ReLU, quantized by uniform QAT or
-hard-assigned FracBits. The twin is the ``linen_module()`` method of the
-NNX model (:class:`fracq.nnx.models.DigitsCNN` has one) or is passed in.
-Models without one export the packed artifact only
+Which NNX models can be lowered: those whose twin the linen QAT lowering
+supports, i.e. chains of ``nnx.Conv`` / ``nnx.Linear`` layers with
+BatchNorm, ReLU and a final global average pool, quantized by uniform QAT
+or hard-assigned FracBits (:class:`fracq.nnx.models.DigitsCNN`). The twin
+is the ``linen_module()`` method of the NNX model or is passed in.
+:class:`fracq.nnx.models.ResNet` and ``TransformerBlock`` have twins, but
+the QAT lowering refuses residual adds and attention (integer residual
+programs are F8Net's, which is linen-only). Models that cannot be lowered
+export the packed artifact
 (``export.export_model(qmodel, qmodel.linen_variables(), path)``).
 """
 
