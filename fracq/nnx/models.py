@@ -1,8 +1,17 @@
 """NNX models of the zoo, and loading linen weights into NNX models.
 
-:class:`DigitsCNN` is :class:`fracq.models.digits_cnn.DigitsCNN` written in
-NNX with the same layer names, so the same rules quantize both and
-:func:`load_linen_variables` moves a linen checkpoint into it.
+Zoo models written in NNX with the layer names of their linen versions, so
+the same rules quantize both, :func:`load_linen_variables` moves a linen
+checkpoint into them, and ``linen_module()`` names the linen twin
+(:func:`fracq.nnx.to_linen`; the integer program and ONNX export of the
+chain :class:`DigitsCNN` go through it, the QAT lowering refuses the
+residual adds of :class:`ResNet`):
+
+* :class:`DigitsCNN`: :class:`fracq.models.digits_cnn.DigitsCNN`;
+* :class:`ResNet`: :class:`fracq.models.resnet.ResNet` with basic blocks
+  and the CIFAR stem (ResNet-20/56 layouts at any width);
+* :class:`TransformerBlock`: :class:`fracq.models.transformer.
+  TransformerBlock` (pre-LN self-attention and GELU MLP, no dropout).
 """
 
 from __future__ import annotations
