@@ -6,8 +6,10 @@ conv learning a fractional weight bit-width under the size budget of a
 uniform 3-bit model, 8-bit activations), trains it with ``nnx.Optimizer``
 and ``nnx.jit`` (task loss + the budget penalty), hard-assigns integer bits
 at 80% of training, fine-tunes, then writes the packed artifact with
-``fracq.export.export_model``. About a minute on 2 CPU cores; ``--smoke``
-runs a few steps.
+``fracq.export.export_model`` and, through the model's checked linen twin
+(``fracq.nnx.to_linen``), the integer-only program and the ONNX QDQ model,
+each compared with the NNX model on the test images. About a minute on 2
+CPU cores; ``--smoke`` runs a few steps.
 
   python experiments/nnx_quickstart.py --out /tmp/nnx_fb [--steps 440]
 """
@@ -25,6 +27,7 @@ import fracq
 import fracq.nnx as fnnx
 from fracq import export
 from fracq.data import digits
+from fracq.export import onnx_export
 from fracq.nnx.models import DigitsCNN
 
 BATCH = 128
@@ -117,8 +120,36 @@ def main(argv=None):
     qmodel, qmodel.linen_variables(), path, overwrite=True
   )
   print(size.format())
+  # The integer program and ONNX, through the linen twin (checked to
+  # compute what the NNX model computes on these images).
+  images = jnp.asarray(digits.load_digits_split()[2])
+  wrapper, variables = fnnx.to_linen(qmodel, images)
+  program_path = os.path.join(args.out, 'model.int.safetensors')
+  integer = export.export_integer(
+    wrapper, variables, images, program_path, overwrite=True
+  )
+  onnx_path = os.path.join(args.out, 'model.onnx')
+  onnx = onnx_export.export_onnx(
+    wrapper, variables, images, onnx_path, overwrite=True
+  )
+  print(
+    f'integer program: {integer["program_bytes"]:,} bytes, predictions '
+    f'{integer["integer_prediction_match"]:.2%} equal to the model; ONNX: '
+    f'{onnx["onnx_bytes"]:,} bytes, predictions '
+    f'{onnx["onnx_prediction_match"]:.2%} equal to the program'
+  )
   print(f'test accuracy {acc:.4f}; {time.time() - start:.0f} s')
-  return {'accuracy': acc, 'size': size, 'qmodel': qmodel, 'artifact': path}
+  return {
+    'accuracy': acc,
+    'size': size,
+    'qmodel': qmodel,
+    'artifact': path,
+    'images': images,
+    'integer': integer,
+    'program': program_path,
+    'onnx': onnx,
+    'onnx_path': onnx_path,
+  }
 
 
 if __name__ == '__main__':

@@ -58,11 +58,27 @@ size = export.export_model(  # the packed artifact
   qmodel, qmodel.linen_variables(), artifact_path
 )
 ```
+
+Beyond the packed artifact, the integer-only program and ONNX go through
+the model's *linen twin* (:func:`to_linen`): the linen module computing the
+same function with the same layer names, quantized by the same rules and
+checked against the NNX model (layers, variables, outputs). Lowerable NNX
+models are those with a twin the linen QAT lowering supports: chains of
+``nnx.Conv`` / ``nnx.Linear`` layers with BatchNorm, ReLU and a final
+global average pool, under uniform QAT or hard-assigned FracBits, such as
+:class:`fracq.nnx.models.DigitsCNN` (its ``linen_module()`` names its
+twin). Residual networks (:class:`fracq.nnx.models.ResNet`) and
+transformers have twins but the QAT lowering refuses them (residual
+programs are F8Net's, linen-only): they export the packed artifact. HAWQ:
+:func:`hawq` (the Hessian search on the float NNX model, then uniform QAT at
+the chosen bits). F8Net runs on linen models only.
 """
 
+from fracq.nnx.bit_search import hawq
 from fracq.nnx.layers import SUPPORTED_LAYERS
 from fracq.nnx.layers import QuantizedLayer
 from fracq.nnx.layers import layer_type_of
+from fracq.nnx.linen_twin import to_linen
 from fracq.nnx.qat import QATModule
 from fracq.nnx.qat import quantize
 from fracq.nnx.variables import VARIABLE_TYPES
@@ -76,6 +92,8 @@ __all__ = [
   'QuantParam',
   'QuantStat',
   'QuantizedLayer',
+  'hawq',
   'layer_type_of',
   'quantize',
+  'to_linen',
 ]

@@ -24,10 +24,13 @@ data. The model runs as it is, in its current
 first to match linen's ``init(..., train=False)``. Every other variable
 (BatchNorm statistics, RNG counts) is restored after these passes.
 
-Methods that take over whole layer or module calls through the
-interceptor's ``call_layer`` / ``call_module`` hooks (F8Net's BatchNorm
-folding) and HAWQ's Hessian search run on linen models only; pruning and
-clustering pass through ``kernel_transform`` as in linen.
+F8Net, which takes over whole layer and BatchNorm calls through the
+interceptor's ``call_layer`` / ``call_module`` hooks and probes the linen
+structure, runs on linen models only (``F8NetModel`` refuses NNX models);
+HAWQ's Hessian search runs on NNX models through :func:`fracq.nnx.hawq`;
+pruning and clustering pass through ``kernel_transform`` as in linen. The
+integer program and ONNX export go through the model's linen twin
+(:func:`fracq.nnx.to_linen`).
 """
 
 from __future__ import annotations

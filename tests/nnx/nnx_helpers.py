@@ -8,21 +8,24 @@ import numpy as np
 from flax import nnx
 
 import fracq.nnx as fnnx
+from fracq.models import transformer as linen_transformer
+from fracq.nnx import models as fnnx_models
 
 VOCAB, WIDTH = 32, 16
 
 
 class LinenBlock(nn.Module):
-  """A small transformer-style block: embedding, LayerNorm, MLP, a
-  DenseGeneral projection, an Einsum and the tied output head."""
+  """A small transformer: embedding, the zoo's pre-LN block (LayerNorm,
+  multi-head self-attention, GELU MLP), a DenseGeneral projection, an
+  Einsum and the tied output head."""
 
   @nn.compact
   def __call__(self, tokens, train: bool = False):
     embed = nn.Embed(VOCAB, WIDTH, name='embed')
     x = embed(tokens)
-    h = nn.LayerNorm(name='norm')(x)
-    h = nn.gelu(nn.Dense(2 * WIDTH, name='fc1')(h))
-    x = x + nn.Dense(WIDTH, name='fc2')(h)
+    x = linen_transformer.TransformerBlock(
+      num_heads=2, mlp_dim=2 * WIDTH, name='block'
+    )(x, train=train)
     heads = nn.DenseGeneral((2, WIDTH // 2), name='proj')(x)
     mixed = nn.Einsum((2, WIDTH // 2, WIDTH), 'bthd,hdf->btf', name='mix')(
       heads
@@ -35,18 +38,16 @@ class NNXBlock(nnx.Module):
 
   def __init__(self, rngs: nnx.Rngs):
     self.embed = nnx.Embed(VOCAB, WIDTH, rngs=rngs)
-    self.norm = nnx.LayerNorm(WIDTH, rngs=rngs)
-    self.fc1 = nnx.Linear(WIDTH, 2 * WIDTH, rngs=rngs)
-    self.fc2 = nnx.Linear(2 * WIDTH, WIDTH, rngs=rngs)
+    self.block = fnnx_models.TransformerBlock(
+      WIDTH, num_heads=2, mlp_dim=2 * WIDTH, rngs=rngs
+    )
     self.proj = nnx.LinearGeneral(WIDTH, (2, WIDTH // 2), rngs=rngs)
     self.mix = nnx.Einsum(
       'bthd,hdf->btf', (2, WIDTH // 2, WIDTH), (WIDTH,), rngs=rngs
     )
 
   def __call__(self, tokens):
-    x = self.embed(tokens)
-    h = nnx.gelu(self.fc1(self.norm(x)))
-    x = x + self.fc2(h)
+    x = self.block(self.embed(tokens))
     mixed = self.mix(self.proj(x))
     return self.embed.attend(x + mixed)
 

@@ -18,6 +18,7 @@ from fracq import export
 from fracq.methods import preserve
 from fracq.models.digits_cnn import DigitsCNN as LinenDigitsCNN
 from fracq.nnx.models import DigitsCNN
+from fracq.nnx.models import ResNet
 from fracq.nnx.models import load_linen_variables
 from tests.nnx import nnx_helpers as helpers
 
@@ -154,35 +155,20 @@ def test_digits_fracbits_hard_assignment_and_export_equal_to_linen(tmp_path):
   helpers.assert_trees_close(nfloats, lfloats, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize(
-  'model_pair',
-  [
-    (helpers.LinenBlock, helpers.NNXBlock, helpers.tokens),
-    (helpers.LinenConvs, helpers.NNXConvs, helpers.images),
-  ],
-  ids=['block', 'convs'],
-)
-def test_lsq_equal_to_linen(model_pair):
-  """Uniform QAT (LSQ, per-channel weights, 8-bit inputs) on Embed (lookup
-  and tied head), Dense, DenseGeneral, Einsum, and on grouped, depthwise
-  and transposed convolutions."""
-  linen_cls, nnx_cls, sample = model_pair
+def test_lsq_convs_equal_to_linen():
+  """Uniform QAT (LSQ, per-channel weights, 8-bit inputs) on grouped,
+  depthwise and transposed convolutions (the transformer's layers:
+  test_resnet_and_transformer_equal_to_linen)."""
   rules = [
-    Rule(
-      layer_types=('Embed',),
-      weight=TensorSpec(bits=8, granularity='channel'),
-    ),
     Rule(
       weight=TensorSpec(bits=4, granularity='channel'),
       act=TensorSpec(bits=8),
     ),
   ]
-  x = sample()
-  if x.dtype != jnp.int32:  # no embedding to quantize
-    rules = rules[1:]
-  lq = fracq.quantize(linen_cls(), rules, x)
+  x = helpers.images()
+  lq = fracq.quantize(helpers.LinenConvs(), rules, x)
   lv = lq.init(jax.random.key(0), x)
-  model = nnx_cls(nnx.Rngs(7))
+  model = helpers.NNXConvs(nnx.Rngs(7))
   load_linen_variables(model, lv)
   nq = fnnx.quantize(model, rules, x)
   assert nq.facts == lq.facts
@@ -237,3 +223,79 @@ def test_pcqat_equal_to_linen(tmp_path):
   lsize = export.export_model(lq, lv, str(tmp_path / 'linen'))
   nsize = export.export_model(nq, nq.linen_variables(), str(tmp_path / 'nnx'))
   assert nsize == lsize and nsize.structure_saved_bytes > 0
+
+
+def _fracbits_and_lsq(fracbits_path):
+  """FracBits (learned per-channel bits) on the layers ``fracbits_path``
+  matches, LSQ at 4 bits on the others, 8-bit inputs everywhere, an
+  embedding at 8 bits."""
+  return [
+    Rule(
+      layer_types=('Embed',),
+      weight=TensorSpec(bits=8, granularity='channel'),
+    ),
+    Rule(
+      module_path=fracbits_path,
+      weight=TensorSpec(bits=3.5, learn_bits=True, granularity='channel'),
+      act=TensorSpec(bits=8),
+    ),
+    Rule(
+      weight=TensorSpec(bits=4, granularity='channel'), act=TensorSpec(bits=8)
+    ),
+  ]
+
+
+@pytest.mark.parametrize('arch', ['resnet', 'transformer'])
+def test_resnet_and_transformer_equal_to_linen(arch):
+  """A ResNet (basic blocks with BatchNorm, identity and projection
+  residual adds) and a small transformer (embedding lookup and tied head,
+  the zoo's block: LayerNorm, attention, MLP; a DenseGeneral and an
+  Einsum) in NNX and linen with the same weights: FracBits on some layers
+  and uniform QAT (LSQ) on the others give equal outputs, gradients of
+  weights, ranges and bits (task loss + penalty), statistics and cost."""
+  if arch == 'resnet':
+    model = ResNet((1, 1), num_classes=3, widths=(4, 8), rngs=nnx.Rngs(2))
+    linen_model = model.linen_module()
+    x = jax.random.normal(jax.random.key(6), (2, 6, 6, 3))
+    rules = _fracbits_and_lsq(r'^stage1')[1:]
+  else:
+    model = helpers.NNXBlock(nnx.Rngs(2))
+    linen_model = helpers.LinenBlock()
+    x = helpers.tokens()
+    rules = _fracbits_and_lsq(r'^block/attn/')
+  budget = Budget(kind='size', uniform_bits=3)
+  lq = fracq.quantize(
+    linen_model, rules, x, budget=budget, call_kwargs={'train': False}
+  )
+  lv = lq.init(jax.random.key(0), x)
+  load_linen_variables(model, lv)
+  model.eval()
+  nq = fnnx.quantize(model, rules, x, budget=budget)
+  assert nq.facts == lq.facts
+  assert nq.signs == lq.signs
+  helpers.assert_trees_close(nq.variables('quant'), lv['quant'])
+  nq.eval()
+  np.testing.assert_allclose(
+    nq(x), lq.apply(lv, x, train=False), rtol=1e-5, atol=1e-5
+  )
+  lgrads, lupd, ngrads, nq = _train_grads(lq, lv, nq, x, with_penalty=True)
+  helpers.assert_trees_close(ngrads['params'], lgrads['params'], atol=1e-4)
+  helpers.assert_trees_close(ngrads['quant'], lgrads['quant'], atol=1e-4)
+  # The FracBits layers' learned bits get (nonzero) gradients.
+  learned = [
+    path
+    for path, f in lq.facts.items()
+    if f.weight_quantized and lq.rules[f.rule_index].weight.learn_bits
+  ]
+  assert learned
+  bits_grad = 0.0
+  for path in learned:
+    node = ngrads['quant']
+    for part in path.split('/'):
+      node = node[part]
+    bits_grad += float(jnp.abs(node['kernel_bits']).sum())
+  assert bits_grad > 0
+  state = helpers.linen_layout(nnx.state(nq))
+  if arch == 'resnet':
+    helpers.assert_trees_close(state['batch_stats'], lupd['batch_stats'])
+  assert nq.metrics() == pytest.approx(lq.metrics(lv), rel=1e-6)

@@ -9,6 +9,7 @@ import fracq
 import fracq.nnx as fnnx
 from fracq import Rule
 from fracq import TensorSpec
+from fracq.methods.f8net import F8NetModel
 
 W4 = TensorSpec(bits=4)
 
@@ -80,3 +81,11 @@ def test_learned_bits_without_budget():
   with pytest.raises(ValueError, match='no budget'):
     fnnx.quantize(model, rules, _x())
   assert fracq.Budget(uniform_bits=3)  # the fix the message names
+
+
+def test_f8net_is_linen_only():
+  """F8Net folds BatchNorm through linen's interceptor: an NNX model is
+  refused, pointing to its linen twin."""
+  model = TwoLayers(nnx.Rngs(0))
+  with pytest.raises(TypeError, match='linen modules only.*linen twin'):
+    F8NetModel(model, _x())

@@ -64,6 +64,16 @@ class F8NetModel:
     call_kwargs: dict | None = None,
     on_unused: str = 'error',
   ):
+    if not isinstance(module, nn.Module):
+      raise TypeError(
+        f'F8Net quantizes flax.linen modules only, got '
+        f'{type(module).__name__}: it folds BatchNorm into the layers '
+        'through the linen interceptor and probes the linen structure. '
+        'For an NNX model, quantize its linen twin (the linen module with '
+        'the same layers and names, e.g. DigitsCNN.linen_module()) and load '
+        'the weights from nnx.state(model); or use uniform QAT or FracBits, '
+        'which fracq.nnx.quantize runs on NNX models.'
+      )
     if on_unused not in ('error', 'warn'):
       raise ValueError(
         f"on_unused must be 'error' or 'warn', got {on_unused!r}."
