@@ -133,10 +133,10 @@ class Specs:
     if not self.learn_weight_bits:
       bits = context_lib.int_bits(self.weight_bits, 'fracbits', 'weight')
       return TensorSpec(bits=bits, **common)
+    if start is not None:
+      start = _clip(start, self.weight_bounds)
     return FracBitsSpec(
-      bits=self.weight_bits
-      if start is None
-      else _clip(start, self.weight_bounds),
+      bits=self.weight_bits if start is None else start,
       bit_bounds=self.weight_bounds,
       bits_per_channel=self.bits_per_channel,
       **common,
@@ -150,8 +150,10 @@ class Specs:
     if not self.learn_act_bits:
       bits = context_lib.int_bits(self.act_bits, 'fracbits', 'act')
       return TensorSpec(bits=bits, **common)
+    if start is not None:
+      start = _clip(start, self.act_bounds)
     return FracBitsSpec(
-      bits=self.act_bits if start is None else _clip(start, self.act_bounds),
+      bits=self.act_bits if start is None else start,
       bit_bounds=self.act_bounds,
       **common,
     )
