@@ -82,7 +82,7 @@ def input_quantization(
     if (
       spec is None
       or spec.range_method != 'lsq'
-      or spec.learn_bits
+      or spec.quantizer != 'uniform'
       or spec.granularity != 'tensor'
     ):
       raise ValueError(
