@@ -47,14 +47,10 @@ import _runner
 
 def _rules(model_name, w_bits, a_bits, learn_w=False, learn_a=False):
   fixed = models.default_fixed_layers(model_name)
-  w = fracq.TensorSpec(
-    bits=w_bits + (0.5 if learn_w else 0),
-    learn_bits=learn_w,
-    granularity='channel',
-  )
-  a = fracq.TensorSpec(
-    bits=a_bits + (0.5 if learn_a else 0), learn_bits=learn_a
-  )
+  w_spec = fracq.FracBitsSpec if learn_w else fracq.TensorSpec
+  a_spec = fracq.FracBitsSpec if learn_a else fracq.TensorSpec
+  w = w_spec(bits=w_bits + (0.5 if learn_w else 0), granularity='channel')
+  a = a_spec(bits=a_bits + (0.5 if learn_a else 0))
   return [fracq.fixed_bits(fixed), fracq.Rule(weight=w, act=a)]
 
 

@@ -38,7 +38,7 @@ def rules():
     fracq.fixed_bits(r'^conv_init$|^head$', bits=8),  # first/last at 8 bits
     fracq.Rule(
       module_path='.*',  # the rest: FracBits
-      weight=fracq.TensorSpec(bits=3.5, learn_bits=True, granularity='channel'),
+      weight=fracq.FracBitsSpec(bits=3.5, granularity='channel'),
       act=fracq.TensorSpec(bits=8),
     ),
   ]

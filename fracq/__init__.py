@@ -8,19 +8,21 @@ subpackage (``core`` math, ``interception`` mechanism, ``methods``,
 from fracq.interception import LayerFacts
 from fracq.interception import QuantizedModule
 from fracq.interception import Rule
-from fracq.interception import TensorSpec
-from fracq.interception import fixed_bits
 from fracq.interception import keep_float
 from fracq.methods.cost import Budget
 from fracq.methods.cost import CostModel
+from fracq.methods.fracbits import FracBitsSpec
 from fracq.methods.fracbits import Penalty
 from fracq.methods.fracbits import hard_assign
 from fracq.methods.qat import QATModel
 from fracq.methods.qat import quantize
+from fracq.methods.uniform import TensorSpec
+from fracq.methods.uniform import fixed_bits
 
 __all__ = [
   'Budget',
   'CostModel',
+  'FracBitsSpec',
   'LayerFacts',
   'Penalty',
   'QATModel',

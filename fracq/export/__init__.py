@@ -3,8 +3,9 @@
 * :mod:`.freeze`: each method's export contract (codes, scales, bits) and
   the packed-weights artifact (:func:`export_model`).
 * :mod:`.program`: the integer program format and its integer-only runtime.
-* :mod:`.lowering`: per-method lowerings to programs, dispatched by
-  :func:`lower` through a registry.
+* :mod:`.lowering`: the registry through which :func:`lower` dispatches to
+  each method's lowering (in the method's package, e.g.
+  :mod:`fracq.methods.uniform.lowering`), and the helpers they share.
 * :mod:`.serialization`: programs on disk (:func:`save_program`,
   :func:`load_program`).
 * :mod:`.onnx_export`: programs as ONNX QDQ graphs.
@@ -20,9 +21,8 @@ from fracq.export.freeze import fake_quant_kernels
 from fracq.export.freeze import freeze
 from fracq.export.freeze import freeze_inputs
 from fracq.export.integer_export import export_integer
+from fracq.export import lowering
 from fracq.export.lowering import lower
-from fracq.export.lowering import lower_f8net
-from fracq.export.lowering import lower_qat
 from fracq.export.lowering import lowering_for
 from fracq.export.lowering import register_lowering
 from fracq.export.onnx_export import export_onnx
@@ -63,3 +63,11 @@ __all__ = [
   'save_program',
   'write_artifact',
 ]
+
+
+def __getattr__(name: str):
+  # lower_qat / lower_f8net: the registered lowerings, looked up on use (see
+  # fracq.export.lowering).
+  if name in lowering.BUILTIN_LOWERINGS:
+    return getattr(lowering, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

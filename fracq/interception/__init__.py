@@ -12,11 +12,10 @@ from fracq.interception.interceptor import check_unused_rules
 from fracq.interception.interceptor import layer_type_of
 from fracq.interception.interceptor import per_tensor_transform
 from fracq.interception.interceptor import weight_name
+from fracq.interception.rules import MethodSpec
 from fracq.interception.rules import Rule
 from fracq.interception.rules import OPT_IN_LAYER_TYPES
 from fracq.interception.rules import SUPPORTED_LAYER_TYPES
-from fracq.interception.rules import TensorSpec
-from fracq.interception.rules import fixed_bits
 from fracq.interception.rules import keep_float
 from fracq.interception.rules import match_rule
 from fracq.interception.rules import validate_rules
@@ -24,6 +23,7 @@ from fracq.interception.rules import validate_rules
 __all__ = [
   'LayerCall',
   'LayerFacts',
+  'MethodSpec',
   'ModuleCall',
   'Provider',
   'QuantizedModule',
@@ -31,10 +31,8 @@ __all__ = [
   'OPT_IN_LAYER_TYPES',
   'SUPPORTED_LAYER_TYPES',
   'Site',
-  'TensorSpec',
   'check_unused_rules',
   'count_macs',
-  'fixed_bits',
   'format_facts_table',
   'keep_float',
   'layer_type_of',

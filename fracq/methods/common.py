@@ -15,7 +15,7 @@ for a kernel or an input, the integer codes (kernels) and the affine map
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +23,9 @@ import numpy as np
 from fracq import core
 from fracq.core import observers
 from fracq.interception import Site
-from fracq.interception import TensorSpec
+
+if TYPE_CHECKING:  # the spec module imports this one (via the range estimators)
+  from fracq.methods.uniform.spec import TensorSpec
 
 TRAINABLE = 'quant'
 STATE = 'quant_stats'

@@ -288,7 +288,7 @@ class CostModel:
         f'Impossible budget: target {target:,.0f} {unit} is below the '
         f'minimum reachable {lo:,.0f} {unit} (every learned bit-width at '
         'its lower bound, fixed layers as fixed). Lower the bit bounds '
-        '(TensorSpec.bit_bounds), quantize more layers, or ask for less '
+        '(FracBitsSpec.bit_bounds), quantize more layers, or ask for less '
         f'compression (at most {self.int8_cost() / lo:.2f}x over INT8).'
       )
     if target > hi * (1 + 1e-9):
@@ -302,7 +302,7 @@ class CostModel:
         f'maximum reachable {hi:,.0f} {unit} (every learned bit-width at '
         'its upper bound, fixed layers as fixed): the bits would pile up '
         'at their upper bounds. Raise the upper bit bound (b_max in '
-        'TensorSpec.bit_bounds), or lower the budget (at most '
+        'FracBitsSpec.bit_bounds), or lower the budget (at most '
         f'{hi:,.0f} {unit}, {uniform}or at least '
         f'{self.int8_cost() / hi:.2f}x compression over INT8).'
       )
@@ -374,9 +374,9 @@ def layer_costs_from_facts(
     rules: the rules the facts' ``rule_index`` refer to.
     signs: whether each layer's input is signed (as the QAT provider decides
       it); missing layers count as signed. Kernels are signed unless their
-      TensorSpec says ``signed=False``. Signed grids round learned bits
-      without the 1-bit width, except DoReFa's, whose 1-bit grid is
-      ``{-1, 1}``.
+      TensorSpec says ``signed=False``. Each spec says how its bits count
+      (``spec.tensor_bits(signed=...)``: fixed, or FracBits' learned
+      variable).
   """
   signs = {} if signs is None else signs
   out = []
@@ -390,17 +390,7 @@ def layer_costs_from_facts(
       if spec is None:
         return TensorBits(fixed=float(FLOAT_BITS), bounds=(32.0, 32.0))
       signed = default_signed if spec.signed is None else bool(spec.signed)
-      if not spec.learn_bits:
-        return TensorBits(
-          fixed=float(spec.bits), bounds=(float(spec.bits),) * 2
-        )
-      symmetric_grid = signed and spec.range_method != 'dorefa'
-      return TensorBits(
-        fixed=None,
-        bounds=tuple(map(float, spec.bit_bounds)),
-        per_channel=spec.bits_per_channel,
-        min_nonzero_bits=2 if symmetric_grid else 1,
-      )
+      return spec.tensor_bits(signed=signed)
 
     out.append(
       LayerCost(

@@ -4,7 +4,7 @@
 :class:`fracq.Rule`) and returns a :class:`QATModel`. The same object serves
 uniform QAT (every tensor at fixed integer bits, learned or observed ranges)
 and FracBits mixed precision (Yang & Jin, AAAI 2021, arXiv 2007.02017): any
-tensor whose spec has ``learn_bits=True`` gets a fractional bit-width trained
+tensor whose spec is a ``FracBitsSpec`` gets a fractional bit-width trained
 under a resource budget, with a hard assignment to integer bits at a chosen
 step followed by fine-tuning.
 
@@ -350,7 +350,7 @@ def cost_setup(
   learns = learns_bits(cost_model)
   if learns and budget is None:
     raise ValueError(
-      'Rules learn bit-widths (learn_bits=True) but no budget was given: '
+      'Rules learn bit-widths (FracBitsSpec) but no budget was given: '
       'pass budget=fracq.Budget(kind="size", uniform_bits=4) (or '
       'compression=, absolute=).'
     )

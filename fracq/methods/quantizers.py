@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fracq.interception import TensorSpec
 from fracq.methods import common
 from fracq.methods import fracbits
 from fracq.methods import uniform
@@ -24,6 +23,7 @@ from fracq.methods.common import FreezeFn
 from fracq.methods.common import Frozen
 from fracq.methods.common import QuantizeFn
 from fracq.methods.common import QuantTensor
+from fracq.methods.uniform import TensorSpec
 
 
 class Quantizer(NamedTuple):
@@ -39,9 +39,10 @@ QUANTIZERS: dict[str, Quantizer] = {
 
 
 def method_of(spec: TensorSpec) -> str:
-  """The quantizer a spec selects: ``'fracbits'`` for learned bits,
-  ``'uniform'`` for fixed bits."""
-  return 'fracbits' if spec.learn_bits else 'uniform'
+  """The quantizer a spec selects, named by its class: ``'uniform'`` for
+  :class:`fracq.TensorSpec` (fixed bits), ``'fracbits'`` for
+  :class:`fracq.FracBitsSpec` (learned bits)."""
+  return spec.quantizer
 
 
 def for_spec(spec: TensorSpec) -> Quantizer:

@@ -12,13 +12,13 @@ import fracq
 import fracq.nnx
 import optax
 from flax import nnx
-from fracq import Budget, Rule, TensorSpec, export
+from fracq import Budget, FracBitsSpec, Rule, TensorSpec, export
 
 rules = [
   fracq.fixed_bits(r'^conv_init$|^head$', bits=8),  # first/last at 8 bits
   Rule(
     module_path='.*',  # the rest: FracBits
-    weight=TensorSpec(bits=3.5, learn_bits=True, granularity='channel'),
+    weight=FracBitsSpec(bits=3.5, granularity='channel'),
     act=TensorSpec(bits=8),
   ),
 ]

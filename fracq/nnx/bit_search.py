@@ -71,7 +71,7 @@ def hawq(
   Args:
     model: the trained float ``nnx.Module`` (left intact).
     rules: the rules; layers whose weight spec learns bits
-      (``TensorSpec(learn_bits=True)``) are searched, fixed-bit and float
+      (``FracBitsSpec``) are searched, fixed-bit and float
       rules keep their layers.
     sample_input: an example input, as for :func:`fracq.nnx.quantize`.
     batches: training batches for the traces (``{'image', 'label'}`` or
@@ -108,7 +108,7 @@ def hawq(
   if not probe.learns_bits:
     raise ValueError(
       'No rule learns weight bits: nothing for HAWQ to search. Mark the '
-      'searched layers with TensorSpec(learn_bits=True, ...).'
+      'searched layers with fracq.FracBitsSpec(bits=..., ...).'
     )
   bits, info = hawq_lib.search(
     _LinenView(model, dict(call_kwargs or {})),

@@ -29,7 +29,8 @@ from ml_collections import config_dict
 
 from fracq import data as data_lib
 from fracq.methods import cost as cost_lib
-from fracq.methods.fracbits import penalty as penalty_lib
+from fracq.methods.context import Context
+from fracq.methods.preserve import factory as preserve_factory
 from fracq.train import checkpoint as ckpt_lib
 from fracq.train import registry
 
@@ -74,7 +75,7 @@ def default_quant_config(method: str = 'none') -> ml_collections.ConfigDict:
   c.budget = _budget_defaults()
   for name, fields in method_blocks().items():
     c[name] = fields
-  c.preserve = registry.block_defaults(registry.preserve_transform)
+  c.preserve = registry.block_defaults(preserve_factory.preserve_transform)
   return c
 
 
@@ -208,7 +209,7 @@ def check_layout(quant) -> None:
   blocks = {
     'layers': _layers_defaults(),
     'budget': _budget_defaults(),
-    'preserve': registry.block_defaults(registry.preserve_transform),
+    'preserve': registry.block_defaults(preserve_factory.preserve_transform),
     **method_blocks(),
   }
   for key in quant.keys():
@@ -235,7 +236,7 @@ def check(quant) -> None:
   """
   check_layout(quant)
   method = registry.get(quant.method)
-  registry.check_preserve(**quant.preserve)
+  preserve_factory.check_preserve(**quant.preserve)
   if quant.preserve.mode and not method.preserve:
     raise ValueError(
       f'config.quant.preserve.mode={quant.preserve.mode!r} does not apply to '
@@ -272,31 +273,18 @@ def budget_from_config(quant) -> cost_lib.Budget | None:
   return cost_lib.Budget(kind=b.kind, **given)
 
 
-def penalty_from_config(quant):
-  """The FracBits penalty of ``config.quant.fracbits``."""
-  block = quant.fracbits
-  return penalty_lib.Penalty(
-    form=block.penalty,
-    weight=block.penalty_weight,
-    unit=block.penalty_unit,
-    power=block.penalty_power,
-    warmup_steps=block.penalty_warmup_steps,
-    schedule_steps=block.penalty_schedule_steps,
-  )
-
-
 def context_from_config(
   quant, total_steps: int | None = None, float_model=None
-) -> registry.Context:
-  """The :class:`~fracq.train.registry.Context` of ``config.quant``."""
+) -> Context:
+  """The :class:`~fracq.methods.context.Context` of ``config.quant``."""
   layers, preserve = quant.layers, quant.preserve
-  transform = registry.preserve_transform(
+  transform = preserve_factory.preserve_transform(
     total_steps=total_steps, **preserve.to_dict()
   )
   min_bits = 0.0
   if 'cluster' in preserve.mode and preserve.cluster_min_bits:
-    min_bits = registry.min_bits_for(preserve.clusters)
-  return registry.Context(
+    min_bits = preserve_factory.min_bits_for(preserve.clusters)
+  return Context(
     fixed_layers=layers.fixed,
     fixed_bits=int(layers.fixed_bits),
     fixed_act_bits=int(layers.fixed_act_bits),

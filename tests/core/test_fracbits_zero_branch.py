@@ -211,9 +211,7 @@ def test_quantized_dense_with_signed_zero_branch_is_finite():
   # grid and output NaN.
   x = jax.random.normal(jax.random.key(0), (4, 5))
   rules = [
-    fracq.Rule(
-      weight=fracq.TensorSpec(bits=1.5, learn_bits=True, bit_bounds=(0.0, 8.0))
-    )
+    fracq.Rule(weight=fracq.FracBitsSpec(bits=1.5, bit_bounds=(0.0, 8.0)))
   ]
   qm = fracq.quantize(
     _Dense(), rules, x, budget=fracq.Budget(kind='size', uniform_bits=1.0)

@@ -41,8 +41,8 @@ def _quantized_inputs(qm, v, x):
 def test_learned_activation_bits_are_in_the_manifest(tmp_path):
   x = jnp.asarray(np.random.RandomState(0).randn(16, 10), jnp.float32)
   rule = fracq.Rule(
-    weight=fracq.TensorSpec(bits=4.0, learn_bits=True),
-    act=fracq.TensorSpec(bits=6.0, learn_bits=True, bit_bounds=(2.0, 8.0)),
+    weight=fracq.FracBitsSpec(bits=4.0),
+    act=fracq.FracBitsSpec(bits=6.0, bit_bounds=(2.0, 8.0)),
   )
   qm = fracq.quantize(
     _Mlp(),

@@ -19,9 +19,8 @@ def _hard_digits_model(per_channel=False, seed=0):
   rules = [
     fracq.fixed_bits(models.default_fixed_layers('digits_cnn')),
     fracq.Rule(
-      weight=fracq.TensorSpec(
+      weight=fracq.FracBitsSpec(
         bits=3.5,
-        learn_bits=True,
         granularity='channel',
         bits_per_channel=per_channel,
       ),

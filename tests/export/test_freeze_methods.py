@@ -132,9 +132,8 @@ def test_artifact_equals_fake_quant_kernels(
 def test_fracbits_with_pruned_channel_exports_exactly(
   per_channel, range_method, tmp_path
 ):
-  spec = fracq.TensorSpec(
+  spec = fracq.FracBitsSpec(
     bits=3.0,
-    learn_bits=True,
     bit_bounds=(0.0, 6.0),
     granularity='channel',
     bits_per_channel=per_channel,

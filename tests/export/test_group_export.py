@@ -10,7 +10,7 @@ import pytest
 import fracq
 from fracq import export
 from fracq import models
-from fracq.export.lowering.qat import _check_kernels
+from fracq.methods.uniform.lowering import _check_kernels
 
 
 def _gpt(weight_spec, embed_spec, **kwargs):
@@ -110,9 +110,7 @@ def _embed_net(spec, embed_spec, **kwargs):
 
 
 def test_group_wise_fracbits_and_embed_round_trip(tmp_path):
-  spec = fracq.TensorSpec(
-    bits=4.0, learn_bits=True, granularity='group', group_size=4
-  )
+  spec = fracq.FracBitsSpec(bits=4.0, granularity='group', group_size=4)
   qm, v, tokens = _embed_net(
     spec,
     fracq.TensorSpec(bits=6, granularity='group', group_size=4),

@@ -1,5 +1,8 @@
 """The lowering registry: lower() dispatches on the wrapper's class."""
 
+import subprocess
+import sys
+
 import pytest
 
 from fracq import export
@@ -52,3 +55,16 @@ def test_a_new_method_lowers_without_editing_the_dispatch(scratch_registry):
 def test_unknown_wrappers_are_refused_clearly():
   with pytest.raises(ValueError, match='no integer lowering.*f8net'):
     export.lower(object(), {}, None)
+
+
+def test_registration_does_not_depend_on_import_order():
+  """Importing a method's lowering first (it imports fracq.export, which
+  imports it back) still registers both lowerings."""
+  code = (
+    'import fracq.methods.uniform.lowering\n'
+    'from fracq import export\n'
+    'from fracq.export import lower_qat\n'
+    "assert sorted(export.lowering.registered_lowerings()) == ['f8net', 'qat']\n"
+    'assert lower_qat is fracq.methods.uniform.lowering.lower_qat\n'
+  )
+  subprocess.run([sys.executable, '-c', code], check=True, timeout=120)

@@ -21,9 +21,8 @@ class _Mlp(nn.Module):
 
 def _kernelwise_model():
   x = jnp.asarray(np.random.RandomState(0).randn(16, 10), jnp.float32)
-  spec = fracq.TensorSpec(
+  spec = fracq.FracBitsSpec(
     bits=4.0,
-    learn_bits=True,
     bit_bounds=(0.0, 8.0),
     granularity='channel',
     bits_per_channel=True,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
+import fracq
 from fracq import interception as fi
 
 
@@ -67,7 +68,9 @@ class Zoo(nn.Module):
 
 X = jnp.asarray(np.random.RandomState(0).randn(2, 8, 8, 3), jnp.float32)
 ALL = fi.Rule(
-  module_path='.*', weight=fi.TensorSpec(bits=4), act=fi.TensorSpec(bits=8)
+  module_path='.*',
+  weight=fracq.TensorSpec(bits=4),
+  act=fracq.TensorSpec(bits=8),
 )
 
 
@@ -114,7 +117,7 @@ def test_quantization_changes_outputs_as_expected():
   model = nn.Dense(3)
   x = jnp.arange(8.0).reshape(2, 4) / 7
   qm = fi.QuantizedModule(
-    model, [fi.Rule(weight=fi.TensorSpec(bits=4))], RoundProvider()
+    model, [fi.Rule(weight=fracq.TensorSpec(bits=4))], RoundProvider()
   )
   v = qm.init(jax.random.key(1), x)
   k = v['params']['kernel']
@@ -128,8 +131,8 @@ def test_foreign_model_matched_layers_and_facts():
   model = ExamplesCNN()
   rules = [
     fi.keep_float(r'^Conv_0$'),
-    fi.fixed_bits(r'Dense_1'),
-    fi.Rule(module_path=r'Conv|Dense', weight=fi.TensorSpec(bits=4)),
+    fracq.fixed_bits(r'Dense_1'),
+    fi.Rule(module_path=r'Conv|Dense', weight=fracq.TensorSpec(bits=4)),
   ]
   qm = fi.QuantizedModule(model, rules, RoundProvider())
   facts = qm.layer_facts(X)
@@ -171,7 +174,7 @@ def test_facts_for_every_layer_type():
 def test_unused_rule_error_and_warning():
   rules = [
     ALL,
-    fi.Rule(module_path='no_such_layer', weight=fi.TensorSpec(bits=4)),
+    fi.Rule(module_path='no_such_layer', weight=fracq.TensorSpec(bits=4)),
   ]
   with pytest.raises(ValueError, match=r"#1 module_path='no_such_layer'"):
     fi.QuantizedModule(Zoo(), rules, RoundProvider()).init(jax.random.key(0), X)
@@ -191,41 +194,50 @@ def test_unused_rule_error_and_warning():
 @pytest.mark.parametrize(
   'rule, msg',
   [
-    (fi.Rule(module_path='(', weight=fi.TensorSpec()), 'not a valid regular'),
     (
-      fi.Rule(layer_types=('Conv2D',), weight=fi.TensorSpec()),
+      fi.Rule(module_path='(', weight=fracq.TensorSpec()),
+      'not a valid regular',
+    ),
+    (
+      fi.Rule(layer_types=('Conv2D',), weight=fracq.TensorSpec()),
       "unknown layer_types \\['Conv2D'\\]",
     ),
-    (fi.Rule(layer_types='Conv', weight=fi.TensorSpec()), 'tuple of names'),
-    (fi.Rule(weight=fi.TensorSpec(bits=3.5)), 'learn_bits=True'),
+    (fi.Rule(layer_types='Conv', weight=fracq.TensorSpec()), 'tuple of names'),
+    (fi.Rule(weight=fracq.TensorSpec(bits=3.5)), 'use fracq.FracBitsSpec'),
     (
-      fi.Rule(weight=fi.TensorSpec(bits=9, learn_bits=True)),
+      fi.Rule(weight=fracq.FracBitsSpec(bits=9)),
       'outside bit_bounds',
     ),
-    (fi.Rule(weight=fi.TensorSpec(range_method='pact')), 'PACT clips'),
+    (fi.Rule(weight=fracq.TensorSpec(range_method='pact')), 'PACT clips'),
     (
-      fi.Rule(act=fi.TensorSpec(range_method='lsq_pluss')),
+      fi.Rule(act=fracq.TensorSpec(range_method='lsq_pluss')),
       "unknown range_method='lsq_pluss'",
     ),
-    (fi.Rule(act=fi.TensorSpec(bits_per_channel=True)), 'only supported for'),
     (
-      fi.Rule(act=fi.TensorSpec(granularity='group', group_size=4)),
+      fi.Rule(act=fracq.FracBitsSpec(bits_per_channel=True)),
+      'only supported for',
+    ),
+    (
+      fi.Rule(act=fracq.TensorSpec(granularity='group', group_size=4)),
       "granularity='group' is for weights",
     ),
     (
-      fi.Rule(weight=fi.TensorSpec(granularity='group')),
+      fi.Rule(weight=fracq.TensorSpec(granularity='group')),
       'needs group_size',
     ),
     (
-      fi.Rule(weight=fi.TensorSpec(group_size=4)),
+      fi.Rule(weight=fracq.TensorSpec(group_size=4)),
       "only used with granularity='group'",
     ),
     (
-      fi.Rule(layer_types=('Embed',), act=fi.TensorSpec()),
+      fi.Rule(layer_types=('Embed',), act=fracq.TensorSpec()),
       'an act spec on Embed layers',
     ),
-    (fi.Rule(weight=fi.TensorSpec(granularity='grp')), 'unknown granularity'),
-    (fi.Rule(keep_float=True, weight=fi.TensorSpec()), 'contradictory'),
+    (
+      fi.Rule(weight=fracq.TensorSpec(granularity='grp')),
+      'unknown granularity',
+    ),
+    (fi.Rule(keep_float=True, weight=fracq.TensorSpec()), 'contradictory'),
   ],
 )
 def test_invalid_rules(rule, msg):
@@ -319,7 +331,7 @@ class ScanStack(nn.Module):
 def test_scan_wrapped_layers():
   x = jnp.ones((2, 4))
   qm = fi.QuantizedModule(
-    ScanStack(), [fi.Rule(weight=fi.TensorSpec())], RoundProvider()
+    ScanStack(), [fi.Rule(weight=fracq.TensorSpec())], RoundProvider()
   )
   v = qm.init(jax.random.key(0), x)
   assert v['quant']['stack']['fc']['kernel_step'].shape == (3,)
@@ -368,8 +380,12 @@ def test_threads_each_see_only_their_own_transform():
 
   model = ExamplesCNN()
   v = model.init(jax.random.key(0), X)
-  qa = fi.QuantizedModule(model, [fi.Rule(weight=fi.TensorSpec())], Scale(2.0))
-  qb = fi.QuantizedModule(model, [fi.Rule(weight=fi.TensorSpec())], Scale(0.0))
+  qa = fi.QuantizedModule(
+    model, [fi.Rule(weight=fracq.TensorSpec())], Scale(2.0)
+  )
+  qb = fi.QuantizedModule(
+    model, [fi.Rule(weight=fracq.TensorSpec())], Scale(0.0)
+  )
   want_a, want_b = qa.apply(v, X), qb.apply(v, X)
   got, errors = {}, []
   barrier = threading.Barrier(2)

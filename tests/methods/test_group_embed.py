@@ -108,9 +108,7 @@ def test_group_minmax_equals_numpy_reference():
 
 
 def test_group_fracbits_at_integer_bits_equals_numpy_reference():
-  spec = fracq.TensorSpec(
-    bits=3.0, learn_bits=True, granularity='group', group_size=4
-  )
+  spec = fracq.FracBitsSpec(bits=3.0, granularity='group', group_size=4)
   qm, v, kernel, fake_quant = _tiny(
     spec,
     budget=fracq.Budget(kind='size', uniform_bits=3),
@@ -153,9 +151,8 @@ def test_group_size_must_divide_the_contraction_length():
     ),
     (
       fracq.Rule(
-        weight=fracq.TensorSpec(
+        weight=fracq.FracBitsSpec(
           bits=3.0,
-          learn_bits=True,
           bits_per_channel=True,
           granularity='group',
           group_size=4,

@@ -90,9 +90,7 @@ def _fracbits_model(budget_bits=3.0, init_bits=None, **kw):
   rules = [
     fracq.fixed_bits('fc2'),
     fracq.Rule(
-      weight=fracq.TensorSpec(
-        bits=init_bits, learn_bits=True, granularity='channel'
-      ),
+      weight=fracq.FracBitsSpec(bits=init_bits, granularity='channel'),
       act=fracq.TensorSpec(bits=8),
     ),
   ]
@@ -163,8 +161,8 @@ def test_impossible_budget_fails_before_training():
 def test_learned_act_bits_need_a_bitops_budget():
   rules = [
     fracq.Rule(
-      weight=fracq.TensorSpec(bits=4, learn_bits=True),
-      act=fracq.TensorSpec(bits=4, learn_bits=True),
+      weight=fracq.FracBitsSpec(bits=4),
+      act=fracq.FracBitsSpec(bits=4),
     )
   ]
   with pytest.raises(ValueError, match='BitOPs budget'):
@@ -308,8 +306,8 @@ def test_kernel_wise_bits_and_hard_assignment():
   rules = [
     fracq.fixed_bits('fc2'),
     fracq.Rule(
-      weight=fracq.TensorSpec(
-        bits=4.5, learn_bits=True, bits_per_channel=True, granularity='channel'
+      weight=fracq.FracBitsSpec(
+        bits=4.5, bits_per_channel=True, granularity='channel'
       ),
       act=fracq.TensorSpec(bits=8),
     ),
@@ -341,8 +339,8 @@ def test_kernel_wise_bits_and_hard_assignment():
 def test_dorefa_pact_fracbits_like_the_authors():
   rules = [
     fracq.Rule(
-      weight=fracq.TensorSpec(bits=4.5, learn_bits=True, range_method='dorefa'),
-      act=fracq.TensorSpec(bits=4.5, learn_bits=True, range_method='pact'),
+      weight=fracq.FracBitsSpec(bits=4.5, range_method='dorefa'),
+      act=fracq.FracBitsSpec(bits=4.5, range_method='pact'),
     )
   ]
   qm = fracq.quantize(
@@ -373,15 +371,11 @@ def test_int_grid_resolves_the_default_per_tensor():
   affine = fracq.TensorSpec(bits=4, symmetric=False, range_method='minmax')
   assert affine.int_grid(signed=True, is_kernel=True) == (-8, 7)
   # Learned bits quantize signed tensors on the symmetric shared range.
-  learned = fracq.TensorSpec(bits=4.5, learn_bits=True)
+  learned = fracq.FracBitsSpec(bits=4.5)
   assert learned.int_grid(signed=True, is_kernel=False, bits=4) == (-7, 7)
   with pytest.raises(ValueError, match='leave narrow_range unset'):
     interception.validate_rules(
-      [
-        fracq.Rule(
-          weight=fracq.TensorSpec(bits=4.5, learn_bits=True, narrow_range=False)
-        )
-      ]
+      [fracq.Rule(weight=fracq.FracBitsSpec(bits=4.5, narrow_range=False))]
     )
 
 
@@ -469,8 +463,10 @@ def test_hard_mode_before_prepare_is_an_error():
 
 
 def test_learned_act_bits_on_float_weights_are_refused():
-  rule = fracq.Rule(act=fracq.TensorSpec(bits=4.5, learn_bits=True))
-  with pytest.raises(ValueError, match=r'weights stay float.*learn_bits=False'):
+  rule = fracq.Rule(act=fracq.FracBitsSpec(bits=4.5))
+  with pytest.raises(
+    ValueError, match=r'weights stay float.*fix the activation bits'
+  ):
     interception.validate_rules([rule])
   # Fixed activation bits on float weights stay allowed.
   interception.validate_rules([fracq.Rule(act=fracq.TensorSpec(bits=4))])

@@ -76,9 +76,8 @@ def test_hawq_searches_a_language_model_on_next_byte_loss():
   rules = [
     fracq.Rule(layer_types=('Embed',), weight=fracq.TensorSpec(bits=8)),
     fracq.Rule(
-      weight=fracq.TensorSpec(
+      weight=fracq.FracBitsSpec(
         bits=3.0,
-        learn_bits=True,
         bit_bounds=(2.0, 8.0),
         granularity='group',
         group_size=16,

@@ -13,6 +13,7 @@ import fracq
 import fracq.nnx as fnnx
 from fracq import Budget
 from fracq import Rule
+from fracq import FracBitsSpec
 from fracq import TensorSpec
 from fracq import export
 from fracq.methods import preserve
@@ -79,7 +80,7 @@ FRACBITS_RULES = [
   fracq.fixed_bits(r'^conv_init$|^head$', bits=8),
   Rule(
     module_path='.*',
-    weight=TensorSpec(bits=3.5, learn_bits=True, granularity='channel'),
+    weight=FracBitsSpec(bits=3.5, granularity='channel'),
     act=TensorSpec(bits=8),
   ),
 ]
@@ -236,7 +237,7 @@ def _fracbits_and_lsq(fracbits_path):
     ),
     Rule(
       module_path=fracbits_path,
-      weight=TensorSpec(bits=3.5, learn_bits=True, granularity='channel'),
+      weight=FracBitsSpec(bits=3.5, granularity='channel'),
       act=TensorSpec(bits=8),
     ),
     Rule(

@@ -8,6 +8,7 @@ import flax.linen as nn
 import fracq
 import fracq.nnx as fnnx
 from fracq import Rule
+from fracq import FracBitsSpec
 from fracq import TensorSpec
 from fracq.methods.f8net import F8NetModel
 
@@ -77,7 +78,7 @@ def test_linen_module_refused():
 
 def test_learned_bits_without_budget():
   model = TwoLayers(nnx.Rngs(0))
-  rules = [Rule(module_path='^fc', weight=TensorSpec(bits=4, learn_bits=True))]
+  rules = [Rule(module_path='^fc', weight=FracBitsSpec(bits=4))]
   with pytest.raises(ValueError, match='no budget'):
     fnnx.quantize(model, rules, _x())
   assert fracq.Budget(uniform_bits=3)  # the fix the message names

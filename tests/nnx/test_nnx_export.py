@@ -12,6 +12,7 @@ import fracq
 import fracq.nnx as fnnx
 from fracq import Budget
 from fracq import Rule
+from fracq import FracBitsSpec
 from fracq import TensorSpec
 from fracq import export
 from fracq.core import integer as ints
@@ -33,7 +34,7 @@ RULES = {
   'fracbits': [
     fracq.fixed_bits(r'^conv_init$|^head$', bits=8),
     Rule(
-      weight=TensorSpec(bits=3.5, learn_bits=True, granularity='channel'),
+      weight=FracBitsSpec(bits=3.5, granularity='channel'),
       act=TensorSpec(bits=8),
     ),
   ],

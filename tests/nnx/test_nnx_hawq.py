@@ -11,6 +11,7 @@ import fracq
 import fracq.nnx as fnnx
 from fracq import Budget
 from fracq import Rule
+from fracq import FracBitsSpec
 from fracq import TensorSpec
 from fracq.data import digits
 from fracq.methods import hawq as hawq_lib
@@ -22,9 +23,7 @@ WIDTHS = (8, 8, 8, 8, 8)
 RULES = [
   fracq.fixed_bits(r'^conv_init$|^head$', bits=8),
   Rule(
-    weight=TensorSpec(
-      bits=5.0, learn_bits=True, bit_bounds=(2.0, 8.0), granularity='channel'
-    ),
+    weight=FracBitsSpec(bits=5.0, bit_bounds=(2.0, 8.0), granularity='channel'),
     act=TensorSpec(bits=8),
   ),
 ]

@@ -13,6 +13,7 @@ import fracq
 import fracq.nnx as fnnx
 from fracq import Budget
 from fracq import Rule
+from fracq import FracBitsSpec
 from fracq import TensorSpec
 from tests.nnx import nnx_helpers as helpers
 
@@ -21,7 +22,7 @@ RULES = [
   fracq.fixed_bits(r'^fc1$|^head$', bits=8),
   Rule(
     module_path='fc2',
-    weight=TensorSpec(bits=4.5, learn_bits=True, granularity='channel'),
+    weight=FracBitsSpec(bits=4.5, granularity='channel'),
     act=TensorSpec(bits=8, range_method='minmax'),
   ),
 ]

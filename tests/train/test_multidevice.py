@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from fracq import data as data_lib
 from fracq.core import observers
-from fracq.interception import TensorSpec
+from fracq import TensorSpec
 from fracq.methods.common import QuantTensor
 from fracq.train import quant_config
 from fracq.train import train as tr

@@ -4,6 +4,7 @@ import importlib
 
 import pytest
 
+from fracq.methods.preserve import factory as preserve_factory
 from fracq.train import quant_config
 from fracq.train import registry
 from fracq.train import train as tr
@@ -23,7 +24,7 @@ def test_every_method_block_is_its_factory_keywords():
     else:
       assert name not in q, name
   assert sorted(q.preserve.keys()) == sorted(
-    registry.block_defaults(registry.preserve_transform)
+    registry.block_defaults(preserve_factory.preserve_transform)
   )
   # A None default stays overridable with a value of its type.
   q.fracbits.penalty_unit = 8e6

@@ -26,7 +26,7 @@ folding and residual-module entries):
   reason) so users can see which layers are not integer-only;
 * the bias is quantized to int32 at ``FL_in + FL_w`` (the accumulator's
   format), so the simulated model equals the integer-only one bit for bit
-  (:mod:`fracq.export.lowering.f8net`);
+  (:mod:`fracq.methods.f8net.lowering`);
 * residual modules (found by the structure probe: a submodule returning
   ``[relu](its branch outputs [+ its input])``, e.g. a ResNet block) get
   their input quantized once, at the module's entry, with one FL on the

@@ -1,6 +1,7 @@
 """FracBits (Yang & Jin, AAAI 2021): learned fractional bit-widths.
 
-Its quantizer and freeze (``quantizer``), the resource penalties and hard
+Its rule spec (``spec``: :class:`FracBitsSpec`, learned bits and their
+bounds), its quantizer and freeze (``quantizer``), the resource penalties and hard
 assignment (``penalty``) and the hard-bits bookkeeping (``hard_bits``). The
 cost model and budgets it shares with HAWQ are in
 :mod:`fracq.methods.cost`.
@@ -15,9 +16,11 @@ from fracq.methods.fracbits.penalty import Penalty
 from fracq.methods.fracbits.penalty import hard_assign
 from fracq.methods.fracbits.quantizer import freeze
 from fracq.methods.fracbits.quantizer import quantize
+from fracq.methods.fracbits.spec import FracBitsSpec
 
 __all__ = [
   'FORMS',
+  'FracBitsSpec',
   'HardAssignment',
   'Penalty',
   'freeze',

@@ -197,7 +197,7 @@ def hard_assign(
         f'Hard assignment cannot meet the target {target:,.0f} {unit}: with '
         'every learned bit-width at its smallest integer bound the cost is '
         f'already {c_min:,.0f} {unit}. Lower the bit bounds '
-        '(TensorSpec.bit_bounds; a fractional lower bound rounds up) or '
+        '(FracBitsSpec.bit_bounds; a fractional lower bound rounds up) or '
         'raise the budget.'
       )
     if c(hi) <= target:

@@ -27,9 +27,9 @@ import optax
 from fracq import data as data_lib
 from fracq.core import hessian
 from fracq.interception import Rule
-from fracq.interception import TensorSpec
 from fracq.methods.hawq import bit_allocation
 from fracq.methods import cost as cost_lib
+from fracq.methods.uniform import TensorSpec
 
 
 def _path_of(keypath) -> str:

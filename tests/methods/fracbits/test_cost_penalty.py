@@ -125,7 +125,7 @@ def test_cost_records_know_signs():
       return nn.Dense(3, name='fc3')(x)
 
   x = jax.random.normal(jax.random.key(0), (4, 5))
-  spec = fracq.TensorSpec(bits=4, learn_bits=True, bit_bounds=(0.0, 8.0))
+  spec = fracq.FracBitsSpec(bits=4, bit_bounds=(0.0, 8.0))
   rules = [
     fracq.Rule(
       module_path='fc2',

@@ -13,8 +13,8 @@ from configs import resnet18_fracbits
 from configs import resnet50_fracbits
 from fracq import models
 from fracq.methods import cost as cost_lib
+from fracq.methods.fracbits import factory as fracbits_factory
 from fracq.train import quant_config as methods_config
-from fracq.train import registry
 
 
 def _wrap(cfg, size, channels=3):
@@ -121,7 +121,7 @@ def test_init_bits_clipped_to_bounds_and_bad_spec_rejected():
   cfg.quant.fracbits.init_bits = 'target+0.5'
   with pytest.raises(ValueError, match="'budget\\+D'"):
     methods_config.build(cfg.quant, module, x, total_steps=100)
-  assert registry.init_bits_offset('budget-0.25') == -0.25
+  assert fracbits_factory.init_bits_offset('budget-0.25') == -0.25
 
 
 def test_uniform_equivalent_of_bitops_with_learned_acts():
@@ -171,8 +171,8 @@ def test_penalty_gradient_is_kappa_per_megabyte_and_per_gigabitop():
     ('size', resnet50_fracbits),
     ('bitops', resnet18_fracbits),
   ):
-    penalty = methods_config.penalty_from_config(
-      config_module.get_config().quant
+    penalty = fracbits_factory.make_penalty(
+      **config_module.get_config().quant.fracbits
     )
     model = cost_lib.CostModel(layers, kind)
     target = 0.5 * float(model.cost(quant))  # over budget: slope +kappa

@@ -39,13 +39,12 @@ def _uniform(k):
 
 def _fracbits(k):
   rule = fracq.Rule(
-    weight=fracq.TensorSpec(
+    weight=fracq.FracBitsSpec(
       bits=float(k),
-      learn_bits=True,
       bit_bounds=(2.0, 8.0),
       granularity='channel',
     ),
-    act=fracq.TensorSpec(bits=float(k), learn_bits=True, bit_bounds=(2.0, 8.0)),
+    act=fracq.FracBitsSpec(bits=float(k), bit_bounds=(2.0, 8.0)),
   )
   return fracq.quantize(
     TinyConvNet(),

@@ -106,24 +106,24 @@ def test_cifar10_prune_cluster_pcqat_pipeline_on_mock_tfds(tmp_path):
 
 def test_gradual_pruning_config_errors_and_schedule():
   from fracq.methods import preserve
-  from fracq.train import registry
+  from fracq.methods.preserve import factory as preserve_factory
 
   c = get_config('cifar10_resnet20_pcqat', 'stage=prune')
   p = c.quant.preserve
-  tr_ = registry.preserve_transform(total_steps=300, **p)
+  tr_ = preserve_factory.preserve_transform(total_steps=300, **p)
   assert isinstance(tr_, preserve.PruningTransform)
   assert (tr_.begin_step, tr_.end_step, tr_.final_sparsity) == (0, 200, 0.5)
   assert tr_.sparsity_at(0) == 0.0 and tr_.sparsity_at(200) == 0.5
   with pytest.raises(ValueError, match='needs the number of training steps'):
-    registry.preserve_transform(**p)
+    preserve_factory.preserve_transform(**p)
   p.mode = 'prune_cluster'
   with pytest.raises(ValueError, match="mode='prune' only"):
-    registry.check_preserve(**p)
+    preserve_factory.check_preserve(**p)
   p.mode, p.sparsity = 'prune', -1.0
   with pytest.raises(ValueError, match='final sparsity'):
-    registry.check_preserve(**p)
+    preserve_factory.check_preserve(**p)
   p.sparsity, p.prune_schedule = 0.5, 'cubic'
   with pytest.raises(ValueError, match='prune_schedule'):
-    registry.check_preserve(**p)
+    preserve_factory.check_preserve(**p)
   with pytest.raises(ValueError, match='stage'):
     get_config('cifar10_resnet20_pcqat', 'stage=quantize')

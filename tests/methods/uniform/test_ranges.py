@@ -5,14 +5,27 @@ import numpy as np
 import pytest
 
 import fracq
-from fracq.interception import rules as rules_lib
 from fracq.methods import quantizers
 from fracq.methods.common import QuantTensor
 from fracq.methods.uniform import ranges
 
 
 def test_registry_lists_every_range_method():
-  assert set(ranges.names()) == set(rules_lib._RANGE_METHODS)
+  assert set(ranges.names()) == {
+    'minmax',
+    'ema_minmax',
+    'percentile',
+    'lsq',
+    'lsq_plus',
+    'pact',
+    'dorefa',
+  }
+  # A spec accepts exactly the registered estimators.
+  for name in ranges.names():
+    spec = fracq.TensorSpec(range_method=name, symmetric=name != 'lsq_plus')
+    spec.validate('spec', tensor='act' if name == 'pact' else 'weight')
+  with pytest.raises(ValueError, match=r"unknown range_method='lsq2'.*'pact'"):
+    fracq.TensorSpec(range_method='lsq2').validate('spec')
   for name in ranges.names():
     estimator = ranges.get(name)
     assert estimator.name == name
@@ -31,7 +44,7 @@ def test_register_refuses_a_taken_name():
 
 def test_quantizer_for_spec():
   assert quantizers.for_spec(fracq.TensorSpec(bits=4)).name == 'uniform'
-  spec = fracq.TensorSpec(bits=4, learn_bits=True)
+  spec = fracq.FracBitsSpec(bits=4)
   assert quantizers.for_spec(spec).name == 'fracbits'
 
 

@@ -1,5 +1,11 @@
 """Integer lowering of uniform QAT and (hard-assigned) FracBits models.
 
+Both train a :class:`~fracq.methods.qat.QATModel`; after hard assignment a
+FracBits model is uniform QAT at per-layer integer bits, so one lowering
+(method ``'qat'``) serves both. It registers itself with
+:mod:`fracq.export.lowering` when this module is imported, which importing
+:mod:`fracq.export` does.
+
 LSQ activation steps and per-channel kernel steps are arbitrary reals.
 BatchNorm (running statistics) and the layer bias fold into a per-channel
 real multiplier ``M = s_in s_w gamma / (sqrt(var + eps) s_next)`` that
@@ -41,6 +47,14 @@ from fracq.graph.structure import Structure
 from fracq.graph.structure import probe_structure
 from fracq.methods.qat import QATModel
 
+__all__ = [
+  'InputQuant',
+  'fold_layer',
+  'input_quantization',
+  'lower_qat',
+  'requantize_to',
+]
+
 ACC_BITS = 28  # the accumulator's target magnitude: 2 spare bits of int32
 MAX_ACC_SHIFT = 16
 
@@ -68,7 +82,7 @@ def input_quantization(
     if (
       spec is None
       or spec.range_method != 'lsq'
-      or spec.learn_bits
+      or spec.quantizer != 'uniform'
       or spec.granularity != 'tensor'
     ):
       raise ValueError(

@@ -21,6 +21,10 @@ from one probe of the model and then *verified*: lowering runs the program
 next to the fake-quantized model on the sample batch and raises if they
 disagree, so an unsupported model gets an error, never a silently wrong
 integer model.
+
+The lowering registers itself with :mod:`fracq.export.lowering` (method
+``'f8net'``, wrapper :class:`~fracq.methods.f8net.F8NetModel`) when this
+module is imported, which importing :mod:`fracq.export` does.
 """
 
 from __future__ import annotations
@@ -45,10 +49,12 @@ from fracq.graph.structure import Structure
 from fracq.graph.structure import conv_padding
 from fracq.graph.structure import is_max_pool
 from fracq.graph.structure import probe_structure
-from fracq.methods.f8net import F8NetModel
+from fracq.methods.f8net.model import F8NetModel
 
 if TYPE_CHECKING:
-  from fracq.methods.f8net import LayerRecord
+  from fracq.methods.f8net.provider import LayerRecord
+
+__all__ = ['lower_f8net']
 
 
 def _input_range(signed: bool, code_max: int | None) -> tuple[int, int]:
