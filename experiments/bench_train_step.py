@@ -33,7 +33,7 @@ untrained, so the structure encodings (codebook / sparse kernels, see
 disk / theoretical" below 1 means they did; the bytes they saved are listed.
 
   python experiments/bench_train_step.py [--model resnet20] [--batch 128]
-      [--rounds 5] [--reps 5]
+      [--rounds 5] [--reps 5] [--half_precision]
       [--json experiments/results/bench_train_step.json] [--skip_export]
 """
 
@@ -232,6 +232,11 @@ def main():
   p.add_argument(
     '--rounds', type=int, default=5, help='interleaved timing rounds'
   )
+  p.add_argument(
+    '--half_precision',
+    action='store_true',
+    help="build the model in bfloat16 (the configs' half_precision)",
+  )
   p.add_argument('--json', default='')
   p.add_argument('--skip_qwix', action='store_true')
   p.add_argument(
@@ -240,7 +245,9 @@ def main():
     help='do not time the export or measure artifact sizes',
   )
   a = p.parse_args()
-  module = models.get_model(a.model)
+  module = models.get_model(
+    a.model, **({'dtype': jnp.bfloat16} if a.half_precision else {})
+  )
   x = jax.random.normal(jax.random.key(1), (a.batch, a.size, a.size, 3))
   y = jax.random.randint(jax.random.key(2), (a.batch,), 0, 10)
   sample = x[:1]
@@ -292,7 +299,9 @@ def main():
   lines = [
     f'model {a.model}, batch {a.batch}x{a.size}x{a.size}x3, device '
     f'{device.platform} ({device.device_kind}), {platform.machine()}, '
-    f'jax {jax.__version__}; {a.rounds} interleaved rounds of {a.reps} '
+    f'jax {jax.__version__}, '
+    f'{"bfloat16" if a.half_precision else "float32"} model; '
+    f'{a.rounds} interleaved rounds of {a.reps} '
     'steps per variant after one warm-up step; load average (1 min) '
     f'{load_before[0]:.2f} before, {load_after[0]:.2f} after the timing on '
     f'{os.cpu_count()} CPUs.',
