@@ -306,6 +306,15 @@ def main():
     f'{load_before[0]:.2f} before, {load_after[0]:.2f} after the timing on '
     f'{os.cpu_count()} CPUs.',
     '',
+    *(
+      [
+        'The machine was shared (load average above half its CPUs): step '
+        'times are noisy, read the spreads; peak memory is unaffected.',
+        '',
+      ]
+      if max(load_before[0], load_after[0]) > 0.5 * (os.cpu_count() or 1)
+      else []
+    ),
     'Step time: median over rounds (min-max); ratios are per round, to the '
     'float step of the same round. Peak memory: XLA compiled statistics '
     '(arguments + outputs + temporaries), deterministic.',
