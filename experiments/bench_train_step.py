@@ -9,6 +9,16 @@ step measured in the same process, plus the ratios the README reports.
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries
 of the step), which is deterministic.
 
+Timing: every variant is compiled and run once first (warm-up, not
+timed); then ``--rounds`` rounds each time ``--reps`` steps of every
+variant, interleaved (the order rotates from round to round, so no variant
+always runs first or right after another). A variant's time is the median
+over rounds of its mean step time in a round, printed with the spread
+(min-max over rounds); a ratio to float is the median over rounds of the
+ratio measured within the same round, with its min-max. The machine's load
+average before and after the timing is printed: on shared cores the
+spread, not only the median, says how far the ratios can be trusted.
+
 Export: the uniform QAT (w8a8, w4a4) and FracBits (weights) models are
 frozen to integer codes, bit-packed and written (``fracq.export.export_model``)
 at their initial quantizer state (FracBits hard-assigned under its budget);
@@ -23,6 +33,7 @@ untrained, so the structure encodings (codebook / sparse kernels, see
 disk / theoretical" below 1 means they did; the bytes they saved are listed.
 
   python experiments/bench_train_step.py [--model resnet20] [--batch 128]
+      [--rounds 5] [--reps 5] [--half_precision]
       [--json experiments/results/bench_train_step.json] [--skip_export]
 """
 
@@ -102,28 +113,70 @@ def make_step(wrapper, x, y):
   jitted = jax.jit(step)
   args = (trainable, state, opt, x, y)
   compiled = jitted.lower(*args).compile()
+  return compiled, args, memory(compiled)
+
+
+def memory(compiled) -> dict:
+  """XLA's compiled memory statistics of a step, in bytes: ``peak`` is
+  arguments + outputs + temporaries (NaN where the backend has none)."""
   mem = compiled.memory_analysis()
-  peak = (
-    (
-      mem.argument_size_in_bytes
-      + mem.output_size_in_bytes
-      + mem.temp_size_in_bytes
-    )
-    if mem is not None
-    else float('nan')
-  )
-  return compiled, args, peak
+  if mem is None:
+    return {'peak': float('nan')}
+  parts = {
+    'arguments': mem.argument_size_in_bytes,
+    'outputs': mem.output_size_in_bytes,
+    'temporaries': mem.temp_size_in_bytes,
+  }
+  return {'peak': sum(parts.values()), **parts}
 
 
-def time_step(compiled, args, reps):
-  out = compiled(*args)
-  jax.block_until_ready(out)
-  times = []
+def run_steps(compiled, args, reps: int) -> float:
+  """Mean seconds per step over ``reps`` steps."""
+  t = time.perf_counter()
   for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+    out = compiled(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / reps
+
+
+def time_interleaved(steps: dict, rounds: int, reps: int) -> dict:
+  """Per variant, its mean step time in each of ``rounds`` rounds.
+
+  ``steps`` maps a name to ``(compiled, args)``. Each is run once first
+  (warm-up, not timed); then every round times ``reps`` steps of each
+  variant, starting one variant later than the round before.
+  """
+  names = list(steps)
+  for name in names:
+    jax.block_until_ready(steps[name][0](*steps[name][1]))
+  times = {name: [] for name in names}
+  for r in range(rounds):
+    shift = r % len(names)
+    for name in names[shift:] + names[:shift]:
+      times[name].append(run_steps(*steps[name], reps))
+  return times
+
+
+def spread(values) -> dict:
+  """Median, min and max of ``values``."""
+  values = np.asarray(values, np.float64)
+  return {
+    'median': float(np.median(values)),
+    'min': float(values.min()),
+    'max': float(values.max()),
+  }
+
+
+def ratio(times: dict, name: str, base: str) -> dict:
+  """The per-round ratios ``name / base`` summarised by :func:`spread`."""
+  return spread(np.asarray(times[name]) / np.asarray(times[base]))
+
+
+def _fmt(s: dict, scale: float = 1.0, digits: int = 2) -> str:
+  return (
+    f'{scale * s["median"]:.{digits}f} '
+    f'({scale * s["min"]:.{digits}f}-{scale * s["max"]:.{digits}f})'
+  )
 
 
 def export_sizes(qmodel, sample, hard_step=None):
@@ -169,7 +222,17 @@ def main():
   p.add_argument('--model', default='resnet20')
   p.add_argument('--batch', type=int, default=128)
   p.add_argument('--size', type=int, default=32)
-  p.add_argument('--reps', type=int, default=10)
+  p.add_argument(
+    '--reps', type=int, default=5, help='steps per variant and round'
+  )
+  p.add_argument(
+    '--rounds', type=int, default=5, help='interleaved timing rounds'
+  )
+  p.add_argument(
+    '--half_precision',
+    action='store_true',
+    help="build the model in bfloat16 (the configs' half_precision)",
+  )
   p.add_argument('--json', default='')
   p.add_argument('--skip_qwix', action='store_true')
   p.add_argument(
@@ -178,7 +241,9 @@ def main():
     help='do not time the export or measure artifact sizes',
   )
   a = p.parse_args()
-  module = models.get_model(a.model)
+  module = models.get_model(
+    a.model, **({'dtype': jnp.bfloat16} if a.half_precision else {})
+  )
   x = jax.random.normal(jax.random.key(1), (a.batch, a.size, a.size, 3))
   y = jax.random.randint(jax.random.key(2), (a.batch,), 0, 10)
   sample = x[:1]
@@ -208,65 +273,82 @@ def main():
   if not a.skip_qwix:
     variants['qwix QAT w8a8'] = lambda: _Qwix(module, 8)
     variants['qwix QAT w4a4'] = lambda: _Qwix(module, 4)
-  results, failed = {}, {}
+  results, failed, steps = {}, {}, {}
   for name, build in variants.items():
     try:
-      compiled, args, peak = make_step(build(), x, y)
+      compiled, args, mem = make_step(build(), x, y)
     except Exception as e:  # pylint: disable=broad-except
       # e.g. qwix's int4 convolution does not compile on the XLA CPU backend.
       failed[name] = f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'
       continue
-    results[name] = {
-      'step_s': time_step(compiled, args, a.reps),
-      'peak_bytes': peak,
-    }
-  # Re-time float last too and keep the faster: the baseline must not be
-  # flattered by warm-up order.
-  compiled, args, _ = make_step(PlainModel(module), x, y)
-  results['float']['step_s'] = min(
-    results['float']['step_s'], time_step(compiled, args, a.reps)
-  )
-  f = results['float']
+    steps[name] = (compiled, args)
+    results[name] = {'memory_bytes': mem, 'peak_bytes': mem['peak']}
+  load_before = os.getloadavg()
+  times = time_interleaved(steps, a.rounds, a.reps)
+  load_after = os.getloadavg()
+  for name, r in results.items():
+    r['round_step_s'] = times[name]
+    r['step_s'] = spread(times[name])
+    r['vs_float'] = ratio(times, name, 'float')
+    r['peak_vs_float'] = r['peak_bytes'] / results['float']['peak_bytes']
   device = jax.devices()[0]
   lines = [
     f'model {a.model}, batch {a.batch}x{a.size}x{a.size}x3, device '
     f'{device.platform} ({device.device_kind}), {platform.machine()}, '
-    f'jax {jax.__version__}',
-    '| variant | step ms | vs float | peak MB | peak vs float |',
-    '|---|---|---|---|---|',
+    f'jax {jax.__version__}, '
+    f'{"bfloat16" if a.half_precision else "float32"} model; '
+    f'{a.rounds} interleaved rounds of {a.reps} '
+    'steps per variant after one warm-up step; load average (1 min) '
+    f'{load_before[0]:.2f} before, {load_after[0]:.2f} after the timing on '
+    f'{os.cpu_count()} CPUs.',
+    '',
+    *(
+      [
+        'The machine was shared (load average above half its CPUs): step '
+        'times are noisy, read the spreads; peak memory is unaffected.',
+        '',
+      ]
+      if max(load_before[0], load_after[0]) > 0.5 * (os.cpu_count() or 1)
+      else []
+    ),
+    'Step time: median over rounds (min-max); ratios are per round, to the '
+    'float step of the same round. Peak memory: XLA compiled statistics '
+    '(arguments + outputs + temporaries), deterministic.',
+    '',
+    '| variant | step ms | vs float | peak MB | peak vs float | '
+    'temporaries MB |',
+    '|---|---|---|---|---|---|',
   ]
   for name, r in results.items():
     lines.append(
-      f'| {name} | {1e3 * r["step_s"]:.1f} | '
-      f'{r["step_s"] / f["step_s"]:.2f}x | '
-      f'{r["peak_bytes"] / 2**20:.1f} | '
-      f'{r["peak_bytes"] / f["peak_bytes"]:.2f}x |'
+      f'| {name} | {_fmt(r["step_s"], 1e3, 1)} | {_fmt(r["vs_float"])}x | '
+      f'{r["peak_bytes"] / 2**20:.1f} | {r["peak_vs_float"]:.2f}x | '
+      f'{r["memory_bytes"].get("temporaries", float("nan")) / 2**20:.1f} |'
     )
   for name, why in failed.items():
-    lines.append(f'| {name} | failed | - | - | - |')
-  ratio = lambda a_, b_: results[a_]['step_s'] / results[b_]['step_s']
+    lines.append(f'| {name} | failed | - | - | - | - |')
+  pairs = [
+    ('fracq uniform-QAT w8a8 / float', 'fracq uniform w8a8', 'float'),
+    ('FracBits (weights) / float', 'FracBits weights', 'float'),
+    (
+      'FracBits (weights) / uniform QAT w4a8-equivalent (w8a8 rules)',
+      'FracBits weights',
+      'fracq uniform w8a8',
+    ),
+    (
+      'FracBits (weights+acts) / uniform QAT w4a4',
+      'FracBits weights+acts',
+      'fracq uniform w4a4',
+    ),
+    ('fracq / qwix, w8a8', 'fracq uniform w8a8', 'qwix QAT w8a8'),
+    ('fracq / qwix, w4a4', 'fracq uniform w4a4', 'qwix QAT w4a4'),
+  ]
+  ratios = {}
   lines.append('')
-  lines.append(
-    f'fracq uniform-QAT w8a8 / float: '
-    f'{ratio("fracq uniform w8a8", "float"):.2f}x'
-  )
-  lines.append(
-    f'FracBits (weights) / float: {ratio("FracBits weights", "float"):.2f}x'
-  )
-  lines.append(
-    f'FracBits (weights) / uniform QAT w4a8-equivalent '
-    f'(w8a8 rules): {ratio("FracBits weights", "fracq uniform w8a8"):.2f}x'
-  )
-  lines.append(
-    f'FracBits (weights+acts) / uniform QAT w4a4: '
-    f'{ratio("FracBits weights+acts", "fracq uniform w4a4"):.2f}x'
-  )
-  for bits in ('w8a8', 'w4a4'):
-    if f'qwix QAT {bits}' in results:
-      lines.append(
-        f'fracq / qwix, {bits}: '
-        f'{ratio(f"fracq uniform {bits}", f"qwix QAT {bits}"):.2f}x'
-      )
+  for label, name, base in pairs:
+    if name in times and base in times:
+      ratios[label] = ratio(times, name, base)
+      lines.append(f'{label}: {_fmt(ratios[label])}x')
   for name, why in failed.items():
     lines.append(f'{name} failed: {why}')
   exports = {}
@@ -326,7 +408,10 @@ def main():
       {
         'args': vars(a),
         'device': str(device),
+        'load_average_before': list(load_before),
+        'load_average_after': list(load_after),
         'results': results,
+        'ratios': ratios,
         'export': exports,
         'failed': failed,
       },

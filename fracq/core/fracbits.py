@@ -267,25 +267,39 @@ def dorefa_branch(w, k):
 # -- fused range quantizer ---------------------------------------------------
 
 
-def _fused_parts(x, r, b, signed, zero_branch):
-  ra = jnp.abs(r)
-  u = x / ra
+def _grid_parts(r, b, signed, zero_branch):
+  """The per-range and per-bit-width parts of the fused quantizer (shaped
+  like ``r`` and ``b``, not like ``x``): ``(|r|, frac, q_lo, q_hi,
+  pruned)``."""
   k_lo, k_hi, f, pruned = _bracket(b, 2 if signed else 1, zero_branch)
+  # k_lo is never below the smallest non-zero grid, so both level counts are
+  # positive (a signed 1-bit grid would have none).
+  q_lo = uniform.top_code(k_lo, signed=signed)
+  q_hi = uniform.top_code(k_hi, signed=signed)
+  return jnp.abs(r), f, q_lo, q_hi, pruned
+
+
+def _element_parts(x, ra, q_lo, q_hi, pruned, signed):
+  """The elementwise parts: ``(u, inside, c_lo, c_hi)`` with ``u = x / |r|``
+  and ``c_k`` the normalised ``k``-bit codes."""
+  u = x / ra
   if signed:
     uc = jnp.clip(u, -1.0, 1.0)
     inside = jnp.abs(u) <= 1.0
   else:
     uc = jnp.clip(u, 0.0, 1.0)
     inside = (u >= 0.0) & (u <= 1.0)
-  # k_lo is never below the smallest non-zero grid, so both level counts are
-  # positive (a signed 1-bit grid would have none).
-  q_lo = uniform.top_code(k_lo, signed=signed)
-  q_hi = uniform.top_code(k_hi, signed=signed)
   c_hi = jnp.round(uc * q_hi) / q_hi
   c_lo = jnp.round(uc * q_lo) / q_lo
   if pruned is not None:
     c_lo = jnp.where(pruned, 0.0, c_lo)
-  return ra, u, f, inside, c_lo, c_hi, pruned
+  return u, inside, c_lo, c_hi
+
+
+def _fused_value(x, r, b, signed, zero_branch):
+  ra, f, q_lo, q_hi, pruned = _grid_parts(r, b, signed, zero_branch)
+  _, _, c_lo, c_hi = _element_parts(x, ra, q_lo, q_hi, pruned, signed)
+  return ra * (c_lo + f * (c_hi - c_lo))
 
 
 def _make_fused(signed: bool, zero_branch: bool):
@@ -293,19 +307,28 @@ def _make_fused(signed: bool, zero_branch: bool):
 
   @jax.custom_vjp
   def fused(x, r, b):
-    ra, _, f, _, c_lo, c_hi, _ = _fused_parts(x, r, b, signed, zero_branch)
-    return ra * (c_lo + f * (c_hi - c_lo))
+    return _fused_value(x, r, b, signed, zero_branch)
 
   def fwd(x, r, b):
-    ra, _, f, _, c_lo, c_hi, _ = _fused_parts(x, r, b, signed, zero_branch)
     # Only the inputs are kept: the backward pass recomputes the cheap
     # elementwise parts instead of holding four tensors per quantizer.
-    return ra * (c_lo + f * (c_hi - c_lo)), (x, r, b)
+    return _fused_value(x, r, b, signed, zero_branch), (x, r, b)
 
   def bwd(res, g):
     x, r, b = res
-    ra, u, f, inside, c_lo, c_hi, pruned = _fused_parts(
-      x, r, b, signed, zero_branch
+    # The forward pass's intermediates must not be kept alive until here:
+    # the recomputation starts from distinct copies of r and b (see
+    # learned.distinct_copy), and the per-range parts are broadcast to x's
+    # shape before they meet x, so that the compiler merges none of the
+    # elementwise expressions below with the forward's. Same values.
+    ra, f, q_lo, q_hi, pruned = _grid_parts(
+      learned.distinct_copy(r), learned.distinct_copy(b), signed, zero_branch
+    )
+    full = lambda a: jnp.broadcast_to(a, x.shape)
+    ra, f = full(ra), full(f)
+    pruned = None if pruned is None else full(pruned)
+    u, inside, c_lo, c_hi = _element_parts(
+      x, ra, full(q_lo), full(q_hi), pruned, signed
     )
     if signed:
       out_val = jnp.sign(u)

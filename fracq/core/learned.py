@@ -99,6 +99,20 @@ def lsq_quantize(x, step, qmin, qmax, *, grad_scale: float = 1.0):
   ).astype(dtype)
 
 
+def distinct_copy(v):
+  """``v`` bit for bit, built so that the compiler cannot recognise it as
+  ``v``.
+
+  A backward pass that recomputes an elementwise expression of a residual
+  (``x / s``) from ``distinct_copy(s)`` is not merged with the forward
+  pass's ``x / s`` by common-subexpression elimination, which would keep the
+  forward's full-size intermediate alive until the backward pass (the memory
+  the recomputation is meant to save). Meant for the small parameters
+  (scales, ranges, bits), not for activations.
+  """
+  return jnp.copysign(jnp.abs(v), v)
+
+
 def sum_to(g, shape):
   """Sums a broadcast gradient back to ``shape`` (numpy broadcasting)."""
   shape = tuple(shape)
@@ -124,7 +138,9 @@ def _lsq_fwd(x, s, qmin, qmax, grad_scale):
 
 def _lsq_bwd(grad_scale, res, g):
   x, s, qmin, qmax = res
-  v = x / s
+  # From a distinct copy of s: the forward's x / s is not kept alive for
+  # this (see distinct_copy).
+  v = x / distinct_copy(s)
   inside = (v >= qmin) & (v <= qmax)
   gx = jnp.where(inside, g, 0.0)
   per = jnp.where(inside, jnp.round(v) - v, jnp.clip(v, qmin, qmax))
