@@ -106,7 +106,7 @@ JOBS = {
     '~3 min on 2 CPU cores',
   ),
   'bench_train_step': (
-    _bench('resnet20', 128, 32, 5, 'bench_train_step'),
+    _bench('resnet20', 128, 32, 3, 'bench_train_step') + ['--rounds', '5'],
     False,
     'bench_train_step.{md,json}',
     '~5 min on 2 CPU cores',
