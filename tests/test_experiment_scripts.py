@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import _runner
+import lm_bits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -347,3 +348,49 @@ def test_tradeoff_plot_spreads_equal_sizes_and_draws_seed_ranges(
   assert spans == [(98.0, 99.2), (99.0, 100.0)], spans
   assert 'KiB' in ax.get_xlabel() and '%' in ax.get_ylabel()
   plt.close(shown[0])
+
+
+def _lm_row(method, budget, seed, bpb, bits, variant=''):
+  layers = {f'block_{d}/{k}': bits(d, k) for d in (0, 1) for k in lm_bits.KINDS}
+  return {
+    'method': method,
+    'budget_bits': budget,
+    'variant': variant,
+    'seed': seed,
+    'val_bits_per_byte': bpb,
+    'bits': {'embed': 8, **layers} if method != 'float' else {},
+    'fractional_bits': None,
+  }
+
+
+def test_lm_bits_separation_and_allocation_verdicts():
+  uniform3 = lambda d, k: 3  # noqa: E731
+  # Attention at 5 bits, MLP at 2: a non-uniform allocation.
+  skewed = lambda d, k: 2 if k.startswith('mlp') else 5  # noqa: E731
+  rows = [
+    _lm_row('uniform', 3, s, v, uniform3)
+    for s, v in enumerate([2.47, 2.48, 2.49])
+  ]
+  rows += [
+    _lm_row('fracbits', 3, s, v, uniform3)
+    for s, v in enumerate([2.475, 2.485, 2.47])
+  ]
+  rows += [
+    _lm_row('hawq', 3, s, v, skewed) for s, v in enumerate([2.60, 2.61, 2.62])
+  ]
+  note = lm_bits.separation(rows, 3)
+  # FracBits: 0.0033 apart, within the widest seed range 0.02.
+  assert (
+    'FracBits, 3-bit size budget: +0.0033 bits/byte vs uniform QAT (not '
+    'separable from uniform: widest seed range 0.0200); integer allocation '
+    'non-uniform in 0 of 3 seeds.'
+  ) in note
+  # HAWQ: 0.13 worse, beyond the ranges; its allocation is not uniform.
+  assert (
+    'HAWQ + QAT, 3-bit size budget: -0.1300 bits/byte vs uniform QAT (worse '
+    'than uniform: widest seed range 0.0200); integer allocation non-uniform '
+    'in 3 of 3 seeds.'
+  ) in note
+  depths, grid = lm_bits._layer_grid(rows[-1]['bits'])
+  assert depths == [0, 1] and grid[:, :4].tolist() == [[5] * 4] * 2
+  assert grid[:, 4:].tolist() == [[2, 2], [2, 2]]
