@@ -449,8 +449,10 @@ def plot_bitmap(rows, budgets, path):
   cols = min(3, len(panels))
   nrows = -(-len(panels) // cols)
   fig, axes = plt.subplots(
-    nrows, cols, figsize=(4.4 * cols, 3.3 * nrows + 0.4), squeeze=False
+    nrows, cols, figsize=(4.6 * cols, 4.2 * nrows), squeeze=False
   )
+  # Room for each panel's rotated layer names above the next row's title.
+  fig.subplots_adjust(hspace=0.75, wspace=0.35)
   image = None
   for ax, (method, budget, variant) in zip(axes.flat, panels):
     rs = [r for r in _select(rows, method, budget, variant) if r['bits']]
