@@ -347,6 +347,16 @@ def table(payload) -> str:
     '"s": wall seconds of the run (HAWQ: its search included) on a 2-core '
     'machine shared with other work: read them as upper bounds.',
     '',
+  ]
+  runs = payload.get('provenance')
+  if runs:
+    # A table redrawn with --render names the run that measured the rows.
+    lines += [
+      f'Rows measured by `{runs["command"]}` at commit `{runs["commit"]}` '
+      f'({runs["written_utc"]}).',
+      '',
+    ]
+  lines += [
     '| setting | val bits/byte (mean) | min-max | seeds | artifact KiB | '
     'vs INT8 | mean bits | s |',
     '|---|---|---|---|---|---|---|---|',
