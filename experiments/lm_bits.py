@@ -260,8 +260,9 @@ def separation(rows, budget) -> str:
     )
     nonuniform = sum(not _is_uniform(r['bits']) for r in rs)
     parts.append(
-      f'{_label(method, budget, variant)}: {diff:+.4f} bits/byte vs uniform '
-      f'QAT ({verdict}: widest seed range {widest:.4f}); integer allocation '
+      f'{_label(method, budget, variant)}: mean {-diff:+.4f} bits/byte '
+      f'against uniform QAT (lower is better; {verdict}: widest seed range '
+      f'{widest:.4f}); integer allocation '
       f'non-uniform in {nonuniform} of {len(rs)} seeds.'
     )
   return '\n'.join(f'- {p}' for p in parts)

@@ -381,14 +381,16 @@ def test_lm_bits_separation_and_allocation_verdicts():
   note = lm_bits.separation(rows, 3)
   # FracBits: 0.0033 apart, within the widest seed range 0.02.
   assert (
-    'FracBits, 3-bit size budget: +0.0033 bits/byte vs uniform QAT (not '
-    'separable from uniform: widest seed range 0.0200); integer allocation '
+    'FracBits, 3-bit size budget: mean -0.0033 bits/byte against uniform '
+    'QAT (lower is better; not separable from uniform: widest seed range '
+    '0.0200); integer allocation '
     'non-uniform in 0 of 3 seeds.'
   ) in note
   # HAWQ: 0.13 worse, beyond the ranges; its allocation is not uniform.
   assert (
-    'HAWQ + QAT, 3-bit size budget: -0.1300 bits/byte vs uniform QAT (worse '
-    'than uniform: widest seed range 0.0200); integer allocation non-uniform '
+    'HAWQ + QAT, 3-bit size budget: mean +0.1300 bits/byte against uniform '
+    'QAT (lower is better; worse than uniform: widest seed range 0.0200); '
+    'integer allocation non-uniform '
     'in 3 of 3 seeds.'
   ) in note
   depths, grid = lm_bits._layer_grid(rows[-1]['bits'])
