@@ -146,7 +146,7 @@ def text_quant(
   c,
   method: str,
   *,
-  steps: int = 300,
+  steps: int = 150,
   group: int = 0,
   budget: dict | None = None,
   **fields,

@@ -18,8 +18,10 @@ cores shared with other work, so they vary by about 2x): digits_pcqat
 trains the float starts and its 7 rows (~20 min), digits_tradeoff the 10
 other quantized points (~35 min), digits_fracbits_vs_uniform then reuses
 every run (~1 min), hawq_vs_fracbits trains only HAWQ (~8 min); about 75
-min in all with the F8Net check and the CPU benchmark. A second call at the
-same commit reuses every cached run (minutes in all) unless ``--fresh``.
+min in all with the F8Net check and the CPU benchmark, plus about 2 h for
+lm_bits (the byte-level LM: its own float start and 39 fine-tuning runs).
+A second call at the same commit reuses every cached run (minutes in all)
+unless ``--fresh``.
 The ResNet-18/50 ImageNet-shape benchmarks need a GPU: where JAX's backend
 is the CPU they are skipped and listed as such (also when named with
 ``--only``: their CPU timings would mean nothing and take hours).
@@ -97,7 +99,7 @@ JOBS = {
     ['experiments/lm_bits.py', '--seeds', '0,1,2'],
     False,
     'lm_bits.{md,json} and lm_bits_{bitmap,pareto}.png',
-    '~75-100 min on 2 idle CPU cores (40 runs of the byte-level LM)',
+    '~2 h on 2 CPU cores (a float LM and 39 fine-tuning runs of 3-8 min)',
   ),
   'f8net_integer_imagenet': (
     ['experiments/f8net_integer_imagenet.py'],

@@ -140,6 +140,7 @@ def test_readme_numbers_match_their_result_files():
     'digits_pcqat',
     'bench_train_step',
     'published_imagenet',
+    'lm_bits',
   ):
     assert f'experiments/results/{name}.json' in named, name
   assert (
