@@ -192,29 +192,53 @@ class _PromoteHook:
 
   def __call__(self, *arrays, dtype=None, **kwargs):
     promoted = self.orig(*arrays, dtype=dtype, **kwargs)
-    lookup = len(promoted) == 1  # an Embed lookup: the table alone
-    if lookup:
-      inputs, kernel, rest = None, promoted[0], []
-    else:
-      inputs, kernel, *rest = promoted
-    site = self.site
-    site.kernel_shape = tuple(kernel.shape)
-    if inputs is not None:
-      site.in_shape = tuple(inputs.shape)
-    site.out_axes = facts_lib.kernel_out_axes(
-      site.layer_type,
-      kernel.ndim,
-      n_features=_n_features(site.module),
-      transpose_kernel=getattr(site.module, 'transpose_kernel', False),
-      einsum_str=_einsum_str(site.module),
+    module = self.site.module
+    return transform_promoted(
+      self.site,
+      promoted,
+      self.transform,
+      n_features=_n_features(module),
+      transpose_kernel=getattr(module, 'transpose_kernel', False),
+      einsum_str=_einsum_str(module),
     )
-    if self.transform is None:
-      return promoted
-    bias = rest[0] if rest else None
-    inputs, kernel, bias = self.transform(inputs, kernel, bias)
-    if lookup:
-      return (kernel,)
-    return (inputs, kernel, bias, *rest[1:]) if rest else (inputs, kernel)
+
+
+def transform_promoted(
+  site: Site,
+  promoted: Sequence[jax.Array],
+  transform: Transform | None,
+  *,
+  n_features: int,
+  transpose_kernel: bool,
+  einsum_str: str | None,
+) -> tuple:
+  """What a layer's ``promote_dtype`` hands back under interception: the
+  promoted ``(inputs, kernel[, bias, ...])`` (an ``Embed`` lookup: the
+  table alone) with the kernel layout recorded on ``site`` and ``transform``
+  applied to the input, kernel and bias. Shared by the linen and NNX
+  front ends."""
+  lookup = len(promoted) == 1  # an Embed lookup: the table alone
+  if lookup:
+    inputs, kernel, rest = None, promoted[0], []
+  else:
+    inputs, kernel, *rest = promoted
+  site.kernel_shape = tuple(kernel.shape)
+  if inputs is not None:
+    site.in_shape = tuple(inputs.shape)
+  site.out_axes = facts_lib.kernel_out_axes(
+    site.layer_type,
+    kernel.ndim,
+    n_features=n_features,
+    transpose_kernel=transpose_kernel,
+    einsum_str=einsum_str,
+  )
+  if transform is None:
+    return promoted
+  bias = rest[0] if rest else None
+  inputs, kernel, bias = transform(inputs, kernel, bias)
+  if lookup:
+    return (kernel,)
+  return (inputs, kernel, bias, *rest[1:]) if rest else (inputs, kernel)
 
 
 def _transforms_kernels(provider) -> bool:

@@ -51,7 +51,7 @@ from fracq.interception import Rule
 from fracq.interception import Site
 from fracq.interception import count_macs
 from fracq.interception import per_tensor_transform
-from fracq.interception.facts import kernel_out_axes
+from fracq.interception.interceptor import transform_promoted
 from fracq.methods import providers
 from fracq.methods.common import STATE
 from fracq.nnx.variables import variable_type
@@ -223,29 +223,15 @@ class _PromoteHook:
 
   def __call__(self, arrays, /, *, dtype=None, **kwargs):
     promoted = tuple(self.orig(arrays, dtype=dtype, **kwargs))
-    lookup = len(promoted) == 1  # an Embed lookup: the table alone
-    if lookup:
-      inputs, kernel, rest = None, promoted[0], ()
-    else:
-      inputs, kernel, *rest = promoted
-    site = self.site
-    site.kernel_shape = tuple(kernel.shape)
-    if inputs is not None:
-      site.in_shape = tuple(inputs.shape)
-    site.out_axes = kernel_out_axes(
-      site.layer_type,
-      kernel.ndim,
-      n_features=_n_features(site.module),
-      transpose_kernel=bool(getattr(site.module, 'transpose_kernel', False)),
+    module = self.site.module
+    return transform_promoted(
+      self.site,
+      promoted,
+      self.transform,
+      n_features=_n_features(module),
+      transpose_kernel=bool(getattr(module, 'transpose_kernel', False)),
       einsum_str=self.einsum_str,
     )
-    if self.transform is None:
-      return promoted
-    bias = rest[0] if rest else None
-    inputs, kernel, bias = self.transform(inputs, kernel, bias)
-    if lookup:
-      return (kernel,)
-    return (inputs, kernel, bias, *rest[1:]) if rest else (inputs, kernel)
 
 
 def _in_shape(args, kwargs) -> tuple[int, ...]:
