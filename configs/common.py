@@ -148,6 +148,7 @@ def text_quant(
   *,
   steps: int = 150,
   group: int = 0,
+  attention: int = 0,
   budget: dict | None = None,
   **fields,
 ) -> ml_collections.ConfigDict:
@@ -156,7 +157,9 @@ def text_quant(
   (cosine, no warmup); LSQ ranges, 8-bit activations (every Dense input),
   the byte embedding (also the tied output head) weight-only at 8 bits per
   row and an untied ``head`` at 8 bits; ``group`` > 0: group-wise kernel
-  scales (``group`` input features per scale) instead of per channel.
+  scales (``group`` input features per scale) instead of per channel;
+  ``attention`` > 0: the attention matmuls ``q . k^T`` and ``probs . v``
+  quantized at ``attention`` bits (LSQ, per tensor; 0: float).
   ``fields`` go to the method's block (``config.quant.<method>``),
   ``budget`` to ``config.quant.budget``."""
   c.num_train_steps = steps
@@ -169,6 +172,9 @@ def text_quant(
   q.layers.embed = r'^embed$'
   if not c.model_kwargs.get('tie_embeddings', True):
     q.layers.fixed = r'^head$'
+  if attention:
+    q.layers.attention = r'attn$'
+    q.layers.attention_bits = attention
   block = q[method]
   block.weight_range = 'lsq'
   block.act_range = 'lsq'

@@ -19,6 +19,7 @@ from fracq.export.freeze import dequantized_kernels
 from fracq.export.freeze import export_model
 from fracq.export.freeze import fake_quant_kernels
 from fracq.export.freeze import freeze
+from fracq.export.freeze import freeze_attention
 from fracq.export.freeze import freeze_inputs
 from fracq.export.integer_export import export_integer
 from fracq.export import lowering
@@ -48,6 +49,7 @@ __all__ = [
   'export_onnx',
   'fake_quant_kernels',
   'freeze',
+  'freeze_attention',
   'freeze_inputs',
   'integer_forward',
   'is_graph',

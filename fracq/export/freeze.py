@@ -237,29 +237,55 @@ def freeze_inputs(qmodel, variables) -> dict[str, dict]:
   """
   out = {}
   for path, f in qmodel.facts.items():
+    if f.rule_index is None:  # a layer no rule matched: float
+      continue
     spec = qmodel.rules[f.rule_index].act
     if spec is None or qmodel.rules[f.rule_index].keep_float:
       continue
     signed = _act_signed(qmodel, path, spec)
     tensor = _tensor(qmodel, variables, path, 'input', spec, signed, -1)
-    frozen = quantizers.for_spec(spec).freeze(tensor)
-    entry = {
-      'signed': bool(frozen.signed),
-      'range_method': spec.range_method,
-      'granularity': spec.granularity,
-    }
-    entry.update({key: _list(v) for key, v in (frozen.extras or {}).items()})
-    entry.update(
-      bits=int(frozen.bits),
-      qmin=int(frozen.qmin),
-      qmax=int(frozen.qmax),
-      scale=_list(frozen.scale),
-    )
-    if np.any(np.asarray(frozen.zero_point) != 0):
-      entry['zero_point'] = _list(frozen.zero_point)
-    if np.any(np.asarray(frozen.offset) != 0):
-      entry['offset'] = _list(frozen.offset)
-    out[path] = entry
+    out[path] = _input_entry(spec, quantizers.for_spec(spec), tensor)
+  return out
+
+
+def _input_entry(spec, quantizer, tensor) -> dict:
+  """The JSON entry of one activation tensor quantized at run time."""
+  frozen = quantizer.freeze(tensor)
+  entry = {
+    'signed': bool(frozen.signed),
+    'range_method': spec.range_method,
+    'granularity': spec.granularity,
+  }
+  entry.update({key: _list(v) for key, v in (frozen.extras or {}).items()})
+  entry.update(
+    bits=int(frozen.bits),
+    qmin=int(frozen.qmin),
+    qmax=int(frozen.qmax),
+    scale=_list(frozen.scale),
+  )
+  if np.any(np.asarray(frozen.zero_point) != 0):
+    entry['zero_point'] = _list(frozen.zero_point)
+  if np.any(np.asarray(frozen.offset) != 0):
+    entry['offset'] = _list(frozen.offset)
+  return entry
+
+
+def freeze_attention(qmodel, variables) -> dict[str, dict]:
+  """How the operands of every quantized attention matmul are quantized,
+  as plain JSON values: per attention module path and operand (``query``,
+  ``key``, ``probs``, ``value``), the entry :func:`freeze_inputs` gives a
+  layer input (bits, sign, grid, affine map, trained range parameter)."""
+  out = {}
+  for path, f in getattr(qmodel, 'attention_facts', {}).items():
+    spec = qmodel.rules[f.rule_index].attention
+    if not f.quantized or spec is None:
+      continue
+    entries = {}
+    for operand in ('query', 'key', 'probs', 'value'):
+      signed = operand != 'probs'
+      tensor = _tensor(qmodel, variables, path, operand, spec, signed, -1)
+      entries[operand] = _input_entry(spec, quantizers.for_spec(spec), tensor)
+    out[path] = entries
   return out
 
 
@@ -420,6 +446,11 @@ def export_model(
   # The activation side of the quantized model: every quantized input's
   # bits, sign and scale / range.
   meta['inputs'] = freeze_inputs(qmodel, variables)
+  # The operands of quantized attention matmuls (only when there are some:
+  # other artifacts keep their manifest).
+  attention = freeze_attention(qmodel, variables)
+  if attention:
+    meta['attention'] = attention
   encodings = {}
   size = artifact.write_artifact(
     path,
@@ -441,11 +472,13 @@ def export_model(
     else float(fl.bits) * fl.codes.size
     for fl in frozen.values()
   )
-  # The inputs' scales (and zero points / offsets) are scales of the model
-  # too, stored as float32 values in the manifest.
+  # The inputs' and attention operands' scales (and zero points / offsets)
+  # are scales of the model too, stored as float32 values in the manifest.
+  runtime = list(meta['inputs'].values())
+  runtime += [e for entries in attention.values() for e in entries.values()]
   input_scales = sum(
     len(e.get(k, ()))
-    for e in meta['inputs'].values()
+    for e in runtime
     for k in ('scale', 'zero_point', 'offset')
   )
   theoretical = (

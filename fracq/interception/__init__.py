@@ -1,5 +1,6 @@
 """Layer 2: apply quantization rules to unmodified Flax models."""
 
+from fracq.interception.facts import AttentionFacts
 from fracq.interception.facts import LayerFacts
 from fracq.interception.facts import count_macs
 from fracq.interception.facts import format_facts_table
@@ -12,6 +13,7 @@ from fracq.interception.interceptor import check_unused_rules
 from fracq.interception.interceptor import layer_type_of
 from fracq.interception.interceptor import per_tensor_transform
 from fracq.interception.interceptor import weight_name
+from fracq.interception.rules import ATTENTION
 from fracq.interception.rules import MethodSpec
 from fracq.interception.rules import Rule
 from fracq.interception.rules import OPT_IN_LAYER_TYPES
@@ -21,6 +23,8 @@ from fracq.interception.rules import match_rule
 from fracq.interception.rules import validate_rules
 
 __all__ = [
+  'ATTENTION',
+  'AttentionFacts',
   'LayerCall',
   'LayerFacts',
   'MethodSpec',

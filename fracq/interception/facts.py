@@ -58,6 +58,47 @@ class LayerFacts:
     return math.prod(self.kernel_shape[a] for a in self.out_axes)
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionFacts:
+  """One attention module (``nn.MultiHeadDotProductAttention``) a rule
+  matched: the shapes and cost of its two activation-activation matmuls.
+
+  Kept apart from the layers' :class:`LayerFacts` (an attention module has
+  no kernel of its own: its projections are layers).
+
+  Attributes:
+    path: module path, e.g. ``'block_0/attn'``.
+    rule: label of the rule that matched.
+    rule_index: index of that rule in the rule list.
+    quantized: whether its matmul operands are fake-quantized.
+    query_shape, key_shape, value_shape: the operands' shapes, ``(batch...,
+      length, heads, head_dim)`` (empty when not quantized: not seen).
+    macs: multiply-accumulates per example of ``q . k^T`` and ``probs . v``
+      (0 when not quantized).
+    calls: how many times the module ran in one forward pass.
+  """
+
+  path: str
+  rule: str
+  rule_index: int
+  quantized: bool
+  query_shape: tuple[int, ...] = ()
+  key_shape: tuple[int, ...] = ()
+  value_shape: tuple[int, ...] = ()
+  macs: int = 0
+  calls: int = 1
+
+
+def attention_macs(query_shape, key_shape, value_shape) -> int:
+  """MACs per example of ``q . k^T`` and ``probs . v`` on operands of
+  shape ``(batch, ..., length, heads, head_dim)``: ``heads * q_len * kv_len
+  * (qk_depth + v_depth)`` times the inner batch axes."""
+  *batch, q_len, heads, depth = query_shape
+  kv_len = key_shape[-3]
+  inner = math.prod(batch[1:]) if batch else 1
+  return inner * heads * q_len * kv_len * (depth + value_shape[-1])
+
+
 def kernel_out_axes(
   layer_type: str,
   kernel_ndim: int,

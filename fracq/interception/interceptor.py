@@ -19,6 +19,16 @@ untouched; the provider's variables (scales, bit-widths, statistics) live in
 its own collections on the layer's scope, created at ``init`` and threaded
 explicitly through ``apply(..., mutable=...)``.
 
+Attention. A rule with an ``attention`` spec also matches
+``nn.MultiHeadDotProductAttention`` modules (layer type ``'Attention'``): the
+interceptor runs the module cloned onto its own scope with flax's
+``qk_attn_weights_einsum_cls`` / ``attn_weights_value_einsum_cls`` hooks set
+to einsums that first hand both operands to the provider's
+``quantize_attention`` (query and key, then probabilities and value). The
+mask, softmax and dropout are flax's own; the projections inside are
+intercepted as layers. Matched modules are recorded as
+:class:`~fracq.interception.facts.AttentionFacts`, apart from the layers.
+
 Providers and front ends. A provider sees a layer only through a
 :class:`Site` (its path, type, rule, shapes, variables and attributes) and,
 with the optional hooks, a :class:`LayerCall` (run the layer with a joint
@@ -38,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import warnings
 from typing import Any, Callable, Protocol, Sequence
 
@@ -174,6 +185,11 @@ class Provider(Protocol):
     not a supported layer (``call.kind``: ``'BatchNorm'`` or ``'module'``)
     and returns its output, usually ``call.proceed(*call.args,
     **call.kwargs)`` with the arguments it chose (module entries).
+    Attention modules whose operands are quantized are not handed to it.
+  * ``quantize_attention(site, operand, x)``: fake-quantizes one operand of
+    an attention matmul (``operand``: ``'query'``, ``'key'``, ``'probs'``
+    or ``'value'``) of a module whose rule has an ``attention`` spec;
+    without it such modules run float.
   """
 
   def quantize_kernel(self, site: Site, kernel: jax.Array) -> jax.Array: ...
@@ -400,16 +416,82 @@ class ModuleCall:
     return gamma, beta, mean, var, self.epsilon
 
 
+# The einsums of an attention module's two matmuls, as flax writes them.
+ATTENTION_OPERANDS = {
+  'qk_attn_weights_einsum_cls': ('query', 'key'),
+  'attn_weights_value_einsum_cls': ('probs', 'value'),
+}
+_EINSUM_KWARGS = ('qk_attn_weights_einsum', 'attn_weights_value_einsum')
+
+
+class _OperandEinsum:
+  """An attention module's einsum class (flax calls it with no argument and
+  uses the result as ``einsum(subscripts, lhs, rhs)``) whose einsum first
+  hands both operands to the provider's ``quantize_attention``."""
+
+  def __init__(self, owner, site: Site, operands, quantize, record):
+    self.owner = owner
+    self.site = site
+    self.operands = operands
+    self.quantize = quantize
+    self.record = record
+
+  def __call__(self):
+    def einsum(subscripts, lhs, rhs, **kwargs):
+      self.record(self.operands, lhs, rhs)
+      lhs = self.quantize(self.site, self.operands[0], lhs)
+      rhs = self.quantize(self.site, self.operands[1], rhs)
+      return jnp.einsum(subscripts, lhs, rhs, **kwargs)
+
+    return einsum
+
+
+def _check_attention_module(path: str, module) -> None:
+  """Refuses an attention module the einsum hooks cannot quantize."""
+  fix = (
+    'quantize its matmuls by hand, or leave it float (drop the attention '
+    "spec from the rule matching '{path}')."
+  ).format(path=path)
+  own = [name for name in ATTENTION_OPERANDS if getattr(module, name, None)]
+  if own:
+    raise ValueError(
+      f'{path}: the attention module sets {own} itself; fracq quantizes '
+      f'attention through these einsum hooks, so it cannot; {fix}'
+    )
+  if getattr(module, 'precision', None) is not None:
+    raise ValueError(
+      f'{path}: the attention module sets precision={module.precision!r}, '
+      "which flax's dot_product_attention refuses together with the einsum "
+      f'hooks fracq quantizes attention with; drop precision or {fix}'
+    )
+  try:
+    params = inspect.signature(module.attention_fn).parameters
+  except (TypeError, ValueError):
+    params = {}
+  if not all(name in params for name in _EINSUM_KWARGS):
+    raise ValueError(
+      f'{path}: its attention_fn does not take the einsum arguments '
+      f'{_EINSUM_KWARGS} of flax.linen.dot_product_attention, through '
+      'which fracq quantizes the q.k and probs.v matmuls; use '
+      f'nn.dot_product_attention (or accept and use those arguments), or '
+      f'{fix}'
+    )
+
+
 class _Interceptor:
   """The callable installed with ``nn.intercept_methods``."""
 
-  def __init__(self, rules, provider, recorder: dict | None):
+  def __init__(
+    self, rules, provider, recorder: dict | None, attention: dict | None = None
+  ):
     self.rules = rules
     self.provider = provider
     self.recorder = recorder
+    self.attention = attention
     self.layer_types = getattr(provider, 'layer_types', None)
     self.call_layer = getattr(provider, 'call_layer', None)
     self.call_module = getattr(provider, 'call_module', None)
+    self.quantize_attention = getattr(provider, 'quantize_attention', None)
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
@@ -419,6 +501,8 @@ class _Interceptor:
     hook = getattr(module, 'promote_dtype', None)
     if isinstance(hook, _PromoteHook) and hook.owner is self:
       return next_fun(*args, **kwargs)  # our own clone running
+    if isinstance(module, nn.MultiHeadDotProductAttention):
+      return self._attention(module, next_fun, args, kwargs)
     layer_type = layer_type_of(module)
     if layer_type is None:
       if self.call_module is None or method != '__call__':
@@ -465,6 +549,83 @@ class _Interceptor:
     if self.recorder is not None:
       self._record(site, out, rule, rule_index)
     return out
+
+  def _attention(self, module, next_fun, args, kwargs):
+    """An attention module: its matmul operands quantized when a rule with
+    an ``attention`` spec matches it (and the provider quantizes them)."""
+    einsum = getattr(module, 'qk_attn_weights_einsum_cls', None)
+    if isinstance(einsum, _OperandEinsum) and einsum.owner is self:
+      return next_fun(*args, **kwargs)  # our own clone running
+    path = '/'.join(module.path)
+    found = rules_lib.match_rule(self.rules, path, rules_lib.ATTENTION)
+    rule_index, rule = found if found else (None, None)
+    quantize = (
+      rule is not None
+      and rule.attention is not None
+      and self.quantize_attention is not None
+    )
+    if not quantize:
+      if self.call_module is None:
+        out = next_fun(*args, **kwargs)
+      else:
+        out = self.call_module(ModuleCall(module, next_fun, args, kwargs))
+      if rule is not None:
+        self._put_attention(
+          facts_lib.AttentionFacts(
+            path=path, rule=rule.label, rule_index=rule_index, quantized=False
+          )
+        )
+      return out
+    _check_attention_module(path, module)
+    shapes = {}
+
+    def record(operands, lhs, rhs):
+      shapes[operands[0]] = tuple(lhs.shape)
+      shapes[operands[1]] = tuple(rhs.shape)
+
+    site = Site(
+      path=path,
+      layer_type=rules_lib.ATTENTION,
+      rule=rule,
+      rule_index=rule_index,
+      module=module,
+      in_shape=_in_shape(args),
+    )
+    hooks = {
+      name: _OperandEinsum(
+        self, site, operands, self.quantize_attention, record
+      )
+      for name, operands in ATTENTION_OPERANDS.items()
+    }
+    clone = module.clone(parent=module.scope, **hooks)
+    site.module = clone
+    out = clone(*args, **kwargs)
+    if 'value' in shapes:
+      self._put_attention(
+        facts_lib.AttentionFacts(
+          path=path,
+          rule=rule.label,
+          rule_index=rule_index,
+          quantized=True,
+          query_shape=shapes['query'],
+          key_shape=shapes['key'],
+          value_shape=shapes['value'],
+          macs=facts_lib.attention_macs(
+            shapes['query'], shapes['key'], shapes['value']
+          ),
+        )
+      )
+    return out
+
+  def _put_attention(self, f: facts_lib.AttentionFacts):
+    if self.attention is None:
+      return
+    prev = self.attention.get(f.path)
+    if prev is not None:  # a shared module called again
+      f = dataclasses.replace(
+        prev, macs=prev.macs + f.macs, calls=prev.calls + 1
+      )
+    self.attention[f.path] = f
 
   def _record(self, site: Site, out, rule, rule_index):
     einsum_str = _einsum_str(site.module)
@@ -573,25 +734,37 @@ class QuantizedModule:
     self.rules = rules_lib.validate_rules(rules)
     self.provider = provider
     self.on_unused = on_unused
+    # The attention modules rules matched in the last layer_facts / init.
+    self.attention_facts: dict[str, facts_lib.AttentionFacts] = {}
 
   @contextlib.contextmanager
-  def intercepting(self, recorder: dict | None = None, provider=None):
+  def intercepting(
+    self,
+    recorder: dict | None = None,
+    provider=None,
+    attention: dict | None = None,
+  ):
     """The scope inside which the module's layers are quantized.
 
     Args:
       recorder: a dict that receives each layer's facts.
       provider: a provider for this scope only (default: the module's),
         e.g. a calibration or capture mode of the same method.
+      attention: a dict that receives the facts of the attention modules
+        rules match (:class:`~fracq.interception.facts.AttentionFacts`).
     """
     provider = self.provider if provider is None else provider
-    with nn.intercept_methods(_Interceptor(self.rules, provider, recorder)):
+    with nn.intercept_methods(
+      _Interceptor(self.rules, provider, recorder, attention)
+    ):
       yield
 
   def init(self, rngs, *args, **kwargs):
     """Like ``module.init``; also checks that every rule matched a layer."""
-    recorder = {}
-    with self.intercepting(recorder):
+    recorder, attention = {}, {}
+    with self.intercepting(recorder, attention=attention):
       variables = self.module.init(rngs, *args, **kwargs)
+    self.attention_facts = attention
     self.check_unused(recorder)
     return variables
 
@@ -610,21 +783,25 @@ class QuantizedModule:
       rngs: PRNG key(s) for init; a fixed key by default.
       **kwargs: extra call keywords (e.g. ``train=False``).
     """
-    recorder = {}
+    recorder, attention = {}, {}
     rngs = jax.random.key(0) if rngs is None else rngs
 
     def run(*a):
-      with self.intercepting(recorder):
+      with self.intercepting(recorder, attention=attention):
         return self.module.init(rngs, *a, **kwargs)
 
     jax.eval_shape(run, *args)
+    self.attention_facts = attention
     return recorder
 
   def unused_rules(self, facts: dict) -> list[tuple[int, rules_lib.Rule]]:
-    return unused_rules(self.rules, facts)
+    return unused_rules(self.rules, {**facts, **self.attention_facts})
 
   def check_unused(self, facts: dict) -> None:
-    check_unused_rules(self.rules, facts, self.on_unused)
+    """Checks ``facts`` and the attention modules of the last trace."""
+    check_unused_rules(
+      self.rules, {**facts, **self.attention_facts}, self.on_unused
+    )
 
   def summary(self, *args, extra=None, **kwargs) -> str:
     """A table of what was quantized and how (see ``format_facts_table``)."""
@@ -662,6 +839,12 @@ def check_unused_rules(
     + '. Fix the regex, or an earlier rule already claims those layers '
     "(first match wins); pass on_unused='warn' to allow it."
   )
+  if any(r.attention is not None for _, r in unused):
+    msg += (
+      ' An attention spec applies to flax.linen.MultiHeadDotProductAttention'
+      ' modules (their path, e.g. block_0/attn), quantized by uniform QAT'
+      ' and FracBits; NNX attention and the other methods are not covered.'
+    )
   if on_unused == 'error':
     raise ValueError(msg)
   warnings.warn(msg)

@@ -11,7 +11,8 @@ to fix the mistake; a rule that matches no layer is an error unless the user
 opts into a warning (``on_unused='warn'``).
 
 The interception mechanism reads only ``module_path``, ``layer_types`` and
-``keep_float``, and whether ``weight`` / ``act`` are set; the specs
+``keep_float``, and whether ``weight`` / ``act`` / ``attention`` are set; the
+specs
 themselves belong to the methods (layer 3) that quantize the tensors
 (:class:`fracq.TensorSpec` for fixed bits, its extension
 :class:`fracq.FracBitsSpec` for learned bits), which validate them
@@ -33,11 +34,17 @@ SUPPORTED_LAYER_TYPES = (
   'ConvTranspose',
   'Einsum',
   'Embed',
+  'Attention',
 )
 
 # Layer types a rule only matches when it names them in ``layer_types``
 # (a rule with ``layer_types=None`` leaves them float).
 OPT_IN_LAYER_TYPES = ('Embed',)
+
+# The layer type of ``flax.linen.MultiHeadDotProductAttention`` modules (and
+# its subclasses): only rules with an ``attention`` spec (or ``keep_float``)
+# match them.
+ATTENTION = 'Attention'
 
 
 @typing.runtime_checkable
@@ -51,7 +58,7 @@ class MethodSpec(typing.Protocol):
 
   def validate(self, where: str, *, tensor: str, rule: Rule) -> None:
     """Raises ValueError, naming ``where``, on inconsistent settings;
-    ``tensor`` is ``'weight'`` or ``'act'``."""
+    ``tensor`` is ``'weight'``, ``'act'`` or ``'attention'``."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,7 +70,8 @@ class Rule:
       module path, e.g. ``r'^conv_init$'`` or ``r'stage\\d+_block\\d+/conv'``.
     layer_types: restrict the rule to these layer classes (names from
       ``SUPPORTED_LAYER_TYPES``); ``None`` admits all of them except
-      ``'Embed'``: embedding tables are quantized only by a rule that names
+      ``'Embed'`` (and ``'Attention'`` for rules without an ``attention``
+      spec, see below): embedding tables are quantized only by a rule that names
       them, ``Rule(layer_types=('Embed',), weight=TensorSpec(...))``
       (weight-only: their inputs are token ids, so an ``act`` spec is
       refused). The table is the kernel: per row (``granularity='channel'``,
@@ -75,8 +83,34 @@ class Rule:
       ``None`` keeps it float.
     act: how the layer's input activation is quantized; ``None`` keeps it
       float.
+    attention: how the two activation-activation matmuls of attention are
+      quantized, a fixed-bit spec (``fracq.TensorSpec(bits=8)``, per tensor,
+      any activation range method; learned bits are refused). It applies to
+      ``flax.linen.MultiHeadDotProductAttention`` modules (subclasses such
+      as ``SelfAttention`` included; layer type ``'Attention'``) whose path
+      the rule matches: both operands of ``q . k^T`` (the query after its
+      ``1 / sqrt(head_dim)`` scaling, and the key) and of ``probs . v`` (the
+      softmax probabilities, after attention dropout, and the value) are
+      fake-quantized, each with its own range (``quant/<attn>/query_step``,
+      ``key_step``, ``probs_step``, ``value_step`` for LSQ): the query, key
+      and value on a signed grid, the probabilities on an unsigned one. The
+      mask, softmax and dropout stay those of flax (float), as do LayerNorm
+      and GELU outside the module. The attention's ``query`` / ``key`` /
+      ``value`` / ``out`` projections are ``DenseGeneral`` layers matched by
+      the rules like any other. Only rules with an ``attention`` spec (or
+      ``keep_float``) match attention modules, and a rule whose only spec is
+      ``attention`` matches nothing else, so
+      ``Rule(module_path=r'attn$', attention=TensorSpec(bits=8))`` can stand
+      first without claiming the projections. The module is run with flax's
+      ``qk_attn_weights_einsum_cls`` / ``attn_weights_value_einsum_cls``
+      hooks, so it must use ``attention_fn=nn.dot_product_attention`` (or a
+      function taking those einsums), no ``precision`` and no einsum
+      classes of its own. Quantized by uniform QAT and FracBits (at the
+      spec's fixed bits: the resource cost does not count attention); NNX
+      attention and the other methods are not covered.
     keep_float: leave matched layers completely float (they are still listed
-      and their facts recorded). Overrides ``weight`` and ``act``.
+      and their facts recorded). Overrides ``weight``, ``act`` and
+      ``attention``.
     name: a label for tables and error messages (defaults to the pattern).
     options: method-specific settings (e.g. a sparsity target) passed through
       untouched to the method that interprets the rule.
@@ -86,6 +120,7 @@ class Rule:
   layer_types: tuple[str, ...] | None = None
   weight: MethodSpec | None = None
   act: MethodSpec | None = None
+  attention: MethodSpec | None = None
   keep_float: bool = False
   name: str | None = None
   options: tuple[tuple[str, Any], ...] = ()
@@ -97,7 +132,20 @@ class Rule:
   def option(self, key: str, default: Any = None) -> Any:
     return dict(self.options).get(key, default)
 
+  @property
+  def attention_only(self) -> bool:
+    """The rule's only spec is ``attention``: it matches attention modules
+    and no other layer."""
+    return (
+      self.attention is not None and self.weight is None and (self.act is None)
+    )
+
   def matches(self, path: str, layer_type: str) -> bool:
+    if layer_type == ATTENTION:
+      if self.attention is None and not self.keep_float:
+        return False
+    elif self.attention_only:
+      return False
     if self.layer_types is None:
       if layer_type in OPT_IN_LAYER_TYPES:
         return False
@@ -162,12 +210,33 @@ def validate_rules(rules: Sequence[Rule]) -> tuple[Rule, ...]:
         'drop act (or give the Embed layers a rule of their own, '
         "Rule(layer_types=('Embed',), weight=TensorSpec(...)))."
       )
-    if rule.keep_float and (rule.weight is not None or rule.act is not None):
+    specs = (rule.weight, rule.act, rule.attention)
+    if rule.keep_float and any(spec is not None for spec in specs):
       raise ValueError(
-        f'{where}: keep_float=True together with weight/act specs is '
-        'contradictory; drop the specs or keep_float.'
+        f'{where}: keep_float=True together with weight/act/attention specs '
+        'is contradictory; drop the specs or keep_float.'
       )
-    for tensor, spec in (('weight', rule.weight), ('act', rule.act)):
+    if rule.layer_types is not None and ATTENTION in rule.layer_types:
+      if rule.weight is not None or rule.act is not None:
+        raise ValueError(
+          f'{where}: a weight/act spec on Attention layers: an attention '
+          'module has no kernel of its own (its query/key/value/out '
+          'projections are DenseGeneral layers); quantize its matmuls with '
+          'attention=TensorSpec(...) and its projections with a rule for '
+          "layer_types=('DenseGeneral',)."
+        )
+    if rule.attention is not None and rule.layer_types is not None:
+      if ATTENTION not in rule.layer_types:
+        raise ValueError(
+          f'{where}: an attention spec with layer_types={rule.layer_types}, '
+          "which exclude 'Attention': the spec would apply to nothing; add "
+          "'Attention' to layer_types or drop layer_types."
+        )
+    for tensor, spec in (
+      ('weight', rule.weight),
+      ('act', rule.act),
+      ('attention', rule.attention),
+    ):
       if spec is None:
         continue
       if not isinstance(spec, MethodSpec):

@@ -36,7 +36,8 @@ class QuantTensor:
   """One quantized tensor of one layer, as a method sees it.
 
   Attributes:
-    name: ``'kernel'`` or ``'input'``; variables are named
+    name: ``'kernel'``, ``'input'`` or an attention operand (``'query'``,
+      ``'key'``, ``'probs'``, ``'value'``); variables are named
       ``{name}_{suffix}`` on the layer's scope.
     spec: the rule's spec for this tensor.
     signed: the resolved sign (kernels: signed unless the spec says

@@ -42,6 +42,13 @@ class Context:
       language models: ``'^embed$'``, the byte table, also the tied output
       head).
     embed_bits: their bits.
+    attention_layers: regex of the attention modules
+      (``nn.MultiHeadDotProductAttention``, e.g. ``'attn$'``) whose two
+      activation-activation matmuls (``q . k^T``, ``probs . v``) are
+      quantized at ``attention_bits`` ('' = attention stays float), per
+      tensor, with the activations' range method (``fracq.Rule``'s
+      ``attention``); uniform QAT, FracBits (fixed bits) and HAWQ.
+    attention_bits: their bits.
     keep_float: regex of layers left float ('' = none).
     on_unused: what a rule matching no layer does (``'error'``, ``'warn'``).
     budget_kind: ``'size'`` or ``'bitops'``: the cost the model reports.
@@ -60,6 +67,8 @@ class Context:
   fixed_act_bits: int = 8
   embed_layers: str = ''
   embed_bits: int = 8
+  attention_layers: str = ''
+  attention_bits: int = 8
   keep_float: str = ''
   on_unused: str = 'error'
   budget_kind: str = 'size'
@@ -110,12 +119,26 @@ def fixed_act_spec(
 def standard_rules(
   context: Context, weight: TensorSpec, act: TensorSpec | None
 ) -> list[Rule]:
-  """The float layers, the embedding tables (weight-only at
-  ``context.embed_bits``, per row), the fixed layers (at their fixed bits,
-  with the range methods of ``weight`` / ``act``; per channel where
-  ``weight`` is group-wise), then every other layer at ``weight`` /
-  ``act``."""
+  """The float layers, the attention matmuls (at ``context.attention_bits``,
+  with the range method of ``act``, LSQ when inputs stay float), the
+  embedding tables (weight-only at ``context.embed_bits``, per row), the
+  fixed layers (at their fixed bits, with the range methods of ``weight`` /
+  ``act``; per channel where ``weight`` is group-wise), then every other
+  layer at ``weight`` / ``act``."""
   rules = float_rules(context)
+  if context.attention_layers:
+    # An attention-only rule: it claims the attention modules, not their
+    # projections, which the rules below quantize as layers.
+    rules.append(
+      Rule(
+        module_path=context.attention_layers,
+        name='attention',
+        attention=TensorSpec(
+          bits=int(context.attention_bits),
+          range_method=act.range_method if act is not None else 'lsq',
+        ),
+      )
+    )
   if context.embed_layers:
     rules.append(
       Rule(

@@ -10,7 +10,10 @@ scope:
 ``quant`` (trainable)
   ``{t}_step`` (LSQ/LSQ+ step), ``{t}_offset`` (LSQ+), ``{t}_clip`` (PACT),
   ``{t}_range`` (shared range of a learned-bits tensor), ``{t}_bits``
-  (learned fractional bit-width), with ``t`` = ``kernel`` or ``input``.
+  (learned fractional bit-width), with ``t`` = ``kernel`` or ``input``; on
+  an attention module whose rule has an ``attention`` spec, ``t`` =
+  ``query``, ``key``, ``probs`` and ``value`` (the operands of its two
+  matmuls, at fixed bits).
 ``quant_stats`` (state)
   ``{t}_min`` / ``{t}_max`` (observers), ``{t}_hard_bits`` (integer bits
   frozen by hard assignment; ``-1`` until then).
@@ -102,6 +105,15 @@ class QATProvider:
       self.signs.get(site.path, True) if spec.signed is None else spec.signed
     )
     tensor = self._tensor(site, 'input', spec, bool(signed), -1)
+    return self._quantize(tensor, x)
+
+  def quantize_attention(self, site: Site, operand: str, x):
+    """One operand of an attention matmul at the rule's ``attention`` spec,
+    per tensor: ``query`` / ``key`` / ``value`` signed, ``probs`` (the
+    softmax output, in ``[0, 1]``) unsigned."""
+    tensor = self._tensor(
+      site, operand, site.rule.attention, operand != 'probs', -1
+    )
     return self._quantize(tensor, x)
 
   def _tensor(self, site, name, spec, signed, channel_axis) -> QuantTensor:

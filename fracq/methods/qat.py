@@ -119,6 +119,12 @@ class QATModel:
 
   # -- protocol ------------------------------------------------------------
   @property
+  def attention_facts(self) -> dict:
+    """The attention modules rules matched (path ->
+    :class:`fracq.interception.AttentionFacts`)."""
+    return self.qmodule.attention_facts
+
+  @property
   def learns_bits(self) -> bool:
     return learns_bits(self.cost_model)
 
@@ -209,6 +215,8 @@ class QATModel:
           self.signs,
         ),
       )
+      # The attention modules the rules matched, seen by this model's trace.
+      twin.qmodule.attention_facts = self.attention_facts
       self._twin = twin
     return self._twin
 

@@ -9,7 +9,9 @@ shared by several methods:
 * ``config.quant.layers``: ``fixed`` (regex of layers kept at fixed bits, ''
   = none) at ``fixed_bits`` / ``fixed_act_bits``, ``embed`` (regex of the
   ``nn.Embed`` tables quantized weight-only, per row, at ``embed_bits``;
-  '' = embeddings stay float), ``keep_float`` (regex of
+  '' = embeddings stay float), ``attention`` (regex of the attention
+  modules whose ``q . k^T`` and ``probs . v`` operands are quantized at
+  ``attention_bits``; '' = float), ``keep_float`` (regex of
   layers left float) and ``on_unused`` (what a rule matching no layer does).
 * ``config.quant.budget``: ``kind`` ('size' or 'bitops') and exactly one of
   ``uniform_bits``, ``compression``, ``absolute`` (FracBits and HAWQ).
@@ -42,6 +44,8 @@ def _layers_defaults() -> dict:
     fixed_act_bits=8,
     embed='',
     embed_bits=8,
+    attention='',
+    attention_bits=8,
     keep_float='',
     on_unused='error',
   )
@@ -290,6 +294,8 @@ def context_from_config(
     fixed_act_bits=int(layers.fixed_act_bits),
     embed_layers=layers.embed,
     embed_bits=int(layers.embed_bits),
+    attention_layers=layers.attention,
+    attention_bits=int(layers.attention_bits),
     keep_float=layers.keep_float,
     on_unused=layers.on_unused,
     budget_kind=quant.budget.kind,

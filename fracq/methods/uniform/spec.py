@@ -170,12 +170,37 @@ class TensorSpec:
 
     Args:
       where: the rule and tensor, for messages.
-      tensor: ``'weight'`` (the layer's kernel) or ``'act'`` (its input).
+      tensor: ``'weight'`` (the layer's kernel), ``'act'`` (its input) or
+        ``'attention'`` (the operands of an attention module's ``q . k^T``
+        and ``probs . v``: activations at fixed bits, per tensor, with
+        signs of their own).
       rule: the rule holding this spec (a method may check it as a whole).
     """
     del rule  # fixed bits need nothing but the spec
+    if tensor == 'attention':
+      self._validate_attention(where)
+      tensor = 'act'  # otherwise checked as activations
     self._validate_bits(where, tensor)
     self._validate_range(where, tensor)
+
+  def _validate_attention(self, where: str) -> None:
+    if self.learn_bits:
+      raise ValueError(
+        f'{where}: {type(self).__name__} learns bits, but the attention '
+        'matmuls run at fixed bits (the resource cost does not count them); '
+        'use attention=fracq.TensorSpec(bits=8) (or another integer).'
+      )
+    if self.granularity != 'tensor':
+      raise ValueError(
+        f'{where}: granularity={self.granularity!r}: the attention operands '
+        "have one range each; use granularity='tensor'."
+      )
+    if self.signed is not None:
+      raise ValueError(
+        f'{where}: signed={self.signed}: the attention operands have signs '
+        'of their own (query, key and value signed, probabilities '
+        'unsigned); drop signed.'
+      )
 
   def _validate_bits(self, where: str, tensor: str) -> None:
     if float(self.bits) != int(self.bits) or not 1 <= self.bits <= 16:

@@ -1,0 +1,291 @@
+"""Quantized attention matmuls: ``Rule(attention=TensorSpec(...))`` fake-
+quantizes both operands of ``q . k^T`` and ``probs . v`` inside
+``nn.MultiHeadDotProductAttention``; checked against a numpy attention
+written out by hand."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fracq
+from fracq import export
+from fracq import models
+from fracq.interception import ATTENTION
+
+HEADS, HEAD_DIM, WIDTH, LENGTH = 2, 4, 8, 5
+OPERANDS = ('query', 'key', 'probs', 'value')
+
+
+class Attention(nn.Module):
+  """One causal self-attention module (``attn``) over ``(batch, length,
+  width)``."""
+
+  precision: jax.lax.Precision | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train  # no dropout
+    return nn.MultiHeadDotProductAttention(
+      num_heads=HEADS, precision=self.precision, name='attn'
+    )(x, mask=nn.make_causal_mask(x[..., 0]))
+
+
+def _inputs():
+  rng = np.random.RandomState(0)
+  x = rng.normal(size=(2, LENGTH, WIDTH)).astype(np.float32)
+  causal = np.tril(np.ones((LENGTH, LENGTH), bool))[None, None]
+  return x, np.broadcast_to(causal, (2, 1, LENGTH, LENGTH))
+
+
+def _fake_quant(x, step, qmin, qmax):
+  """LSQ's forward: the step times the clipped, rounded codes."""
+  return np.clip(np.round(x / step), qmin, qmax) * step
+
+
+def _reference(params, steps, x, mask, bits):
+  """Multi-head attention in numpy with the operands of both matmuls
+  fake-quantized: query, key, value on the signed grid, probabilities on
+  the unsigned one (activation grids are full range)."""
+  signed = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+  unsigned = (0, 2**bits - 1)
+
+  def project(name, inputs):
+    layer = params[name]
+    return np.einsum('bld,dhk->blhk', inputs, layer['kernel']) + layer['bias']
+
+  query = project('query', x) / np.sqrt(HEAD_DIM)
+  key, value = project('key', x), project('value', x)
+  query = _fake_quant(query, steps['query'], *signed)
+  key = _fake_quant(key, steps['key'], *signed)
+  logits = np.einsum('bqhd,bkhd->bhqk', query, key)
+  logits = np.where(mask, logits, np.finfo(np.float32).min)
+  logits = logits - logits.max(-1, keepdims=True)
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  probs = _fake_quant(probs, steps['probs'], *unsigned)
+  value = _fake_quant(value, steps['value'], *signed)
+  heads = np.einsum('bhqk,bkhd->bqhd', probs, value)
+  out = params['out']
+  return np.einsum('bqhd,hdf->bqf', heads, out['kernel']) + out['bias']
+
+
+@pytest.mark.parametrize('bits', [4, 8])
+def test_quantized_attention_equals_a_numpy_reference(bits):
+  x, mask = _inputs()
+  rule = fracq.Rule(module_path='attn$', attention=fracq.TensorSpec(bits=bits))
+  qm = fracq.quantize(Attention(), [rule], x)
+  variables = qm.init(jax.random.key(0), x)
+  # Hand-picked steps, coarse enough that quantization moves the output.
+  steps = {'query': 0.11, 'key': 0.13, 'probs': 1 / 7, 'value': 0.17}
+  quant = dict(variables['quant']['attn'])
+  assert set(quant) == {f'{name}_step' for name in OPERANDS}
+  quant.update({f'{n}_step': jnp.float32(s) for n, s in steps.items()})
+  variables = {**variables, 'quant': {'attn': quant}}
+  out = qm.apply(variables, x)
+  params = jax.tree_util.tree_map(np.asarray, variables['params']['attn'])
+  expected = _reference(params, steps, x, mask, bits)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  # The quantization is visible: the float attention differs.
+  float_out = Attention().apply({'params': variables['params']}, x)
+  assert np.max(np.abs(out - float_out)) > 1e-3
+  facts = qm.attention_facts['attn']
+  assert facts.quantized and facts.query_shape == (2, LENGTH, HEADS, HEAD_DIM)
+  # Per example: heads * q_len * kv_len * (qk depth + v depth).
+  assert facts.macs == HEADS * LENGTH * LENGTH * 2 * HEAD_DIM
+
+
+def test_gradients_reach_every_attention_range():
+  x, _ = _inputs()
+  rule = fracq.Rule(module_path='attn$', attention=fracq.TensorSpec(bits=4))
+  qm = fracq.quantize(Attention(), [rule], x)
+  variables = qm.init(jax.random.key(0), x)
+
+  def loss(quant):
+    out = qm.apply({**variables, 'quant': quant}, x)
+    return jnp.sum(out**2)
+
+  grads = jax.grad(loss)(variables['quant'])['attn']
+  for name in OPERANDS:
+    assert np.isfinite(grads[f'{name}_step']) and grads[f'{name}_step'] != 0
+
+
+def test_attention_only_rule_leaves_the_projections_to_the_layer_rules():
+  x, _ = _inputs()
+  rules = [
+    fracq.Rule(module_path='attn', attention=fracq.TensorSpec(bits=8)),
+    fracq.Rule(weight=fracq.TensorSpec(bits=4)),
+  ]
+  qm = fracq.quantize(Attention(), rules, x)
+  # 'attn' is also in 'attn/query', but a rule whose only spec is attention
+  # claims attention modules alone.
+  assert {f.rule_index for f in qm.facts.values()} == {1}
+  assert set(qm.facts) == {
+    f'attn/{n}' for n in ('query', 'key', 'value', 'out')
+  }
+  assert qm.attention_facts['attn'].rule_index == 0
+  # A keep_float rule first keeps the attention float.
+  rules = [fracq.keep_float('attn$'), *rules]
+  qm = fracq.quantize(Attention(), rules, x, on_unused='warn')
+  variables = qm.init(jax.random.key(0), x)
+  assert not any(k.endswith('_step') for k in variables['quant']['attn'])
+  assert not qm.attention_facts['attn'].quantized
+
+
+def test_rules_that_match_no_attention_module_error_clearly():
+  x, _ = _inputs()
+  rule = fracq.Rule(module_path='^mlp$', attention=fracq.TensorSpec(bits=8))
+  with pytest.raises(ValueError, match='matched no layer.*attention spec'):
+    fracq.quantize(Attention(), [rule], x)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  with pytest.raises(ValueError, match='MultiHeadDotProductAttention'):
+    fracq.quantize(
+      nn.Embed(16, 4),
+      [rule, fracq.Rule(layer_types=('Embed',), weight=fracq.TensorSpec())],
+      tokens,
+    )
+
+
+@pytest.mark.parametrize(
+  'rule,message',
+  [
+    (
+      fracq.Rule(attention=fracq.FracBitsSpec(bits=4.0)),
+      'attention matmuls run at fixed bits',
+    ),
+    (
+      fracq.Rule(attention=fracq.TensorSpec(granularity='channel')),
+      "granularity='tensor'",
+    ),
+    (
+      fracq.Rule(attention=fracq.TensorSpec(signed=True)),
+      'drop signed',
+    ),
+    (
+      fracq.Rule(layer_types=('Dense',), attention=fracq.TensorSpec()),
+      "add 'Attention' to layer_types",
+    ),
+    (
+      fracq.Rule(layer_types=(ATTENTION,), weight=fracq.TensorSpec()),
+      'no kernel of its own',
+    ),
+    (
+      fracq.Rule(keep_float=True, attention=fracq.TensorSpec()),
+      'contradictory',
+    ),
+  ],
+)
+def test_bad_attention_rules_are_refused(rule, message):
+  with pytest.raises(ValueError, match=message):
+    fracq.interception.validate_rules([rule])
+
+
+def test_an_attention_module_the_hooks_cannot_quantize_is_refused():
+  x, _ = _inputs()
+  rule = fracq.Rule(attention=fracq.TensorSpec(bits=8))
+  with pytest.raises(ValueError, match='drop precision'):
+    fracq.quantize(Attention(precision=jax.lax.Precision.HIGHEST), [rule], x)
+
+
+def _train(qm, variables, batches, loss_fn, steps=4):
+  optimizer = optax.adam(1e-2)
+  trainable = {k: variables[k] for k in ('params', 'quant')}
+  state = optimizer.init(trainable)
+
+  @jax.jit
+  def step(trainable, state, batch):
+    def loss(t):
+      return loss_fn(qm.apply({**variables, **t}, batch['x']), batch)
+
+    value, grads = jax.value_and_grad(loss)(trainable)
+    updates, state = optimizer.update(grads, state)
+    return optax.apply_updates(trainable, updates), state, value
+
+  losses = []
+  for _ in range(steps):
+    trainable, state, value = step(trainable, state, batches)
+    losses.append(float(value))
+  return {**variables, **trainable}, losses
+
+
+@pytest.mark.parametrize('method', ['uniform', 'fracbits'])
+def test_tiny_gpt_trains_with_quantized_attention_and_exports(method, tmp_path):
+  tokens = jnp.asarray(
+    np.random.RandomState(0).randint(0, 256, (4, 17)), jnp.int32
+  )
+  batch = {'x': tokens[:, :-1], 'targets': tokens[:, 1:]}
+  if method == 'uniform':
+    weight, kwargs = fracq.TensorSpec(bits=4), {}
+  else:
+    weight = fracq.FracBitsSpec(bits=4.0, bit_bounds=(2.0, 8.0))
+    kwargs = dict(
+      budget=fracq.Budget(kind='size', uniform_bits=4), hard_assign_step=4
+    )
+  rules = [
+    fracq.Rule(module_path='attn$', attention=fracq.TensorSpec(bits=8)),
+    fracq.Rule(weight=weight, act=fracq.TensorSpec(bits=8)),
+  ]
+  qm = fracq.quantize(
+    models.get_model('gpt_tiny'),
+    rules,
+    batch['x'],
+    call_kwargs={'train': False},
+    **kwargs,
+  )
+  variables = qm.init(jax.random.key(0), batch['x'])
+  assert set(qm.attention_facts) == {'block_0/attn', 'block_1/attn'}
+
+  def loss_fn(logits, b):
+    return optax.softmax_cross_entropy_with_integer_labels(
+      logits, b['targets']
+    ).mean()
+
+  start = {
+    n: variables['quant']['block_1']['attn'][f'{n}_step'] for n in OPERANDS
+  }
+  variables, losses = _train(qm, variables, batch, loss_fn)
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+  trained = variables['quant']['block_1']['attn']
+  assert all(trained[f'{n}_step'] != start[n] for n in OPERANDS)
+  # The packed artifact exports, with the operands' ranges in its manifest.
+  # FracBits: after hard assignment (the attention bits stay fixed).
+  model = qm.for_step(4)
+  path = str(tmp_path / 'gpt.fracq.safetensors')
+  export.export_model(model, model.prepare(variables), path)
+  _, _, manifest = export.read_artifact(path)
+  attention = manifest['metadata']['attention']
+  assert set(attention) == {'block_0/attn', 'block_1/attn'}
+  probs = attention['block_1/attn']['probs']
+  assert (probs['signed'], probs['qmin'], probs['qmax']) == (False, 0, 255)
+  # (LSQ stores |step|: a learned step may cross zero.)
+  step = abs(float(trained['probs_step']))
+  assert probs['scale'] == [pytest.approx(step)]
+  assert attention['block_1/attn']['query']['qmin'] == -128
+
+
+def test_tiny_vit_trains_with_quantized_attention():
+  rng = np.random.RandomState(0)
+  images = jnp.asarray(rng.normal(size=(4, 8, 8, 1)), jnp.float32)
+  batch = {'x': images, 'labels': jnp.asarray([0, 1, 2, 3])}
+  rules = [
+    fracq.Rule(
+      weight=fracq.TensorSpec(bits=4),
+      act=fracq.TensorSpec(bits=8),
+      attention=fracq.TensorSpec(bits=6),
+    )
+  ]
+  qm = fracq.quantize(
+    models.get_model('vit_tiny'), rules, images, call_kwargs={'train': False}
+  )
+  variables = qm.init(jax.random.key(0), images)
+  assert set(qm.attention_facts) == {'block_0/attn'}
+  assert 'kernel_step' in variables['quant']['block_0']['attn']['query']
+
+  def loss_fn(logits, b):
+    return optax.softmax_cross_entropy_with_integer_labels(
+      logits, b['labels']
+    ).mean()
+
+  _, losses = _train(qm, variables, batch, loss_fn)
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
