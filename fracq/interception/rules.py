@@ -107,7 +107,9 @@ class Rule:
       function taking those einsums), no ``precision`` and no einsum
       classes of its own. Quantized by uniform QAT and FracBits (at the
       spec's fixed bits: the resource cost does not count attention); NNX
-      attention and the other methods are not covered.
+      attention and the other methods are not covered. The packed artifact
+      stores each operand's grid and scale in its manifest
+      (``attention``); integer programs do not lower attention.
     keep_float: leave matched layers completely float (they are still listed
       and their facts recorded). Overrides ``weight``, ``act`` and
       ``attention``.

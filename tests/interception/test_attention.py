@@ -132,7 +132,7 @@ def test_attention_only_rule_leaves_the_projections_to_the_layer_rules():
   rules = [fracq.keep_float('attn$'), *rules]
   with pytest.warns(UserWarning, match="#1 module_path='attn'"):
     qm = fracq.quantize(Attention(), rules, x, on_unused='warn')
-  variables = qm.init(jax.random.key(0), x)
+    variables = qm.init(jax.random.key(0), x)
   assert not any(k.endswith('_step') for k in variables['quant']['attn'])
   assert not qm.attention_facts['attn'].quantized
 
