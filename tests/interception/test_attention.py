@@ -99,6 +99,39 @@ def test_quantized_attention_equals_a_numpy_reference(bits):
   assert facts.macs == HEADS * LENGTH * LENGTH * 2 * HEAD_DIM
 
 
+def test_calibration_starts_every_range_at_lsq_initial_step():
+  x, mask = _inputs()
+  rule = fracq.Rule(module_path='attn$', attention=fracq.TensorSpec(bits=8))
+  qm = fracq.quantize(Attention(), [rule], x)
+  variables = qm.calibrate(qm.init(jax.random.key(0), x), x)
+  steps = variables['quant']['attn']
+  params = jax.tree_util.tree_map(np.asarray, variables['params']['attn'])
+  # LSQ's 2 mean|x| / sqrt(Qp), on each operand as the model computes it:
+  # the probabilities come from the quantized query and key.
+  expected = {}
+
+  def lsq(name, value, qmax):
+    expected[name] = 2 * np.mean(np.abs(value)) / np.sqrt(qmax)
+    return _fake_quant(value, expected[name], -qmax - 1, qmax)
+
+  def project(name):
+    layer = params[name]
+    return np.einsum('bld,dhk->blhk', x, layer['kernel']) + layer['bias']
+
+  query = lsq('query', project('query') / np.sqrt(HEAD_DIM), 127)
+  key = lsq('key', project('key'), 127)
+  logits = np.einsum('bqhd,bkhd->bhqk', query, key)
+  logits = np.where(mask, logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  expected['probs'] = 2 * np.mean(probs / probs.sum(-1, keepdims=True))
+  expected['probs'] /= np.sqrt(255)
+  expected['value'] = 2 * np.mean(np.abs(project('value'))) / np.sqrt(127)
+  for name in OPERANDS:
+    np.testing.assert_allclose(
+      steps[f'{name}_step'], expected[name], rtol=1e-5, err_msg=name
+    )
+
+
 def test_gradients_reach_every_attention_range():
   x, _ = _inputs()
   rule = fracq.Rule(module_path='attn$', attention=fracq.TensorSpec(bits=4))
