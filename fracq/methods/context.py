@@ -46,9 +46,11 @@ class Context:
       (``nn.MultiHeadDotProductAttention``, e.g. ``'attn$'``) whose two
       activation-activation matmuls (``q . k^T``, ``probs . v``) are
       quantized at ``attention_bits`` ('' = attention stays float), per
-      tensor, with the activations' range method (``fracq.Rule``'s
-      ``attention``); uniform QAT, FracBits (fixed bits) and HAWQ.
+      tensor (``fracq.Rule``'s ``attention``); uniform QAT, FracBits (fixed
+      bits) and HAWQ.
     attention_bits: their bits.
+    attention_range: their range method ('' = the activations', LSQ when
+      inputs stay float).
     keep_float: regex of layers left float ('' = none).
     on_unused: what a rule matching no layer does (``'error'``, ``'warn'``).
     budget_kind: ``'size'`` or ``'bitops'``: the cost the model reports.
@@ -69,6 +71,7 @@ class Context:
   embed_bits: int = 8
   attention_layers: str = ''
   attention_bits: int = 8
+  attention_range: str = ''
   keep_float: str = ''
   on_unused: str = 'error'
   budget_kind: str = 'size'
@@ -119,8 +122,9 @@ def fixed_act_spec(
 def standard_rules(
   context: Context, weight: TensorSpec, act: TensorSpec | None
 ) -> list[Rule]:
-  """The float layers, the attention matmuls (at ``context.attention_bits``,
-  with the range method of ``act``, LSQ when inputs stay float), the
+  """The float layers, the attention matmuls (at ``context.attention_bits``
+  and ``context.attention_range``, by default the range method of ``act``,
+  LSQ when inputs stay float), the
   embedding tables (weight-only at ``context.embed_bits``, per row), the
   fixed layers (at their fixed bits, with the range methods of ``weight`` /
   ``act``; per channel where ``weight`` is group-wise), then every other
@@ -135,7 +139,8 @@ def standard_rules(
         name='attention',
         attention=TensorSpec(
           bits=int(context.attention_bits),
-          range_method=act.range_method if act is not None else 'lsq',
+          range_method=context.attention_range
+          or (act.range_method if act is not None else 'lsq'),
         ),
       )
     )

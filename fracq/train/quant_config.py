@@ -11,7 +11,8 @@ shared by several methods:
   ``nn.Embed`` tables quantized weight-only, per row, at ``embed_bits``;
   '' = embeddings stay float), ``attention`` (regex of the attention
   modules whose ``q . k^T`` and ``probs . v`` operands are quantized at
-  ``attention_bits``; '' = float), ``keep_float`` (regex of
+  ``attention_bits`` with the range method ``attention_range``, '' = the
+  activations'; '' = float), ``keep_float`` (regex of
   layers left float) and ``on_unused`` (what a rule matching no layer does).
 * ``config.quant.budget``: ``kind`` ('size' or 'bitops') and exactly one of
   ``uniform_bits``, ``compression``, ``absolute`` (FracBits and HAWQ).
@@ -46,6 +47,7 @@ def _layers_defaults() -> dict:
     embed_bits=8,
     attention='',
     attention_bits=8,
+    attention_range='',
     keep_float='',
     on_unused='error',
   )
@@ -296,6 +298,7 @@ def context_from_config(
     embed_bits=int(layers.embed_bits),
     attention_layers=layers.attention,
     attention_bits=int(layers.attention_bits),
+    attention_range=layers.attention_range,
     keep_float=layers.keep_float,
     on_unused=layers.on_unused,
     budget_kind=quant.budget.kind,

@@ -15,6 +15,7 @@ import fracq
 from fracq import export
 from fracq import models
 from fracq.interception import ATTENTION
+from fracq.methods import context as context_lib
 from fracq.methods.uniform import factory as uniform_factory
 from fracq.train import quant_config
 
@@ -188,6 +189,10 @@ def test_the_lm_config_switch_quantizes_every_attention_module():
   assert all(f.quantized for f in qm.attention_facts.values())
   # The projections are quantized by the default rule, as without it.
   assert qm.facts['block_0/attn/query'].rule == 'default'
+  c.quant.layers.attention_range = 'minmax'
+  context = quant_config.context_from_config(c.quant)
+  rules = context_lib.standard_rules(context, fracq.TensorSpec(bits=4), None)
+  assert rules[0].attention == fracq.TensorSpec(bits=6, range_method='minmax')
 
 
 def test_rules_that_match_no_attention_module_error_clearly():
