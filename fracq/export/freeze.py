@@ -45,6 +45,7 @@ from fracq.export import artifact
 from fracq.interception import QuantizedModule
 from fracq.interception import weight_name
 from fracq.methods import common
+from fracq.methods import providers
 from fracq.methods import quantizers
 
 
@@ -281,10 +282,10 @@ def freeze_attention(qmodel, variables) -> dict[str, dict]:
     if not f.quantized or spec is None:
       continue
     entries = {}
-    for operand in ('query', 'key', 'probs', 'value'):
-      signed = operand != 'probs'
-      tensor = _tensor(qmodel, variables, path, operand, spec, signed, -1)
-      entries[operand] = _input_entry(spec, quantizers.for_spec(spec), tensor)
+    for operand in providers.ATTENTION_OPERANDS:
+      grid, signed = providers.attention_operand(spec, operand)
+      tensor = _tensor(qmodel, variables, path, operand, grid, signed, -1)
+      entries[operand] = _input_entry(grid, quantizers.for_spec(grid), tensor)
     out[path] = entries
   return out
 

@@ -38,6 +38,8 @@ so their statistics need no collective.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from fracq.interception import Site
@@ -45,12 +47,35 @@ from fracq.methods import quantizers
 from fracq.methods.common import STATE
 from fracq.methods.common import TRAINABLE
 from fracq.methods.common import QuantTensor
+from fracq.methods.uniform.spec import TensorSpec
 
 __all__ = [
+  'ATTENTION_OPERANDS',
   'STATE',
   'TRAINABLE',
   'QATProvider',
+  'attention_operand',
 ]
+
+
+ATTENTION_OPERANDS = ('query', 'key', 'probs', 'value')
+
+
+def attention_operand(
+  spec: TensorSpec, operand: str
+) -> tuple[TensorSpec, bool]:
+  """``(spec, signed)`` of one operand of an attention matmul under a rule's
+  ``attention`` spec, per tensor: ``query`` / ``key`` / ``value`` signed at
+  ``spec``; ``probs`` (the softmax output, in ``[0, 1]``) unsigned, with a
+  zero point at 0 (``symmetric=False``: an observer's range ``[0, max]``
+  then spans the whole grid instead of its upper half)."""
+  if operand not in ATTENTION_OPERANDS:
+    raise ValueError(
+      f'Unknown attention operand {operand!r}; one of {ATTENTION_OPERANDS}.'
+    )
+  if operand != 'probs':
+    return spec, True
+  return dataclasses.replace(spec, symmetric=False), False
 
 
 class QATProvider:
@@ -108,13 +133,10 @@ class QATProvider:
     return self._quantize(tensor, x)
 
   def quantize_attention(self, site: Site, operand: str, x):
-    """One operand of an attention matmul at the rule's ``attention`` spec,
-    per tensor: ``query`` / ``key`` / ``value`` signed, ``probs`` (the
-    softmax output, in ``[0, 1]``) unsigned."""
-    tensor = self._tensor(
-      site, operand, site.rule.attention, operand != 'probs', -1
-    )
-    return self._quantize(tensor, x)
+    """One operand of an attention matmul at the rule's ``attention`` spec
+    (see :func:`attention_operand`)."""
+    spec, signed = attention_operand(site.rule.attention, operand)
+    return self._quantize(self._tensor(site, operand, spec, signed, -1), x)
 
   def _tensor(self, site, name, spec, signed, channel_axis) -> QuantTensor:
     return QuantTensor(

@@ -133,6 +133,26 @@ def test_calibration_starts_every_range_at_lsq_initial_step():
     )
 
 
+def test_observed_probabilities_span_the_whole_unsigned_grid():
+  x, _ = _inputs()
+  spec = fracq.TensorSpec(bits=8, range_method='minmax')
+  qm = fracq.quantize(Attention(), [fracq.Rule(attention=spec)], x)
+  variables = qm.init(jax.random.key(0), x)
+  frozen = export.freeze_attention(qm, variables)['attn']
+  # The first query attends to one key only: its probability is exactly 1,
+  # the observed maximum; with the zero point at 0, [0, 1] covers codes
+  # 0..255 (a symmetric unsigned grid would waste the lower half).
+  probs = frozen['probs']
+  assert (probs['max'], probs['qmin'], probs['qmax']) == ([1.0], 0, 255)
+  assert probs['scale'] == [pytest.approx(1 / 255)]
+  assert 'zero_point' not in probs
+  # Query, key and value keep the symmetric signed grid of the spec.
+  query = frozen['query']
+  assert 'zero_point' not in query and query['qmin'] == -128
+  amax = max(-query['min'][0], query['max'][0])
+  assert query['scale'] == [pytest.approx(amax / 127.5)]
+
+
 def test_gradients_reach_every_attention_range():
   x, _ = _inputs()
   rule = fracq.Rule(module_path='attn$', attention=fracq.TensorSpec(bits=4))
