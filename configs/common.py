@@ -159,7 +159,8 @@ def text_quant(
   row and an untied ``head`` at 8 bits; ``group`` > 0: group-wise kernel
   scales (``group`` input features per scale) instead of per channel;
   ``attention`` > 0: the attention matmuls ``q . k^T`` and ``probs . v``
-  quantized at ``attention`` bits (LSQ, per tensor; 0: float).
+  quantized at ``attention`` bits (running min/max ranges, per tensor; 0:
+  float).
   ``fields`` go to the method's block (``config.quant.<method>``),
   ``budget`` to ``config.quant.budget``."""
   c.num_train_steps = steps
@@ -175,6 +176,10 @@ def text_quant(
   if attention:
     q.layers.attention = r'attn$'
     q.layers.attention_bits = attention
+    # Observed ranges: on the w3a8 LM (seed 0, 150 steps) they beat LSQ's
+    # learned steps, whose starting value clips the probabilities (8 bits:
+    # 2.4730 against 2.4847 bits/byte; 4 bits: 2.5721 against 2.5915).
+    q.layers.attention_range = 'minmax'
   block = q[method]
   block.weight_range = 'lsq'
   block.act_range = 'lsq'

@@ -196,6 +196,7 @@ def test_the_lm_config_switch_quantizes_every_attention_module():
   configs_common.text_quant(c, 'uniform', attention=6, weight_bits=4.0)
   context = quant_config.context_from_config(c.quant)
   assert (context.attention_layers, context.attention_bits) == ('attn$', 6)
+  assert context.attention_range == 'minmax'
   tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
   qm = uniform_factory.uniform(
     models.get_model('gpt_tiny', max_len=8),
@@ -203,16 +204,22 @@ def test_the_lm_config_switch_quantizes_every_attention_module():
     context=context,
     **c.quant.uniform.to_dict(),
   )
-  # First (after float layers): an attention-only rule at 6 bits, LSQ.
-  assert qm.rules[0].attention == fracq.TensorSpec(bits=6, range_method='lsq')
+  # First (after float layers): an attention-only rule at 6 bits.
+  assert qm.rules[0].attention == fracq.TensorSpec(
+    bits=6, range_method='minmax'
+  )
   assert set(qm.attention_facts) == {'block_0/attn', 'block_1/attn'}
   assert all(f.quantized for f in qm.attention_facts.values())
   # The projections are quantized by the default rule, as without it.
   assert qm.facts['block_0/attn/query'].rule == 'default'
-  c.quant.layers.attention_range = 'minmax'
+  # Without a range method of their own: the activations'.
+  c.quant.layers.attention_range = ''
   context = quant_config.context_from_config(c.quant)
-  rules = context_lib.standard_rules(context, fracq.TensorSpec(bits=4), None)
-  assert rules[0].attention == fracq.TensorSpec(bits=6, range_method='minmax')
+  act = fracq.TensorSpec(bits=8, range_method='percentile')
+  rules = context_lib.standard_rules(context, fracq.TensorSpec(bits=4), act)
+  assert rules[0].attention == fracq.TensorSpec(
+    bits=6, range_method='percentile'
+  )
 
 
 def test_rules_that_match_no_attention_module_error_clearly():
