@@ -22,7 +22,8 @@ tables (fractional at the hard assignment, integer at the end) in the log
 and bits_step*.{txt,json,png} in the workdir.
 Variants (arg): bits=K, seed=N, steps=N, group=G, init=D (bits start at
 the budget + D; the authors' D is 0.5), bitops (a BitOPs budget, input bits
-learned too), smoke.
+learned too), attn=B (attention matmuls at B fixed bits, not counted in
+the budget; as in configs/lm_uniform.py), smoke.
 """
 
 from configs import common
@@ -38,6 +39,7 @@ def get_config(arg=None):
     group=0,
     init=0.5,
     bitops=False,
+    attn=0,
   )
   c = common.text_config(a.seed)
   common.text_quant(
@@ -45,6 +47,7 @@ def get_config(arg=None):
     'fracbits',
     steps=a.steps,
     group=a.group,
+    attention=a.attn,
     budget=dict(uniform_bits=a.bits),
     init_bits=f'budget+{a.init}',
     weight_bit_bounds=(2.0, 8.0),

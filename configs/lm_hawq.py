@@ -16,17 +16,25 @@ byte (2.4679-2.4695), more bits in the first block (4-6) than the last
 (2-3); bits=2 2.51 (every layer at 2 bits, the smallest candidate); 5-8
 minutes a run on 2 shared CPU cores, search included. The bit allocation
 table is in the log. Variants (arg): bits=K, seed=N,
-steps=N, group=G, smoke.
+steps=N, group=G, attn=B (attention matmuls at B bits, as in
+configs/lm_uniform.py), smoke.
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, smoke=False, seed=0, bits=3.0, steps=150, group=0)
+  a = common.parse_arg(
+    arg, smoke=False, seed=0, bits=3.0, steps=150, group=0, attn=0
+  )
   c = common.text_config(a.seed)
   common.text_quant(
-    c, 'hawq', steps=a.steps, group=a.group, budget=dict(uniform_bits=a.bits)
+    c,
+    'hawq',
+    steps=a.steps,
+    group=a.group,
+    attention=a.attn,
+    budget=dict(uniform_bits=a.bits),
   )
   if a.smoke:
     common.apply_smoke(c, tiny_model='gpt_tiny')
