@@ -61,14 +61,15 @@ def test_fracbits_config_trains_hard_assigns_and_exports(tmp_path):
   assert (tmp_path / 'model.int.safetensors').exists()
   assert metrics['integer_prediction_match'] >= 0.9
   assert (tmp_path / 'model.onnx').exists()
-  # The loop's accuracy is the NNX model's, and its linen twin holding the
-  # checkpoint (the reference) classifies the eval split the same.
+  # The loop's accuracy is the NNX model's; the reference: the linen twin
+  # the config builds with model_api='linen', holding the checkpoint.
   images, labels = digits.load_digits_split()[2:4]
-  wrapper = quant_config.build_model_wrapper(
+  c.model_api = 'linen'
+  linen = quant_config.build_model_wrapper(
     c, tr.build_module(c, axis_name=None), jnp.asarray(images[:1]), STEPS
   ).for_step(STEPS)
-  assert isinstance(wrapper, NNXLoopModel) and wrapper.hard
-  logits = wrapper.linen.apply(variables, jnp.asarray(images), train=False)
+  assert linen.hard
+  logits = linen.apply(variables, jnp.asarray(images), train=False)
   accuracy = float(np.mean(np.argmax(logits, -1) == labels))
   assert accuracy == pytest.approx(metrics['eval_accuracy'], abs=1e-6)
 
