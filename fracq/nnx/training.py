@@ -8,7 +8,7 @@ step, optimizer, checkpoints, resumption and hard-assignment switch serve
 every model alike. :class:`NNXLoopModel` gives a quantized NNX model that
 protocol:
 
-* the method's factory (uniform QAT, FracBits, HAWQ, with the config's
+* the method's factory (uniform QAT or FracBits, with the config's
   budget, fixed layers and kernel transform) builds its linen wrapper on the
   NNX model's *linen twin* (``model.linen_module()``: the same function
   with the same layer names). That wrapper holds what the method decided:
@@ -26,8 +26,9 @@ protocol:
 * :meth:`NNXLoopModel.to_linen` hands the exports (packed artifact,
   integer program, ONNX) the checked linen twin (:func:`fracq.nnx.to_linen`).
 
-F8Net and float runs have no NNX path (F8Net is linen-only, see
-:mod:`fracq.nnx.qat`; a float NNX model needs no quantization wrapper).
+F8Net, HAWQ and float runs have no NNX path in the loop (F8Net is
+linen-only, see :mod:`fracq.nnx.qat`; HAWQ on NNX models is
+:func:`fracq.nnx.hawq`; a float NNX model needs no quantization wrapper).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class NNXLoopModel:
     if not isinstance(linen_wrapper, qat_lib.QATModel):
       raise TypeError(
         'The NNX training path runs quantization-aware methods (uniform, '
-        f'fracbits, hawq); this method built a {type(linen_wrapper).__name__}'
+        f'fracbits); this method built a {type(linen_wrapper).__name__}'
         '. Use a QAT method, or the linen API for it '
         "(config.model_api='linen')."
       )

@@ -129,9 +129,10 @@ def check_config(config) -> None:
 
 # config.model_api: the Flax API the model is built with.
 MODEL_APIS = ('linen', 'nnx')
-# Methods with an NNX path (F8Net is linen-only; a float NNX run would need
-# no quantization wrapper, so it has none).
-NNX_METHODS = ('uniform', 'fracbits', 'hawq')
+# Methods the loop runs on NNX models (F8Net is linen-only; HAWQ on NNX
+# models is fracq.nnx.hawq; a float NNX model needs no quantization
+# wrapper).
+NNX_METHODS = ('uniform', 'fracbits')
 
 
 def _check_model_api(config) -> None:

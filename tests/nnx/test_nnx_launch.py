@@ -109,9 +109,9 @@ def test_uniform_loop_model_equals_linen_twin():
 
 
 def test_nnx_api_errors():
-  c = _config('digits_f8net')
-  with pytest.raises(tr.ConfigError, match="model_api='linen'"):
-    tr.check_config(c)
+  for name in ('digits_f8net', 'digits_hawq', 'digits_float'):
+    with pytest.raises(tr.ConfigError, match="model_api='linen'"):
+      tr.check_config(_config(name))
   c = _config('digits_uniform')
   c.model_api = 'flax'
   with pytest.raises(tr.ConfigError, match="one of \\('linen', 'nnx'\\)"):
