@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Model: a name from fracq.models.list_models() and its own kwargs.
   c.model = 'digits_cnn'
   c.model_kwargs = ml_collections.ConfigDict()
+  # 'linen', or 'nnx': the model's NNX version (fracq.nnx.models.MODELS),
+  # quantized by fracq.nnx with the same method and budget.
+  c.model_api = 'linen'
   c.half_precision = False
   # Schedule: global batch sizes; epochs, or steps when > 0.
   c.batch_size = 128

@@ -168,6 +168,21 @@ def test_notebook_executes(path, tmp_path):
     assert s['integer_prediction_match'] >= 0.99, s
     assert s['integer_max_logit_diff_rel'] < 1e-2, s
     assert 'int32' in text and 'same class' in text
+  elif name == 'nnx_quickstart.ipynb':
+    m = re.search(r'^NNX_QUICKSTART_SUMMARY (\{.*\})$', text, re.M)
+    assert m, 'the NNX quickstart did not print its summary'
+    s = json.loads(m.group(1))
+    # Tiny options (seconds): it ran through hard assignment, not to
+    # accuracy; 10 classes, so chance is 0.1.
+    assert s['hard'] and 0.0 <= s['accuracy'] <= 1.0, s
+    assert set(s['hard_bits']) == {'conv1', 'conv2', 'conv3', 'conv4'}, s
+    assert all(2 <= b <= 8 for b in s['hard_bits'].values()), s
+    # The artifact stores each kernel at its frozen bits, below INT8.
+    assert s['artifact_bits'] == s['hard_bits'], s
+    assert s['artifact_bytes'] < s['int8_artifact_bytes'], s
+    # The integer program and ONNX predict what the NNX model predicts.
+    assert s['integer_prediction_match'] >= 0.99, s
+    assert s['onnx_prediction_match'] == 1.0, s
   elif name == 'results_walkthrough.ipynb':
     assert 'WALKTHROUGH_DONE' in text
     # Tables from the checked-in results, and the plots.

@@ -71,7 +71,22 @@ twin). Residual networks (:class:`fracq.nnx.models.ResNet`) and
 transformers have twins but the QAT lowering refuses them (residual
 programs are F8Net's, linen-only): they export the packed artifact. HAWQ:
 :func:`hawq` (the Hessian search on the float NNX model, then uniform QAT at
-the chosen bits). F8Net runs on linen models only.
+the chosen bits). F8Net runs on linen models only: it folds BatchNorm into
+the layers through the linen interceptor's whole-module hooks and probes
+the linen structure for residual entries, neither of which an NNX model
+offers; ``F8NetModel`` refuses NNX models, naming the linen twin.
+
+Data parallelism: quantize with ``axis_name='batch'`` (the mesh axis of the
+batch) and train under ``nnx.shard_map``, averaging the gradients over that
+axis (observers and LSQ gradient scales then see the global batch; give
+BatchNorm the axis too, e.g. ``DigitsCNN(..., bn_axis_name='batch')``), or
+under ``jax.jit`` with the state replicated and the batch sharded; both
+compute what one device computes on the whole batch.
+
+The training loop: ``launch.py --config=configs/digits_fracbits.py
+--config.model_api=nnx`` trains :class:`fracq.nnx.models.DigitsCNN` with
+the config's method, budget and hard assignment, and exports it
+(:class:`fracq.nnx.training.NNXLoopModel`).
 """
 
 from fracq.nnx.bit_search import hawq

@@ -29,9 +29,11 @@ from fracq.nnx.variables import QuantParam
 from fracq.nnx.variables import QuantStat
 
 __all__ = [
+  'MODELS',
   'DigitsCNN',
   'ResNet',
   'TransformerBlock',
+  'get_model',
   'load_linen_variables',
 ]
 
@@ -50,6 +52,7 @@ class DigitsCNN(nnx.Module):
     widths: tuple[int, ...] = (32, 64, 64, 128, 128),
     *,
     rngs: nnx.Rngs,
+    bn_axis_name: str | None = None,
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-5,
   ):
@@ -73,7 +76,11 @@ class DigitsCNN(nnx.Module):
         rngs=rngs,
       )
       norm = nnx.BatchNorm(
-        feats, momentum=bn_momentum, epsilon=bn_epsilon, rngs=rngs
+        feats,
+        momentum=bn_momentum,
+        epsilon=bn_epsilon,
+        axis_name=bn_axis_name,
+        rngs=rngs,
       )
       setattr(self, conv_name, conv)
       setattr(self, bn_name, norm)
@@ -81,6 +88,7 @@ class DigitsCNN(nnx.Module):
     self.head = nnx.Linear(in_features, num_classes, rngs=rngs)
     self.num_classes = num_classes
     self.widths = tuple(widths)
+    self.bn_axis_name = bn_axis_name
     self.bn_momentum = bn_momentum
     self.bn_epsilon = bn_epsilon
 
@@ -90,6 +98,7 @@ class DigitsCNN(nnx.Module):
     return linen_digits.DigitsCNN(
       num_classes=self.num_classes,
       widths=self.widths,
+      bn_axis_name=self.bn_axis_name,
       bn_momentum=self.bn_momentum,
       bn_epsilon=self.bn_epsilon,
     )
@@ -303,3 +312,24 @@ def load_linen_variables(
       + (f'different shapes {mismatched[:10]}' if mismatched else '')
       + '. Name the NNX layers as the linen modules are named.'
     )
+
+
+# The NNX models the training loop builds (``config.model_api = 'nnx'``), by
+# the name of their linen version in :func:`fracq.models.get_model`.
+MODELS: dict[str, type[nnx.Module]] = {'digits_cnn': DigitsCNN}
+
+
+def get_model(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
+  """The NNX model ``name`` (a key of :data:`MODELS`) built with ``kwargs``.
+
+  Raises:
+    ValueError: for a model with no NNX version here.
+  """
+  if name not in MODELS:
+    raise ValueError(
+      f'Model {name!r} has no NNX version the training loop can build '
+      f'(NNX models: {sorted(MODELS)}); train it with the linen API '
+      "(config.model_api='linen'), or quantize your own nnx.Module with "
+      'fracq.quantize.'
+    )
+  return MODELS[name](rngs=rngs, **kwargs)

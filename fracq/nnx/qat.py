@@ -42,7 +42,7 @@ import logging
 import os
 import re
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -261,14 +261,9 @@ class QATModule(nnx.Module):
       node.update(entries)
     return tree
 
-  def linen_variables(self) -> dict:
-    """The whole state in linen's layout, as ``fracq.quantize``'s
-    ``init`` returns it: ``{'params', 'batch_stats', 'quant',
-    'quant_stats'}`` nested by module path (a quantized layer's parameters
-    under its own path, without the wrapper's ``layer`` part). Concrete
-    arrays; what :func:`fracq.export.export_model` takes with this module
-    as the model: ``export_model(qmodel, qmodel.linen_variables(), path)``.
-    """
+  def _linen_entries(self) -> Iterator[tuple[str, list[str], nnx.Variable]]:
+    """``(collection, linen path parts, variable)`` of every variable in
+    linen's layout (a quantized layer's own ``layer`` part dropped)."""
     wrapped = {
       tuple(str(p) for p in path)
       for path, node in nnx.iter_graph(self.model)
@@ -280,7 +275,6 @@ class QATModule(nnx.Module):
       (nnx.BatchStat, 'batch_stats'),
       (nnx.Param, 'params'),
     )
-    out: dict = {}
     for path, var in nnx.iter_graph(self.model):
       collection = next((c for t, c in kinds if isinstance(var, t)), None)
       if collection is None:
@@ -291,11 +285,53 @@ class QATModule(nnx.Module):
         for i, p in enumerate(parts)
         if not (p == 'layer' and tuple(parts[:i]) in wrapped)
       ]
+      yield collection, parts, var
+
+  def linen_variables(self) -> dict:
+    """The whole state in linen's layout, as ``fracq.quantize``'s
+    ``init`` returns it: ``{'params', 'batch_stats', 'quant',
+    'quant_stats'}`` nested by module path (a quantized layer's parameters
+    under its own path, without the wrapper's ``layer`` part). The
+    variables' current arrays (traced under a transform); what
+    :func:`fracq.export.export_model` takes with this module as the model:
+    ``export_model(qmodel, qmodel.linen_variables(), path)``.
+    """
+    out: dict = {}
+    for collection, parts, var in self._linen_entries():
       node = out.setdefault(collection, {})
       for part in parts[:-1]:
         node = node.setdefault(part, {})
       node[parts[-1]] = var.get_value()
     return out
+
+  def set_linen_variables(self, variables: dict) -> None:
+    """Writes a state in linen's layout (:meth:`linen_variables`) into the
+    model's variables, in place (also traced values, under a transform).
+
+    Raises:
+      ValueError: a variable of the model is missing from ``variables``
+        or has another shape there.
+    """
+    missing, mismatched = [], []
+    for collection, parts, var in self._linen_entries():
+      node = variables.get(collection)
+      for part in parts:
+        node = node.get(part) if isinstance(node, Mapping) else None
+      name = f'{collection}/{"/".join(parts)}'
+      if node is None:
+        missing.append(name)
+      elif jnp.shape(node) != jnp.shape(var.get_value()):
+        mismatched.append(
+          f'{name}: {jnp.shape(node)} vs {jnp.shape(var.get_value())}'
+        )
+      else:
+        var.set_value(jnp.asarray(node, var.get_value().dtype))
+    if missing or mismatched:
+      raise ValueError(
+        f'The variables do not fit this model (missing: {missing[:5]}; other '
+        f'shapes: {mismatched[:5]}). Pass the linen-layout variables of '
+        'the same quantized model (QATModule.linen_variables()).'
+      )
 
   def _write(self, collection: str, tree: dict) -> None:
     """Writes the leaves of a linen-layout ``tree`` into the variables."""

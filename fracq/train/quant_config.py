@@ -28,12 +28,14 @@ from __future__ import annotations
 import difflib
 
 import ml_collections
+from flax import nnx
 from ml_collections import config_dict
 
 from fracq import data as data_lib
 from fracq.methods import cost as cost_lib
 from fracq.methods.context import Context
 from fracq.methods.preserve import factory as preserve_factory
+from fracq.nnx.training import NNXLoopModel
 from fracq.train import checkpoint as ckpt_lib
 from fracq.train import registry
 
@@ -332,7 +334,9 @@ def build(quant, module, sample_x, total_steps=None, float_model=None):
 def build_model_wrapper(config, module, sample_x, total_steps=None):
   """The model wrapper of ``config``: ``PlainModel`` for a float run, else
   the method's wrapper; HAWQ searches on ``config.init_from``'s variables
-  and training batches."""
+  and training batches. An ``nnx.Module`` (``config.model_api='nnx'``):
+  the method's wrapper of its linen twin drives the NNX model
+  (:class:`fracq.nnx.training.NNXLoopModel`)."""
 
   def float_model(num_batches):
     variables = ckpt_lib.load_variables(
@@ -341,10 +345,16 @@ def build_model_wrapper(config, module, sample_x, total_steps=None):
     it = data_lib.train_iterator(config, 0)
     return variables, [next(it) for _ in range(num_batches)]
 
-  return build(
+  linen_module = module
+  if isinstance(module, nnx.Module):
+    linen_module = module.linen_module()
+  wrapper = build(
     config.quant,
-    module,
+    linen_module,
     sample_x,
     total_steps=total_steps,
     float_model=float_model if config.init_from else None,
   )
+  if linen_module is module:
+    return wrapper
+  return NNXLoopModel(module, wrapper, sample_x)

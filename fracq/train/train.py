@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fracq import data as data_lib
@@ -58,6 +59,7 @@ from fracq.export import sizes
 from fracq.methods import preserve
 from fracq.methods.f8net import F8NetModel
 from fracq import models
+from fracq.nnx import models as nnx_models
 from fracq.train import checkpoint as ckpt_lib
 from fracq.train import distributed
 from fracq.train import quant_config
@@ -114,6 +116,7 @@ def check_config(config) -> None:
     quant_config.check(config.quant)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  _check_model_api(config)
   if config.export and quant_config.is_float(config.quant):
     raise ConfigError(
       'config.export=True needs a quantized, pruned or clustered model '
@@ -122,6 +125,39 @@ def check_config(config) -> None:
       '--config.export=True or choose a quantization method.'
     )
   ckpt_lib.resume_changes(config)
+
+
+# config.model_api: the Flax API the model is built with.
+MODEL_APIS = ('linen', 'nnx')
+# Methods the loop runs on NNX models (F8Net is linen-only; HAWQ on NNX
+# models is fracq.nnx.hawq; a float NNX model needs no quantization
+# wrapper).
+NNX_METHODS = ('uniform', 'fracbits')
+
+
+def _check_model_api(config) -> None:
+  api = config.get('model_api', 'linen')
+  if api not in MODEL_APIS:
+    raise ConfigError(f'config.model_api={api!r}; choose one of {MODEL_APIS}.')
+  if api != 'nnx':
+    return
+  if config.model not in nnx_models.MODELS:
+    raise ConfigError(
+      f"config.model_api='nnx' builds the NNX version of config.model, and "
+      f'{config.model!r} has none (NNX models: {sorted(nnx_models.MODELS)}).'
+      " Set config.model_api='linen', or pick one of those models."
+    )
+  if config.quant.method not in NNX_METHODS:
+    raise ConfigError(
+      f"config.model_api='nnx' trains quantized models by {NNX_METHODS}; "
+      f'config.quant.method={config.quant.method!r} runs on linen models '
+      "only: set config.model_api='linen'."
+    )
+  if config.half_precision:
+    raise ConfigError(
+      "config.model_api='nnx' runs in float32: drop "
+      '--config.half_precision=True or use the linen model.'
+    )
 
 
 @flax.struct.dataclass
@@ -147,6 +183,14 @@ def build_module(config, *, axis_name: str | None = AXIS):
     'vocab_size' if data_lib.is_text(config.dataset) else 'num_classes'
   )
   kwargs.setdefault(classes_key, config.num_classes)
+  if config.get('model_api', 'linen') == 'nnx':
+    # The NNX model's weights come from the seed (linen: from init's rng).
+    return nnx_models.get_model(
+      config.model,
+      rngs=nnx.Rngs(config.seed),
+      bn_axis_name=axis_name,
+      **kwargs,
+    )
   if config.half_precision:
     kwargs['dtype'] = jnp.bfloat16
   return models.get_model(config.model, bn_axis_name=axis_name, **kwargs)
@@ -639,6 +683,11 @@ def _export(config, wrapper, state, workdir) -> dict:
       'config.quant.preserve.mode set).'
     )
   variables = jax.device_get(state.variables())
+  sample = data_lib.model_input(next(iter(data_lib.eval_batches(config))))
+  if hasattr(wrapper, 'to_linen'):
+    # An NNX model exports through its linen twin, checked on the sample to
+    # compute what the NNX model computes (fracq.nnx.to_linen).
+    wrapper, variables = wrapper.to_linen(variables, sample)
   meta = {'model': config.model, 'method': config.quant.method}
   out, texts = {}, []
   if not registry.get(config.quant.method).quantized:
@@ -673,7 +722,6 @@ def _export(config, wrapper, state, workdir) -> dict:
         / rep.artifact_bytes,
       }
     )
-  sample = data_lib.model_input(next(iter(data_lib.eval_batches(config))))
   ipath = os.path.join(workdir, 'model.int.safetensors')
   try:
     irep = export.export_integer(

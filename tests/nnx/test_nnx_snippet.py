@@ -1,6 +1,7 @@
 """The NNX snippet (fracq.nnx's docstring, the README's NNX section) runs
 as written on the NNX digits CNN."""
 
+import os
 import re
 
 import jax
@@ -39,3 +40,16 @@ def test_nnx_snippet_runs(tmp_path):
   assert manifest['tensors']['conv1/kernel.packed']['bits'] == int(
     frozen['model/conv1/kernel_hard_bits']
   )
+
+
+def test_readme_nnx_snippet_is_the_executed_one():
+  """The README's NNX section shows the snippet executed above, verbatim."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+  with open(os.path.join(root, 'README.md')) as f:
+    text = f.read()
+  found = re.search(
+    r'```python\n(import fracq\nimport fracq\.nnx\n.*?)```', text, re.S
+  )
+  assert found, "the README's NNX section has no snippet (import fracq.nnx)"
+  code = re.search(r'```python\n(.*?)```', fracq.nnx.__doc__, re.S).group(1)
+  assert found.group(1) == code

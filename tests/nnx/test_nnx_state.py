@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 
 import fracq
@@ -131,3 +132,29 @@ def test_split_merge_and_orbax_round_trip_after_hard_assignment(tmp_path):
   np.testing.assert_array_equal(
     restored.model.fc2.kernel_hard_bits.get_value(), hard_bits
   )
+
+
+def test_linen_layout_written_back():
+  """set_linen_variables is the inverse of linen_variables (what the
+  training loop's NNX path relies on), and refuses a tree that does not
+  fit."""
+  _, qmodel = _quantized()
+  variables = qmodel.linen_variables()
+  doubled = jax.tree.map(lambda v: 2 * v, variables)
+  qmodel.set_linen_variables(doubled)
+  jax.tree.map(np.testing.assert_array_equal, qmodel.linen_variables(), doubled)
+  # Read through the layers themselves: the wrapped layer's kernel and the
+  # wrapper's quantizer variables.
+  np.testing.assert_array_equal(
+    qmodel.model.fc2.layer.kernel[...], 2 * variables['params']['fc2']['kernel']
+  )
+  np.testing.assert_array_equal(
+    qmodel.model.fc2.input_max.get_value(),
+    2 * variables['quant_stats']['fc2']['input_max'],
+  )
+  with pytest.raises(ValueError, match=r'missing: .*params/fc1/kernel'):
+    qmodel.set_linen_variables({**variables, 'params': {}})
+  wrong = jax.tree.map(lambda v: v, variables)
+  wrong['quant']['fc2']['kernel_bits'] = jnp.zeros((3,))
+  with pytest.raises(ValueError, match=r'other shapes: .*kernel_bits'):
+    qmodel.set_linen_variables(wrong)
