@@ -143,8 +143,14 @@ def _lsq_bwd(grad_scale, res, g):
   v = x / distinct_copy(s)
   inside = (v >= qmin) & (v <= qmax)
   gx = jnp.where(inside, g, 0.0)
-  per = jnp.where(inside, jnp.round(v) - v, jnp.clip(v, qmin, qmax))
-  gs = sum_to(g * per * grad_scale, s.shape)
+  # The step's elementwise term is a product with the cotangent g, so the
+  # compiler cannot compute it before the backward pass reaches this layer
+  # (a term of forward values alone is scheduled early and kept alive
+  # through the whole backward: one more activation-sized buffer per
+  # quantized input). The grad scale multiplies the reduced sum: a scalar
+  # broadcast to x's shape is materialised by the CPU backend's reductions.
+  per = jnp.where(inside, g * (jnp.round(v) - v), g * jnp.clip(v, qmin, qmax))
+  gs = sum_to(per, s.shape) * grad_scale
   return gx, gs, jnp.zeros_like(qmin), jnp.zeros_like(qmax)
 
 
