@@ -334,22 +334,32 @@ def _make_fused(signed: bool, zero_branch: bool):
       out_val = jnp.sign(u)
     else:
       out_val = jnp.where(u > 1.0, 1.0, 0.0)
-    # d y_k / d r: c_k - u inside (straight-through rounding), the clipped
-    # value outside; mixed with the interpolation weights.
-    g_lo = jnp.where(inside, c_lo - u, out_val)
-    g_hi = jnp.where(inside, c_hi - u, out_val)
     # Straight-through to x: weight 1 from each non-pruned branch.
     w_x = jnp.ones_like(f)
     df_db = jnp.ones_like(f)
     if pruned is not None:
-      # The pruned branch is the constant 0: no gradient to x or r, and the
-      # weight of the upper branch is b / m.
-      g_lo = jnp.where(pruned, 0.0, g_lo)
+      # The pruned branch is the constant 0 (c_lo is 0 there): no gradient
+      # to x or r, and the weight of the upper branch is b / m.
       w_x = jnp.where(pruned, f, 1.0)
       df_db = jnp.where(pruned, 1.0 / m, 1.0)
     gx = jnp.where(inside, g * w_x, 0.0)
-    gr = g * ((1.0 - f) * g_lo + f * g_hi) * jnp.sign(r)
-    gb = g * ra * (c_hi - c_lo) * df_db
+    # Every full-size term below is a product with the cotangent g: the
+    # compiler cannot compute it before the backward pass reaches this
+    # layer. (Terms of forward values alone, such as the codes c_k, would be
+    # scheduled early and kept alive through the whole backward pass.)
+    gc_lo, gc_hi, gu = g * c_lo, g * c_hi, g * u
+    # d y_k / d r: c_k - u inside (straight-through rounding), the clipped
+    # value outside; mixed with the interpolation weights.
+    lo_in, lo_out = gc_lo - gu, g * out_val
+    if pruned is not None:
+      lo_in = jnp.where(pruned, 0.0, lo_in)
+      lo_out = jnp.where(pruned, 0.0, lo_out)
+    gr = jnp.where(
+      inside,
+      (1.0 - f) * lo_in + f * (gc_hi - gu),
+      (1.0 - f) * lo_out + f * (g * out_val),
+    ) * jnp.sign(r)
+    gb = ra * (gc_hi - gc_lo) * df_db
     return (
       gx,
       learned.sum_to(gr, jnp.shape(r)),

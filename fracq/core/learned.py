@@ -143,8 +143,14 @@ def _lsq_bwd(grad_scale, res, g):
   v = x / distinct_copy(s)
   inside = (v >= qmin) & (v <= qmax)
   gx = jnp.where(inside, g, 0.0)
-  per = jnp.where(inside, jnp.round(v) - v, jnp.clip(v, qmin, qmax))
-  gs = sum_to(g * per * grad_scale, s.shape)
+  # The step's elementwise term is a product with the cotangent g, so the
+  # compiler cannot compute it before the backward pass reaches this layer
+  # (a term of forward values alone is scheduled early and kept alive
+  # through the whole backward: one more activation-sized buffer per
+  # quantized input). The grad scale multiplies the reduced sum: a scalar
+  # broadcast to x's shape is materialised by the CPU backend's reductions.
+  per = jnp.where(inside, g * (jnp.round(v) - v), g * jnp.clip(v, qmin, qmax))
+  gs = sum_to(per, s.shape) * grad_scale
   return gx, gs, jnp.zeros_like(qmin), jnp.zeros_like(qmax)
 
 
@@ -159,10 +165,48 @@ def lsq_plus_quantize(x, step, offset, qmin, qmax, *, grad_scale: float = 1.0):
   """
   uniform.check_qparams(None, qmin, qmax)
   dtype = x.dtype
-  s = scale_grad(jnp.asarray(step, jnp.float32), grad_scale)
-  b = scale_grad(jnp.asarray(offset, jnp.float32), grad_scale)
-  v = jnp.clip((x.astype(jnp.float32) - b) / s, qmin, qmax)
-  return (round_ste(v) * s + b).astype(dtype)
+  f = lambda a: jnp.asarray(a, jnp.float32)
+  return _lsq_plus(
+    x.astype(jnp.float32), f(step), f(offset), f(qmin), f(qmax), grad_scale
+  ).astype(dtype)
+
+
+def _clip_weight(u, qmin, qmax):
+  """The derivative of ``clip(u, qmin, qmax)`` (``min(max(u, qmin), qmax)``)
+  as automatic differentiation gives it: 1 inside, 0 outside, 1/2 at a
+  bound (``max`` and ``min`` split ties evenly)."""
+  lower = jnp.where(u > qmin, 1.0, jnp.where(u == qmin, 0.5, 0.0))
+  m = jnp.maximum(u, qmin)
+  upper = jnp.where(m < qmax, 1.0, jnp.where(m == qmax, 0.5, 0.0))
+  return upper * lower
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _lsq_plus(x, s, b, qmin, qmax, grad_scale):
+  del grad_scale  # the backward pass's only
+  v = jnp.clip((x - b) / s, qmin, qmax)
+  return jnp.round(v) * s + b
+
+
+def _lsq_plus_fwd(x, s, b, qmin, qmax, grad_scale):
+  # Only the inputs are kept (see _lsq_fwd).
+  return _lsq_plus(x, s, b, qmin, qmax, grad_scale), (x, s, b, qmin, qmax)
+
+
+def _lsq_plus_bwd(grad_scale, res, g):
+  x, s, b, qmin, qmax = res
+  # As automatic differentiation of round_ste(clip((x - b) / s)) * s + b:
+  # d/dx = t (the clip's derivative), d/ds = round(v) - t u, d/db = 1 - t,
+  # with the activation-sized terms products with g (see _lsq_bwd).
+  u = (x - distinct_copy(b)) / distinct_copy(s)
+  gx = g * _clip_weight(u, qmin, qmax)
+  gs = sum_to(g * jnp.round(jnp.clip(u, qmin, qmax)) - gx * u, s.shape)
+  gb = sum_to(g - gx, b.shape)
+  gs, gb = gs * grad_scale, gb * grad_scale
+  return gx, gs, gb, jnp.zeros_like(qmin), jnp.zeros_like(qmax)
+
+
+_lsq_plus.defvjp(_lsq_plus_fwd, _lsq_plus_bwd)
 
 
 def _clip_pact(x, lo, hi):
