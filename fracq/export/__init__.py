@@ -31,6 +31,7 @@ from fracq.export.onnx_export import run_onnx
 from fracq.export.program import IntAdd
 from fracq.export.program import IntegerProgram
 from fracq.export.program import IntLayer
+from fracq.export.program import IntRequant
 from fracq.export.program import integer_forward
 from fracq.export.program import is_graph
 from fracq.export.serialization import load_program
@@ -40,6 +41,7 @@ __all__ = [
   'ArtifactError',
   'IntAdd',
   'IntLayer',
+  'IntRequant',
   'IntegerProgram',
   'SizeReport',
   'dequantized_kernels',

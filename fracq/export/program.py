@@ -16,6 +16,12 @@ program (residual nets) names each layer's input (``IntLayer.src``: an
 earlier op's path, or ``'input'``) and has :class:`IntAdd` ops, which shift
 their int32 operands left to a common fixed-point position (exact), add,
 and go through the same ReLU / pool / requantization tail as a layer.
+Real-multiplier graph programs (uniform QAT and FracBits residual nets,
+where every reader quantizes at its own step) keep each layer's and add's
+int32 accumulator and read it through :class:`IntRequant` ops: a sign, ReLU,
+pool, exact fixed-point multiplier and clamp, to a reader's 8-bit codes or
+to an add's common int32 fixed-point position (the add then sums aligned
+int32 operands).
 
 Programs are produced by :mod:`fracq.export.lowering`, written and read by
 :mod:`fracq.export.serialization` and translated to ONNX by
@@ -115,6 +121,30 @@ class IntAdd:
 
 
 @dataclasses.dataclass
+class IntRequant:
+  """A requantization of an earlier op's output in a graph program.
+
+  Reads ``src`` (an int32 accumulator, or codes), multiplies each channel by
+  its sign, applies ReLU, an optional global-average-pool sum, the exact
+  fixed-point multiplier of ``requant`` (``('mult', sign, m0, exponent)``),
+  the clamp to ``out_range`` and an optional max pool of the result: a
+  reader's input codes (an 8-bit range, narrowed by a clipped activation
+  such as ReLU6) or an add operand at the add's common int32 fixed-point
+  position (``out_range`` beyond 16 bits).
+  """
+
+  path: str
+  src: str
+  requant: tuple
+  out_range: tuple[int, int]
+  relu: bool = False
+  pool: int = 1
+  maxpool: tuple | None = None
+  layer_type: str = 'Requant'
+  out_scale: np.ndarray | None = None
+
+
+@dataclasses.dataclass
 class IntegerProgram:
   """An integer-only model: input quantization, ops, output scale.
 
@@ -122,7 +152,7 @@ class IntegerProgram:
   of a graph program is kept under its path.
   """
 
-  layers: list[IntLayer | IntAdd]
+  layers: list[IntLayer | IntAdd | IntRequant]
   input_scale: float  # real value of one input code
   input_range: tuple[int, int]
   kind: str  # the lowering that produced it: 'f8net' or 'qat'
@@ -170,7 +200,19 @@ class IntegerProgram:
     return '\n'.join(lines)
 
 
-def _summary_line(op: IntLayer | IntAdd) -> str:
+def _summary_line(op: IntLayer | IntAdd | IntRequant) -> str:
+  if isinstance(op, IntRequant):
+    lo, hi = op.out_range
+    target = f'[{lo}, {hi}]' if hi < 2**16 else 'int32'
+    maxpool = (
+      ''
+      if op.maxpool is None
+      else f', max pool {"x".join(map(str, op.maxpool[1]))} /{op.maxpool[2][0]}'
+    )
+    return (
+      f'{op.path:<20} {"Requant":<6} {op.src:<18} {"-":<5} '
+      f'{str(op.relu):<5} {op.pool:>4}  mult -> {target}{maxpool}'
+    )
   if isinstance(op, IntAdd):
     return (
       f'{op.path:<20} {"Add":<6} '
@@ -214,7 +256,7 @@ def _along_last(values, ndim):
   return values.reshape((1,) * (ndim - 1) + (values.shape[0],))
 
 
-def _tail(op: IntLayer | IntAdd, acc):
+def _tail(op: IntLayer | IntAdd | IntRequant, acc):
   """ReLU, pool sum, requantization and clamp of an int32 accumulator."""
   if op.requant is None:
     return acc
@@ -274,6 +316,8 @@ def _graph_forward(program: IntegerProgram, codes) -> jax.Array:
   for op in program.layers:
     if isinstance(op, IntAdd):
       acc = _add_acc(op, env)
+    elif isinstance(op, IntRequant):
+      acc = jnp.asarray(env[op.src]).astype(jnp.int32)
     else:
       acc = _layer_acc(op, env[op.src if op.src is not None else INPUT])
     out = _tail(op, acc)
@@ -284,7 +328,8 @@ def _graph_forward(program: IntegerProgram, codes) -> jax.Array:
 def is_graph(program: IntegerProgram) -> bool:
   """Whether ``program`` has adds or named inputs (else it is a chain)."""
   return any(
-    isinstance(op, IntAdd) or op.src is not None for op in program.layers
+    isinstance(op, (IntAdd, IntRequant)) or op.src is not None
+    for op in program.layers
   )
 
 

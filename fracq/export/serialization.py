@@ -5,7 +5,7 @@ checksummed safetensors): kernels bit-packed at their storage widths, int32
 biases, requantization multipliers and shifts stored exactly (bit-cast into
 the float blob, names ending ``.i32``), and the op list in the manifest's
 ``metadata['program']``. Chain programs keep the original format
-(:data:`PROGRAM_FORMAT`); graph programs (named inputs, adds) are
+(:data:`PROGRAM_FORMAT`); graph programs (named inputs, adds, requantizations) are
 :data:`GRAPH_FORMAT`.
 """
 
@@ -17,6 +17,7 @@ from fracq.export import artifact
 from fracq.export.program import IntAdd
 from fracq.export.program import IntegerProgram
 from fracq.export.program import IntLayer
+from fracq.export.program import IntRequant
 from fracq.export.program import is_graph
 
 PROGRAM_FORMAT = 'fracq-integer-program-1'  # chains
@@ -84,6 +85,9 @@ def theoretical_bytes(
   int32 biases, requantization parameters and float32 output scales."""
   total = 0.0
   for op in program.layers:
+    if isinstance(op, IntRequant):
+      total += 4 * sum(np.size(part) for part in op.requant[1:])
+      continue
     if isinstance(op, IntAdd):
       total += 4 * sum(np.size(shift) for shift in op.shifts)
       total += 0 if op.requant is None else 4 * np.size(op.requant[1])
@@ -118,6 +122,21 @@ def _add_entry(add: IntAdd, floats: dict) -> dict:
     'maxpool': _maxpool_json(add.maxpool),
     'out_range': None if add.out_range is None else list(add.out_range),
     'requant': None if add.requant is None else add.requant[0],
+  }
+
+
+def _requant_entry(op: IntRequant, floats: dict) -> dict:
+  for name, values in zip(_REQUANT_MULT_PARTS, op.requant[1:]):
+    floats[f'{op.path}/{name}.i32'] = _i32_as_f32(np.atleast_1d(values))
+  return {
+    'path': op.path,
+    'type': 'Requant',
+    'src': op.src,
+    'relu': bool(op.relu),
+    'pool': int(op.pool),
+    'maxpool': _maxpool_json(op.maxpool),
+    'out_range': list(op.out_range),
+    'requant': op.requant[0],
   }
 
 
@@ -192,7 +211,9 @@ def save_program(
   packed, floats, entries = {}, {}, []
   kernel_bits = dict(kernel_bits or {})
   for op in program.layers:
-    if isinstance(op, IntAdd):
+    if isinstance(op, IntRequant):
+      entries.append(_requant_entry(op, floats))
+    elif isinstance(op, IntAdd):
       entries.append(_add_entry(op, floats))
     else:
       entries.append(_layer_entry(op, packed, floats, kernel_bits))
@@ -227,6 +248,23 @@ def _load_add(entry: dict, floats: dict) -> IntAdd:
     ),
     out_range=None if entry['out_range'] is None else tuple(entry['out_range']),
     out_scale=floats.get(f'{path}/out_scale'),
+    maxpool=_maxpool_spec(entry.get('maxpool')),
+  )
+
+
+def _load_requant(entry: dict, floats: dict) -> IntRequant:
+  path = entry['path']
+  return IntRequant(
+    path=path,
+    src=entry['src'],
+    requant=('mult',)
+    + tuple(
+      _scalar_if_single(_f32_as_i32(floats[f'{path}/{name}.i32']))
+      for name in _REQUANT_MULT_PARTS
+    ),
+    out_range=tuple(entry['out_range']),
+    relu=entry['relu'],
+    pool=entry['pool'],
     maxpool=_maxpool_spec(entry.get('maxpool')),
   )
 
@@ -288,9 +326,13 @@ def load_program(path: str) -> IntegerProgram:
       'integer-capable method).'
     )
   tensors = manifest.get('tensors', {})
+  loaders = {
+    'Add': lambda entry: _load_add(entry, floats),
+    'Requant': lambda entry: _load_requant(entry, floats),
+  }
   ops = [
-    _load_add(entry, floats)
-    if entry['type'] == 'Add'
+    loaders[entry['type']](entry)
+    if entry['type'] in loaders
     else _load_layer(entry, codes, floats, tensors)
     for entry in program['layers']
   ]

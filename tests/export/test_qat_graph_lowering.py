@@ -1,0 +1,200 @@
+"""Integer programs and ONNX of uniform-QAT / FracBits residual networks.
+
+Every reader of a tensor quantizes it at its own LSQ step, so the lowering
+keeps each layer's and add's int32 accumulator and reads it through
+requantizations (:class:`fracq.export.IntRequant`); an add brings its
+operands to one common int32 fixed-point position first. The reference is
+the fake-quantized model: in float32 it computes every code as
+``round(x / s)``, so a value within float rounding of a rounding tie can land
+on the neighbouring code, and in a deep random network such a flip moves an
+image's logits by ~1e-2 of their range. So: equal predictions, most images
+equal to float rounding, none off by more than a few flips.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fracq
+from fracq import export
+from fracq import models
+from fracq.core import integer as ints
+from fracq.export import onnx_export as ox
+
+
+def _assert_matches_fake_quant(got, sim):
+  np.testing.assert_array_equal(got.argmax(1), sim.argmax(1))
+  rel = np.abs(got - sim).max(axis=1) / np.ptp(sim)
+  assert np.mean(rel < 1e-5) >= 0.75, np.sort(rel)
+  assert rel.max() < 5e-2, rel.max()
+
+
+def _qat(module, x, rule):
+  """The model under ``rule`` with BN statistics and LSQ steps from ``x``."""
+  qm = fracq.quantize(module, [rule], x[:1], call_kwargs={'train': False})
+  v = qm.init(jax.random.key(0), x)
+  for _ in range(2):
+    _, upd = qm.apply(v, x, train=True, mutable=['batch_stats', 'quant_stats'])
+    v = {**v, **upd}
+  return qm, qm.calibrate(v, x)
+
+
+W8A8 = fracq.Rule(
+  weight=fracq.TensorSpec(bits=8, granularity='channel'),
+  act=fracq.TensorSpec(bits=8),
+)
+
+
+def _images(size, n=16, seed=3):
+  return jax.random.uniform(
+    jax.random.key(seed), (n, size, size, 3), minval=-1, maxval=1
+  )
+
+
+def _check_onnx(prog, x, got):
+  pytest.importorskip('onnx')
+  pytest.importorskip('onnxruntime')
+  onnx_out = ox.run_onnx(ox.program_to_onnx(prog), np.asarray(x))
+  np.testing.assert_array_equal(onnx_out.argmax(1), got.argmax(1))
+  assert np.abs(onnx_out - got).max() <= 1e-3 * np.ptp(got)
+
+
+def test_resnet20_identity_and_projection_blocks(tmp_path):
+  x = _images(8)
+  qm, v = _qat(models.get_model('resnet20', num_classes=10), x, W8A8)
+  prog = export.lower(qm, v, x)
+  adds = [op for op in prog.layers if isinstance(op, export.IntAdd)]
+  assert len(adds) == 9
+  # An identity block: conv2's accumulator and the previous add's, both
+  # brought to the add's common int32 position.
+  assert adds[1].inputs == [
+    'stage1_block1/conv2@stage1_block1',
+    'stage1_block0@stage1_block1',
+  ]
+  views = {
+    op.path: op for op in prog.layers if isinstance(op, export.IntRequant)
+  }
+  assert views['stage1_block0@stage1_block1'].relu
+  assert views['stage1_block0@stage1_block1'].out_range[1] == 2**31 - 1
+  # The classifier reads the last add through an 8x8-position pool sum.
+  assert views['stage3_block2@fc'].pool == 4 and prog.layers[-1].src == (
+    'stage3_block2@fc'
+  )
+  got = np.asarray(prog.logits(x))
+  _assert_matches_fake_quant(got, np.asarray(qm.apply(v, x)))
+  ints.assert_integer_only(prog, prog.quantize_input(x))
+  path = str(tmp_path / 'resnet20.int.safetensors')
+  export.save_program(prog, path)
+  loaded = export.load_program(path)
+  np.testing.assert_array_equal(np.asarray(loaded.logits(x)), got)
+  assert 'stage3_block2@fc' in loaded.summary()
+  _check_onnx(prog, x, got)
+
+
+def test_bottleneck_max_pool_stem_kernelwise_fracbits():
+  """resnet_tiny_bottleneck (7x7/2 stem, 3x3/2 max pool, bottleneck blocks,
+  projection shortcuts) under hard-assigned kernel-wise FracBits."""
+  x = _images(32)
+  spec = fracq.FracBitsSpec(
+    bits=5.0,
+    bit_bounds=(2.0, 8.0),
+    granularity='channel',
+    bits_per_channel=True,
+  )
+  module = models.get_model('resnet_tiny_bottleneck', num_classes=10)
+  qm = fracq.quantize(
+    module,
+    [fracq.Rule(weight=spec, act=fracq.TensorSpec(bits=8))],
+    x[:1],
+    budget=fracq.Budget(kind='size', uniform_bits=5),
+    hard_assign_step=0,
+    call_kwargs={'train': False},
+  )
+  v = qm.init(jax.random.key(0), x)
+  _, upd = qm.apply(v, x, train=True, mutable=['batch_stats', 'quant_stats'])
+  v = qm.calibrate({**v, **upd}, x)
+  hard = qm.for_step(0)
+  v = hard.prepare(v)
+  prog = export.lower(hard, v, x)
+  stem = [op for op in prog.layers if getattr(op, 'src', None) == 'conv_init']
+  assert stem and all(op.maxpool is not None for op in stem)
+  widths = {
+    op.path: op.kernel_bits
+    for op in prog.layers
+    if isinstance(op, export.IntLayer)
+  }
+  # Kernel-wise bits: every output channel stored at its own width.
+  assert all(isinstance(bits, list) for bits in widths.values())
+  got = np.asarray(prog.logits(x))
+  _assert_matches_fake_quant(got, np.asarray(hard.apply(v, x)))
+  _check_onnx(prog, x, got)
+
+
+def test_requant_and_add_by_hand():
+  """A Dense accumulator (one unit = 0.5 in channel 0, -0.25 in channel 1)
+  and the input codes (0.25 each) added at a common position of 1/16.
+  x = [3, 5]: acc = [3*2 + 1, 5*1] = [7, 5] -> real [3.5, -1.25]; at 1/16:
+  [56, -20]; the input at 1/16: [12, 20]; sum [68, 0] -> real [4.25, 0];
+  read as codes of step 0.5 after ReLU: [round(8.5), 0] = [8, 0] (ties to
+  even)."""
+  m_acc = ints.quantize_multiplier(np.array([8.0, 4.0]))
+  m_in = ints.quantize_multiplier(np.float64(4.0))
+  m_out = ints.quantize_multiplier(np.array([0.125, 0.125]))
+  ops = [
+    export.IntLayer(
+      path='d',
+      layer_type='Dense',
+      kernel=np.array([[2, 0], [0, 1]], np.int8),
+      bias=np.array([1, 0], np.int32),
+      src='input',
+    ),
+    export.IntRequant(
+      path='d@a',
+      src='d',
+      requant=('mult', np.array([1, -1], np.int32), *m_acc),
+      out_range=(-(2**31) + 1, 2**31 - 1),
+    ),
+    export.IntRequant(
+      path='input@a',
+      src='input',
+      requant=('mult', np.array([1], np.int32), *map(np.atleast_1d, m_in)),
+      out_range=(-(2**31) + 1, 2**31 - 1),
+    ),
+    export.IntAdd(
+      path='a', inputs=['d@a', 'input@a'], shifts=[np.int32(0)] * 2
+    ),
+    export.IntRequant(
+      path='a@out',
+      src='a',
+      requant=('mult', np.ones(2, np.int32), *m_out),
+      out_range=(0, 255),
+      relu=True,
+    ),
+  ]
+  prog = export.IntegerProgram(
+    layers=ops, input_scale=0.25, input_range=(0, 255), kind='qat'
+  )
+  assert export.is_graph(prog)
+  out = prog(jnp.array([[3, 5], [1, 0]], jnp.uint8))
+  assert out.dtype == jnp.uint8
+  # x = [1, 0]: acc [3, 0] -> [24, 0] + [4, 0] = [28, 0] -> 28/8 = 3.5 -> 4
+  np.testing.assert_array_equal(np.asarray(out), [[8, 0], [4, 0]])
+
+
+class _Concat(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    a = nn.relu(nn.Conv(4, (1, 1), name='left')(x))
+    b = nn.relu(nn.Conv(4, (1, 1), name='right')(x))
+    y = nn.Conv(4, (1, 1), name='merge')(jnp.concatenate([a, b], axis=-1))
+    return nn.Dense(3, name='head')(jnp.mean(y, axis=(1, 2)))
+
+
+def test_unsupported_data_flow_is_refused_by_name():
+  x = _images(4, n=4)
+  qm, v = _qat(_Concat(), x, W8A8)
+  with pytest.raises(ValueError, match=r'merge: its input is not'):
+    export.lower(qm, v, x)
