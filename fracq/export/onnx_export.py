@@ -375,6 +375,7 @@ def _requantize(
     )
   if op.relu:
     acc = graph.node('Relu', [acc], f'{tag}_relu')
+  acc = _acc_clip(graph, op, acc, rank, acc_shift)
   if op.pool > 1:
     if rank != 4:
       raise ValueError(f'{op.path}: a global pool after a Dense layer.')
@@ -396,6 +397,26 @@ def _requantize(
   if op.maxpool is not None:  # on the codes (max commutes with requant)
     codes = _max_pool(graph, op, codes)
   return _Tensor(codes, rank, max(abs(out_lo), abs(out_hi)))
+
+
+def _acc_clip(graph: _Graph, op, acc, rank: int, acc_shift: int):
+  """``Min`` with a requantization's per-channel accumulator clip (a
+  clipped activation before a pool), in the tensor's units."""
+  acc_clip = getattr(op, 'acc_clip', None)
+  if acc_clip is None:
+    return acc
+  channel_shape = (1, -1, 1, 1) if rank == 4 else (1, -1)
+  top = (np.asarray(acc_clip, np.float64) / 2.0**acc_shift).astype(np.float32)
+  return graph.node(
+    'Min',
+    [
+      acc,
+      graph.const(
+        f'{op.path.replace("/", ".")}_clip', top.reshape(channel_shape)
+      ),
+    ],
+    f'{op.path.replace("/", ".")}_clipped',
+  )
 
 
 def _requant_op(graph: _Graph, op: IntRequant, source: _Tensor) -> _Tensor:
@@ -424,7 +445,10 @@ def _requant_op(graph: _Graph, op: IntRequant, source: _Tensor) -> _Tensor:
       acc = graph.node('Relu', [acc], f'{tag}_relu')
     else:
       acc = graph.node('Relu', [acc], f'{tag}_relu')
+    acc = _acc_clip(graph, op, acc, rank, source.acc_shift)
   else:
+    if op.acc_clip is not None:
+      raise ValueError(f'{op.path}: a clip without ReLU is not exported.')
     factor = factor * np.broadcast_to(sign, np.shape(factor))
   if op.pool > 1:
     if rank != 4:

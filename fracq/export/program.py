@@ -130,7 +130,9 @@ class IntRequant:
   the clamp to ``out_range`` and an optional max pool of the result: a
   reader's input codes (an 8-bit range, narrowed by a clipped activation
   such as ReLU6) or an add operand at the add's common int32 fixed-point
-  position (``out_range`` beyond 16 bits).
+  position (``out_range`` beyond 16 bits). ``acc_clip`` (per channel, in
+  units of the signed input) clamps the input after ReLU, before a pool
+  sum: a clipped activation that is then averaged.
   """
 
   path: str
@@ -140,6 +142,7 @@ class IntRequant:
   relu: bool = False
   pool: int = 1
   maxpool: tuple | None = None
+  acc_clip: np.ndarray | None = None
   layer_type: str = 'Requant'
   out_scale: np.ndarray | None = None
 
@@ -264,6 +267,11 @@ def _tail(op: IntLayer | IntAdd | IntRequant, acc):
     acc = acc * _along_last(jnp.asarray(op.requant[1], jnp.int32), acc.ndim)
   if op.relu:
     acc = jnp.maximum(acc, 0)
+  acc_clip = getattr(op, 'acc_clip', None)
+  if acc_clip is not None:
+    acc = jnp.minimum(
+      acc, _along_last(jnp.asarray(acc_clip, jnp.int32), acc.ndim)
+    )
   if op.pool > 1:
     acc = jnp.sum(acc, axis=tuple(range(1, acc.ndim - 1)), dtype=jnp.int32)
   lo, hi = op.out_range

@@ -87,6 +87,7 @@ def theoretical_bytes(
   for op in program.layers:
     if isinstance(op, IntRequant):
       total += 4 * sum(np.size(part) for part in op.requant[1:])
+      total += 0 if op.acc_clip is None else 4 * np.size(op.acc_clip)
       continue
     if isinstance(op, IntAdd):
       total += 4 * sum(np.size(shift) for shift in op.shifts)
@@ -128,6 +129,8 @@ def _add_entry(add: IntAdd, floats: dict) -> dict:
 def _requant_entry(op: IntRequant, floats: dict) -> dict:
   for name, values in zip(_REQUANT_MULT_PARTS, op.requant[1:]):
     floats[f'{op.path}/{name}.i32'] = _i32_as_f32(np.atleast_1d(values))
+  if op.acc_clip is not None:
+    floats[f'{op.path}/acc_clip.i32'] = _i32_as_f32(np.atleast_1d(op.acc_clip))
   return {
     'path': op.path,
     'type': 'Requant',
@@ -266,6 +269,11 @@ def _load_requant(entry: dict, floats: dict) -> IntRequant:
     relu=entry['relu'],
     pool=entry['pool'],
     maxpool=_maxpool_spec(entry.get('maxpool')),
+    acc_clip=(
+      _f32_as_i32(floats[f'{path}/acc_clip.i32'])
+      if f'{path}/acc_clip.i32' in floats
+      else None
+    ),
   )
 
 

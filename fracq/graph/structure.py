@@ -331,6 +331,73 @@ class _StructureProbe:
     return y
 
 
+class _ClipProbe:
+  """The provider behind :func:`input_clips`: every Conv/Dense output (after
+  its BatchNorm, where it has one) is shifted up by ``shift``, and each
+  layer's input is recorded."""
+
+  layer_types = _CONV_DENSE
+
+  def __init__(self, pairs: dict[str, str], shift: float):
+    self.shift = shift
+    self.bns = set(pairs.values())
+    self.paired = set(pairs)
+    self.inputs = {}
+
+  def quantize_kernel(self, site, kernel):
+    return kernel
+
+  def quantize_input(self, site, x):
+    return x
+
+  def call_module(self, call):
+    out = call.proceed(*call.args, **call.kwargs)
+    if call.kind == 'BatchNorm' and call.path in self.bns:
+      out = out + self.shift
+    return out
+
+  def call_layer(self, call):
+    path = call.site.path
+    self.inputs[path] = np.asarray(call.inputs)
+    y = call.run()
+    return y if path in self.paired else y + self.shift
+
+
+def input_clips(
+  module: nn.Module,
+  variables,
+  x,
+  structure: Structure,
+  *,
+  shift: float = 1e4,
+  **call_kwargs,
+) -> dict[str, float]:
+  """Layer -> the upper clip of its input (e.g. 6.0 after ReLU6), for the
+  layers whose input is a clipped activation of an earlier layer.
+
+  The probe's values cannot tell ``relu6`` from ``relu`` while activations
+  stay below 6, so this runs the float model once more with every layer's
+  (post-BN) output shifted far above any clip: a layer reading a clipped
+  activation then sees one constant, the clip (after a max or global
+  average pool too); an unclipped reader sees the shifted values.
+  """
+  x = jnp.asarray(x)[:1]
+  probe = _ClipProbe(structure.pairs, shift)
+  rules = (Rule(module_path='.*', layer_types=_CONV_DENSE, name='probe'),)
+  qmodule = QuantizedModule(module, rules, probe, on_unused='warn')
+  with jax.disable_jit(), qmodule.intercepting({}):
+    module.apply(variables, x, **call_kwargs)
+  clips = {}
+  for path, value in probe.inputs.items():
+    src = structure.srcs.get(path)
+    if src is None or src[0] == 'input' or value.size == 0:
+      continue
+    top, bottom = float(np.max(value)), float(np.min(value))
+    if top == bottom and 0 < top < shift / 2:
+      clips[path] = top
+  return clips
+
+
 def probe_structure(
   module: nn.Module,
   variables,

@@ -11,6 +11,8 @@ image's logits by ~1e-2 of their range. So: equal predictions, most images
 equal to float rounding, none off by more than a few flips.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -204,3 +206,69 @@ def test_unsupported_data_flow_is_refused_by_name():
   qm, v = _qat(_Concat(), x, W8A8)
   with pytest.raises(ValueError, match=r'merge: its input is not'):
     export.lower(qm, v, x)
+
+
+def _bn(train, name):
+  return nn.BatchNorm(use_running_average=not train, momentum=0.5, name=name)
+
+
+class _InvertedResidual(nn.Module):
+  """1x1 expand + ReLU6, 3x3 depthwise + ReLU6, 1x1 projection without
+  activation, identity add (the zoo's MobileNet-V2 block)."""
+
+  train: bool
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, use_bias=False)
+    y = conv(16, (1, 1), name='expand_conv')(x)
+    y = nn.relu6(_bn(self.train, 'expand_bn')(y))
+    y = conv(16, (3, 3), feature_group_count=16, name='dw_conv')(y)
+    y = nn.relu6(_bn(self.train, 'dw_bn')(y))
+    return x + _bn(self.train, 'project_bn')(
+      conv(8, (1, 1), name='project_conv')(y)
+    )
+
+
+class _InvertedResidualNet(nn.Module):
+  """MobileNet-V2 in miniature: ReLU6 stem, one inverted residual block, a
+  ReLU6 head averaged by the global pool."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    conv = functools.partial(nn.Conv, use_bias=False)
+    x = nn.relu6(_bn(train, 'stem_bn')(conv(8, (3, 3), name='stem_conv')(x)))
+    x = _InvertedResidual(train, name='block0')(x)
+    x = nn.relu6(_bn(train, 'head_bn')(conv(16, (1, 1), name='head_conv')(x)))
+    return nn.Dense(5, name='classifier')(jnp.mean(x, axis=(1, 2)))
+
+
+def test_relu6_depthwise_inverted_residual(tmp_path):
+  x = 4.0 * _images(6)
+  qm, v = _qat(_InvertedResidualNet(), x, W8A8)
+  # Coarse input steps, so the 8-bit grids reach beyond 6 and the ReLU6
+  # clip, not the grid, bounds the codes.
+  v['quant'] = jax.tree_util.tree_map(lambda s: 4.0 * s, v['quant'])
+  prog = export.lower(qm, v, x)
+  views = {
+    op.path: op for op in prog.layers if isinstance(op, export.IntRequant)
+  }
+  steps = export.freeze_inputs(qm, v)
+  for reader in ('block0/expand_conv', 'block0/dw_conv'):
+    view = [op for op in views.values() if op.path.endswith('@' + reader)][0]
+    top = int(np.round(6.0 / float(steps[reader]['scale'][0])))
+    assert 0 < top < 255 and view.out_range == (0, top), (reader, view)
+  # The head's ReLU6 comes before the average: a per-channel clip of the
+  # accumulator, then the pool sum.
+  pooled = views['head_conv@classifier']
+  assert pooled.pool == 36 and pooled.acc_clip is not None
+  dw = [op for op in prog.layers if op.path == 'block0/dw_conv'][0]
+  assert dw.feature_group_count == 16
+  got = np.asarray(prog.logits(x))
+  _assert_matches_fake_quant(got, np.asarray(qm.apply(v, x)))
+  path = str(tmp_path / 'mbv2.int.safetensors')
+  export.save_program(prog, path)
+  np.testing.assert_array_equal(
+    np.asarray(export.load_program(path).logits(x)), got
+  )
+  _check_onnx(prog, x, got)

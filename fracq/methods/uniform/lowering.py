@@ -37,7 +37,6 @@ from fracq.export.freeze import FrozenLayer
 from fracq.export.freeze import freeze
 from fracq.export.freeze import freeze_inputs
 from fracq.export.lowering.common import chain_link
-from fracq.export.lowering.common import refuse_clipping
 from fracq.export.lowering.common import tree_node
 from fracq.export.lowering.common import verify_program
 from fracq.export.lowering.registry import register_lowering
@@ -47,6 +46,8 @@ from fracq.export.program import IntegerProgram
 from fracq.export.program import IntLayer
 from fracq.export.program import IntRequant
 from fracq.graph.structure import Structure
+from fracq.graph.structure import clipping_ops
+from fracq.graph.structure import input_clips
 from fracq.graph.structure import is_max_pool
 from fracq.graph.structure import probe_structure
 from fracq.methods.qat import QATModel
@@ -302,8 +303,9 @@ def _layer_bound(layer: IntLayer, unit, code_range) -> np.ndarray:
 class _GraphBuilder:
   """Builds a real-multiplier graph program (see :func:`_lower_graph`)."""
 
-  def __init__(self, qmodel, variables, structure, frozen, inputs):
+  def __init__(self, qmodel, variables, structure, frozen, inputs, clips):
     self.qmodel, self.variables = qmodel, variables
+    self.clips = clips  # layer -> the clip of its input (ReLU6: 6.0)
     self.structure, self.frozen, self.inputs = structure, frozen, inputs
     self.ops = []
     # tensor -> real value of one unit of its int32 output, per channel
@@ -343,9 +345,17 @@ class _GraphBuilder:
     maxpool = pool if is_max_pool(pool) else None
     pool = 1 if maxpool is not None else int(pool)
     lo, hi = out_range
-    if clip is not None:  # a clipped activation: the clamp's top code
-      hi = min(hi, int(np.round(clip / float(np.max(target)))))
     target = np.asarray(target, np.float64)
+    unit = np.asarray(self.units[name], np.float64)
+    acc_clip = None
+    if clip is not None and pool == 1 and target.size == 1:
+      # A clipped activation read as codes: min(round(v / s), round(c / s))
+      # = round(min(v, c) / s), so the clip is the clamp's top code.
+      hi = min(hi, int(np.round(clip / float(target))))
+    elif clip is not None:  # clipped before a pool sum: clamp the input
+      acc_clip = np.minimum(
+        np.floor(clip / np.abs(unit)), float(INT32_LIMIT)
+      ).astype(np.int32)
     if (
       name == INPUT
       and not relu
@@ -356,10 +366,9 @@ class _GraphBuilder:
       and (lo, hi) == tuple(self.input_quant.code_range)
     ):
       return INPUT
-    key = (name, relu, pool, maxpool, target.tobytes(), (lo, hi))
+    key = (name, relu, pool, maxpool, target.tobytes(), (lo, hi), clip)
     if key in self.views:
       return self.views[key]
-    unit = np.asarray(self.units[name], np.float64)
     sign = np.where(unit < 0, -1, 1).astype(np.int32)
     m0, exponent = ints.quantize_multiplier(np.abs(unit) / (pool * target))
     path = f'{name}@{reader}'
@@ -377,6 +386,7 @@ class _GraphBuilder:
         relu=relu,
         pool=pool,
         maxpool=maxpool,
+        acc_clip=None if acc_clip is None else np.atleast_1d(acc_clip),
       )
     )
     self.views[key] = path
@@ -402,7 +412,9 @@ class _GraphBuilder:
       reader,
       headroom_bits=_pool_bits(self.pooled.get(path, 1)),
     )
-    layer.src = self._requant(path, src, reader.scale, reader.code_range)
+    layer.src = self._requant(
+      path, src, reader.scale, reader.code_range, self.clips.get(path)
+    )
     self.units[path] = unit
     self.bounds[path] = _layer_bound(layer, unit, reader.code_range)
     self.ops.append(layer)
@@ -479,15 +491,19 @@ def lower_qat(
   structure = probe_structure(
     qmodel.module, variables, batch, **qmodel.call_kwargs
   )
-  refuse_clipping(qmodel.module, variables, batch, qmodel.call_kwargs)
+  clips = {}
+  if clipping_ops(qmodel.module, variables, batch, **qmodel.call_kwargs):
+    clips = input_clips(
+      qmodel.module, variables, batch, structure, **qmodel.call_kwargs
+    )
   frozen = freeze(qmodel, variables)
   _check_kernels(structure, frozen)
   inputs = input_quantization(qmodel, variables, structure)
-  if _is_chain(structure):
+  if _is_chain(structure) and not clips:
     program = _lower_chain(qmodel, variables, structure, frozen, inputs)
   else:
     program = _GraphBuilder(
-      qmodel, variables, structure, frozen, inputs
+      qmodel, variables, structure, frozen, inputs, clips
     ).program()
   if verify:
     ref = qmodel.apply(variables, batch, **qmodel.call_kwargs)
