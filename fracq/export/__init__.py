@@ -29,6 +29,7 @@ from fracq.export.onnx_export import export_onnx
 from fracq.export.onnx_export import program_to_onnx
 from fracq.export.onnx_export import run_onnx
 from fracq.export.program import IntAdd
+from fracq.export.program import IntConcat
 from fracq.export.program import IntegerProgram
 from fracq.export.program import IntLayer
 from fracq.export.program import IntRequant
@@ -40,6 +41,7 @@ from fracq.export.serialization import save_program
 __all__ = [
   'ArtifactError',
   'IntAdd',
+  'IntConcat',
   'IntLayer',
   'IntRequant',
   'IntegerProgram',

@@ -59,6 +59,7 @@ import numpy as np
 from fracq.export.lowering import lower
 from fracq.export.program import INPUT
 from fracq.export.program import IntAdd
+from fracq.export.program import IntConcat
 from fracq.export.program import IntegerProgram
 from fracq.export.program import IntLayer
 from fracq.export.program import IntRequant
@@ -376,11 +377,17 @@ def _requantize(
   if op.relu:
     acc = graph.node('Relu', [acc], f'{tag}_relu')
   acc = _acc_clip(graph, op, acc, rank, acc_shift)
+  pre_max = isinstance(op, IntRequant) and op.maxpool is not None
+  if pre_max:  # before an average pool (max commutes with requantization)
+    acc = _max_pool(graph, op, acc)
+  acc = _avg_pool(graph, op, acc)
   if op.pool > 1:
     if rank != 4:
       raise ValueError(f'{op.path}: a global pool after a Dense layer.')
     acc = graph.node('GlobalAveragePool', [acc], f'{tag}_pool')
-  y_scale = 1.0 / (_multiplier(op, width) * op.pool * 2.0**acc_shift)
+  y_scale = 1.0 / (
+    _multiplier(op, width) * op.pool * _window(op) * 2.0**acc_shift
+  )
   out_lo, out_hi = op.out_range
   codes = _qdq(
     graph,
@@ -394,9 +401,32 @@ def _requantize(
   if op.pool > 1:  # (N, C, 1, 1) -> (N, C): what a Dense reader takes
     codes = graph.node('Flatten', [codes], f'{tag}_pooled', axis=1)
     rank = 2
-  if op.maxpool is not None:  # on the codes (max commutes with requant)
+  if op.maxpool is not None and not pre_max:  # on the codes
     codes = _max_pool(graph, op, codes)
   return _Tensor(codes, rank, max(abs(out_lo), abs(out_hi)))
+
+
+def _window(op) -> int:
+  """Positions an average pool of ``op`` sums (1: none)."""
+  avgpool = getattr(op, 'avgpool', None)
+  return 1 if avgpool is None else int(np.prod(avgpool[1]))
+
+
+def _avg_pool(graph: _Graph, op, tensor):
+  """``AveragePool`` (zero padding counted) of a requantization's input."""
+  avgpool = getattr(op, 'avgpool', None)
+  if avgpool is None:
+    return tensor
+  _, window, strides, pads = avgpool
+  return graph.node(
+    'AveragePool',
+    [tensor],
+    f'{op.path.replace("/", ".")}_avgpool',
+    kernel_shape=list(window),
+    strides=list(strides),
+    pads=[pad[0] for pad in pads] + [pad[1] for pad in pads],
+    count_include_pad=1,
+  )
 
 
 def _acc_clip(graph: _Graph, op, acc, rank: int, acc_shift: int):
@@ -430,6 +460,8 @@ def _requant_op(graph: _Graph, op: IntRequant, source: _Tensor) -> _Tensor:
       graph, op, source.name, source.rank, width, source.acc_shift
     )
   tag = op.path.replace('/', '.')
+  if op.avgpool is not None:
+    raise ValueError(f'{op.path}: an average pool of an add operand.')
   rank = source.rank
   channel_shape = (1, -1, 1, 1) if rank == 4 else (1, -1)
   acc = source.name
@@ -555,6 +587,19 @@ def program_to_onnx(
   checks = _Checks()
   last = len(program.layers) - 1
   for index, op in enumerate(program.layers):
+    if isinstance(op, IntConcat):
+      parts = [env[name] for name in op.inputs]
+      current = env[op.path] = _Tensor(
+        graph.node(
+          'Concat',
+          [part.name for part in parts],
+          op.path.replace('/', '.'),
+          axis=1,
+        ),
+        parts[0].rank,
+        max(part.bound for part in parts),
+      )
+      continue
     if isinstance(op, IntRequant):
       current = env[op.path] = _requant_op(graph, op, env[op.src])
       continue

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fracq.core import integer as ints
+from fracq.graph.structure import avg_pool_sum
 from fracq.graph.structure import max_pool
 
 INPUT = 'input'  # the name of the program's input in graph programs
@@ -127,12 +128,16 @@ class IntRequant:
   Reads ``src`` (an int32 accumulator, or codes), multiplies each channel by
   its sign, applies ReLU, an optional global-average-pool sum, the exact
   fixed-point multiplier of ``requant`` (``('mult', sign, m0, exponent)``),
-  the clamp to ``out_range`` and an optional max pool of the result: a
+  the clamp to ``out_range``, with an optional max pool (before the
+  multiplier: max commutes with the monotone requantization): a
   reader's input codes (an 8-bit range, narrowed by a clipped activation
   such as ReLU6) or an add operand at the add's common int32 fixed-point
   position (``out_range`` beyond 16 bits). ``acc_clip`` (per channel, in
   units of the signed input) clamps the input after ReLU, before a pool
-  sum: a clipped activation that is then averaged.
+  sum: a clipped activation that is then averaged. ``avgpool``
+  (``('avg', window, strides, padding)``, zero padding counted) sums each
+  window of the input before the multiplier, which includes the division
+  by the window size.
   """
 
   path: str
@@ -143,7 +148,19 @@ class IntRequant:
   pool: int = 1
   maxpool: tuple | None = None
   acc_clip: np.ndarray | None = None
+  avgpool: tuple | None = None
   layer_type: str = 'Requant'
+  out_scale: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class IntConcat:
+  """A channel concatenation of earlier ops' codes (graph programs): the
+  parts are requantized to one scale (the reader's) first."""
+
+  path: str
+  inputs: list[str]
+  layer_type: str = 'Concat'
   out_scale: np.ndarray | None = None
 
 
@@ -155,7 +172,7 @@ class IntegerProgram:
   of a graph program is kept under its path.
   """
 
-  layers: list[IntLayer | IntAdd | IntRequant]
+  layers: list[IntLayer | IntAdd | IntRequant | IntConcat]
   input_scale: float  # real value of one input code
   input_range: tuple[int, int]
   kind: str  # the lowering that produced it: 'f8net' or 'qat'
@@ -203,7 +220,9 @@ class IntegerProgram:
     return '\n'.join(lines)
 
 
-def _summary_line(op: IntLayer | IntAdd | IntRequant) -> str:
+def _summary_line(op) -> str:
+  if isinstance(op, IntConcat):
+    return f'{op.path:<20} {"Concat":<6} {"+".join(op.inputs)}'
   if isinstance(op, IntRequant):
     lo, hi = op.out_range
     target = f'[{lo}, {hi}]' if hi < 2**16 else 'int32'
@@ -272,6 +291,11 @@ def _tail(op: IntLayer | IntAdd | IntRequant, acc):
     acc = jnp.minimum(
       acc, _along_last(jnp.asarray(acc_clip, jnp.int32), acc.ndim)
     )
+  requant_op = isinstance(op, IntRequant)
+  if requant_op and op.maxpool is not None:  # max commutes with requant
+    acc = max_pool(acc, op.maxpool)
+  if requant_op and op.avgpool is not None:
+    acc = avg_pool_sum(acc, op.avgpool)
   if op.pool > 1:
     acc = jnp.sum(acc, axis=tuple(range(1, acc.ndim - 1)), dtype=jnp.int32)
   lo, hi = op.out_range
@@ -284,7 +308,7 @@ def _tail(op: IntLayer | IntAdd | IntRequant, acc):
       acc, jnp.asarray(m0), jnp.asarray(exponent), 0, lo, hi
     )
   out = out.astype(code_dtype(lo, hi))
-  return out if op.maxpool is None else max_pool(out, op.maxpool)
+  return out if op.maxpool is None or requant_op else max_pool(out, op.maxpool)
 
 
 def _layer_acc(layer: IntLayer, codes):
@@ -326,6 +350,9 @@ def _graph_forward(program: IntegerProgram, codes) -> jax.Array:
       acc = _add_acc(op, env)
     elif isinstance(op, IntRequant):
       acc = jnp.asarray(env[op.src]).astype(jnp.int32)
+    elif isinstance(op, IntConcat):
+      env[op.path] = jnp.concatenate([env[name] for name in op.inputs], -1)
+      continue
     else:
       acc = _layer_acc(op, env[op.src if op.src is not None else INPUT])
     out = _tail(op, acc)
@@ -336,7 +363,7 @@ def _graph_forward(program: IntegerProgram, codes) -> jax.Array:
 def is_graph(program: IntegerProgram) -> bool:
   """Whether ``program`` has adds or named inputs (else it is a chain)."""
   return any(
-    isinstance(op, (IntAdd, IntRequant)) or op.src is not None
+    isinstance(op, (IntAdd, IntRequant, IntConcat)) or op.src is not None
     for op in program.layers
   )
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from fracq.export import artifact
 from fracq.export.program import IntAdd
+from fracq.export.program import IntConcat
 from fracq.export.program import IntegerProgram
 from fracq.export.program import IntLayer
 from fracq.export.program import IntRequant
@@ -36,11 +37,11 @@ def _maxpool_json(spec):
   }
 
 
-def _maxpool_spec(entry):
+def _maxpool_spec(entry, kind='max'):
   if entry is None:
     return None
   return (
-    'max',
+    kind,
     tuple(entry['window']),
     tuple(entry['strides']),
     tuple(tuple(pad) for pad in entry['padding']),
@@ -85,6 +86,8 @@ def theoretical_bytes(
   int32 biases, requantization parameters and float32 output scales."""
   total = 0.0
   for op in program.layers:
+    if isinstance(op, IntConcat):
+      continue
     if isinstance(op, IntRequant):
       total += 4 * sum(np.size(part) for part in op.requant[1:])
       total += 0 if op.acc_clip is None else 4 * np.size(op.acc_clip)
@@ -138,6 +141,7 @@ def _requant_entry(op: IntRequant, floats: dict) -> dict:
     'relu': bool(op.relu),
     'pool': int(op.pool),
     'maxpool': _maxpool_json(op.maxpool),
+    'avgpool': _maxpool_json(op.avgpool),
     'out_range': list(op.out_range),
     'requant': op.requant[0],
   }
@@ -214,7 +218,9 @@ def save_program(
   packed, floats, entries = {}, {}, []
   kernel_bits = dict(kernel_bits or {})
   for op in program.layers:
-    if isinstance(op, IntRequant):
+    if isinstance(op, IntConcat):
+      entries.append({'path': op.path, 'type': 'Concat', 'inputs': op.inputs})
+    elif isinstance(op, IntRequant):
       entries.append(_requant_entry(op, floats))
     elif isinstance(op, IntAdd):
       entries.append(_add_entry(op, floats))
@@ -269,6 +275,7 @@ def _load_requant(entry: dict, floats: dict) -> IntRequant:
     relu=entry['relu'],
     pool=entry['pool'],
     maxpool=_maxpool_spec(entry.get('maxpool')),
+    avgpool=_maxpool_spec(entry.get('avgpool'), 'avg'),
     acc_clip=(
       _f32_as_i32(floats[f'{path}/acc_clip.i32'])
       if f'{path}/acc_clip.i32' in floats
@@ -337,6 +344,7 @@ def load_program(path: str) -> IntegerProgram:
   loaders = {
     'Add': lambda entry: _load_add(entry, floats),
     'Requant': lambda entry: _load_requant(entry, floats),
+    'Concat': lambda entry: IntConcat(entry['path'], list(entry['inputs'])),
   }
   ops = [
     loaders[entry['type']](entry)

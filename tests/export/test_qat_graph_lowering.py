@@ -272,3 +272,85 @@ def test_relu6_depthwise_inverted_residual(tmp_path):
     np.asarray(export.load_program(path).logits(x)), got
   )
   _check_onnx(prog, x, got)
+
+
+class _Branch(nn.Module):
+  """Inception's BasicConv: conv, BN, ReLU."""
+
+  features: int
+  kernel: tuple
+  train: bool
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    pad = tuple((k // 2, k // 2) for k in self.kernel)
+    if self.strides > 1:
+      pad = 'VALID'
+    y = nn.Conv(
+      self.features,
+      self.kernel,
+      strides=self.strides,
+      padding=pad,
+      use_bias=False,
+      name='conv',
+    )(x)
+    return nn.relu(_bn(self.train, 'bn')(y))
+
+
+class _MiniInception(nn.Module):
+  """Inception-V3 in miniature: a stem with a 3x3 / 2 max pool, an
+  Inception-A-like block (1x1, 3x3 and a 3x3 / 1 average-pool branch,
+  concatenated), an Inception-B-like reduction (a strided conv next to a
+  3x3 / 2 max pool of the block input), the global pool and classifier."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = _Branch(8, (3, 3), train, name='stem')(x)
+    x = nn.max_pool(x, (3, 3), strides=(2, 2))
+    b1 = _Branch(4, (1, 1), train, name='a_1x1')(x)
+    b3 = _Branch(4, (1, 1), train, name='a_3x3_1')(x)
+    b3 = _Branch(6, (3, 3), train, name='a_3x3_2')(b3)
+    bp = nn.avg_pool(
+      x,
+      (3, 3),
+      strides=(1, 1),
+      padding=((1, 1), (1, 1)),
+      count_include_pad=True,
+    )
+    bp = _Branch(4, (1, 1), train, name='a_pool')(bp)
+    x = jnp.concatenate([b1, b3, bp], axis=-1)
+    b3 = _Branch(8, (3, 3), train, strides=2, name='b_3x3')(x)
+    x = jnp.concatenate([b3, nn.max_pool(x, (3, 3), strides=(2, 2))], axis=-1)
+    x = _Branch(8, (1, 1), train, name='c_1x1')(x)
+    return nn.Dense(5, name='fc')(jnp.mean(x, axis=(1, 2)))
+
+
+def test_inception_concatenations_and_pools(tmp_path):
+  x = _images(11)
+  qm, v = _qat(_MiniInception(), x, W8A8)
+  prog = export.lower(qm, v, x)
+  concats = [op for op in prog.layers if isinstance(op, export.IntConcat)]
+  assert [op.path for op in concats] == [
+    'concat@b_3x3/conv',
+    'concat@c_1x1/conv',
+  ]
+  views = {
+    op.path: op for op in prog.layers if isinstance(op, export.IntRequant)
+  }
+  # The average-pool branch reads the block input, the stem after its max
+  # pool: a 3x3 / 2 max pool, then a 3x3 / 1 window sum, of the stem's
+  # accumulator, requantized once.
+  pool_branch = views['stem/conv@a_pool/conv']
+  assert pool_branch.maxpool[1:3] == ((3, 3), (2, 2))
+  assert pool_branch.avgpool[1:3] == ((3, 3), (1, 1))
+  # The max-pool part of the reduction reads each Inception-A branch.
+  assert sum(op.maxpool is not None for op in views.values()) >= 3
+  got = np.asarray(prog.logits(x))
+  _assert_matches_fake_quant(got, np.asarray(qm.apply(v, x)))
+  path = str(tmp_path / 'inception.int.safetensors')
+  export.save_program(prog, path)
+  np.testing.assert_array_equal(
+    np.asarray(export.load_program(path).logits(x)), got
+  )
+  _check_onnx(prog, x, got)

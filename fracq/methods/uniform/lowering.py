@@ -42,13 +42,16 @@ from fracq.export.lowering.common import verify_program
 from fracq.export.lowering.registry import register_lowering
 from fracq.export.program import INPUT
 from fracq.export.program import IntAdd
+from fracq.export.program import IntConcat
 from fracq.export.program import IntegerProgram
 from fracq.export.program import IntLayer
 from fracq.export.program import IntRequant
 from fracq.graph.structure import Structure
 from fracq.graph.structure import clipping_ops
 from fracq.graph.structure import input_clips
+from fracq.graph.structure import is_avg_pool
 from fracq.graph.structure import is_max_pool
+from fracq.graph.structure import is_pool_chain
 from fracq.graph.structure import probe_structure
 from fracq.methods.qat import QATModel
 
@@ -331,7 +334,14 @@ class _GraphBuilder:
       for add in self.structure.adds.values()
       if add['identity'] is not None
     ]
+    reads += [
+      part for parts in self.structure.concats.values() for part in parts
+    ]
     for name, _, pool in reads:
+      if is_pool_chain(pool):
+        pool = pool[1]
+      if is_avg_pool(pool):
+        pool = math.prod(pool[1])
       if not is_max_pool(pool):
         pooled[name] = max(pooled.get(name, 1), int(pool))
     return pooled
@@ -343,12 +353,17 @@ class _GraphBuilder:
     name, relu, pool = src
     relu = bool(relu) or self.post_relu.get(name, False)
     maxpool = pool if is_max_pool(pool) else None
-    pool = 1 if maxpool is not None else int(pool)
+    avgpool = pool if is_avg_pool(pool) else None
+    if is_pool_chain(pool):  # a max pool, then an average pool
+      maxpool, avgpool = pool
+    pool = 1 if maxpool is not None or avgpool is not None else int(pool)
+    # positions summed before the multiplier (global or window pool)
+    summed = pool * (1 if avgpool is None else math.prod(avgpool[1]))
     lo, hi = out_range
     target = np.asarray(target, np.float64)
     unit = np.asarray(self.units[name], np.float64)
     acc_clip = None
-    if clip is not None and pool == 1 and target.size == 1:
+    if clip is not None and summed == 1 and target.size == 1:
       # A clipped activation read as codes: min(round(v / s), round(c / s))
       # = round(min(v, c) / s), so the clip is the clamp's top code.
       hi = min(hi, int(np.round(clip / float(target))))
@@ -366,11 +381,11 @@ class _GraphBuilder:
       and (lo, hi) == tuple(self.input_quant.code_range)
     ):
       return INPUT
-    key = (name, relu, pool, maxpool, target.tobytes(), (lo, hi), clip)
+    key = (name, relu, pool, maxpool, avgpool, target.tobytes(), (lo, hi), clip)
     if key in self.views:
       return self.views[key]
     sign = np.where(unit < 0, -1, 1).astype(np.int32)
-    m0, exponent = ints.quantize_multiplier(np.abs(unit) / (pool * target))
+    m0, exponent = ints.quantize_multiplier(np.abs(unit) / (summed * target))
     path = f'{name}@{reader}'
     self.ops.append(
       IntRequant(
@@ -386,15 +401,28 @@ class _GraphBuilder:
         relu=relu,
         pool=pool,
         maxpool=maxpool,
+        avgpool=avgpool,
         acc_clip=None if acc_clip is None else np.atleast_1d(acc_clip),
       )
     )
     self.views[key] = path
     return path
 
+  def _concat(self, reader: str, parts, quant: InputQuant) -> str:
+    inputs = [
+      self._requant(reader, part, quant.scale, quant.code_range)
+      for part in parts
+    ]
+    key = ('concat', tuple(inputs))
+    if key not in self.views:
+      self.views[key] = f'concat@{reader}'
+      self.ops.append(IntConcat(path=self.views[key], inputs=inputs))
+    return self.views[key]
+
   def layer(self, path: str) -> None:
     src = self.structure.srcs.get(path)
-    if src is None:
+    parts = self.structure.concats.get(path)
+    if src is None and parts is None:
       raise ValueError(
         f'{path}: its input is not the model input, an earlier Conv/Dense '
         '(after its BatchNorm, ReLU, a max pool or a global average pool) '
@@ -412,9 +440,14 @@ class _GraphBuilder:
       reader,
       headroom_bits=_pool_bits(self.pooled.get(path, 1)),
     )
-    layer.src = self._requant(
-      path, src, reader.scale, reader.code_range, self.clips.get(path)
-    )
+    if parts is not None and len(parts) == 1:  # an average pool
+      layer.src = self._requant(path, parts[0], reader.scale, reader.code_range)
+    elif parts is not None:  # each part at this reader's step, concatenated
+      layer.src = self._concat(path, parts, reader)
+    else:
+      layer.src = self._requant(
+        path, src, reader.scale, reader.code_range, self.clips.get(path)
+      )
     self.units[path] = unit
     self.bounds[path] = _layer_bound(layer, unit, reader.code_range)
     self.ops.append(layer)
