@@ -18,10 +18,16 @@ form onnxruntime (and TensorRT, OpenVINO) turns into integer kernels:
   ``QuantizeLinear`` carries the layer's per-channel multiplier (``axis=1``).
   The last layer's accumulator is dequantized by a per-channel ``Mul`` into
   the float logits ``(N, classes)``.
-* Graph programs (F8Net residual nets): each layer reads its ``src``; a
-  residual add's operands (accumulators of layers without requantization,
-  or codes) are multiplied by ``2^shift`` (exact) and summed by ``Sum``,
-  then follow the same ReLU / pool / requantizing ``QuantizeLinear``.
+* Graph programs: each layer reads its ``src``; a residual add's operands
+  (accumulators of layers without requantization, or codes) are multiplied
+  by ``2^shift`` (exact) and summed by ``Sum``, then follow the same ReLU /
+  pool / requantizing ``QuantizeLinear`` (F8Net). Requantizations
+  (``IntRequant``, uniform QAT / FracBits graphs) are ``[Mul sign] ->
+  [Relu] -> [Min clip] -> [MaxPool] -> [AveragePool] ->
+  [GlobalAveragePool]`` and either the QDQ pair to a reader's codes or, for
+  an add's int32 operands, ``Mul`` by the multiplier and ``Round`` (float32:
+  the add is not exact in float beyond ``2^24``, so ``exact_accumulation``
+  is False there); concatenations are ``Concat`` on the channel axis.
 
 Formulation (chosen so onnxruntime computes the integer program's numbers):
 activation codes are dequantized with scale 1 and kernel codes with scale 1

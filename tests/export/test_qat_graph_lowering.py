@@ -191,19 +191,22 @@ def test_requant_and_add_by_hand():
   np.testing.assert_array_equal(np.asarray(out), [[8, 0], [4, 0]])
 
 
-class _Concat(nn.Module):
+class _Gated(nn.Module):
+  """Squeeze-excitation-like gating: an element-wise product of two
+  branches, which integer programs do not lower."""
+
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train
     a = nn.relu(nn.Conv(4, (1, 1), name='left')(x))
     b = nn.relu(nn.Conv(4, (1, 1), name='right')(x))
-    y = nn.Conv(4, (1, 1), name='merge')(jnp.concatenate([a, b], axis=-1))
+    y = nn.Conv(4, (1, 1), name='merge')(a * b)
     return nn.Dense(3, name='head')(jnp.mean(y, axis=(1, 2)))
 
 
 def test_unsupported_data_flow_is_refused_by_name():
   x = _images(4, n=4)
-  qm, v = _qat(_Concat(), x, W8A8)
+  qm, v = _qat(_Gated(), x, W8A8)
   with pytest.raises(ValueError, match=r'merge: its input is not'):
     export.lower(qm, v, x)
 

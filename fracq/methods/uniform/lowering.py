@@ -17,11 +17,39 @@ move a code by one near ties, so logits agree to a small tolerance.
 The kernels' codes, scales and bits come from
 :func:`fracq.export.freeze.freeze` and the input steps from
 :func:`fracq.export.freeze.freeze_inputs` (the method's export contract);
-the lowering folds them, per layer (:func:`fold_layer`), and links
-consecutive layers (:func:`requantize_to`). Chains of ``nn.Conv`` /
-``nn.Dense`` layers (each optionally followed by its BatchNorm, then ReLU
-when the next input is non-negative, with an optional global average pool
-before the last layer) lower.
+the lowering folds them, per layer (:func:`fold_layer`), and links the
+layers. Chains of ``nn.Conv`` / ``nn.Dense`` layers (each optionally
+followed by its BatchNorm, then ReLU when the next input is non-negative,
+with an optional global average pool before the last layer) lower to chain
+programs (:func:`requantize_to`).
+
+Other data flows lower to *graph* programs (the data flow from
+:func:`fracq.graph.structure.probe_structure`; tested on ResNet basic and
+bottleneck blocks with identity and projection shortcuts and the 3x3 / 2
+stem max pool, MobileNet-V2 inverted residuals, Inception-style
+concatenations with 3x3 / 1 average-pool branches):
+
+* Every reader quantizes at its own LSQ step, so each layer keeps its int32
+  accumulator and every read is an :class:`~fracq.export.IntRequant`
+  (shared by readers of the same view): sign, ReLU, clip, max / average /
+  global pool sums, the exact fixed-point multiplier ``unit / (positions *
+  step)`` and the clamp to the reader's codes.
+* A residual add requantizes each operand (int32 accumulators, or the
+  previous add's int32 sum for an identity shortcut, as the fake-quantized
+  model adds float values) to one common fixed-point position, the bound of
+  the sum at :data:`ADD_BITS` bits, and sums them (an ``IntAdd`` without
+  shifts); its ReLU moves into its readers.
+* ReLU6 and any other clipped activation (found by
+  :func:`fracq.graph.structure.input_clips`) becomes the clamp's top code,
+  ``min(qmax, round(clip / step))``, exact because rounding is monotone; a
+  clipped activation that is averaged clamps the accumulator before the sum.
+* A channel concatenation read by a layer becomes an
+  :class:`~fracq.export.IntConcat` of its parts, each requantized to that
+  layer's step.
+
+Anything else (a product, reshape or normalisation between layers, an add
+outside a module's output) is refused with an error naming the layer that
+reads it.
 """
 
 from __future__ import annotations
@@ -425,9 +453,10 @@ class _GraphBuilder:
     if src is None and parts is None:
       raise ValueError(
         f'{path}: its input is not the model input, an earlier Conv/Dense '
-        '(after its BatchNorm, ReLU, a max pool or a global average pool) '
-        'or a residual add; the integer lowering cannot follow this data '
-        'flow (a reshape, concatenation or another op between layers). '
+        '(after its BatchNorm, ReLU, a max, average or global pool), a '
+        'residual add or a channel concatenation of those; the integer '
+        'lowering cannot follow this data flow (a product, reshape, '
+        'normalisation or another op between layers). '
         'Export the packed artifact (export_model) instead.'
       )
     reader = self.inputs[path]
