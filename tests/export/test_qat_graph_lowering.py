@@ -63,8 +63,9 @@ def _check_onnx(prog, x, got):
   pytest.importorskip('onnx')
   pytest.importorskip('onnxruntime')
   onnx_out = ox.run_onnx(ox.program_to_onnx(prog), np.asarray(x))
-  np.testing.assert_array_equal(onnx_out.argmax(1), got.argmax(1))
-  assert np.abs(onnx_out - got).max() <= 1e-3 * np.ptp(got)
+  # onnxruntime requantizes in float32 (QuantizeLinear divides by a float
+  # scale), so the same code flips can occur as against the simulation.
+  _assert_matches_fake_quant(onnx_out, got)
 
 
 def test_resnet20_identity_and_projection_blocks(tmp_path):
