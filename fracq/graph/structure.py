@@ -175,7 +175,7 @@ def _match_parts(known, a):
 def _match_concat(known, a):
   """The parts of ``a`` as a channel concatenation of known tensors (each
   possibly after ReLU and a max or stride-1 average pool), or None."""
-  if a.ndim != 4:
+  if a.ndim not in (2, 4):  # feature maps, or their global averages
     return None
   parts, offset = [], 0
   a = np.asarray(a)

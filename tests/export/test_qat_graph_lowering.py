@@ -306,7 +306,8 @@ class _MiniInception(nn.Module):
   """Inception-V3 in miniature: a stem with a 3x3 / 2 max pool, an
   Inception-A-like block (1x1, 3x3 and a 3x3 / 1 average-pool branch,
   concatenated), an Inception-B-like reduction (a strided conv next to a
-  3x3 / 2 max pool of the block input), the global pool and classifier."""
+  3x3 / 2 max pool of the block input), the global pool of a last
+  concatenation and the classifier."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -326,7 +327,7 @@ class _MiniInception(nn.Module):
     x = jnp.concatenate([b1, b3, bp], axis=-1)
     b3 = _Branch(8, (3, 3), train, strides=2, name='b_3x3')(x)
     x = jnp.concatenate([b3, nn.max_pool(x, (3, 3), strides=(2, 2))], axis=-1)
-    x = _Branch(8, (1, 1), train, name='c_1x1')(x)
+    x = jnp.concatenate([_Branch(8, (1, 1), train, name='c_1x1')(x), b3], -1)
     return nn.Dense(5, name='fc')(jnp.mean(x, axis=(1, 2)))
 
 
@@ -338,10 +339,13 @@ def test_inception_concatenations_and_pools(tmp_path):
   assert [op.path for op in concats] == [
     'concat@b_3x3/conv',
     'concat@c_1x1/conv',
+    'concat@fc',
   ]
   views = {
     op.path: op for op in prog.layers if isinstance(op, export.IntRequant)
   }
+  # The classifier reads the global averages of both parts.
+  assert [views[name].pool for name in concats[-1].inputs] == [4, 4]
   # The average-pool branch reads the block input, the stem after its max
   # pool: a 3x3 / 2 max pool, then a 3x3 / 1 window sum, of the stem's
   # accumulator, requantized once.
