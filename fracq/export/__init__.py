@@ -30,8 +30,10 @@ from fracq.export.onnx_export import export_onnx
 from fracq.export.onnx_export import program_to_onnx
 from fracq.export.onnx_export import run_onnx
 from fracq.export.program import IntAdd
+from fracq.export.program import IntConcat
 from fracq.export.program import IntegerProgram
 from fracq.export.program import IntLayer
+from fracq.export.program import IntRequant
 from fracq.export.program import integer_forward
 from fracq.export.program import is_graph
 from fracq.export.serialization import load_program
@@ -40,7 +42,9 @@ from fracq.export.serialization import save_program
 __all__ = [
   'ArtifactError',
   'IntAdd',
+  'IntConcat',
   'IntLayer',
+  'IntRequant',
   'IntegerProgram',
   'SizeReport',
   'dequantized_kernels',

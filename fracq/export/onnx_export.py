@@ -18,10 +18,16 @@ form onnxruntime (and TensorRT, OpenVINO) turns into integer kernels:
   ``QuantizeLinear`` carries the layer's per-channel multiplier (``axis=1``).
   The last layer's accumulator is dequantized by a per-channel ``Mul`` into
   the float logits ``(N, classes)``.
-* Graph programs (F8Net residual nets): each layer reads its ``src``; a
-  residual add's operands (accumulators of layers without requantization,
-  or codes) are multiplied by ``2^shift`` (exact) and summed by ``Sum``,
-  then follow the same ReLU / pool / requantizing ``QuantizeLinear``.
+* Graph programs: each layer reads its ``src``; a residual add's operands
+  (accumulators of layers without requantization, or codes) are multiplied
+  by ``2^shift`` (exact) and summed by ``Sum``, then follow the same ReLU /
+  pool / requantizing ``QuantizeLinear`` (F8Net). Requantizations
+  (``IntRequant``, uniform QAT / FracBits graphs) are ``[Mul sign] ->
+  [Relu] -> [Min clip] -> [MaxPool] -> [AveragePool] ->
+  [GlobalAveragePool]`` and either the QDQ pair to a reader's codes or, for
+  an add's int32 operands, ``Mul`` by the multiplier and ``Round`` (float32:
+  the add is not exact in float beyond ``2^24``, so ``exact_accumulation``
+  is False there); concatenations are ``Concat`` on the channel axis.
 
 Formulation (chosen so onnxruntime computes the integer program's numbers):
 activation codes are dequantized with scale 1 and kernel codes with scale 1
@@ -59,8 +65,10 @@ import numpy as np
 from fracq.export.lowering import lower
 from fracq.export.program import INPUT
 from fracq.export.program import IntAdd
+from fracq.export.program import IntConcat
 from fracq.export.program import IntegerProgram
 from fracq.export.program import IntLayer
+from fracq.export.program import IntRequant
 
 EXACT_FLOAT_INT = 2**24  # float32 holds every integer below this exactly
 
@@ -145,6 +153,9 @@ class _Tensor:
   name: str
   rank: int
   bound: float  # max |value|
+  # the program's integers are the values times 2^acc_shift (a layer's
+  # accumulator: its bias is dequantized at 2^-acc_shift)
+  acc_shift: int = 0
 
 
 @dataclasses.dataclass
@@ -258,7 +269,7 @@ def _add_sum(graph: _Graph, add: IntAdd, env: dict, checks: _Checks):
     operand = env[name]
     rank = operand.rank
     term = operand.name
-    shift = np.asarray(shift, np.float64)
+    shift = np.asarray(shift, np.float64) + operand.acc_shift
     if np.any(shift != 0):
       factor = (2.0**shift).astype(np.float32)
       term = graph.node(
@@ -371,11 +382,18 @@ def _requantize(
     )
   if op.relu:
     acc = graph.node('Relu', [acc], f'{tag}_relu')
+  acc = _acc_clip(graph, op, acc, rank, acc_shift)
+  pre_max = isinstance(op, IntRequant) and op.maxpool is not None
+  if pre_max:  # before an average pool (max commutes with requantization)
+    acc = _max_pool(graph, op, acc)
+  acc = _avg_pool(graph, op, acc)
   if op.pool > 1:
     if rank != 4:
       raise ValueError(f'{op.path}: a global pool after a Dense layer.')
     acc = graph.node('GlobalAveragePool', [acc], f'{tag}_pool')
-  y_scale = 1.0 / (_multiplier(op, width) * op.pool * 2.0**acc_shift)
+  y_scale = 1.0 / (
+    _multiplier(op, width) * op.pool * _window(op) * 2.0**acc_shift
+  )
   out_lo, out_hi = op.out_range
   codes = _qdq(
     graph,
@@ -389,17 +407,123 @@ def _requantize(
   if op.pool > 1:  # (N, C, 1, 1) -> (N, C): what a Dense reader takes
     codes = graph.node('Flatten', [codes], f'{tag}_pooled', axis=1)
     rank = 2
-  if op.maxpool is not None:  # on the codes (max commutes with requant)
-    _, window, strides, pads = op.maxpool
-    codes = graph.node(
-      'MaxPool',
-      [codes],
-      f'{tag}_maxpool',
-      kernel_shape=list(window),
-      strides=list(strides),
-      pads=[pad[0] for pad in pads] + [pad[1] for pad in pads],
-    )
+  if op.maxpool is not None and not pre_max:  # on the codes
+    codes = _max_pool(graph, op, codes)
   return _Tensor(codes, rank, max(abs(out_lo), abs(out_hi)))
+
+
+def _window(op) -> int:
+  """Positions an average pool of ``op`` sums (1: none)."""
+  avgpool = getattr(op, 'avgpool', None)
+  return 1 if avgpool is None else int(np.prod(avgpool[1]))
+
+
+def _avg_pool(graph: _Graph, op, tensor):
+  """``AveragePool`` (zero padding counted) of a requantization's input."""
+  avgpool = getattr(op, 'avgpool', None)
+  if avgpool is None:
+    return tensor
+  _, window, strides, pads = avgpool
+  return graph.node(
+    'AveragePool',
+    [tensor],
+    f'{op.path.replace("/", ".")}_avgpool',
+    kernel_shape=list(window),
+    strides=list(strides),
+    pads=[pad[0] for pad in pads] + [pad[1] for pad in pads],
+    count_include_pad=1,
+  )
+
+
+def _acc_clip(graph: _Graph, op, acc, rank: int, acc_shift: int):
+  """``Min`` with a requantization's per-channel accumulator clip (a
+  clipped activation before a pool), in the tensor's units."""
+  acc_clip = getattr(op, 'acc_clip', None)
+  if acc_clip is None:
+    return acc
+  channel_shape = (1, -1, 1, 1) if rank == 4 else (1, -1)
+  top = (np.asarray(acc_clip, np.float64) / 2.0**acc_shift).astype(np.float32)
+  return graph.node(
+    'Min',
+    [
+      acc,
+      graph.const(
+        f'{op.path.replace("/", ".")}_clip', top.reshape(channel_shape)
+      ),
+    ],
+    f'{op.path.replace("/", ".")}_clipped',
+  )
+
+
+def _requant_op(graph: _Graph, op: IntRequant, source: _Tensor) -> _Tensor:
+  """An :class:`IntRequant`: to 8-bit codes like a layer's tail, or to an
+  add operand's int32 fixed-point position (``[Mul sign] -> [Relu] ->
+  [GlobalAveragePool] -> Mul M -> Round [-> MaxPool]``)."""
+  width = int(np.size(op.requant[2]))
+  width = width if width > 1 else None
+  if op.out_range[1] < 2**16:
+    return _requantize(
+      graph, op, source.name, source.rank, width, source.acc_shift
+    )
+  tag = op.path.replace('/', '.')
+  if op.avgpool is not None:
+    raise ValueError(f'{op.path}: an average pool of an add operand.')
+  rank = source.rank
+  channel_shape = (1, -1, 1, 1) if rank == 4 else (1, -1)
+  acc = source.name
+  sign = np.asarray(op.requant[1], np.float32)
+  factor = _multiplier(op, width) * op.pool * 2.0**source.acc_shift
+  if op.relu:
+    if np.any(sign < 0):
+      acc = graph.node(
+        'Mul',
+        [acc, graph.const(f'{tag}_sign', sign.reshape(channel_shape))],
+        f'{tag}_signed',
+      )
+      acc = graph.node('Relu', [acc], f'{tag}_relu')
+    else:
+      acc = graph.node('Relu', [acc], f'{tag}_relu')
+    acc = _acc_clip(graph, op, acc, rank, source.acc_shift)
+  else:
+    if op.acc_clip is not None:
+      raise ValueError(f'{op.path}: a clip without ReLU is not exported.')
+    factor = factor * np.broadcast_to(sign, np.shape(factor))
+  if op.pool > 1:
+    if rank != 4:
+      raise ValueError(f'{op.path}: a global pool of a 2-D tensor.')
+    acc = graph.node('GlobalAveragePool', [acc], f'{tag}_pool')
+  factor = np.asarray(factor, np.float32)
+  scaled = graph.node(
+    'Mul',
+    [
+      acc,
+      graph.const(
+        f'{tag}_mult',
+        factor.reshape(channel_shape) if factor.ndim else factor,
+      ),
+    ],
+    f'{tag}_scaled',
+  )
+  out = graph.node('Round', [scaled], f'{tag}_int')
+  if op.pool > 1:
+    out = graph.node('Flatten', [out], f'{tag}_pooled', axis=1)
+    rank = 2
+  if op.maxpool is not None:
+    out = _max_pool(graph, op, out)
+  bound = source.bound * float(np.max(np.abs(factor)))
+  return _Tensor(out, rank, min(bound, float(op.out_range[1])))
+
+
+def _max_pool(graph: _Graph, op, tensor):
+  _, window, strides, pads = op.maxpool
+  return graph.node(
+    'MaxPool',
+    [tensor],
+    f'{op.path.replace("/", ".")}_maxpool',
+    kernel_shape=list(window),
+    strides=list(strides),
+    pads=[pad[0] for pad in pads] + [pad[1] for pad in pads],
+  )
 
 
 def _dequantize_output(graph: _Graph, layer: IntLayer, acc, rank, width):
@@ -469,20 +593,37 @@ def program_to_onnx(
   checks = _Checks()
   last = len(program.layers) - 1
   for index, op in enumerate(program.layers):
+    if isinstance(op, IntConcat):
+      parts = [env[name] for name in op.inputs]
+      current = env[op.path] = _Tensor(
+        graph.node(
+          'Concat',
+          [part.name for part in parts],
+          op.path.replace('/', '.'),
+          axis=1,
+        ),
+        parts[0].rank,
+        max(part.bound for part in parts),
+      )
+      continue
+    if isinstance(op, IntRequant):
+      current = env[op.path] = _requant_op(graph, op, env[op.src])
+      continue
     if isinstance(op, IntAdd):
       acc, rank = _add_sum(graph, op, env, checks)
       width, acc_shift = None, 0
+      if op.requant is None:  # read by requantizations: the int32 sum
+        bound = sum(env[name].bound for name in op.inputs)
+        current = env[op.path] = _Tensor(acc, rank, bound)
+        continue
     else:
       source = env[op.src] if op.src is not None else current
       acc, rank, acc_bound = _layer_acc(graph, op, source, opset, checks)
       width, acc_shift = op.kernel.shape[-1], op.acc_shift
-      if op.requant is None and index < last:  # an add operand: the acc
-        if op.acc_shift:
-          raise ValueError(
-            f'{op.path}: an add operand with acc_shift={op.acc_shift} is '
-            'not exported.'
-          )
-        current = env[op.path] = _Tensor(acc, rank, acc_bound)
+      if op.requant is None and index < last:  # read by adds/requants
+        current = env[op.path] = _Tensor(
+          acc, rank, acc_bound, acc_shift=op.acc_shift
+        )
         continue
       if op.requant is None:  # the last layer: dequantize the accumulator
         current = _Tensor(

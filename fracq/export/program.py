@@ -16,6 +16,12 @@ program (residual nets) names each layer's input (``IntLayer.src``: an
 earlier op's path, or ``'input'``) and has :class:`IntAdd` ops, which shift
 their int32 operands left to a common fixed-point position (exact), add,
 and go through the same ReLU / pool / requantization tail as a layer.
+Real-multiplier graph programs (uniform QAT and FracBits residual nets,
+where every reader quantizes at its own step) keep each layer's and add's
+int32 accumulator and read it through :class:`IntRequant` ops: a sign, ReLU,
+pool, exact fixed-point multiplier and clamp, to a reader's 8-bit codes or
+to an add's common int32 fixed-point position (the add then sums aligned
+int32 operands).
 
 Programs are produced by :mod:`fracq.export.lowering`, written and read by
 :mod:`fracq.export.serialization` and translated to ONNX by
@@ -32,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fracq.core import integer as ints
+from fracq.graph.structure import avg_pool_sum
 from fracq.graph.structure import max_pool
 
 INPUT = 'input'  # the name of the program's input in graph programs
@@ -115,6 +122,49 @@ class IntAdd:
 
 
 @dataclasses.dataclass
+class IntRequant:
+  """A requantization of an earlier op's output in a graph program.
+
+  Reads ``src`` (an int32 accumulator, or codes), multiplies each channel by
+  its sign, applies ReLU, an optional global-average-pool sum, the exact
+  fixed-point multiplier of ``requant`` (``('mult', sign, m0, exponent)``),
+  the clamp to ``out_range``, with an optional max pool (before the
+  multiplier: max commutes with the monotone requantization): a
+  reader's input codes (an 8-bit range, narrowed by a clipped activation
+  such as ReLU6) or an add operand at the add's common int32 fixed-point
+  position (``out_range`` beyond 16 bits). ``acc_clip`` (per channel, in
+  units of the signed input) clamps the input after ReLU, before a pool
+  sum: a clipped activation that is then averaged. ``avgpool``
+  (``('avg', window, strides, padding)``, zero padding counted) sums each
+  window of the input before the multiplier, which includes the division
+  by the window size.
+  """
+
+  path: str
+  src: str
+  requant: tuple
+  out_range: tuple[int, int]
+  relu: bool = False
+  pool: int = 1
+  maxpool: tuple | None = None
+  acc_clip: np.ndarray | None = None
+  avgpool: tuple | None = None
+  layer_type: str = 'Requant'
+  out_scale: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class IntConcat:
+  """A channel concatenation of earlier ops' codes (graph programs): the
+  parts are requantized to one scale (the reader's) first."""
+
+  path: str
+  inputs: list[str]
+  layer_type: str = 'Concat'
+  out_scale: np.ndarray | None = None
+
+
+@dataclasses.dataclass
 class IntegerProgram:
   """An integer-only model: input quantization, ops, output scale.
 
@@ -122,7 +172,7 @@ class IntegerProgram:
   of a graph program is kept under its path.
   """
 
-  layers: list[IntLayer | IntAdd]
+  layers: list[IntLayer | IntAdd | IntRequant | IntConcat]
   input_scale: float  # real value of one input code
   input_range: tuple[int, int]
   kind: str  # the lowering that produced it: 'f8net' or 'qat'
@@ -170,7 +220,21 @@ class IntegerProgram:
     return '\n'.join(lines)
 
 
-def _summary_line(op: IntLayer | IntAdd) -> str:
+def _summary_line(op) -> str:
+  if isinstance(op, IntConcat):
+    return f'{op.path:<20} {"Concat":<6} {"+".join(op.inputs)}'
+  if isinstance(op, IntRequant):
+    lo, hi = op.out_range
+    target = f'[{lo}, {hi}]' if hi < 2**16 else 'int32'
+    maxpool = (
+      ''
+      if op.maxpool is None
+      else f', max pool {"x".join(map(str, op.maxpool[1]))} /{op.maxpool[2][0]}'
+    )
+    return (
+      f'{op.path:<20} {"Requant":<6} {op.src:<18} {"-":<5} '
+      f'{str(op.relu):<5} {op.pool:>4}  mult -> {target}{maxpool}'
+    )
   if isinstance(op, IntAdd):
     return (
       f'{op.path:<20} {"Add":<6} '
@@ -214,7 +278,7 @@ def _along_last(values, ndim):
   return values.reshape((1,) * (ndim - 1) + (values.shape[0],))
 
 
-def _tail(op: IntLayer | IntAdd, acc):
+def _tail(op: IntLayer | IntAdd | IntRequant, acc):
   """ReLU, pool sum, requantization and clamp of an int32 accumulator."""
   if op.requant is None:
     return acc
@@ -222,6 +286,16 @@ def _tail(op: IntLayer | IntAdd, acc):
     acc = acc * _along_last(jnp.asarray(op.requant[1], jnp.int32), acc.ndim)
   if op.relu:
     acc = jnp.maximum(acc, 0)
+  acc_clip = getattr(op, 'acc_clip', None)
+  if acc_clip is not None:
+    acc = jnp.minimum(
+      acc, _along_last(jnp.asarray(acc_clip, jnp.int32), acc.ndim)
+    )
+  requant_op = isinstance(op, IntRequant)
+  if requant_op and op.maxpool is not None:  # max commutes with requant
+    acc = max_pool(acc, op.maxpool)
+  if requant_op and op.avgpool is not None:
+    acc = avg_pool_sum(acc, op.avgpool)
   if op.pool > 1:
     acc = jnp.sum(acc, axis=tuple(range(1, acc.ndim - 1)), dtype=jnp.int32)
   lo, hi = op.out_range
@@ -234,7 +308,7 @@ def _tail(op: IntLayer | IntAdd, acc):
       acc, jnp.asarray(m0), jnp.asarray(exponent), 0, lo, hi
     )
   out = out.astype(code_dtype(lo, hi))
-  return out if op.maxpool is None else max_pool(out, op.maxpool)
+  return out if op.maxpool is None or requant_op else max_pool(out, op.maxpool)
 
 
 def _layer_acc(layer: IntLayer, codes):
@@ -274,6 +348,11 @@ def _graph_forward(program: IntegerProgram, codes) -> jax.Array:
   for op in program.layers:
     if isinstance(op, IntAdd):
       acc = _add_acc(op, env)
+    elif isinstance(op, IntRequant):
+      acc = jnp.asarray(env[op.src]).astype(jnp.int32)
+    elif isinstance(op, IntConcat):
+      env[op.path] = jnp.concatenate([env[name] for name in op.inputs], -1)
+      continue
     else:
       acc = _layer_acc(op, env[op.src if op.src is not None else INPUT])
     out = _tail(op, acc)
@@ -284,7 +363,8 @@ def _graph_forward(program: IntegerProgram, codes) -> jax.Array:
 def is_graph(program: IntegerProgram) -> bool:
   """Whether ``program`` has adds or named inputs (else it is a chain)."""
   return any(
-    isinstance(op, IntAdd) or op.src is not None for op in program.layers
+    isinstance(op, (IntAdd, IntRequant, IntConcat)) or op.src is not None
+    for op in program.layers
   )
 
 

@@ -5,7 +5,7 @@ checksummed safetensors): kernels bit-packed at their storage widths, int32
 biases, requantization multipliers and shifts stored exactly (bit-cast into
 the float blob, names ending ``.i32``), and the op list in the manifest's
 ``metadata['program']``. Chain programs keep the original format
-(:data:`PROGRAM_FORMAT`); graph programs (named inputs, adds) are
+(:data:`PROGRAM_FORMAT`); graph programs (named inputs, adds, requantizations) are
 :data:`GRAPH_FORMAT`.
 """
 
@@ -15,8 +15,10 @@ import numpy as np
 
 from fracq.export import artifact
 from fracq.export.program import IntAdd
+from fracq.export.program import IntConcat
 from fracq.export.program import IntegerProgram
 from fracq.export.program import IntLayer
+from fracq.export.program import IntRequant
 from fracq.export.program import is_graph
 
 PROGRAM_FORMAT = 'fracq-integer-program-1'  # chains
@@ -35,11 +37,11 @@ def _maxpool_json(spec):
   }
 
 
-def _maxpool_spec(entry):
+def _maxpool_spec(entry, kind='max'):
   if entry is None:
     return None
   return (
-    'max',
+    kind,
     tuple(entry['window']),
     tuple(entry['strides']),
     tuple(tuple(pad) for pad in entry['padding']),
@@ -84,6 +86,12 @@ def theoretical_bytes(
   int32 biases, requantization parameters and float32 output scales."""
   total = 0.0
   for op in program.layers:
+    if isinstance(op, IntConcat):
+      continue
+    if isinstance(op, IntRequant):
+      total += 4 * sum(np.size(part) for part in op.requant[1:])
+      total += 0 if op.acc_clip is None else 4 * np.size(op.acc_clip)
+      continue
     if isinstance(op, IntAdd):
       total += 4 * sum(np.size(shift) for shift in op.shifts)
       total += 0 if op.requant is None else 4 * np.size(op.requant[1])
@@ -118,6 +126,24 @@ def _add_entry(add: IntAdd, floats: dict) -> dict:
     'maxpool': _maxpool_json(add.maxpool),
     'out_range': None if add.out_range is None else list(add.out_range),
     'requant': None if add.requant is None else add.requant[0],
+  }
+
+
+def _requant_entry(op: IntRequant, floats: dict) -> dict:
+  for name, values in zip(_REQUANT_MULT_PARTS, op.requant[1:]):
+    floats[f'{op.path}/{name}.i32'] = _i32_as_f32(np.atleast_1d(values))
+  if op.acc_clip is not None:
+    floats[f'{op.path}/acc_clip.i32'] = _i32_as_f32(np.atleast_1d(op.acc_clip))
+  return {
+    'path': op.path,
+    'type': 'Requant',
+    'src': op.src,
+    'relu': bool(op.relu),
+    'pool': int(op.pool),
+    'maxpool': _maxpool_json(op.maxpool),
+    'avgpool': _maxpool_json(op.avgpool),
+    'out_range': list(op.out_range),
+    'requant': op.requant[0],
   }
 
 
@@ -192,7 +218,11 @@ def save_program(
   packed, floats, entries = {}, {}, []
   kernel_bits = dict(kernel_bits or {})
   for op in program.layers:
-    if isinstance(op, IntAdd):
+    if isinstance(op, IntConcat):
+      entries.append({'path': op.path, 'type': 'Concat', 'inputs': op.inputs})
+    elif isinstance(op, IntRequant):
+      entries.append(_requant_entry(op, floats))
+    elif isinstance(op, IntAdd):
       entries.append(_add_entry(op, floats))
     else:
       entries.append(_layer_entry(op, packed, floats, kernel_bits))
@@ -228,6 +258,29 @@ def _load_add(entry: dict, floats: dict) -> IntAdd:
     out_range=None if entry['out_range'] is None else tuple(entry['out_range']),
     out_scale=floats.get(f'{path}/out_scale'),
     maxpool=_maxpool_spec(entry.get('maxpool')),
+  )
+
+
+def _load_requant(entry: dict, floats: dict) -> IntRequant:
+  path = entry['path']
+  return IntRequant(
+    path=path,
+    src=entry['src'],
+    requant=('mult',)
+    + tuple(
+      _scalar_if_single(_f32_as_i32(floats[f'{path}/{name}.i32']))
+      for name in _REQUANT_MULT_PARTS
+    ),
+    out_range=tuple(entry['out_range']),
+    relu=entry['relu'],
+    pool=entry['pool'],
+    maxpool=_maxpool_spec(entry.get('maxpool')),
+    avgpool=_maxpool_spec(entry.get('avgpool'), 'avg'),
+    acc_clip=(
+      _f32_as_i32(floats[f'{path}/acc_clip.i32'])
+      if f'{path}/acc_clip.i32' in floats
+      else None
+    ),
   )
 
 
@@ -288,9 +341,14 @@ def load_program(path: str) -> IntegerProgram:
       'integer-capable method).'
     )
   tensors = manifest.get('tensors', {})
+  loaders = {
+    'Add': lambda entry: _load_add(entry, floats),
+    'Requant': lambda entry: _load_requant(entry, floats),
+    'Concat': lambda entry: IntConcat(entry['path'], list(entry['inputs'])),
+  }
   ops = [
-    _load_add(entry, floats)
-    if entry['type'] == 'Add'
+    loaders[entry['type']](entry)
+    if entry['type'] in loaders
     else _load_layer(entry, codes, floats, tensors)
     for entry in program['layers']
   ]

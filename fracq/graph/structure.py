@@ -77,6 +77,13 @@ class Structure:
   # layer path -> its facts (:class:`fracq.interception.LayerFacts`),
   # including the float layers and the rule that matched each
   facts: dict = dataclasses.field(default_factory=dict)
+  # layer -> the parts of its input where it is not a plain read (its
+  # ``srcs`` entry is None): one part (an average pool of a known tensor)
+  # or a channel concatenation of known tensors, [(src, relu, pool)] in
+  # channel order; ``pool`` is 1, a max pool, a stride-1 average pool
+  # (:data:`AVG_POOLS`) or a max pool then an average pool
+  # (:func:`is_pool_chain`)
+  concats: dict[str, list] = dataclasses.field(default_factory=dict)
 
 
 def _same(a, b):
@@ -98,8 +105,96 @@ MAX_POOLS = tuple(
 )
 
 
+# Average pools (count_include_pad) the probe recognises in concatenation
+# parts, e.g. Inception's 3x3 / 1 pool branch.
+AVG_POOLS = (('avg', (3, 3), (1, 1), ((1, 1), (1, 1))),)
+
+
 def is_max_pool(pool) -> bool:
   return isinstance(pool, tuple) and bool(pool) and pool[0] == 'max'
+
+
+def is_avg_pool(pool) -> bool:
+  return isinstance(pool, tuple) and bool(pool) and pool[0] == 'avg'
+
+
+def avg_pool_sum(v, spec):
+  """The window sums of ``spec`` = ('avg', window, strides, padding) on NHWC
+  ``v`` (zero padding; divided by the window size: count_include_pad)."""
+  _, window, strides, pads = spec
+  v = jnp.asarray(v)
+  return jax.lax.reduce_window(
+    v,
+    jnp.asarray(0, v.dtype),
+    jax.lax.add,
+    (1, *window, 1),
+    (1, *strides, 1),
+    ((0, 0), *pads, (0, 0)),
+  )
+
+
+def _avg_pool(v, spec):
+  return np.asarray(avg_pool_sum(np.asarray(v, np.float64), spec)) / math.prod(
+    spec[1]
+  )
+
+
+def is_pool_chain(pool) -> bool:
+  """A max pool followed by an average pool: ``(max_spec, avg_spec)``."""
+  return isinstance(pool, tuple) and len(pool) == 2 and is_max_pool(pool[0])
+
+
+def _match_avg_pool(name, v, a):
+  """``(name, relu, pool)`` if ``a`` is a stride-1 average pool of ``v``
+  (possibly after ReLU, or after ReLU and a max pool); else None."""
+  if v.ndim != 4 or a.ndim != 4 or v.shape[-1] != a.shape[-1]:
+    return None
+  for spec in AVG_POOLS:
+    for relu in (False, True):
+      base = _relu(v) if relu else v
+      if v.shape == a.shape and _same(a, _avg_pool(base, spec)):
+        return name, relu, spec
+      for max_spec in MAX_POOLS:
+        pooled = np.asarray(max_pool(np.asarray(base), max_spec))
+        if pooled.shape == a.shape and _same(a, _avg_pool(pooled, spec)):
+          return name, relu, (max_spec, spec)
+  return None
+
+
+def _match_parts(known, a):
+  """The input of a layer that :func:`_match` does not explain: an average
+  pool of one known tensor, or a channel concatenation (see
+  :attr:`Structure.concats`); None if neither."""
+  for name, v in reversed(known):
+    hit = _match_avg_pool(name, v, np.asarray(a))
+    if hit is not None:
+      return [hit]
+  return _match_concat(known, a)
+
+
+def _match_concat(known, a):
+  """The parts of ``a`` as a channel concatenation of known tensors (each
+  possibly after ReLU and a max or stride-1 average pool), or None."""
+  if a.ndim not in (2, 4):  # feature maps, or their global averages
+    return None
+  parts, offset = [], 0
+  a = np.asarray(a)
+  while offset < a.shape[-1]:
+    found = None
+    for name, v in reversed(known):
+      width = v.shape[-1]
+      if v.ndim != 4 or offset + width > a.shape[-1]:
+        continue
+      piece = a[..., offset : offset + width]
+      hit = _match([(name, v)], piece) or _match_avg_pool(name, v, piece)
+      if hit is not None:
+        found = (hit, width)
+        break
+    if found is None:
+      return None
+    parts.append(found[0])
+    offset += found[1]
+  return parts if len(parts) > 1 else None
 
 
 def max_pool(v, spec):
@@ -208,6 +303,7 @@ class _StructureProbe:
     self.order, self.pairs, self.unfolded = [], {}, {}
     self.outs, self.ins, self.outputs, self.eps, self.attrs = {}, {}, {}, {}, {}
     self.srcs, self.adds, self.ops, self.shared = {}, {}, [], {}
+    self.concats = {}
     self.known, self.consumed, self.frames = [], set(), []
     self.values = {}
 
@@ -306,6 +402,11 @@ class _StructureProbe:
     self.srcs[path] = src
     if src is not None:
       self.consumed.add(src[0])
+    else:
+      parts = _match_parts(self.known, a)
+      if parts is not None:
+        self.concats[path] = parts
+        self.consumed.update(part[0] for part in parts)
     for frame in self.frames:
       frame['inner'].append(path)
       frame['read'].update(i for i, b in frame['args'] if b is a)
@@ -329,6 +430,73 @@ class _StructureProbe:
     self.values[path] = y
     self.known.append((path, y))
     return y
+
+
+class _ClipProbe:
+  """The provider behind :func:`input_clips`: every Conv/Dense output (after
+  its BatchNorm, where it has one) is shifted up by ``shift``, and each
+  layer's input is recorded."""
+
+  layer_types = _CONV_DENSE
+
+  def __init__(self, pairs: dict[str, str], shift: float):
+    self.shift = shift
+    self.bns = set(pairs.values())
+    self.paired = set(pairs)
+    self.inputs = {}
+
+  def quantize_kernel(self, site, kernel):
+    return kernel
+
+  def quantize_input(self, site, x):
+    return x
+
+  def call_module(self, call):
+    out = call.proceed(*call.args, **call.kwargs)
+    if call.kind == 'BatchNorm' and call.path in self.bns:
+      out = out + self.shift
+    return out
+
+  def call_layer(self, call):
+    path = call.site.path
+    self.inputs[path] = np.asarray(call.inputs)
+    y = call.run()
+    return y if path in self.paired else y + self.shift
+
+
+def input_clips(
+  module: nn.Module,
+  variables,
+  x,
+  structure: Structure,
+  *,
+  shift: float = 1e4,
+  **call_kwargs,
+) -> dict[str, float]:
+  """Layer -> the upper clip of its input (e.g. 6.0 after ReLU6), for the
+  layers whose input is a clipped activation of an earlier layer.
+
+  The probe's values cannot tell ``relu6`` from ``relu`` while activations
+  stay below 6, so this runs the float model once more with every layer's
+  (post-BN) output shifted far above any clip: a layer reading a clipped
+  activation then sees one constant, the clip (after a max or global
+  average pool too); an unclipped reader sees the shifted values.
+  """
+  x = jnp.asarray(x)[:1]
+  probe = _ClipProbe(structure.pairs, shift)
+  rules = (Rule(module_path='.*', layer_types=_CONV_DENSE, name='probe'),)
+  qmodule = QuantizedModule(module, rules, probe, on_unused='warn')
+  with jax.disable_jit(), qmodule.intercepting({}):
+    module.apply(variables, x, **call_kwargs)
+  clips = {}
+  for path, value in probe.inputs.items():
+    src = structure.srcs.get(path)
+    if src is None or src[0] == 'input' or value.size == 0:
+      continue
+    top, bottom = float(np.max(value)), float(np.min(value))
+    if top == bottom and 0 < top < shift / 2:
+      clips[path] = top
+  return clips
 
 
 def probe_structure(
@@ -373,4 +541,5 @@ def probe_structure(
     probe.ops,
     probe.shared,
     facts,
+    probe.concats,
   )

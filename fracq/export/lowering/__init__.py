@@ -8,7 +8,8 @@ own package and registers itself when imported; this package imports the
 built-in ones, so importing :mod:`fracq.export` registers them:
 
 * ``'qat'`` (``lower_qat``): uniform QAT and hard-assigned FracBits
-  ``QATModel`` chains, real multipliers
+  ``QATModel`` chains and graphs (residual adds, ReLU6, depthwise convs,
+  concatenations, max / average / global pools), real multipliers
   (:mod:`fracq.methods.uniform.lowering`).
 * ``'f8net'`` (``lower_f8net``): F8Net chains and residual graphs,
   power-of-two shifts, bit-exact (:mod:`fracq.methods.f8net.lowering`).

@@ -70,7 +70,8 @@ def verify_program(
     raise ValueError(
       f'The integer program disagrees with the fake-quantized model (max '
       f'|logit diff| {err:.3g}, logit range {span:.3g}): the model has '
-      'operations the chain lowering does not model (residual adds, max '
-      'pooling, ...). Export the packed artifact instead.'
+      'operations the integer lowering does not model (e.g. a clip it did '
+      'not find, or an op the probe matched by coincidence). Export the '
+      'packed artifact instead.'
     )
   return err
