@@ -362,3 +362,22 @@ def test_inception_concatenations_and_pools(tmp_path):
     np.asarray(export.load_program(path).logits(x)), got
   )
   _check_onnx(prog, x, got)
+
+
+class _TokenModel(nn.Module):
+  @nn.compact
+  def __call__(self, tokens, train: bool = False):
+    del train
+    hidden = nn.Embed(16, 8, name='embed')(tokens)
+    return nn.Dense(4, name='head')(hidden.mean(axis=1))
+
+
+def test_token_models_are_refused_with_the_reason():
+  tokens = jnp.zeros((2, 5), jnp.int32)
+  rules = [
+    fracq.Rule(weight=fracq.TensorSpec(bits=8), act=fracq.TensorSpec(bits=8))
+  ]
+  qmodel = fracq.quantize(_TokenModel(), rules, tokens)
+  variables = qmodel.init(jax.random.key(0), tokens)
+  with pytest.raises(ValueError, match='int32 tokens'):
+    export.lower(qmodel, variables, tokens, verify=False)

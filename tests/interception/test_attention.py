@@ -347,6 +347,9 @@ def test_tiny_gpt_trains_under_fracbits_and_exports(tmp_path):
   step = abs(float(trained['probs_step']))
   assert probs['scale'] == [pytest.approx(step)]
   assert attention['block_0/attn']['query']['qmin'] == -128
+  # Integer programs do not lower attention: a clear refusal.
+  with pytest.raises(ValueError, match='does not lower attention'):
+    export.lower(hard, hard.prepare(variables), batch['x'], verify=False)
 
 
 def test_tiny_vit_trains_under_uniform_qat_with_quantized_attention():

@@ -535,6 +535,27 @@ class _GraphBuilder:
     )
 
 
+def _refuse_token_models(qmodel, batch) -> None:
+  """Raises for models the integer program cannot express: integer
+  (token) inputs, which an embedding lookup reads, and attention."""
+  attention = sorted(getattr(qmodel, 'attention_facts', None) or {})
+  if attention:
+    raise ValueError(
+      f'Integer-program lowering does not lower attention ({attention[0]}: '
+      'its q.k and probs.v matmuls, softmax and LayerNorm have no integer '
+      'op here). Export the packed artifact (fracq.export.export_model), '
+      'which stores every quantized tensor and the attention ranges.'
+    )
+  if jnp.issubdtype(batch.dtype, jnp.integer):
+    raise ValueError(
+      f'Integer-program lowering takes models that read a real-valued input '
+      f'(images, features); this one reads {batch.dtype} tokens (an '
+      "embedding lookup, as in the zoo's GPT). Token models (embeddings, "
+      'attention, LayerNorm) are not lowered: export the packed artifact '
+      '(fracq.export.export_model) instead.'
+    )
+
+
 @register_lowering('qat', QATModel)
 def lower_qat(
   qmodel, variables, sample_x, *, verify: bool = True, tolerance: float = 0.05
@@ -550,6 +571,7 @@ def lower_qat(
   (a structural check; tests hold it to 1e-3).
   """
   batch = jnp.asarray(sample_x)
+  _refuse_token_models(qmodel, batch)
   structure = probe_structure(
     qmodel.module, variables, batch, **qmodel.call_kwargs
   )
