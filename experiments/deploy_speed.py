@@ -284,6 +284,23 @@ def render(rows, args, load_before, load_after, seconds) -> str:
         f'| {r["model"]} {r["size"]} | {r["method"]} '
         f'| {_kernels(r["qdq_kernels"])} | {_kernels(r["float_kernels"])} |'
       )
+  lowered = [r for r in rows if r['status'] == 'lowered']
+  if lowered and not any(r['qdq_integer_kernels'] for r in lowered):
+    lines += [
+      '',
+      'No QDQ group became an integer kernel (no QLinearConv / QGemm): '
+      'onnxruntime ran every Conv / Gemm in float32 between '
+      'DequantizeLinear and QuantizeLinear nodes, so the QDQ model does the '
+      "float model's work plus the (de)quantization. The export puts each "
+      "layer's per-channel requantization multiplier into the output "
+      "QuantizeLinear's scale (axis 1) with unit-scale activations and "
+      'kernels, which no onnxruntime QDQ-to-QLinear fusion accepts (it '
+      'needs a per-tensor output scale, the per-channel scale on the '
+      'kernel); kernels stored as INT4 have no integer CPU kernel either. '
+      'Exporting the multiplier as the kernel DequantizeLinear scale and a '
+      'per-tensor output scale (int8 kernels) would let onnxruntime select '
+      'QLinearConv / QGemm (MLAS int8 GEMM).',
+    ]
   return '\n'.join(lines) + '\n'
 
 
