@@ -209,6 +209,123 @@ def measure_row(spec, batch_sizes, rounds, threads, target_s, tmp) -> dict:
   return row
 
 
+def _probe_graph(signed: bool, relu: bool, per_channel: bool):
+  """One QDQ Conv as the program export writes it: unit-scale codes in,
+  ``[Relu]``, requantizing QuantizeLinear (per channel: ``axis=1``)."""
+  import onnx  # pylint: disable=g-import-not-at-top
+
+  helper, arrays = onnx.helper, onnx.numpy_helper
+  channels = 8
+  code = np.int8 if signed else np.uint8
+  rng = np.random.default_rng(0)
+  out_scale = np.full(channels, 0.01, np.float32)
+  out_zero = np.zeros(channels, code)
+  inits = [
+    arrays.from_array(np.array(1.0, np.float32), 'one'),
+    arrays.from_array(np.array(0, code), 'act_zero'),
+    arrays.from_array(np.array(0, np.int8), 'kernel_zero'),
+    arrays.from_array(
+      rng.integers(-7, 8, (channels, 4, 3, 3)).astype(np.int8), 'kernel'
+    ),
+    arrays.from_array(np.zeros(channels, np.int32), 'bias'),
+    arrays.from_array(out_scale if per_channel else out_scale[0], 'out_scale'),
+    arrays.from_array(out_zero if per_channel else out_zero[0], 'out_zero'),
+  ]
+  axis = {'axis': 1} if per_channel else {}
+  nodes = [
+    helper.make_node('QuantizeLinear', ['x', 'one', 'act_zero'], ['xq']),
+    helper.make_node('DequantizeLinear', ['xq', 'one', 'act_zero'], ['xd']),
+    helper.make_node(
+      'DequantizeLinear', ['kernel', 'one', 'kernel_zero'], ['wd']
+    ),
+    helper.make_node('DequantizeLinear', ['bias', 'one'], ['bd']),
+    helper.make_node('Conv', ['xd', 'wd', 'bd'], ['acc'], pads=[1, 1, 1, 1]),
+  ]
+  last = 'acc'
+  if relu:
+    nodes.append(helper.make_node('Relu', ['acc'], ['relu']))
+    last = 'relu'
+  nodes += [
+    helper.make_node(
+      'QuantizeLinear', [last, 'out_scale', 'out_zero'], ['q'], **axis
+    ),
+    helper.make_node(
+      'DequantizeLinear', ['q', 'out_scale', 'out_zero'], ['y'], **axis
+    ),
+  ]
+  graph = helper.make_graph(
+    nodes,
+    'probe',
+    [helper.make_tensor_value_info('x', onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+    [helper.make_tensor_value_info('y', onnx.TensorProto.FLOAT, None)],
+    initializer=inits,
+  )
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 21)])
+  model.ir_version = min(model.ir_version, 10)
+  return model
+
+
+def fusion_probe() -> list:
+  """Which one-Conv QDQ graphs onnxruntime turns into ``QLinearConv``:
+  signed / unsigned activation codes, with / without a Relu between the
+  Conv and the requantizing QuantizeLinear, per-tensor / per-channel output
+  scale."""
+  out = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for signed in (True, False):
+      for relu in (False, True):
+        for per_channel in (False, True):
+          path = os.path.join(tmp, 'probe.onnx')
+          with open(path, 'wb') as f:
+            f.write(_probe_graph(signed, relu, per_channel).SerializeToString())
+          session(path, 1, os.path.join(tmp, 'optimized.onnx'))
+          kernels = op_types(os.path.join(tmp, 'optimized.onnx'))
+          out.append(
+            {
+              'activations': 'int8' if signed else 'uint8',
+              'relu': relu,
+              'output_scale': 'per channel' if per_channel else 'per tensor',
+              'qlinear_conv': any(
+                k.split(':')[-1] == 'QLinearConv' for k in kernels
+              ),
+              'kernels': kernels,
+            }
+          )
+  return out
+
+
+def probe_text(probe) -> list:
+  fused = [p for p in probe if p['qlinear_conv']]
+  lines = [
+    'Which QDQ Conv forms onnxruntime fuses into QLinearConv (a probe: '
+    'one Conv in the form the program export writes, unit-scale codes in, '
+    'optional Relu, requantizing QuantizeLinear):',
+    '',
+    '| activation codes | Relu before QuantizeLinear | output scale '
+    '| QLinearConv |',
+    '|---|---|---|---|',
+  ]
+  lines += [
+    f'| {p["activations"]} | {"yes" if p["relu"] else "no"} '
+    f'| {p["output_scale"]} | {"yes" if p["qlinear_conv"] else "no"} |'
+    for p in probe
+  ]
+  lines += [
+    '',
+    f'{len(fused)} of {len(probe)} forms fuse. The program export '
+    "writes each layer's per-channel requantization multiplier as the "
+    "output QuantizeLinear's per-channel scale (axis 1), after a Relu, "
+    'with unit-scale kernels (INT4 where codes fit): the forms above that '
+    'stay Conv in float32, so the QDQ model does the float work plus the '
+    '(de)quantizations. What would make it faster: the multiplier as the '
+    "kernel DequantizeLinear's per-channel scale (int8 kernels) and a "
+    'per-tensor output scale, unsigned codes after ReLU (the Relu is then '
+    'the clamp at zero and is dropped), so onnxruntime selects '
+    'QLinearConv / QGemm (MLAS integer GEMM).',
+  ]
+  return lines
+
+
 def _fmt(s, scale=1e3, digits=2):
   return (
     f'{scale * s["median"]:.{digits}f} '
@@ -236,7 +353,7 @@ def _kernels(counts: dict) -> str:
   return ', '.join(f'{k.split(":")[-1]} {v}' for k, v in keep.items())
 
 
-def render(rows, args, load_before, load_after, seconds) -> str:
+def render(rows, probe, args, load_before, load_after, seconds) -> str:
   lines = [
     f'onnxruntime CPU execution provider, {args.threads} intra-op threads, '
     'ORT_ENABLE_ALL; JAX jitted on the CPU. Untrained models (latency does '
@@ -284,23 +401,7 @@ def render(rows, args, load_before, load_after, seconds) -> str:
         f'| {r["model"]} {r["size"]} | {r["method"]} '
         f'| {_kernels(r["qdq_kernels"])} | {_kernels(r["float_kernels"])} |'
       )
-  lowered = [r for r in rows if r['status'] == 'lowered']
-  if lowered and not any(r['qdq_integer_kernels'] for r in lowered):
-    lines += [
-      '',
-      'No QDQ group became an integer kernel (no QLinearConv / QGemm): '
-      'onnxruntime ran every Conv / Gemm in float32 between '
-      'DequantizeLinear and QuantizeLinear nodes, so the QDQ model does the '
-      "float model's work plus the (de)quantization. The export puts each "
-      "layer's per-channel requantization multiplier into the output "
-      "QuantizeLinear's scale (axis 1) with unit-scale activations and "
-      'kernels, which no onnxruntime QDQ-to-QLinear fusion accepts (it '
-      'needs a per-tensor output scale, the per-channel scale on the '
-      'kernel); kernels stored as INT4 have no integer CPU kernel either. '
-      'Exporting the multiplier as the kernel DequantizeLinear scale and a '
-      'per-tensor output scale (int8 kernels) would let onnxruntime select '
-      'QLinearConv / QGemm (MLAS int8 GEMM).',
-    ]
+  lines += ['', *probe_text(probe)]
   return '\n'.join(lines) + '\n'
 
 
@@ -344,7 +445,8 @@ def main():
       rows.append(row)
   load_after = os.getloadavg()[0]
   seconds = time.time() - t0
-  text = render(rows, args, load_before, load_after, seconds)
+  probe = fusion_probe()
+  text = render(rows, probe, args, load_before, load_after, seconds)
   print(text)
   _runner.write_json(
     args.json,
@@ -354,6 +456,7 @@ def main():
       'load_average_before': load_before,
       'load_average_after': load_after,
       'rows': rows,
+      'fusion_probe': probe,
     },
   )
   _runner.write_md(os.path.splitext(args.json)[0] + '.md', text)
