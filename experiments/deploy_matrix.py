@@ -58,13 +58,13 @@ import _runner
 MODELS = {
   'digits_cnn': (('image', 8, 1), {}),
   'resnet20': (('image', 32, 3), {}),
-  'resnet18': (('image', 32, 3), {'num_classes': 10}),
-  'resnet50': (('image', 32, 3), {'num_classes': 10}),
-  'mobilenet_v1': (('image', 32, 3), {'num_classes': 10}),
   'mobilenet_v2': (('image', 32, 3), {'num_classes': 10}),
-  'inception_v3': (('image', 75, 3), {'num_classes': 10}),
+  'resnet18': (('image', 32, 3), {'num_classes': 10}),
   'vit_digits': (('image', 8, 1), {}),
   'gpt_tiny': (('tokens', 16, 256), {}),
+  'mobilenet_v1': (('image', 32, 3), {'num_classes': 10}),
+  'resnet50': (('image', 32, 3), {'num_classes': 10}),
+  'inception_v3': (('image', 75, 3), {'num_classes': 10}),
 }
 
 # Column -> config.quant fields (block -> fields).
@@ -311,20 +311,32 @@ def main():
       ap.error(f'--methods: unknown {m!r}; choose from {list(METHODS)}')
   t0 = time.time()
   rows = []
+  planned = len(names) * len(methods)
   for name in names:
     x = batch_for(name, args.batch)
     for method in methods:
       row = cell(name, method, x, args.passes)
       print(row, flush=True)
       rows.append(row)
-  seconds = time.time() - t0
+      # Written after every cell: an interrupted run keeps what it measured.
+      write(args, rows, methods, names, time.time() - t0, planned)
+
+
+def write(args, rows, methods, names, seconds, planned):
   text = render(rows, methods, names, args, seconds)
-  print(text)
+  if len(rows) < planned:
+    text += (
+      f'\nPartial: {len(rows)} of {planned} cells measured when this file '
+      'was written (empty cells were not run).\n'
+    )
+  else:
+    print(text)
   _runner.write_json(
     args.json,
     {
       'args': {k: v for k, v in vars(args).items() if k != 'json'},
       'seconds': seconds,
+      'complete': len(rows) == planned,
       'rows': rows,
     },
   )
