@@ -107,6 +107,18 @@ JOBS = {
     'f8net_integer_imagenet.{md,json}',
     '~3 min on 2 CPU cores',
   ),
+  'deploy_matrix': (
+    ['experiments/deploy_matrix.py'],
+    False,
+    'deploy_matrix.{md,json}',
+    'DEPLOY_MATRIX_TIME',
+  ),
+  'deploy_speed': (
+    ['experiments/deploy_speed.py'],
+    False,
+    'deploy_speed.{md,json}',
+    'DEPLOY_SPEED_TIME',
+  ),
   'bench_train_step': (
     _bench('resnet20', 128, 32, 3, 'bench_train_step') + ['--rounds', '5'],
     False,
