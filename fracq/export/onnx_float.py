@@ -286,14 +286,20 @@ class _Converter:
           'export handles float32 models only; build the model in float32.'
         )
       return self.tensor(inputs[0])
-    if name in ('copy', 'copy_p', 'optimization_barrier'):
+    if name == 'square':
+      t = self.tensor(inputs[0])
+      return _Tensor(self.node('Mul', [t.name, t.name]), shape, t.perm)
+    if name == 'slice':
+      return self._slice(inputs[0], params, shape)
+    if name in ('copy', 'copy_p', 'optimization_barrier', 'stop_gradient'):
       return self.tensor(inputs[0])
     if name in ('reduce_sum', 'reduce_max', 'reduce_min'):
       return self._reduce(name, inputs[0], params['axes'], shape)
     if name in ('reduce_window_max', 'reduce_window_sum'):
       return self._pool(name, inputs[0], params, shape)
     if name == 'concatenate':
-      return self._concat(inputs, params['dimension'], shape)
+      shapes = [tuple(v.aval.shape) for v in eqn.invars]
+      return self._concat(inputs, shapes, params['dimension'], shape)
     if name == 'reshape':
       return self._reshape(inputs[0], shape)
     if name == 'broadcast_in_dim':
@@ -511,17 +517,86 @@ class _Converter:
     out = self.node('Mul', [out, self.const('window', size)], 'mul')
     return _Tensor(out, shape, _NCHW)
 
-  def _concat(self, inputs, dimension, shape):
+  def _concat(self, inputs, shapes, dimension, shape):
     tensors = [x for x in inputs if not isinstance(x, np.ndarray)]
-    perm = self.tensor(tensors[0]).perm
-    names = [
-      self.const('c', np.transpose(np.broadcast_to(x, x.shape), perm))
-      if isinstance(x, np.ndarray)
-      else self.tensor(x, perm).name
-      for x in inputs
-    ]
+    first = self.tensor(tensors[0])
+    perm = first.perm
+    names = []
+    for value, full in zip(inputs, shapes):
+      if not isinstance(value, np.ndarray):
+        names.append(self.tensor(value, perm).name)
+        continue
+      value = np.asarray(value, np.float32).reshape(
+        (1,) * (len(full) - np.ndim(value)) + np.shape(value)
+      )
+      if value.shape[0] == 1 and full[0] == self.batch != 1:
+        # A constant repeated over the batch (e.g. a class token): expanded
+        # to the input's batch size at run time.
+        rest = np.broadcast_to(value, (1, *full[1:]))
+        batch = self.node(
+          'Slice',
+          [
+            self.node('Shape', [first.name]),
+            self.const('start', np.asarray([0], np.int64)),
+            self.const('end', np.asarray([1], np.int64)),
+          ],
+          'batch',
+        )
+        stored = np.transpose(rest, perm)
+        target = self.node(
+          'Concat',
+          [
+            batch,
+            self.const(
+              'dims',
+              np.asarray(
+                [stored.shape[k] for k in range(1, stored.ndim)], np.int64
+              ),
+            ),
+          ],
+          'shape',
+          axis=0,
+        )
+        if perm[0] != 0:
+          raise ValueError('A batch-expanded constant in a transposed layout.')
+        names.append(
+          self.node('Expand', [self.const('c', stored), target], 'expand')
+        )
+      else:
+        names.append(
+          self.const('c', np.transpose(np.broadcast_to(value, full), perm))
+        )
     out = self.node('Concat', names, 'concat', axis=perm.index(dimension))
     return _Tensor(out, shape, perm)
+
+  def _slice(self, x, params, shape):
+    t = self.tensor(x)
+    starts = params['start_indices']
+    limits = params['limit_indices']
+    strides = params['strides'] or (1,) * len(starts)
+    axes = [
+      a
+      for a in range(len(starts))
+      if (starts[a], limits[a], strides[a]) != (0, x.shape[a], 1)
+    ]
+
+    def column(values):
+      return self.const('s', np.asarray([values[a] for a in axes], np.int64))
+
+    out = self.node(
+      'Slice',
+      [
+        t.name,
+        column(starts),
+        column(limits),
+        self.const(
+          'axes', np.asarray([t.perm.index(a) for a in axes], np.int64)
+        ),
+        column(strides),
+      ],
+      'slice',
+    )
+    return _Tensor(out, shape, t.perm)
 
   def _reshape(self, x, shape):
     t = self.tensor(x, tuple(range(len(x.shape))))
@@ -614,7 +689,7 @@ def float_to_onnx(
   path: str | None = None,
   *,
   call_kwargs: dict[str, Any] | None = None,
-  opset: int = 17,
+  opset: int = 18,
   input_name: str = 'images',
   output_name: str = 'logits',
   report: dict | None = None,
@@ -629,7 +704,7 @@ def float_to_onnx(
     path: if given, the model is written there.
     call_kwargs: keyword arguments of the inference call (default
       ``{'train': False}``).
-    opset: ONNX opset (>= 13).
+    opset: ONNX opset (>= 13; ReduceMax / ReduceMin need >= 18).
     input_name: the graph input, float32 ``sample_x``-shaped (batch ``N``).
     output_name: the graph output.
     report: if a dict, filled with ``jax_ops`` (traced primitive -> count,
@@ -647,7 +722,9 @@ def float_to_onnx(
   if opset < 13:
     raise ValueError(f'opset={opset}: the float ONNX export needs >= 13.')
   call_kwargs = {'train': False} if call_kwargs is None else dict(call_kwargs)
-  sample_x = np.asarray(sample_x, np.float32)
+  sample_x = np.asarray(sample_x)
+  if np.issubdtype(sample_x.dtype, np.floating):
+    sample_x = sample_x.astype(np.float32)
   closed = jax.make_jaxpr(lambda x: module.apply(variables, x, **call_kwargs))(
     sample_x
   )
@@ -664,7 +741,9 @@ def float_to_onnx(
     node.output[:] = [output_name if o == out.name else o for o in node.output]
     node.input[:] = [output_name if i == out.name else i for i in node.input]
   in_info = helper.make_tensor_value_info(
-    input_name, onnx.TensorProto.FLOAT, ['N', *sample_x.shape[1:]]
+    input_name,
+    onnx.helper.np_dtype_to_tensor_dtype(sample_x.dtype),
+    ['N', *sample_x.shape[1:]],
   )
   out_info = helper.make_tensor_value_info(
     output_name, onnx.TensorProto.FLOAT, ['N', *out.shape[1:]]
@@ -700,7 +779,7 @@ def export_float_onnx(
   path: str,
   *,
   call_kwargs: dict[str, Any] | None = None,
-  opset: int = 17,
+  opset: int = 18,
   overwrite: bool = False,
   check: bool = True,
 ) -> dict:

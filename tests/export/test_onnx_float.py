@@ -127,3 +127,30 @@ def test_untranslatable_primitive_is_named():
   variables = module.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="primitive 'sort'"):
     onnx_float.float_to_onnx(module, variables, x)
+
+
+def test_vision_transformer(tmp_path):
+  module = models.get_model('vit_tiny')
+  x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
+  variables = jax.jit(module.init, static_argnames='train')(
+    jax.random.key(0), x, train=False
+  )
+  rng = np.random.default_rng(0)
+  # Every parameter off its init (the head starts at zero).
+  variables = jax.tree_util.tree_map(
+    lambda a: np.asarray(a) + 0.1 * rng.standard_normal(a.shape, np.float32),
+    variables,
+  )
+  path = str(tmp_path / 'vit.onnx')
+  rep = onnx_float.export_float_onnx(module, variables, x, path)
+  ref = np.asarray(
+    jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x)
+  )
+  assert np.ptp(ref) > 0.1
+  got = onnx_float.run_onnx(path, np.asarray(x))
+  np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+  assert rep['onnx_ops']['Einsum'] > 0  # attention's activation products
+  # The class token follows the batch size.
+  np.testing.assert_allclose(
+    onnx_float.run_onnx(path, np.asarray(x[:1])), ref[:1], atol=1e-4
+  )
