@@ -261,7 +261,8 @@ def render(rows, methods, names, args, seconds: float) -> str:
     f'{args.passes} train-mode passes; no gradient steps): the matrix '
     'checks deployability, not accuracy. Batch: '
     f'{args.batch} real test digits for the 8x8 models, random images / '
-    f'tokens otherwise. Whole run: {seconds:.0f} s.',
+    f'tokens otherwise. The cells took {seconds:.0f} s in all '
+    '(sum of their times).',
     '',
     'Each cell: **program**: prediction agreement of the integer program '
     'with the fake-quantized model / max |logit diff| over the logit '
@@ -300,7 +301,15 @@ def main():
   ap.add_argument('--batch', type=int, default=8)
   ap.add_argument('--passes', type=int, default=2)
   ap.add_argument('--json', default='experiments/results/deploy_matrix.json')
+  ap.add_argument(
+    '--render',
+    default='',
+    help='comma-separated result JSONs of earlier runs (e.g. of disjoint '
+    '--models): redraw one table from their cells, run nothing',
+  )
   args = ap.parse_args()
+  if args.render:  # drawn with this call's --batch / --passes
+    return render_files(args, args.render.split(','))
   names = [m for m in args.models.split(',') if m]
   methods = [m for m in args.methods.split(',') if m]
   for n in names:
@@ -309,7 +318,6 @@ def main():
   for m in methods:
     if m not in METHODS:
       ap.error(f'--methods: unknown {m!r}; choose from {list(METHODS)}')
-  t0 = time.time()
   rows = []
   planned = len(names) * len(methods)
   for name in names:
@@ -319,7 +327,21 @@ def main():
       print(row, flush=True)
       rows.append(row)
       # Written after every cell: an interrupted run keeps what it measured.
-      write(args, rows, methods, names, time.time() - t0, planned)
+      seconds = sum(r['seconds'] for r in rows)
+      write(args, rows, methods, names, seconds, planned)
+
+
+def render_files(args, paths) -> None:
+  """One table from the cells of earlier runs' result files."""
+  cells = {}
+  for path in paths:
+    for row in _runner.load_rows(path):
+      cells.setdefault((row['model'], row['method']), row)
+  names = [n for n in MODELS if any(k[0] == n for k in cells)]
+  methods = [m for m in METHODS if any(k[1] == m for k in cells)]
+  rows = [cells[(n, m)] for n in names for m in methods if (n, m) in cells]
+  seconds = sum(r.get('seconds', 0.0) for r in rows)
+  write(args, rows, methods, names, seconds, len(names) * len(methods))
 
 
 def write(args, rows, methods, names, seconds, planned):
