@@ -25,7 +25,9 @@ deployability, not accuracy. Each cell then:
 * writes the program as ONNX QDQ (``program_to_onnx``) and runs it in
   onnxruntime: max |logit difference| / range against the program;
 * writes the packed artifact (``fracq.export.export_model``): bytes on disk
-  against the theoretical size (codes at their bits + scales + float parts).
+  against the theoretical size (codes at their bits + scales + float parts);
+  F8Net, which has no packed artifact, reports its integer program file
+  (``save_program``) against the program's theoretical size instead.
 
 A cell the lowering refuses records the first line of the refusal (which
 names the operation), and still reports the packed artifact.
@@ -50,6 +52,7 @@ from fracq import export
 from fracq import models
 from fracq.data import digits
 from fracq.export import onnx_export
+from fracq.export import serialization
 from fracq.train import quant_config
 import _runner
 
@@ -206,8 +209,21 @@ def cell(name: str, method: str, x, passes: int) -> dict:
     except (ValueError, ImportError) as e:
       row['onnx_reason'] = first_line(e)
   with tempfile.TemporaryDirectory() as tmp:
+    if program is not None:
+      program_path = os.path.join(tmp, 'model.int.safetensors')
+      row.update(
+        program_bytes=int(export.save_program(program, program_path)),
+        program_theoretical_bytes=float(
+          serialization.theoretical_bytes(program)
+        ),
+      )
     path = os.path.join(tmp, 'model.fracq.safetensors')
     try:
+      if not hasattr(wrapper, 'facts'):
+        raise ValueError(
+          f'{type(wrapper).__name__} writes no packed artifact (its '
+          'deployable file is the integer program)'
+        )
       rep = export.export_model(wrapper, variables, path)
       row.update(
         artifact_bytes=int(os.path.getsize(path)),
@@ -248,6 +264,11 @@ def _cell_text(r: dict, notes: list) -> str:
       f'{r["artifact_bytes"] / 1024:.0f} KiB = '
       f'{r["artifact_bytes"] / r["theoretical_bytes"]:.2f}x theor. '
       f'({r["mean_kernel_bits"]:.1f} b)'
+    )
+  elif 'program_bytes' in r:
+    parts.append(
+      f'program file {r["program_bytes"] / 1024:.0f} KiB = '
+      f'{r["program_bytes"] / r["program_theoretical_bytes"]:.2f}x theor.'
     )
   else:
     parts.append(f'artifact {note(r.get("artifact_reason", ""))}')
