@@ -4,7 +4,8 @@ fake-quantized one.
 
 Rows: the zoo models at a small input (digits CNN 8x8, ResNet-20 / ResNet-18
 / ResNet-50 / MobileNet-V1 / MobileNet-V2 at 32x32, Inception-V3 at 75x75,
-the smallest it accepts (without its train-only auxiliary head), ViT on 8x8 digits, the tiny GPT on 16 tokens).
+the smallest it accepts (without its train-only auxiliary head), ViT on
+8x8 digits, the tiny GPT on 16 tokens).
 Columns: uniform QAT w8a8 and w4a8 (LSQ, per-channel weights), FracBits
 (weights learned under a 4-bit size budget, hard-assigned to per-layer
 integer bits), F8Net (8-bit fixed point, fixed-point PACT where the model
