@@ -31,6 +31,7 @@ A row the integer lowering refuses records the refusal (first line).
 """
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -353,6 +354,10 @@ def _kernels(counts: dict) -> str:
   return ', '.join(f'{k.split(":")[-1]} {v}' for k, v in keep.items())
 
 
+def _load(value) -> str:
+  return 'not recorded' if value is None else f'{value:.2f}'
+
+
 def render(rows, probe, args, load_before, load_after, seconds) -> str:
   lines = [
     f'onnxruntime CPU execution provider, {args.threads} intra-op threads, '
@@ -360,8 +365,8 @@ def render(rows, probe, args, load_before, load_after, seconds) -> str:
     f'not depend on the weights). {args.rounds} interleaved rounds after a '
     'warm-up call; latency: median over rounds (min-max) in ms; ratios: '
     'median (min-max) of the per-round ratios. Load average (1 min) '
-    f'{load_before:.2f} before, {load_after:.2f} after, on '
-    f'{os.cpu_count()} CPUs{" (shared: read the spreads)" if max(load_before, load_after) > 0.5 * (os.cpu_count() or 1) else ""}. '
+    f'{_load(load_before)} before, {_load(load_after)} after, on '
+    f'{os.cpu_count()} CPUs{" (shared: read the spreads)" if max(load_before or 0, load_after or 0) > 0.5 * (os.cpu_count() or 1) else ""}. '
     f'Whole run: {seconds:.0f} s.',
     '',
     '| model | method | batch | ORT QDQ ms | ORT float32 ms | QDQ / float '
@@ -419,11 +424,29 @@ def main():
   )
   ap.add_argument('--threads', type=int, default=os.cpu_count() or 1)
   ap.add_argument('--json', default='experiments/results/deploy_speed.json')
+  ap.add_argument(
+    '--render',
+    default='',
+    help='a result JSON (its rows, load averages and time) to redraw the '
+    'table from; runs no model',
+  )
   args = ap.parse_args()
   models_wanted = [m for m in args.models.split(',') if m]
   methods = [m for m in args.methods.split(',') if m]
   args.batch_sizes = [int(b) for b in args.batch_sizes.split(',') if b]
   specs = [s for s in ROWS if s[0] in models_wanted and s[4] in methods]
+  if args.render:
+    with open(args.render) as f:
+      data = json.load(f)
+    write(
+      args,
+      data['rows'],
+      data['load_average_before'],
+      data['load_average_after'],
+      data['seconds'],
+      len(data['rows']),
+    )
+    return
   t0 = time.time()
   load_before = os.getloadavg()[0]
   rows = []
@@ -443,15 +466,33 @@ def main():
         }
       print({k: v for k, v in row.items() if k != 'round_latency_s'})
       rows.append(row)
-  load_after = os.getloadavg()[0]
-  seconds = time.time() - t0
+      # Written after every row: an interrupted run keeps what it measured.
+      write(
+        args,
+        rows,
+        load_before,
+        os.getloadavg()[0],
+        time.time() - t0,
+        len(specs),
+      )
+
+
+def write(args, rows, load_before, load_after, seconds, planned):
   probe = fusion_probe()
   text = render(rows, probe, args, load_before, load_after, seconds)
-  print(text)
+  if len(rows) < planned:
+    text += (
+      f'\nPartial: {len(rows)} of {planned} rows measured when this file '
+      'was written.\n'
+    )
+  else:
+    print(text)
   _runner.write_json(
     args.json,
     {
-      'args': {k: v for k, v in vars(args).items() if k != 'json'},
+      'args': {
+        k: v for k, v in vars(args).items() if k not in ('json', 'render')
+      },
       'seconds': seconds,
       'load_average_before': load_before,
       'load_average_after': load_after,
