@@ -361,8 +361,8 @@ def render_files(args, paths) -> None:
   for path in paths:
     for row in _runner.load_rows(path):
       cells.setdefault((row['model'], row['method']), row)
-  names = [n for n in MODELS if any(k[0] == n for k in cells)]
-  methods = [m for m in METHODS if any(k[1] == m for k in cells)]
+  # Every model and method: those no file measured show as empty cells.
+  names, methods = list(MODELS), list(METHODS)
   rows = [cells[(n, m)] for n in names for m in methods if (n, m) in cells]
   seconds = sum(r.get('seconds', 0.0) for r in rows)
   write(args, rows, methods, names, seconds, len(names) * len(methods))
