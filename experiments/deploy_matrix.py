@@ -380,7 +380,9 @@ def write(args, rows, methods, names, seconds, planned):
   _runner.write_json(
     args.json,
     {
-      'args': {k: v for k, v in vars(args).items() if k != 'json'},
+      'args': {
+        k: v for k, v in vars(args).items() if k not in ('json', 'render')
+      },
       'seconds': seconds,
       'complete': len(rows) == planned,
       'rows': rows,
