@@ -107,6 +107,20 @@ JOBS = {
     'f8net_integer_imagenet.{md,json}',
     '~3 min on 2 CPU cores',
   ),
+  'deploy_matrix': (
+    ['experiments/deploy_matrix.py'],
+    False,
+    'deploy_matrix.{md,json}',
+    '45 cells; ~30 s (digits) to ~5 min (ResNet) a cell on 2 shared CPU '
+    'cores: over an hour under load',
+  ),
+  'deploy_speed': (
+    ['experiments/deploy_speed.py'],
+    False,
+    'deploy_speed.{md,json}',
+    '~30-60 min on 2 shared CPU cores (224 px builds and the JAX integer '
+    'program timings)',
+  ),
   'bench_train_step': (
     _bench('resnet20', 128, 32, 3, 'bench_train_step') + ['--rounds', '5'],
     False,
