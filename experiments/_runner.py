@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'experiments', 'results')
 # Runs are cached outside the repository by default (checkpoints are large);
@@ -427,7 +429,6 @@ def separation_note(setting: str, accuracies: dict) -> str:
     seed range (max - min) among them are "not separable", and are not
     ranked.
   """
-  import numpy as np
 
   means = {m: float(np.mean(a)) for m, a in accuracies.items()}
   spread = max(means.values()) - min(means.values())
@@ -458,3 +459,19 @@ def schedule_text(overrides: dict) -> str:
 
 # The code this process runs is the code at its start.
 commit()
+
+
+def spread(values) -> dict:
+  """Median, min and max of ``values`` (e.g. per-round step times)."""
+  values = np.asarray(values, np.float64)
+  return {
+    'median': float(np.median(values)),
+    'min': float(values.min()),
+    'max': float(values.max()),
+  }
+
+
+def ratio(times: dict, name: str, base: str) -> dict:
+  """The per-round ratios ``times[name] / times[base]`` (variants timed
+  side by side in each round) summarised by :func:`spread`."""
+  return spread(np.asarray(times[name]) / np.asarray(times[base]))

@@ -46,7 +46,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import fracq
@@ -155,21 +154,6 @@ def time_interleaved(steps: dict, rounds: int, reps: int) -> dict:
     for name in names[shift:] + names[:shift]:
       times[name].append(run_steps(*steps[name], reps))
   return times
-
-
-def spread(values) -> dict:
-  """Median, min and max of ``values``."""
-  values = np.asarray(values, np.float64)
-  return {
-    'median': float(np.median(values)),
-    'min': float(values.min()),
-    'max': float(values.max()),
-  }
-
-
-def ratio(times: dict, name: str, base: str) -> dict:
-  """The per-round ratios ``name / base`` summarised by :func:`spread`."""
-  return spread(np.asarray(times[name]) / np.asarray(times[base]))
 
 
 def _fmt(s: dict, scale: float = 1.0, digits: int = 2) -> str:
@@ -288,8 +272,8 @@ def main():
   load_after = os.getloadavg()
   for name, r in results.items():
     r['round_step_s'] = times[name]
-    r['step_s'] = spread(times[name])
-    r['vs_float'] = ratio(times, name, 'float')
+    r['step_s'] = _runner.spread(times[name])
+    r['vs_float'] = _runner.ratio(times, name, 'float')
     r['peak_vs_float'] = r['peak_bytes'] / results['float']['peak_bytes']
   device = jax.devices()[0]
   lines = [
@@ -347,7 +331,7 @@ def main():
   lines.append('')
   for label, name, base in pairs:
     if name in times and base in times:
-      ratios[label] = ratio(times, name, base)
+      ratios[label] = _runner.ratio(times, name, base)
       lines.append(f'{label}: {_fmt(ratios[label])}x')
   for name, why in failed.items():
     lines.append(f'{name} failed: {why}')

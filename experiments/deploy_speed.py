@@ -137,19 +137,6 @@ def time_interleaved(calls: dict, rounds: int, target_s: float) -> dict:
   return times
 
 
-def spread(values) -> dict:
-  values = np.asarray(values, np.float64)
-  return {
-    'median': float(np.median(values)),
-    'min': float(values.min()),
-    'max': float(values.max()),
-  }
-
-
-def ratio(times, name, base) -> dict:
-  return spread(np.asarray(times[name]) / np.asarray(times[base]))
-
-
 def measure_row(spec, batch_sizes, rounds, threads, target_s, tmp) -> dict:
   name, side, channels, kwargs, method = spec
   row = {'model': name, 'size': side, 'method': method}
@@ -196,14 +183,14 @@ def measure_row(spec, batch_sizes, rounds, threads, target_s, tmp) -> dict:
     calls[f'jax float b{batch}'] = lambda x=xj: float_fn(x).block_until_ready()
     calls[f'jax int b{batch}'] = lambda x=xj: int_fn(x).block_until_ready()
   times = time_interleaved(calls, rounds, target_s)
-  row['latency_s'] = {k: spread(v) for k, v in times.items()}
+  row['latency_s'] = {k: _runner.spread(v) for k, v in times.items()}
   row['round_latency_s'] = times
   row['ratios'] = {}
   for batch in batch_sizes:
-    row['ratios'][f'ort qdq / float b{batch}'] = ratio(
+    row['ratios'][f'ort qdq / float b{batch}'] = _runner.ratio(
       times, f'ort qdq b{batch}', f'ort float b{batch}'
     )
-    row['ratios'][f'jax int / float b{batch}'] = ratio(
+    row['ratios'][f'jax int / float b{batch}'] = _runner.ratio(
       times, f'jax int b{batch}', f'jax float b{batch}'
     )
   row['seconds'] = round(time.time() - t0, 1)

@@ -73,7 +73,8 @@ from fracq.export.program import IntRequant
 EXACT_FLOAT_INT = 2**24  # float32 holds every integer below this exactly
 
 
-def _onnx():
+def import_onnx():
+  """The onnx package, or an ImportError saying how to install it."""
   try:
     import onnx  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -82,6 +83,24 @@ def _onnx():
       'to run or check the export).'
     ) from e
   return onnx
+
+
+def checked_model(nodes, name: str, in_info, out_info, inits, opset: int):
+  """An ONNX model of one graph (one input, one output), at an IR version
+  onnxruntime reads, passed through the ONNX checker (full check)."""
+  onnx = import_onnx()
+  helper = onnx.helper
+  graph = helper.make_graph(
+    nodes, name, [in_info], [out_info], initializer=inits
+  )
+  model = helper.make_model(
+    graph,
+    opset_imports=[helper.make_opsetid('', opset)],
+    producer_name='fracq',
+  )
+  model.ir_version = min(model.ir_version, 10)  # onnxruntime's supported IR
+  onnx.checker.check_model(model, full_check=True)
+  return model
 
 
 def _code_type(lo: int, hi: int, onnx, allow_int4: bool):
@@ -577,7 +596,7 @@ def program_to_onnx(
     ValueError: an unsupported layer (non-2-D Conv), opset < 13, or an
       empty program.
   """
-  onnx = _onnx()
+  onnx = import_onnx()
   helper = onnx.helper
   if opset < 13:
     raise ValueError(
@@ -641,20 +660,9 @@ def program_to_onnx(
     onnx.TensorProto.FLOAT,
     ['N', 'H_out', 'W_out', cout] if rank == 4 else ['N', cout],
   )
-  onnx_graph = helper.make_graph(
-    graph.nodes,
-    f'fracq_{program.kind}',
-    [in_info],
-    [out_info],
-    initializer=graph.inits,
+  model = checked_model(
+    graph.nodes, f'fracq_{program.kind}', in_info, out_info, graph.inits, opset
   )
-  model = helper.make_model(
-    onnx_graph,
-    opset_imports=[helper.make_opsetid('', opset)],
-    producer_name='fracq',
-  )
-  model.ir_version = min(model.ir_version, 10)  # onnxruntime's supported IR
-  onnx.checker.check_model(model, full_check=True)
   if report is not None:
     report.update(
       int4_initializers=int(checks.int4), exact_accumulation=bool(checks.exact)
@@ -715,7 +723,7 @@ def export_onnx(
       :func:`fracq.export.lowering.lower`).
     FileExistsError: ``path`` exists and not ``overwrite``.
   """
-  _onnx()
+  import_onnx()
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path} exists; pass overwrite=True to replace it.')
   batch = np.asarray(sample_x, np.float32)

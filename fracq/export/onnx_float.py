@@ -38,20 +38,11 @@ import jax
 import jax.extend
 import numpy as np
 
+from fracq.export.onnx_export import import_onnx
+from fracq.export.onnx_export import checked_model
 from fracq.export.onnx_export import run_onnx
 
 __all__ = ['export_float_onnx', 'float_to_onnx']
-
-
-def _onnx():
-  try:
-    import onnx  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-      'ONNX export needs the onnx package (pip install onnx; onnxruntime '
-      'to run or check the export).'
-    ) from e
-  return onnx
 
 
 _NCHW = (0, 3, 1, 2)
@@ -717,7 +708,7 @@ def float_to_onnx(
     ValueError: an operation with no ONNX translation (named), or a model
       whose output does not depend on its input.
   """
-  onnx = _onnx()
+  onnx = import_onnx()
   helper = onnx.helper
   if opset < 13:
     raise ValueError(f'opset={opset}: the float ONNX export needs >= 13.')
@@ -748,20 +739,14 @@ def float_to_onnx(
   out_info = helper.make_tensor_value_info(
     output_name, onnx.TensorProto.FLOAT, ['N', *out.shape[1:]]
   )
-  graph = helper.make_graph(
+  model = checked_model(
     converter.nodes,
     f'fracq_float_{type(module).__name__}',
-    [in_info],
-    [out_info],
-    initializer=converter.inits,
+    in_info,
+    out_info,
+    converter.inits,
+    opset,
   )
-  model = helper.make_model(
-    graph,
-    opset_imports=[helper.make_opsetid('', opset)],
-    producer_name='fracq',
-  )
-  model.ir_version = min(model.ir_version, 10)  # onnxruntime's supported IR
-  onnx.checker.check_model(model, full_check=True)
   if report is not None:
     onnx_ops = {}
     for node in model.graph.node:
