@@ -53,6 +53,10 @@ _RESUMABLE = (
   'debug_nan_at_step',
   'resume_changes',
 )
+# Fields added to the configuration after runs were written with it: a saved
+# config.json without one reads as this default (the value every earlier
+# run had), so those runs still resume.
+ADDED_FIELDS = {'model_api': 'linen'}
 # Fields that may change on resume when listed in config.resume_changes:
 # optimisation and schedule settings, which leave the saved state's
 # structure alone.
@@ -167,7 +171,8 @@ def check_workdir(config, workdir: str) -> list[str]:
     diff = sorted(
       k
       for k in set(old) | set(new)
-      if k not in _RESUMABLE and old.get(k) != new.get(k)
+      if k not in _RESUMABLE
+      and old.get(k, ADDED_FIELDS.get(k)) != new.get(k, ADDED_FIELDS.get(k))
     )
     changed = [k for k in diff if k in allowed]
     refused = [k for k in diff if k not in allowed]

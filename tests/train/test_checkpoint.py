@@ -3,6 +3,7 @@ resume changes, frozen bits on resume, overwrite moving outputs aside."""
 
 import glob
 import importlib
+import json
 import logging
 import math
 import os
@@ -238,3 +239,17 @@ def test_restore_into_optimizer_with_a_stateless_link_added(tmp_path):
   np.testing.assert_array_equal(got['opt'][1].trace['a'], [1, 1])
   assert int(got['opt'][2].count) == 4
   mngr.close()
+
+
+def test_a_run_saved_before_a_config_field_existed_still_resumes(tmp_path):
+  c = get_config('digits_float')
+  saved = json.loads(c.to_json_best_effort())
+  del saved['model_api']  # written before config.model_api existed
+  os.makedirs(tmp_path / 'checkpoints' / '6')
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(saved, f)
+  assert ckpt_lib.check_workdir(c, str(tmp_path)) == []
+  # The field's default is what the old run had; another value is refused.
+  c.model_api = 'nnx'
+  with pytest.raises(ckpt_lib.CheckpointError, match='model_api'):
+    ckpt_lib.check_workdir(c, str(tmp_path))
