@@ -123,7 +123,13 @@ def quant_block(name: str, method: str):
   """``config.quant`` of ``method`` on model ``name``."""
   spec = METHODS[method]
   quant = quant_config.default_quant_config(spec['method'])
-  quant.layers.fixed = models.default_fixed_layers(name)
+  if MODELS[name][0][0] == 'tokens':
+    # As the LM configs (configs/common.py text_quant): the byte embedding,
+    # also the tied output head, weight-only at 8 bits per row.
+    quant.layers.fixed = ''
+    quant.layers.embed = '^embed$'
+  else:
+    quant.layers.fixed = models.default_fixed_layers(name)
   for block, fields in spec.items():
     if block == 'method':
       continue
