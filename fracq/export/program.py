@@ -325,6 +325,11 @@ def _layer_acc(layer: IntLayer, codes):
       layer.feature_group_count,
     )
   else:
+    if codes.ndim > 2 and all(d == 1 for d in codes.shape[1:-1]):
+      # A Dense reading a 1 x 1 map: the global pool of one position
+      # (pool=1) leaves the codes as they are; drop the unit spatial axes,
+      # as the ONNX export's Flatten does.
+      codes = codes.reshape(codes.shape[0], codes.shape[-1])
     acc = ints.int_dense(codes, jnp.asarray(layer.kernel))
   if layer.acc_shift:
     acc = acc << layer.acc_shift

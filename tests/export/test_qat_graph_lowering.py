@@ -381,3 +381,27 @@ def test_token_models_are_refused_with_the_reason():
   variables = qmodel.init(jax.random.key(0), tokens)
   with pytest.raises(ValueError, match='int32 tokens'):
     export.lower(qmodel, variables, tokens, verify=False)
+
+
+class _OnePositionPool(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    hidden = nn.relu(nn.Conv(4, (3, 3), strides=(2, 2), name='conv')(x))
+    return nn.Dense(3, name='head')(jnp.mean(hidden, axis=(1, 2)))
+
+
+def test_a_global_pool_over_a_one_by_one_map_lowers():
+  # 2x2 input, stride 2: the conv's map is 1 x 1, so the pool sums one
+  # position and the program's output must still be (batch, classes).
+  x = jax.random.normal(jax.random.key(1), (4, 2, 2, 3))
+  rules = [
+    fracq.Rule(weight=fracq.TensorSpec(bits=8), act=fracq.TensorSpec(bits=8))
+  ]
+  qmodel = fracq.quantize(_OnePositionPool(), rules, x)
+  variables = qmodel.init(jax.random.key(0), x)
+  program = export.lower(qmodel, variables, x)
+  ref = np.asarray(qmodel.apply(variables, x))
+  got = np.asarray(program.logits(x))
+  assert got.shape == ref.shape == (4, 3)
+  np.testing.assert_allclose(got, ref, atol=1e-3 * np.ptp(ref))
