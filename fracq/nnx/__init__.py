@@ -90,6 +90,8 @@ the config's method, budget and hard assignment, and exports it
 """
 
 from fracq.nnx.bit_search import hawq
+from fracq.nnx.f8net import F8NetModule
+from fracq.nnx.f8net import f8net
 from fracq.nnx.layers import SUPPORTED_LAYERS
 from fracq.nnx.layers import QuantizedLayer
 from fracq.nnx.layers import layer_type_of
@@ -103,10 +105,12 @@ from fracq.nnx.variables import QuantStat
 __all__ = [
   'SUPPORTED_LAYERS',
   'VARIABLE_TYPES',
+  'F8NetModule',
   'QATModule',
   'QuantParam',
   'QuantStat',
   'QuantizedLayer',
+  'f8net',
   'hawq',
   'layer_type_of',
   'quantize',

@@ -42,6 +42,8 @@ from flax import nnx
 from flax import linen as nn
 
 from fracq.methods import qat as qat_lib
+from fracq.methods.f8net.model import F8NetModel
+from fracq.nnx.f8net import F8NetModule
 from fracq.nnx.qat import QATModule
 
 __all__ = [
@@ -71,16 +73,19 @@ def _shapes(tree) -> dict:
 
 def to_linen(
   qmodel,
-  sample_input,
+  sample_input=None,
   linen_module: nn.Module | None = None,
   *,
   call_kwargs: dict | None = None,
   rtol: float = 1e-5,
-) -> tuple[qat_lib.QATModel, dict]:
+) -> tuple[qat_lib.QATModel | F8NetModel, dict]:
   """The linen twin of a quantized NNX model, checked to be the same model.
 
   Args:
-    qmodel: a :class:`fracq.nnx.QATModule` (hard-assigned or not).
+    qmodel: a :class:`fracq.nnx.QATModule` (hard-assigned or not), or a
+      :class:`fracq.nnx.F8NetModule` (which computes through its twin,
+      checked when it was built: its ``F8NetModel`` and variables are
+      returned as they are, and the other arguments are unused).
     sample_input: a batch to compare the two models' outputs on (eval
       mode) and to trace the twin with.
     linen_module: the linen module computing what ``qmodel.model`` computes,
@@ -92,7 +97,8 @@ def to_linen(
 
   Returns:
     ``(wrapper, variables)``: a linen :class:`~fracq.methods.qat.QATModel`
-    (its hard-mode twin when ``qmodel`` is hard-assigned) and
+    (its hard-mode twin when ``qmodel`` is hard-assigned; an
+    ``F8NetModel`` for an ``F8NetModule``) and
     ``qmodel.linen_variables()``, for :func:`fracq.export.lower`,
     :func:`fracq.export.export_integer`, ``export_onnx`` and
     :func:`fracq.export.export_model`.
@@ -101,10 +107,17 @@ def to_linen(
     ValueError: no twin is known, or the twin differs from the NNX model
       (layers, variables or outputs), naming the difference.
   """
+  if isinstance(qmodel, F8NetModule):
+    return qmodel.f8model, qmodel.linen_variables()
   if not isinstance(qmodel, QATModule):
     raise TypeError(
-      'to_linen takes the QATModule fracq.nnx.quantize returns, got '
-      f'{type(qmodel).__name__}.'
+      'to_linen takes the QATModule fracq.nnx.quantize returns (or the '
+      f'F8NetModule of fracq.nnx.f8net), got {type(qmodel).__name__}.'
+    )
+  if sample_input is None:
+    raise ValueError(
+      'to_linen needs sample_input for a QATModule: a batch to check the '
+      'twin on (e.g. a few training examples).'
     )
   if linen_module is None:
     make = getattr(qmodel.model, 'linen_module', None)

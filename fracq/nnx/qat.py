@@ -72,7 +72,10 @@ from fracq.nnx.variables import QuantStat
 
 __all__ = [
   'QATModule',
+  'linen_entries',
+  'linen_tree',
   'quantize',
+  'write_linen_tree',
 ]
 
 _COLLECTION_TYPES = {TRAINABLE: QuantParam, STATE: QuantStat}
@@ -171,6 +174,89 @@ def _first_example(x):
   return jax.tree.map(lambda a: jnp.asarray(a)[:1], x)
 
 
+# The linen collection of each NNX variable type (subclasses first).
+_LINEN_KINDS = (
+  (QuantParam, TRAINABLE),
+  (QuantStat, STATE),
+  (nnx.BatchStat, 'batch_stats'),
+  (nnx.Param, 'params'),
+)
+
+
+def linen_entries(model) -> Iterator[tuple[str, list[str], nnx.Variable]]:
+  """``(collection, linen path parts, variable)`` of every variable of
+  ``model`` that linen's layout holds (``params``, ``batch_stats``,
+  ``quant``, ``quant_stats``), a quantized layer's own ``layer`` part
+  dropped."""
+  wrapped = {
+    tuple(str(p) for p in path)
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, QuantizedLayer)
+  }
+  for path, var in nnx.iter_graph(model):
+    collection = next((c for t, c in _LINEN_KINDS if isinstance(var, t)), None)
+    if collection is None:
+      continue
+    parts = [str(p) for p in path]
+    parts = [
+      p
+      for i, p in enumerate(parts)
+      if not (p == 'layer' and tuple(parts[:i]) in wrapped)
+    ]
+    yield collection, parts, var
+
+
+def linen_tree(model) -> dict:
+  """The variables of ``model`` in linen's layout, ``{collection: {path
+  part: ...: value}}`` (current, possibly traced, arrays)."""
+  out: dict = {}
+  for collection, parts, var in linen_entries(model):
+    node = out.setdefault(collection, {})
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+    node[parts[-1]] = var.get_value()
+  return out
+
+
+def write_linen_tree(model, variables: Mapping, *, partial: bool = False):
+  """Writes ``variables`` (linen's layout) into the variables of ``model``,
+  in place (also traced values, under a transform).
+
+  Args:
+    model: an NNX module.
+    variables: ``{collection: {path part: ...: value}}``.
+    partial: write only the collections ``variables`` holds (a linen
+      ``apply``'s updated collections); otherwise every variable must be
+      there.
+
+  Raises:
+    ValueError: a variable of the model is missing from ``variables`` or
+      has another shape there.
+  """
+  missing, mismatched = [], []
+  for collection, parts, var in linen_entries(model):
+    if partial and collection not in variables:
+      continue
+    node = variables.get(collection)
+    for part in parts:
+      node = node.get(part) if isinstance(node, Mapping) else None
+    name = f'{collection}/{"/".join(parts)}'
+    if node is None:
+      missing.append(name)
+    elif jnp.shape(node) != jnp.shape(var.get_value()):
+      mismatched.append(
+        f'{name}: {jnp.shape(node)} vs {jnp.shape(var.get_value())}'
+      )
+    else:
+      var.set_value(jnp.asarray(node, var.get_value().dtype))
+  if missing or mismatched:
+    raise ValueError(
+      f'The variables do not fit this model (missing: {missing[:5]}; other '
+      f'shapes: {mismatched[:5]}). Pass the linen-layout variables of '
+      'the same model (its linen_variables()).'
+    )
+
+
 class QATModule(nnx.Module):
   """An NNX model quantized by rules, with FracBits budget handling.
 
@@ -261,32 +347,6 @@ class QATModule(nnx.Module):
       node.update(entries)
     return tree
 
-  def _linen_entries(self) -> Iterator[tuple[str, list[str], nnx.Variable]]:
-    """``(collection, linen path parts, variable)`` of every variable in
-    linen's layout (a quantized layer's own ``layer`` part dropped)."""
-    wrapped = {
-      tuple(str(p) for p in path)
-      for path, node in nnx.iter_graph(self.model)
-      if isinstance(node, QuantizedLayer)
-    }
-    kinds = (
-      (QuantParam, TRAINABLE),
-      (QuantStat, STATE),
-      (nnx.BatchStat, 'batch_stats'),
-      (nnx.Param, 'params'),
-    )
-    for path, var in nnx.iter_graph(self.model):
-      collection = next((c for t, c in kinds if isinstance(var, t)), None)
-      if collection is None:
-        continue
-      parts = [str(p) for p in path]
-      parts = [
-        p
-        for i, p in enumerate(parts)
-        if not (p == 'layer' and tuple(parts[:i]) in wrapped)
-      ]
-      yield collection, parts, var
-
   def linen_variables(self) -> dict:
     """The whole state in linen's layout, as ``fracq.quantize``'s
     ``init`` returns it: ``{'params', 'batch_stats', 'quant',
@@ -296,13 +356,7 @@ class QATModule(nnx.Module):
     :func:`fracq.export.export_model` takes with this module as the model:
     ``export_model(qmodel, qmodel.linen_variables(), path)``.
     """
-    out: dict = {}
-    for collection, parts, var in self._linen_entries():
-      node = out.setdefault(collection, {})
-      for part in parts[:-1]:
-        node = node.setdefault(part, {})
-      node[parts[-1]] = var.get_value()
-    return out
+    return linen_tree(self.model)
 
   def set_linen_variables(self, variables: dict) -> None:
     """Writes a state in linen's layout (:meth:`linen_variables`) into the
@@ -312,26 +366,7 @@ class QATModule(nnx.Module):
       ValueError: a variable of the model is missing from ``variables``
         or has another shape there.
     """
-    missing, mismatched = [], []
-    for collection, parts, var in self._linen_entries():
-      node = variables.get(collection)
-      for part in parts:
-        node = node.get(part) if isinstance(node, Mapping) else None
-      name = f'{collection}/{"/".join(parts)}'
-      if node is None:
-        missing.append(name)
-      elif jnp.shape(node) != jnp.shape(var.get_value()):
-        mismatched.append(
-          f'{name}: {jnp.shape(node)} vs {jnp.shape(var.get_value())}'
-        )
-      else:
-        var.set_value(jnp.asarray(node, var.get_value().dtype))
-    if missing or mismatched:
-      raise ValueError(
-        f'The variables do not fit this model (missing: {missing[:5]}; other '
-        f'shapes: {mismatched[:5]}). Pass the linen-layout variables of '
-        'the same quantized model (QATModule.linen_variables()).'
-      )
+    write_linen_tree(self.model, variables)
 
   def _write(self, collection: str, tree: dict) -> None:
     """Writes the leaves of a linen-layout ``tree`` into the variables."""
