@@ -44,6 +44,7 @@ program = fracq.export.lower(f8model, variables, images)
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -201,8 +202,13 @@ def _check_twin(model, twin, float_vars, sample_input, call_kwargs, rtol):
     )
   evaluated = nnx.clone(model)
   evaluated.eval()
-  got = np.asarray(evaluated(sample_input))
-  ref = np.asarray(twin.apply(float_vars, sample_input, **call_kwargs))
+  # Compiled: one program each runs faster than the ops one by one.
+  got = np.asarray(nnx.jit(lambda m, x: m(x))(evaluated, sample_input))
+  ref = np.asarray(
+    jax.jit(functools.partial(twin.apply, **call_kwargs))(
+      float_vars, sample_input
+    )
+  )
   span = float(np.ptp(ref)) or 1.0
   err = float(np.max(np.abs(got - ref))) if ref.size else 0.0
   if got.shape != ref.shape or err > rtol * span:
@@ -284,13 +290,15 @@ def f8net(
     options=options,
     call_kwargs=call_kwargs,
     on_unused=on_unused,
+    variables=float_vars,  # the probe runs the model's own weights
   )
   # F8Net's variables (formats, PACT clips) from the model's own weights:
   # a linen apply creates the missing variables of mutable collections with
   # the initializers init uses.
-  _, created = f8model.apply(
-    float_vars, sample_input, train=False, mutable=[TRAINABLE, STATE]
+  create = functools.partial(
+    f8model.apply, train=False, mutable=[TRAINABLE, STATE]
   )
+  _, created = jax.jit(create)(float_vars, sample_input)
   for collection in (TRAINABLE, STATE):
     if created.get(collection):
       _add_variables(model, collection, created[collection])

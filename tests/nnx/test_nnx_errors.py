@@ -84,9 +84,11 @@ def test_learned_bits_without_budget():
   assert fracq.Budget(uniform_bits=3)  # the fix the message names
 
 
-def test_f8net_is_linen_only():
-  """F8Net folds BatchNorm through linen's interceptor: an NNX model is
-  refused, pointing to its linen twin."""
+def test_f8net_model_refuses_nnx_models():
+  """F8NetModel folds BatchNorm through linen's interceptor: an NNX model
+  is refused, pointing to fracq.nnx.f8net (F8Net through the linen twin)."""
   model = TwoLayers(nnx.Rngs(0))
-  with pytest.raises(TypeError, match='linen modules only.*linen twin'):
+  with pytest.raises(TypeError, match=r'nnx.Module use fracq\.nnx\.f8net'):
     F8NetModel(model, _x())
+  with pytest.raises(ValueError, match='TwoLayers names no linen twin'):
+    fnnx.f8net(model, _x())

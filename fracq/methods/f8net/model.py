@@ -50,6 +50,8 @@ class F8NetModel:
       ``{'train': False}``).
     on_unused: ``'error'`` (default) or ``'warn'`` when a rule matches no
       layer.
+    variables: float variables (``params``, ``batch_stats``) to run the
+      probe with; default: a fresh init of ``module``.
   """
 
   trainable_collections = ('params',)
@@ -63,16 +65,16 @@ class F8NetModel:
     options: F8NetOptions | None = None,
     call_kwargs: dict | None = None,
     on_unused: str = 'error',
+    variables=None,
   ):
     if not isinstance(module, nn.Module):
       raise TypeError(
-        f'F8Net quantizes flax.linen modules only, got '
+        f'F8NetModel quantizes flax.linen modules, got '
         f'{type(module).__name__}: it folds BatchNorm into the layers '
         'through the linen interceptor and probes the linen structure. '
-        'For an NNX model, quantize its linen twin (the linen module with '
-        'the same layers and names, e.g. DigitsCNN.linen_module()) and load '
-        'the weights from nnx.state(model); or use uniform QAT or FracBits, '
-        'which fracq.nnx.quantize runs on NNX models.'
+        'For an nnx.Module use fracq.nnx.f8net(model, sample_input, ...), '
+        "which runs F8Net through the model's linen twin and keeps the "
+        'state in NNX variables.'
       )
     if on_unused not in ('error', 'warn'):
       raise ValueError(
@@ -84,7 +86,7 @@ class F8NetModel:
     self.call_kwargs = dict(call_kwargs or {'train': False})
     self.structure = probe_structure(
       module,
-      None,
+      variables,
       sample_input,
       rules=self.rules,
       **self.call_kwargs,
@@ -116,7 +118,7 @@ class F8NetModel:
     if self.pact_src:
       self.trainable_collections = ('params', PACT)
     if self.options.pact and clipping_ops(
-      module, None, sample_input, **self.call_kwargs
+      module, variables, sample_input, **self.call_kwargs
     ):
       raise ValueError(
         f'pact=True: {type(module).__name__} clips activations (ReLU6 or '
