@@ -63,18 +63,30 @@ Beyond the packed artifact, the integer-only program and ONNX go through
 the model's *linen twin* (:func:`to_linen`): the linen module computing the
 same function with the same layer names, quantized by the same rules and
 checked against the NNX model (layers, variables, outputs). Lowerable NNX
-models are those with a twin the linen QAT lowering supports: chains of
-``nnx.Conv`` / ``nnx.Linear`` layers with BatchNorm, ReLU and a final
-global average pool, under uniform QAT or hard-assigned FracBits, such as
-:class:`fracq.nnx.models.DigitsCNN` (its ``linen_module()`` names its
-twin). Residual networks (:class:`fracq.nnx.models.ResNet`) and
-transformers have twins but the QAT lowering refuses them (residual
-programs are F8Net's, linen-only): they export the packed artifact. HAWQ:
+models are those with a twin the linen QAT lowering supports, under
+uniform QAT or hard-assigned FracBits: convolutional networks with
+BatchNorm, ReLU / ReLU6, depthwise convolutions, residual adds,
+concatenations and average / max pools, such as
+:class:`fracq.nnx.models.DigitsCNN` and :class:`fracq.nnx.models.ResNet`
+(their ``linen_module()`` names the twin). Transformers have twins but the
+QAT lowering refuses attention: they export the packed artifact. HAWQ:
 :func:`hawq` (the Hessian search on the float NNX model, then uniform QAT at
-the chosen bits). F8Net runs on linen models only: it folds BatchNorm into
-the layers through the linen interceptor's whole-module hooks and probes
-the linen structure for residual entries, neither of which an NNX model
-offers; ``F8NetModel`` refuses NNX models, naming the linen twin.
+the chosen bits). F8Net: :func:`f8net` returns an :class:`F8NetModule`, an
+NNX module whose state (weights, BatchNorm statistics, activation formats,
+PACT clips) is NNX variables and whose computation is linen F8Net on the
+model's twin (F8Net folds BatchNorm through whole-module hooks and probes
+the linen structure for residual entries); ``nnx.grad`` and
+``nnx.Optimizer`` train it, and ``to_linen(fmodel)`` gives the F8Net model
+and variables its integer program and ONNX export take:
+
+```python
+fmodel = fracq.nnx.f8net(my_nnx_model, sample_batch)  # a copy, under F8Net
+optimizer = nnx.Optimizer(fmodel, optax.sgd(0.05), wrt=nnx.Param)
+...  # train as above (fmodel.train(); no penalty)
+fmodel.eval()
+f8model, variables = fracq.nnx.to_linen(fmodel)
+program = export.lower(f8model, variables, sample_batch)
+```
 
 Data parallelism: quantize with ``axis_name='batch'`` (the mesh axis of the
 batch) and train under ``nnx.shard_map``, averaging the gradients over that

@@ -20,15 +20,17 @@ report = fracq.export.onnx_export.export_onnx(
 ```
 
 Which NNX models can be lowered: those whose twin the linen QAT lowering
-supports, i.e. chains of ``nnx.Conv`` / ``nnx.Linear`` layers with
-BatchNorm, ReLU and a final global average pool, quantized by uniform QAT
-or hard-assigned FracBits (:class:`fracq.nnx.models.DigitsCNN`). The twin
-is the ``linen_module()`` method of the NNX model or is passed in.
-:class:`fracq.nnx.models.ResNet` and ``TransformerBlock`` have twins, but
-the QAT lowering refuses residual adds and attention (integer residual
-programs are F8Net's, which is linen-only). Models that cannot be lowered
-export the packed artifact
-(``export.export_model(qmodel, qmodel.linen_variables(), path)``).
+supports, quantized by uniform QAT or hard-assigned FracBits: networks of
+``nnx.Conv`` / ``nnx.Linear`` layers with BatchNorm, ReLU / ReLU6,
+depthwise convolutions, residual adds, concatenations and average / max
+pools (:class:`fracq.nnx.models.DigitsCNN`, :class:`fracq.nnx.models.
+ResNet`). The twin is the ``linen_module()`` method of the NNX model or is
+passed in. ``TransformerBlock`` has a twin, but the QAT lowering refuses
+attention; models that cannot be lowered export the packed artifact
+(``export.export_model(qmodel, qmodel.linen_variables(), path)``). An NNX
+model under F8Net (:func:`fracq.nnx.f8net`) computes through its twin
+already: ``to_linen(fmodel)`` returns its ``F8NetModel`` and variables,
+which lower to bit-exact integer programs (ResNets included).
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Zoo models written in NNX with the layer names of their linen versions, so
 the same rules quantize both, :func:`load_linen_variables` moves a linen
 checkpoint into them, and ``linen_module()`` names the linen twin
-(:func:`fracq.nnx.to_linen`; the integer program and ONNX export of the
-chain :class:`DigitsCNN` go through it, the QAT lowering refuses the
-residual adds of :class:`ResNet`):
+(:func:`fracq.nnx.to_linen`; the integer programs and ONNX exports of
+:class:`DigitsCNN` and :class:`ResNet` go through it, and F8Net on them,
+:func:`fracq.nnx.f8net`, computes through it):
 
 * :class:`DigitsCNN`: :class:`fracq.models.digits_cnn.DigitsCNN`;
 * :class:`ResNet`: :class:`fracq.models.resnet.ResNet` with basic blocks

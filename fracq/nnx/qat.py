@@ -26,11 +26,11 @@ first to match linen's ``init(..., train=False)``. Every other variable
 
 F8Net, which takes over whole layer and BatchNorm calls through the
 interceptor's ``call_layer`` / ``call_module`` hooks and probes the linen
-structure, runs on linen models only (``F8NetModel`` refuses NNX models);
-HAWQ's Hessian search runs on NNX models through :func:`fracq.nnx.hawq`;
-pruning and clustering pass through ``kernel_transform`` as in linen. The
-integer program and ONNX export go through the model's linen twin
-(:func:`fracq.nnx.to_linen`).
+structure, runs on NNX models through their linen twins
+(:func:`fracq.nnx.f8net`); HAWQ's Hessian search runs on NNX models
+through :func:`fracq.nnx.hawq`; pruning and clustering pass through
+``kernel_transform`` as in linen. The integer program and ONNX export go
+through the model's linen twin (:func:`fracq.nnx.to_linen`).
 """
 
 from __future__ import annotations

@@ -26,9 +26,16 @@ protocol:
 * :meth:`NNXLoopModel.to_linen` hands the exports (packed artifact,
   integer program, ONNX) the checked linen twin (:func:`fracq.nnx.to_linen`).
 
-F8Net, HAWQ and float runs have no NNX path in the loop (F8Net is
-linen-only, see :mod:`fracq.nnx.qat`; HAWQ on NNX models is
+F8Net (``config.quant.method='f8net'``): :class:`NNXF8NetLoopModel` runs
+:func:`fracq.nnx.f8net` with the rules and options of the ``F8NetModel``
+the factory built for the twin (checked to find the same structure); its
+variables start from the NNX model's weights, each call merges a copy of
+the :class:`~fracq.nnx.F8NetModule` holding the variables, and export
+takes its ``F8NetModel`` (the integer program is F8Net's, bit-exact).
+
+HAWQ and float runs have no NNX path in the loop (HAWQ on NNX models is
 :func:`fracq.nnx.hawq`; a float NNX model needs no quantization wrapper).
+:func:`loop_model` picks the class for the factory's wrapper.
 """
 
 from __future__ import annotations
@@ -40,12 +47,19 @@ import jax
 from flax import nnx
 
 from fracq.methods import qat as qat_lib
+from fracq.methods.common import STATE
+from fracq.methods.f8net.model import F8NetModel
+from fracq.nnx.f8net import F8NetModule
+from fracq.nnx.f8net import f8net
 from fracq.nnx.linen_twin import to_linen
 from fracq.nnx.qat import QATModule
 from fracq.nnx.qat import quantize
+from fracq.nnx.qat import write_linen_tree
 
 __all__ = [
+  'NNXF8NetLoopModel',
   'NNXLoopModel',
+  'loop_model',
 ]
 
 
@@ -275,3 +289,130 @@ class NNXLoopModel:
     qmodule.set_linen_variables(jax.device_get(variables))
     qmodule.eval()
     return to_linen(qmodule, sample_x, self.linen.module)
+
+
+class NNXF8NetLoopModel:
+  """An NNX model under F8Net behind the training loop's model protocol.
+
+  Args:
+    model: the float NNX model (left intact; it is copied).
+    linen_wrapper: the ``F8NetModel`` the method's factory built for the
+      model's linen twin (its rules, options and call keywords are used).
+    sample_x: the batch the factory traced the twin with.
+
+  Raises:
+    TypeError: ``linen_wrapper`` is not an ``F8NetModel``.
+    ValueError: the NNX model and its twin differ (variables, outputs) or
+      F8Net finds another structure on the NNX weights (signs, folded
+      BatchNorms, residual entries).
+  """
+
+  def __init__(self, model: nnx.Module, linen_wrapper: F8NetModel, sample_x):
+    if not isinstance(linen_wrapper, F8NetModel):
+      raise TypeError(
+        'NNXF8NetLoopModel takes the F8NetModel of the F8Net factory, got '
+        f'{type(linen_wrapper).__name__}; QAT methods use NNXLoopModel.'
+      )
+    model = nnx.clone(model)
+    model.eval()
+    fmodule = f8net(
+      model,
+      sample_x,
+      rules=linen_wrapper.rules,
+      options=linen_wrapper.options,
+      linen_module=linen_wrapper.module,
+      call_kwargs=linen_wrapper.call_kwargs,
+      on_unused='warn',
+    )
+    found, want = fmodule.f8model, linen_wrapper
+    for name in ('order', 'signs', 'pairs', 'shared'):
+      if getattr(found, name) != getattr(want, name):
+        raise ValueError(
+          f'F8Net finds another {name} on the NNX weights of '
+          f'{type(model).__name__} than on its linen twin: '
+          f'{getattr(found, name)} vs {getattr(want, name)}.'
+        )
+    self.fmodule = fmodule
+    self.f8model = fmodule.f8model
+    self.trainable_collections = self.f8model.trainable_collections
+    self._split = nnx.split(fmodule)
+
+  @property
+  def module(self):
+    """The linen twin module."""
+    return self.f8model.module
+
+  def _bound(self, variables, train: bool) -> F8NetModule:
+    graphdef, state = self._split
+    fmodule = nnx.merge(graphdef, state, copy=True)
+    write_linen_tree(fmodule.model, variables)
+    if train:
+      fmodule.train()
+    else:
+      fmodule.eval()
+    return fmodule
+
+  def init(self, rngs, x, *, train: bool = False, **kwargs):
+    """The NNX model's weights and F8Net's initial formats, in linen's
+    layout (``rngs``, ``x`` and ``train`` are unused)."""
+    del rngs, x, train, kwargs
+    return self.fmodule.linen_variables()
+
+  def apply(
+    self,
+    variables,
+    x,
+    *,
+    train: bool = False,
+    mutable=False,
+    rngs=None,
+    **kwargs,
+  ):
+    """The NNX model under F8Net on ``x`` with ``variables``; with
+    ``mutable``, also the updated collections (as linen's ``apply``)."""
+    del rngs, kwargs
+    fmodule = self._bound(variables, train)
+    out = fmodule(x)
+    if not mutable:
+      return out
+    new = fmodule.linen_variables()
+    names = new.keys() if mutable is True else mutable
+    return out, {c: new[c] for c in names if c in new}
+
+  def calibrate(self, variables, x, **kwargs):
+    """Every activation format from ``x`` (eval mode)."""
+    del kwargs
+    fmodule = self._bound(variables, train=False)
+    fmodule.calibrate(x)
+    return {**variables, STATE: fmodule.linen_variables()[STATE]}
+
+  def penalty(self, variables, step):
+    return self.f8model.penalty(variables, step)
+
+  def metrics(self, variables) -> dict[str, float]:
+    return self.f8model.metrics(variables)
+
+  def for_step(self, step: int) -> 'NNXF8NetLoopModel':
+    del step
+    return self
+
+  def prepare(self, variables):
+    return variables
+
+  def report(self, variables, workdir, step, writer=None) -> str:
+    return self.f8model.report(variables, workdir, step, writer)
+
+  def to_linen(self, variables, sample_x):
+    """``(F8NetModel, variables)`` for ``export_integer`` and
+    ``export_onnx`` (the model computes through its twin)."""
+    del sample_x
+    return self.f8model, variables
+
+
+def loop_model(model: nnx.Module, linen_wrapper, sample_x):
+  """The loop's NNX model for the wrapper the method's factory built for
+  the model's twin: :class:`NNXF8NetLoopModel` for F8Net, else
+  :class:`NNXLoopModel` (which refuses methods with no NNX path)."""
+  if isinstance(linen_wrapper, F8NetModel):
+    return NNXF8NetLoopModel(model, linen_wrapper, sample_x)
+  return NNXLoopModel(model, linen_wrapper, sample_x)

@@ -35,7 +35,7 @@ from fracq import data as data_lib
 from fracq.methods import cost as cost_lib
 from fracq.methods.context import Context
 from fracq.methods.preserve import factory as preserve_factory
-from fracq.nnx.training import NNXLoopModel
+from fracq.nnx.training import loop_model
 from fracq.train import checkpoint as ckpt_lib
 from fracq.train import registry
 
@@ -336,7 +336,7 @@ def build_model_wrapper(config, module, sample_x, total_steps=None):
   the method's wrapper; HAWQ searches on ``config.init_from``'s variables
   and training batches. An ``nnx.Module`` (``config.model_api='nnx'``):
   the method's wrapper of its linen twin drives the NNX model
-  (:class:`fracq.nnx.training.NNXLoopModel`)."""
+  (:func:`fracq.nnx.training.loop_model`)."""
 
   def float_model(num_batches):
     variables = ckpt_lib.load_variables(
@@ -357,4 +357,4 @@ def build_model_wrapper(config, module, sample_x, total_steps=None):
   )
   if linen_module is module:
     return wrapper
-  return NNXLoopModel(module, wrapper, sample_x)
+  return loop_model(module, wrapper, sample_x)

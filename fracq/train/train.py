@@ -129,10 +129,9 @@ def check_config(config) -> None:
 
 # config.model_api: the Flax API the model is built with.
 MODEL_APIS = ('linen', 'nnx')
-# Methods the loop runs on NNX models (F8Net is linen-only; HAWQ on NNX
-# models is fracq.nnx.hawq; a float NNX model needs no quantization
-# wrapper).
-NNX_METHODS = ('uniform', 'fracbits')
+# Methods the loop runs on NNX models (HAWQ on NNX models is
+# fracq.nnx.hawq; a float NNX model needs no quantization wrapper).
+NNX_METHODS = ('uniform', 'fracbits', 'f8net')
 
 
 def _check_model_api(config) -> None:
@@ -676,7 +675,11 @@ def _export(config, wrapper, state, workdir) -> dict:
   ``model.onnx``: the same program as an ONNX QDQ graph;
   ``model.float.safetensors``: float pruned / clustered models, stripped.
   """
-  if not (hasattr(wrapper, 'facts') or isinstance(wrapper, F8NetModel)):
+  if not (
+    hasattr(wrapper, 'facts')
+    or isinstance(wrapper, F8NetModel)
+    or hasattr(wrapper, 'to_linen')
+  ):
     raise ValueError(
       'config.export=True needs a quantized, pruned or '
       "clustered model (config.quant.method != 'none' or "

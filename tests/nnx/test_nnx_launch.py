@@ -1,6 +1,6 @@
 """The training loop on NNX models (``config.model_api = 'nnx'``): the
 digits configs train the NNX digits CNN through FracBits' hard assignment
-and export, and the loop's NNX model computes what its linen twin computes
+(or under F8Net) and export, and the loop's NNX model computes what its linen twin computes
 on the same variables."""
 
 import importlib
@@ -12,6 +12,7 @@ import pytest
 
 from fracq import export
 from fracq.data import digits
+from fracq.methods.f8net import F8NetModel
 from fracq.nnx import models as nnx_models
 from fracq.nnx.training import NNXLoopModel
 from fracq.train import checkpoint as ckpt_lib
@@ -108,8 +109,31 @@ def test_uniform_loop_model_equals_linen_twin():
   assert float(jnp.abs(grads['quant']['conv1']['input_step'])) > 0
 
 
+def test_f8net_config_trains_and_exports_bit_exact(tmp_path):
+  """digits_f8net with model_api='nnx': the NNX model under F8Net trains,
+  its eval accuracy is linen F8Net's on the checkpoint and the integer
+  program reproduces it exactly."""
+  c = _config('digits_f8net')
+  c.export = True
+  metrics = tr.train_and_evaluate(c, str(tmp_path))
+  assert metrics['integer_prediction_match'] == 1.0
+  assert (tmp_path / 'model.int.safetensors').exists()
+  raw = ckpt_lib.restore_raw(str(tmp_path))
+  variables = {**raw['trainable'], **raw['state']}
+  assert set(variables['quant_stats']) >= {'conv_init', 'conv1', 'head'}
+  images, labels = digits.load_digits_split()[2:4]
+  c.model_api = 'linen'
+  linen = quant_config.build_model_wrapper(
+    c, tr.build_module(c, axis_name=None), jnp.asarray(images[:1]), STEPS
+  )
+  assert isinstance(linen, F8NetModel)
+  logits = linen.apply(variables, jnp.asarray(images), train=False)
+  accuracy = float(np.mean(np.argmax(logits, -1) == labels))
+  assert accuracy == pytest.approx(metrics['eval_accuracy'], abs=1e-6)
+
+
 def test_nnx_api_errors():
-  for name in ('digits_f8net', 'digits_hawq', 'digits_float'):
+  for name in ('digits_hawq', 'digits_float'):
     with pytest.raises(tr.ConfigError, match="model_api='linen'"):
       tr.check_config(_config(name))
   c = _config('digits_uniform')
