@@ -98,7 +98,9 @@ compute what one device computes on the whole batch.
 The training loop: ``launch.py --config=configs/digits_fracbits.py
 --config.model_api=nnx`` trains :class:`fracq.nnx.models.DigitsCNN` with
 the config's method, budget and hard assignment, and exports it
-(:class:`fracq.nnx.training.NNXLoopModel`).
+(:class:`fracq.nnx.training.NNXLoopModel`); the uniform and F8Net digits
+configs take ``model_api=nnx`` too (F8Net:
+:class:`fracq.nnx.training.NNXF8NetLoopModel`).
 """
 
 from fracq.nnx.bit_search import hawq

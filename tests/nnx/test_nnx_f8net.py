@@ -57,7 +57,7 @@ def test_f8net_equal_to_linen_and_exported(arch, tmp_path):
   start = {c: lv[c] for c in lv if c != 'quant_stats'}
   start['quant_stats'] = jax.tree.map(lambda a: a + 3.0, lv['quant_stats'])
   helpers.assert_trees_close(
-    lv['quant_stats'], linen.calibrate(start, x)['quant_stats'], atol=0
+    lv['quant_stats'], jax.jit(linen.calibrate)(start, x)['quant_stats'], atol=0
   )
   np.testing.assert_array_equal(fmodel(x), linen.apply(lv, x, train=False))
 
@@ -99,14 +99,15 @@ def test_f8net_equal_to_linen_and_exported(arch, tmp_path):
   helpers.assert_trees_close(state['batch_stats'], lupd['batch_stats'])
   helpers.assert_trees_close(state['quant_stats'], lupd['quant_stats'])
 
-  # Export: the integer program equals the NNX model bit for bit.
+  # Export: the integer program equals the NNX model bit for bit (the
+  # digits CNN's: test_nnx_launch.py, through the training loop).
   fmodel.eval()
   f8model, variables = fnnx.to_linen(fmodel)
   assert f8model is fmodel.f8model
-  program = export.lower(f8model, variables, x)
-  sim = np.asarray(fmodel(x))
-  np.testing.assert_array_equal(np.asarray(program.logits(x)), sim)
   if arch == 'resnet':
+    program = export.lower(f8model, variables, x)
+    sim = np.asarray(fmodel(x))
+    np.testing.assert_array_equal(np.asarray(program.logits(x)), sim)
     assert 'folded BN' in fmodel.report()
     pytest.importorskip('onnxruntime')
     rep = ox.export_onnx(
