@@ -7,9 +7,9 @@ to the float step measured in the same process:
 
 * batch size: ResNet-20 at 32 px, batch 32 to 256 (time per step and per
   example, peak compiled memory);
-* model size: ResNet-20 (32 px), ResNet-50 at 64 px, the byte-level LM
-  (gpt_small, windows of 128 bytes, batch 32, as configs/lm_float.py trains
-  it) and gpt_tiny;
+* model size: ResNet-20 (32 px, batch 128), ResNet-50 at 64 px (batch
+  16), the byte-level LM (gpt_small, batch 32 windows of 128 bytes, as
+  configs/lm_float.py trains it) and gpt_tiny;
 * devices: the data-parallel step of the training loop
   (``fracq.train.train.make_train_step``: ``shard_map`` over a mesh,
   gradients and BatchNorm statistics averaged over devices) on 1 and on 8
@@ -18,9 +18,10 @@ to the float step measured in the same process:
   per device (weak scaling: 8x the global batch on 8 devices). The
   weak-scaling efficiency is t(1 device, batch b) / t(8 devices, batch 8b):
   1.0 is perfect scaling. On a CPU the 8 devices are fake: they share the
-  machine's cores, so 8 devices do 8x the work on the same cores and the
-  efficiency is bounded by about (cores the 1-device step leaves idle + 1)
-  / 8; it measures the data-parallel machinery's overhead, not a speed-up.
+  machine's cores, so 8 devices do 8x the work on the same cores; on C
+  cores the efficiency is at most 1/8 when the 1-device step keeps every
+  core busy and C/8 when it keeps one busy. It measures the data-parallel
+  step's overhead, not a speed-up.
 
 Timing, as in bench_train_step.py: every step compiled and run once
 (warm-up, not timed), then ``--rounds`` interleaved rounds (the variants of
@@ -33,7 +34,7 @@ is recorded before and after each measurement: on shared cores, read the
 spreads.
 
   python experiments/bench_scaling.py [--batches 32,64,128,256]
-      [--models resnet20:32:128,resnet50:64:32,gpt_small:128:32,gpt_tiny:32:32]
+      [--models resnet20:32:128,resnet50:64:16,gpt_small:128:32,gpt_tiny:32:32]
       [--devices 8] [--device_batch 16] [--rounds 5] [--reps 3]
       [--json experiments/results/bench_scaling.json]
 """
@@ -75,9 +76,9 @@ DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
 
 def _reps(run, args, max_reps: int, round_s: float) -> int:
-  """Steps per round: about ``round_s`` seconds of one step after a
-  warm-up call, between 1 and ``max_reps``."""
-  run(*args, 1)
+  """Steps per round: about ``round_s`` seconds of the step's first run
+  (an estimate, not a timing; the timing warms up on its own), between 1
+  and ``max_reps``."""
   t = run(*args, 1)
   return int(min(max_reps, max(1, round(round_s / max(t, 1e-9)))))
 
@@ -199,7 +200,7 @@ def weak_scaling_worker(a) -> dict:
     a.device_model, module, images[:1], qwix=False
   )
   loops = {}
-  for name in a.variants:
+  for name in a.device_variants:
     wrapper = builders[name]()
     for count in counts:
       mesh = Mesh(np.array(devices[:count]), (train_lib.AXIS,))
@@ -218,7 +219,9 @@ def weak_scaling_worker(a) -> dict:
   memory = {keys[key]: loop.memory for key, loop in loops.items()}
   by_count = {
     count: _summary(
-      times, memory, {name: keys[(name, count)] for name in a.variants}
+      times,
+      memory,
+      {name: keys[(name, count)] for name in a.device_variants},
     )
     for count in counts
   }
@@ -242,7 +245,7 @@ def weak_scaling_worker(a) -> dict:
           times, keys[(name, 1)], keys[(name, a.devices)]
         ),
       }
-      for name in a.variants
+      for name in a.device_variants
     },
   }
 
@@ -280,6 +283,8 @@ def measure_devices(a) -> dict:
       str(a.round_s),
       '--variants',
       ','.join(a.variants),
+      '--device_variants',
+      ','.join(a.device_variants),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -413,18 +418,21 @@ def render(result: dict) -> str:
       f'{", ".join(dev["device_kinds"])}). Weak-scaling efficiency = '
       f't(1 device, batch {dev["batch_per_device"]}) / t({n} devices, batch '
       f'{n * dev["batch_per_device"]}), per round (1.0: perfect). The {n} '
-      f"devices are fake: they share this machine's {cpus} cores, so {n} "
-      f'devices do {n}x the work of one on the same cores and cannot be '
-      f'faster; with all cores busy in the 1-device step the efficiency is '
-      f'at most about 1/{n} = {1 / n:.3f}. It measures the overhead of the '
-      'data-parallel step (sharding, gradient and BatchNorm all-reduce), '
-      'not a speed-up; on real devices it would be measured the same way.',
+      f"devices are fake: they share this machine's {cpus} cores, so the "
+      f'{n} devices do {n}x the work of one on the same cores and cannot be '
+      f'faster: the efficiency is at most 1/{n} = {1 / n:.3f} when the '
+      f'1-device step keeps all {cpus} cores busy, {min(cpus, n)}/{n} = '
+      f'{min(cpus, n) / n:.3f} when it keeps one busy, and lower on a loaded '
+      'machine. It measures the overhead of the data-parallel step '
+      '(sharding, gradient and BatchNorm all-reduce) and how well the '
+      'devices share the cores, not a speed-up; on real devices the same '
+      'command measures the real thing.',
       '',
       f'| variant | 1 device ms | {n} devices ms | weak-scaling efficiency | '
       f'vs float, {n} devices | peak MB per device, 1 / {n} devices |',
       '|---|---|---|---|---|---|',
     ]
-    for name in variants:
+    for name in dev['variants']:
       r = dev['variants'][name]
       one, many = r['one_device'], r['all_devices']
       lines.append(
@@ -459,6 +467,16 @@ def _ints(text: str) -> list:
   return [int(v) for v in filter(None, text.split(','))]
 
 
+def _variants(parser, flag: str, text: str) -> list:
+  names = [v for v in text.split(',') if v]
+  if set(names) - set(VARIANTS) or 'float' not in names:
+    parser.error(
+      f'{flag} must name float and any of {list(VARIANTS)}, comma-separated; '
+      f'got {names}.'
+    )
+  return names
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(
     description=__doc__.split('\n\n')[0],
@@ -475,7 +493,7 @@ def parse_args(argv=None):
   )
   p.add_argument(
     '--models',
-    default='resnet20:32:128,resnet50:64:32,gpt_small:128:32,gpt_tiny:32:32',
+    default='resnet20:32:128,resnet50:64:16,gpt_small:128:32,gpt_tiny:32:32',
     help='name:input:batch items of the model-size sweep (empty: skip it)',
   )
   p.add_argument(
@@ -506,16 +524,18 @@ def parse_args(argv=None):
     default=','.join(VARIANTS),
     help='comma-separated subset of ' + ', '.join(VARIANTS),
   )
+  p.add_argument(
+    '--device_variants',
+    default='',
+    help='the variants of the device measurement (default: --variants)',
+  )
   p.add_argument('--json', default='')
   p.add_argument('--device_worker', default='', help=argparse.SUPPRESS)
   a = p.parse_args(argv)
-  a.variants = [v for v in a.variants.split(',') if v]
-  unknown = sorted(set(a.variants) - set(VARIANTS))
-  if unknown or 'float' not in a.variants:
-    p.error(
-      f'--variants must name float and any of {list(VARIANTS)}; got '
-      f'{a.variants}.'
-    )
+  a.variants = _variants(p, '--variants', a.variants)
+  a.device_variants = _variants(
+    p, '--device_variants', a.device_variants or ','.join(a.variants)
+  )
   if bench_train_step.is_language_model(a.device_model):
     p.error(
       '--device_model must be an image model (the weak-scaling step runs '
