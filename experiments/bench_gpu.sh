@@ -17,6 +17,7 @@
 #
 # Environment:
 #   FRACQ_SKIP_INSTALL=1  the environment is ready (no pip install)
+#   FRACQ_JAX_EXTRA=cuda13  jax's CUDA 13 build instead of CUDA 12
 #   FRACQ_WHEELS=DIR      install offline from the wheels in DIR
 #                         (pip --no-index --find-links DIR)
 #   FRACQ_GPU_OUT=DIR     write the result files there instead
@@ -63,7 +64,8 @@ else
     if [[ -n "${FRACQ_WHEELS:-}" ]]; then
       PIP+=(--no-index --find-links "$FRACQ_WHEELS")
     fi
-    "${PIP[@]}" -r requirements.txt "jax[cuda12]==$JAX_VERSION"
+    "${PIP[@]}" -r requirements.txt \
+      "jax[${FRACQ_JAX_EXTRA:-cuda12}]==$JAX_VERSION"
     "${PIP[@]}" --no-deps -e .
   fi
   "$PYTHON" - <<EOF
@@ -71,7 +73,8 @@ import jax
 if jax.default_backend() != 'gpu':
   raise SystemExit(
     f'JAX runs on {jax.default_backend()!r}, not a GPU: check the CUDA '
-    'driver (nvidia-smi) and that jax[cuda12]==$JAX_VERSION installed; '
+    'driver (nvidia-smi) and that jax[${FRACQ_JAX_EXTRA:-cuda12}]==$JAX_VERSION '
+    'installed; '
     'bash experiments/bench_gpu.sh --dry-run checks the script on a CPU.'
   )
 print('jax', jax.__version__, 'on', jax.devices())
