@@ -459,12 +459,22 @@ def _model_specs(text: str) -> list:
         f'--models takes name:input:batch items (input: image side or window '
         f'in bytes), e.g. resnet50:64:32; got {item!r}.'
       )
+    if not (parts[1].isdigit() and parts[2].isdigit()):
+      raise ValueError(
+        f'--models: input and batch of {item!r} must be integers, e.g. '
+        'resnet50:64:32.'
+      )
     specs.append((parts[0], int(parts[1]), int(parts[2])))
   return specs
 
 
 def _ints(text: str) -> list:
-  return [int(v) for v in filter(None, text.split(','))]
+  try:
+    return [int(v) for v in filter(None, text.split(','))]
+  except ValueError:
+    raise ValueError(
+      f'--batches takes comma-separated integers, e.g. 32,64; got {text!r}.'
+    ) from None
 
 
 def _variants(parser, flag: str, text: str) -> list:
@@ -536,6 +546,11 @@ def parse_args(argv=None):
   a.device_variants = _variants(
     p, '--device_variants', a.device_variants or ','.join(a.variants)
   )
+  try:
+    a.model_specs = _model_specs(a.models)
+    a.batch_sizes = _ints(a.batches)
+  except ValueError as e:
+    p.error(str(e))
   if bench_train_step.is_language_model(a.device_model):
     p.error(
       '--device_model must be an image model (the weak-scaling step runs '
@@ -564,10 +579,8 @@ def main(argv=None):
       )
     return done[key]
 
-  batch_rows = [
-    measure(a.batch_model, a.batch_input, b) for b in _ints(a.batches)
-  ]
-  model_rows = [measure(*spec) for spec in _model_specs(a.models)]
+  batch_rows = [measure(a.batch_model, a.batch_input, b) for b in a.batch_sizes]
+  model_rows = [measure(*spec) for spec in a.model_specs]
   devices = None
   if a.devices:
     print(f'measuring 1 vs {a.devices} devices', flush=True)
