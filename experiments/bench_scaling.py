@@ -232,6 +232,7 @@ def weak_scaling_worker(a) -> dict:
     ),
     'devices': a.devices,
     'device_kinds': sorted({f'{d.platform}:{d.device_kind}' for d in devices}),
+    'size': a.device_input,
     'batch_per_device': a.device_batch,
     'reps': reps,
     'rounds': a.rounds,
@@ -447,7 +448,39 @@ def render(result: dict) -> str:
       f'{dev["reps"]} steps x {dev["rounds"]} rounds per variant and device '
       f'count; load average (1 min) {_load(dev)} before / after.',
     ]
+    lines += _same_global_batch(result, dev)
   return '\n'.join(lines)
+
+
+def _same_global_batch(result: dict, dev: dict) -> list:
+  """A sentence comparing the float step on all devices with the
+  single-device float step of the batch or model table at the same global
+  batch, where one was measured."""
+  n = dev['devices']
+  global_batch = n * dev['batch_per_device']
+  for row in result['batch'] + result['models']:
+    if (row['model'], row['size'], row['batch']) == (
+      dev['model'],
+      dev.get('size'),
+      global_batch,
+    ):
+      one = row['variants']['float']['step_s']['median']
+      many = dev['variants']['float']['all_devices']['step_s']['median']
+      per_example = ', '.join(
+        f'{1e3 * r["variants"]["float"]["step_s"]["median"] / r["batch"]:.2f}'
+        f' at batch {r["batch"]}'
+        for r in result['batch']
+      )
+      return [
+        '',
+        f'The same global batch on one device (the float step of the batch '
+        f'table, batch {global_batch}, measured in the main process): '
+        f'{1e3 * one:.1f} ms against {1e3 * many:.1f} ms on the {n} fake '
+        f"devices ({one / many:.2f}x). On this CPU the float step's time per "
+        f'example (ms) depends on the batch: {per_example}; {n} devices at '
+        f'batch {dev["batch_per_device"]} each run the small-batch case.',
+      ]
+  return []
 
 
 def _model_specs(text: str) -> list:

@@ -69,5 +69,13 @@ def test_bench_scaling_tiny_run(tmp_path):
   assert '### Devices: 1 vs 2' in md and '### Model size' not in md
   # The table quotes the JSON's numbers.
   assert f'{eff["median"]:.3f} ({eff["min"]:.3f}-{eff["max"]:.3f})' in md
+  # The 2-device float step against the batch table's float step at the
+  # same global batch (2).
+  one_device = base['step_s']['median']
+  two_devices = r['all_devices']['step_s']['median']
+  assert (
+    f'{1e3 * one_device:.1f} ms against {1e3 * two_devices:.1f} ms on the 2 '
+    in md
+  )
   ratio = fb['vs_float']
   assert f'{ratio["median"]:.2f} ({ratio["min"]:.2f}-{ratio["max"]:.2f})x' in md
