@@ -4,7 +4,10 @@ On one model and batch (ResNet-20, CIFAR shape, batch 128 by default),
 measures a full jitted training step (forward, backward, SGD update) for:
 float; fracq uniform QAT w8a8 and w4a4 (LSQ, per-channel weights); FracBits
 weights-only and weights+activations; and qwix's QAT (QtProvider) at w8a8
-and w4a4 on the same model. Every time is printed as a ratio to the float
+and w4a4 on the same model. A language model (``--model gpt_small``, the
+byte-level LM of configs/lm_float.py; ``--size`` is then its window in
+bytes) is quantized as configs/lm_uniform.py and configs/lm_fracbits.py
+quantize it. Every time is printed as a ratio to the float
 step measured in the same process, plus the ratios the README reports.
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries
 of the step), which is deterministic.
@@ -38,6 +41,7 @@ disk / theoretical" below 1 means they did; the bytes they saved are listed.
 """
 
 import argparse
+import functools
 import os
 import platform
 import tempfile
@@ -51,6 +55,7 @@ import optax
 import fracq
 from fracq import export
 from fracq import models
+from fracq.train import quant_config
 from fracq.train.model_wrapper import PlainModel
 import _runner
 
@@ -88,8 +93,124 @@ class _Qwix:
     return jnp.zeros(()), {}
 
 
+def is_language_model(model_name: str) -> bool:
+  """Whether ``model_name`` is a byte-level decoder (``gpt_*``)."""
+  return model_name.startswith('gpt')
+
+
+def make_batch(model_name: str, batch: int, size: int):
+  """A random training batch ``(x, y)``: images ``size`` x ``size`` x 3 with
+  10-class labels, or for a language model ``size`` byte tokens per window
+  with their next-byte targets."""
+  if is_language_model(model_name):
+    x = jax.random.randint(jax.random.key(1), (batch, size), 0, 256)
+    y = jax.random.randint(jax.random.key(2), (batch, size), 0, 256)
+    return x, y
+  x = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
+  y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+  return x, y
+
+
+def batch_text(model_name: str, batch: int, size: int) -> str:
+  """The shape of :func:`make_batch`'s input, in words."""
+  if is_language_model(model_name):
+    return f'{batch} windows of {size} bytes'
+  return f'{batch}x{size}x{size}x3'
+
+
+# The language model is quantized as configs/lm_uniform.py and
+# configs/lm_fracbits.py do (the byte embedding, also the tied output head,
+# weight-only at 8 bits per row; every attention and MLP Dense quantized):
+# variant -> (config, its arg, fields set in the method's block).
+LM_VARIANTS = {
+  'fracq uniform w8a8': ('lm_uniform', 'bits=8', {}),
+  'fracq uniform w4a4': ('lm_uniform', 'bits=4', {'act_bits': 4.0}),
+  'FracBits weights': ('lm_fracbits', 'bits=4', {}),
+  'FracBits weights+acts': (
+    'lm_fracbits',
+    'bits=4,bitops',
+    {'act_bits': 4.0},
+  ),
+}
+
+
+def _lm_wrapper(config_name, arg, fields, module, sample, hard_assign_step):
+  config = _runner.config_module(config_name).get_config(arg)
+  block = config.quant[config.quant.method]
+  for key, value in fields.items():
+    block[key] = value
+  if hard_assign_step is not None and 'hard_assign_step' in block:
+    block.hard_assign_step = hard_assign_step
+  return quant_config.build(
+    config.quant, module, sample, total_steps=config.num_train_steps
+  )
+
+
+def variant_builders(
+  model_name: str,
+  module,
+  sample,
+  *,
+  qwix: bool = True,
+  hard_assign_step: int | None = None,
+) -> dict:
+  """The benchmarked variants of ``module``: name -> a function building its
+  model wrapper.
+
+  Image models: the first conv and the classifier at 8 bits
+  (``models.default_fixed_layers``), the rest as the name says (LSQ,
+  per-channel weights; FracBits starts at the budget + 0.5 bits). Language
+  models (``gpt_*``): as their configs quantize them (``LM_VARIANTS``).
+  ``hard_assign_step``: the FracBits variants' hard-assignment step (None:
+  never within a benchmark).
+  """
+  if is_language_model(model_name):
+    builders = {'float': lambda: PlainModel(module)}
+    for name, (config_name, arg, fields) in LM_VARIANTS.items():
+      builders[name] = functools.partial(
+        _lm_wrapper, config_name, arg, fields, module, sample, hard_assign_step
+      )
+  else:
+    hard = (
+      {} if hard_assign_step is None else {'hard_assign_step': hard_assign_step}
+    )
+    builders = {
+      'float': lambda: PlainModel(module),
+      'fracq uniform w8a8': lambda: fracq.quantize(
+        module, _rules(model_name, 8, 8), sample, call_kwargs={'train': False}
+      ),
+      'fracq uniform w4a4': lambda: fracq.quantize(
+        module, _rules(model_name, 4, 4), sample, call_kwargs={'train': False}
+      ),
+      'FracBits weights': lambda: fracq.quantize(
+        module,
+        _rules(model_name, 4, 8, learn_w=True),
+        sample,
+        budget=fracq.Budget(kind='size', uniform_bits=4),
+        call_kwargs={'train': False},
+        **hard,
+      ),
+      'FracBits weights+acts': lambda: fracq.quantize(
+        module,
+        _rules(model_name, 4, 4, learn_w=True, learn_a=True),
+        sample,
+        budget=fracq.Budget(kind='bitops', uniform_bits=4),
+        call_kwargs={'train': False},
+        **hard,
+      ),
+    }
+  if qwix:
+    builders['qwix QAT w8a8'] = lambda: _Qwix(module, 8)
+    builders['qwix QAT w4a4'] = lambda: _Qwix(module, 4)
+  return builders
+
+
 def make_step(wrapper, x, y):
-  variables = wrapper.init(jax.random.key(0), x, train=False)
+  # Jitted, as the training loop initialises (eagerly, every operation of
+  # the init would compile on its own).
+  variables = jax.jit(functools.partial(wrapper.init, train=False))(
+    jax.random.key(0), x
+  )
   trainable = {
     c: variables[c] for c in wrapper.trainable_collections if c in variables
   }
@@ -138,21 +259,22 @@ def run_steps(compiled, args, reps: int) -> float:
   return (time.perf_counter() - t) / reps
 
 
-def time_interleaved(steps: dict, rounds: int, reps: int) -> dict:
+def time_interleaved(steps: dict, rounds: int, reps: int, run=run_steps):
   """Per variant, its mean step time in each of ``rounds`` rounds.
 
-  ``steps`` maps a name to ``(compiled, args)``. Each is run once first
+  ``steps`` maps a name to the arguments of ``run`` before ``reps`` (by
+  default :func:`run_steps`: ``(compiled, args)``). Each is run once first
   (warm-up, not timed); then every round times ``reps`` steps of each
   variant, starting one variant later than the round before.
   """
   names = list(steps)
   for name in names:
-    jax.block_until_ready(steps[name][0](*steps[name][1]))
+    run(*steps[name], 1)
   times = {name: [] for name in names}
   for r in range(rounds):
     shift = r % len(names)
     for name in names[shift:] + names[:shift]:
-      times[name].append(run_steps(*steps[name], reps))
+      times[name].append(run(*steps[name], reps))
   return times
 
 
@@ -205,7 +327,12 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument('--model', default='resnet20')
   p.add_argument('--batch', type=int, default=128)
-  p.add_argument('--size', type=int, default=32)
+  p.add_argument(
+    '--size',
+    type=int,
+    default=32,
+    help='image side in pixels; bytes per window for a language model',
+  )
   p.add_argument(
     '--reps', type=int, default=5, help='steps per variant and round'
   )
@@ -228,35 +355,9 @@ def main():
   module = models.get_model(
     a.model, **({'dtype': jnp.bfloat16} if a.half_precision else {})
   )
-  x = jax.random.normal(jax.random.key(1), (a.batch, a.size, a.size, 3))
-  y = jax.random.randint(jax.random.key(2), (a.batch,), 0, 10)
+  x, y = make_batch(a.model, a.batch, a.size)
   sample = x[:1]
-  variants = {
-    'float': lambda: PlainModel(module),
-    'fracq uniform w8a8': lambda: fracq.quantize(
-      module, _rules(a.model, 8, 8), sample, call_kwargs={'train': False}
-    ),
-    'fracq uniform w4a4': lambda: fracq.quantize(
-      module, _rules(a.model, 4, 4), sample, call_kwargs={'train': False}
-    ),
-    'FracBits weights': lambda: fracq.quantize(
-      module,
-      _rules(a.model, 4, 8, learn_w=True),
-      sample,
-      budget=fracq.Budget(kind='size', uniform_bits=4),
-      call_kwargs={'train': False},
-    ),
-    'FracBits weights+acts': lambda: fracq.quantize(
-      module,
-      _rules(a.model, 4, 4, learn_w=True, learn_a=True),
-      sample,
-      budget=fracq.Budget(kind='bitops', uniform_bits=4),
-      call_kwargs={'train': False},
-    ),
-  }
-  if not a.skip_qwix:
-    variants['qwix QAT w8a8'] = lambda: _Qwix(module, 8)
-    variants['qwix QAT w4a4'] = lambda: _Qwix(module, 4)
+  variants = variant_builders(a.model, module, sample, qwix=not a.skip_qwix)
   results, failed, steps = {}, {}, {}
   for name, build in variants.items():
     try:
@@ -277,7 +378,7 @@ def main():
     r['peak_vs_float'] = r['peak_bytes'] / results['float']['peak_bytes']
   device = jax.devices()[0]
   lines = [
-    f'model {a.model}, batch {a.batch}x{a.size}x{a.size}x3, device '
+    f'model {a.model}, batch {batch_text(a.model, a.batch, a.size)}, device '
     f'{device.platform} ({device.device_kind}), {platform.machine()}, '
     f'jax {jax.__version__}, '
     f'{"bfloat16" if a.half_precision else "float32"} model; '
@@ -341,14 +442,9 @@ def main():
       'fracq uniform w8a8': (variants['fracq uniform w8a8'], None),
       'fracq uniform w4a4': (variants['fracq uniform w4a4'], None),
       'FracBits weights': (
-        lambda: fracq.quantize(
-          module,
-          _rules(a.model, 4, 8, learn_w=True),
-          sample,
-          budget=fracq.Budget(kind='size', uniform_bits=4),
-          hard_assign_step=1,
-          call_kwargs={'train': False},
-        ),
+        variant_builders(a.model, module, sample, hard_assign_step=1)[
+          'FracBits weights'
+        ],
         1,
       ),
     }
