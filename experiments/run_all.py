@@ -127,6 +127,18 @@ JOBS = {
     'bench_train_step.{md,json}',
     '~5 min on 2 CPU cores',
   ),
+  'bench_scaling': (
+    ['experiments/bench_scaling.py', '--json', f'{RESULTS}/bench_scaling.json'],
+    False,
+    'bench_scaling.{md,json}',
+    '~10-12 min on 2 shared CPU cores',
+  ),
+  'bench_lm_gpu': (
+    _bench('gpt_small', 32, 128, 20, 'bench_lm_gpu'),
+    True,
+    'bench_lm_gpu.{md,json}',
+    '~2 min on one GPU (bash experiments/bench_gpu.sh installs and runs it)',
+  ),
   'bench_resnet18_gpu': (
     _bench('resnet18', 128, 224, 20, 'bench_resnet18_gpu', skip_qwix=True),
     True,
