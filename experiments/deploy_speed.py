@@ -364,15 +364,15 @@ def probe_text(probe) -> list:
   ]
   lines += [
     '',
-    f'{len(fused)} of {len(probe)} forms fuse: onnxruntime fuses a QDQ '
-    'Conv only with a per-tensor output scale, without a Relu it cannot '
-    'drop (int8 codes), with int8 (not INT4) kernels and with an int32 '
-    "bias whose scale is the input's times the kernel's. The export's "
-    'integer-kernel form meets all four (multiplier in the kernel scale, '
-    'output scale 1, uint8 after ReLU, int8 kernels), but a bias with '
-    'fractional accumulator bits (uniform QAT, FracBits) has no exact '
-    'place in it: those layers stay float unless the biases are rounded '
-    '(the "rounded" model).',
+    f'{len(fused)} of {len(probe)} forms fuse; the export writes a '
+    'layer followed by ReLU with a per-channel multiplier (the last row), '
+    'which does not. Besides, onnxruntime fuses only int8 (not INT4) '
+    'kernels and only an int32 bias whose scale is the input scale times '
+    "the kernel's. The export's integer-kernel form meets all of these "
+    '(multiplier in the kernel scale, output scale 1, uint8 after ReLU, '
+    'int8 kernels), but a bias with fractional accumulator bits (uniform '
+    'QAT, FracBits) has no exact place in it: those layers stay float '
+    'unless the biases are rounded (the "rounded" model).',
   ]
   return lines
 
@@ -462,6 +462,13 @@ def render(rows, probe, args, load_before, load_after, seconds) -> str:
         f'{r["reason"].replace("|", "/")} | | | | | | | | |'
       )
       continue
+    jax_note = ''
+    if 'jax_reason' in r:
+      jax_note = (
+        f'refused at {r["jax_size"]} px: '
+        f'{r["jax_reason"].split(":")[0]} (the lowering verification; '
+        'no JAX timing)'
+      )
     for batch in args.batch_sizes:
       lat, rat = r['latency_s'], r['ratios']
       lines.append(
@@ -472,7 +479,7 @@ def render(rows, probe, args, load_before, load_after, seconds) -> str:
         f'| {_ratio_cell(rat, f"ort qdq / float b{batch}")} '
         f'| {_ratio_cell(rat, f"ort qdq rounded / float b{batch}")} '
         f'| {r.get("jax_size", r["size"])} '
-        f'| {_latency_cell(lat, f"jax int b{batch}")} '
+        f'| {jax_note or _latency_cell(lat, f"jax int b{batch}")} '
         f'| {_latency_cell(lat, f"jax float b{batch}")} '
         f'| {_ratio_cell(rat, f"jax int / float b{batch}")} |'
       )
@@ -544,6 +551,7 @@ def main():
       data['load_average_after'],
       data['seconds'],
       len(data['rows']),
+      measured=data.get('measured', data.get('provenance')),
     )
     return
   t0 = time.time()
@@ -582,9 +590,16 @@ def main():
       )
 
 
-def write(args, rows, load_before, load_after, seconds, planned):
+def write(args, rows, load_before, load_after, seconds, planned, measured=None):
+  """Writes the JSON and markdown results (``measured``: the provenance of
+  the run whose rows a ``--render`` call redraws)."""
   probe = fusion_probe()
   text = render(rows, probe, args, load_before, load_after, seconds)
+  if measured is not None:
+    text = (
+      f'Redrawn from the rows measured at commit `{measured["commit"]}` '
+      f'({measured["written_utc"]}, `{measured["command"]}`).\n\n' + text
+    )
   if len(rows) < planned:
     text += (
       f'\nPartial: {len(rows)} of {planned} rows measured when this file '
@@ -603,6 +618,7 @@ def write(args, rows, load_before, load_after, seconds, planned):
       'load_average_after': load_after,
       'rows': rows,
       'fusion_probe': probe,
+      **({} if measured is None else {'measured': measured}),
     },
   )
   _runner.write_md(os.path.splitext(args.json)[0] + '.md', text)
