@@ -44,6 +44,7 @@ Writes ``deploy_matrix.{json,md}`` next to ``--json``.
 """
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -391,19 +392,36 @@ def main():
 
 def render_files(args, paths) -> None:
   """One table from the cells of earlier runs' result files."""
-  cells = {}
+  cells, measured = {}, []
   for path in paths:
     for row in _runner.load_rows(path):
       cells.setdefault((row['model'], row['method']), row)
+    with open(path) as f:
+      data = json.load(f)
+    if isinstance(data, dict):
+      for run in data.get('measured', [data.get('provenance')]):
+        if run and run not in measured:
+          measured.append(run)
   # Every model and method: those no file measured show as empty cells.
   names, methods = list(MODELS), list(METHODS)
   rows = [cells[(n, m)] for n in names for m in methods if (n, m) in cells]
   seconds = sum(r.get('seconds', 0.0) for r in rows)
-  write(args, rows, methods, names, seconds, len(names) * len(methods))
+  write(
+    args, rows, methods, names, seconds, len(names) * len(methods), measured
+  )
 
 
-def write(args, rows, methods, names, seconds, planned):
+def write(args, rows, methods, names, seconds, planned, measured=None):
+  """Writes the JSON and markdown results (``measured``: the provenance of
+  the runs whose cells a ``--render`` call redraws)."""
   text = render(rows, methods, names, args, seconds)
+  if measured:
+    runs = '; '.join(
+      f'`{run["command"]}` at commit `{run["commit"][:7]}` '
+      f'({run["written_utc"]})'
+      for run in measured
+    )
+    text = f'Redrawn from the cells of: {runs}.\n\n' + text
   if len(rows) < planned:
     text += (
       f'\nPartial: {len(rows)} of {planned} cells measured when this file '
@@ -420,6 +438,7 @@ def write(args, rows, methods, names, seconds, planned):
       'seconds': seconds,
       'complete': len(rows) == planned,
       'rows': rows,
+      **({'measured': measured} if measured else {}),
     },
   )
   _runner.write_md(os.path.splitext(args.json)[0] + '.md', text)
