@@ -24,7 +24,10 @@ deployability, not accuracy. Each cell then:
   for the digits models, random images / tokens otherwise): prediction
   agreement and max |logit difference| / logit range;
 * writes the program as ONNX QDQ (``program_to_onnx``) and runs it in
-  onnxruntime: max |logit difference| / range against the program;
+  onnxruntime: max |logit difference| / range against the program, and the
+  layers written as integer kernels; again with ``round_bias=True``
+  (integer kernels for layers whose bias has fractional accumulator bits,
+  the bias rounded): prediction agreement and max |logit difference|;
 * writes the packed artifact (``fracq.export.export_model``): bytes on disk
   against the theoretical size (codes at their bits + scales + float parts);
   F8Net, which has no packed artifact, reports its integer program file
@@ -41,6 +44,7 @@ Writes ``deploy_matrix.{json,md}`` next to ``--json``.
 """
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -208,13 +212,24 @@ def cell(name: str, method: str, x, passes: int) -> dict:
       program_max_diff_rel=relative(got, ref),
     )
     try:
-      out = onnx_export.run_onnx(
-        onnx_export.program_to_onnx(program), np.asarray(x)
-      )
-      row.update(
-        onnx_agreement=float(np.mean(out.argmax(-1) == got.argmax(-1))),
-        onnx_max_diff_rel=relative(out, got),
-      )
+      for key, round_bias in (('onnx', False), ('onnx_rounded', True)):
+        info = {}
+        out = onnx_export.run_onnx(
+          onnx_export.program_to_onnx(
+            program, report=info, round_bias=round_bias
+          ),
+          np.asarray(x),
+        )
+        row.update(
+          {
+            f'{key}_agreement': float(
+              np.mean(out.argmax(-1) == got.argmax(-1))
+            ),
+            f'{key}_max_diff_rel': relative(out, got),
+            f'{key}_integer_kernel_layers': info['integer_kernel_layers'],
+            f'{key}_rounded_bias_layers': info['rounded_bias_layers'],
+          }
+        )
     except (ValueError, ImportError) as e:
       row['onnx_reason'] = first_line(e)
   with tempfile.TemporaryDirectory() as tmp:
@@ -263,7 +278,16 @@ def _cell_text(r: dict, notes: list) -> str:
       f'{r["program_max_diff_rel"]:.1e}'
     )
     if 'onnx_max_diff_rel' in r:
-      parts.append(f'ORT {r["onnx_max_diff_rel"]:.1e}')
+      text = f'ORT {r["onnx_max_diff_rel"]:.1e}'
+      if 'onnx_integer_kernel_layers' in r:
+        text += f' ({r["onnx_integer_kernel_layers"]} int. kernels)'
+      if r.get('onnx_rounded_rounded_bias_layers'):
+        text += (
+          f', rounded biases {100 * r["onnx_rounded_agreement"]:.0f}% / '
+          f'{r["onnx_rounded_max_diff_rel"]:.1e} '
+          f'({r["onnx_rounded_integer_kernel_layers"]} int. kernels)'
+        )
+      parts.append(text)
     else:
       parts.append(f'ONNX {note(r.get("onnx_reason", ""))}')
   else:
@@ -297,7 +321,12 @@ def render(rows, methods, names, args, seconds: float) -> str:
     'Each cell: **program**: prediction agreement of the integer program '
     'with the fake-quantized model / max |logit diff| over the logit '
     'range; **ORT**: onnxruntime running the QDQ export vs the program, '
-    'max |logit diff| / range; the packed artifact on disk, its ratio to '
+    'max |logit diff| / range, with the number of layers it runs as '
+    'integer kernels (QLinearConv / QGemm: those whose bias is whole '
+    'accumulator units); where biases have fractional bits, the export '
+    'with them rounded (`round_bias=True`, every fusable layer an integer '
+    'kernel): its prediction agreement / max |logit diff| with the '
+    'program; the packed artifact on disk, its ratio to '
     'the theoretical size (below 1: sparse / codebook encodings) and the '
     'mean kernel bits; or the refusal, numbered below (first line of the '
     'error).',
@@ -363,19 +392,36 @@ def main():
 
 def render_files(args, paths) -> None:
   """One table from the cells of earlier runs' result files."""
-  cells = {}
+  cells, measured = {}, []
   for path in paths:
     for row in _runner.load_rows(path):
       cells.setdefault((row['model'], row['method']), row)
+    with open(path) as f:
+      data = json.load(f)
+    if isinstance(data, dict):
+      for run in data.get('measured', [data.get('provenance')]):
+        if run and run not in measured:
+          measured.append(run)
   # Every model and method: those no file measured show as empty cells.
   names, methods = list(MODELS), list(METHODS)
   rows = [cells[(n, m)] for n in names for m in methods if (n, m) in cells]
   seconds = sum(r.get('seconds', 0.0) for r in rows)
-  write(args, rows, methods, names, seconds, len(names) * len(methods))
+  write(
+    args, rows, methods, names, seconds, len(names) * len(methods), measured
+  )
 
 
-def write(args, rows, methods, names, seconds, planned):
+def write(args, rows, methods, names, seconds, planned, measured=None):
+  """Writes the JSON and markdown results (``measured``: the provenance of
+  the runs whose cells a ``--render`` call redraws)."""
   text = render(rows, methods, names, args, seconds)
+  if measured:
+    runs = '; '.join(
+      f'`{run["command"]}` at commit `{run["commit"][:7]}` '
+      f'({run["written_utc"]})'
+      for run in measured
+    )
+    text = f'Redrawn from the cells of: {runs}.\n\n' + text
   if len(rows) < planned:
     text += (
       f'\nPartial: {len(rows)} of {planned} cells measured when this file '
@@ -392,6 +438,7 @@ def write(args, rows, methods, names, seconds, planned):
       'seconds': seconds,
       'complete': len(rows) == planned,
       'rows': rows,
+      **({'measured': measured} if measured else {}),
     },
   )
   _runner.write_md(os.path.splitext(args.json)[0] + '.md', text)

@@ -23,10 +23,24 @@ counted: whether the QDQ pairs became integer kernels (``QLinearConv``,
 ``QLinearMatMul``, ``QGemm``) or stayed ``DequantizeLinear`` -> float
 ``Conv`` (then the QDQ model can only be slower than the float one).
 
+The QDQ export is written in its integer-kernel form
+(``program_to_onnx(integer_kernels=True)``): layers whose bias is whole
+accumulator units (every F8Net layer) become ``QLinearConv`` / ``QGemm``,
+bit-exact; uniform-QAT layers keep fractional bias bits, so their exact
+export stays float ``Conv``, and a second QDQ model with ``round_bias=True``
+(every such layer an integer kernel, biases rounded to whole accumulator
+units) is timed beside it with its agreement with the program on the timed
+batch.
+
+The JAX integer program runs XLA's integer convolutions, which are slow on
+CPUs: rows larger than ``--jax_side`` are lowered a second time at that side
+for the JAX columns (integer program against the float model, both at the
+smaller size; the table says so).
+
 A row the integer lowering refuses records the refusal (first line).
 
   python experiments/deploy_speed.py [--models digits_cnn,resnet18,mobilenet_v2]
-      [--rounds 5] [--threads 2]
+      [--rounds 5] [--threads 2] [--jax_side 64]
       [--json experiments/results/deploy_speed.json]
 """
 
@@ -137,7 +151,30 @@ def time_interleaved(calls: dict, rounds: int, target_s: float) -> dict:
   return times
 
 
-def measure_row(spec, batch_sizes, rounds, threads, target_s, tmp) -> dict:
+def _qdq_exports(program, tag, tmp, row) -> dict:
+  """QDQ kind -> ONNX path: the exact integer-kernel export ('qdq') and,
+  where it keeps float layers for their fractional bias bits, the export
+  with rounded biases ('qdq rounded'); their export reports go to ``row``."""
+  paths = {}
+  for kind, round_bias in (('qdq', False), ('qdq rounded', True)):
+    path = os.path.join(tmp, f'{tag}_{kind.replace(" ", "_")}.onnx')
+    info = {}
+    onnx_export.program_to_onnx(
+      program, path, report=info, round_bias=round_bias
+    )
+    if round_bias and not info['rounded_bias_layers']:
+      break  # the same graph as 'qdq'
+    paths[kind] = path
+    row[f'{kind} export'] = {
+      'bytes': os.path.getsize(path),
+      'integer_kernel_layers': info['integer_kernel_layers'],
+      'rounded_bias_layers': info['rounded_bias_layers'],
+      'exact_accumulation': info['exact_accumulation'],
+    }
+  return paths
+
+
+def measure_row(spec, batch_sizes, rounds, threads, target_s, tmp, jax_side):
   name, side, channels, kwargs, method = spec
   row = {'model': name, 'size': side, 'method': method}
   t0 = time.time()
@@ -147,52 +184,79 @@ def measure_row(spec, batch_sizes, rounds, threads, target_s, tmp) -> dict:
     row['seconds'] = round(time.time() - t0, 1)
     return row
   row['status'] = 'lowered'
+  row['layers'] = len(program.layers)
   tag = f'{name}_{side}_{method.replace(" ", "_")}'
-  qdq_path = os.path.join(tmp, f'{tag}_qdq.onnx')
+  paths = _qdq_exports(program, tag, tmp, row)
   float_path = os.path.join(tmp, f'{tag}_float.onnx')
-  onnx_export.program_to_onnx(program, qdq_path)
   sample = np.asarray(
     jax.random.normal(jax.random.key(1), (1, side, side, channels))
   )
   onnx_float.float_to_onnx(module, float_vars, sample, float_path)
-  row['qdq_bytes'] = os.path.getsize(qdq_path)
+  paths['float'] = float_path
   row['float_onnx_bytes'] = os.path.getsize(float_path)
   sessions = {}
-  for kind, path in (('qdq', qdq_path), ('float', float_path)):
+  for kind, path in paths.items():
     optimized = path.replace('.onnx', '_optimized.onnx')
     sessions[kind] = session(path, threads, optimized)
     row[f'{kind}_kernels'] = op_types(optimized)
-  row['qdq_integer_kernels'] = {
-    k: v
-    for k, v in row['qdq_kernels'].items()
-    if k.split(':')[-1] in INTEGER_KERNELS
-  }
+  # The QDQ exports against the program on two images (the JAX integer
+  # program is slow at 224 px).
+  check = np.asarray(
+    jax.random.normal(jax.random.key(3), (2, side, side, channels))
+  )
+  ref = np.asarray(program.logits(check))
+  for kind, sess in sessions.items():
+    if kind == 'float':
+      continue
+    out = sess.run(None, {sess.get_inputs()[0].name: check})[0]
+    row[f'{kind} export'].update(
+      agreement=float(np.mean(out.argmax(-1) == ref.argmax(-1))),
+      max_diff_rel=float(np.max(np.abs(out - ref)) / (np.ptp(ref) or 1.0)),
+    )
+  # The JAX pair, at a smaller size for large inputs (see the docstring).
+  row['jax_size'] = min(side, jax_side)
+  if side > jax_side:
+    module, float_vars, program = build(
+      name, jax_side, channels, kwargs, method
+    )
+    if isinstance(program, str):
+      row['jax_reason'] = program
   float_fn = jax.jit(lambda x: module.apply(float_vars, x, train=False))
-  int_fn = jax.jit(program.logits)
+  int_fn = None if isinstance(program, str) else jax.jit(program.logits)
   calls = {}
   for batch in batch_sizes:
     x = np.asarray(
       jax.random.normal(jax.random.key(2), (batch, side, side, channels))
     )
-    xj = jax.device_put(x)
     for kind, sess in sessions.items():
       input_name = sess.get_inputs()[0].name
       calls[f'ort {kind} b{batch}'] = lambda s=sess, n=input_name, x=x: s.run(
         None, {n: x}
       )
-    calls[f'jax float b{batch}'] = lambda x=xj: float_fn(x).block_until_ready()
-    calls[f'jax int b{batch}'] = lambda x=xj: int_fn(x).block_until_ready()
+    xj = jax.device_put(
+      jax.random.normal(
+        jax.random.key(2), (batch, row['jax_size'], row['jax_size'], channels)
+      )
+    )
+    if int_fn is not None:
+      calls[f'jax float b{batch}'] = lambda x=xj: float_fn(
+        x
+      ).block_until_ready()
+      calls[f'jax int b{batch}'] = lambda x=xj: int_fn(x).block_until_ready()
   times = time_interleaved(calls, rounds, target_s)
   row['latency_s'] = {k: _runner.spread(v) for k, v in times.items()}
   row['round_latency_s'] = times
   row['ratios'] = {}
   for batch in batch_sizes:
-    row['ratios'][f'ort qdq / float b{batch}'] = _runner.ratio(
-      times, f'ort qdq b{batch}', f'ort float b{batch}'
-    )
-    row['ratios'][f'jax int / float b{batch}'] = _runner.ratio(
-      times, f'jax int b{batch}', f'jax float b{batch}'
-    )
+    for kind in sessions:
+      if kind != 'float':
+        row['ratios'][f'ort {kind} / float b{batch}'] = _runner.ratio(
+          times, f'ort {kind} b{batch}', f'ort float b{batch}'
+        )
+    if int_fn is not None:
+      row['ratios'][f'jax int / float b{batch}'] = _runner.ratio(
+        times, f'jax int b{batch}', f'jax float b{batch}'
+      )
   row['seconds'] = round(time.time() - t0, 1)
   return row
 
@@ -285,9 +349,9 @@ def fusion_probe() -> list:
 def probe_text(probe) -> list:
   fused = [p for p in probe if p['qlinear_conv']]
   lines = [
-    'Which QDQ Conv forms onnxruntime fuses into QLinearConv (a probe: '
-    'one Conv in the form the program export writes, unit-scale codes in, '
-    'optional Relu, requantizing QuantizeLinear):',
+    'Why the float form of the export runs float kernels (a probe: one '
+    'Conv in that form, unit-scale codes and kernel, optional Relu, the '
+    "layer's multiplier in the requantizing QuantizeLinear):",
     '',
     '| activation codes | Relu before QuantizeLinear | output scale '
     '| QLinearConv |',
@@ -300,16 +364,15 @@ def probe_text(probe) -> list:
   ]
   lines += [
     '',
-    f'{len(fused)} of {len(probe)} forms fuse. The program export '
-    "writes each layer's per-channel requantization multiplier as the "
-    "output QuantizeLinear's per-channel scale (axis 1), after a Relu, "
-    'with unit-scale kernels (INT4 where codes fit): the forms above that '
-    'stay Conv in float32, so the QDQ model does the float work plus the '
-    '(de)quantizations. What would make it faster: the multiplier as the '
-    "kernel DequantizeLinear's per-channel scale (int8 kernels) and a "
-    'per-tensor output scale, unsigned codes after ReLU (the Relu is then '
-    'the clamp at zero and is dropped), so onnxruntime selects '
-    'QLinearConv / QGemm (MLAS integer GEMM).',
+    f'{len(fused)} of {len(probe)} forms fuse; the export writes a '
+    'layer followed by ReLU with a per-channel multiplier (the last row), '
+    'which does not. Besides, onnxruntime fuses only int8 (not INT4) '
+    'kernels and only an int32 bias whose scale is the input scale times '
+    "the kernel's. The export's integer-kernel form meets all of these "
+    '(multiplier in the kernel scale, output scale 1, uint8 after ReLU, '
+    'int8 kernels), but a bias with fractional accumulator bits (uniform '
+    'QAT, FracBits) has no exact place in it: those layers stay float '
+    'unless the biases are rounded (the "rounded" model).',
   ]
   return lines
 
@@ -345,7 +408,32 @@ def _load(value) -> str:
   return 'not recorded' if value is None else f'{value:.2f}'
 
 
+def _ratio_cell(ratios, key) -> str:
+  return f'{_fmt(ratios[key], 1)}x' if key in ratios else ''
+
+
+def _latency_cell(latency, key) -> str:
+  return _fmt(latency[key]) if key in latency else ''
+
+
+def _export_cell(row, kind) -> str:
+  info = row.get(f'{kind} export')
+  if info is None:
+    return ''
+  text = (
+    f'{info["integer_kernel_layers"]} integer-kernel layers, '
+    f'{info["rounded_bias_layers"]} rounded biases'
+  )
+  if 'agreement' in info:
+    text += (
+      f'; vs program: {100 * info["agreement"]:.0f}% / '
+      f'{info["max_diff_rel"]:.1e}'
+    )
+  return text
+
+
 def render(rows, probe, args, load_before, load_after, seconds) -> str:
+  shared = max(load_before or 0, load_after or 0) > 0.5 * (os.cpu_count() or 1)
   lines = [
     f'onnxruntime CPU execution provider, {args.threads} intra-op threads, '
     'ORT_ENABLE_ALL; JAX jitted on the CPU. Untrained models (latency does '
@@ -353,45 +441,69 @@ def render(rows, probe, args, load_before, load_after, seconds) -> str:
     'warm-up call; latency: median over rounds (min-max) in ms; ratios: '
     'median (min-max) of the per-round ratios. Load average (1 min) '
     f'{_load(load_before)} before, {_load(load_after)} after, on '
-    f'{os.cpu_count()} CPUs{" (shared: read the spreads)" if max(load_before or 0, load_after or 0) > 0.5 * (os.cpu_count() or 1) else ""}. '
+    f'{os.cpu_count()} CPUs{" (shared: read the spreads)" if shared else ""}. '
     f'Whole run: {seconds:.0f} s.',
     '',
-    '| model | method | batch | ORT QDQ ms | ORT float32 ms | QDQ / float '
-    '| JAX int program ms | JAX float ms | int / float |',
-    '|---|---|---|---|---|---|---|---|---|',
+    '**QDQ**: the exact export (integer kernels where the bias allows); '
+    '**rounded**: every fusable layer an integer kernel, biases rounded to '
+    'whole accumulator units (uniform QAT rows only; its agreement with '
+    'the program below). **JAX px**: the input side of the JAX columns.',
+    '',
+    '| model | method | batch | ORT QDQ ms | ORT rounded ms | ORT float32 ms '
+    '| QDQ / float | rounded / float | JAX px | JAX int program ms '
+    '| JAX float ms | int / float |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in rows:
     label = f'{r["model"]} {r["size"]}'
     if r['status'] != 'lowered':
       lines.append(
         f'| {label} | {r["method"]} | | refused: '
-        f'{r["reason"].replace("|", "/")} | | | | | |'
+        f'{r["reason"].replace("|", "/")} | | | | | | | | |'
       )
       continue
+    jax_note = ''
+    if 'jax_reason' in r:
+      jax_note = (
+        f'refused at {r["jax_size"]} px: '
+        f'{r["jax_reason"].split(":")[0]} (the lowering verification; '
+        'no JAX timing)'
+      )
     for batch in args.batch_sizes:
       lat, rat = r['latency_s'], r['ratios']
       lines.append(
         f'| {label} | {r["method"]} | {batch} '
-        f'| {_fmt(lat[f"ort qdq b{batch}"])} '
-        f'| {_fmt(lat[f"ort float b{batch}"])} '
-        f'| {_fmt(rat[f"ort qdq / float b{batch}"], 1)}x '
-        f'| {_fmt(lat[f"jax int b{batch}"])} '
-        f'| {_fmt(lat[f"jax float b{batch}"])} '
-        f'| {_fmt(rat[f"jax int / float b{batch}"], 1)}x |'
+        f'| {_latency_cell(lat, f"ort qdq b{batch}")} '
+        f'| {_latency_cell(lat, f"ort qdq rounded b{batch}")} '
+        f'| {_latency_cell(lat, f"ort float b{batch}")} '
+        f'| {_ratio_cell(rat, f"ort qdq / float b{batch}")} '
+        f'| {_ratio_cell(rat, f"ort qdq rounded / float b{batch}")} '
+        f'| {r.get("jax_size", r["size"])} '
+        f'| {jax_note or _latency_cell(lat, f"jax int b{batch}")} '
+        f'| {_latency_cell(lat, f"jax float b{batch}")} '
+        f'| {_ratio_cell(rat, f"jax int / float b{batch}")} |'
       )
   lines += [
     '',
     'Kernels onnxruntime ran after graph optimization (op counts of the '
-    'saved optimized model):',
+    'saved optimized model) and the QDQ exports (layers in the '
+    'integer-kernel form, rounded biases; prediction agreement / max '
+    '|logit diff| over the range against the integer program on 2 images):',
     '',
-    '| model | method | QDQ model | float32 model |',
-    '|---|---|---|---|',
+    '| model | method | QDQ model | rounded model | float32 model |',
+    '|---|---|---|---|---|',
   ]
   for r in rows:
     if r['status'] == 'lowered':
+      rounded = (
+        _kernels(r['qdq rounded_kernels']) if 'qdq rounded_kernels' in r else ''
+      )
       lines.append(
         f'| {r["model"]} {r["size"]} | {r["method"]} '
-        f'| {_kernels(r["qdq_kernels"])} | {_kernels(r["float_kernels"])} |'
+        f'| {_kernels(r["qdq_kernels"])}; {_export_cell(r, "qdq")} '
+        f'| {rounded}{"; " if rounded else ""}'
+        f'{_export_cell(r, "qdq rounded")} '
+        f'| {_kernels(r["float_kernels"])} |'
       )
   lines += ['', *probe_text(probe)]
   return '\n'.join(lines) + '\n'
@@ -410,6 +522,13 @@ def main():
     help='seconds of calls per variant and round (at least one call)',
   )
   ap.add_argument('--threads', type=int, default=os.cpu_count() or 1)
+  ap.add_argument(
+    '--jax_side',
+    type=int,
+    default=64,
+    help='the JAX integer program and float model of larger rows are '
+    'measured at this input side',
+  )
   ap.add_argument('--json', default='experiments/results/deploy_speed.json')
   ap.add_argument(
     '--render',
@@ -432,6 +551,7 @@ def main():
       data['load_average_after'],
       data['seconds'],
       len(data['rows']),
+      measured=data.get('measured', data.get('provenance')),
     )
     return
   t0 = time.time()
@@ -441,7 +561,13 @@ def main():
     for spec in specs:
       try:
         row = measure_row(
-          spec, args.batch_sizes, args.rounds, args.threads, args.target_s, tmp
+          spec,
+          args.batch_sizes,
+          args.rounds,
+          args.threads,
+          args.target_s,
+          tmp,
+          args.jax_side,
         )
       except Exception as e:  # pylint: disable=broad-except
         row = {
@@ -464,9 +590,16 @@ def main():
       )
 
 
-def write(args, rows, load_before, load_after, seconds, planned):
+def write(args, rows, load_before, load_after, seconds, planned, measured=None):
+  """Writes the JSON and markdown results (``measured``: the provenance of
+  the run whose rows a ``--render`` call redraws)."""
   probe = fusion_probe()
   text = render(rows, probe, args, load_before, load_after, seconds)
+  if measured is not None:
+    text = (
+      f'Redrawn from the rows measured at commit `{measured["commit"]}` '
+      f'({measured["written_utc"]}, `{measured["command"]}`).\n\n' + text
+    )
   if len(rows) < planned:
     text += (
       f'\nPartial: {len(rows)} of {planned} rows measured when this file '
@@ -485,6 +618,7 @@ def write(args, rows, load_before, load_after, seconds, planned):
       'load_average_after': load_after,
       'rows': rows,
       'fusion_probe': probe,
+      **({} if measured is None else {'measured': measured}),
     },
   )
   _runner.write_md(os.path.splitext(args.json)[0] + '.md', text)

@@ -78,6 +78,18 @@ def test_deploy_speed_digits_row(tmp_path, monkeypatch):
   )
   assert conv(row['float_kernels']) == 5
   assert conv(row['qdq_kernels']) == 5
+  # Uniform QAT biases keep fractional accumulator bits: the rounded-bias
+  # export runs the four requantized convolutions as QLinearConv.
+  rounded = row['qdq rounded export']
+  assert rounded['integer_kernel_layers'] == 5  # with the head (QGemm)
+  assert rounded['rounded_bias_layers'] >= 4
+  assert rounded['agreement'] == 1.0
+  qlinear = sum(
+    n
+    for k, n in row['qdq rounded_kernels'].items()
+    if k.endswith('QLinearConv')
+  )
+  assert qlinear == 4
   probe = data['fusion_probe']
   assert len(probe) == 8
   # The plain form onnxruntime documents as fusable does fuse.

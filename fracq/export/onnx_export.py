@@ -12,7 +12,9 @@ form onnxruntime (and TensorRT, OpenVINO) turns into integer kernels:
   ``(in, out)`` for Gemm), stored as **INT4 / UINT4** (ONNX opset >= 21,
   two codes a byte) when every code fits in 4 bits and as int8 otherwise,
   each behind a ``DequantizeLinear``. Biases are int32 initializers behind a
-  ``DequantizeLinear`` at the accumulator's scale.
+  ``DequantizeLinear`` at the accumulator's scale (a Gemm's is added by an
+  ``Add`` after it: onnxruntime would fuse it into ``QGemm`` as if it were
+  at the kernel's scale).
 * Between layers: ``[Mul sign] -> [Relu] -> [GlobalAveragePool] ->
   QuantizeLinear -> DequantizeLinear [-> Clip]``; the requantizing
   ``QuantizeLinear`` carries the layer's per-channel multiplier (``axis=1``).
@@ -53,6 +55,32 @@ to even and saturates, like fracq's requantization; the differences are:
 ``opset`` >= 21 is needed for INT4 / UINT4 tensors; with 13 <= opset < 21
 every kernel is stored as int8 (same numbers, twice the bytes for <= 4-bit
 layers).
+
+Integer kernels (``integer_kernels=True``, the default): the form above
+keeps every Conv / Gemm in float32 inside onnxruntime (its QDQ fusion
+needs the scales folded into the kernel's ``DequantizeLinear``, a
+per-tensor output ``QuantizeLinear`` and int8 kernels). So a layer whose
+accumulator goes straight to one requantization to 8-bit codes (no pool,
+no clip before a pool; the layer's own ``requant``, or the single
+``IntRequant`` reading it), and the last layer, are written instead as
+
+  ``DequantizeLinear(codes, 1, 0)``, ``DequantizeLinear(int8 kernel, M *
+  2^acc_shift per channel, axis 0)``, ``DequantizeLinear(int32 bias, the
+  same scale)`` -> ``Conv`` / ``Gemm`` -> ``QuantizeLinear(1, 0)`` (uint8
+  after ReLU: the saturation at 0 is the ReLU) [-> ``DequantizeLinear`` ->
+  ``Clip`` -> ``QuantizeLinear(1, 0)`` for a narrower range] [-> MaxPool]
+  -> ``DequantizeLinear(1, 0)``,
+
+with negative channels' signs folded into their kernel and bias codes, which
+onnxruntime runs as ``QLinearConv`` / ``QGemm`` (u8s8 / s8s8 integer GEMM).
+The integer-kernel form holds a bias in whole accumulator units only
+(``QLinearConv`` adds the int32 bias to the integer accumulator), so it is
+used only for layers whose bias has no fractional ``acc_shift`` bits (every
+F8Net layer; real-multiplier layers rarely) unless ``round_bias=True``,
+which rounds those bits away: the graph then computes the program with
+biases rounded to whole accumulator units (at most half a unit before the
+requantization; ``report['rounded_bias_layers']`` counts them). Codes read
+by an integer kernel are uint8 (non-negative) or int8, never INT4.
 """
 
 from __future__ import annotations
@@ -130,8 +158,12 @@ def _act_type(lo, hi, onnx):
 class _Graph:
   """Accumulates nodes and initializers with unique names."""
 
-  def __init__(self, onnx):
+  def __init__(
+    self, onnx, integer_kernels: bool = False, round_bias: bool = False
+  ):
     self.onnx = onnx
+    self.integer_kernels = integer_kernels
+    self.round_bias = round_bias
     self.nodes, self.inits = [], []
     self.count = 0
 
@@ -175,6 +207,9 @@ class _Tensor:
   # the program's integers are the values times 2^acc_shift (a layer's
   # accumulator: its bias is dequantized at 2^-acc_shift)
   acc_shift: int = 0
+  # the code range when the tensor is a DequantizeLinear of codes (scale 1,
+  # zero point 0): an integer kernel can read it
+  codes: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass
@@ -183,11 +218,50 @@ class _Checks:
 
   int4: int = 0
   exact: bool = True
+  integer_kernel_layers: int = 0
+  rounded_bias_layers: int = 0
 
 
-def _qdq(graph: _Graph, tensor, y_scale, lo, hi, *, axis=None, tag='act'):
-  """QuantizeLinear(tensor, y_scale) -> codes in [lo, hi] -> float codes."""
-  _, dtype, (type_lo, type_hi) = _act_type(lo, hi, graph.onnx)
+def _kernel_storage(lo: int, hi: int, onnx):
+  """(ONNX type, numpy dtype, dtype range) of activation codes an integer
+  kernel reads or writes (onnxruntime's QLinearConv / QGemm take uint8 and
+  int8), or None when the codes need a wider type."""
+  if 0 <= lo and hi <= 255:
+    return onnx.TensorProto.UINT8, np.uint8, (0, 255)
+  if -128 <= lo and hi <= 127:
+    return onnx.TensorProto.INT8, np.int8, (-128, 127)
+  return None
+
+
+def _qdq(
+  graph: _Graph,
+  tensor,
+  y_scale,
+  lo,
+  hi,
+  *,
+  axis=None,
+  tag='act',
+  maxpool=None,
+  flatten=False,
+):
+  """QuantizeLinear(tensor, y_scale) -> codes in [lo, hi] -> float codes.
+
+  ``maxpool``: an op whose ``maxpool`` pools the codes; ``flatten``: the
+  codes ``(N, C, 1, 1)`` become ``(N, C)``. Returns the float codes and,
+  in integer-kernel graphs, their range (else None): there every reader
+  finds a ``DequantizeLinear`` straight after a ``QuantizeLinear`` (the
+  pattern onnxruntime fuses into integer kernels), so a narrower range is
+  clipped between a ``DequantizeLinear`` and a ``QuantizeLinear`` of scale
+  1 (exact on integers) and the max pool and ``Flatten`` act on the
+  quantized codes."""
+  storage = (
+    _kernel_storage(lo, hi, graph.onnx) if graph.integer_kernels else None
+  )
+  if storage is None:
+    _, dtype, (type_lo, type_hi) = _act_type(lo, hi, graph.onnx)
+  else:
+    _, dtype, (type_lo, type_hi) = storage
   y_scale = np.asarray(y_scale, np.float32)
   zero_point = graph.const(f'{tag}_zp', np.zeros(y_scale.shape, dtype))
   kwargs = {} if axis is None else {'axis': axis}
@@ -197,26 +271,36 @@ def _qdq(graph: _Graph, tensor, y_scale, lo, hi, *, axis=None, tag='act'):
     f'{tag}_q',
     **kwargs,
   )
-  out = graph.node(
-    'DequantizeLinear',
+  one = graph.const(f'{tag}_one', np.float32(1))
+  zero = graph.const(f'{tag}_zp', dtype(0))
+  narrow = (lo, hi) != (type_lo, type_hi)  # narrower than the storage type
+  clip_range = (
     [
-      codes,
-      graph.const(f'{tag}_one', np.float32(1)),
-      graph.const(f'{tag}_zp', dtype(0)),
-    ],
-    f'{tag}_dq',
+      graph.const(f'{tag}_lo', np.float32(lo)),
+      graph.const(f'{tag}_hi', np.float32(hi)),
+    ]
+    if narrow
+    else []
   )
-  if (lo, hi) != (type_lo, type_hi):  # a narrower range than the storage type
-    out = graph.node(
-      'Clip',
-      [
-        out,
-        graph.const(f'{tag}_lo', np.float32(lo)),
-        graph.const(f'{tag}_hi', np.float32(hi)),
-      ],
-      f'{tag}_clip',
-    )
-  return out
+  if storage is None:
+    out = graph.node('DequantizeLinear', [codes, one, zero], f'{tag}_dq')
+    if narrow:
+      out = graph.node('Clip', [out, *clip_range], f'{tag}_clip')
+    if flatten:
+      out = graph.node('Flatten', [out], f'{tag}_pooled', axis=1)
+    if maxpool is not None:
+      out = _max_pool(graph, maxpool, out)
+    return out, None
+  if narrow:
+    wide = graph.node('DequantizeLinear', [codes, one, zero], f'{tag}_wide')
+    clipped = graph.node('Clip', [wide, *clip_range], f'{tag}_clip')
+    codes = graph.node('QuantizeLinear', [clipped, one, zero], f'{tag}_narrow')
+  if flatten:
+    codes = graph.node('Flatten', [codes], f'{tag}_pooled', axis=1)
+  if maxpool is not None:
+    codes = _max_pool(graph, maxpool, codes)
+  out = graph.node('DequantizeLinear', [codes, one, zero], f'{tag}_dq')
+  return out, (int(lo), int(hi))
 
 
 def _pads(padding, kernel_hw):
@@ -272,11 +356,11 @@ def _input(graph: _Graph, program: IntegerProgram, input_name: str):
     )
     tensor = input_name
   lo, hi = program.input_range
-  tensor = _qdq(
+  tensor, code_range = _qdq(
     graph, tensor, np.float32(program.input_scale), lo, hi, tag='input'
   )
   rank = 4 if first.layer_type == 'Conv' else 2
-  return info, _Tensor(tensor, rank, max(abs(lo), abs(hi)))
+  return info, _Tensor(tensor, rank, max(abs(lo), abs(hi)), codes=code_range)
 
 
 def _add_sum(graph: _Graph, add: IntAdd, env: dict, checks: _Checks):
@@ -360,19 +444,18 @@ def _layer_acc(
     f'{tag}_kernel_dq',
   )
   inputs = [tensor, weights]
+  bias = None
   if layer.bias is not None:
-    inputs.append(
-      graph.node(
-        'DequantizeLinear',
-        [
-          graph.const(
-            f'{tag}_bias', np.asarray(layer.bias, np.int32).reshape(-1)
-          ),
-          graph.const(f'{tag}_bias_scale', np.float32(2.0**-layer.acc_shift)),
-          graph.const(f'{tag}_bias_zp', np.int32(0)),
-        ],
-        f'{tag}_bias_dq',
-      )
+    bias = graph.node(
+      'DequantizeLinear',
+      [
+        graph.const(
+          f'{tag}_bias', np.asarray(layer.bias, np.int32).reshape(-1)
+        ),
+        graph.const(f'{tag}_bias_scale', np.float32(2.0**-layer.acc_shift)),
+        graph.const(f'{tag}_bias_zp', np.int32(0)),
+      ],
+      f'{tag}_bias_dq',
     )
   if layer.layer_type == 'Conv':
     attrs = _pads(layer.padding, kernel.shape[:2])
@@ -381,8 +464,175 @@ def _layer_acc(
       group=int(layer.feature_group_count),
       kernel_shape=[int(kernel.shape[0]), int(kernel.shape[1])],
     )
+    if bias is not None:
+      inputs.append(bias)
     return graph.node('Conv', inputs, f'{tag}_acc', **attrs), rank, acc_bound
-  return graph.node('Gemm', inputs, f'{tag}_acc'), rank, acc_bound
+  acc = graph.node('Gemm', inputs, f'{tag}_acc')
+  if bias is not None:
+    # Added after the Gemm: onnxruntime fuses a Gemm's DequantizeLinear'd
+    # int32 bias into QGemm as if it were at the input scale times the
+    # kernel scale, whatever its own scale (a Conv's it checks).
+    acc = graph.node('Add', [acc, bias], f'{tag}_biased')
+  return acc, rank, acc_bound
+
+
+def _readers(program: IntegerProgram) -> dict:
+  """Op path -> the graph-program ops reading its output."""
+  out = {}
+  for op in program.layers:
+    names = list(getattr(op, 'inputs', None) or [])
+    src = getattr(op, 'src', None)
+    if src is not None:
+      names.append(src)
+    for name in names:
+      out.setdefault(name, []).append(op)
+  return out
+
+
+def _fusable_tail(layer: IntLayer, readers: dict, is_last: bool):
+  """The op requantizing ``layer``'s accumulator to codes, when the pair
+  can be one integer kernel (onnxruntime's QLinearConv / QGemm): the layer
+  itself (chain programs, F8Net), the one :class:`IntRequant` reading it
+  (real-multiplier graph programs), or ``layer`` for the last layer (its
+  float output); else None (pools, clips before a pool, several readers,
+  add operands)."""
+  if layer.requant is None and is_last:
+    return layer
+  tail = layer
+  if layer.requant is None:
+    reading = readers.get(layer.path, [])
+    if len(reading) != 1 or not isinstance(reading[0], IntRequant):
+      return None
+    tail = reading[0]
+  if tail.requant is None or tail.out_range[1] >= 2**16:
+    return None
+  if tail.pool > 1 or getattr(tail, 'avgpool', None) is not None:
+    return None
+  if getattr(tail, 'acc_clip', None) is not None:
+    return None
+  return tail
+
+
+def _integer_kernel_layer(
+  graph: _Graph, layer: IntLayer, tail, source: _Tensor, rank: int, checks
+) -> _Tensor | None:
+  """``layer`` and its requantization ``tail`` in the form onnxruntime
+  runs as one integer kernel (``DequantizeLinear`` of the input codes,
+  int8 kernel and int32 bias -> ``Conv`` / ``Gemm`` -> ``QuantizeLinear``),
+  or None where that form cannot hold the layer (then the caller writes the
+  float form).
+
+  The accumulator's per-channel sign is folded into the kernel and bias
+  codes (negated), its real multiplier ``M * 2^acc_shift`` into the
+  kernel's per-channel ``DequantizeLinear`` scale, the bias is dequantized
+  at that same scale (the input's is 1: onnxruntime's integer-kernel
+  pattern) and the output ``QuantizeLinear`` has scale 1, zero point 0; a
+  ReLU is the saturation of uint8 codes at 0. The bias keeps whole
+  accumulator units only: its ``acc_shift`` fractional bits are rounded
+  away (half an accumulator unit at most, counted in
+  ``rounded_bias_layers``). The last layer (``tail is layer`` without
+  requantization) folds its output scale instead and writes float logits.
+  """
+  onnx = graph.onnx
+  kernel = np.asarray(layer.kernel, np.int64)
+  if source.codes is None or kernel.ndim != (4 if rank == 4 else 2):
+    return None
+  if layer.layer_type not in ('Conv', 'Dense'):
+    return None
+  if layer.layer_type == 'Dense' and rank != 2:
+    return None
+  cout = int(kernel.shape[-1])
+  head = tail is layer and layer.requant is None
+  if head:
+    scale = np.broadcast_to(
+      np.asarray(layer.out_scale, np.float64).reshape(-1), (cout,)
+    )
+    sign = np.where(scale < 0, -1, 1)
+    scale = np.abs(scale)
+  else:
+    scale = _multiplier(tail, cout)
+    sign = (
+      np.broadcast_to(np.asarray(tail.requant[1], np.int64), (cout,))
+      if tail.requant[0] == 'mult'
+      else np.ones(cout, np.int64)
+    )
+  scale = (scale * 2.0**layer.acc_shift).astype(np.float32)
+  if np.any(scale <= 0) or not np.all(np.isfinite(scale)):
+    return None
+  codes = kernel * sign
+  if codes.min(initial=0) < -128 or codes.max(initial=0) > 127:
+    return None
+  out_range = None
+  if not head:
+    lo, hi = tail.out_range
+    out_range = (max(lo, 0) if tail.relu else lo, hi)
+    if _kernel_storage(*out_range, onnx) is None:
+      return None
+  bias = (
+    np.zeros(cout, np.int64)
+    if layer.bias is None
+    else np.asarray(layer.bias, np.int64).reshape(-1) * sign
+  )
+  int_bias = np.round(bias / 2.0**layer.acc_shift)
+  if np.any(np.abs(int_bias) >= 2**31):
+    return None
+  rounded = bool(np.any(int_bias * 2.0**layer.acc_shift != bias))
+  if rounded and not graph.round_bias:
+    return None
+  checks.rounded_bias_layers += rounded
+  checks.integer_kernel_layers += 1
+  reduce_axes = tuple(range(kernel.ndim - 1))
+  acc_bound = float(np.max(np.sum(np.abs(kernel), axis=reduce_axes))) * max(
+    abs(v) for v in source.codes
+  ) + float(np.max(np.abs(int_bias)))
+  checks.exact &= acc_bound < EXACT_FLOAT_INT
+  tag = layer.path.replace('/', '.')
+  if layer.layer_type == 'Conv':
+    codes, axis = np.transpose(codes, (3, 2, 0, 1)), 0  # HWIO -> OIHW
+  else:
+    axis = 1  # (in, out)
+  weights = graph.node(
+    'DequantizeLinear',
+    [
+      graph.const(f'{tag}_kernel', codes.astype(np.int8)),
+      graph.const(f'{tag}_kernel_scale', scale),
+      graph.const(f'{tag}_kernel_zp', np.zeros(cout, np.int8)),
+    ],
+    f'{tag}_kernel_dq',
+    axis=axis,
+  )
+  bias_dq = graph.node(
+    'DequantizeLinear',
+    [
+      graph.const(f'{tag}_bias', int_bias.astype(np.int32)),
+      graph.const(f'{tag}_bias_scale', scale),
+      graph.const(f'{tag}_bias_zp', np.zeros(cout, np.int32)),
+    ],
+    f'{tag}_bias_dq',
+    axis=0,
+  )
+  inputs = [source.name, weights, bias_dq]
+  if layer.layer_type == 'Conv':
+    attrs = _pads(layer.padding, kernel.shape[:2])
+    attrs.update(
+      strides=list(layer.strides or (1, 1)),
+      group=int(layer.feature_group_count),
+      kernel_shape=[int(kernel.shape[0]), int(kernel.shape[1])],
+    )
+    acc = graph.node('Conv', inputs, f'{tag}_acc', **attrs)
+  else:
+    acc = graph.node('Gemm', inputs, f'{tag}_acc')
+  if head:
+    return _Tensor(acc, rank, 0.0)
+  out, code_range = _qdq(
+    graph,
+    acc,
+    np.float32(1),
+    *out_range,
+    tag=tail.path.replace('/', '.'),
+    maxpool=tail if tail.maxpool is not None else None,
+  )
+  return _Tensor(out, rank, max(abs(v) for v in out_range), codes=code_range)
 
 
 def _requantize(
@@ -414,7 +664,7 @@ def _requantize(
     _multiplier(op, width) * op.pool * _window(op) * 2.0**acc_shift
   )
   out_lo, out_hi = op.out_range
-  codes = _qdq(
+  codes, code_range = _qdq(
     graph,
     acc,
     y_scale.astype(np.float32),
@@ -422,13 +672,13 @@ def _requantize(
     out_hi,
     axis=1 if y_scale.ndim else None,
     tag=tag,
+    # max pool on the codes; (N, C, 1, 1) -> (N, C): what a Dense reader takes
+    maxpool=op if op.maxpool is not None and not pre_max else None,
+    flatten=op.pool > 1,
   )
-  if op.pool > 1:  # (N, C, 1, 1) -> (N, C): what a Dense reader takes
-    codes = graph.node('Flatten', [codes], f'{tag}_pooled', axis=1)
+  if op.pool > 1:
     rank = 2
-  if op.maxpool is not None and not pre_max:  # on the codes
-    codes = _max_pool(graph, op, codes)
-  return _Tensor(codes, rank, max(abs(out_lo), abs(out_hi)))
+  return _Tensor(codes, rank, max(abs(out_lo), abs(out_hi)), codes=code_range)
 
 
 def _window(op) -> int:
@@ -472,6 +722,22 @@ def _acc_clip(graph: _Graph, op, acc, rank: int, acc_shift: int):
     ],
     f'{op.path.replace("/", ".")}_clipped',
   )
+
+
+def _concat(graph: _Graph, op: IntConcat, env: dict) -> _Tensor:
+  """A channel concatenation of codes; in integer-kernel graphs followed by
+  a ``QuantizeLinear`` / ``DequantizeLinear`` pair of scale 1 (exact on
+  codes) so that a reader finds the pattern of an integer kernel."""
+  parts = [env[name] for name in op.inputs]
+  tag = op.path.replace('/', '.')
+  out = graph.node('Concat', [part.name for part in parts], tag, axis=1)
+  bound = max(part.bound for part in parts)
+  if not graph.integer_kernels or any(p.codes is None for p in parts):
+    return _Tensor(out, parts[0].rank, bound)
+  lo = min(part.codes[0] for part in parts)
+  hi = max(part.codes[1] for part in parts)
+  out, code_range = _qdq(graph, out, np.float32(1), lo, hi, tag=tag)
+  return _Tensor(out, parts[0].rank, bound, codes=code_range)
 
 
 def _requant_op(graph: _Graph, op: IntRequant, source: _Tensor) -> _Tensor:
@@ -575,6 +841,8 @@ def program_to_onnx(
   input_name: str = 'images',
   output_name: str = 'logits',
   report: dict | None = None,
+  integer_kernels: bool = True,
+  round_bias: bool = False,
 ):
   """The ONNX QDQ model of ``program`` (see the module docstring).
 
@@ -586,9 +854,18 @@ def program_to_onnx(
       fracq models take them) or ``(N, features)`` for a Dense-first model.
     output_name: the graph output: float32 logits ``(N, classes)``
       (``(N, H, W, C)`` if the program ends with a Conv).
-    report: if a dict, filled with ``int4_initializers`` and
+    report: if a dict, filled with ``int4_initializers``,
       ``exact_accumulation`` (every layer's ``sum |w| * max |x|`` is below
-      ``2^24``, so the float32 Conv/Gemm sums are exact).
+      ``2^24``, so the float32 Conv/Gemm sums are exact),
+      ``integer_kernel_layers`` (layers in the integer-kernel form) and
+      ``rounded_bias_layers`` (of those, layers whose bias was rounded).
+    integer_kernels: write the layers that allow it in the form onnxruntime
+      runs as integer kernels (``QLinearConv`` / ``QGemm``; see the module
+      docstring); False: every layer a float Conv / Gemm on integer values.
+    round_bias: with ``integer_kernels``, also write layers whose bias has
+      fractional accumulator bits in that form, rounding the bias to whole
+      accumulator units (then the graph differs from the program by that
+      rounding); False: such layers stay float (exact).
   Returns:
     The ``onnx.ModelProto`` (checked with ``onnx.checker``).
   Raises:
@@ -605,26 +882,36 @@ def program_to_onnx(
     )
   if not program.layers:
     raise ValueError('The integer program has no layers.')
-  graph = _Graph(onnx)
+  graph = _Graph(onnx, integer_kernels=integer_kernels, round_bias=round_bias)
   in_info, current = _input(graph, program, input_name)
   # op path -> the tensor holding its integers
   env = {INPUT: current}
   checks = _Checks()
   last = len(program.layers) - 1
+  readers = _readers(program)
+  fused_tails = set()  # requantizations written inside an integer kernel
   for index, op in enumerate(program.layers):
     if isinstance(op, IntConcat):
-      parts = [env[name] for name in op.inputs]
-      current = env[op.path] = _Tensor(
-        graph.node(
-          'Concat',
-          [part.name for part in parts],
-          op.path.replace('/', '.'),
-          axis=1,
-        ),
-        parts[0].rank,
-        max(part.bound for part in parts),
-      )
+      current = env[op.path] = _concat(graph, op, env)
       continue
+    if op.path in fused_tails:
+      current = env[op.path]
+      continue
+    if isinstance(op, IntLayer) and integer_kernels:
+      tail = _fusable_tail(op, readers, index == last)
+      source = env[op.src] if op.src is not None else current
+      fused = (
+        None
+        if tail is None
+        else _integer_kernel_layer(graph, op, tail, source, source.rank, checks)
+      )
+      if fused is not None:
+        current = env[tail.path] = fused
+        if tail is not op:
+          fused_tails.add(tail.path)
+        if index == last:
+          break
+        continue
     if isinstance(op, IntRequant):
       current = env[op.path] = _requant_op(graph, op, env[op.src])
       continue
@@ -665,7 +952,10 @@ def program_to_onnx(
   )
   if report is not None:
     report.update(
-      int4_initializers=int(checks.int4), exact_accumulation=bool(checks.exact)
+      int4_initializers=int(checks.int4),
+      exact_accumulation=bool(checks.exact),
+      integer_kernel_layers=int(checks.integer_kernel_layers),
+      rounded_bias_layers=int(checks.rounded_bias_layers),
     )
   if path is not None:
     onnx.save(model, path)
@@ -696,6 +986,8 @@ def export_onnx(
   overwrite: bool = False,
   check: bool = True,
   program: IntegerProgram | None = None,
+  integer_kernels: bool = True,
+  round_bias: bool = False,
 ) -> dict:
   """Lowers a trained model, writes its ONNX QDQ export and measures it.
 
@@ -709,9 +1001,12 @@ def export_onnx(
     overwrite: replace an existing file.
     check: run the export in onnxruntime (needs onnxruntime).
     program: an already lowered program of this model (skips lowering).
+    integer_kernels: see :func:`program_to_onnx`.
+    round_bias: see :func:`program_to_onnx`.
   Returns:
     ``onnx_bytes`` (on disk), ``onnx_opset``, ``onnx_int4_initializers``,
-    ``onnx_exact_accumulation`` and, with ``check``,
+    ``onnx_exact_accumulation``, ``onnx_integer_kernel_layers``,
+    ``onnx_rounded_bias_layers`` and, with ``check``,
     ``onnx_prediction_match`` (fraction of ``sample_x`` where onnxruntime's
     argmax equals the integer program's) and ``onnx_max_logit_diff_rel``
     (max |logit difference| / the program's logit range) and
@@ -730,12 +1025,21 @@ def export_onnx(
   if program is None:
     program = lower(wrapper, variables, batch)
   info = {}
-  program_to_onnx(program, path, opset=opset, report=info)
+  program_to_onnx(
+    program,
+    path,
+    opset=opset,
+    report=info,
+    integer_kernels=integer_kernels,
+    round_bias=round_bias,
+  )
   rep = {
     'onnx_bytes': os.path.getsize(path),
     'onnx_opset': opset,
     'onnx_int4_initializers': info['int4_initializers'],
     'onnx_exact_accumulation': info['exact_accumulation'],
+    'onnx_integer_kernel_layers': info['integer_kernel_layers'],
+    'onnx_rounded_bias_layers': info['rounded_bias_layers'],
   }
   if check:
     got = run_onnx(path, batch)

@@ -217,10 +217,13 @@ def test_conv_layer_semantics_by_hand():
   mult = m0.astype(np.float64) * 2.0 ** (ex.astype(np.float64) - 31)
   y = np.clip(_round_half_even(s * mult), 0, 15)
   logits = (y @ k2.astype(np.int64) + b2) * out_scale.astype(np.float64)
-  model = ox.program_to_onnx(prog)
+  # The float form (every layer a float Conv / Gemm on integer values).
+  model = ox.program_to_onnx(prog, integer_kernels=False)
   got = ox.run_onnx(model, x)
   np.testing.assert_allclose(got, logits, rtol=1e-6)
   np.testing.assert_array_equal(got, np.asarray(prog.logits(x)))
+  # The default integer-kernel form (the head as QGemm) computes the same.
+  np.testing.assert_array_equal(ox.run_onnx(ox.program_to_onnx(prog), x), got)
   ops = _op_types(model)
   assert ops.count('QuantizeLinear') == 2 and 'Clip' in ops  # 0..15 in uint8
   assert 'Mul' in ops  # the negative channel's sign
@@ -293,3 +296,95 @@ def test_errors(test_set, tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'onnx', None)
   with pytest.raises(ImportError, match='pip install onnx'):
     ox.program_to_onnx(one)
+
+
+def _optimized_ops(model, tmp_path):
+  """Op types onnxruntime runs for ``model`` after graph optimization."""
+  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+
+  path = str(tmp_path / 'optimized.onnx')
+  opts = ort.SessionOptions()
+  opts.optimized_model_filepath = path
+  opts.log_severity_level = 3
+  ort.InferenceSession(
+    model.SerializeToString(), opts, providers=['CPUExecutionProvider']
+  )
+  return [n.op_type for n in onnx.load(path).graph.node]
+
+
+def test_integer_kernels_after_graph_optimization(test_set, tmp_path):
+  """The convolutions requantized to codes and the head run as
+  onnxruntime's integer kernels (QLinearConv, QGemm), with the program's
+  logits bit for bit (whole-unit biases); the float form runs Conv."""
+  x, _ = test_set
+  prog = _f8net_like_program(np.random.default_rng(1))
+  report = {}
+  model = ox.program_to_onnx(prog, report=report)
+  # conv0, conv1 and the head; conv2 (global pool) stays a float Conv.
+  assert report['integer_kernel_layers'] == 3
+  assert report['rounded_bias_layers'] == 0
+  ops = _optimized_ops(model, tmp_path)
+  assert ops.count('QLinearConv') == 2 and ops.count('QGemm') == 1, ops
+  np.testing.assert_array_equal(
+    ox.run_onnx(model, x), np.asarray(prog.logits(jnp.asarray(x)))
+  )
+  float_ops = _optimized_ops(
+    ox.program_to_onnx(prog, integer_kernels=False), tmp_path
+  )
+  assert 'QLinearConv' not in float_ops and 'QGemm' not in float_ops
+
+
+def test_round_bias_is_the_program_with_whole_unit_biases(test_set):
+  """A bias with fractional accumulator bits (``acc_shift``) has no exact
+  integer-kernel form: by default that layer stays float (exact); with
+  ``round_bias`` it becomes an integer kernel (QGemm) and computes the program whose
+  biases are rounded to whole accumulator units."""
+  x, _ = test_set
+  rng = np.random.default_rng(2)
+  m0, ex = ints.quantize_multiplier(np.array([2.1e-4, 3.3e-4, 1.2e-4]))
+  sign = np.array([1, -1, 1], np.int32)
+
+  def program(hidden_bias, head_bias):
+    return export.IntegerProgram(
+      layers=[
+        export.IntLayer(
+          'h',
+          'Dense',
+          hidden_kernel,
+          hidden_bias,
+          relu=True,
+          acc_shift=3,
+          requant=('mult', sign, m0, ex),
+          out_range=(0, 255),
+        ),
+        export.IntLayer(
+          'd',
+          'Dense',
+          head_kernel,
+          head_bias,
+          out_scale=np.array([0.01, 0.02], np.float32),
+        ),
+      ],
+      input_scale=1 / 16,
+      input_range=(-127, 127),
+      kind='qat',
+    )
+
+  hidden_kernel = rng.integers(-127, 128, (64, 3)).astype(np.int8)
+  head_kernel = rng.integers(-127, 128, (3, 2)).astype(np.int8)
+  b1 = rng.integers(-3000, 3000, 3).astype(np.int32)  # 3 fractional bits
+  b2 = rng.integers(-500, 500, 2).astype(np.int32)
+  features = jnp.asarray(x.reshape(len(x), -1))
+  exact = program(b1, b2)
+  report = {}
+  got = ox.run_onnx(ox.program_to_onnx(exact, report=report), features)
+  assert report['integer_kernel_layers'] == 1  # the head: whole units
+  np.testing.assert_array_equal(got, np.asarray(exact.logits(features)))
+  rounded = program((np.round(b1 / 8) * 8).astype(np.int32), b2)
+  report = {}
+  model = ox.program_to_onnx(exact, report=report, round_bias=True)
+  assert report['integer_kernel_layers'] == 2
+  assert report['rounded_bias_layers'] == 1
+  np.testing.assert_array_equal(
+    ox.run_onnx(model, features), np.asarray(rounded.logits(features))
+  )
