@@ -49,7 +49,6 @@ from flax import nnx
 from fracq.methods import qat as qat_lib
 from fracq.methods.common import STATE
 from fracq.methods.f8net.model import F8NetModel
-from fracq.nnx.f8net import F8NetModule
 from fracq.nnx.f8net import f8net
 from fracq.nnx.linen_twin import to_linen
 from fracq.nnx.qat import QATModule
@@ -67,7 +66,45 @@ def _shapes(tree) -> Any:
   return jax.tree.map(jax.numpy.shape, tree)
 
 
-class NNXLoopModel:
+class _LinenLayoutLoop:
+  """What both loop models share: an NNX module (``_live``, split into
+  ``_split``) computing on variables in linen's layout, the layout the loop's
+  state, checkpoints and export use."""
+
+  _live: nnx.Module
+  _split: tuple
+
+  def _bound(self, variables, train: bool):
+    """A copy of the module holding ``variables``, in train or eval mode."""
+    graphdef, state = self._split
+    module = nnx.merge(graphdef, state, copy=True)
+    write_linen_tree(module.model, variables)
+    if train:
+      module.train()
+    else:
+      module.eval()
+    return module
+
+  def init(self, rngs, x, *, train: bool = False, **kwargs):
+    """The NNX model's variables, in linen's layout (the weights are the
+    NNX model's own: ``rngs``, ``x`` and ``train`` are unused)."""
+    del rngs, x, train, kwargs
+    return self._live.linen_variables()
+
+  def _apply(self, variables, x, train: bool, mutable, **kwargs):
+    """The module on ``x`` with ``variables``; with ``mutable`` (a list of
+    collections, or True for all) also the updated collections, as linen's
+    ``apply`` returns them."""
+    module = self._bound(variables, train)
+    out = module(x, **kwargs)
+    if not mutable:
+      return out
+    new = module.linen_variables()
+    names = new.keys() if mutable is True else mutable
+    return out, {c: new[c] for c in names if c in new}
+
+
+class NNXLoopModel(_LinenLayoutLoop):
   """A quantized NNX model behind the training loop's model protocol.
 
   Args:
@@ -103,7 +140,7 @@ class NNXLoopModel:
     self.linen = linen_wrapper
     if _qmodule is None:
       _qmodule = self._quantize(model, sample_x)
-    self.qmodule = _qmodule
+    self.qmodule = self._live = _qmodule
     self._split = nnx.split(_qmodule)
     self._hard_twin: NNXLoopModel | None = None
 
@@ -195,24 +232,6 @@ class NNXLoopModel:
     return self.qmodule.layer_table()
 
   # -- the computation (the NNX model's) ----------------------------------------
-  def _bound(self, variables, train: bool) -> QATModule:
-    """A copy of the quantized module holding ``variables``, in train or
-    eval mode."""
-    graphdef, state = self._split
-    qmodule = nnx.merge(graphdef, state, copy=True)
-    qmodule.set_linen_variables(variables)
-    if train:
-      qmodule.train()
-    else:
-      qmodule.eval()
-    return qmodule
-
-  def init(self, rngs, x, *, train: bool = False, **kwargs):
-    """The quantized NNX model's variables, in linen's layout (the weights
-    are the NNX model's own: ``rngs``, ``x`` and ``train`` are unused)."""
-    del rngs, x, train, kwargs
-    return self.qmodule.linen_variables()
-
   def apply(
     self,
     variables,
@@ -229,13 +248,7 @@ class NNXLoopModel:
     its own random streams."""
     del rngs
     self.linen._check_assigned(variables, 'apply')  # pylint: disable=protected-access
-    qmodule = self._bound(variables, train)
-    out = qmodule(x, **kwargs)
-    if not mutable:
-      return out
-    new = qmodule.linen_variables()
-    names = new.keys() if mutable is True else mutable
-    return out, {c: new[c] for c in names if c in new}
+    return self._apply(variables, x, train, mutable, **kwargs)
 
   def calibrate(self, variables, x, **kwargs):
     """Data-dependent quantizer ranges and statistics recomputed on ``x``
@@ -291,7 +304,7 @@ class NNXLoopModel:
     return to_linen(qmodule, sample_x, self.linen.module)
 
 
-class NNXF8NetLoopModel:
+class NNXF8NetLoopModel(_LinenLayoutLoop):
   """An NNX model under F8Net behind the training loop's model protocol.
 
   Args:
@@ -332,7 +345,7 @@ class NNXF8NetLoopModel:
           f'{type(model).__name__} than on its linen twin: '
           f'{getattr(found, name)} vs {getattr(want, name)}.'
         )
-    self.fmodule = fmodule
+    self.fmodule = self._live = fmodule
     self.f8model = fmodule.f8model
     self.trainable_collections = self.f8model.trainable_collections
     self._split = nnx.split(fmodule)
@@ -341,22 +354,6 @@ class NNXF8NetLoopModel:
   def module(self):
     """The linen twin module."""
     return self.f8model.module
-
-  def _bound(self, variables, train: bool) -> F8NetModule:
-    graphdef, state = self._split
-    fmodule = nnx.merge(graphdef, state, copy=True)
-    write_linen_tree(fmodule.model, variables)
-    if train:
-      fmodule.train()
-    else:
-      fmodule.eval()
-    return fmodule
-
-  def init(self, rngs, x, *, train: bool = False, **kwargs):
-    """The NNX model's weights and F8Net's initial formats, in linen's
-    layout (``rngs``, ``x`` and ``train`` are unused)."""
-    del rngs, x, train, kwargs
-    return self.fmodule.linen_variables()
 
   def apply(
     self,
@@ -371,13 +368,7 @@ class NNXF8NetLoopModel:
     """The NNX model under F8Net on ``x`` with ``variables``; with
     ``mutable``, also the updated collections (as linen's ``apply``)."""
     del rngs, kwargs
-    fmodule = self._bound(variables, train)
-    out = fmodule(x)
-    if not mutable:
-      return out
-    new = fmodule.linen_variables()
-    names = new.keys() if mutable is True else mutable
-    return out, {c: new[c] for c in names if c in new}
+    return self._apply(variables, x, train, mutable)
 
   def calibrate(self, variables, x, **kwargs):
     """Every activation format from ``x`` (eval mode)."""
