@@ -22,7 +22,11 @@ deployability, not accuracy. Each cell then:
 * lowers the model to an integer program (``fracq.export.lower``) and
   compares it with the fake-quantized model on a fixed batch (real digits
   for the digits models, random images / tokens otherwise): prediction
-  agreement and max |logit difference| / logit range;
+  agreement and max |logit difference| / logit range; for the real-
+  multiplier lowering (uniform QAT, FracBits, PCQAT) also what its
+  teacher-forced check found: the input codes, of all layers, that differ
+  from the model's by one at rounding ties when every layer reads the
+  model's own input codes;
 * writes the program as ONNX QDQ (``program_to_onnx``) and runs it in
   onnxruntime: max |logit difference| / range against the program, and the
   layers written as integer kernels; again with ``round_bias=True``
@@ -211,6 +215,16 @@ def cell(name: str, method: str, x, passes: int) -> dict:
       program_agreement=float(np.mean(got.argmax(-1) == ref.argmax(-1))),
       program_max_diff_rel=relative(got, ref),
     )
+    check = program.verification
+    if check is not None and check.layers:  # the lowering's teacher forcing
+      row.update(
+        replay_tied_codes=check.flipped_codes,
+        replay_codes=sum(e['codes'] for e in check.layers.values()),
+        replay_max_code_diff=max(
+          e['max_diff'] for e in check.layers.values()
+        ),
+        replay_max_diff_rel=check.replay_max_diff_rel,
+      )
     try:
       for key, round_bias in (('onnx', False), ('onnx_rounded', True)):
         info = {}
@@ -273,10 +287,13 @@ def _cell_text(r: dict, notes: list) -> str:
     return note(r['reason']).replace('refused', 'not built')
   parts = []
   if r['status'] == 'lowered':
-    parts.append(
+    text = (
       f'program {100 * r["program_agreement"]:.0f}% / '
       f'{r["program_max_diff_rel"]:.1e}'
     )
+    if 'replay_tied_codes' in r:
+      text += f' ({r["replay_tied_codes"]} ties)'
+    parts.append(text)
     if 'onnx_max_diff_rel' in r:
       text = f'ORT {r["onnx_max_diff_rel"]:.1e}'
       if 'onnx_integer_kernel_layers' in r:
@@ -320,7 +337,12 @@ def render(rows, methods, names, args, seconds: float) -> str:
     '',
     'Each cell: **program**: prediction agreement of the integer program '
     'with the fake-quantized model / max |logit diff| over the logit '
-    'range; **ORT**: onnxruntime running the QDQ export vs the program, '
+    'range, and (uniform QAT, FracBits, PCQAT) how many of all layers\' '
+    'input codes the lowering\'s teacher-forced check found off by one at '
+    'rounding ties (each layer reading the model\'s own input codes; a '
+    'code off by more than one, or more than 0.1% of a layer\'s codes off '
+    'by one, is a refusal): in deep untrained nets a few ties grow into '
+    'the free-running logit difference; **ORT**: onnxruntime running the QDQ export vs the program, '
     'max |logit diff| / range, with the number of layers it runs as '
     'integer kernels (QLinearConv / QGemm: those whose bias is whole '
     'accumulator units); where biases have fractional bits, the export '

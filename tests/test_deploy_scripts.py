@@ -37,6 +37,13 @@ def test_deploy_matrix_digits_cell(tmp_path, monkeypatch):
   assert row['program_agreement'] == 1.0
   assert row['program_max_diff_rel'] < 1e-4
   assert row['onnx_max_diff_rel'] < 1e-4
+  # The lowering's teacher-forced check covered the six layers' input codes
+  # (per digit: conv_init 8x8x1, conv1 8x8x32, conv2 8x8x64, conv3 4x4x64,
+  # conv4 4x4x128, head 128).
+  assert row['replay_codes'] == 4 * (64 + 2048 + 4096 + 1024 + 2048 + 128)
+  assert row['replay_max_code_diff'] <= 1
+  assert row['replay_tied_codes'] <= 1e-3 * row['replay_codes'] + 6
+  assert row['replay_max_diff_rel'] < 1e-4
   # 4-bit kernels (first conv and head at 8): the artifact is about a
   # quarter of float32 and within 5 % of its theoretical size.
   assert 4.0 < row['mean_kernel_bits'] < 4.2

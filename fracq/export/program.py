@@ -176,6 +176,9 @@ class IntegerProgram:
   input_scale: float  # real value of one input code
   input_range: tuple[int, int]
   kind: str  # the lowering that produced it: 'f8net' or 'qat'
+  # What the lowering's check measured on its sample batch (a
+  # :class:`fracq.export.lowering.Verification`); not written to disk.
+  verification: Any = dataclasses.field(default=None, compare=False)
 
   def quantize_input(self, x) -> jax.Array:
     """Float images -> input codes (the only float op, at the boundary)."""
@@ -204,11 +207,34 @@ class IntegerProgram:
 
   def logits(self, x) -> jax.Array:
     """Float images -> dequantized logits."""
-    acc = integer_forward(self, self.quantize_input(x))
+    return self.dequantize(integer_forward(self, self.quantize_input(x)))
+
+  def dequantize(self, acc) -> jax.Array:
+    """The last layer's int32 accumulator -> real-valued logits."""
     scale = np.asarray(self.layers[-1].out_scale, np.float32)
     if scale.size == 1:
       scale = scale.reshape(())
     return acc.astype(jnp.float32) * _along_last(scale, acc.ndim)
+
+  def replay(self, x, teacher: dict) -> tuple[jax.Array, dict]:
+    """Runs the program with every layer reading given input codes.
+
+    ``teacher`` maps a layer's path to the input codes it should read (the
+    fake-quantized model's own codes of that layer's input). Each layer
+    listed reads those codes instead of what the program computed for it,
+    so an error cannot propagate from one layer to the next: a lowering
+    that models every layer right reproduces each layer's codes up to
+    rounding ties, however deep the model.
+
+    Returns:
+      The dequantized logits and, per layer in ``teacher``, how the codes
+      the program computed for its input compare with the teacher's:
+      ``{'max_diff': largest |difference| in codes, 'differing': how many
+      codes differ, 'codes': how many there are}``.
+    """
+    report = {}
+    acc = integer_forward(self, self.quantize_input(x), teacher, report)
+    return self.dequantize(acc), report
 
   def summary(self) -> str:
     """One line per op: type, kernel, bias, ReLU, pool, requantization."""
@@ -347,7 +373,30 @@ def _add_acc(add: IntAdd, env):
   return acc
 
 
-def _graph_forward(program: IntegerProgram, codes) -> jax.Array:
+def _taught(path: str, codes, teacher, report):
+  """``codes`` (a layer's input), or the teacher's codes for ``path`` with
+  the comparison recorded in ``report``."""
+  if teacher is None or path not in teacher:
+    return codes
+  expected = np.asarray(teacher[path])
+  if expected.size != codes.size:
+    raise ValueError(
+      f'{path}: the teacher gives {expected.shape} input codes, the program '
+      f'computes {tuple(codes.shape)}.'
+    )
+  expected = expected.reshape(codes.shape).astype(np.int64)
+  diff = np.abs(np.asarray(codes).astype(np.int64) - expected)
+  report[path] = {
+    'max_diff': int(diff.max(initial=0)),
+    'differing': int(np.count_nonzero(diff)),
+    'codes': int(diff.size),
+  }
+  return jnp.asarray(expected).astype(codes.dtype)
+
+
+def _graph_forward(
+  program: IntegerProgram, codes, teacher=None, report=None
+) -> jax.Array:
   env = {INPUT: codes}
   out = codes
   for op in program.layers:
@@ -359,7 +408,8 @@ def _graph_forward(program: IntegerProgram, codes) -> jax.Array:
       env[op.path] = jnp.concatenate([env[name] for name in op.inputs], -1)
       continue
     else:
-      acc = _layer_acc(op, env[op.src if op.src is not None else INPUT])
+      src = env[op.src if op.src is not None else INPUT]
+      acc = _layer_acc(op, _taught(op.path, src, teacher, report))
     out = _tail(op, acc)
     env[op.path] = out
   return out
@@ -373,13 +423,20 @@ def is_graph(program: IntegerProgram) -> bool:
   )
 
 
-def integer_forward(program: IntegerProgram, codes) -> jax.Array:
-  """Runs ``program`` on integer input codes; returns the int32 output."""
+def integer_forward(
+  program: IntegerProgram, codes, teacher=None, report=None
+) -> jax.Array:
+  """Runs ``program`` on integer input codes; returns the int32 output.
+
+  ``teacher`` / ``report``: see :meth:`IntegerProgram.replay`.
+  """
   if is_graph(program):
-    return _graph_forward(program, codes)
+    return _graph_forward(program, codes, teacher, report)
   out = codes
   for layer in program.layers:
-    out = _tail(layer, _layer_acc(layer, out))
+    out = _tail(
+      layer, _layer_acc(layer, _taught(layer.path, out, teacher, report))
+    )
     if layer.requant is None:  # the int32 accumulator of the last layer
       return out
   return out  # a truncated program (e.g. for debugging) ends in codes

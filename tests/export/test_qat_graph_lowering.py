@@ -11,6 +11,7 @@ image's logits by ~1e-2 of their range. So: equal predictions, most images
 equal to float rounding, none off by more than a few flips.
 """
 
+import copy
 import functools
 
 import flax.linen as nn
@@ -24,6 +25,10 @@ from fracq import export
 from fracq import models
 from fracq.core import integer as ints
 from fracq.export import onnx_export as ox
+from fracq.export.lowering.common import verify_program
+from fracq.graph.structure import probe_structure
+from fracq.methods.uniform.lowering import input_quantization
+from fracq.methods.uniform.lowering import reader_codes
 
 
 def _assert_matches_fake_quant(got, sim):
@@ -94,12 +99,35 @@ def test_resnet20_identity_and_projection_blocks(tmp_path):
   got = np.asarray(prog.logits(x))
   _assert_matches_fake_quant(got, np.asarray(qm.apply(v, x)))
   ints.assert_integer_only(prog, prog.quantize_input(x))
+  _check_teacher_forcing(qm, v, x, prog)
   path = str(tmp_path / 'resnet20.int.safetensors')
   export.save_program(prog, path)
   loaded = export.load_program(path)
   np.testing.assert_array_equal(np.asarray(loaded.logits(x)), got)
   assert 'stage3_block2@fc' in loaded.summary()
   _check_onnx(prog, x, got)
+
+
+def _check_teacher_forcing(qm, v, x, prog):
+  """The lowering's teacher-forced check covered every layer, and it fails
+  a program with one requantization multiplier 3% off, in the layer that
+  reads it."""
+  result = prog.verification
+  structure = probe_structure(qm.module, v, x, train=False)
+  assert sorted(result.layers) == sorted(structure.order)
+  assert all(entry['max_diff'] <= 1 for entry in result.layers.values())
+  assert result.replay_max_diff_rel < 1e-4
+  ref, teacher = reader_codes(qm, v, x, input_quantization(qm, v, structure))
+  broken = copy.deepcopy(prog)
+  view = next(
+    op
+    for op in broken.layers
+    if op.path == 'stage2_block0/conv1@stage2_block0/conv2'
+  )
+  sign, m0, exponent = view.requant[1:]
+  view.requant = ('mult', sign, (m0 * 0.97).astype(m0.dtype), exponent)
+  with pytest.raises(ValueError, match='stage2_block0/conv2: with every'):
+    verify_program(broken, ref, x, exact=False, atol=1.0, teacher=teacher)
 
 
 def test_bottleneck_max_pool_stem_kernelwise_fracbits():

@@ -19,6 +19,7 @@ name (a method's lowering imports this package, so it cannot be imported
 from here by name while it is the module being loaded).
 """
 
+from fracq.export.lowering.common import Verification
 from fracq.export.lowering.registry import Lowering
 from fracq.export.lowering.registry import lower
 from fracq.export.lowering.registry import lowering_for
@@ -32,6 +33,7 @@ import fracq.methods.uniform.lowering  # noqa: E402, F401
 
 __all__ = [
   'Lowering',
+  'Verification',
   'lower',
   'lower_f8net',
   'lower_qat',

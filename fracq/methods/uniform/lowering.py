@@ -57,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -65,6 +66,7 @@ from fracq.export.freeze import FrozenLayer
 from fracq.export.freeze import freeze
 from fracq.export.freeze import freeze_inputs
 from fracq.export.lowering.common import chain_link
+from fracq.export.lowering.common import FLIP_RATE
 from fracq.export.lowering.common import tree_node
 from fracq.export.lowering.common import verify_program
 from fracq.export.lowering.registry import register_lowering
@@ -81,6 +83,8 @@ from fracq.graph.structure import is_avg_pool
 from fracq.graph.structure import is_max_pool
 from fracq.graph.structure import is_pool_chain
 from fracq.graph.structure import probe_structure
+from fracq.interception.interceptor import QuantizedModule
+from fracq.methods.providers import QATProvider
 from fracq.methods.qat import QATModel
 
 __all__ = [
@@ -88,6 +92,7 @@ __all__ = [
   'fold_layer',
   'input_quantization',
   'lower_qat',
+  'reader_codes',
   'requantize_to',
 ]
 
@@ -558,7 +563,13 @@ def _refuse_token_models(qmodel, batch) -> None:
 
 @register_lowering('qat', QATModel)
 def lower_qat(
-  qmodel, variables, sample_x, *, verify: bool = True, tolerance: float = 0.05
+  qmodel,
+  variables,
+  sample_x,
+  *,
+  verify: bool = True,
+  tolerance: float = 0.05,
+  flip_rate: float = FLIP_RATE,
 ) -> IntegerProgram:
   """The integer-only program of a uniform-QAT or (hard-assigned) FracBits
   :class:`~fracq.methods.qat.QATModel`.
@@ -566,9 +577,16 @@ def lower_qat(
   Needs every Conv/Dense quantized with LSQ kernel steps (or FracBits shared
   ranges) and fixed-bit LSQ per-tensor input steps. BatchNorm (running
   statistics) and the layer bias fold into a per-channel real multiplier and
-  an int32 bias; ``verify`` checks the dequantized logits on ``sample_x``
-  against the fake-quantized model within ``tolerance`` of the logit range
-  (a structural check; tests hold it to 1e-3).
+  an int32 bias.
+
+  ``verify`` checks the program on ``sample_x`` layer by layer
+  (:func:`~fracq.export.lowering.common.verify_program` with teacher
+  forcing): every layer, reading the fake-quantized model's own input codes,
+  must reproduce the next layers' input codes up to rounding ties (at most
+  ``flip_rate`` of them off by one). The free-running logits are compared
+  too, within ``tolerance`` of the logit range; beyond it (ties grown
+  through a deep model) a warning says so. The measurements are in
+  ``program.verification``.
   """
   batch = jnp.asarray(sample_x)
   _refuse_token_models(qmodel, batch)
@@ -590,6 +608,53 @@ def lower_qat(
       qmodel, variables, structure, frozen, inputs, clips
     ).program()
   if verify:
-    ref = qmodel.apply(variables, batch, **qmodel.call_kwargs)
-    verify_program(program, ref, batch, exact=False, atol=tolerance)
+    ref, teacher = reader_codes(qmodel, variables, batch, inputs)
+    program.verification = verify_program(
+      program,
+      ref,
+      batch,
+      exact=False,
+      atol=tolerance,
+      teacher=teacher,
+      flip_rate=flip_rate,
+    )
   return program
+
+
+class _Recorder(QATProvider):
+  """The QAT provider, keeping every layer's quantized input."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.inputs = {}
+
+  def quantize_input(self, site, x):
+    quantized = super().quantize_input(site, x)
+    self.inputs[site.path] = quantized
+    return quantized
+
+
+def reader_codes(
+  qmodel, variables, x, inputs: dict[str, InputQuant]
+) -> tuple[jax.Array, dict[str, np.ndarray]]:
+  """The fake-quantized model's logits on ``x`` (eval mode) and every
+  layer's input codes in that run (its quantized input over its step
+  ``inputs[path].scale``), the teacher of
+  :meth:`~fracq.export.IntegerProgram.replay`."""
+  recorder = _Recorder(
+    hard=qmodel.hard,
+    signs=qmodel.signs,
+    kernel_transform=qmodel.kernel_transform,
+  )
+  module = QuantizedModule(
+    qmodel.module, qmodel.rules, recorder, on_unused='warn'
+  )
+  logits = module.apply(variables, x, **{**qmodel.call_kwargs, 'train': False})
+  codes = {
+    path: np.rint(
+      np.asarray(recorder.inputs[path], np.float64) / quant.scale
+    ).astype(np.int64)
+    for path, quant in inputs.items()
+    if path in recorder.inputs
+  }
+  return logits, codes
