@@ -24,14 +24,25 @@ def export_integer(
   Returns the program's bytes on disk, the theoretical size (kernel codes
   at their bits + int32 biases and requantization parameters) and the
   agreement with the fake-quantized model on ``sample_x`` (prediction
-  match rate and max logit difference relative to the logit range).
+  match rate and max logit difference relative to the logit range) and,
+  where the lowering checked it teacher-forced, how many layer input codes
+  it found off by one at rounding ties (``integer_tied_codes`` of
+  ``integer_checked_codes``).
   """
   batch = jnp.asarray(sample_x)
   program = lower(wrapper, variables, batch)
   size = save_program(program, path, overwrite=overwrite, metadata=metadata)
   ref = np.asarray(wrapper.apply(variables, batch, train=False))
   got = np.asarray(program.logits(batch))
+  check = program.verification
+  replay = {}
+  if check is not None and check.layers:
+    replay = {
+      'integer_tied_codes': check.flipped_codes,
+      'integer_checked_codes': sum(e['codes'] for e in check.layers.values()),
+    }
   return {
+    **replay,
     'program_bytes': size,
     'program_theoretical_bytes': theoretical_bytes(program),
     'integer_prediction_match': float(

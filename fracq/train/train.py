@@ -747,6 +747,13 @@ def _export(config, wrapper, state, workdir) -> dict:
       f'fake-quantized model on one eval batch: '
       f'{100 * irep["integer_prediction_match"]:.2f}%; max |logit diff| / '
       f'logit range {irep["integer_max_logit_diff_rel"]:.2e}'
+      + (
+        f'; teacher-forced check: {irep["integer_tied_codes"]:,} of '
+        f'{irep["integer_checked_codes"]:,} layer input codes off by one at '
+        'rounding ties'
+        if 'integer_tied_codes' in irep
+        else ''
+      )
     )
     out.update({k: v for k, v in irep.items() if k != 'summary'})
     opath = os.path.join(workdir, 'model.onnx')

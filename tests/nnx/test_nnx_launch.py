@@ -60,6 +60,13 @@ def test_fracbits_config_trains_hard_assigns_and_exports(tmp_path):
   # The integer program and ONNX came through the checked linen twin.
   assert (tmp_path / 'model.int.safetensors').exists()
   assert metrics['integer_prediction_match'] >= 0.9
+  # Checked teacher-forced on the export batch: at most one tie per layer
+  # and 0.1% of its codes (the lowering refuses more).
+  assert 0 < metrics['integer_checked_codes']
+  assert (
+    metrics['integer_tied_codes']
+    <= 6 + 1e-3 * (metrics['integer_checked_codes'])
+  )
   assert (tmp_path / 'model.onnx').exists()
   # The loop's accuracy is the NNX model's; the reference: the linen twin
   # the config builds with model_api='linen', holding the checkpoint.

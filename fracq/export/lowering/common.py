@@ -191,6 +191,6 @@ def verify_program(
       f'{sum(e["codes"] for e in result.layers.values())}), so the '
       'difference is those ties growing through the depth of the model, '
       'not a lowering error.',
-      stacklevel=3,
+      stacklevel=4,  # the caller of fracq.export.lower
     )
   return result
