@@ -19,6 +19,13 @@ untouched; the provider's variables (scales, bit-widths, statistics) live in
 its own collections on the layer's scope, created at ``init`` and threaded
 explicitly through ``apply(..., mutable=...)``.
 
+Memory. Where the provider hands back deferred quantizers (see
+:class:`Provider`), the clone's ``dot_general`` / ``conv_general_dilated``
+is also replaced, by the lax op run through
+:func:`fracq.core.requantizing_op`: the training step then keeps, like the
+float layer, the unquantized input (and the kernel, a parameter) for the
+backward pass, not quantized copies of them.
+
 Attention. A rule with an ``attention`` spec also matches
 ``nn.MultiHeadDotProductAttention`` modules (layer type ``'Attention'``): the
 interceptor runs the module cloned onto its own scope with flax's
@@ -191,6 +198,13 @@ class Provider(Protocol):
     an attention matmul (``operand``: ``'query'``, ``'key'``, ``'probs'``
     or ``'value'``) of a module whose rule has an ``attention`` spec;
     without it such modules run float.
+  * ``deferred_input(site, x)`` / ``deferred_kernel(site, kernel)``: the
+    quantized tensor as a :class:`fracq.core.Deferred` (its value and a
+    pure function of the tensor and the quantizer's parameters), or None
+    for ``quantize_input`` / ``quantize_kernel``. A ``Dense``,
+    ``DenseGeneral`` or ``Conv`` then runs its matmul or convolution
+    through :func:`fracq.core.requantizing_op`, which recomputes the
+    quantized operands in the backward pass instead of keeping them.
   """
 
   def quantize_kernel(self, site: Site, kernel: jax.Array) -> jax.Array: ...
@@ -352,7 +366,7 @@ class _RequantizingOp:
     if lhs_op is lhs and rhs_op is rhs:
       return self.op(lhs, rhs, *args, **kwargs)
     return core_recompute.requantizing_op(
-      lambda a, b: self.op(a, b, *args, **kwargs), lhs_op, rhs_op
+      lambda left, right: self.op(left, right, *args, **kwargs), lhs_op, rhs_op
     )
 
 

@@ -25,6 +25,13 @@ at the observed maximum, ...): at ``init`` it uses whatever the layer sees, and
 :meth:`fracq.methods.qat.QATModel.calibrate` re-runs it on real data and real
 (e.g. pretrained) weights.
 
+Memory: uniform QAT tensors whose range estimator allows it (LSQ, LSQ+,
+the observers) are also handed to the interceptor as deferred quantizers
+(:meth:`QATProvider.deferred_input`, :meth:`QATProvider.deferred_kernel`),
+so that ``Dense``, ``DenseGeneral`` and ``Conv`` layers recompute them in
+the backward pass (``fracq.core.requantizing_op``) instead of keeping a
+quantized copy of every input and kernel through the training step.
+
 Data parallelism: with ``axis_name`` set (the model's BatchNorm axis) and that
 axis bound (inside the ``shard_map`` of the train step or of calibration),
 every activation statistic is the one of the global batch, so the quantizer
