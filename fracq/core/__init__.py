@@ -21,6 +21,8 @@ from fracq.core.observers import minmax_update
 from fracq.core.observers import moving_average_update
 from fracq.core.observers import observer_init
 from fracq.core.observers import percentile_range
+from fracq.core.recompute import Deferred
+from fracq.core.recompute import requantizing_op
 from fracq.core.uniform import fake_quant
 from fracq.core.uniform import fake_quant_grouped
 from fracq.core.uniform import group_columns
@@ -31,6 +33,7 @@ from fracq.core.uniform import top_code
 from fracq.core.uniform import ungroup_columns
 
 __all__ = [
+  'Deferred',
   'MinMaxState',
   'clamp_bits',
   'dorefa_branch',
@@ -54,6 +57,7 @@ __all__ = [
   'pact_quantize',
   'percentile_range',
   'quantize_to_int',
+  'requantizing_op',
   'round_bits_with_offset',
   'round_ste',
   'symmetric_range_branch',

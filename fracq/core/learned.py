@@ -14,9 +14,11 @@ each docstring.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -109,8 +111,29 @@ def distinct_copy(v):
   forward's full-size intermediate alive until the backward pass (the memory
   the recomputation is meant to save). Meant for the small parameters
   (scales, ranges, bits), not for activations.
+
+  Inside :func:`recomputing` it is ``v`` itself.
   """
+  if getattr(_RECOMPUTING, 'depth', 0):
+    return v
   return jnp.copysign(jnp.abs(v), v)
+
+
+_RECOMPUTING = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing():
+  """Traces a quantizer's forward and backward passes that both run in a
+  backward pass (``fracq.core.requantizing_op``), from parameters already
+  distinct from the forward pass's: :func:`distinct_copy` is then the
+  identity, so the backward formulas share the recomputed forward's
+  intermediates (``x / s``: computed once, not once per use)."""
+  _RECOMPUTING.depth = getattr(_RECOMPUTING, 'depth', 0) + 1
+  try:
+    yield
+  finally:
+    _RECOMPUTING.depth -= 1
 
 
 def sum_to(g, shape):

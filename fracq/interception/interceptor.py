@@ -19,6 +19,13 @@ untouched; the provider's variables (scales, bit-widths, statistics) live in
 its own collections on the layer's scope, created at ``init`` and threaded
 explicitly through ``apply(..., mutable=...)``.
 
+Memory. Where the provider hands back deferred quantizers (see
+:class:`Provider`), the clone's ``dot_general`` / ``conv_general_dilated``
+is also replaced, by the lax op run through
+:func:`fracq.core.requantizing_op`: the training step then keeps, like the
+float layer, the unquantized input (and the kernel, a parameter) for the
+backward pass, not quantized copies of them.
+
 Attention. A rule with an ``attention`` spec also matches
 ``nn.MultiHeadDotProductAttention`` modules (layer type ``'Attention'``): the
 interceptor runs the module cloned onto its own scope with flax's
@@ -56,6 +63,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fracq.core import recompute as core_recompute
 from fracq.interception import facts as facts_lib
 from fracq.interception import rules as rules_lib
 
@@ -190,6 +198,13 @@ class Provider(Protocol):
     an attention matmul (``operand``: ``'query'``, ``'key'``, ``'probs'``
     or ``'value'``) of a module whose rule has an ``attention`` spec;
     without it such modules run float.
+  * ``deferred_input(site, x)`` / ``deferred_kernel(site, kernel)``: the
+    quantized tensor as a :class:`fracq.core.Deferred` (its value and a
+    pure function of the tensor and the quantizer's parameters), or None
+    for ``quantize_input`` / ``quantize_kernel``. A ``Dense``,
+    ``DenseGeneral`` or ``Conv`` then runs its matmul or convolution
+    through :func:`fracq.core.requantizing_op`, which recomputes the
+    quantized operands in the backward pass instead of keeping them.
   """
 
   def quantize_kernel(self, site: Site, kernel: jax.Array) -> jax.Array: ...
@@ -285,16 +300,74 @@ def _einsum_str(module) -> str | None:
 def per_tensor_transform(provider, site: Site) -> Transform:
   """The transform of a plain provider: ``quantize_input`` on the input when
   the rule has an ``act`` spec, ``quantize_kernel`` on the kernel when it has
-  a ``weight`` spec (or the provider transforms every kernel)."""
+  a ``weight`` spec (or the provider transforms every kernel).
+
+  A provider may also offer ``deferred_input(site, x)`` and
+  ``deferred_kernel(site, kernel)``, each returning a
+  :class:`fracq.core.Deferred` (or None to fall back to ``quantize_*``):
+  the transform then hands the layer the deferred value, and records the
+  deferred operands in its ``deferred`` dict (``'inputs'``, ``'kernel'``)
+  for the layer's matmul or convolution (see :class:`_RequantizingOp`).
+  """
+  deferred_input = getattr(provider, 'deferred_input', None)
+  deferred_kernel = getattr(provider, 'deferred_kernel', None)
 
   def transform(inputs, kernel, bias):
+    transform.deferred = {}
     if site.rule.act is not None and inputs is not None:
-      inputs = provider.quantize_input(site, inputs)
+      found = None if deferred_input is None else deferred_input(site, inputs)
+      if found is None:
+        inputs = provider.quantize_input(site, inputs)
+      else:
+        transform.deferred['inputs'] = found
+        inputs = found.value
     if site.rule.weight is not None or _transforms_kernels(provider):
-      kernel = provider.quantize_kernel(site, kernel)
+      found = None if deferred_kernel is None else deferred_kernel(site, kernel)
+      if found is None:
+        kernel = provider.quantize_kernel(site, kernel)
+      else:
+        transform.deferred['kernel'] = found
+        kernel = found.value
     return inputs, kernel, bias
 
+  transform.deferred = {}
   return transform
+
+
+# The layer types whose matmul or convolution is a module field that a clone
+# can replace: (the field, the ``*_cls`` field that overrides it, the lax op).
+_OP_FIELDS = {
+  'Dense': ('dot_general', 'dot_general_cls', jax.lax.dot_general),
+  'DenseGeneral': ('dot_general', 'dot_general_cls', jax.lax.dot_general),
+  'Conv': (
+    'conv_general_dilated',
+    'conv_general_dilated_cls',
+    jax.lax.conv_general_dilated,
+  ),
+}
+
+
+class _RequantizingOp:
+  """A layer's ``dot_general`` / ``conv_general_dilated`` that runs through
+  :func:`fracq.core.requantizing_op` when its operands are the deferred
+  values its transform handed the layer (the same arrays: nothing was done
+  to them in between), and as the plain lax op otherwise."""
+
+  def __init__(self, transform, op):
+    self.transform = transform
+    self.op = op
+
+  def __call__(self, lhs, rhs, *args, **kwargs):
+    deferred = getattr(self.transform, 'deferred', None) or {}
+    inputs = deferred.get('inputs')
+    kernel = deferred.get('kernel')
+    lhs_op = inputs if inputs is not None and inputs.value is lhs else lhs
+    rhs_op = kernel if kernel is not None and kernel.value is rhs else rhs
+    if lhs_op is lhs and rhs_op is rhs:
+      return self.op(lhs, rhs, *args, **kwargs)
+    return core_recompute.requantizing_op(
+      lambda left, right: self.op(left, right, *args, **kwargs), lhs_op, rhs_op
+    )
 
 
 class LayerCall:
@@ -334,6 +407,16 @@ class LayerCall:
     # The clone is a fresh dataclass instance private to this call; its
     # promote_dtype field is swapped before it is ever used.
     object.__setattr__(clone, 'promote_dtype', hook)
+    op_fields = _OP_FIELDS.get(self.site.layer_type)
+    if (
+      op_fields is not None
+      and hasattr(transform, 'deferred')
+      and getattr(clone, op_fields[0], None) is None
+      and getattr(clone, op_fields[1], None) is None
+    ):
+      object.__setattr__(
+        clone, op_fields[0], _RequantizingOp(transform, op_fields[2])
+      )
     self.site.module = clone
     return getattr(clone, self.site.method)(
       *(self.args if args is None else args),

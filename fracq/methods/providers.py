@@ -25,6 +25,13 @@ at the observed maximum, ...): at ``init`` it uses whatever the layer sees, and
 :meth:`fracq.methods.qat.QATModel.calibrate` re-runs it on real data and real
 (e.g. pretrained) weights.
 
+Memory: uniform QAT tensors whose range estimator allows it (LSQ, LSQ+,
+the observers) are also handed to the interceptor as deferred quantizers
+(:meth:`QATProvider.deferred_input`, :meth:`QATProvider.deferred_kernel`),
+so that ``Dense``, ``DenseGeneral`` and ``Conv`` layers recompute them in
+the backward pass (``fracq.core.requantizing_op``) instead of keeping a
+quantized copy of every input and kernel through the training step.
+
 Data parallelism: with ``axis_name`` set (the model's BatchNorm axis) and that
 axis bound (inside the ``shard_map`` of the train step or of calibration),
 every activation statistic is the one of the global batch, so the quantizer
@@ -42,8 +49,11 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from fracq import core
 from fracq.interception import Site
 from fracq.methods import quantizers
+from fracq.methods.uniform import quantizer as uniform_quantizer
+from fracq.methods.uniform import ranges
 from fracq.methods.common import STATE
 from fracq.methods.common import TRAINABLE
 from fracq.methods.common import QuantTensor
@@ -132,6 +142,30 @@ class QATProvider:
     tensor = self._tensor(site, 'input', spec, bool(signed), -1)
     return self._quantize(tensor, x)
 
+  def deferred_kernel(self, site: Site, kernel) -> core.Deferred | None:
+    """The kernel's quantization as a :class:`fracq.core.Deferred` (its
+    value is :meth:`quantize_kernel`'s), which the layer recomputes in its
+    backward pass instead of keeping it; None where it cannot be deferred
+    (see :meth:`_deferred`), for :meth:`quantize_kernel`."""
+    spec = site.rule.weight
+    if spec is None or self.kernel_transform is not None:
+      return None
+    signed = True if spec.signed is None else bool(spec.signed)
+    tensor = self._tensor(
+      site, 'kernel', spec, signed, site.kernel_channel_axis
+    )
+    return self._deferred(tensor, kernel)
+
+  def deferred_input(self, site: Site, x) -> core.Deferred | None:
+    """The input's quantization as a :class:`fracq.core.Deferred` (its value
+    is :meth:`quantize_input`'s), or None where it cannot be deferred."""
+    spec = site.rule.act
+    signed = (
+      self.signs.get(site.path, True) if spec.signed is None else spec.signed
+    )
+    tensor = self._tensor(site, 'input', spec, bool(signed), -1)
+    return self._deferred(tensor, x)
+
   def quantize_attention(self, site: Site, operand: str, x):
     """One operand of an attention matmul at the rule's ``attention`` spec
     (see :func:`attention_operand`)."""
@@ -151,6 +185,27 @@ class QATProvider:
       calibrate=self.calibrate,
       axis_name=self.axis_name,
     )
+
+  @staticmethod
+  def _deferred(tensor: QuantTensor, x) -> core.Deferred | None:
+    """Uniform QAT with a range estimator that allows it (``recompute``),
+    per tensor or per channel: its variables are declared and updated now,
+    its fake quantization becomes a pure function of the input and the
+    estimator's state. Other quantizers (FracBits, grouped kernels, PACT,
+    DoReFa) return None."""
+    spec = tensor.spec
+    if quantizers.method_of(spec) != 'uniform' or spec.granularity == 'group':
+      return None
+    if not ranges.get(spec.range_method).recompute:
+      return None
+    state = uniform_quantizer.state(tensor, x.astype(jnp.float32))
+    quantize = uniform_quantizer.pure_quantizer(tensor)
+    dtype = x.dtype
+
+    def fn(source, params):
+      return quantize(source.astype(jnp.float32), params).astype(dtype)
+
+    return core.Deferred(fn(x, state), x, fn, state)
 
   @staticmethod
   def _quantize(tensor: QuantTensor, x):

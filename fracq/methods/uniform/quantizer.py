@@ -33,9 +33,9 @@ def _check_signed_bits(tensor: QuantTensor) -> None:
     )
 
 
-def quantize(tensor: QuantTensor, x):
-  """Fake-quantizes ``x`` (float32) with the spec's range estimator,
-  declaring, calibrating and updating its state on the layer's scope."""
+def state(tensor: QuantTensor, x):
+  """The range estimator's state for ``x`` (float32): declares,
+  calibrates and updates its variables on the layer's scope."""
   _check_signed_bits(tensor)
   estimator = ranges.get(tensor.spec.range_method)
   initial = {}
@@ -51,12 +51,31 @@ def quantize(tensor: QuantTensor, x):
     )
     for field in estimator.state._fields
   }
-  state = estimator.state(**{f: v.value for f, v in variables.items()})
+  current = estimator.state(**{f: v.value for f, v in variables.items()})
   if estimator.update is not None and tensor.updating(estimator.collection):
-    state = estimator.update(tensor, x, state)
+    current = estimator.update(tensor, x, current)
     for field, var in variables.items():
-      var.value = getattr(state, field)
-  return estimator.quantize(tensor, x, state)
+      var.value = getattr(current, field)
+  return current
+
+
+def quantize(tensor: QuantTensor, x):
+  """Fake-quantizes ``x`` (float32) with the spec's range estimator,
+  declaring, calibrating and updating its state on the layer's scope."""
+  estimator = ranges.get(tensor.spec.range_method)
+  return estimator.quantize(tensor, x, state(tensor, x))
+
+
+def pure_quantizer(tensor: QuantTensor):
+  """``fn(x, state) -> x_hat``: the estimator's fake quantization of ``x``
+  (float32) under ``state`` (:func:`state`), a pure function (it touches no
+  variable), so a layer can recompute it in its backward pass."""
+  estimator = ranges.get(tensor.spec.range_method)
+
+  def fn(x, current):
+    return estimator.quantize(tensor, x, current)
+
+  return fn
 
 
 def _stored_state(tensor: QuantTensor, estimator: ranges.RangeEstimator):

@@ -16,6 +16,9 @@ functions over a :class:`~fracq.methods.common.QuantTensor`:
 ``qparams(tensor, state) -> QParams``
   The affine map ``real = (code - zero_point) * scale + offset`` and the
   grid, for freezing.
+``recompute``
+  Whether layers may recompute ``quantize`` in their backward pass instead
+  of keeping the quantized operand (see ``fracq.core.requantizing_op``).
 
 ``get(name)`` returns the estimator registered under a spec's
 ``range_method``; :func:`register` adds one. The registered estimators:
@@ -69,6 +72,11 @@ class RangeEstimator(NamedTuple):
   quantize: Callable[[QuantTensor, Any, Any], Any]
   qparams: Callable[[QuantTensor, Any], QParams]
   update: Callable[[QuantTensor, Any, Any], Any] | None = None
+  # Whether a layer may recompute ``quantize`` in its backward pass
+  # (``fracq.core.requantizing_op``) instead of keeping the quantized
+  # operand: set where ``quantize``'s gradient is already a custom VJP (LSQ,
+  # LSQ+, observers), so forward-mode differentiation is not lost.
+  recompute: bool = False
 
 
 _REGISTRY: dict[str, Callable[[], RangeEstimator]] = {}
@@ -160,7 +168,9 @@ def lsq() -> RangeEstimator:
     zero = np.zeros((), np.float32)
     return QParams(state.step, zero, zero, qmin, qmax, tensor.signed)
 
-  return RangeEstimator('lsq', LsqState, TRAINABLE, init, quantize, qparams)
+  return RangeEstimator(
+    'lsq', LsqState, TRAINABLE, init, quantize, qparams, recompute=True
+  )
 
 
 # -- LSQ+ --------------------------------------------------------------------
@@ -200,7 +210,13 @@ def lsq_plus() -> RangeEstimator:
     return QParams(state.step, zero, state.offset, qmin, qmax, tensor.signed)
 
   return RangeEstimator(
-    'lsq_plus', LsqPlusState, TRAINABLE, init, quantize, qparams
+    'lsq_plus',
+    LsqPlusState,
+    TRAINABLE,
+    init,
+    quantize,
+    qparams,
+    recompute=True,
   )
 
 
@@ -332,7 +348,7 @@ def _observer(name: str, update_fn) -> RangeEstimator:
     )
 
   return RangeEstimator(
-    name, ObservedRange, STATE, init, quantize, qparams, update
+    name, ObservedRange, STATE, init, quantize, qparams, update, True
   )
 
 
