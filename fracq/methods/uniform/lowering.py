@@ -609,6 +609,14 @@ def lower_qat(
     ).program()
   if verify:
     ref, teacher = reader_codes(qmodel, variables, batch, inputs)
+    missed = [path for path in structure.order if path not in teacher]
+    if missed:
+      raise ValueError(
+        f'{missed[0]}: its quantized input was not seen when running the '
+        'model, so the program cannot be checked layer by layer (a layer '
+        'called under another name or not at all in eval mode?). Pass '
+        'verify=False to skip the check.'
+      )
     program.verification = verify_program(
       program,
       ref,
@@ -622,7 +630,9 @@ def lower_qat(
 
 
 class _Recorder(QATProvider):
-  """The QAT provider, keeping every layer's quantized input."""
+  """The QAT provider, keeping every layer's quantized input (quantized
+  directly: the deferred path, a training-memory saving with the same
+  values, is off)."""
 
   def __init__(self, **kwargs):
     super().__init__(**kwargs)
@@ -632,6 +642,10 @@ class _Recorder(QATProvider):
     quantized = super().quantize_input(site, x)
     self.inputs[site.path] = quantized
     return quantized
+
+  def deferred_input(self, site, x):
+    del site, x
+    return None
 
 
 def reader_codes(
