@@ -220,9 +220,7 @@ def cell(name: str, method: str, x, passes: int) -> dict:
       row.update(
         replay_tied_codes=check.flipped_codes,
         replay_codes=sum(e['codes'] for e in check.layers.values()),
-        replay_max_code_diff=max(
-          e['max_diff'] for e in check.layers.values()
-        ),
+        replay_max_code_diff=max(e['max_diff'] for e in check.layers.values()),
         replay_max_diff_rel=check.replay_max_diff_rel,
       )
     try:
@@ -337,10 +335,10 @@ def render(rows, methods, names, args, seconds: float) -> str:
     '',
     'Each cell: **program**: prediction agreement of the integer program '
     'with the fake-quantized model / max |logit diff| over the logit '
-    'range, and (uniform QAT, FracBits, PCQAT) how many of all layers\' '
-    'input codes the lowering\'s teacher-forced check found off by one at '
-    'rounding ties (each layer reading the model\'s own input codes; a '
-    'code off by more than one, or more than 0.1% of a layer\'s codes off '
+    "range, and (uniform QAT, FracBits, PCQAT) how many of all layers' "
+    "input codes the lowering's teacher-forced check found off by one at "
+    "rounding ties (each layer reading the model's own input codes; a "
+    "code off by more than one, or more than 0.1% of a layer's codes off "
     'by one, is a refusal): in deep untrained nets a few ties grow into '
     'the free-running logit difference; **ORT**: onnxruntime running the QDQ export vs the program, '
     'max |logit diff| / range, with the number of layers it runs as '

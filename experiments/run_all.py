@@ -107,6 +107,12 @@ JOBS = {
     'f8net_integer_imagenet.{md,json}',
     '~3 min on 2 CPU cores',
   ),
+  'recipes_integer': (
+    ['experiments/recipes_integer.py'],
+    False,
+    'recipes_integer.{md,json}',
+    '~5 min on 2 CPU cores',
+  ),
   'deploy_matrix': (
     ['experiments/deploy_matrix.py'],
     False,

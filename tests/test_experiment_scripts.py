@@ -44,6 +44,7 @@ def test_run_all_lists_every_experiment_script():
     'hawq_vs_fracbits.py',
     'bench_train_step.py',
     'f8net_integer_imagenet.py',
+    'recipes_integer.py',
     'published_imagenet.py',
     'lm_bits.py',
   ):

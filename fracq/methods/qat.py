@@ -196,29 +196,37 @@ class QATModel:
     ):
       return self
     if self._twin is None:
-      twin = QATModel(
-        self.module,
-        self.rules,
-        None,
-        penalty=self.penalty_fn,
-        hard_assign_step=self.hard_assign_step,
-        hard_assign_tolerance=self.hard_assign_tolerance,
-        call_kwargs=self.call_kwargs,
-        on_unused=self.on_unused,
-        kernel_transform=self.kernel_transform,
-        _hard=True,
-        _shared=(
-          self.facts,
-          self.cost_model,
-          self.target,
-          self.budget,
-          self.signs,
-        ),
-      )
-      # The attention modules the rules matched, seen by this model's trace.
-      twin.qmodule.attention_facts = self.attention_facts
-      self._twin = twin
+      self._twin = self._derived(self.module, hard=True)
     return self._twin
+
+  def with_module(self, module: nn.Module) -> 'QATModel':
+    """This model (rules, analysis, hard assignment) on another module that
+    takes the same variables, e.g. a bfloat16 model's float32 copy."""
+    return self._derived(module, hard=self.hard)
+
+  def _derived(self, module: nn.Module, *, hard: bool) -> 'QATModel':
+    twin = QATModel(
+      module,
+      self.rules,
+      None,
+      penalty=self.penalty_fn,
+      hard_assign_step=self.hard_assign_step,
+      hard_assign_tolerance=self.hard_assign_tolerance,
+      call_kwargs=self.call_kwargs,
+      on_unused=self.on_unused,
+      kernel_transform=self.kernel_transform,
+      _hard=hard,
+      _shared=(
+        self.facts,
+        self.cost_model,
+        self.target,
+        self.budget,
+        self.signs,
+      ),
+    )
+    # The attention modules the rules matched, seen by this model's trace.
+    twin.qmodule.attention_facts = self.attention_facts
+    return twin
 
   def prepare(self, variables):
     """Hard assignment: round learned bits into ``quant_stats`` (idempotent).

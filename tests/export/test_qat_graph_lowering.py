@@ -433,3 +433,42 @@ def test_a_global_pool_over_a_one_by_one_map_lowers():
   got = np.asarray(program.logits(x))
   assert got.shape == ref.shape == (4, 3)
   np.testing.assert_allclose(got, ref, atol=1e-3 * np.ptp(ref))
+
+
+def test_pact_inputs_of_a_bfloat16_model_lower():
+  """The FracBits ImageNet recipe's setting: PACT activation ranges (step
+  alpha / qmax, the clip is the top code) on a model that computes in
+  bfloat16. The program deploys the variables and is checked against the
+  float32 fake-quantized model."""
+  x = _images(8, n=8)
+  module = models.get_model(
+    'resnet20', num_classes=10, widths=(4, 8, 8), dtype=jnp.bfloat16
+  )
+  rule = fracq.Rule(
+    weight=fracq.TensorSpec(bits=4, granularity='channel'),
+    act=fracq.TensorSpec(bits=8, range_method='pact'),
+  )
+  qm, v = _qat(module, x, rule)
+  prog = export.lower(qm, v, x)
+  result = prog.verification
+  assert len(result.layers) == 22 and result.replay_max_diff_rel < 1e-4
+  # Every input step is its PACT clip over the top code.
+  steps = export.freeze_inputs(qm, v)
+  for path, entry in steps.items():
+    np.testing.assert_allclose(
+      entry['scale'][0], entry['clip'][0] / entry['qmax'], rtol=1e-6
+    )
+  float32 = qm.with_module(module.clone(dtype=jnp.float32))
+  _assert_matches_fake_quant(
+    np.asarray(prog.logits(x)), np.asarray(float32.apply(v, x))
+  )
+  # LSQ+ inputs (a learned offset) have no integer form: refused by name.
+  plus = fracq.Rule(
+    weight=fracq.TensorSpec(bits=4, granularity='channel'),
+    act=fracq.TensorSpec(bits=8, range_method='lsq_plus', symmetric=False),
+  )
+  digits = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1))
+  small = models.get_model('digits_cnn', widths=(4, 4, 4, 4, 4))
+  qm, v = _qat(small, digits, plus)
+  with pytest.raises(ValueError, match='conv_init: .* zero point or offset'):
+    export.lower(qm, v, digits)

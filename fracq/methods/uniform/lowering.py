@@ -119,34 +119,48 @@ class InputQuant:
 def input_quantization(
   qmodel, variables, structure: Structure
 ) -> dict[str, InputQuant]:
-  """Every layer's input step (from ``freeze_inputs``) and code range.
+  """Every layer's input step and code range (from ``freeze_inputs``).
+
+  Any per-tensor input quantizer at fixed bits whose grid has no zero point
+  or offset (``real = code * step``) lowers: LSQ, PACT (step ``alpha /
+  qmax``; its clip is the top code) and symmetric observers.
 
   Raises:
-    ValueError: an input is not quantized with a per-tensor LSQ step at
-      fixed bits, the only input quantization the integer program models.
+    ValueError: an input quantization the integer program does not model
+      (learned bits, per-channel or group ranges, a zero point or offset
+      such as LSQ+'s).
   """
-  for path in structure.order:
-    spec = qmodel.rules[qmodel.facts[path].rule_index].act
-    if (
-      spec is None
-      or spec.range_method != 'lsq'
-      or spec.quantizer != 'uniform'
-      or spec.granularity != 'tensor'
-    ):
-      raise ValueError(
-        f'{path}: integer-only inference needs the input quantized with a '
-        'per-tensor LSQ step at fixed bits (act_range=lsq, '
-        'act_granularity=tensor, learn_act_bits=False).'
-      )
   frozen = freeze_inputs(qmodel, variables)
   out = {}
   for path in structure.order:
     spec = qmodel.rules[qmodel.facts[path].rule_index].act
-    # The grid the provider quantizes activations on (not kernels' grid).
-    code_range = spec.int_grid(signed=structure.signs[path], is_kernel=False)
+    entry = frozen.get(path)
+    if (
+      spec is None
+      or entry is None
+      or spec.quantizer != 'uniform'
+      or spec.granularity != 'tensor'
+      or len(entry['scale']) != 1
+      or 'zero_point' in entry
+      or 'offset' in entry
+    ):
+      if spec is None or entry is None:
+        what = 'not quantized'
+      else:
+        what = f'{spec.quantizer} / {spec.range_method} / {spec.granularity}'
+        if 'zero_point' in entry or 'offset' in entry:
+          what += ', with a zero point or offset'
+      raise ValueError(
+        f'{path}: integer-only inference needs the input quantized per '
+        'tensor at fixed bits on a grid without zero point or offset '
+        '(real = code * step: act_range=lsq or pact, act_granularity='
+        f'tensor, learn_act_bits=False); this input is {what}.'
+      )
     # freeze_inputs writes float32 values at 9 significant digits: exact.
-    scale = float(np.float32(frozen[path]['scale'][0]))
-    out[path] = InputQuant(scale=scale, code_range=code_range)
+    scale = float(np.float32(entry['scale'][0]))
+    out[path] = InputQuant(
+      scale=scale, code_range=(int(entry['qmin']), int(entry['qmax']))
+    )
   return out
 
 
@@ -587,9 +601,14 @@ def lower_qat(
   too, within ``tolerance`` of the logit range; beyond it (ties grown
   through a deep model) a warning says so. The measurements are in
   ``program.verification``.
+
+  A model trained in bfloat16 (a module ``dtype`` other than float32) is
+  lowered and checked through its float32 copy, with the same variables.
   """
   batch = jnp.asarray(sample_x)
   _refuse_token_models(qmodel, batch)
+  qmodel = _float32_model(qmodel)
+  batch = batch.astype(jnp.float32)
   structure = probe_structure(
     qmodel.module, variables, batch, **qmodel.call_kwargs
   )
@@ -627,6 +646,18 @@ def lower_qat(
       flip_rate=flip_rate,
     )
   return program
+
+
+def _float32_model(qmodel):
+  """``qmodel``, or, for a model that computes in a half-precision dtype
+  (``half_precision=True`` training), the same model computing in float32:
+  the integer program deploys the trained variables, and the float32
+  fake-quantized model is the reference it is checked against (bfloat16
+  rounds the quantized values themselves)."""
+  dtype = getattr(qmodel.module, 'dtype', None)
+  if dtype is None or jnp.dtype(dtype) == jnp.float32:
+    return qmodel
+  return qmodel.with_module(qmodel.module.clone(dtype=jnp.float32))
 
 
 class _Recorder(QATProvider):

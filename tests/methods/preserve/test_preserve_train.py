@@ -4,7 +4,7 @@ Digits: float -> PCQAT (one-shot prune + cluster at calibration) -> export,
 the exported kernels exactly as sparse and clustered as asked, and the
 packed artifact smaller than the same model stored dense. CIFAR-10
 ResNet-20: the prune -> cluster -> PCQAT pipeline on mock TFDS, each stage
-from the previous one's workdir.
+after the first from the previous one's workdir.
 """
 
 import importlib
@@ -77,7 +77,7 @@ def test_unknown_preserve_mode_is_clear(tmp_path):
 
 
 def test_cifar10_prune_cluster_pcqat_pipeline_on_mock_tfds(tmp_path):
-  wds = {s: str(tmp_path / s) for s in ('float', 'prune', 'cluster', 'pcqat')}
+  wds = {s: str(tmp_path / s) for s in ('prune', 'cluster', 'pcqat')}
 
   def run(name, arg, stage, init_from=None):
     c = get_config(name, arg)
@@ -89,8 +89,9 @@ def test_cifar10_prune_cluster_pcqat_pipeline_on_mock_tfds(tmp_path):
     with tfds.testing.mock_data(num_examples=16):
       return tr.train_and_evaluate(c, wds[stage])
 
-  run('cifar10_resnet20', 'smoke', 'float')
-  run('cifar10_resnet20_pcqat', 'smoke,stage=prune', 'prune', 'float')
+  # The prune stage starts from the random init here (a float run first
+  # would add nothing the checks below see).
+  run('cifar10_resnet20_pcqat', 'smoke,stage=prune', 'prune')
   run('cifar10_resnet20_pcqat', 'smoke,stage=cluster', 'cluster', 'prune')
   m = run('cifar10_resnet20_pcqat', 'smoke,stage=pcqat', 'pcqat', 'cluster')
   assert np.isfinite(m['eval_loss'])
