@@ -56,7 +56,9 @@ def check(name: str, size: int, batch: int) -> dict:
   variables = wrapper.calibrate(variables, x)
   mutable = [c for c in variables if c not in ('params', 'quant')]
   _, updates = jax.jit(
-    lambda v, x: wrapper.apply(v, x, train=True, mutable=mutable)
+    lambda v, x: wrapper.apply(
+      v, x, train=True, mutable=mutable, rngs={'dropout': jax.random.key(1)}
+    )
   )(variables, x)
   hard = wrapper.for_step(10**9)
   variables = hard.prepare({**variables, **updates})
