@@ -79,3 +79,10 @@ def test_learned_activation_bits_are_in_the_manifest(tmp_path):
     scale = np.float32(e['scale'][0])
     codes = np.round(np.clip(a / scale, e['qmin'], e['qmax']))
     np.testing.assert_allclose(codes * scale, a_hat, rtol=1e-6, atol=1e-7)
+  # The hard-assigned learned input bits lower to an integer program: its
+  # teacher-forced check sees every layer read the model's own codes.
+  prog = export.lower(hard, v, x)
+  assert prog.input_range == (-15, 15)
+  assert prog.layers[0].out_range == (0, 7)
+  assert sorted(prog.verification.layers) == ['d0', 'd1']
+  assert prog.verification.flipped_codes == 0

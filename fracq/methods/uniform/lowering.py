@@ -121,14 +121,15 @@ def input_quantization(
 ) -> dict[str, InputQuant]:
   """Every layer's input step and code range (from ``freeze_inputs``).
 
-  Any per-tensor input quantizer at fixed bits whose grid has no zero point
-  or offset (``real = code * step``) lowers: LSQ, PACT (step ``alpha /
-  qmax``; its clip is the top code) and symmetric observers.
+  Any per-tensor input quantizer at fixed bits (learned FracBits bits once
+  hard-assigned) whose grid has no zero point or offset (``real = code *
+  step``) lowers: LSQ, PACT (step ``alpha / qmax``; its clip is the top
+  code) and symmetric observers.
 
   Raises:
     ValueError: an input quantization the integer program does not model
-      (learned bits, per-channel or group ranges, a zero point or offset
-      such as LSQ+'s).
+      (bits not yet hard-assigned, per-channel or group ranges, a zero
+      point or offset such as LSQ+'s).
   """
   frozen = freeze_inputs(qmodel, variables)
   out = {}
@@ -138,7 +139,8 @@ def input_quantization(
     if (
       spec is None
       or entry is None
-      or spec.quantizer != 'uniform'
+      or spec.quantizer not in ('uniform', 'fracbits')
+      or (spec.quantizer == 'fracbits' and not qmodel.hard)
       or spec.granularity != 'tensor'
       or len(entry['scale']) != 1
       or 'zero_point' in entry
@@ -154,7 +156,8 @@ def input_quantization(
         f'{path}: integer-only inference needs the input quantized per '
         'tensor at fixed bits on a grid without zero point or offset '
         '(real = code * step: act_range=lsq or pact, act_granularity='
-        f'tensor, learn_act_bits=False); this input is {what}.'
+        'tensor; learned activation bits after hard assignment); this input '
+        f'is {what}.'
       )
     # freeze_inputs writes float32 values at 9 significant digits: exact.
     scale = float(np.float32(entry['scale'][0]))
