@@ -131,40 +131,54 @@ def input_quantization(
       (bits not yet hard-assigned, per-channel or group ranges, a zero
       point or offset such as LSQ+'s).
   """
-  frozen = freeze_inputs(qmodel, variables)
-  out = {}
-  for path in structure.order:
-    spec = qmodel.rules[qmodel.facts[path].rule_index].act
-    entry = frozen.get(path)
+  specs = {
+    path: qmodel.rules[qmodel.facts[path].rule_index].act
+    for path in structure.order
+  }
+  for path, spec in specs.items():  # before freezing: the spec alone
     if (
       spec is None
-      or entry is None
       or spec.quantizer not in ('uniform', 'fracbits')
       or (spec.quantizer == 'fracbits' and not qmodel.hard)
       or spec.granularity != 'tensor'
+    ):
+      _refuse_input(path, spec, None)
+  frozen = freeze_inputs(qmodel, variables)
+  out = {}
+  for path, spec in specs.items():
+    entry = frozen.get(path)
+    if (
+      entry is None
       or len(entry['scale']) != 1
       or 'zero_point' in entry
       or 'offset' in entry
     ):
-      if spec is None or entry is None:
-        what = 'not quantized'
-      else:
-        what = f'{spec.quantizer} / {spec.range_method} / {spec.granularity}'
-        if 'zero_point' in entry or 'offset' in entry:
-          what += ', with a zero point or offset'
-      raise ValueError(
-        f'{path}: integer-only inference needs the input quantized per '
-        'tensor at fixed bits on a grid without zero point or offset '
-        '(real = code * step: act_range=lsq or pact, act_granularity='
-        'tensor; learned activation bits after hard assignment); this input '
-        f'is {what}.'
-      )
+      _refuse_input(path, spec, entry)
     # freeze_inputs writes float32 values at 9 significant digits: exact.
     scale = float(np.float32(entry['scale'][0]))
     out[path] = InputQuant(
       scale=scale, code_range=(int(entry['qmin']), int(entry['qmax']))
     )
   return out
+
+
+def _refuse_input(path: str, spec, entry) -> None:
+  """Raises: ``path``'s input quantization (``spec``, frozen ``entry`` or
+  None) has no integer form."""
+  if spec is None:
+    what = 'not quantized'
+  else:
+    what = f'{spec.quantizer} / {spec.range_method} / {spec.granularity}'
+    if spec.quantizer == 'fracbits' and entry is None:
+      what += ', bits not hard-assigned yet'
+    elif entry is not None and ('zero_point' in entry or 'offset' in entry):
+      what += ', with a zero point or offset'
+  raise ValueError(
+    f'{path}: integer-only inference needs the input quantized per tensor '
+    'at fixed bits on a grid without zero point or offset (real = code * '
+    'step: act_range=lsq or pact, act_granularity=tensor; learned '
+    f'activation bits after hard assignment); this input is {what}.'
+  )
 
 
 def _check_kernels(structure: Structure, frozen: dict) -> None:
