@@ -219,7 +219,7 @@ def cell(name: str, method: str, x, passes: int) -> dict:
     if check is not None and check.layers:  # the lowering's teacher forcing
       row.update(
         replay_tied_codes=check.flipped_codes,
-        replay_codes=sum(e['codes'] for e in check.layers.values()),
+        replay_codes=check.checked_codes,
         replay_max_code_diff=max(e['max_diff'] for e in check.layers.values()),
         replay_max_diff_rel=check.replay_max_diff_rel,
       )

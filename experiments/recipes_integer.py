@@ -93,7 +93,7 @@ def check(name: str, size: int, batch: int) -> dict:
     ops=len(program.layers),
     kernel_bits=bits,
     tied_codes=check_.flipped_codes,
-    checked_codes=sum(e['codes'] for e in check_.layers.values()),
+    checked_codes=check_.checked_codes,
     replay_max_diff_rel=check_.replay_max_diff_rel,
     agreement=check_.agreement,
     max_diff_rel=check_.max_diff_rel,

@@ -39,7 +39,7 @@ def export_integer(
   if check is not None and check.layers:
     replay = {
       'integer_tied_codes': check.flipped_codes,
-      'integer_checked_codes': sum(e['codes'] for e in check.layers.values()),
+      'integer_checked_codes': check.checked_codes,
     }
   return {
     **replay,
