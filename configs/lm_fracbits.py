@@ -22,7 +22,8 @@ attention, 3.0 for MLP kernels before hard assignment); bits=2 2.52
 tables (fractional at the hard assignment, integer at the end) in the log
 and bits_step*.{txt,json,png} in the workdir.
 Variants (arg): bits=K, seed=N, steps=N, group=G, init=D (bits start at
-the budget + D; the authors' D is 0.5), bitops (a BitOPs budget, input bits
+the budget + D; the authors' D is 0.5), bitlr=L (the bits' SGD learning
+rate, 0.05 by default), bitops (a BitOPs budget, input bits
 learned too), attn=B (attention matmuls at B fixed bits, not counted in
 the budget; as in configs/lm_uniform.py), smoke.
 """
@@ -39,6 +40,7 @@ def get_config(arg=None):
     steps=150,
     group=0,
     init=0.5,
+    bitlr=0.05,
     bitops=False,
     attn=0,
   )
@@ -56,7 +58,7 @@ def get_config(arg=None):
     hard_assign_fraction=0.8,
   )
   c.bits_optimizer = 'sgd'
-  c.bits_learning_rate = 0.05
+  c.bits_learning_rate = float(a.bitlr)
   if a.bitops:
     c.quant.budget.kind = 'bitops'
     c.quant.fracbits.learn_act_bits = True
