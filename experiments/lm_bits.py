@@ -273,15 +273,31 @@ def separation(rows, budget) -> str:
   return '\n'.join(f'- {p}' for p in parts)
 
 
+def learned_spread(row) -> float:
+  """Max minus min of a FracBits run's learned (fractional) weight bits at
+  the hard-assignment step, over its searched layers (the fixed 8-bit
+  embedding excluded).
+
+  At a budget equal to a uniform K-bit model's size, hard assignment's one
+  global offset ``delta`` (``fracq.methods.fracbits.penalty.hard_assign``)
+  can only round a layer up to K+1 bits (``b + delta >= K + 0.5``) if
+  another goes down to K-1 (``b' + delta < K - 0.5``) to pay for it, which
+  needs ``b - b' > 1``: with a spread of at most one bit the result is
+  uniform K bits whatever the learned ordering.
+  """
+  bits = [b for layer, b in row['fractional_bits'].items() if layer != 'embed']
+  return max(bits) - min(bits)
+
+
 def diagnosis(rows) -> str:
   """FracBits' learned fractional bits at the hard-assignment step, mean
-  over layers of each kind and over seeds, and the integer bits they were
-  rounded to."""
+  over layers of each kind and over seeds, the integer bits they were
+  rounded to, and their spread (:func:`learned_spread`)."""
   lines = [
     '| setting | attention bits (fractional -> integer) | '
     'MLP bits (fractional -> integer) | first block - last block '
-    '(fractional) |',
-    '|---|---|---|---|',
+    '(fractional) | spread max - min (fractional; seed min-max) |',
+    '|---|---|---|---|---|',
   ]
   for method, budget, variant in _settings(rows):
     if method != 'fracbits':
@@ -327,9 +343,11 @@ def diagnosis(rows) -> str:
       )
 
     depth = [depth_mean(rs, min), depth_mean(rs, max)]
+    spread = [learned_spread(r) for r in rs]
     lines.append(
       f'| {_label(method, budget, variant)} | {cells[0]} | {cells[1]} | '
-      f'{depth[0] - depth[1]:+.3f} |'
+      f'{depth[0] - depth[1]:+.3f} | {np.mean(spread):.2f} '
+      f'({min(spread):.2f}-{max(spread):.2f}) |'
     )
   return '\n'.join(lines)
 
@@ -395,7 +413,12 @@ def table(payload) -> str:
     '',
     "FracBits' learned bits at the hard-assignment step (mean over the "
     'layers of a kind and the seeds, min-max in brackets) and the integer '
-    'bits after hard assignment:',
+    'bits after hard assignment. "spread": the largest minus the smallest '
+    "learned bits of a run; at a budget equal to a uniform model's size, "
+    "hard assignment's one global rounding offset can only move a layer up a "
+    'bit if another moves down one to pay for it, which takes a spread above '
+    "1 bit: below that every layer rounds to the budget's bits, whatever "
+    'their order:',
     '',
     diagnosis(rows),
   ]

@@ -397,3 +397,8 @@ def test_lm_bits_separation_and_allocation_verdicts():
   depths, grid = lm_bits._layer_grid(rows[-1]['bits'])
   assert depths == [0, 1] and grid[:, :4].tolist() == [[5] * 4] * 2
   assert grid[:, 4:].tolist() == [[2, 2], [2, 2]]
+  # The learned spread leaves out the fixed 8-bit embedding.
+  learned = {'embed': 8.0, 'block_0/mlp_up': 2.9, 'block_1/attn/key': 3.6}
+  assert lm_bits.learned_spread({'fractional_bits': learned}) == pytest.approx(
+    0.7
+  )

@@ -269,6 +269,46 @@ def test_hard_assignment_never_exceeds_target():
   assert again.cost == res.cost
 
 
+def test_hard_assignment_at_a_uniform_budget_needs_a_spread_above_one_bit():
+  """At a budget equal to a uniform 3-bit model's size, the one global
+  offset lifts a layer to 4 bits only where another drops to 2 to pay for
+  it: learned bits less than one bit apart round to 3 everywhere, whatever
+  their order (experiments/lm_bits.py reports each run's spread)."""
+  layers = _layers_known_sizes()
+  m = C.CostModel(layers, 'size')
+  target = m.resolve(C.Budget(kind='size', uniform_bits=3.0))
+  assert target == 3 * sum(layer.numel for layer in layers)
+  rng = np.random.RandomState(0)
+  for _ in range(20):
+    learned = rng.uniform(2.5, 3.4) + rng.uniform(0.0, 0.99, len(layers))
+    quant = {
+      layer.path: {'kernel_bits': jnp.array(b)}
+      for layer, b in zip(layers, learned)
+    }
+    res = P.hard_assign(quant, m, target)
+    assert [
+      float(res.quant[layer.path]['kernel_bits']) for layer in layers
+    ] == [3.0] * len(layers), learned
+  # A spread of 1.2 bits: the small l4 learned 3.9, the large l3 2.7. The
+  # largest offset within the budget (-0.2, up to float32 rounding of the
+  # learned bits) lifts l4 to 4 bits and drops l3 to 2.
+  learned = {layer.path: 3.0 for layer in layers}
+  learned.update(l4=3.9, l3=2.7)
+  quant = {p: {'kernel_bits': jnp.array(b)} for p, b in learned.items()}
+  res = P.hard_assign(quant, m, target)
+  bits = {p: float(q['kernel_bits']) for p, q in res.quant.items()}
+  assert bits == {
+    'l0': 3.0,
+    'l1': 3.0,
+    'l2': 3.0,
+    'l3': 2.0,
+    'l4': 4.0,
+    'l5': 3.0,
+  }
+  assert res.delta == pytest.approx(-0.2, abs=1e-6)
+  assert res.cost == target + 500 - 4000
+
+
 def _reference_round(b, delta, lo, hi, signed):
   """Hard-assignment rounding written out in numpy, one tensor."""
   v = np.clip(b, lo, hi) + delta
