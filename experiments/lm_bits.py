@@ -368,8 +368,12 @@ def table(payload) -> str:
     'packed model on disk (float: float32 parameters as safetensors); "vs '
     'INT8": the INT8 artifact\'s bytes over this one\'s; "mean bits": mean '
     'integer weight bits of the attention / MLP kernels (unweighted). '
-    '"s": wall seconds of the run (HAWQ: its search included) on a 2-core '
-    'machine shared with other work: read them as upper bounds.',
+    '"s": wall seconds of a run (HAWQ: its search included), mean over the '
+    'seeds. Run time of the whole table: the float start '
+    f'{start["seconds"]:.0f} s and the {len(rows)} runs '
+    f'{sum(r["seconds"] for r in rows):,.0f} s, '
+    f'{(start["seconds"] + sum(r["seconds"] for r in rows)) / 60:.1f} minutes '
+    'in all (on 2 CPU cores; more where the machine was shared).',
     '',
   ]
   runs = payload.get('provenance')

@@ -19,7 +19,7 @@ trains the float starts and its 7 rows (~20 min), digits_tradeoff the 10
 other quantized points (~35 min), digits_fracbits_vs_uniform then reuses
 every run (~1 min), hawq_vs_fracbits trains only HAWQ (~8 min); about 75
 min in all with the F8Net check and the CPU benchmark, plus about 2 h for
-lm_bits (the byte-level LM: its own float start and 42 fine-tuning runs).
+lm_bits (the byte-level LM: its own float start and 39 fine-tuning runs).
 A second call at the same commit reuses every cached run (minutes in all)
 unless ``--fresh``.
 The ResNet-18/50 ImageNet-shape benchmarks need a GPU: where JAX's backend
@@ -99,7 +99,7 @@ JOBS = {
     ['experiments/lm_bits.py', '--seeds', '0,1,2'],
     False,
     'lm_bits.{md,json} and lm_bits_{bitmap,pareto}.png',
-    '~2 h on 2 CPU cores (a float LM and 42 fine-tuning runs of 3-8 min)',
+    '~1 h on 2 idle CPU cores (a float LM and 39 fine-tuning runs of 1-2 min)',
   ),
   'f8net_integer_imagenet': (
     ['experiments/f8net_integer_imagenet.py'],
