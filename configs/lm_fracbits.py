@@ -15,10 +15,12 @@ Run:
       --workdir=/tmp/lm_fb3 --config.init_from=/tmp/lm_float
 
 Expected (experiments/results/lm_bits.md, 3 seeds): bits=4 2.46 bits per
-byte (2.4618-2.4631), every layer rounded to 4 bits; bits=3 2.47 bits per
-byte (2.4720-2.4738), every layer rounded to 3 bits (learned: about 3.4 for
-attention, 3.0 for MLP kernels before hard assignment); bits=2 2.52
-(2.5216-2.5260); 3-10 minutes a run on 2 shared CPU cores. Per-layer bit
+byte (2.4620-2.4629), every layer rounded to 4 bits; bits=3 2.47 bits per
+byte (2.4713-2.4748), every layer rounded to 3 bits (learned: about 3.4 for
+attention, 3.0 for MLP kernels before hard assignment, a spread under the
+one bit that a non-uniform rounding needs at this budget); bits=3,bitlr=0.5
+2.48 (2.4756-2.4796), again 3 bits everywhere; bits=2 2.52
+(2.5230-2.5262); about 80 s a run on 2 idle CPU cores. Per-layer bit
 tables (fractional at the hard assignment, integer at the end) in the log
 and bits_step*.{txt,json,png} in the workdir.
 Variants (arg): bits=K, seed=N, steps=N, group=G, init=D (bits start at

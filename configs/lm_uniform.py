@@ -13,9 +13,9 @@ Run:
       --workdir=/tmp/lm_u3 --config.init_from=/tmp/lm_float
 
 Expected (experiments/results/lm_bits.md, 3 seeds from the float start at
-2.4994 validation bits per byte): bits=8 2.46 bits per byte (2.4572-2.4592),
-bits=4 2.46 (2.4631-2.4641), bits=3 2.47 (2.4697-2.4745), bits=2 2.51
-(2.5104-2.5170); 3-8 minutes a run on 2 shared CPU cores. Variants (arg):
+2.4994 validation bits per byte): bits=8 2.46 bits per byte (2.4560-2.4605),
+bits=4 2.47 (2.4644-2.4653), bits=3 2.47 (2.4709-2.4743), bits=2 2.51
+(2.5083-2.5202); about 70 s a run on 2 idle CPU cores. Variants (arg):
 bits=K (2..8), seed=N, steps=N, group=G (group-wise kernel scales, G input
 features per scale), attn=B (the attention matmuls q.k and probs.v at B
 bits, running min/max ranges; 0: float; measured at seed 0, bits=3:
