@@ -356,6 +356,7 @@ def table(payload) -> str:
   rows = payload['rows']
   start = payload['float_start']
   seeds = payload['seeds']
+  run_s = sum(r['seconds'] for r in rows)
   lines = [
     f'Every row fine-tunes one float gpt_small (configs/lm_float.py seed 0, '
     f'{start["val_bits_per_byte"]:.4f} validation bits/byte) for '
@@ -370,9 +371,8 @@ def table(payload) -> str:
     'integer weight bits of the attention / MLP kernels (unweighted). '
     '"s": wall seconds of a run (HAWQ: its search included), mean over the '
     'seeds. Run time of the whole table: the float start '
-    f'{start["seconds"]:.0f} s and the {len(rows)} runs '
-    f'{sum(r["seconds"] for r in rows):,.0f} s, '
-    f'{(start["seconds"] + sum(r["seconds"] for r in rows)) / 60:.1f} minutes '
+    f'{start["seconds"]:.0f} s and the {len(rows)} runs {run_s:,.0f} s, '
+    f'{(start["seconds"] + run_s) / 60:.1f} minutes '
     'in all (on 2 CPU cores; more where the machine was shared).',
     '',
   ]
