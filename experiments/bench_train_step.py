@@ -3,8 +3,11 @@
 On one model and batch (ResNet-20, CIFAR shape, batch 128 by default),
 measures a full jitted training step (forward, backward, SGD update) for:
 float; fracq uniform QAT w8a8 and w4a4 (LSQ, per-channel weights); FracBits
-weights-only and weights+activations; and qwix's QAT (QtProvider) at w8a8
-and w4a4 on the same model. A language model (``--model gpt_small``, the
+weights-only and weights+activations; the uniform w8a8 and FracBits
+weights+activations models with the other ``recompute`` setting of their
+specs (keep the quantized operands for the backward pass in a float32
+model, recompute them in a bfloat16 one: the opposite of the default); and
+qwix's QAT (QtProvider) at w8a8 and w4a4 on the same model. A language model (``--model gpt_small``, the
 byte-level LM of configs/lm_float.py; ``--size`` is then its window in
 bytes) is quantized as configs/lm_uniform.py and configs/lm_fracbits.py
 quantize it. Every time is printed as a ratio to the float
@@ -60,12 +63,18 @@ from fracq.train.model_wrapper import PlainModel
 import _runner
 
 
-def _rules(model_name, w_bits, a_bits, learn_w=False, learn_a=False):
+def _rules(
+  model_name, w_bits, a_bits, learn_w=False, learn_a=False, recompute=None
+):
   fixed = models.default_fixed_layers(model_name)
   w_spec = fracq.FracBitsSpec if learn_w else fracq.TensorSpec
   a_spec = fracq.FracBitsSpec if learn_a else fracq.TensorSpec
-  w = w_spec(bits=w_bits + (0.5 if learn_w else 0), granularity='channel')
-  a = a_spec(bits=a_bits + (0.5 if learn_a else 0))
+  w = w_spec(
+    bits=w_bits + (0.5 if learn_w else 0),
+    granularity='channel',
+    recompute=recompute,
+  )
+  a = a_spec(bits=a_bits + (0.5 if learn_a else 0), recompute=recompute)
   return [fracq.fixed_bits(fixed), fracq.Rule(weight=w, act=a)]
 
 
@@ -199,6 +208,26 @@ def variant_builders(
         **hard,
       ),
     }
+    # The other side of the specs' memory/time trade-off (TensorSpec's
+    # recompute; by default float32 models recompute the quantized
+    # operands in the backward pass, 16-bit ones keep them).
+    other = jnp.dtype(getattr(module, 'dtype', jnp.float32)).itemsize < 4
+    builders[f'fracq uniform w8a8, recompute={other}'] = lambda: fracq.quantize(
+      module,
+      _rules(model_name, 8, 8, recompute=other),
+      sample,
+      call_kwargs={'train': False},
+    )
+    builders[f'FracBits weights+acts, recompute={other}'] = lambda: (
+      fracq.quantize(
+        module,
+        _rules(model_name, 4, 4, learn_w=True, learn_a=True, recompute=other),
+        sample,
+        budget=fracq.Budget(kind='bitops', uniform_bits=4),
+        call_kwargs={'train': False},
+        **hard,
+      )
+    )
   if qwix:
     builders['qwix QAT w8a8'] = lambda: _Qwix(module, 8)
     builders['qwix QAT w4a4'] = lambda: _Qwix(module, 4)

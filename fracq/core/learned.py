@@ -101,6 +101,11 @@ def lsq_quantize(x, step, qmin, qmax, *, grad_scale: float = 1.0):
   ).astype(dtype)
 
 
+def is_recomputing() -> bool:
+  """Whether a quantizer is being traced inside :func:`recomputing`."""
+  return bool(getattr(_RECOMPUTING, 'depth', 0))
+
+
 def distinct_copy(v):
   """``v`` bit for bit, built so that the compiler cannot recognise it as
   ``v``.
@@ -114,7 +119,7 @@ def distinct_copy(v):
 
   Inside :func:`recomputing` it is ``v`` itself.
   """
-  if getattr(_RECOMPUTING, 'depth', 0):
+  if is_recomputing():
     return v
   return jnp.copysign(jnp.abs(v), v)
 

@@ -53,6 +53,10 @@ class Context:
       inputs stay float).
     keep_float: regex of layers left float ('' = none).
     on_unused: what a rule matching no layer does (``'error'``, ``'warn'``).
+    recompute: every quantized kernel's and input's ``recompute``
+      (:class:`fracq.TensorSpec`: re-quantize in the backward pass instead
+      of keeping the quantized copy); ``None`` leaves the specs' default
+      (float32 tensors re-quantized, 16-bit ones kept).
     budget_kind: ``'size'`` or ``'bitops'``: the cost the model reports.
     budget: the budget (FracBits, HAWQ), or ``None``.
     kernel_transform: pruning / clustering kept through training, or None.
@@ -74,6 +78,7 @@ class Context:
   attention_range: str = ''
   keep_float: str = ''
   on_unused: str = 'error'
+  recompute: bool | None = None
   budget_kind: str = 'size'
   budget: cost_lib.Budget | None = None
   kernel_transform: Any = None
@@ -186,12 +191,29 @@ def standard_rules(
   return rules
 
 
+def with_recompute(rules, recompute: bool | None) -> list[Rule]:
+  """``rules`` with every kernel and input spec's ``recompute`` set to
+  ``recompute`` (``None``: unchanged)."""
+  if recompute is None:
+    return list(rules)
+
+  def spec(s):
+    if not isinstance(s, TensorSpec):
+      return s
+    return dataclasses.replace(s, recompute=recompute)
+
+  return [
+    dataclasses.replace(r, weight=spec(r.weight), act=spec(r.act))
+    for r in rules
+  ]
+
+
 def qat_model(module, rules, sample_x, context: Context, **kwargs) -> QATModel:
   """A :class:`~fracq.methods.qat.QATModel` with the context's cost kind,
   unused-rule policy and kernel transform (``kwargs``: the rest)."""
   return QATModel(
     module,
-    rules,
+    with_recompute(rules, context.recompute),
     sample_x,
     cost_kind=context.budget_kind,
     call_kwargs={'train': False},

@@ -25,12 +25,14 @@ at the observed maximum, ...): at ``init`` it uses whatever the layer sees, and
 :meth:`fracq.methods.qat.QATModel.calibrate` re-runs it on real data and real
 (e.g. pretrained) weights.
 
-Memory: uniform QAT tensors whose range estimator allows it (LSQ, LSQ+,
-the observers) are also handed to the interceptor as deferred quantizers
-(:meth:`QATProvider.deferred_input`, :meth:`QATProvider.deferred_kernel`),
-so that ``Dense``, ``DenseGeneral`` and ``Conv`` layers recompute them in
-the backward pass (``fracq.core.requantizing_op``) instead of keeping a
-quantized copy of every input and kernel through the training step.
+Memory: tensors whose quantizer can be re-run (uniform QAT with LSQ, LSQ+
+or an observer; FracBits on a shared range) are also handed to the
+interceptor as deferred quantizers (:meth:`QATProvider.deferred_input`,
+:meth:`QATProvider.deferred_kernel`), so that ``Dense``, ``DenseGeneral``
+and ``Conv`` layers recompute them in the backward pass
+(``fracq.core.requantizing_op``) instead of keeping a quantized copy of
+every input and kernel through the training step; a spec's ``recompute``
+chooses (by default: float32 tensors are recomputed, 16-bit ones kept).
 
 Data parallelism: with ``axis_name`` set (the model's BatchNorm axis) and that
 axis bound (inside the ``shard_map`` of the train step or of calibration),
@@ -52,8 +54,6 @@ import jax.numpy as jnp
 from fracq import core
 from fracq.interception import Site
 from fracq.methods import quantizers
-from fracq.methods.uniform import quantizer as uniform_quantizer
-from fracq.methods.uniform import ranges
 from fracq.methods.common import STATE
 from fracq.methods.common import TRAINABLE
 from fracq.methods.common import QuantTensor
@@ -188,24 +188,31 @@ class QATProvider:
 
   @staticmethod
   def _deferred(tensor: QuantTensor, x) -> core.Deferred | None:
-    """Uniform QAT with a range estimator that allows it (``recompute``),
-    per tensor or per channel: its variables are declared and updated now,
-    its fake quantization becomes a pure function of the input and the
-    estimator's state. Other quantizers (FracBits, grouped kernels, PACT,
-    DoReFa) return None."""
+    """The tensor's quantizer as a :class:`fracq.core.Deferred` where its
+    spec's ``recompute`` asks for it (by default: a float32 tensor) and its
+    method can re-run it (``defer`` of :mod:`fracq.methods.quantizers`:
+    uniform QAT with LSQ, LSQ+ or an observer, FracBits on a shared range):
+    its variables are declared and updated now, its fake quantization
+    becomes a pure function of the input and those. Otherwise None (the
+    caller quantizes ``x`` and the layer keeps the quantized copy), as for
+    grouped kernels."""
     spec = tensor.spec
-    if quantizers.method_of(spec) != 'uniform' or spec.granularity == 'group':
+    recompute = spec.recompute
+    if recompute is None:
+      recompute = jnp.dtype(x.dtype).itemsize >= 4
+    if not recompute or spec.granularity == 'group':
       return None
-    if not ranges.get(spec.range_method).recompute:
+    defer = quantizers.for_spec(spec).defer
+    found = None if defer is None else defer(tensor, x.astype(jnp.float32))
+    if found is None:
       return None
-    state = uniform_quantizer.state(tensor, x.astype(jnp.float32))
-    quantize = uniform_quantizer.pure_quantizer(tensor)
+    quantize, params = found
     dtype = x.dtype
 
     def fn(source, params):
       return quantize(source.astype(jnp.float32), params).astype(dtype)
 
-    return core.Deferred(fn(x, state), x, fn, state)
+    return core.Deferred(fn(x, params), x, fn, params)
 
   @staticmethod
   def _quantize(tensor: QuantTensor, x):

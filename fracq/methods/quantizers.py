@@ -1,10 +1,14 @@
 """The registry of tensor quantizers: which method quantizes and freezes a
 tensor.
 
-A quantizer is a method's pair of functions over a
+A quantizer is a method's functions over a
 :class:`~fracq.methods.common.QuantTensor`: ``quantize(tensor, x)`` (the
-training forward, declaring the method's variables) and ``freeze(tensor,
-kernel=None) -> Frozen`` (the export contract). The provider
+training forward, declaring the method's variables), ``freeze(tensor,
+kernel=None) -> Frozen`` (the export contract) and, optionally, ``defer(tensor,
+x) -> (fn, params) | None``: the same forward split into the variables'
+declaration (``params``, returned) and a pure ``fn(x, params)``, which a
+layer re-runs in its backward pass instead of keeping the quantized tensor
+(None where the method's gradient cannot be re-run that way). The provider
 (:mod:`fracq.methods.providers`) and the exporter (:mod:`fracq.export.freeze`)
 both dispatch through :func:`for_spec`, so a method's variables are read
 only by its own code.
@@ -12,7 +16,7 @@ only by its own code.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -23,18 +27,27 @@ from fracq.methods.common import FreezeFn
 from fracq.methods.common import Frozen
 from fracq.methods.common import QuantizeFn
 from fracq.methods.common import QuantTensor
+from fracq.methods.fracbits import quantizer as fracbits_quantizer
 from fracq.methods.uniform import TensorSpec
+from fracq.methods.uniform import quantizer as uniform_quantizer
+
+DeferFn = Callable[[QuantTensor, Any], Any]
 
 
 class Quantizer(NamedTuple):
   name: str
   quantize: QuantizeFn
   freeze: FreezeFn
+  defer: DeferFn | None = None
 
 
 QUANTIZERS: dict[str, Quantizer] = {
-  'uniform': Quantizer('uniform', uniform.quantize, uniform.freeze),
-  'fracbits': Quantizer('fracbits', fracbits.quantize, fracbits.freeze),
+  'uniform': Quantizer(
+    'uniform', uniform.quantize, uniform.freeze, uniform_quantizer.defer
+  ),
+  'fracbits': Quantizer(
+    'fracbits', fracbits.quantize, fracbits.freeze, fracbits_quantizer.defer
+  ),
 }
 
 

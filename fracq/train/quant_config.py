@@ -13,7 +13,10 @@ shared by several methods:
   modules whose ``q . k^T`` and ``probs . v`` operands are quantized at
   ``attention_bits`` with the range method ``attention_range``, '' = the
   activations'; '' = float), ``keep_float`` (regex of
-  layers left float) and ``on_unused`` (what a rule matching no layer does).
+  layers left float), ``on_unused`` (what a rule matching no layer does)
+  and ``recompute`` ('auto', 'always', 'never': whether layers re-quantize
+  their operands in the backward pass instead of keeping the quantized
+  copies, see ``fracq.TensorSpec``; 'auto': float32 models do).
 * ``config.quant.budget``: ``kind`` ('size' or 'bitops') and exactly one of
   ``uniform_bits``, ``compression``, ``absolute`` (FracBits and HAWQ).
 * ``config.quant.preserve``: pruning / clustering kept through training, on
@@ -52,6 +55,7 @@ def _layers_defaults() -> dict:
     attention_range='',
     keep_float='',
     on_unused='error',
+    recompute='auto',
   )
 
 
@@ -281,11 +285,21 @@ def budget_from_config(quant) -> cost_lib.Budget | None:
   return cost_lib.Budget(kind=b.kind, **given)
 
 
+# config.quant.layers.recompute -> Context.recompute (TensorSpec.recompute).
+RECOMPUTE = {'auto': None, 'always': True, 'never': False}
+
+
 def context_from_config(
   quant, total_steps: int | None = None, float_model=None
 ) -> Context:
   """The :class:`~fracq.methods.context.Context` of ``config.quant``."""
   layers, preserve = quant.layers, quant.preserve
+  if layers.recompute not in RECOMPUTE:
+    raise ValueError(
+      f'config.quant.layers.recompute={layers.recompute!r}: one of '
+      f'{tuple(RECOMPUTE)} (re-quantize the quantized operands in the '
+      'backward pass: always, never, or for float32 models only).'
+    )
   transform = preserve_factory.preserve_transform(
     total_steps=total_steps, **preserve.to_dict()
   )
@@ -303,6 +317,7 @@ def context_from_config(
     attention_range=layers.attention_range,
     keep_float=layers.keep_float,
     on_unused=layers.on_unused,
+    recompute=RECOMPUTE[layers.recompute],
     budget_kind=quant.budget.kind,
     budget=budget_from_config(quant),
     kernel_transform=transform,

@@ -13,7 +13,6 @@ import pytest
 import fracq
 from fracq import core
 from fracq.core import recompute
-from fracq.methods import providers
 
 __all__ = []
 
@@ -162,46 +161,74 @@ class _Branches(nn.Module):
   """A convolution, then two Dense layers reading its output (a
   projection shortcut's shape)."""
 
+  dtype: jnp.dtype = jnp.float32
+
   @nn.compact
   def __call__(self, x, train=False):
     del train
-    x = nn.relu(nn.Conv(8, (3, 3), name='conv')(x))
+    x = nn.relu(nn.Conv(8, (3, 3), dtype=self.dtype, name='conv')(x))
     x = x.reshape(x.shape[0], -1)
-    return nn.Dense(10, name='left')(x) + nn.Dense(10, name='right')(x)
+    left = nn.Dense(10, dtype=self.dtype, name='left')(x)
+    return left + nn.Dense(10, dtype=self.dtype, name='right')(x)
 
 
-@pytest.mark.parametrize('range_method', ['lsq', 'lsq_plus', 'minmax'])
-def test_quantized_model_step_is_unchanged(range_method, monkeypatch):
-  x = _random((4, 6, 6, 3), 7)
-  labels = jnp.array([1, 2, 3, 4])
-  symmetric = range_method != 'lsq_plus'  # LSQ+ learns an offset
-  spec = fracq.TensorSpec(
-    bits=4,
-    granularity='channel',
-    range_method=range_method,
-    symmetric=symmetric,
-  )
-  act = fracq.TensorSpec(bits=4, range_method=range_method, symmetric=symmetric)
-  rules = [fracq.Rule(weight=spec, act=act)]
-
-  def step():
-    qmodel = fracq.quantize(
-      _Branches(), rules, x[:1], call_kwargs={'train': False}
+def _setting(method, **extra):
+  """``(rules, quantize kwargs, hard)`` of one quantization method."""
+  if method.startswith('fracbits'):
+    weight = fracq.FracBitsSpec(
+      bits=3.6, granularity='channel', bits_per_channel=True, **extra
     )
-    variables = qmodel.init(jax.random.key(0), x)
-    trainable = {c: variables[c] for c in ('params', 'quant') if c in variables}
-    state = {c: v for c, v in variables.items() if c not in trainable}
+    act = fracq.FracBitsSpec(bits=4.3, **extra)
+    budget = fracq.Budget(kind='bitops', uniform_bits=4)
+    kwargs = {'budget': budget, 'hard_assign_step': 0}
+    return [fracq.Rule(weight=weight, act=act)], kwargs, method.endswith('hard')
+  symmetric = method != 'lsq_plus'  # LSQ+ learns an offset
+  common = {'bits': 4, 'range_method': method, 'symmetric': symmetric, **extra}
+  spec = fracq.TensorSpec(granularity='channel', **common)
+  return [fracq.Rule(weight=spec, act=fracq.TensorSpec(**common))], {}, False
 
-    def loss(trainable):
-      logits, new_state = qmodel.apply(
-        {**trainable, **state}, x, train=True, mutable=list(state)
-      )
-      one_hot = jax.nn.one_hot(labels, 10)
-      ce = -jnp.mean(jnp.sum(one_hot * jax.nn.log_softmax(logits), -1))
-      return ce, (logits, new_state)
 
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable)
+def _model_step(method, x, labels, dtype=jnp.float32, **extra):
+  """One training step's loss, logits, state and gradients of ``_Branches``
+  quantized by ``method`` (FracBits: learned bits, or, ``'fracbits
+  hard'``, the frozen integer bits of hard assignment)."""
+  rules, kwargs, hard = _setting(method, **extra)
+  qmodel = fracq.quantize(
+    _Branches(dtype=dtype),
+    rules,
+    x[:1],
+    call_kwargs={'train': False},
+    **kwargs,
+  )
+  variables = qmodel.init(jax.random.key(0), x)
+  if hard:
+    qmodel = qmodel.for_step(0)
+    assert qmodel.hard
+    variables = jax.tree_util.tree_map_with_path(
+      lambda path, v: (
+        jnp.full_like(v, 3.0 if 'kernel' in jax.tree_util.keystr(path) else 5.0)
+        if 'hard_bits' in jax.tree_util.keystr(path)
+        else v
+      ),
+      variables,
+    )
+  trainable = {c: variables[c] for c in ('params', 'quant') if c in variables}
+  state = {c: v for c, v in variables.items() if c not in trainable}
 
+  def loss(trainable):
+    logits, new_state = qmodel.apply(
+      {**trainable, **state}, x, train=True, mutable=list(state)
+    )
+    one_hot = jax.nn.one_hot(labels, 10)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    ce = -jnp.mean(jnp.sum(one_hot * log_probs, -1))
+    return ce, (logits, new_state)
+
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable)
+
+
+def _counting(monkeypatch):
+  """The operand types of every ``requantizing_op`` call from now on."""
   calls = []
 
   def counted(op, lhs, rhs):
@@ -209,14 +236,45 @@ def test_quantized_model_step_is_unchanged(range_method, monkeypatch):
     return core.requantizing_op(op, lhs, rhs)
 
   monkeypatch.setattr(recompute, 'requantizing_op', counted)
-  recomputed = step()
+  return calls
+
+
+@pytest.mark.parametrize(
+  'method', ['lsq', 'lsq_plus', 'minmax', 'fracbits', 'fracbits hard']
+)
+def test_quantized_model_step_is_unchanged(method, monkeypatch):
+  x = _random((4, 6, 6, 3), 7)
+  labels = jnp.array([1, 2, 3, 4])
+  calls = _counting(monkeypatch)
+  recomputed = _model_step(method, x, labels)
   # Every layer recomputed both operands (init and the training step).
   assert calls and set(calls) == {('Deferred', 'Deferred')}
-  monkeypatch.setattr(providers.QATProvider, 'deferred_input', None)
-  monkeypatch.setattr(providers.QATProvider, 'deferred_kernel', None)
-  kept = step()
+  calls.clear()
+  kept = _model_step(method, x, labels, recompute=False)
+  assert not calls  # every layer kept its quantized operands
   left = jax.tree_util.tree_leaves(recomputed)
   right = jax.tree_util.tree_leaves(kept)
   assert len(left) == len(right)
   for a, b in zip(left, right):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_half_precision_keeps_the_quantized_copies_by_default(monkeypatch):
+  x = _random((4, 6, 6, 3), 7)
+  labels = jnp.array([1, 2, 3, 4])
+  calls = _counting(monkeypatch)
+  _model_step('lsq', x, labels, dtype=jnp.bfloat16)
+  assert not calls
+  calls.clear()
+  _model_step('lsq', x, labels, dtype=jnp.bfloat16, recompute=True)
+  assert calls and set(calls) == {('Deferred', 'Deferred')}
+
+
+def test_recompute_setting_is_checked():
+  with pytest.raises(ValueError, match='recompute'):
+    fracq.quantize(
+      _Branches(),
+      [fracq.Rule(weight=fracq.TensorSpec(bits=4, recompute='yes'))],
+      _random((1, 6, 6, 3), 7),
+      call_kwargs={'train': False},
+    )

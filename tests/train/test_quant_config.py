@@ -121,3 +121,38 @@ def test_group_wise_kernels_from_the_method_block(method):
   block.weight_granularity = 'channel'
   with pytest.raises(ValueError, match='group_size'):
     quant_config.build(c.quant, module, jnp.zeros((1, 8, 8, 1)), total_steps=10)
+
+
+@pytest.mark.parametrize(
+  'setting, expected', [('auto', None), ('always', True), ('never', False)]
+)
+def test_recompute_from_the_layers_block(setting, expected):
+  import jax.numpy as jnp
+
+  from fracq import models
+
+  c = get_config('digits_fracbits')
+  c.quant.layers.recompute = setting
+  module = models.get_model(c.model, num_classes=10)
+  qm = quant_config.build(
+    c.quant, module, jnp.zeros((1, 8, 8, 1)), total_steps=10
+  )
+  specs = [
+    spec
+    for rule in qm.rules
+    for spec in (rule.weight, rule.act)
+    if spec is not None
+  ]
+  assert specs and {spec.recompute for spec in specs} == {expected}
+
+
+def test_recompute_setting_names_its_values():
+  import jax.numpy as jnp
+
+  from fracq import models
+
+  c = get_config('digits_uniform')
+  c.quant.layers.recompute = 'sometimes'
+  module = models.get_model(c.model, num_classes=10)
+  with pytest.raises(ValueError, match="'auto', 'always', 'never'"):
+    quant_config.build(c.quant, module, jnp.zeros((1, 8, 8, 1)), total_steps=10)

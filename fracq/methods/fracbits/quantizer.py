@@ -54,11 +54,28 @@ def _levels(tensor: QuantTensor, bits: float) -> float:
 def quantize(tensor: QuantTensor, x):
   """Fake-quantizes ``x`` (float32) at the learned (or, in hard mode, the
   frozen integer) bits."""
+  return pure_quantizer(tensor)(x, state(tensor, x))
+
+
+def defer(tensor: QuantTensor, x):
+  """``(fn, params)``: :func:`pure_quantizer` and :func:`state` for ``x``
+  (float32), for a layer that re-quantizes ``x`` in its backward pass; None
+  (nothing declared) for DoReFa kernels, whose quantizer has no
+  hand-written gradient."""
+  if tensor.spec.range_method == 'dorefa':
+    return None
+  return pure_quantizer(tensor), state(tensor, x)
+
+
+def state(tensor: QuantTensor, x):
+  """Declares the tensor's variables (calibrating them where asked) and
+  returns what :func:`pure_quantizer` reads: ``{'bits': b}`` (the learned
+  bits, or the frozen ones in hard mode, per tensor or per channel) and,
+  but for DoReFa, ``'range'``: the shared range (per tensor or per channel)
+  with LSQ's gradient scale applied."""
   spec = tensor.spec
   signed = tensor.signed
-  lo_b, hi_b = spec.bit_bounds
-  axis = tensor.axis
-  bshape, baxis = _bits_axes(tensor, x)
+  bshape, _ = _bits_axes(tensor, x)
   bits = tensor.variable(
     TRAINABLE,
     'bits',
@@ -72,13 +89,8 @@ def quantize(tensor: QuantTensor, x):
     calibratable=False,
   )
   bits_now = jax.lax.stop_gradient(hard.value) if tensor.hard else bits.value
-  b = bcast(bits_now, x, baxis)
   if spec.range_method == 'dorefa':
-    if tensor.hard:
-      return core.hard_quantize(x, b, core.dorefa_branch)
-    return core.fractional_quantize(
-      x, b, core.dorefa_branch, b_min=lo_b, b_max=hi_b, allow_zero_bit=lo_b < 1
-    )
+    return {'bits': bits_now}
   # One shared range r for both branches, set and trained like uniform LSQ's
   # step s at the same integer bits through r = s * Qp: initial value LSQ's
   # at the initial bits, LSQ's gradient scale at the bits in use. A model
@@ -88,6 +100,7 @@ def quantize(tensor: QuantTensor, x):
   # then the smallest grid's.)
   qmax0 = _levels(tensor, float(spec.bits))
   method = spec.range_method
+  axis = tensor.axis
   pshape = tensor.param_shape(x, axis)
 
   def range_init():
@@ -103,17 +116,44 @@ def quantize(tensor: QuantTensor, x):
     shared.value,
     _range_grad_scale(tensor, x, bits_now, shared.value.shape),
   )
-  r = bcast(r, x, axis)
-  if tensor.hard:
-    return core.hard_quantize(
-      x,
-      b,
-      lambda xx, k: _lsq_at_bits(xx, r, k, signed),
-      min_nonzero_bits=_min_nonzero_bits(signed),
+  return {'bits': bits_now, 'range': r}
+
+
+def pure_quantizer(tensor: QuantTensor):
+  """``fn(x, params) -> x_hat``: the fake quantization of ``x`` (float32)
+  under :func:`state`'s ``params``, a pure function (it touches no
+  variable), so a layer can recompute it in its backward pass."""
+  spec = tensor.spec
+  signed = tensor.signed
+  lo_b, hi_b = spec.bit_bounds
+
+  def fn(x, params):
+    _, baxis = _bits_axes(tensor, x)
+    b = bcast(params['bits'], x, baxis)
+    if spec.range_method == 'dorefa':
+      if tensor.hard:
+        return core.hard_quantize(x, b, core.dorefa_branch)
+      return core.fractional_quantize(
+        x,
+        b,
+        core.dorefa_branch,
+        b_min=lo_b,
+        b_max=hi_b,
+        allow_zero_bit=lo_b < 1,
+      )
+    r = bcast(params['range'], x, tensor.axis)
+    if tensor.hard:
+      return core.hard_quantize(
+        x,
+        b,
+        lambda xx, k: _lsq_at_bits(xx, r, k, signed),
+        min_nonzero_bits=_min_nonzero_bits(signed),
+      )
+    return core.fractional_range_quantize(
+      x, r, b, signed=signed, b_min=lo_b, b_max=hi_b, allow_zero_bit=lo_b < 1
     )
-  return core.fractional_range_quantize(
-    x, r, b, signed=signed, b_min=lo_b, b_max=hi_b, allow_zero_bit=lo_b < 1
-  )
+
+  return fn
 
 
 def _range_grad_scale(tensor: QuantTensor, x, bits, range_shape):

@@ -78,6 +78,16 @@ def pure_quantizer(tensor: QuantTensor):
   return fn
 
 
+def defer(tensor: QuantTensor, x):
+  """``(fn, state)``: :func:`pure_quantizer` and the estimator's
+  :func:`state` for ``x`` (float32), for a layer that re-quantizes ``x`` in
+  its backward pass; None (nothing declared) where the estimator has no
+  hand-written gradient (``RangeEstimator.recompute``)."""
+  if not ranges.get(tensor.spec.range_method).recompute:
+    return None
+  return pure_quantizer(tensor), state(tensor, x)
+
+
 def _stored_state(tensor: QuantTensor, estimator: ranges.RangeEstimator):
   return estimator.state(
     **{

@@ -76,6 +76,17 @@ class TensorSpec:
       (``granularity='group'`` only; required there).
     percentile: the percentile used by ``range_method='percentile'``.
     ema_decay: ``c`` in ``m <- (1 - c) m + c min(X)`` for ``'ema_minmax'``.
+    recompute: what a ``Dense``, ``DenseGeneral`` or ``Conv`` layer keeps
+      of this tensor for its backward pass, a memory/time trade-off with
+      the same values and gradients. ``True``: the tensor before
+      quantization, re-quantized in the backward pass (no quantized copy
+      lives through the step; see ``fracq.core.requantizing_op``).
+      ``False``: the quantized copy automatic differentiation keeps.
+      ``None`` (the default): re-quantize float32 tensors, keep the copy of
+      a 16-bit one (``half_precision=True``), which is half the size and
+      whose re-quantization repeats the float32 casts. Quantizers without
+      a hand-written gradient (DoReFa, PACT) and group-wise kernels are
+      always kept.
   """
 
   bits: float = 8
@@ -87,6 +98,7 @@ class TensorSpec:
   group_size: int | None = None
   percentile: float = 99.99
   ema_decay: float = 0.01
+  recompute: bool | None = None
 
   # The quantizer that runs tensors of this spec (fracq.methods.quantizers).
   quantizer: ClassVar[str] = 'uniform'
@@ -229,6 +241,12 @@ class TensorSpec:
         f'{where}: unknown range_method={self.range_method!r}; choose one '
         f'of {ranges.names()} (or register a new one with '
         'fracq.methods.uniform.ranges.register).'
+      )
+    if self.recompute not in (None, True, False):
+      raise ValueError(
+        f'{where}: recompute={self.recompute!r} must be True (re-quantize '
+        'in the backward pass), False (keep the quantized copy) or None '
+        '(re-quantize float32 tensors, keep 16-bit ones).'
       )
     if self.granularity not in GRANULARITIES:
       raise ValueError(
