@@ -3,8 +3,9 @@
 # the byte-level LM (gpt_small, batch 32 windows of 128 bytes, as
 # configs/lm_float.py trains it) under every variant of
 # experiments/bench_train_step.py (float, fracq uniform QAT w8a8 / w4a4,
-# FracBits weights / weights+activations, qwix QAT w8a8 / w4a4), about 9
-# minutes on one H100-class GPU. Writes
+# FracBits weights / weights+activations, for ResNet-50 also uniform w8a8
+# and FracBits weights+activations with the other ``recompute`` setting,
+# qwix QAT w8a8 / w4a4), about 10 minutes on one H100-class GPU. Writes
 # experiments/results/bench_resnet50_gpu.{json,md} and
 # experiments/results/bench_lm_gpu.{json,md}; each records the commit, the
 # command, the jax/jaxlib versions and the GPU.
