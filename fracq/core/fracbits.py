@@ -289,13 +289,8 @@ def _element_parts(x, ra, q_lo, q_hi, pruned, signed):
   else:
     uc = jnp.clip(u, 0.0, 1.0)
     inside = (u >= 0.0) & (u <= 1.0)
-  # Scaled by 1/q (a multiplication) rather than divided by q: within one
-  # float32 rounding of the division, and a division here (one per branch)
-  # is kept as a full-size buffer by XLA, which then makes the convolution's
-  # weight gradient transpose two of them (a training step of ResNet-20 with
-  # FracBits activations took 1.25-1.4x uniform QAT's; now 1.03x).
-  c_hi = jnp.round(uc * q_hi) * (1.0 / q_hi)
-  c_lo = jnp.round(uc * q_lo) * (1.0 / q_lo)
+  c_hi = jnp.round(uc * q_hi) / q_hi
+  c_lo = jnp.round(uc * q_lo) / q_lo
   if pruned is not None:
     c_lo = jnp.where(pruned, 0.0, c_lo)
   return u, inside, c_lo, c_hi
@@ -400,8 +395,7 @@ def fractional_range_quantize(
 
   Same values and gradients as ``fractional_quantize(x, bits,
   symmetric_range_branch / unsigned_range_branch, min_nonzero_bits=2 / 1)``
-  (to float32 rounding: the codes are scaled by ``1 / q``, not divided by
-  ``q``) but both branches share
+  but both branches share
   one normalisation ``x / r`` and one clipping mask (their clipping ranges
   coincide: ``[-r, r]`` or ``[0, r]``), with a hand-written backward pass.
 
