@@ -78,7 +78,7 @@ class TensorSpec:
     ema_decay: ``c`` in ``m <- (1 - c) m + c min(X)`` for ``'ema_minmax'``.
     recompute: what a ``Dense``, ``DenseGeneral`` or ``Conv`` layer keeps
       of this tensor for its backward pass, a memory/time trade-off with
-      the same values and gradients. ``True``: the tensor before
+      the same values, and the same gradients to float32 rounding. ``True``: the tensor before
       quantization, re-quantized in the backward pass (no quantized copy
       lives through the step; see ``fracq.core.requantizing_op``).
       ``False``: the quantized copy automatic differentiation keeps.
