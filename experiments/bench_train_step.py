@@ -183,51 +183,40 @@ def variant_builders(
     hard = (
       {} if hard_assign_step is None else {'hard_assign_step': hard_assign_step}
     )
+
+    def quantized(w_bits, a_bits, budget_kind=None, **rule_kwargs):
+      budget = {}
+      if budget_kind is not None:
+        budget = {'budget': fracq.Budget(kind=budget_kind, uniform_bits=4)}
+      return lambda: fracq.quantize(
+        module,
+        _rules(model_name, w_bits, a_bits, **rule_kwargs),
+        sample,
+        call_kwargs={'train': False},
+        **budget,
+        **(hard if budget else {}),
+      )
+
+    both = {'learn_w': True, 'learn_a': True}
+    # The other side of the specs' memory/time trade-off (TensorSpec's
+    # recompute: by default float32 models recompute the quantized
+    # operands in the backward pass, 16-bit ones keep them).
+    other = not fracq.TensorSpec().resolved_recompute(
+      getattr(module, 'dtype', jnp.float32)
+    )
     builders = {
       'float': lambda: PlainModel(module),
-      'fracq uniform w8a8': lambda: fracq.quantize(
-        module, _rules(model_name, 8, 8), sample, call_kwargs={'train': False}
+      'fracq uniform w8a8': quantized(8, 8),
+      'fracq uniform w4a4': quantized(4, 4),
+      'FracBits weights': quantized(4, 8, 'size', learn_w=True),
+      'FracBits weights+acts': quantized(4, 4, 'bitops', **both),
+      f'fracq uniform w8a8, recompute={other}': quantized(
+        8, 8, recompute=other
       ),
-      'fracq uniform w4a4': lambda: fracq.quantize(
-        module, _rules(model_name, 4, 4), sample, call_kwargs={'train': False}
-      ),
-      'FracBits weights': lambda: fracq.quantize(
-        module,
-        _rules(model_name, 4, 8, learn_w=True),
-        sample,
-        budget=fracq.Budget(kind='size', uniform_bits=4),
-        call_kwargs={'train': False},
-        **hard,
-      ),
-      'FracBits weights+acts': lambda: fracq.quantize(
-        module,
-        _rules(model_name, 4, 4, learn_w=True, learn_a=True),
-        sample,
-        budget=fracq.Budget(kind='bitops', uniform_bits=4),
-        call_kwargs={'train': False},
-        **hard,
+      f'FracBits weights+acts, recompute={other}': quantized(
+        4, 4, 'bitops', recompute=other, **both
       ),
     }
-    # The other side of the specs' memory/time trade-off (TensorSpec's
-    # recompute; by default float32 models recompute the quantized
-    # operands in the backward pass, 16-bit ones keep them).
-    other = jnp.dtype(getattr(module, 'dtype', jnp.float32)).itemsize < 4
-    builders[f'fracq uniform w8a8, recompute={other}'] = lambda: fracq.quantize(
-      module,
-      _rules(model_name, 8, 8, recompute=other),
-      sample,
-      call_kwargs={'train': False},
-    )
-    builders[f'FracBits weights+acts, recompute={other}'] = lambda: (
-      fracq.quantize(
-        module,
-        _rules(model_name, 4, 4, learn_w=True, learn_a=True, recompute=other),
-        sample,
-        budget=fracq.Budget(kind='bitops', uniform_bits=4),
-        call_kwargs={'train': False},
-        **hard,
-      )
-    )
   if qwix:
     builders['qwix QAT w8a8'] = lambda: _Qwix(module, 8)
     builders['qwix QAT w4a4'] = lambda: _Qwix(module, 4)

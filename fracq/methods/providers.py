@@ -197,10 +197,7 @@ class QATProvider:
     caller quantizes ``x`` and the layer keeps the quantized copy), as for
     grouped kernels."""
     spec = tensor.spec
-    recompute = spec.recompute
-    if recompute is None:
-      recompute = jnp.dtype(x.dtype).itemsize >= 4
-    if not recompute or spec.granularity == 'group':
+    if not spec.resolved_recompute(x.dtype) or spec.granularity == 'group':
       return None
     defer = quantizers.for_spec(spec).defer
     found = None if defer is None else defer(tensor, x.astype(jnp.float32))

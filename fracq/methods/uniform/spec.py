@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import jax.numpy as jnp
+
 from fracq.core import uniform
 from fracq.interception import Rule
 from fracq.methods import cost
@@ -125,6 +127,13 @@ class TensorSpec:
         'learn_bits.'
       )
     return super().__new__(cls)
+
+  def resolved_recompute(self, dtype) -> bool:
+    """``recompute`` with its default (``None``) resolved for a tensor of
+    ``dtype``: re-quantize float32 (and wider) tensors, keep 16-bit ones."""
+    if self.recompute is not None:
+      return bool(self.recompute)
+    return jnp.dtype(dtype).itemsize >= 4
 
   def int_grid(
     self, *, signed: bool, is_kernel: bool, bits: int | None = None
